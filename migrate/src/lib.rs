@@ -1,0 +1,1 @@
+//! ferry-migrate: the migration engine (not built yet).

@@ -1,0 +1,1 @@
+//! ferry-perf: benchmarks (not built yet).

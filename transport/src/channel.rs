@@ -1,0 +1,125 @@
+//! The channel abstraction: one authenticated, session-bound, full-duplex path between two hosts
+//! that carries control messages and page batches.
+//!
+//! A channel is split into a sending half ([`ChannelTx`]) and a receiving half ([`ChannelRx`]) so
+//! that acknowledgements flow while pages flow, each half driven by its own thread. Several
+//! channels carry one migration; the layer above spreads batches over them.
+//!
+//! Backends:
+//! - stream (`tcp`, `zstd`): the batch header and then the payload on a byte stream; the receiver
+//!   reads raw payload straight into guest memory at the batch's GPA.
+//! - `rdma`: the same trait; pages move by one-sided RDMA WRITE into the destination's registered
+//!   guest memory, and `recv` returns a batch once its completion arrives. The source sends from
+//!   its registered guest memory (a [`MemorySource`] region is what gets registered).
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::handshake::Established;
+use crate::memory::{MemorySink, MemorySource};
+use crate::wire::{Ack, PageRun};
+
+/// What sending one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SentBatch {
+    /// Pages in the batch.
+    pub pages: u32,
+    /// Pages that carried data.
+    pub data_pages: u32,
+    /// Zero pages (sent as one bit each).
+    pub zero_pages: u32,
+    /// Bytes on the wire (headers included).
+    pub wire_bytes: u64,
+    /// Whether the data went compressed.
+    pub compressed: bool,
+}
+
+/// A batch that has been written into guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceivedBatch {
+    /// Batch id.
+    pub id: u64,
+    /// Round.
+    pub round: u32,
+    /// Pages in the batch.
+    pub pages: u32,
+    /// Pages that carried data.
+    pub data_pages: u32,
+    /// Bytes taken from the wire.
+    pub wire_bytes: u64,
+}
+
+impl ReceivedBatch {
+    /// The acknowledgement for this batch.
+    pub fn ack(&self) -> Ack {
+        Ack { id: self.id, round: self.round, pages: self.pages }
+    }
+}
+
+/// What a receive returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A control message of the layer above.
+    Control(Vec<u8>),
+    /// A batch, already written into the sink.
+    Batch(ReceivedBatch),
+    /// An acknowledgement of a batch we sent.
+    Ack(Ack),
+    /// The peer closed the channel in order (Goodbye).
+    Closed,
+}
+
+/// Sending half of a channel.
+pub trait ChannelTx: Send {
+    /// Send the pages of `runs` from `src`. Zero pages are detected here and sent as a bit.
+    /// `flags` are `wire::BATCH_*` flags. Blocks while the peer does not keep up (backpressure).
+    fn send_batch(&mut self, id: u64, round: u32, flags: u8, runs: &[PageRun], src: &dyn MemorySource) -> Result<SentBatch>;
+    /// Send a control message (at most `wire::MAX_CONTROL_LEN` bytes).
+    fn send_control(&mut self, msg: &[u8]) -> Result<()>;
+    /// Acknowledge a received batch.
+    fn send_ack(&mut self, ack: Ack) -> Result<()>;
+    /// Tell the peer we give up, with a reason.
+    fn send_abort(&mut self, code: u16, reason: &str) -> Result<()>;
+    /// Orderly close of the sending direction.
+    fn close(&mut self) -> Result<()>;
+}
+
+/// Receiving half of a channel.
+pub trait ChannelRx: Send {
+    /// Receive the next frame; batches are written into `sink` before this returns.
+    fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming>;
+}
+
+/// Facts about an established channel.
+#[derive(Debug, Clone)]
+pub struct ChannelInfo {
+    /// Handshake outcome (version, capabilities, session binding).
+    pub established: Established,
+    /// Backend name (`tcp`, `zstd`, `rdma`).
+    pub backend: &'static str,
+    /// Local address, where there is one.
+    pub local: Option<std::net::SocketAddr>,
+    /// Peer address, where there is one.
+    pub peer: Option<std::net::SocketAddr>,
+}
+
+/// Cuts a channel from outside (cancel, fault injection): both halves fail promptly.
+pub type Killer = Arc<dyn Fn() + Send + Sync>;
+
+/// An established channel.
+pub struct Channel {
+    /// Sending half.
+    pub tx: Box<dyn ChannelTx>,
+    /// Receiving half.
+    pub rx: Box<dyn ChannelRx>,
+    /// Facts.
+    pub info: ChannelInfo,
+    /// Cuts the channel.
+    pub killer: Killer,
+}
+
+impl std::fmt::Debug for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channel").field("info", &self.info).finish_non_exhaustive()
+    }
+}

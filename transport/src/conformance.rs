@@ -1,0 +1,344 @@
+//! The conformance suite every channel backend passes. Each function takes a [`Backend`] (how to
+//! make channel pairs of that backend) and panics with a message on a violation; backend test
+//! files call each function from a `#[test]`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::channel::{Channel, Incoming};
+use crate::error::{HandshakeError, TransportError};
+use crate::handshake::Psk;
+use crate::memory::AnonMemory;
+use crate::pagemix::{fill_page, Mix, PageKind};
+use crate::wire::{
+    encode_batch_frame, encode_frame, BatchHeader, Encoding, FrameKind, PageRun, BATCH_DEST_ZEROED, HEADER_LEN,
+    PAGE_SIZE,
+};
+
+/// The key the suite's pairs use.
+pub const TEST_KEY: &[u8] = b"ferry-conformance-key-0123456789";
+
+/// A peer that has completed a genuine handshake and then writes raw bytes.
+pub trait RawPeer: Send {
+    /// Write bytes as they are.
+    fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()>;
+    /// Close the connection.
+    fn close(&mut self);
+}
+
+/// How to make channels of one backend.
+pub trait Backend: Sync {
+    /// Backend name.
+    fn name(&self) -> &'static str;
+    /// A connected (source, destination) pair, both with [`TEST_KEY`].
+    fn pair(&self) -> Result<(Channel, Channel), TransportError>;
+    /// Try a pair with these keys; returns (client result, server result).
+    fn pair_keys(&self, client: Psk, server: Psk) -> (Result<Channel, TransportError>, Result<Channel, TransportError>);
+    /// A raw peer on the source side and the destination channel.
+    fn raw_pair(&self) -> Result<(Box<dyn RawPeer>, Channel), TransportError>;
+    /// Does the destination accept zstd batches from the raw peer?
+    fn zstd(&self) -> bool;
+}
+
+fn mixed_memory(pages: usize, seed: u64) -> AnonMemory {
+    let m = AnonMemory::new(pages * PAGE_SIZE, false).expect("mmap");
+    let mix = Mix::default();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for i in 0..pages {
+        let k = mix.kind(seed, i as u64);
+        if k != PageKind::Zero {
+            fill_page(&mut buf, k, seed, i as u64);
+            m.write_from(i * PAGE_SIZE, &buf);
+        }
+    }
+    m
+}
+
+fn assert_same(a: &AnonMemory, b: &AnonMemory, what: &str) {
+    let mut x = vec![0u8; PAGE_SIZE];
+    let mut y = vec![0u8; PAGE_SIZE];
+    for off in (0..a.len()).step_by(PAGE_SIZE) {
+        a.read_into(off, &mut x);
+        b.read_into(off, &mut y);
+        assert!(x == y, "{what}: page {} differs", off / PAGE_SIZE);
+    }
+}
+
+/// Batch shapes the suite sends: big contiguous, maximum size, scattered single pages.
+fn shapes(pages: u32, base: u64) -> Vec<Vec<PageRun>> {
+    let mut out = Vec::new();
+    let mut p = 0u32;
+    let mut turn = 0;
+    while p < pages {
+        let runs = match turn % 3 {
+            0 => {
+                let n = 256.min(pages - p);
+                vec![PageRun { gpa: base + u64::from(p) * PAGE_SIZE as u64, pages: n }]
+            }
+            1 => {
+                let n = 1024.min(pages - p);
+                vec![PageRun { gpa: base + u64::from(p) * PAGE_SIZE as u64, pages: n }]
+            }
+            _ => {
+                let n = 64.min(pages - p);
+                (0..n).map(|i| PageRun { gpa: base + u64::from(p + i) * PAGE_SIZE as u64, pages: 1 }).collect()
+            }
+        };
+        p += runs.iter().map(|r| r.pages).sum::<u32>();
+        out.push(runs);
+        turn += 1;
+    }
+    out
+}
+
+/// A large mixed page set (zero, text-like, random) crosses byte for byte: first into fresh
+/// memory (zero pages not written), then again over garbage (zero pages must be zeroed).
+pub fn round_trip_mixed(b: &dyn Backend) {
+    const PAGES: usize = 8192; // 32 MiB
+    const GPA: u64 = 0x1_0000_0000;
+    let src = mixed_memory(PAGES, 42);
+    let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).expect("mmap");
+    // SAFETY: both outlive the maps; dst is written only by the receiver thread.
+    let (smap, dmap) = unsafe { (src.map_at(GPA).unwrap(), dst.map_at(GPA).unwrap()) };
+    for pass in 0..2u32 {
+        if pass == 1 {
+            let junk = vec![0xAAu8; PAGES * PAGE_SIZE];
+            dst.write_from(0, &junk);
+        }
+        let (mut s, mut d) = b.pair().expect("pair");
+        let batches = shapes(PAGES as u32, GPA);
+        let n = batches.len();
+        let flags = if pass == 0 { BATCH_DEST_ZEROED } else { 0 };
+        std::thread::scope(|sc| {
+            let dmap = &dmap;
+            let recv = sc.spawn(move || {
+                let mut got = 0;
+                loop {
+                    match d.rx.recv(dmap).expect("recv") {
+                        Incoming::Batch(rb) => {
+                            got += 1;
+                            d.tx.send_ack(rb.ack()).expect("ack");
+                        }
+                        Incoming::Closed => break,
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+                d.tx.close().ok();
+                got
+            });
+            let mut zero = 0u64;
+            let mut data = 0u64;
+            let mut compressed = 0;
+            for (i, runs) in batches.iter().enumerate() {
+                let sb = s.tx.send_batch(i as u64, pass, flags, runs, &smap).expect("send");
+                zero += u64::from(sb.zero_pages);
+                data += u64::from(sb.data_pages);
+                compressed += usize::from(sb.compressed);
+            }
+            let mut acks = 0;
+            while acks < n {
+                match s.rx.recv(&smap).expect("ack recv") {
+                    Incoming::Ack(a) => {
+                        assert_eq!(a.round, pass);
+                        acks += 1
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            s.tx.close().expect("close");
+            assert_eq!(recv.join().expect("receiver"), n);
+            assert_eq!(zero + data, PAGES as u64);
+            let want_zero = (0..PAGES as u64).filter(|&i| Mix::default().kind(42, i) == PageKind::Zero).count() as u64;
+            assert_eq!(zero, want_zero, "zero pages detected");
+            if b.zstd() {
+                assert!(compressed > 0, "zstd backend never compressed a mixed batch");
+            } else {
+                assert_eq!(compressed, 0);
+            }
+        });
+        assert_same(&src, &dst, &format!("{} pass {pass}", b.name()));
+    }
+}
+
+/// The source disappears in the middle of a batch: the destination gets a clean error, no hang.
+pub fn peer_closes_mid_batch(b: &dyn Backend) {
+    let (mut raw, mut d) = b.raw_pair().expect("raw pair");
+    let dst = AnonMemory::new(1024 * PAGE_SIZE, true).unwrap();
+    // SAFETY: dst outlives the map; only this thread writes it.
+    let dmap = unsafe { dst.map_at(0).unwrap() };
+    let h = BatchHeader {
+        id: 1,
+        round: 0,
+        encoding: Encoding::Raw,
+        flags: 0,
+        runs: vec![PageRun { gpa: 0, pages: 64 }],
+        data_map: vec![0xff; 8],
+        data_len: 64 * PAGE_SIZE as u32,
+    };
+    let f = encode_batch_frame(&h, &vec![7u8; 64 * PAGE_SIZE]);
+    raw.write_raw(&f[..f.len() / 2]).unwrap();
+    raw.close();
+    let e = d.rx.recv(&dmap).expect_err("a half batch must fail");
+    assert!(matches!(e, TransportError::Truncated | TransportError::Io(_) | TransportError::Closed), "{e}");
+}
+
+/// A reader that stops: the sender blocks with bounded memory, and everything arrives once the
+/// reader resumes.
+pub fn slow_reader_backpressure(b: &dyn Backend) {
+    const PAGES: usize = 16384; // 64 MiB of random pages, 64 batches of 1 MiB
+    let src = AnonMemory::new(PAGES * PAGE_SIZE, false).unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for i in 0..PAGES {
+        fill_page(&mut buf, PageKind::Random, 9, i as u64);
+        src.write_from(i * PAGE_SIZE, &buf);
+    }
+    let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap();
+    // SAFETY: both outlive the maps; dst written only by the receiver.
+    let (smap, dmap) = unsafe { (src.map_at(0).unwrap(), dst.map_at(0).unwrap()) };
+    let (mut s, mut d) = b.pair().expect("pair");
+    let sent = Arc::new(AtomicU64::new(0));
+    std::thread::scope(|sc| {
+        let sent2 = sent.clone();
+        let smap = &smap;
+        let sender = sc.spawn(move || {
+            for i in 0..(PAGES / 256) {
+                let run = [PageRun { gpa: (i * 256 * PAGE_SIZE) as u64, pages: 256 }];
+                s.tx.send_batch(i as u64, 0, BATCH_DEST_ZEROED, &run, smap).expect("send");
+                sent2.fetch_add(1, Ordering::SeqCst);
+            }
+            s.tx.close().unwrap();
+            s
+        });
+        // Reader idle: the sender must stall well short of the whole 64 MiB.
+        let t = Instant::now();
+        let mut last = u64::MAX;
+        while t.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = sent.load(Ordering::SeqCst);
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let stalled_at = sent.load(Ordering::SeqCst);
+        assert!(stalled_at < (PAGES / 256) as u64 / 2, "sender pushed {stalled_at} MiB into a reader that reads nothing");
+        let mut got = 0;
+        loop {
+            match d.rx.recv(&dmap).expect("recv") {
+                Incoming::Batch(_) => got += 1,
+                Incoming::Closed => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(got, PAGES / 256);
+        sender.join().unwrap();
+    });
+    assert_same(&src, &dst, "backpressure");
+}
+
+fn expect_refused(b: &dyn Backend, bytes: &[u8], what: &str, check: impl Fn(&TransportError) -> bool) {
+    let (mut raw, mut d) = b.raw_pair().expect("raw pair");
+    let dst = AnonMemory::new(16 * PAGE_SIZE, true).unwrap();
+    // SAFETY: dst outlives the map; only this thread writes it.
+    let dmap = unsafe { dst.map_at(0x10_0000).unwrap() };
+    raw.write_raw(bytes).unwrap();
+    let e = d.rx.recv(&dmap).expect_err(what);
+    assert!(check(&e), "{what}: wrong error {e}");
+    for off in (0..dst.len()).step_by(8) {
+        assert_eq!(dst.read_byte(off), 0, "{what}: memory written by a refused frame");
+    }
+    raw.close();
+}
+
+/// Malformed frames are refused with a clear error and write nothing.
+pub fn malformed_frames(b: &dyn Backend) {
+    let wire = |e: &TransportError| matches!(e, TransportError::Wire(_));
+    let good = encode_frame(FrameKind::Control, b"hello");
+    let mut bad_magic = good.clone();
+    bad_magic[0] = b'X';
+    expect_refused(b, &bad_magic, "bad magic", wire);
+    let mut bad_crc = good.clone();
+    bad_crc[9] ^= 0x40;
+    expect_refused(b, &bad_crc, "bad header checksum", wire);
+    // A length beyond the cap, with a valid CRC.
+    let mut huge = crate::wire::FrameHeader::new(FrameKind::Control, 0).encode();
+    huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+    let crc = crc32fast::hash(&huge[0..12]);
+    huge[12..16].copy_from_slice(&crc.to_le_bytes());
+    expect_refused(b, &huge, "huge length", wire);
+    // A batch whose bitmap disagrees with its data length.
+    let h = BatchHeader {
+        id: 1,
+        round: 0,
+        encoding: Encoding::Raw,
+        flags: 0,
+        runs: vec![PageRun { gpa: 0x10_0000, pages: 2 }],
+        data_map: vec![0b01],
+        data_len: 2 * PAGE_SIZE as u32,
+    };
+    expect_refused(b, &encode_batch_frame(&h, &vec![1u8; 2 * PAGE_SIZE]), "inconsistent batch", wire);
+    // A batch aimed at memory the destination does not have.
+    let h = BatchHeader { runs: vec![PageRun { gpa: 0x20_0000, pages: 1 }], data_map: vec![1], data_len: PAGE_SIZE as u32, ..h };
+    expect_refused(b, &encode_batch_frame(&h, &vec![1u8; PAGE_SIZE]), "unmapped gpa", |e| {
+        matches!(e, TransportError::BadAddress { .. })
+    });
+    // A batch straddling the end of the region.
+    let h = BatchHeader {
+        runs: vec![PageRun { gpa: 0x10_0000 + 15 * PAGE_SIZE as u64, pages: 2 }],
+        data_map: vec![0b11],
+        data_len: 2 * PAGE_SIZE as u32,
+        ..h
+    };
+    expect_refused(b, &encode_batch_frame(&h, &vec![1u8; 2 * PAGE_SIZE]), "batch past the region", |e| {
+        matches!(e, TransportError::BadAddress { .. })
+    });
+    // Compressed data that is garbage (or zstd not negotiated).
+    let h = BatchHeader {
+        encoding: Encoding::Zstd,
+        runs: vec![PageRun { gpa: 0x10_0000, pages: 1 }],
+        data_map: vec![1],
+        data_len: 100,
+        ..h
+    };
+    expect_refused(b, &encode_batch_frame(&h, &[0x55u8; 100]), "garbage zstd", |e| {
+        matches!(e, TransportError::Decompress(_) | TransportError::NotNegotiated(_))
+    });
+    // A handshake frame after the handshake.
+    expect_refused(b, &encode_frame(FrameKind::ClientHello, &[0u8; 8]), "late hello", wire);
+    let _ = HEADER_LEN;
+}
+
+/// A wrong key fails the handshake on both sides with an authentication error.
+pub fn wrong_key(b: &dyn Backend) {
+    let (c, s) = b.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(b"another-key-entirely-0123456789".to_vec()).unwrap());
+    let ce = c.expect_err("client with the wrong key");
+    assert!(matches!(ce, TransportError::Handshake(HandshakeError::BadMac)), "client: {ce}");
+    assert!(s.is_err(), "server accepted a client with the wrong key");
+}
+
+/// An abort reaches the peer with its reason; control messages cross intact.
+pub fn control_and_abort(b: &dyn Backend) {
+    let (mut s, mut d) = b.pair().expect("pair");
+    let dst = AnonMemory::new(PAGE_SIZE, true).unwrap();
+    // SAFETY: dst outlives the map.
+    let dmap = unsafe { dst.map_at(0).unwrap() };
+    let msg: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    s.tx.send_control(&msg).unwrap();
+    assert_eq!(d.rx.recv(&dmap).unwrap(), Incoming::Control(msg));
+    s.tx.send_abort(7, "source cancelled").unwrap();
+    match d.rx.recv(&dmap) {
+        Err(TransportError::PeerAborted { code: 7, reason }) => assert_eq!(reason, "source cancelled"),
+        other => panic!("expected abort, got {other:?}"),
+    }
+}
+
+/// Run the whole suite.
+pub fn run_all(b: &dyn Backend) {
+    round_trip_mixed(b);
+    peer_closes_mid_batch(b);
+    slow_reader_backpressure(b);
+    malformed_frames(b);
+    wrong_key(b);
+    control_and_abort(b);
+}

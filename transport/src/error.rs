@@ -1,0 +1,124 @@
+//! Errors of the transport layer.
+
+use crate::wire::FrameKind;
+
+/// A frame or message that breaks the wire protocol.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// The frame does not start with the magic bytes.
+    #[error("bad frame magic (not a Ferry peer, or the stream lost sync)")]
+    BadMagic,
+    /// The header checksum does not match.
+    #[error("frame header checksum mismatch")]
+    HeaderChecksum,
+    /// The peer speaks a version we do not.
+    #[error("unsupported protocol version {0}")]
+    UnsupportedVersion(u8),
+    /// Unknown frame kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// Unknown flags set.
+    #[error("unknown flags {0:#x}")]
+    UnknownFlags(u16),
+    /// A length beyond the cap for its kind.
+    #[error("{kind:?} frame announces {len} bytes, more than the cap of {cap}")]
+    TooLong {
+        /// Frame kind.
+        kind: FrameKind,
+        /// Announced length.
+        len: u32,
+        /// Cap.
+        cap: u32,
+    },
+    /// A message shorter than its fixed layout.
+    #[error("truncated message")]
+    Truncated,
+    /// Unknown data encoding.
+    #[error("unknown batch encoding {0}")]
+    UnknownEncoding(u8),
+    /// A batch whose fields contradict each other.
+    #[error("malformed page batch: {0}")]
+    BadBatch(&'static str),
+    /// A frame that is not allowed at this point of the conversation.
+    #[error("unexpected {0:?} frame")]
+    Unexpected(FrameKind),
+}
+
+/// Why a handshake failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The peer's MAC does not verify: it does not hold the key (or replayed an old handshake).
+    #[error("authentication failed: the peer does not prove knowledge of the pre-shared key")]
+    BadMac,
+    /// No version in common.
+    #[error("no protocol version in common (peer offers {min}..={max})")]
+    NoCommonVersion {
+        /// Peer's oldest version.
+        min: u8,
+        /// Peer's newest version.
+        max: u8,
+    },
+    /// The server chose something the client did not offer.
+    #[error("server chose version {0}, which was not offered")]
+    BadChoice(u8),
+    /// The peer refused the channel.
+    #[error("the peer refused the channel: {0}")]
+    Rejected(String),
+    /// The handshake took too long.
+    #[error("handshake timed out")]
+    Timeout,
+    /// The pre-shared key is too short.
+    #[error("pre-shared key too short ({0} bytes, need at least 16)")]
+    WeakKey(usize),
+    /// Malformed handshake message.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+}
+
+/// Errors of a channel.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// An operating system error on the channel's socket.
+    #[error("channel I/O: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer broke the wire protocol.
+    #[error("protocol violation: {0}")]
+    Wire(#[from] WireError),
+    /// The handshake failed.
+    #[error("handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// The peer closed the channel in the middle of a frame.
+    #[error("peer closed the channel in the middle of a frame")]
+    Truncated,
+    /// The peer aborted.
+    #[error("peer aborted (code {code}): {reason}")]
+    PeerAborted {
+        /// Code.
+        code: u16,
+        /// Reason.
+        reason: String,
+    },
+    /// A batch names guest memory that does not exist on this side.
+    #[error("batch names guest memory that is not mapped here: gpa {gpa:#x} + {len} bytes")]
+    BadAddress {
+        /// Start.
+        gpa: u64,
+        /// Length.
+        len: usize,
+    },
+    /// A batch asked for more than the protocol allows.
+    #[error("invalid batch: {0}")]
+    InvalidBatch(&'static str),
+    /// Compressed data did not decode to what the header announced.
+    #[error("compressed batch does not decode: {0}")]
+    Decompress(String),
+    /// A capability was used without being negotiated.
+    #[error("{0} used without being negotiated")]
+    NotNegotiated(&'static str),
+    /// The channel is closed.
+    #[error("channel closed")]
+    Closed,
+}
+
+/// Result of the transport layer.
+pub type Result<T, E = TransportError> = std::result::Result<T, E>;

@@ -1,0 +1,36 @@
+//! ferry-transport: Ferry's wire protocol, channel handshake and channel backends.
+//!
+//! - [`wire`]: frames, page batches, control messages; pure and fuzzed; every length capped.
+//! - [`handshake`]: sans-IO mutual authentication (HMAC-SHA256 over fresh nonces) binding a
+//!   channel to a session and channel index, with version and capability negotiation.
+//! - [`memory`]: guest memory as regions of host mappings; sources and sinks for page batches.
+//! - [`channel`]: the channel traits every backend implements.
+//! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
+//! - [`conformance`]: the test suite every backend passes.
+//!
+//! ```no_run
+//! use ferry_transport::{handshake::*, tcp, memory::AnonMemory, wire::{PageRun, BATCH_DEST_ZEROED}};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let psk = Psk::new(b"a key of at least sixteen bytes".to_vec())?;
+//! let binding = ChannelBinding { session: random_bytes(), channel: 0 };
+//! let cfg = ClientConfig { psk, binding, caps: Caps::ALL, timeout: std::time::Duration::from_secs(5) };
+//! let mut ch = tcp::connect("127.0.0.1:7700".parse()?, &tcp::TcpOptions::zstd(), cfg)?;
+//! let mem = AnonMemory::new(1 << 20, false)?;
+//! // SAFETY: `mem` outlives `map`.
+//! let map = unsafe { mem.map_at(0) }?;
+//! ch.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &[PageRun { gpa: 0, pages: 256 }], &map)?;
+//! # Ok(()) }
+//! ```
+
+pub mod channel;
+pub mod conformance;
+pub mod error;
+pub mod handshake;
+pub mod memory;
+pub mod pagemix;
+pub mod stream;
+pub mod tcp;
+pub mod wire;
+
+pub use channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer, ReceivedBatch, SentBatch};
+pub use error::{HandshakeError, Result, TransportError, WireError};

@@ -1,0 +1,311 @@
+//! Guest memory as the transport sees it: guest-physical regions backed by host mappings.
+//!
+//! The source's guest may write its memory while pages are sent, so this module never builds a
+//! `&[u8]` over guest memory: senders pass raw pointers to the kernel (`writev`) or copy with
+//! volatile word reads into a staging buffer. The destination's guest is not running while pages
+//! arrive, and within one round every page is in at most one batch, so receivers write into it
+//! through raw pointers (`readv` straight to the GPA, no intermediate copy).
+
+use std::ptr::NonNull;
+
+use crate::wire::PAGE_SIZE;
+
+/// Where a sender reads guest pages.
+///
+/// # Safety
+/// An implementation promises that a pointer it returns for `(gpa, len)` is valid for reads of
+/// `len` bytes for as long as the implementing value lives. The memory may change concurrently
+/// (the guest runs): callers only use volatile reads or pass the pointer to the kernel.
+pub unsafe trait MemorySource: Send + Sync {
+    /// Host address of `len` bytes at `gpa`, all within one region, or `None`.
+    fn source_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>>;
+}
+
+/// Where a receiver writes guest pages.
+///
+/// # Safety
+/// An implementation promises that a pointer it returns for `(gpa, len)` is valid for writes of
+/// `len` bytes for as long as the implementing value lives, and that nothing else reads or writes
+/// that memory while a receiver writes it (the destination guest is not running).
+pub unsafe trait MemorySink: Send + Sync {
+    /// Host address of `len` bytes at `gpa`, all within one region, or `None`.
+    fn sink_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>>;
+}
+
+/// One guest-physical region.
+#[derive(Debug, Clone, Copy)]
+pub struct Region {
+    /// Guest-physical start (page aligned).
+    pub gpa: u64,
+    /// Host address of the start.
+    pub host: NonNull<u8>,
+    /// Length in bytes (a multiple of the page size).
+    pub len: usize,
+}
+
+/// Why a memory map cannot be built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemoryError {
+    /// A region that is not page aligned.
+    #[error("region at gpa {0:#x} is not page aligned")]
+    Unaligned(u64),
+    /// Two regions overlap.
+    #[error("regions at gpa {0:#x} and {1:#x} overlap")]
+    Overlap(u64, u64),
+    /// mmap failed.
+    #[error("mapping {len} bytes failed: {err}")]
+    Map {
+        /// Bytes asked for.
+        len: usize,
+        /// OS error.
+        err: String,
+    },
+}
+
+/// A set of guest-physical regions, sorted, page aligned and disjoint.
+#[derive(Debug, Clone)]
+pub struct MemoryMap {
+    regions: Vec<Region>,
+}
+
+// SAFETY: a MemoryMap only holds addresses; what may be done through them is governed by the
+// MemorySource/MemorySink contracts, which are what `MemoryMap::new`'s caller promised.
+unsafe impl Send for MemoryMap {}
+// SAFETY: as above; the map itself is immutable after construction.
+unsafe impl Sync for MemoryMap {}
+
+impl MemoryMap {
+    /// Build a map.
+    ///
+    /// # Safety
+    /// Every region's host range must stay mapped, readable and writable for as long as the
+    /// `MemoryMap` (or a clone) lives, and the caller must uphold the [`MemorySink`] contract
+    /// (no concurrent access) whenever the map is used as a sink.
+    pub unsafe fn new(mut regions: Vec<Region>) -> Result<Self, MemoryError> {
+        regions.sort_by_key(|r| r.gpa);
+        for r in &regions {
+            if r.gpa % PAGE_SIZE as u64 != 0 || r.len % PAGE_SIZE != 0 {
+                return Err(MemoryError::Unaligned(r.gpa));
+            }
+        }
+        for w in regions.windows(2) {
+            if w[0].gpa + w[0].len as u64 > w[1].gpa {
+                return Err(MemoryError::Overlap(w[0].gpa, w[1].gpa));
+            }
+        }
+        Ok(Self { regions })
+    }
+
+    /// The regions.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// Total bytes of guest memory.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len as u64).sum()
+    }
+
+    /// Host pointer for `len` bytes at `gpa` if the range lies inside one region.
+    pub fn lookup(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
+        let i = self.regions.partition_point(|r| r.gpa + r.len as u64 <= gpa);
+        let r = self.regions.get(i)?;
+        let off = gpa.checked_sub(r.gpa)?;
+        let end = off.checked_add(len as u64)?;
+        if end > r.len as u64 {
+            return None;
+        }
+        // SAFETY: off + len <= r.len, so the result stays inside the region's mapping.
+        Some(unsafe { r.host.add(off as usize) })
+    }
+}
+
+// SAFETY: pointers come from regions the constructor's caller promised valid for the map's life.
+unsafe impl MemorySource for MemoryMap {
+    fn source_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
+        self.lookup(gpa, len)
+    }
+}
+
+// SAFETY: as above; exclusivity while used as a sink was promised by the constructor's caller.
+unsafe impl MemorySink for MemoryMap {
+    fn sink_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
+        self.lookup(gpa, len)
+    }
+}
+
+/// Is the 4 KiB page at `p` all zeros? Reads with volatile 8-byte loads, 64 bytes at a time,
+/// stopping at the first non-zero block (most data pages stop at the first block).
+///
+/// # Safety
+/// `p` must be 8-byte aligned and valid for reads of 4096 bytes.
+pub unsafe fn page_is_zero(p: NonNull<u8>) -> bool {
+    let w = p.as_ptr() as *const u64;
+    let mut i = 0;
+    while i < PAGE_SIZE / 8 {
+        // SAFETY: i + 7 < 512 words = 4096 bytes, inside the page the caller vouched for.
+        let acc = unsafe {
+            w.add(i).read_volatile()
+                | w.add(i + 1).read_volatile()
+                | w.add(i + 2).read_volatile()
+                | w.add(i + 3).read_volatile()
+                | w.add(i + 4).read_volatile()
+                | w.add(i + 5).read_volatile()
+                | w.add(i + 6).read_volatile()
+                | w.add(i + 7).read_volatile()
+        };
+        if acc != 0 {
+            return false;
+        }
+        i += 8;
+    }
+    true
+}
+
+/// Copy `dst.len()` bytes (a multiple of 8) from guest memory at `src` with volatile word reads.
+///
+/// # Safety
+/// `src` must be 8-byte aligned and valid for reads of `dst.len()` bytes.
+pub unsafe fn copy_from_guest(dst: &mut [u8], src: NonNull<u8>) {
+    debug_assert!(dst.len() % 8 == 0);
+    let s = src.as_ptr() as *const u64;
+    for (i, chunk) in dst.chunks_exact_mut(8).enumerate() {
+        // SAFETY: i * 8 + 8 <= dst.len(), inside the range the caller vouched for.
+        let v = unsafe { s.add(i).read_volatile() };
+        chunk.copy_from_slice(&v.to_ne_bytes());
+    }
+}
+
+/// Anonymous host memory for a guest (or a benchmark's page set), unmapped on drop.
+pub struct AnonMemory {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain memory owned by this value; access goes through raw pointers
+// under the MemorySource/MemorySink contracts.
+unsafe impl Send for AnonMemory {}
+// SAFETY: as above.
+unsafe impl Sync for AnonMemory {}
+
+impl AnonMemory {
+    /// Map `len` bytes (rounded up to pages) of zeroed memory. `populate` faults it in now
+    /// (MAP_POPULATE) so that receiving into it later costs no page faults; huge pages are asked
+    /// for with MADV_HUGEPAGE either way.
+    pub fn new(len: usize, populate: bool) -> Result<Self, MemoryError> {
+        let len = len.div_ceil(PAGE_SIZE).max(1) * PAGE_SIZE;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        if populate {
+            flags |= libc::MAP_POPULATE;
+        }
+        // SAFETY: anonymous mapping with no address hint; the result is checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Map { len, err: std::io::Error::last_os_error().to_string() });
+        }
+        // SAFETY: p is a fresh mapping of len bytes; madvise only gives a hint and may fail.
+        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
+        let ptr = NonNull::new(p as *mut u8).ok_or(MemoryError::Map { len, err: "null mapping".into() })?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Host address.
+    pub fn as_ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never empty (at least one page), provided for API completeness.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Fault every page in for writing now (one write per page), so that later receives cost no
+    /// page faults. Cheaper than letting the receive path fault page by page.
+    pub fn prefault(&self) {
+        // SAFETY: the range is this mapping; MADV_POPULATE_WRITE (Linux 5.14+) only faults pages in.
+        let r = unsafe { libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, 23 /* MADV_POPULATE_WRITE */) };
+        if r != 0 {
+            for off in (0..self.len).step_by(PAGE_SIZE) {
+                // SAFETY: off < len, inside this mapping; writing a zero byte keeps it zeroed.
+                unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+            }
+        }
+    }
+
+    /// A one-region map of this memory at guest-physical `gpa`.
+    ///
+    /// # Safety
+    /// The map must not outlive `self`, and the [`MemorySink`] exclusivity contract must hold
+    /// while it is used as a sink.
+    pub unsafe fn map_at(&self, gpa: u64) -> Result<MemoryMap, MemoryError> {
+        // SAFETY: forwarded to the caller's promise above.
+        unsafe { MemoryMap::new(vec![Region { gpa, host: self.ptr, len: self.len }]) }
+    }
+
+    /// Read a byte (tests and checks; volatile).
+    pub fn read_byte(&self, off: usize) -> u8 {
+        assert!(off < self.len);
+        // SAFETY: off < len, inside this mapping.
+        unsafe { self.ptr.as_ptr().add(off).read_volatile() }
+    }
+
+    /// Copy bytes out (volatile).
+    pub fn read_into(&self, off: usize, dst: &mut [u8]) {
+        assert!(off + dst.len() <= self.len && off % 8 == 0 && dst.len() % 8 == 0);
+        // SAFETY: range checked above; offset keeps 8-byte alignment of the page-aligned mapping.
+        unsafe { copy_from_guest(dst, self.ptr.add(off)) }
+    }
+
+    /// Write bytes (volatile, word by word).
+    pub fn write_from(&self, off: usize, src: &[u8]) {
+        assert!(off + src.len() <= self.len && off % 8 == 0 && src.len() % 8 == 0);
+        let d = self.ptr.as_ptr() as *mut u64;
+        for (i, c) in src.chunks_exact(8).enumerate() {
+            let v = u64::from_ne_bytes(c.try_into().expect("chunks_exact(8)"));
+            // SAFETY: off/8 + i is inside the mapping by the assert above.
+            unsafe { d.add(off / 8 + i).write_volatile(v) };
+        }
+    }
+}
+
+impl Drop for AnonMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping this value created.
+        unsafe { libc::munmap(self.ptr.as_ptr() as *mut libc::c_void, self.len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_check_and_lookup() {
+        let m = AnonMemory::new(3 * PAGE_SIZE, false).unwrap();
+        // SAFETY: m outlives map in this test; nothing else touches m concurrently.
+        let map = unsafe { m.map_at(0x10000) }.unwrap();
+        let p = map.lookup(0x10000 + PAGE_SIZE as u64, PAGE_SIZE).unwrap();
+        // SAFETY: p points at a full page of m.
+        assert!(unsafe { page_is_zero(p) });
+        m.write_from(PAGE_SIZE + 4088, &[0, 0, 0, 0, 0, 0, 0, 1]);
+        // SAFETY: as above.
+        assert!(!unsafe { page_is_zero(p) });
+        assert!(map.lookup(0x10000 + 2 * PAGE_SIZE as u64, PAGE_SIZE + 1).is_none());
+        assert!(map.lookup(0xfff0, 32).is_none());
+        assert!(map.lookup(u64::MAX - 4, 8).is_none());
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused() {
+        let m = AnonMemory::new(2 * PAGE_SIZE, false).unwrap();
+        let r = Region { gpa: 0, host: m.as_ptr(), len: 2 * PAGE_SIZE };
+        let r2 = Region { gpa: PAGE_SIZE as u64, ..r };
+        // SAFETY: the map is dropped at once; never used for I/O.
+        assert!(matches!(unsafe { MemoryMap::new(vec![r, r2]) }, Err(MemoryError::Overlap(..))));
+    }
+}

@@ -1,0 +1,403 @@
+//! Stream channels (`tcp`, `zstd`): frames on a byte stream.
+//!
+//! Sending a raw batch is one `writev`: the header from a small buffer, the data pages straight
+//! from guest memory (the kernel copies them; no `&[u8]` is formed over live guest memory).
+//! Receiving a raw batch reads the header, then `readv`s the data pages straight to their GPAs.
+//! With zstd the data pages are copied (volatile) into a staging buffer, compressed as one frame,
+//! and sent compressed only if that saves at least 1/8; the receiver decompresses into staging
+//! and scatters. Memory per channel is bounded by a few batch-sized buffers.
+
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use crate::channel::{ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
+use crate::error::{Result, TransportError, WireError};
+use crate::memory::{copy_from_guest, page_is_zero, MemorySink, MemorySource};
+use crate::wire::{
+    encode_frame, zstd_bound, AbortMsg, Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun,
+    BATCH_DEST_ZEROED, BATCH_FIXED_LEN, HEADER_LEN, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_CONTROL_LEN, PAGE_SIZE,
+};
+
+/// Most iovecs passed to one writev/readv (Linux IOV_MAX).
+const IOV_MAX: usize = 1024;
+
+/// Compress only if it saves at least 1/8 of the data.
+fn worth_compressing(raw: usize, compressed: usize) -> bool {
+    compressed <= raw - raw / 8
+}
+
+/// Write every byte described by `iov`, resuming after partial writes.
+fn writev_all(fd: i32, iov: &mut [libc::iovec]) -> io::Result<usize> {
+    let mut total = 0;
+    let mut start = 0;
+    while start < iov.len() {
+        if iov[start].iov_len == 0 {
+            start += 1;
+            continue;
+        }
+        let n = (iov.len() - start).min(IOV_MAX);
+        // SAFETY: every iovec points at memory valid for reads of iov_len bytes (a local buffer,
+        // or guest memory under the MemorySource contract); the kernel only reads it.
+        let r = unsafe { libc::writev(fd, iov[start..].as_ptr(), n as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut r = r as usize;
+        total += r;
+        while r > 0 {
+            let v = &mut iov[start];
+            if r >= v.iov_len {
+                r -= v.iov_len;
+                v.iov_len = 0;
+                start += 1;
+            } else {
+                // SAFETY: r < iov_len, so the new base stays inside the same buffer.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(r) } as *mut libc::c_void;
+                v.iov_len -= r;
+                r = 0;
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// Fill every byte described by `iov`, resuming after partial reads. EOF is `Truncated`.
+fn readv_all(fd: i32, iov: &mut [libc::iovec]) -> Result<()> {
+    let mut start = 0;
+    while start < iov.len() {
+        if iov[start].iov_len == 0 {
+            start += 1;
+            continue;
+        }
+        let n = (iov.len() - start).min(IOV_MAX);
+        // SAFETY: every iovec points at memory valid for writes of iov_len bytes (a local buffer,
+        // or destination guest memory under the MemorySink contract).
+        let r = unsafe { libc::readv(fd, iov[start..].as_ptr(), n as i32) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e.into());
+        }
+        if r == 0 {
+            return Err(TransportError::Truncated);
+        }
+        let mut r = r as usize;
+        while r > 0 {
+            let v = &mut iov[start];
+            if r >= v.iov_len {
+                r -= v.iov_len;
+                v.iov_len = 0;
+                start += 1;
+            } else {
+                // SAFETY: r < iov_len, so the new base stays inside the same buffer.
+                v.iov_base = unsafe { (v.iov_base as *mut u8).add(r) } as *mut libc::c_void;
+                v.iov_len -= r;
+                r = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn iov(p: *const u8, len: usize) -> libc::iovec {
+    libc::iovec { iov_base: p as *mut libc::c_void, iov_len: len }
+}
+
+/// Read exactly `buf.len()` bytes; EOF in the middle is `Truncated`.
+fn read_exact(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
+    s.read_exact(buf).map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { TransportError::Truncated } else { e.into() })
+}
+
+/// Sending half of a stream channel.
+pub struct StreamTx {
+    sock: TcpStream,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+    hdr: Vec<u8>,
+    staging: Vec<u8>,
+    cbuf: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+}
+
+impl StreamTx {
+    /// Wrap a connected socket. `zstd_level`: compress batches at this level (the capability must
+    /// have been negotiated).
+    pub fn new(sock: TcpStream, zstd_level: Option<i32>) -> Result<Self> {
+        let compressor = match zstd_level {
+            Some(l) => Some(zstd::bulk::Compressor::new(l).map_err(TransportError::Io)?),
+            None => None,
+        };
+        Ok(Self { sock, compressor, hdr: Vec::with_capacity(16 << 10), staging: Vec::new(), cbuf: Vec::new(), spans: Vec::new() })
+    }
+
+    fn send_small(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
+        let f = encode_frame(kind, payload);
+        let mut v = [iov(f.as_ptr(), f.len())];
+        writev_all(self.sock.as_raw_fd(), &mut v)?;
+        Ok(())
+    }
+}
+
+impl ChannelTx for StreamTx {
+    fn send_batch(&mut self, id: u64, round: u32, flags: u8, runs: &[PageRun], src: &dyn MemorySource) -> Result<SentBatch> {
+        let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+        if runs.is_empty() || runs.len() > MAX_BATCH_RUNS as usize || total == 0 || total > u64::from(MAX_BATCH_PAGES) {
+            return Err(TransportError::InvalidBatch("batch must hold 1..=1024 pages in 1..=1024 runs"));
+        }
+        if flags & !BATCH_DEST_ZEROED != 0 {
+            return Err(TransportError::InvalidBatch("unknown batch flags"));
+        }
+        let total = total as u32;
+        // Zero detection; remember the data spans (host address, length), merged within a run.
+        let mut map = vec![0u8; (total as usize).div_ceil(8)];
+        self.spans.clear();
+        let mut i = 0usize;
+        for r in runs {
+            if r.gpa % PAGE_SIZE as u64 != 0 {
+                return Err(TransportError::InvalidBatch("unaligned run"));
+            }
+            let base = src.source_ptr(r.gpa, r.len()).ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?;
+            let mut open: Option<(usize, usize)> = None;
+            for p in 0..r.pages as usize {
+                // SAFETY: p < r.pages, so the page lies inside the run the source vouched for.
+                let page = unsafe { base.add(p * PAGE_SIZE) };
+                // SAFETY: page-aligned (gpa aligned, regions page aligned), 4096 bytes valid.
+                if unsafe { page_is_zero(page) } {
+                    if let Some(s) = open.take() {
+                        self.spans.push(s);
+                    }
+                } else {
+                    map[i / 8] |= 1 << (i % 8);
+                    match &mut open {
+                        Some((_, len)) => *len += PAGE_SIZE,
+                        None => open = Some((page.as_ptr() as usize, PAGE_SIZE)),
+                    }
+                }
+                i += 1;
+            }
+            if let Some(s) = open.take() {
+                self.spans.push(s);
+            }
+        }
+        let data_pages: u32 = map.iter().map(|b| b.count_ones()).sum();
+        let raw_len = data_pages as usize * PAGE_SIZE;
+        let mut header =
+            BatchHeader { id, round, encoding: Encoding::Raw, flags, runs: runs.to_vec(), data_map: map, data_len: raw_len as u32 };
+        let mut compressed = false;
+        let mut use_staging = false;
+        if let (Some(c), true) = (self.compressor.as_mut(), raw_len > 0) {
+            self.staging.resize(raw_len, 0);
+            let mut off = 0;
+            for &(p, len) in &self.spans {
+                // SAFETY: the span was resolved above through the MemorySource, valid for len bytes,
+                // page aligned.
+                unsafe { copy_from_guest(&mut self.staging[off..off + len], NonNull::new_unchecked(p as *mut u8)) };
+                off += len;
+            }
+            self.cbuf.resize(zstd_bound(raw_len), 0);
+            let n = c.compress_to_buffer(&self.staging, &mut self.cbuf[..]).map_err(TransportError::Io)?;
+            if worth_compressing(raw_len, n) {
+                self.cbuf.truncate(n);
+                header.encoding = Encoding::Zstd;
+                header.data_len = n as u32;
+                compressed = true;
+            } else {
+                use_staging = true;
+            }
+        }
+        self.hdr.clear();
+        let payload_len = header.encoded_len() + header.data_len as usize;
+        self.hdr.extend_from_slice(&FrameHeader::new(FrameKind::PageBatch, payload_len).encode());
+        header.encode_into(&mut self.hdr);
+        let mut v: Vec<libc::iovec> = Vec::with_capacity(self.spans.len() + 1);
+        v.push(iov(self.hdr.as_ptr(), self.hdr.len()));
+        if compressed {
+            v.push(iov(self.cbuf.as_ptr(), self.cbuf.len()));
+        } else if use_staging {
+            v.push(iov(self.staging.as_ptr(), self.staging.len()));
+        } else {
+            v.extend(self.spans.iter().map(|&(p, l)| iov(p as *const u8, l)));
+        }
+        let wire = writev_all(self.sock.as_raw_fd(), &mut v)?;
+        Ok(SentBatch { pages: total, data_pages, zero_pages: total - data_pages, wire_bytes: wire as u64, compressed })
+    }
+
+    fn send_control(&mut self, msg: &[u8]) -> Result<()> {
+        if msg.len() > MAX_CONTROL_LEN as usize {
+            return Err(TransportError::InvalidBatch("control message longer than 1 MiB"));
+        }
+        self.send_small(FrameKind::Control, msg)
+    }
+
+    fn send_ack(&mut self, ack: Ack) -> Result<()> {
+        self.send_small(FrameKind::BatchAck, &ack.encode())
+    }
+
+    fn send_abort(&mut self, code: u16, reason: &str) -> Result<()> {
+        self.send_small(FrameKind::Abort, &AbortMsg { code, reason: reason.to_string() }.encode())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        self.send_small(FrameKind::Goodbye, &[])?;
+        let _ = self.sock.shutdown(std::net::Shutdown::Write);
+        Ok(())
+    }
+}
+
+/// Receiving half of a stream channel.
+pub struct StreamRx {
+    sock: TcpStream,
+    zstd_allowed: bool,
+    decompressor: zstd::bulk::Decompressor<'static>,
+    buf: Vec<u8>,
+    staging: Vec<u8>,
+}
+
+impl StreamRx {
+    /// Wrap a connected socket; `zstd_allowed` if the capability was negotiated.
+    pub fn new(sock: TcpStream, zstd_allowed: bool) -> Result<Self> {
+        Ok(Self {
+            sock,
+            zstd_allowed,
+            decompressor: zstd::bulk::Decompressor::new().map_err(TransportError::Io)?,
+            buf: Vec::new(),
+            staging: Vec::new(),
+        })
+    }
+
+    fn recv_batch(&mut self, len: usize, sink: &dyn MemorySink) -> Result<ReceivedBatch> {
+        let mut fixed = [0u8; BATCH_FIXED_LEN];
+        read_exact(&mut self.sock, &mut fixed)?;
+        let f = BatchFixed::decode(&fixed)?;
+        if f.frame_len() != len {
+            return Err(WireError::BadBatch("frame length does not match the batch").into());
+        }
+        self.buf.resize(f.var_len(), 0);
+        read_exact(&mut self.sock, &mut self.buf)?;
+        let h = BatchHeader::decode_var(&f, &self.buf)?;
+        if h.encoding == Encoding::Zstd && !self.zstd_allowed {
+            return Err(TransportError::NotNegotiated("zstd"));
+        }
+        let zeroed = h.flags & BATCH_DEST_ZEROED != 0;
+        // Resolve every run before touching memory: a bad address fails the batch whole.
+        let mut bases = Vec::with_capacity(h.runs.len());
+        for r in &h.runs {
+            bases.push(sink.sink_ptr(r.gpa, r.len()).ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?);
+        }
+        let raw_len = h.raw_len();
+        match h.encoding {
+            Encoding::Raw => {
+                let mut v: Vec<libc::iovec> = Vec::new();
+                let mut i = 0;
+                for (r, base) in h.runs.iter().zip(&bases) {
+                    for p in 0..r.pages as usize {
+                        // SAFETY: p < pages: inside the run the sink vouched for.
+                        let page = unsafe { base.as_ptr().add(p * PAGE_SIZE) };
+                        if h.is_data(i) {
+                            match v.last_mut() {
+                                Some(last) if (last.iov_base as usize) + last.iov_len == page as usize => {
+                                    last.iov_len += PAGE_SIZE
+                                }
+                                _ => v.push(iov(page, PAGE_SIZE)),
+                            }
+                        } else if !zeroed {
+                            // SAFETY: the page lies in sink memory that we may write exclusively.
+                            unsafe { page.write_bytes(0, PAGE_SIZE) };
+                        }
+                        i += 1;
+                    }
+                }
+                readv_all(self.sock.as_raw_fd(), &mut v)?;
+            }
+            Encoding::Zstd => {
+                self.buf.resize(h.data_len as usize, 0);
+                read_exact(&mut self.sock, &mut self.buf)?;
+                self.staging.resize(raw_len, 0);
+                let n = self
+                    .decompressor
+                    .decompress_to_buffer(&self.buf, &mut self.staging[..])
+                    .map_err(|e| TransportError::Decompress(e.to_string()))?;
+                if n != raw_len {
+                    return Err(TransportError::Decompress(format!("{n} bytes instead of {raw_len}")));
+                }
+                let mut i = 0;
+                let mut off = 0;
+                for (r, base) in h.runs.iter().zip(&bases) {
+                    for p in 0..r.pages as usize {
+                        // SAFETY: p < pages: inside the run the sink vouched for.
+                        let page = unsafe { base.as_ptr().add(p * PAGE_SIZE) };
+                        if h.is_data(i) {
+                            // SAFETY: staging holds raw_len bytes and off + 4096 <= raw_len (one
+                            // data page per set bit); the page is exclusive sink memory.
+                            unsafe { std::ptr::copy_nonoverlapping(self.staging.as_ptr().add(off), page, PAGE_SIZE) };
+                            off += PAGE_SIZE;
+                        } else if !zeroed {
+                            // SAFETY: exclusive sink memory.
+                            unsafe { page.write_bytes(0, PAGE_SIZE) };
+                        }
+                        i += 1;
+                    }
+                }
+            }
+        }
+        let pages = h.total_pages();
+        Ok(ReceivedBatch {
+            id: h.id,
+            round: h.round,
+            pages,
+            data_pages: h.data_pages(),
+            wire_bytes: (HEADER_LEN + len) as u64,
+        })
+    }
+}
+
+impl ChannelRx for StreamRx {
+    fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming> {
+        let mut hb = [0u8; HEADER_LEN];
+        // EOF before the first header byte: the peer vanished without Goodbye.
+        let n = loop {
+            match self.sock.read(&mut hb) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.into()),
+            }
+        };
+        if n == 0 {
+            return Err(TransportError::Closed);
+        }
+        read_exact(&mut self.sock, &mut hb[n..])?;
+        let h = FrameHeader::decode(&hb)?;
+        let len = h.len as usize;
+        match h.kind {
+            FrameKind::PageBatch => Ok(Incoming::Batch(self.recv_batch(len, sink)?)),
+            FrameKind::Control => {
+                let mut p = vec![0u8; len];
+                read_exact(&mut self.sock, &mut p)?;
+                Ok(Incoming::Control(p))
+            }
+            FrameKind::BatchAck => {
+                let mut p = [0u8; crate::wire::ACK_LEN];
+                if len != p.len() {
+                    return Err(WireError::Truncated.into());
+                }
+                read_exact(&mut self.sock, &mut p)?;
+                Ok(Incoming::Ack(Ack::decode(&p)?))
+            }
+            FrameKind::Goodbye => Ok(Incoming::Closed),
+            FrameKind::Abort => {
+                let mut p = vec![0u8; len];
+                read_exact(&mut self.sock, &mut p)?;
+                let m = AbortMsg::decode(&p)?;
+                Err(TransportError::PeerAborted { code: m.code, reason: m.reason })
+            }
+            k => Err(WireError::Unexpected(k).into()),
+        }
+    }
+}

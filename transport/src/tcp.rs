@@ -1,0 +1,225 @@
+//! The `tcp` and `zstd` backends: one TCP stream per channel, tuned with socket2.
+//!
+//! - large socket buffers (a batch is up to 4 MiB), `TCP_NODELAY` (control messages and acks are
+//!   small and latency matters at switchover);
+//! - bind to a chosen local address and/or interface (`SO_BINDTODEVICE`) so a channel uses the NIC
+//!   it was planned on;
+//! - keepalive and `TCP_USER_TIMEOUT`, so a dead peer is noticed within seconds instead of the
+//!   kernel's default of many minutes.
+//!
+//! `zstd` is this backend with the `ZSTD` capability negotiated and a compression level set.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::channel::{Channel, ChannelInfo};
+use crate::error::{HandshakeError, Result, TransportError};
+use crate::handshake::{
+    random_bytes, Caps, ClientConfig, ClientHandshake, Established, ServerConfig, ServerHandshake, Step,
+};
+use crate::stream::{StreamRx, StreamTx};
+use crate::wire::{FrameHeader, FrameKind, HEADER_LEN, MAX_SMALL_LEN};
+
+/// Options of a TCP channel.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// Local address to bind before connecting (choose the NIC by address).
+    pub bind: Option<SocketAddr>,
+    /// Interface to bind to (`SO_BINDTODEVICE`).
+    pub device: Option<String>,
+    /// Socket send and receive buffer size.
+    pub buffer_bytes: Option<usize>,
+    /// Keepalive idle time (probes follow every second, 3 of them).
+    pub keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT`: unacknowledged data older than this kills the connection.
+    pub user_timeout: Option<Duration>,
+    /// Time allowed to connect.
+    pub connect_timeout: Duration,
+    /// Compress batches with zstd at this level (the `zstd` option); `None` sends raw.
+    pub zstd_level: Option<i32>,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        Self {
+            bind: None,
+            device: None,
+            buffer_bytes: Some(4 << 20),
+            keepalive: Some(Duration::from_secs(2)),
+            user_timeout: Some(Duration::from_secs(10)),
+            connect_timeout: Duration::from_secs(5),
+            zstd_level: None,
+        }
+    }
+}
+
+impl TcpOptions {
+    /// Default options of the `zstd` backend (fast level).
+    pub fn zstd() -> Self {
+        Self { zstd_level: Some(1), ..Self::default() }
+    }
+}
+
+fn tune(s: &SockRef<'_>, o: &TcpOptions) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    if let Some(b) = o.buffer_bytes {
+        s.set_send_buffer_size(b)?;
+        s.set_recv_buffer_size(b)?;
+    }
+    if let Some(k) = o.keepalive {
+        let ka = TcpKeepalive::new().with_time(k).with_interval(Duration::from_secs(1)).with_retries(3);
+        s.set_tcp_keepalive(&ka)?;
+    }
+    if let Some(t) = o.user_timeout {
+        s.set_tcp_user_timeout(Some(t))?;
+    }
+    Ok(())
+}
+
+fn read_handshake_frame(s: &mut TcpStream, deadline: Instant) -> Result<(FrameKind, Vec<u8>)> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(HandshakeError::Timeout.into());
+    }
+    s.set_read_timeout(Some(left))?;
+    let mut hb = [0u8; HEADER_LEN];
+    let map = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => TransportError::Handshake(HandshakeError::Timeout),
+        std::io::ErrorKind::UnexpectedEof => TransportError::Truncated,
+        _ => TransportError::Io(e),
+    };
+    s.read_exact(&mut hb).map_err(map)?;
+    let h = FrameHeader::decode(&hb)?;
+    if h.len > MAX_SMALL_LEN {
+        return Err(crate::error::WireError::Unexpected(h.kind).into());
+    }
+    let mut p = vec![0u8; h.len as usize];
+    s.read_exact(&mut p).map_err(map)?;
+    Ok((h.kind, p))
+}
+
+fn finish(sock: TcpStream, est: Established, zstd_level: Option<i32>) -> Result<Channel> {
+    sock.set_read_timeout(None)?;
+    let zstd = est.caps.contains(Caps::ZSTD);
+    let level = if zstd { zstd_level } else { None };
+    let info = ChannelInfo {
+        established: est,
+        backend: if level.is_some() { "zstd" } else { "tcp" },
+        local: sock.local_addr().ok(),
+        peer: sock.peer_addr().ok(),
+    };
+    let k = sock.try_clone()?;
+    let killer = Arc::new(move || {
+        let _ = k.shutdown(std::net::Shutdown::Both);
+    });
+    Ok(Channel {
+        tx: Box::new(StreamTx::new(sock.try_clone()?, level)?),
+        rx: Box::new(StreamRx::new(sock, zstd)?),
+        info,
+        killer,
+    })
+}
+
+/// Connect a channel to `addr` and run the client handshake.
+pub fn connect(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Result<Channel> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if let Some(dev) = &opts.device {
+        sock.bind_device(Some(dev.as_bytes()))?;
+    }
+    if let Some(b) = opts.bind {
+        sock.bind(&b.into())?;
+    }
+    tune(&SockRef::from(&sock), opts)?;
+    sock.connect_timeout(&addr.into(), opts.connect_timeout)?;
+    let mut s: TcpStream = sock.into();
+    if opts.zstd_level.is_none() {
+        hs.caps = Caps(hs.caps.0 & !Caps::ZSTD.0);
+    }
+    let (mut m, hello) = ClientHandshake::start(hs, random_bytes(), Instant::now());
+    s.write_all(&hello)?;
+    loop {
+        let (k, p) = read_handshake_frame(&mut s, m.poll_timeout())?;
+        match m.handle_frame(k, &p, Instant::now())? {
+            Step::Send(f) => s.write_all(&f)?,
+            Step::Done(est) => return finish(s, est, opts.zstd_level),
+            Step::Verified(_) => return Err(crate::error::WireError::Unexpected(k).into()),
+        }
+    }
+}
+
+/// Accepts channels on a listening socket.
+pub struct TcpAcceptor {
+    listener: TcpListener,
+    opts: TcpOptions,
+    hs: ServerConfig,
+}
+
+impl TcpAcceptor {
+    /// Listen on `addr` (port 0 picks a free port).
+    pub fn bind(addr: SocketAddr, opts: TcpOptions, hs: ServerConfig) -> Result<Self> {
+        let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        sock.set_reuse_address(true)?;
+        if let Some(dev) = &opts.device {
+            sock.bind_device(Some(dev.as_bytes()))?;
+        }
+        // Buffers set on the listener are inherited by accepted sockets (needed for window scaling).
+        if let Some(b) = opts.buffer_bytes {
+            sock.set_recv_buffer_size(b)?;
+            sock.set_send_buffer_size(b)?;
+        }
+        sock.bind(&addr.into())?;
+        sock.listen(64)?;
+        Ok(Self { listener: sock.into(), opts, hs })
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// The listening socket (to poll or close it).
+    pub fn listener(&self) -> &TcpListener {
+        &self.listener
+    }
+
+    /// Accept one connection and run the server handshake. `admit` decides whether the
+    /// authenticated session and channel are welcome (`Err(reason)` rejects). A failed handshake
+    /// closes that connection only and is returned as an error; the acceptor stays usable.
+    pub fn accept(&self, admit: &dyn Fn(&Established) -> std::result::Result<(), String>) -> Result<Channel> {
+        let (s, _) = self.listener.accept()?;
+        self.handshake(s, admit)
+    }
+
+    /// Run the server handshake on an accepted socket.
+    pub fn handshake(
+        &self,
+        mut s: TcpStream,
+        admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
+    ) -> Result<Channel> {
+        tune(&SockRef::from(&s), &self.opts)?;
+        let mut m = ServerHandshake::new(self.hs.clone(), random_bytes(), Instant::now());
+        loop {
+            let (k, p) = read_handshake_frame(&mut s, m.poll_timeout())?;
+            match m.handle_frame(k, &p, Instant::now())? {
+                Step::Send(f) => s.write_all(&f)?,
+                Step::Verified(est) => {
+                    return match admit(&est) {
+                        Ok(()) => {
+                            s.write_all(&m.accept()?)?;
+                            finish(s, est, self.opts.zstd_level)
+                        }
+                        Err(reason) => {
+                            let _ = s.write_all(&m.reject(&reason));
+                            Err(HandshakeError::Rejected(reason).into())
+                        }
+                    };
+                }
+                Step::Done(_) => return Err(crate::error::WireError::Unexpected(k).into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The conformance suite against the `tcp` and `zstd` backends on loopback.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use ferry_transport::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_transport::handshake::{
+    random_bytes, Caps, ChannelBinding, ClientConfig, ClientHandshake, Psk, ServerConfig, Step,
+};
+use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
+use ferry_transport::wire::{FrameHeader, HEADER_LEN};
+use ferry_transport::{Channel, TransportError};
+
+struct Tcp {
+    zstd: bool,
+}
+
+fn binding() -> ChannelBinding {
+    ChannelBinding { session: [1; 16], channel: 0 }
+}
+
+fn client_cfg(psk: Psk) -> ClientConfig {
+    ClientConfig { psk, binding: binding(), caps: Caps::ALL, timeout: Duration::from_secs(5) }
+}
+
+impl Tcp {
+    fn opts(&self) -> TcpOptions {
+        if self.zstd {
+            TcpOptions::zstd()
+        } else {
+            TcpOptions::default()
+        }
+    }
+
+    fn acceptor(&self, psk: Psk) -> TcpAcceptor {
+        let caps = if self.zstd { Caps::ALL } else { Caps(0) };
+        let hs = ServerConfig { psk, caps, timeout: Duration::from_secs(5) };
+        TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), self.opts(), hs).unwrap()
+    }
+}
+
+struct Raw(TcpStream);
+
+impl RawPeer for Raw {
+    fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.0.write_all(b)
+    }
+    fn close(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn read_frame(s: &mut TcpStream) -> (ferry_transport::wire::FrameKind, Vec<u8>) {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).unwrap();
+    let h = FrameHeader::decode(&h).unwrap();
+    let mut p = vec![0; h.len as usize];
+    s.read_exact(&mut p).unwrap();
+    (h.kind, p)
+}
+
+impl Backend for Tcp {
+    fn name(&self) -> &'static str {
+        if self.zstd {
+            "zstd"
+        } else {
+            "tcp"
+        }
+    }
+
+    fn pair(&self) -> Result<(Channel, Channel), TransportError> {
+        let (c, s) = self.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(TEST_KEY).unwrap());
+        Ok((c?, s?))
+    }
+
+    fn pair_keys(&self, client: Psk, server: Psk) -> (Result<Channel, TransportError>, Result<Channel, TransportError>) {
+        let acc = self.acceptor(server);
+        let addr = acc.local_addr().unwrap();
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
+            let c = tcp::connect(addr, &self.opts(), client_cfg(client));
+            // a failed client closes its socket, so the server's handshake ends too
+            (c, srv.join().unwrap())
+        })
+    }
+
+    fn raw_pair(&self) -> Result<(Box<dyn RawPeer>, Channel), TransportError> {
+        let acc = self.acceptor(Psk::new(TEST_KEY).unwrap());
+        let addr = acc.local_addr().unwrap();
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
+            let mut s = TcpStream::connect(addr).unwrap();
+            let now = Instant::now();
+            let (mut m, hello) = ClientHandshake::start(client_cfg(Psk::new(TEST_KEY).unwrap()), random_bytes(), now);
+            s.write_all(&hello).unwrap();
+            loop {
+                let (k, p) = read_frame(&mut s);
+                match m.handle_frame(k, &p, Instant::now()).unwrap() {
+                    Step::Send(f) => s.write_all(&f).unwrap(),
+                    Step::Done(_) => break,
+                    Step::Verified(_) => unreachable!(),
+                }
+            }
+            let ch = srv.join().unwrap()?;
+            Ok((Box::new(Raw(s)) as Box<dyn RawPeer>, ch))
+        })
+    }
+
+    fn zstd(&self) -> bool {
+        self.zstd
+    }
+}
+
+macro_rules! suite {
+    ($m:ident, $zstd:expr) => {
+        mod $m {
+            use super::*;
+            #[test]
+            fn round_trip_mixed() {
+                conformance::round_trip_mixed(&Tcp { zstd: $zstd });
+            }
+            #[test]
+            fn peer_closes_mid_batch() {
+                conformance::peer_closes_mid_batch(&Tcp { zstd: $zstd });
+            }
+            #[test]
+            fn slow_reader_backpressure() {
+                conformance::slow_reader_backpressure(&Tcp { zstd: $zstd });
+            }
+            #[test]
+            fn malformed_frames() {
+                conformance::malformed_frames(&Tcp { zstd: $zstd });
+            }
+            #[test]
+            fn wrong_key() {
+                conformance::wrong_key(&Tcp { zstd: $zstd });
+            }
+            #[test]
+            fn control_and_abort() {
+                conformance::control_and_abort(&Tcp { zstd: $zstd });
+            }
+        }
+    };
+}
+
+suite!(tcp_backend, false);
+suite!(zstd_backend, true);
+
+#[test]
+fn rejected_session_gets_a_reason() {
+    let t = Tcp { zstd: false };
+    let acc = t.acceptor(Psk::new(TEST_KEY).unwrap());
+    let addr = acc.local_addr().unwrap();
+    std::thread::scope(|sc| {
+        let srv = sc.spawn(|| acc.accept(&|_| Err("no migration with that session id".into())));
+        let e = tcp::connect(addr, &t.opts(), client_cfg(Psk::new(TEST_KEY).unwrap())).unwrap_err();
+        assert!(e.to_string().contains("no migration with that session id"), "{e}");
+        assert!(srv.join().unwrap().is_err());
+    });
+}
+
+#[test]
+fn silent_client_times_out_and_acceptor_survives() {
+    let t = Tcp { zstd: false };
+    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps(0), timeout: Duration::from_millis(300) };
+    let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), t.opts(), hs).unwrap();
+    let addr = acc.local_addr().unwrap();
+    let _silent = TcpStream::connect(addr).unwrap();
+    let e = acc.accept(&|_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+    // a good client still gets in afterwards
+    std::thread::scope(|sc| {
+        let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
+        tcp::connect(addr, &t.opts(), client_cfg(Psk::new(TEST_KEY).unwrap())).unwrap();
+        srv.join().unwrap().unwrap();
+    });
+}

@@ -1,0 +1,1 @@
+//! ferry-vmm-glue: guests that Ferry migrates (not built yet).
