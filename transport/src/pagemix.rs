@@ -105,7 +105,10 @@ const WORDS: &[&str] = &[
 /// Fill `page` (4096 bytes) with the content of page `index` of kind `kind` under `seed`.
 pub fn fill_page(page: &mut [u8], kind: PageKind, seed: u64, index: u64) {
     debug_assert_eq!(page.len(), PAGE_SIZE);
-    let mut s = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0x5555;
+    // Mix seed and index into a random point of the SplitMix sequence, so that pages do not share
+    // stretches of one sequence.
+    let mut s = seed ^ index.wrapping_mul(0xD6E8_FEB8_6659_FD93) ^ 0x5555;
+    let mut s = splitmix(&mut s);
     match kind {
         PageKind::Zero => page.fill(0),
         PageKind::Random => {
