@@ -1,1 +1,6 @@
-//! ferry-migrate: the migration engine (not built yet).
+//! ferry-migrate: the migration engine.
+//!
+//! [`vm`] holds the traits the engine consumes (source VM, target VM, dirty log); `vmm-glue`
+//! implements them.
+
+pub mod vm;
