@@ -211,6 +211,7 @@ fn vcpu_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
     loop {
         {
             let mut c = lock(&shared.ctl);
+            c.parked = false;
             if c.want != Want::Run {
                 drop(c);
                 // Complete the access of the last exit so that saved registers are consistent.
