@@ -71,7 +71,9 @@ fn guest_runs_and_counter_advances() {
     assert!(p2 > p1);
     check_consistent(&vm, &c);
     let r = vm.report();
-    assert_eq!(vm.guest_passes().unwrap(), r.passes, "parameter block and port reports agree");
+    // The guest stores its counter, then reports it: a pause can fall between the two.
+    let in_memory = vm.guest_passes().unwrap();
+    assert!(in_memory == r.passes || in_memory == r.passes + 1, "memory {in_memory}, reported {}", r.passes);
     eprintln!("{} passes of {} pages in {:?} ({} exits)", r.passes, c.ws_pages, dt, vm.exits());
 }
 

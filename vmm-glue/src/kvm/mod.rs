@@ -175,6 +175,8 @@ pub struct GuestConfig {
     pub stride: u64,
     /// PAUSE iterations after each page (0 = as fast as it can).
     pub delay: u64,
+    /// Run the program at CPL 3 (native speed on PVM; see [`guest`]) rather than CPL 0.
+    pub user_mode: bool,
 }
 
 impl Default for GuestConfig {
@@ -187,6 +189,7 @@ impl Default for GuestConfig {
             ws_pages: 256,
             stride: 512,
             delay: 0,
+            user_mode: true,
         }
     }
 }
@@ -371,10 +374,10 @@ impl KvmVm {
         let code = kvm_segment {
             base: 0,
             limit: 0xffff_ffff,
-            selector: 0x08,
+            selector: if cfg.user_mode { 0x18 | 3 } else { 0x08 },
             type_: 0xb, // execute/read, accessed
             present: 1,
-            dpl: 0,
+            dpl: if cfg.user_mode { 3 } else { 0 },
             db: 0,
             s: 1,
             l: 1, // 64-bit
@@ -383,7 +386,8 @@ impl KvmVm {
             unusable: 0,
             padding: 0,
         };
-        let data = kvm_segment { selector: 0x10, type_: 0x3, db: 1, l: 0, ..code };
+        let data_sel = if cfg.user_mode { 0x20 | 3 } else { 0x10 };
+        let data = kvm_segment { selector: data_sel, type_: 0x3, db: 1, l: 0, ..code };
         s.cs = code;
         s.ds = data;
         s.es = data;
@@ -397,7 +401,7 @@ impl KvmVm {
         s.cr0 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x8000_0000; // PE MP ET NE WP PG
         s.efer = 0x100 | 0x400; // LME, LMA
         vcpu.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
-        let regs = kvm_bindings::kvm_regs { rip: guest::CODE, rflags: 0x2, rsp: 0x1_0000, ..Default::default() };
+        let regs = kvm_bindings::kvm_regs { rip: guest::CODE, rflags: if cfg.user_mode { 0x3002 } else { 0x2 }, rsp: 0x1_0000, ..Default::default() };
         vcpu.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
         drop(vcpu);
         // Boot-time writes are not "dirty": dirty tracking starts later, and the engine's first
