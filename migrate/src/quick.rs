@@ -595,12 +595,7 @@ fn read_chunks(r: &mut impl Read, shape: &VmShape, mem: &MemoryMap) -> Result<u6
 /// Quick-migrate a VM that `from` owns (running) to host `to`: pause, save the image, hand the
 /// record over. On success the caller must drop the source VM without resuming it (the target
 /// owns it now). On failure the source is resumed if it was running and still owns the VM.
-pub fn quick_save(
-    dir: &SharedDir,
-    vm: &mut dyn SourceVm,
-    from: &str,
-    to: &str,
-) -> Result<SaveReport, QuickError> {
+pub fn quick_save(dir: &SharedDir, vm: &mut dyn SourceVm, from: &str, to: &str) -> Result<SaveReport, QuickError> {
     let shape = vm.shape();
     check_name(&shape.vm_id)?;
     check_name(from)?;

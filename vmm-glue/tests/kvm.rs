@@ -41,7 +41,12 @@ fn wait_passes(vm: &KvmVm, passes: u64) -> u64 {
 fn check_consistent(vm: &KvmVm, c: &GuestConfig) {
     let r = vm.report();
     assert_eq!(r.errors, 0, "guest reported corruption: {:?}", r.error_records);
-    assert_eq!(r.checksum, expected_checksum(c.ws_base, c.ws_pages, c.stride, r.passes), "checksum at {} passes", r.passes);
+    assert_eq!(
+        r.checksum,
+        expected_checksum(c.ws_base, c.ws_pages, c.stride, r.passes),
+        "checksum at {} passes",
+        r.passes
+    );
 }
 
 /// Copy all guest memory of a paused source into a paused target of the same shape.
@@ -181,10 +186,7 @@ fn move_to_fresh(c: &GuestConfig, factory: &KvmFactory, passes: u64) -> (KvmVm, 
     let blob = a.save_state().unwrap();
     let save = t.elapsed();
     let at_pause = a.report();
-    assert!(matches!(
-        factory.create_vm(&shape),
-        Err(ferry_vmm_glue::kvm::KvmError::Duplicate(_))
-    ));
+    assert!(matches!(factory.create_vm(&shape), Err(ferry_vmm_glue::kvm::KvmError::Duplicate(_))));
     // B cannot take A's id while A lives; give B a fresh id with the same regions.
     let shape_b = VmShape { vm_id: format!("{}-b", shape.vm_id), ..shape.clone() };
     let mut b = factory.create_vm(&shape_b).unwrap();
@@ -193,11 +195,7 @@ fn move_to_fresh(c: &GuestConfig, factory: &KvmFactory, passes: u64) -> (KvmVm, 
     drop(a);
     let t = Instant::now();
     b.restore_state(&blob).unwrap();
-    eprintln!(
-        "pause {paused:?}, save_state {save:?} ({} bytes), restore_state {:?}",
-        blob.len(),
-        t.elapsed()
-    );
+    eprintln!("pause {paused:?}, save_state {save:?} ({} bytes), restore_state {:?}", blob.len(), t.elapsed());
     (b, at_pause)
 }
 
@@ -275,10 +273,10 @@ fn factory_refuses_bad_shapes() {
     let f = KvmFactory::new(64 << 20);
     let bad = [
         vec![],
-        vec![(0, 128 << 20)],             // more than the host allows
-        vec![(0x800, 1 << 20)],           // unaligned
+        vec![(0, 128 << 20)],                   // more than the host allows
+        vec![(0x800, 1 << 20)],                 // unaligned
         vec![(0, 2 << 20), (1 << 20, 2 << 20)], // overlap
-        vec![(u64::MAX - 4095, 4096)],    // overflow
+        vec![(u64::MAX - 4095, 4096)],          // overflow
     ];
     for regions in bad {
         let shape = VmShape { vm_id: "bad".into(), regions: regions.clone() };

@@ -51,10 +51,9 @@ fn quick_migration_round_trips_a_kvm_guest() {
         // The old owner cannot save again: the record moved.
         assert!(matches!(quick_save(&dir, &mut vm, from, to.0), Err(QuickError::NotOwner { .. })));
         drop(vm);
-        let (mut b, l) = quick_load_into(&dir, &cfg.vm_id, to.0, |shape| {
-            to.1.create_vm(shape).map_err(|e| Box::new(e) as VmError)
-        })
-        .unwrap();
+        let (mut b, l) =
+            quick_load_into(&dir, &cfg.vm_id, to.0, |shape| to.1.create_vm(shape).map_err(|e| Box::new(e) as VmError))
+                .unwrap();
         assert_eq!(dir.record(&cfg.vm_id).unwrap().owner, to.0);
         wait_passes(&b, at_save.passes + 3);
         b.pause().unwrap();

@@ -230,7 +230,8 @@ pub const PROGRAM: &[u8] = &[
 /// GDT entries: null; kernel 64-bit code (0x08: L=1, P, DPL 0, execute/read, accessed); kernel
 /// data (0x10: P, read/write, accessed, 4 KiB granularity); user 64-bit code (0x18, DPL 3); user
 /// data (0x20, DPL 3).
-pub const GDT_ENTRIES: [u64; 5] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff];
+pub const GDT_ENTRIES: [u64; 5] =
+    [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x00af_fb00_0000_ffff, 0x00cf_f300_0000_ffff];
 
 /// Page-table words to write so that `[0, mem_bytes)` is identity-mapped with 2 MiB pages:
 /// (gpa, value) pairs. `mem_bytes` must be at most `MAX_PDS` GiB.

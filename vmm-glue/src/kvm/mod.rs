@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_transport::memory::{AnonMemory, MemoryError, MemoryMap, Region};
 use ferry_transport::wire::PAGE_SIZE;
-use kvm_bindings::{kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
+use kvm_bindings::{
+    kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 
 use self::state::{StateError, VmState};
@@ -132,7 +134,8 @@ impl Caps {
             debugregs: kvm.check_extension(Cap::Debugregs),
             mp_state: kvm.check_extension(Cap::MpState),
             irqchip: kvm.check_extension(Cap::Irqchip),
-            manual_dirty_log_protect: kvm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into()) > 0,
+            manual_dirty_log_protect: kvm.check_extension_raw(kvm_bindings::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into())
+                > 0,
             dirty_log_ring: kvm.check_extension(Cap::DirtyLogRing),
             msr_index_count: kvm.get_msr_index_list().map(|l| l.as_slice().len()).unwrap_or(0),
         }
@@ -401,7 +404,12 @@ impl KvmVm {
         s.cr0 = 0x1 | 0x2 | 0x10 | 0x20 | 0x1_0000 | 0x8000_0000; // PE MP ET NE WP PG
         s.efer = 0x100 | 0x400; // LME, LMA
         vcpu.set_sregs(&s).map_err(ioctl("KVM_SET_SREGS"))?;
-        let regs = kvm_bindings::kvm_regs { rip: guest::CODE, rflags: if cfg.user_mode { 0x3002 } else { 0x2 }, rsp: 0x1_0000, ..Default::default() };
+        let regs = kvm_bindings::kvm_regs {
+            rip: guest::CODE,
+            rflags: if cfg.user_mode { 0x3002 } else { 0x2 },
+            rsp: 0x1_0000,
+            ..Default::default()
+        };
         vcpu.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
         drop(vcpu);
         // Boot-time writes are not "dirty": dirty tracking starts later, and the engine's first
@@ -665,7 +673,8 @@ impl KvmVm {
 
     /// The memory map over all slots.
     pub fn memory_map(&self) -> MemoryMap {
-        let regions = self.slots.iter().map(|s| Region { gpa: s.gpa, host: s.mem.as_ptr(), len: s.mem.len() }).collect();
+        let regions =
+            self.slots.iter().map(|s| Region { gpa: s.gpa, host: s.mem.as_ptr(), len: s.mem.len() }).collect();
         // SAFETY: the regions are this VM's mappings. They stay mapped while the VM lives; the
         // engine's contract (migrate::vm) is to use the map only while it holds the VM. Regions
         // were checked disjoint and page aligned at creation, so this cannot fail.
@@ -748,14 +757,8 @@ impl SourceVm for KvmVm {
     }
 
     fn return_dirty(&mut self, pages: &DirtyBitmap) {
-        let r = self.returned.get_or_insert_with(|| {
-            DirtyBitmap {
-                regions: self
-                    .slots
-                    .iter()
-                    .map(|s| RegionBitmap::new(s.gpa, (s.mem.len() / PAGE_SIZE) as u64))
-                    .collect(),
-            }
+        let r = self.returned.get_or_insert_with(|| DirtyBitmap {
+            regions: self.slots.iter().map(|s| RegionBitmap::new(s.gpa, (s.mem.len() / PAGE_SIZE) as u64)).collect(),
         });
         // Only bitmaps of this VM's shape are merged (region by region, matching gpa and size).
         for (a, b) in r.regions.iter_mut().zip(&pages.regions) {

@@ -11,8 +11,7 @@
 //! section's size is exactly its structure's; garbage gives a [`StateError`], never a panic.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events,
-    kvm_xcrs,
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
