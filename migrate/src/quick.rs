@@ -661,6 +661,9 @@ impl TargetVm for Boxed {
     fn resume(&mut self) -> Result<(), VmError> {
         self.0.resume()
     }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self.0.into_any()
+    }
 }
 
 /// [`quick_load`] with the target made by `create` (for callers that keep the concrete VM type).

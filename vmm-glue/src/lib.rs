@@ -1,6 +1,9 @@
-//! ferry-vmm-glue: guests that Ferry migrates.
+//! ferry-vmm-glue: guests that Ferry migrates, implementing `ferry-migrate`'s VM traits.
 //!
-//! - [`kvm`]: a small VMM on KVM running Ferry's own guest program, implementing the engine's
-//!   VM traits.
+//! - [`synthetic`]: memory filled with a page mixture or a raw image, and a writer thread that
+//!   dirties a working set at a set rate.
+//! - [`kvm`]: a small VMM on KVM running Ferry's own guest program (long mode, CPL 3), with
+//!   dirty logging, pause/resume and versioned vCPU state.
 
 pub mod kvm;
+pub mod synthetic;

@@ -807,6 +807,10 @@ impl TargetVm for KvmVm {
     fn resume(&mut self) -> Result<(), VmError> {
         self.runner.resume().map_err(boxed)
     }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
 }
 
 /// Creates paused, zeroed KVM VMs on the destination host.
