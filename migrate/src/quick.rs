@@ -511,7 +511,10 @@ fn read_header(r: &mut impl Read) -> Result<Image, QuickError> {
     for _ in 0..nreg {
         let gpa = le_u64(c.take(8)?);
         let len = le_u64(c.take(8)?);
-        if gpa % PAGE_SIZE as u64 != 0 || len % PAGE_SIZE as u64 != 0 || gpa.checked_add(len).is_none() {
+        if !gpa.is_multiple_of(PAGE_SIZE as u64)
+            || !len.is_multiple_of(PAGE_SIZE as u64)
+            || gpa.checked_add(len).is_none()
+        {
             return Err(bad(format!("region {gpa:#x}+{len:#x}")));
         }
         regions.push((gpa, len));
@@ -563,7 +566,7 @@ fn read_chunks(r: &mut impl Read, shape: &VmShape, mem: &MemoryMap) -> Result<u6
         let words = (n as usize).div_ceil(64);
         let bm = read_exact(r, words * 8, "chunk bitmap")?;
         let bitmap: Vec<u64> = bm.chunks_exact(8).map(le_u64).collect();
-        if n % 64 != 0 && bitmap[words - 1] >> (n % 64) != 0 {
+        if !n.is_multiple_of(64) && bitmap[words - 1] >> (n % 64) != 0 {
             return Err(bad("bitmap bits past the chunk".into()));
         }
         let mut h = crc32fast::Hasher::new();

@@ -53,7 +53,7 @@ fn main() {
         "{} MiB guest, ws {} pages ({} MiB), stride {}: {} passes in {el:.2}s = {:.1} passes/s, {:.0} MiB/s of pages rewritten, {} exits",
         mem_mib,
         cfg.ws_pages,
-        cfg.ws_pages * 4096 >> 20,
+        (cfg.ws_pages * 4096) >> 20,
         cfg.stride,
         r.passes,
         r.passes as f64 / el,

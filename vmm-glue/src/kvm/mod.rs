@@ -205,23 +205,23 @@ impl GuestConfig {
     fn validate(&self) -> Result<(), KvmError> {
         let page = PAGE_SIZE as u64;
         let bad = |s: String| Err(KvmError::Config(s));
-        if self.mem_bytes % page != 0 || self.mem_bytes < (2 << 20) || self.mem_bytes > Self::MAX_MEM {
+        if !self.mem_bytes.is_multiple_of(page) || self.mem_bytes < (2 << 20) || self.mem_bytes > Self::MAX_MEM {
             return bad(format!("memory {} bytes (need a page multiple in 2 MiB ..= 3 GiB)", self.mem_bytes));
         }
-        if self.slot_bytes % page != 0 || self.slot_bytes == 0 {
+        if !self.slot_bytes.is_multiple_of(page) || self.slot_bytes == 0 {
             return bad(format!("slot size {} bytes", self.slot_bytes));
         }
         if self.mem_bytes.div_ceil(self.slot_bytes) > 256 {
             return bad("more than 256 slots".into());
         }
-        if self.ws_base % page != 0 || self.ws_base < guest::WS_MIN || self.ws_pages == 0 {
+        if !self.ws_base.is_multiple_of(page) || self.ws_base < guest::WS_MIN || self.ws_pages == 0 {
             return bad(format!("working set at {:#x}, {} pages", self.ws_base, self.ws_pages));
         }
         match self.ws_pages.checked_mul(page).and_then(|l| l.checked_add(self.ws_base)) {
             Some(end) if end <= self.mem_bytes => {}
             _ => return bad("working set runs past guest memory".into()),
         }
-        if self.stride % 8 != 0 || self.stride == 0 || self.stride > page {
+        if !self.stride.is_multiple_of(8) || self.stride == 0 || self.stride > page {
             return bad(format!("stride {}", self.stride));
         }
         Ok(())
@@ -501,7 +501,7 @@ impl KvmVm {
 
     /// Write a 64-bit word of guest memory (volatile; counted as dirty). `gpa` must be 8-aligned.
     pub fn write_u64(&self, gpa: u64, v: u64) -> Result<(), KvmError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(KvmError::Address(gpa));
         }
         let p = self.host_ptr(gpa, 8)?;
@@ -514,7 +514,7 @@ impl KvmVm {
 
     /// Read a 64-bit word of guest memory (volatile). `gpa` must be 8-aligned.
     pub fn read_u64(&self, gpa: u64) -> Result<u64, KvmError> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return Err(KvmError::Address(gpa));
         }
         let p = self.host_ptr(gpa, 8)?;

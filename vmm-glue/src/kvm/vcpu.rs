@@ -182,7 +182,7 @@ fn port_out(dev: &mut DeviceState, port: u16, data: &[u8]) {
     w[..n].copy_from_slice(&data[..n]);
     let v = u32::from_le_bytes(w);
     match port {
-        PORT_COUNT_LO..=PORT_ERR_VAL_HI if port % 4 == 0 => {
+        PORT_COUNT_LO..=PORT_ERR_VAL_HI if port.is_multiple_of(4) => {
             dev.latch[usize::from((port - PORT_COUNT_LO) / 4)] = v;
             let pair = |lo: usize| u64::from(dev.latch[lo]) | (u64::from(dev.latch[lo + 1]) << 32);
             if port == PORT_SUM_HI {
