@@ -288,3 +288,27 @@ fn factory_refuses_bad_shapes() {
     drop(t);
     assert!(f.create(&ok).is_ok(), "id free again after drop");
 }
+
+#[test]
+fn throttle_slows_the_guest() {
+    if !kvm_or_skip("throttle_slows_the_guest") {
+        return;
+    }
+    let c = cfg("throttle", 256);
+    let mut vm = KvmVm::boot(&c).unwrap();
+    vm.start().unwrap();
+    wait_passes(&vm, 2);
+    let rate = |vm: &KvmVm| {
+        let p0 = vm.report().passes;
+        std::thread::sleep(Duration::from_millis(300));
+        (vm.report().passes - p0) as f64 / 0.3
+    };
+    let full = rate(&vm);
+    vm.set_throttle(20);
+    let slow = rate(&vm);
+    vm.set_throttle(100);
+    eprintln!("passes/s: full {full:.0}, throttled to 20%: {slow:.0}");
+    assert!(slow < full * 0.6, "throttle had no effect: {full} -> {slow}");
+    vm.pause().unwrap();
+    check_consistent(&vm, &c);
+}

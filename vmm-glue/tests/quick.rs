@@ -1,5 +1,7 @@
 //! Quick migration (migrate::quick) of a real KVM guest through a shared directory. Needs
-//! /dev/kvm; prints `SKIP: <reason>` where there is none.
+//! /dev/kvm; prints `SKIP: <reason>` where there is none. `FERRY_KVM_MEM_MIB` (default 128) and
+//! `FERRY_KVM_WS_MIB` (default 16) size the round-trip test's guest; `FERRY_QUICK_DIR` puts the
+//! shared directory somewhere else than the temporary directory.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,9 @@ fn quick_migration_round_trips_a_kvm_guest() {
         println!("SKIP: quick_migration_round_trips_a_kvm_guest: {why}");
         return;
     }
-    let root = std::env::temp_dir().join(format!("ferry-quick-kvm-{}", std::process::id()));
+    let base = std::env::var_os("FERRY_QUICK_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    let root = base.join(format!("ferry-quick-kvm-{}", std::process::id()));
+    let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
     let dir = SharedDir::new(&root);
@@ -32,9 +36,9 @@ fn quick_migration_round_trips_a_kvm_guest() {
     let hosts = [("host-a", KvmFactory::new(1 << 30)), ("host-b", KvmFactory::new(1 << 30))];
     let cfg = GuestConfig {
         vm_id: "quick-vm".into(),
-        mem_bytes: 128 << 20,
+        mem_bytes: env("FERRY_KVM_MEM_MIB", 128) << 20,
         slot_bytes: 64 << 20,
-        ws_pages: 4096, // 16 MiB rewritten
+        ws_pages: env("FERRY_KVM_WS_MIB", 16) << 8, // rewritten as fast as the guest can
         ..Default::default()
     };
     dir.register(&cfg.vm_id, "host-a", VmRunState::Running).unwrap();
@@ -78,5 +82,71 @@ fn quick_migration_round_trips_a_kvm_guest() {
         vm = b;
     }
     drop(vm);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn a_corrupt_image_is_refused_and_the_target_keeps_ownership() {
+    if let Err(why) = kvm_usable() {
+        eprintln!("SKIP: a_corrupt_image_is_refused_and_the_target_keeps_ownership: {why}");
+        println!("SKIP: a_corrupt_image_is_refused_and_the_target_keeps_ownership: {why}");
+        return;
+    }
+    let root = std::env::temp_dir().join(format!("ferry-quick-corrupt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let dir = SharedDir::new(&root);
+    let cfg = GuestConfig { vm_id: "corrupt-vm".into(), mem_bytes: 16 << 20, ws_pages: 64, ..Default::default() };
+    dir.register(&cfg.vm_id, "host-a", VmRunState::Running).unwrap();
+    let mut vm = KvmVm::boot(&cfg).unwrap();
+    vm.start().unwrap();
+    wait_passes(&vm, 3);
+    let s = quick_save(&dir, &mut vm, "host-a", "host-b").unwrap();
+    let at_save = vm.report();
+    drop(vm);
+    let image = root.join(s.record.image.clone().unwrap());
+    let good = std::fs::read(&image).unwrap();
+    let factory = KvmFactory::new(1 << 30);
+    let load = |f: &KvmFactory| {
+        quick_load_into(&dir, &cfg.vm_id, "host-b", |shape| f.create_vm(shape).map_err(|e| Box::new(e) as VmError))
+    };
+    // Only the owner may load.
+    assert!(matches!(
+        quick_load_into(&dir, &cfg.vm_id, "host-a", |shape| factory
+            .create_vm(shape)
+            .map_err(|e| Box::new(e) as VmError)),
+        Err(QuickError::NotOwner { .. })
+    ));
+    // A flipped bit in a page, a truncated file, a flipped bit in the header: refused.
+    for (what, bad) in [
+        ("page bit", {
+            let mut b = good.clone();
+            let i = good.len() - 5000;
+            b[i] ^= 0x10;
+            b
+        }),
+        ("truncated", good[..good.len() - 30].to_vec()),
+        ("header bit", {
+            let mut b = good.clone();
+            b[20] ^= 1;
+            b
+        }),
+    ] {
+        std::fs::write(&image, &bad).unwrap();
+        match load(&factory) {
+            Err(QuickError::BadImage(e)) => eprintln!("{what}: refused: {e}"),
+            other => panic!("{what}: {:?}", other.map(|_| ())),
+        }
+        let rec = dir.record(&cfg.vm_id).unwrap();
+        assert_eq!((rec.owner.as_str(), rec.state), ("host-b", VmRunState::Saved), "target still owns it");
+    }
+    // The intact image (still there) loads and the guest goes on.
+    std::fs::write(&image, &good).unwrap();
+    let (mut b, _) = load(&factory).unwrap();
+    wait_passes(&b, at_save.passes + 2);
+    b.pause().unwrap();
+    assert_eq!(b.report().errors, 0);
+    assert_eq!(dir.record(&cfg.vm_id).unwrap().state, VmRunState::Running);
+    drop(b);
     let _ = std::fs::remove_dir_all(&root);
 }
