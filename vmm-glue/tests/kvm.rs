@@ -7,18 +7,7 @@ use ferry_migrate::vm::{SourceVm, TargetFactory, TargetVm, VmShape};
 use ferry_transport::memory::MemoryMap;
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::kvm::guest::{self, expected_checksum};
-use ferry_vmm_glue::kvm::{kvm_usable, GuestConfig, KvmFactory, KvmVm};
-
-fn kvm_or_skip(test: &str) -> bool {
-    match kvm_usable() {
-        Ok(_) => true,
-        Err(why) => {
-            eprintln!("SKIP: {test}: {why}");
-            println!("SKIP: {test}: {why}");
-            false
-        }
-    }
-}
+use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
 
 fn cfg(id: &str, ws_pages: u64) -> GuestConfig {
     GuestConfig { vm_id: id.into(), mem_bytes: 16 << 20, slot_bytes: 8 << 20, ws_pages, ..Default::default() }

@@ -17,7 +17,7 @@ use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{Caps, Psk, ServerConfig};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_vmm_glue::kvm::guest::expected_checksum;
-use ferry_vmm_glue::kvm::{kvm_usable, GuestConfig, KvmFactory, KvmVm};
+use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
 
 const KEY: &[u8] = b"kvm-live-migration-test-key-0123456789";
 
@@ -52,9 +52,7 @@ fn wait_passes(vm: &KvmVm, passes: u64) {
 
 #[test]
 fn kvm_guest_live_migrates_back_and_forth() {
-    if let Err(why) = kvm_usable() {
-        eprintln!("SKIP: kvm_guest_live_migrates_back_and_forth: {why}");
-        println!("SKIP: kvm_guest_live_migrates_back_and_forth: {why}");
+    if !kvm_or_skip("kvm_guest_live_migrates_back_and_forth") {
         return;
     }
     let env = |k: &str, d: u64| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);

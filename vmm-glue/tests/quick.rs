@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, SharedDir, VmRunState};
 use ferry_migrate::vm::{SourceVm, VmError};
 use ferry_vmm_glue::kvm::guest::expected_checksum;
-use ferry_vmm_glue::kvm::{kvm_usable, GuestConfig, KvmFactory, KvmVm};
+use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
 
 fn wait_passes(vm: &KvmVm, passes: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -21,9 +21,7 @@ fn wait_passes(vm: &KvmVm, passes: u64) {
 
 #[test]
 fn quick_migration_round_trips_a_kvm_guest() {
-    if let Err(why) = kvm_usable() {
-        eprintln!("SKIP: quick_migration_round_trips_a_kvm_guest: {why}");
-        println!("SKIP: quick_migration_round_trips_a_kvm_guest: {why}");
+    if !kvm_or_skip("quick_migration_round_trips_a_kvm_guest") {
         return;
     }
     let base = std::env::var_os("FERRY_QUICK_DIR").map(std::path::PathBuf::from).unwrap_or_else(std::env::temp_dir);
@@ -87,9 +85,7 @@ fn quick_migration_round_trips_a_kvm_guest() {
 
 #[test]
 fn a_corrupt_image_is_refused_and_the_target_keeps_ownership() {
-    if let Err(why) = kvm_usable() {
-        eprintln!("SKIP: a_corrupt_image_is_refused_and_the_target_keeps_ownership: {why}");
-        println!("SKIP: a_corrupt_image_is_refused_and_the_target_keeps_ownership: {why}");
+    if !kvm_or_skip("a_corrupt_image_is_refused_and_the_target_keeps_ownership") {
         return;
     }
     let root = std::env::temp_dir().join(format!("ferry-quick-corrupt-{}", std::process::id()));

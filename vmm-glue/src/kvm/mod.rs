@@ -147,8 +147,12 @@ impl Caps {
     }
 }
 
-/// Can this host run the KVM guest? `Err` says why not (for tests that print SKIP).
+/// Can this host run the KVM guest? `Err` says why not (for tests that print SKIP). Setting
+/// `FERRY_NO_KVM` in the environment makes it say no (to exercise the SKIP path).
 pub fn kvm_usable() -> Result<Caps, String> {
+    if std::env::var_os("FERRY_NO_KVM").is_some() {
+        return Err("FERRY_NO_KVM is set".into());
+    }
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
     let caps = Caps::probe(&kvm);
     if !caps.user_memory {
@@ -159,6 +163,21 @@ pub fn kvm_usable() -> Result<Caps, String> {
     }
     kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
     Ok(caps)
+}
+
+/// For tests: `true` if KVM is usable here; otherwise writes `SKIP: <test>: <reason>` straight to
+/// the process's stderr (not through `eprintln!`, which the test harness captures, so the line is
+/// visible even without `--nocapture`) and returns `false`.
+pub fn kvm_or_skip(test: &str) -> bool {
+    match kvm_usable() {
+        Ok(_) => true,
+        Err(why) => {
+            use std::io::Write;
+            // One write, so that parallel tests' lines do not interleave.
+            let _ = std::io::stderr().write_all(format!("SKIP: {test}: {why}\n").as_bytes());
+            false
+        }
+    }
 }
 
 /// The guest: memory size and layout, and what the guest program does.
@@ -648,6 +667,9 @@ impl KvmVm {
         }
         if c.lapic.is_some() {
             return Err(KvmError::State(StateError::Missing("in-kernel irqchip for the saved LAPIC")));
+        }
+        if let Some((i, _)) = c.msrs.iter().find(|(i, _)| !MSR_CANDIDATES.contains(i)) {
+            return Err(KvmError::Config(format!("saved state sets MSR {i:#x}, which this VMM does not restore")));
         }
         if !c.msrs.is_empty() {
             let entries: Vec<kvm_msr_entry> =
