@@ -174,6 +174,11 @@ fn move_to_fresh(c: &GuestConfig, factory: &KvmFactory, passes: u64) -> (KvmVm, 
     let t = Instant::now();
     let blob = a.save_state().unwrap();
     let save = t.elapsed();
+    let decoded = ferry_vmm_glue::kvm::state::decode(&blob).unwrap();
+    assert_eq!(decoded.vcpu.lapic.is_some(), c.irqchip, "LAPIC saved iff there is an in-kernel irqchip");
+    assert_eq!(decoded.irqchips.is_some(), c.irqchip);
+    assert!(decoded.vcpu.xsave.is_some() || decoded.vcpu.fpu.is_some());
+    assert!(!decoded.vcpu.msrs.is_empty());
     let at_pause = a.report();
     assert!(matches!(factory.create_vm(&shape), Err(ferry_vmm_glue::kvm::KvmError::Duplicate(_))));
     // B cannot take A's id while A lives; give B a fresh id with the same regions.
@@ -193,9 +198,22 @@ fn state_moves_to_a_fresh_vm_and_the_guest_continues() {
     if !kvm_or_skip("state_moves_to_a_fresh_vm_and_the_guest_continues") {
         return;
     }
-    let c = cfg("move-me", 256);
-    let factory = KvmFactory::new(1 << 30);
-    let (mut b, at_pause) = move_to_fresh(&c, &factory, 5);
+    for irqchip in [true, false] {
+        let c = GuestConfig { irqchip, ..cfg(&format!("move-me-{irqchip}"), 256) };
+        let factory = KvmFactory::new(1 << 30).with_irqchip(irqchip);
+        move_and_continue(&c, &factory);
+    }
+    // A state with a LAPIC cannot land on a VM without an irqchip.
+    let c = cfg("lapic-mismatch", 16);
+    let mut a = KvmVm::boot(&c).unwrap();
+    let blob = a.save_state().unwrap();
+    let f = KvmFactory::new(1 << 30).with_irqchip(false);
+    let mut t = f.create_vm(&VmShape { vm_id: "other".into(), ..a.shape() }).unwrap();
+    assert!(t.restore_state(&blob).is_err());
+}
+
+fn move_and_continue(c: &GuestConfig, factory: &KvmFactory) {
+    let (mut b, at_pause) = move_to_fresh(c, factory, 5);
     assert_eq!(b.report(), at_pause, "device state travelled with the vCPU state");
     TargetVm::resume(&mut b).unwrap();
     let p = wait_passes(&b, at_pause.passes + 1);
@@ -203,7 +221,7 @@ fn state_moves_to_a_fresh_vm_and_the_guest_continues() {
     assert_eq!(b.report().reports, at_pause.reports + (p - at_pause.passes));
     wait_passes(&b, at_pause.passes + 10);
     b.pause().unwrap();
-    check_consistent(&b, &c);
+    check_consistent(&b, c);
     eprintln!("A stopped at {} passes; B continued to {}", at_pause.passes, b.report().passes);
 }
 

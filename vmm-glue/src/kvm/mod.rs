@@ -8,9 +8,11 @@
 //!   ([`SourceVm::return_dirty`]).
 //! - One vCPU on its own thread ([`vcpu`]); pause kicks it out of `KVM_RUN` with a signal and
 //!   waits until it is parked.
-//! - State: registers, special registers, XSAVE (or FPU), XCRs, debug registers, LAPIC (with an
-//!   in-kernel irqchip only; this VMM does not create one, the guest uses no interrupts), the
-//!   MSRs KVM lists that are readable, vCPU events, MP state, and the port device ([`state`]).
+//! - State: registers, special registers, XSAVE (or FPU), XCRs, debug registers, the MSRs KVM
+//!   lists that are readable, vCPU events, MP state, the port device, and, with an in-kernel
+//!   irqchip ([`GuestConfig::irqchip`], [`KvmFactory::with_irqchip`]), the LAPIC, both PICs and
+//!   the IOAPIC ([`state`]). The guest program uses no interrupts; the irqchip is there so that
+//!   its state is carried like a real VM's.
 //! - The guest program and its layout: [`guest`].
 
 pub mod guest;
@@ -199,6 +201,9 @@ pub struct GuestConfig {
     pub delay: u64,
     /// Run the program at CPL 3 (native speed on PVM; see [`guest`]) rather than CPL 0.
     pub user_mode: bool,
+    /// Create an in-kernel irqchip (LAPIC, PICs, IOAPIC), whose state then travels too. The
+    /// destination's factory must be set the same way ([`KvmFactory::with_irqchip`]).
+    pub irqchip: bool,
 }
 
 impl Default for GuestConfig {
@@ -212,6 +217,7 @@ impl Default for GuestConfig {
             stride: 512,
             delay: 0,
             user_mode: true,
+            irqchip: true,
         }
     }
 }
@@ -306,6 +312,7 @@ pub struct KvmVm {
     id: String,
     caps: Caps,
     msrs: Vec<u32>,
+    irqchip: bool,
     logging: bool,
     vmm_dirty: Mutex<DirtyBitmap>,
     returned: Option<DirtyBitmap>,
@@ -320,7 +327,7 @@ impl std::fmt::Debug for KvmVm {
 
 impl KvmVm {
     /// A paused VM with zeroed memory in the given regions and one vCPU (CPUID set), not booted.
-    pub fn new_empty(vm_id: &str, regions: &[(u64, u64)]) -> Result<Self, KvmError> {
+    pub fn new_empty(vm_id: &str, regions: &[(u64, u64)], irqchip: bool) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let caps = Caps::probe(&kvm);
         if !caps.user_memory {
@@ -331,6 +338,12 @@ impl KvmVm {
         }
         check_regions(regions, caps.memslots)?;
         let vm = kvm.create_vm().map_err(KvmError::Open)?;
+        if irqchip {
+            if !caps.irqchip {
+                return Err(KvmError::MissingCap("KVM_CAP_IRQCHIP"));
+            }
+            vm.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        }
         let mut slots = Vec::with_capacity(regions.len());
         for (i, &(gpa, len)) in regions.iter().enumerate() {
             let mem = AnonMemory::new(len as usize, false)?;
@@ -366,6 +379,7 @@ impl KvmVm {
             id: vm_id.to_string(),
             caps,
             msrs,
+            irqchip,
             logging: false,
             vmm_dirty: Mutex::new(DirtyBitmap { regions: shape_regions }),
             returned: None,
@@ -377,7 +391,7 @@ impl KvmVm {
     /// up in long mode at the program's entry. The VM is paused: call [`KvmVm::start`].
     pub fn boot(cfg: &GuestConfig) -> Result<Self, KvmError> {
         cfg.validate()?;
-        let vm = Self::new_empty(&cfg.vm_id, &cfg.regions())?;
+        let vm = Self::new_empty(&cfg.vm_id, &cfg.regions(), cfg.irqchip)?;
         for (gpa, v) in guest::page_table_entries(cfg.mem_bytes) {
             vm.write_u64(gpa, v)?;
         }
@@ -634,6 +648,15 @@ impl KvmVm {
         if self.caps.mp_state {
             c.mp_state = Some(v.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?);
         }
+        if self.irqchip {
+            c.lapic = Some(Box::new(v.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?));
+            let mut chips = Box::new([kvm_bindings::kvm_irqchip::default(); 3]);
+            for (id, chip) in chips.iter_mut().enumerate() {
+                chip.chip_id = id as u32; // PIC master, PIC slave, IOAPIC
+                self.vm.get_irqchip(chip).map_err(ioctl("KVM_GET_IRQCHIP"))?;
+            }
+            st.irqchips = Some(chips);
+        }
         st.device = vcpu::lock(&self.runner.shared.device).clone();
         Ok(st)
     }
@@ -665,8 +688,21 @@ impl KvmVm {
         if let (Some(x), true) = (&c.debugregs, self.caps.debugregs) {
             v.set_debug_regs(x).map_err(ioctl("KVM_SET_DEBUGREGS"))?;
         }
-        if c.lapic.is_some() {
-            return Err(KvmError::State(StateError::Missing("in-kernel irqchip for the saved LAPIC")));
+        match (&c.lapic, &st.irqchips, self.irqchip) {
+            (Some(l), Some(chips), true) => {
+                for (id, chip) in chips.iter().enumerate() {
+                    if chip.chip_id != id as u32 {
+                        return Err(KvmError::State(StateError::Missing("interrupt controller ids")));
+                    }
+                    self.vm.set_irqchip(chip).map_err(ioctl("KVM_SET_IRQCHIP"))?;
+                }
+                v.set_lapic(l).map_err(ioctl("KVM_SET_LAPIC"))?;
+            }
+            (None, None, _) => {}
+            (_, _, false) => {
+                return Err(KvmError::State(StateError::Missing("in-kernel irqchip here for the saved LAPIC")))
+            }
+            _ => return Err(KvmError::State(StateError::Missing("LAPIC or interrupt controllers"))),
         }
         if let Some((i, _)) = c.msrs.iter().find(|(i, _)| !MSR_CANDIDATES.contains(i)) {
             return Err(KvmError::Config(format!("saved state sets MSR {i:#x}, which this VMM does not restore")));
@@ -840,12 +876,19 @@ impl TargetVm for KvmVm {
 pub struct KvmFactory {
     live: Arc<Mutex<HashSet<String>>>,
     max_bytes: u64,
+    irqchip: bool,
 }
 
 impl KvmFactory {
     /// A factory that hosts VMs of at most `max_bytes` of memory each.
     pub fn new(max_bytes: u64) -> Self {
-        Self { live: Arc::new(Mutex::new(HashSet::new())), max_bytes }
+        Self { live: Arc::new(Mutex::new(HashSet::new())), max_bytes, irqchip: GuestConfig::default().irqchip }
+    }
+
+    /// Create VMs with (or without) an in-kernel irqchip, as the sources are.
+    pub fn with_irqchip(mut self, irqchip: bool) -> Self {
+        self.irqchip = irqchip;
+        self
     }
 
     /// Create a VM (the concrete type, for callers that keep running it after the migration).
@@ -861,7 +904,7 @@ impl KvmFactory {
         if !vcpu::lock(&self.live).insert(shape.vm_id.clone()) {
             return Err(KvmError::Duplicate(shape.vm_id.clone()));
         }
-        match KvmVm::new_empty(&shape.vm_id, &shape.regions) {
+        match KvmVm::new_empty(&shape.vm_id, &shape.regions, self.irqchip) {
             Ok(mut vm) => {
                 vm.registry = Some(self.live.clone());
                 Ok(vm)

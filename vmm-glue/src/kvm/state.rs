@@ -11,7 +11,7 @@
 //! section's size is exactly its structure's; garbage gives a [`StateError`], never a panic.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+    kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -41,6 +41,9 @@ const T_MSRS: u32 = 8;
 const T_EVENTS: u32 = 9;
 const T_MP_STATE: u32 = 10;
 const T_DEVICE: u32 = 11;
+const T_PIC_MASTER: u32 = 12;
+const T_PIC_SLAVE: u32 = 13;
+const T_IOAPIC: u32 = 14;
 
 /// Why a state blob cannot be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -138,6 +141,8 @@ pub struct VcpuState {
 pub struct VmState {
     /// The vCPU (one per VM in this VMM).
     pub vcpu: VcpuState,
+    /// In-kernel interrupt controllers (PIC master, PIC slave, IOAPIC), with an irqchip only.
+    pub irqchips: Option<Box<[kvm_irqchip; 3]>>,
     /// The port device.
     pub device: DeviceState,
 }
@@ -288,6 +293,11 @@ pub fn encode(s: &VmState) -> Vec<u8> {
     if let Some(x) = &v.mp_state {
         push_section(&mut out, &mut n, T_MP_STATE, x.as_bytes());
     }
+    if let Some(chips) = &s.irqchips {
+        for (tag, chip) in [T_PIC_MASTER, T_PIC_SLAVE, T_IOAPIC].into_iter().zip(chips.iter()) {
+            push_section(&mut out, &mut n, tag, chip.as_bytes());
+        }
+    }
     push_section(&mut out, &mut n, T_DEVICE, &device_bytes(&s.device));
     out[12..16].copy_from_slice(&n.to_le_bytes());
     let crc = crc32fast::hash(&out);
@@ -380,11 +390,20 @@ pub fn decode(blob: &[u8]) -> Result<VmState, StateError> {
                 s.device = device_from(b).ok_or(StateError::Section(i))?;
                 device = true;
             }
+            T_PIC_MASTER | T_PIC_SLAVE | T_IOAPIC => {
+                let chip: kvm_irqchip = exact(tag, b)?;
+                let chips = s.irqchips.get_or_insert_with(|| Box::new([kvm_irqchip::default(); 3]));
+                chips[(tag - T_PIC_MASTER) as usize] = chip;
+            }
             _ => return Err(StateError::Tag(tag)),
         }
     }
     if r.pos != body.len() {
         return Err(StateError::Trailing);
+    }
+    let chips = [T_PIC_MASTER, T_PIC_SLAVE, T_IOAPIC].iter().filter(|&&t| seen & (1 << t) != 0).count();
+    if chips != 0 && chips != 3 {
+        return Err(StateError::Missing("one of the interrupt controllers"));
     }
     for (present, name) in [(regs, "regs"), (sregs, "sregs"), (msrs, "msrs"), (device, "device")] {
         if !present {
