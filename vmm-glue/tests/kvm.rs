@@ -131,6 +131,7 @@ fn pause_really_stops_the_guest() {
     let c = cfg("pause", 32);
     let mut vm = KvmVm::boot(&c).unwrap();
     vm.start().unwrap();
+    assert!(vm.save_state().is_err(), "state of a running VM is refused");
     let mut lat = Vec::new();
     for round in 0..20 {
         let p = vm.report().passes;

@@ -616,7 +616,7 @@ impl KvmVm {
 
     /// Capture vCPU and device state (the VM must be paused).
     pub fn capture_state(&self) -> Result<VmState, KvmError> {
-        if self.runner.is_running() {
+        if !self.runner.is_stopped() {
             return Err(KvmError::Running);
         }
         let v = vcpu::lock(&self.runner.vcpu);
@@ -663,7 +663,7 @@ impl KvmVm {
 
     /// Load vCPU and device state (the VM must be paused).
     pub fn apply_state(&mut self, st: &VmState) -> Result<(), KvmError> {
-        if self.runner.is_running() {
+        if !self.runner.is_stopped() {
             return Err(KvmError::Running);
         }
         let v = vcpu::lock(&self.runner.vcpu);

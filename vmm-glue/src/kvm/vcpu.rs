@@ -99,6 +99,13 @@ impl Runner {
         self.thread.is_some() && c.want == Want::Run && c.dead.is_none()
     }
 
+    /// Is the vCPU certainly outside KVM_RUN and staying there (never started, parked on a
+    /// pause, or dead)? State may be read or written only then.
+    pub fn is_stopped(&self) -> bool {
+        let c = lock(&self.shared.ctl);
+        self.thread.is_none() || c.dead.is_some() || (c.parked && c.want != Want::Run)
+    }
+
     /// Why the vCPU stopped for good, if it did.
     pub fn dead(&self) -> Option<String> {
         lock(&self.shared.ctl).dead.clone()
