@@ -6,7 +6,7 @@
 //! - Dirty log: `KVM_MEM_LOG_DIRTY_PAGES` on every slot and `KVM_GET_DIRTY_LOG` (which reads and
 //!   clears), ORed with the pages the VMM itself wrote and with pages the engine gave back
 //!   ([`SourceVm::return_dirty`]).
-//! - One vCPU on its own thread ([`vcpu`]); pause kicks it out of `KVM_RUN` with a signal and
+//! - One vCPU on its own thread (module `vcpu`); pause kicks it out of `KVM_RUN` with a signal and
 //!   waits until it is parked.
 //! - State: registers, special registers, XSAVE (or FPU), XCRs, debug registers, the MSRs KVM
 //!   lists that are readable, vCPU events, MP state, the port device, and, with an in-kernel
