@@ -20,7 +20,7 @@ step "cargo doc"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 
 step "cargo test"
-cargo test --workspace 2>&1 | tee /tmp/ferry-test.log
+cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/ferry-test.log
 grep -q "test result" /tmp/ferry-test.log
 
 step "fuzz targets (build + short run)"
