@@ -23,6 +23,8 @@ pub struct StreamRecord {
     pub mix: String,
     /// Seed of the page contents.
     pub seed: u64,
+    /// Index of the repetition (`--repeat`), from 0.
+    pub run: u32,
     /// Where it ran: `"loopback"` or `"netns"` (a rate-limited veth between two namespaces).
     pub testbed: String,
     /// Rate limit of the link in bytes per second (netns only).
@@ -162,6 +164,40 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
             },
         ]);
     }
+    let mut options: Vec<(&str, Option<i32>)> = Vec::new();
+    for r in records {
+        if !options.contains(&(r.option.as_str(), r.zstd_level)) {
+            options.push((r.option.as_str(), r.zstd_level));
+        }
+    }
+    let runs = records.iter().map(|r| r.run).max().map_or(0, |m| m + 1);
+    if runs > 1 {
+        for (o, l) in options {
+            let of: Vec<&StreamRecord> = records
+                .iter()
+                .filter(|r| r.option == o && r.zstd_level == l)
+                .collect();
+            let med = |f: &dyn Fn(&StreamRecord) -> Option<f64>| {
+                median(of.iter().filter_map(|r| f(r)).collect())
+            };
+            t.row(vec![
+                format!("{o} median of {}", of.len()),
+                String::new(),
+                String::new(),
+                med(&|r| Some(r.seconds)).map_or("-".into(), |x| format!("{x:.3}")),
+                med(&|r| Some(gbit(r.throughput_bps))).map_or("-".into(), |x| format!("{x:.2}")),
+                med(&|r| r.reference_bps.map(gbit)).map_or("-".into(), |x| format!("{x:.2}")),
+                med(&|r| r.ratio).map_or("-".into(), |x| format!("{x:.2}")),
+                med(&|r| Some(r.src_cpu_s)).map_or("-".into(), |x| format!("{x:.2}")),
+                med(&|r| Some(r.dst_cpu_s)).map_or("-".into(), |x| format!("{x:.2}")),
+                if of.iter().all(|r| r.verified) {
+                    "all".into()
+                } else {
+                    "NOT ALL".into()
+                },
+            ]);
+        }
+    }
     let mut out = String::new();
     if let Some(r) = records.first() {
         let link = match r.link_rate_bps {
@@ -177,6 +213,20 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
     }
     out.push_str(&t.render());
     out
+}
+
+/// Median (mean of the middle two for an even count); `None` for no values.
+pub fn median(mut v: Vec<f64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    })
 }
 
 /// Print a line and flush (JSON lines reach a pipe promptly).
@@ -195,6 +245,13 @@ mod tests {
     fn table_aligns() {
         let mut t = Table::new(&["a", "bb"]);
         t.row(vec!["xyz".into(), "1".into()]);
-        assert_eq!(t.render(), "a     bb\n---  --\nxyz    1\n");
+        assert_eq!(t.render(), "a    bb\n---  --\nxyz   1\n");
+    }
+
+    #[test]
+    fn medians() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
     }
 }

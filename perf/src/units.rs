@@ -77,13 +77,12 @@ pub fn format_size(b: u64) -> String {
         ("KiB", 1 << 10),
     ];
     for (u, m) in UNITS {
-        if b >= m && b % m == 0 {
-            return format!("{} {u}", b / m);
-        }
-    }
-    for (u, m) in UNITS {
         if b >= m {
-            return format!("{:.1} {u}", b as f64 / m as f64);
+            return if b % m == 0 {
+                format!("{} {u}", b / m)
+            } else {
+                format!("{:.1} {u}", b as f64 / m as f64)
+            };
         }
     }
     format!("{b} B")
@@ -118,17 +117,18 @@ impl FromStr for Rate {
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
-        let mult: u64 =
-            match unit {
-                "bit" => 1,
-                "kbit" => 1_000,
-                "mbit" => 1_000_000,
-                "gbit" => 1_000_000_000,
-                "tbit" => 1_000_000_000_000,
-                _ => return Err(format!(
+        let mult: u64 = match unit {
+            "bit" => 1,
+            "kbit" => 1_000,
+            "mbit" => 1_000_000,
+            "gbit" => 1_000_000_000,
+            "tbit" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
                     "rate {s:?}: expected a number and bit, kbit, mbit, gbit or tbit (like 1gbit)"
-                )),
-            };
+                ))
+            }
+        };
         if num.is_empty() {
             return Err(format!(
                 "rate {s:?} does not start with a number (like 500mbit)"

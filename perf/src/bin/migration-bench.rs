@@ -17,7 +17,7 @@ use ferry_perf::testbed::{self, Side, Testbed};
 use ferry_perf::units::{format_size, parse_rate, parse_size, Rate};
 use ferry_perf::{BenchError, Result};
 use ferry_transport::pagemix::Mix;
-use ferry_transport::wire::MAX_BATCH_PAGES;
+use ferry_transport::wire::{MAX_BATCH_PAGES, PAGE_SIZE};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -100,6 +100,10 @@ struct StreamArgs {
     /// Skip the iperf3 reference (`reference_bps` and `ratio` are then null).
     #[arg(long)]
     no_reference: bool,
+    /// Repeat the whole measurement (reference, then each option) this many times; the table
+    /// adds the median of each option. On a shared machine the reference drifts: repeat.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     /// Kill a run that takes longer than this many seconds.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
@@ -183,70 +187,74 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
         None => None,
     };
     let place = tb.as_ref().map_or(Placement::Loopback, Placement::Netns);
-    let reference = reference(&a, place)?;
     let timeout = Duration::from_secs(a.timeout);
     let mut records = Vec::new();
-    for opt in options {
-        let cfg = StreamConfig {
-            option: opt,
-            ..base
-        };
-        let (s, d) = stream::run(&exe, &cfg, place, timeout)?;
-        let throughput = if s.seconds > 0.0 {
-            a.size as f64 / s.seconds
-        } else {
-            0.0
-        };
-        let reference_bps = reference.map(|r| r.bytes_per_s);
-        let rec = StreamRecord {
-            bench: "stream".into(),
-            option: opt.as_str().into(),
-            zstd_level: (opt == TransportOption::Zstd).then_some(a.zstd_level),
-            mix: a.mix.to_string(),
-            seed: a.seed,
-            testbed: if tb.is_some() {
-                "netns".into()
+    for run in 0..a.repeat {
+        // The reference right before the runs it is compared with: the machine is shared.
+        let reference = reference(&a, place)?;
+        for &opt in &options {
+            let cfg = StreamConfig {
+                option: opt,
+                ..base
+            };
+            let (s, d) = stream::run(&exe, &cfg, place, timeout)?;
+            let throughput = if s.seconds > 0.0 {
+                a.size as f64 / s.seconds
             } else {
-                "loopback".into()
-            },
-            link_rate_bps: a.link_rate.map(Rate::bytes_per_s),
-            bytes: d.pages * ferry_transport::wire::PAGE_SIZE as u64,
-            wire_bytes: s.wire_bytes,
-            seconds: s.seconds,
-            throughput_bps: throughput,
-            src_cpu_s: s.cpu_s,
-            dst_cpu_s: d.cpu_s,
-            src_peak_rss_bytes: s.peak_rss_bytes,
-            dst_peak_rss_bytes: d.peak_rss_bytes,
-            reference: if reference.is_some() {
-                "iperf3".into()
-            } else {
-                "none".into()
-            },
-            reference_bps,
-            ratio: reference_bps.filter(|r| *r > 0.0).map(|r| throughput / r),
-            verified: d.verified,
-            batches: s.batches,
-            compressed_batches: s.compressed_batches,
-            data_pages: s.data_pages,
-            zero_pages: s.zero_pages,
-            batch_pages: a.batch_pages,
-            window: a.window,
-        };
-        if !d.verified {
-            eprintln!(
-                "migration-bench: {}: the destination's image does not match: {} pages received of {}, {} pages differ (first: {:?})",
-                opt.as_str(),
-                d.pages,
-                a.size / ferry_transport::wire::PAGE_SIZE as u64,
-                d.mismatched_pages,
-                d.first_mismatch
-            );
+                0.0
+            };
+            let reference_bps = reference.map(|r| r.bytes_per_s);
+            let rec = StreamRecord {
+                bench: "stream".into(),
+                option: opt.as_str().into(),
+                zstd_level: (opt == TransportOption::Zstd).then_some(a.zstd_level),
+                mix: a.mix.to_string(),
+                seed: a.seed,
+                run,
+                testbed: if tb.is_some() {
+                    "netns".into()
+                } else {
+                    "loopback".into()
+                },
+                link_rate_bps: a.link_rate.map(Rate::bytes_per_s),
+                bytes: d.pages * PAGE_SIZE as u64,
+                wire_bytes: s.wire_bytes,
+                seconds: s.seconds,
+                throughput_bps: throughput,
+                src_cpu_s: s.cpu_s,
+                dst_cpu_s: d.cpu_s,
+                src_peak_rss_bytes: s.peak_rss_bytes,
+                dst_peak_rss_bytes: d.peak_rss_bytes,
+                reference: if reference.is_some() {
+                    "iperf3".into()
+                } else {
+                    "none".into()
+                },
+                reference_bps,
+                ratio: reference_bps.filter(|r| *r > 0.0).map(|r| throughput / r),
+                verified: d.verified,
+                batches: s.batches,
+                compressed_batches: s.compressed_batches,
+                data_pages: s.data_pages,
+                zero_pages: s.zero_pages,
+                batch_pages: a.batch_pages,
+                window: a.window,
+            };
+            if !d.verified {
+                eprintln!(
+                    "migration-bench: {}: the destination's image does not match: {} pages received of {}, {} pages differ (first: {:?})",
+                    opt.as_str(),
+                    d.pages,
+                    a.size / PAGE_SIZE as u64,
+                    d.mismatched_pages,
+                    d.first_mismatch
+                );
+            }
+            if a.json {
+                emit(&rec.to_json());
+            }
+            records.push(rec);
         }
-        if a.json {
-            emit(&rec.to_json());
-        }
-        records.push(rec);
     }
     if let Some(tb) = tb {
         tb.down()?;
