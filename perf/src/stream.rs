@@ -736,10 +736,7 @@ fn reap(child: &mut Child, role: &'static str) -> Result<()> {
     if st.success() {
         Ok(())
     } else {
-        Err(BenchError::Child {
-            role,
-            detail: format!("{st} (its error is above)"),
-        })
+        Err(exit_error(role, st))
     }
 }
 
@@ -851,17 +848,20 @@ pub fn run(
     result
 }
 
+fn exit_error(role: &'static str, st: std::process::ExitStatus) -> BenchError {
+    let detail = match st.code() {
+        Some(_) => format!("{st} (its error is above)"),
+        None => format!("killed ({st})"),
+    };
+    BenchError::Child { role, detail }
+}
+
 /// If `child` has exited (or exits within a moment) with a failure, that failure.
 fn failed_on_its_own(child: &mut Child, role: &'static str) -> Option<BenchError> {
     let t = Instant::now();
     loop {
         match child.try_wait() {
-            Ok(Some(st)) if !st.success() => {
-                return Some(BenchError::Child {
-                    role,
-                    detail: format!("{st} (its error is above)"),
-                })
-            }
+            Ok(Some(st)) if !st.success() => return Some(exit_error(role, st)),
             Ok(None) if t.elapsed() < Duration::from_millis(300) => {
                 thread::sleep(Duration::from_millis(10))
             }
