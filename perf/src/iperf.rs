@@ -12,13 +12,7 @@ use crate::testbed::in_netns;
 
 /// Make sure `iperf3` can be run; install Debian's package with apt-get if it is missing.
 pub fn ensure_iperf3() -> Result<()> {
-    let have = || {
-        Command::new("iperf3")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-    };
+    let have = || Command::new("iperf3").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status();
     if matches!(have(), Ok(s) if s.success()) {
         return Ok(());
     }
@@ -37,28 +31,19 @@ pub fn ensure_iperf3() -> Result<()> {
         // The package lists may be missing or stale.
         let _ = apt(&["update", "-q"]);
         if !apt(&["install", "-y", "-q", "iperf3"]) {
-            return Err(BenchError::MissingTool {
-                tool: "iperf3",
-                why: "apt-get install iperf3 failed".into(),
-            });
+            return Err(BenchError::MissingTool { tool: "iperf3", why: "apt-get install iperf3 failed".into() });
         }
     }
     match have() {
         Ok(s) if s.success() => Ok(()),
-        _ => Err(BenchError::MissingTool {
-            tool: "iperf3",
-            why: "still not runnable after installing".into(),
-        }),
+        _ => Err(BenchError::MissingTool { tool: "iperf3", why: "still not runnable after installing".into() }),
     }
 }
 
 /// A free TCP port on `addr` of this namespace (bound and released; good enough for a test port).
 pub fn free_port(addr: IpAddr) -> Result<u16> {
-    let l = TcpListener::bind(SocketAddr::new(addr, 0))
-        .map_err(|e| BenchError::io(format!("binding {addr}:0"), e))?;
-    Ok(l.local_addr()
-        .map_err(|e| BenchError::io("local_addr", e))?
-        .port())
+    let l = TcpListener::bind(SocketAddr::new(addr, 0)).map_err(|e| BenchError::io(format!("binding {addr}:0"), e))?;
+    Ok(l.local_addr().map_err(|e| BenchError::io("local_addr", e))?.port())
 }
 
 /// What iperf3 measured.
@@ -74,24 +59,15 @@ pub struct IperfResult {
 
 /// Parse `iperf3 -c ... -J` output.
 pub fn parse_client_json(text: &str) -> Result<IperfResult> {
-    let v: Value = serde_json::from_str(text).map_err(|e| BenchError::Parse {
-        what: "iperf3 JSON",
-        detail: e.to_string(),
-    })?;
+    let v: Value =
+        serde_json::from_str(text).map_err(|e| BenchError::Parse { what: "iperf3 JSON", detail: e.to_string() })?;
     if let Some(err) = v.get("error").and_then(Value::as_str) {
-        return Err(BenchError::Command {
-            what: "iperf3 client".into(),
-            detail: err.to_string(),
-        });
+        return Err(BenchError::Command { what: "iperf3 client".into(), detail: err.to_string() });
     }
     let recv = &v["end"]["sum_received"];
-    let bits = recv["bits_per_second"]
-        .as_f64()
-        .filter(|b| b.is_finite() && *b > 0.0)
-        .ok_or_else(|| BenchError::Parse {
-            what: "iperf3 JSON",
-            detail: "no end.sum_received.bits_per_second".into(),
-        })?;
+    let bits = recv["bits_per_second"].as_f64().filter(|b| b.is_finite() && *b > 0.0).ok_or_else(|| {
+        BenchError::Parse { what: "iperf3 JSON", detail: "no end.sum_received.bits_per_second".into() }
+    })?;
     Ok(IperfResult {
         bytes_per_s: bits / 8.0,
         seconds: recv["seconds"].as_f64().unwrap_or(0.0),
@@ -123,15 +99,7 @@ pub fn measure(
         let t0 = Instant::now();
         loop {
             let out = in_netns(client_ns, "iperf3")
-                .args([
-                    "-c",
-                    &addr,
-                    "-p",
-                    &port_s,
-                    "-t",
-                    &seconds.max(1).to_string(),
-                    "-J",
-                ])
+                .args(["-c", &addr, "-p", &port_s, "-t", &seconds.max(1).to_string(), "-J"])
                 .stdin(Stdio::null())
                 .stderr(Stdio::null())
                 .output()
@@ -139,8 +107,7 @@ pub fn measure(
             let text = String::from_utf8_lossy(&out.stdout);
             match parse_client_json(&text) {
                 Err(BenchError::Command { detail, .. })
-                    if detail.contains("unable to connect")
-                        && t0.elapsed() < Duration::from_secs(5) =>
+                    if detail.contains("unable to connect") && t0.elapsed() < Duration::from_secs(5) =>
                 {
                     std::thread::sleep(Duration::from_millis(100));
                 }

@@ -71,8 +71,7 @@ impl StreamRecord {
     /// The JSON line.
     pub fn to_json(&self) -> String {
         // A struct of plain numbers and strings always serializes; a non-finite float becomes null.
-        serde_json::to_string(self)
-            .unwrap_or_else(|e| format!("{{\"bench\":\"stream\",\"error\":\"{e}\"}}"))
+        serde_json::to_string(self).unwrap_or_else(|e| format!("{{\"bench\":\"stream\",\"error\":\"{e}\"}}"))
     }
 }
 
@@ -86,10 +85,7 @@ pub struct Table {
 impl Table {
     /// A table with these column titles.
     pub fn new(head: &[&str]) -> Self {
-        Self {
-            head: head.iter().map(|s| s.to_string()).collect(),
-            rows: Vec::new(),
-        }
+        Self { head: head.iter().map(|s| s.to_string()).collect(), rows: Vec::new() }
     }
 
     /// Add a row.
@@ -152,16 +148,11 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
             format_size(r.wire_bytes),
             format!("{:.3}", r.seconds),
             format!("{:.2}", gbit(r.throughput_bps)),
-            r.reference_bps
-                .map_or("-".into(), |b| format!("{:.2}", gbit(b))),
+            r.reference_bps.map_or("-".into(), |b| format!("{:.2}", gbit(b))),
             r.ratio.map_or("-".into(), |x| format!("{x:.2}")),
             format!("{:.2}", r.src_cpu_s),
             format!("{:.2}", r.dst_cpu_s),
-            if r.verified {
-                "yes".into()
-            } else {
-                "NO".into()
-            },
+            if r.verified { "yes".into() } else { "NO".into() },
         ]);
     }
     let mut options: Vec<(&str, Option<i32>)> = Vec::new();
@@ -173,13 +164,8 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
     let runs = records.iter().map(|r| r.run).max().map_or(0, |m| m + 1);
     if runs > 1 {
         for (o, l) in options {
-            let of: Vec<&StreamRecord> = records
-                .iter()
-                .filter(|r| r.option == o && r.zstd_level == l)
-                .collect();
-            let med = |f: &dyn Fn(&StreamRecord) -> Option<f64>| {
-                median(of.iter().filter_map(|r| f(r)).collect())
-            };
+            let of: Vec<&StreamRecord> = records.iter().filter(|r| r.option == o && r.zstd_level == l).collect();
+            let med = |f: &dyn Fn(&StreamRecord) -> Option<f64>| median(of.iter().filter_map(|r| f(r)).collect());
             t.row(vec![
                 format!("{o} median of {}", of.len()),
                 String::new(),
@@ -190,11 +176,7 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
                 med(&|r| r.ratio).map_or("-".into(), |x| format!("{x:.2}")),
                 med(&|r| Some(r.src_cpu_s)).map_or("-".into(), |x| format!("{x:.2}")),
                 med(&|r| Some(r.dst_cpu_s)).map_or("-".into(), |x| format!("{x:.2}")),
-                if of.iter().all(|r| r.verified) {
-                    "all".into()
-                } else {
-                    "NOT ALL".into()
-                },
+                if of.iter().all(|r| r.verified) { "all".into() } else { "NOT ALL".into() },
             ]);
         }
     }
@@ -204,12 +186,7 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
             Some(b) => format!("{} link of {:.3} Gbit/s", r.testbed, gbit(b as f64)),
             None => r.testbed.clone(),
         };
-        out.push_str(&format!(
-            "stream: {} of {} (seed {}), {link}\n",
-            format_size(r.bytes),
-            r.mix,
-            r.seed
-        ));
+        out.push_str(&format!("stream: {} of {} (seed {}), {link}\n", format_size(r.bytes), r.mix, r.seed));
     }
     out.push_str(&t.render());
     out
@@ -222,11 +199,7 @@ pub fn median(mut v: Vec<f64>) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
+    Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
 /// Print a line and flush (JSON lines reach a pipe promptly).

@@ -33,9 +33,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_transport::handshake::{
-    random_bytes, Caps, ChannelBinding, ClientConfig, Psk, ServerConfig, SessionId,
-};
+use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk, ServerConfig, SessionId};
 use ferry_transport::memory::{AnonMemory, MemoryMap};
 use ferry_transport::pagemix::{expected_page, fill_page, Mix, PageKind};
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
@@ -130,29 +128,19 @@ impl StreamConfig {
     /// Check the numbers.
     pub fn validate(&self) -> Result<()> {
         if self.size == 0 || self.size % PAGE_SIZE as u64 != 0 {
-            return Err(BenchError::Usage(format!(
-                "size {} is not a positive multiple of 4 KiB",
-                self.size
-            )));
+            return Err(BenchError::Usage(format!("size {} is not a positive multiple of 4 KiB", self.size)));
         }
         if usize::try_from(self.size).is_err() {
-            return Err(BenchError::Usage(
-                "size does not fit this machine's address space".into(),
-            ));
+            return Err(BenchError::Usage("size does not fit this machine's address space".into()));
         }
         if self.batch_pages == 0 || self.batch_pages > MAX_BATCH_PAGES {
-            return Err(BenchError::Usage(format!(
-                "batch pages must be 1..={MAX_BATCH_PAGES}"
-            )));
+            return Err(BenchError::Usage(format!("batch pages must be 1..={MAX_BATCH_PAGES}")));
         }
         if self.window == 0 {
             return Err(BenchError::Usage("window must be at least 1".into()));
         }
         if !(-131_072..=22).contains(&self.zstd_level) {
-            return Err(BenchError::Usage(format!(
-                "zstd level {} is outside -131072..=22",
-                self.zstd_level
-            )));
+            return Err(BenchError::Usage(format!("zstd level {} is outside -131072..=22", self.zstd_level)));
         }
         Ok(())
     }
@@ -181,10 +169,7 @@ impl StreamConfig {
     fn tcp_options(&self) -> TcpOptions {
         match self.option {
             TransportOption::Tcp => TcpOptions::default(),
-            TransportOption::Zstd => TcpOptions {
-                zstd_level: Some(self.zstd_level),
-                ..TcpOptions::zstd()
-            },
+            TransportOption::Zstd => TcpOptions { zstd_level: Some(self.zstd_level), ..TcpOptions::zstd() },
         }
     }
 
@@ -205,9 +190,8 @@ impl ChildArgs {
             window: self.window,
         };
         cfg.validate()?;
-        let s = unhex(&self.session)
-            .filter(|s| s.len() == 16)
-            .ok_or_else(|| BenchError::Usage("bad --session".into()))?;
+        let s =
+            unhex(&self.session).filter(|s| s.len() == 16).ok_or_else(|| BenchError::Usage("bad --session".into()))?;
         let mut session = [0u8; 16];
         session.copy_from_slice(&s);
         Ok((cfg, session))
@@ -222,18 +206,12 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
 fn psk_from_env() -> Result<Psk> {
-    let h = std::env::var(PSK_ENV).map_err(|_| {
-        BenchError::Usage(format!(
-            "{PSK_ENV} is not set (run through `migration-bench stream`)"
-        ))
-    })?;
+    let h = std::env::var(PSK_ENV)
+        .map_err(|_| BenchError::Usage(format!("{PSK_ENV} is not set (run through `migration-bench stream`)")))?;
     let k = unhex(&h).ok_or_else(|| BenchError::Usage(format!("{PSK_ENV} is not hex")))?;
     Psk::new(k).map_err(|e| BenchError::Usage(format!("{PSK_ENV}: {e}")))
 }
@@ -287,9 +265,7 @@ pub struct DstReport {
 }
 
 fn threads() -> usize {
-    thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .clamp(1, 8)
+    thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8)
 }
 
 /// Fill `mem` with the page set (zero pages left as they are: fresh memory is zero).
@@ -339,9 +315,7 @@ fn verify(mem: &AnonMemory, mix: &Mix, seed: u64) -> (u64, Option<u64>) {
             })
             .collect();
         // A verifier thread only panics on a bug; count its whole share as unverified then.
-        hs.into_iter()
-            .map(|h| h.join().unwrap_or((u64::MAX, None)))
-            .collect()
+        hs.into_iter().map(|h| h.join().unwrap_or((u64::MAX, None))).collect()
     });
     let bad = parts.iter().fold(0u64, |a, p| a.saturating_add(p.0));
     (bad, parts.iter().find_map(|p| p.1))
@@ -355,9 +329,7 @@ fn die_with_parent() {
 
 fn say(line: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
-    writeln!(o, "{line}")
-        .and_then(|_| o.flush())
-        .map_err(|e| BenchError::io("writing to the driver", e))
+    writeln!(o, "{line}").and_then(|_| o.flush()).map_err(|e| BenchError::io("writing to the driver", e))
 }
 
 /// Sent/acked bookkeeping between the sending thread and the ack thread.
@@ -411,23 +383,12 @@ struct SendTotals {
 /// Send the whole page set over `ch` with at most `window` unacknowledged batches; returns the
 /// totals and the seconds from the first send to the last ack.
 fn send_all(ch: Channel, map: &MemoryMap, cfg: &StreamConfig) -> Result<(SendTotals, f64)> {
-    let Channel {
-        mut tx,
-        mut rx,
-        killer,
-        ..
-    } = ch;
+    let Channel { mut tx, mut rx, killer, .. } = ch;
     let pages = cfg.pages();
     let bp = u64::from(cfg.batch_pages);
     let n = pages.div_ceil(bp);
     let window = u64::from(cfg.window);
-    let flow = Flow {
-        state: Mutex::new(FlowState {
-            acked: 0,
-            failed: None,
-        }),
-        cv: Condvar::new(),
-    };
+    let flow = Flow { state: Mutex::new(FlowState { acked: 0, failed: None }), cv: Condvar::new() };
     let t0 = Instant::now();
     let (sent, acks) = thread::scope(|s| {
         let (flow, killer, rx) = (&flow, &killer, &mut rx);
@@ -462,10 +423,7 @@ fn send_all(ch: Channel, map: &MemoryMap, cfg: &StreamConfig) -> Result<(SendTot
             }
             let first = i * bp;
             let count = bp.min(pages - first) as u32;
-            let run = [PageRun {
-                gpa: first * PAGE_SIZE as u64,
-                pages: count,
-            }];
+            let run = [PageRun { gpa: first * PAGE_SIZE as u64, pages: count }];
             match tx.send_batch(i, 0, BATCH_DEST_ZEROED, &run, map) {
                 Ok(sb) => {
                     tot.wire_bytes += sb.wire_bytes;
@@ -483,20 +441,13 @@ fn send_all(ch: Channel, map: &MemoryMap, cfg: &StreamConfig) -> Result<(SendTot
                 }
             }
         }
-        let acks = acker
-            .join()
-            .unwrap_or_else(|_| Err("the acknowledgement thread panicked".into()));
+        let acks = acker.join().unwrap_or_else(|_| Err("the acknowledgement thread panicked".into()));
         (sent.map(|()| tot), acks)
     });
     let seconds = t0.elapsed().as_secs_f64();
     let tot = match (sent, acks) {
         (Ok(t), Ok(())) => t,
-        (Err(e), _) | (Ok(_), Err(e)) => {
-            return Err(BenchError::Child {
-                role: "source",
-                detail: e,
-            })
-        }
+        (Err(e), _) | (Ok(_), Err(e)) => return Err(BenchError::Child { role: "source", detail: e }),
     };
     tx.close()?;
     Ok((tot, seconds))
@@ -518,25 +469,15 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     let map = unsafe { mem.map_at(0) }?;
     say("READY")?;
     let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| BenchError::io("reading the driver's GO", e))?;
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| BenchError::io("reading the driver's GO", e))?;
     let addr: SocketAddr = line
         .trim()
         .strip_prefix("GO ")
         .and_then(|a| a.parse().ok())
-        .ok_or_else(|| {
-            BenchError::Usage(format!(
-                "expected `GO <addr>` from the driver, got {line:?}"
-            ))
-        })?;
+        .ok_or_else(|| BenchError::Usage(format!("expected `GO <addr>` from the driver, got {line:?}")))?;
     let hs = ClientConfig {
         psk,
-        binding: ChannelBinding {
-            session,
-            channel: 0,
-        },
+        binding: ChannelBinding { session, channel: 0 },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
     };
@@ -544,11 +485,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     if ch.info.backend != cfg.option.as_str() {
         return Err(BenchError::Child {
             role: "source",
-            detail: format!(
-                "asked for {} but the channel is {}",
-                cfg.option.as_str(),
-                ch.info.backend
-            ),
+            detail: format!("asked for {} but the channel is {}", cfg.option.as_str(), ch.info.backend),
         });
     }
     let u0 = Usage::current()?;
@@ -567,10 +504,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     };
     say(&format!(
         "RESULT {}",
-        serde_json::to_string(&rep).map_err(|e| BenchError::Parse {
-            what: "report",
-            detail: e.to_string()
-        })?
+        serde_json::to_string(&rep).map_err(|e| BenchError::Parse { what: "report", detail: e.to_string() })?
     ))
 }
 
@@ -589,15 +523,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
         TransportOption::Tcp => Caps(0),
         TransportOption::Zstd => Caps::ALL,
     };
-    let acc = TcpAcceptor::bind(
-        listen,
-        cfg.tcp_options(),
-        ServerConfig {
-            psk,
-            caps,
-            timeout: HANDSHAKE_TIMEOUT,
-        },
-    )?;
+    let acc = TcpAcceptor::bind(listen, cfg.tcp_options(), ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let ch = acc.accept(&|est| {
         if est.binding.session == session {
@@ -621,10 +547,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
             }
             Incoming::Closed => break,
             other => {
-                return Err(BenchError::Child {
-                    role: "destination",
-                    detail: format!("unexpected {other:?}"),
-                });
+                return Err(BenchError::Child { role: "destination", detail: format!("unexpected {other:?}") });
             }
         }
     }
@@ -648,10 +571,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     };
     say(&format!(
         "RESULT {}",
-        serde_json::to_string(&rep).map_err(|e| BenchError::Parse {
-            what: "report",
-            detail: e.to_string()
-        })?
+        serde_json::to_string(&rep).map_err(|e| BenchError::Parse { what: "report", detail: e.to_string() })?
     ))
 }
 
@@ -682,19 +602,13 @@ impl Watchdog {
                 f.store(true, Ordering::SeqCst);
                 for p in pids {
                     if let Ok(p) = i32::try_from(p) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(p),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
+                        let _ =
+                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
                     }
                 }
             }
         });
-        Self {
-            stop: Some(stop),
-            fired,
-            thread: Some(thread),
-        }
+        Self { stop: Some(stop), fired, thread: Some(thread) }
     }
 
     /// Stop watching; whether it fired.
@@ -709,28 +623,18 @@ impl Watchdog {
 
 fn read_line(r: &mut BufReader<ChildStdout>, prefix: &str, role: &'static str) -> Result<String> {
     let mut line = String::new();
-    let n = r
-        .read_line(&mut line)
-        .map_err(|e| BenchError::io(format!("reading the {role} process"), e))?;
+    let n = r.read_line(&mut line).map_err(|e| BenchError::io(format!("reading the {role} process"), e))?;
     if n == 0 {
-        return Err(BenchError::Child {
-            role,
-            detail: format!("exited before saying {}", prefix.trim()),
-        });
+        return Err(BenchError::Child { role, detail: format!("exited before saying {}", prefix.trim()) });
     }
-    line.trim_end()
-        .strip_prefix(prefix.trim_end())
-        .map(|s| s.trim().to_string())
-        .ok_or_else(|| BenchError::Child {
-            role,
-            detail: format!("said {:?}, expected {}", line.trim_end(), prefix.trim()),
-        })
+    line.trim_end().strip_prefix(prefix.trim_end()).map(|s| s.trim().to_string()).ok_or_else(|| BenchError::Child {
+        role,
+        detail: format!("said {:?}, expected {}", line.trim_end(), prefix.trim()),
+    })
 }
 
 fn reap(child: &mut Child, role: &'static str) -> Result<()> {
-    let st = child
-        .wait()
-        .map_err(|e| BenchError::io(format!("waiting for the {role} process"), e));
+    let st = child.wait().map_err(|e| BenchError::io(format!("waiting for the {role} process"), e));
     unregister_child(child.id());
     let st = st?;
     if st.success() {
@@ -742,23 +646,16 @@ fn reap(child: &mut Child, role: &'static str) -> Result<()> {
 
 /// Run one stream: spawn the destination and the source (`exe stream-dst`, `exe stream-src`),
 /// let them run, collect their reports. Children are killed after `timeout`.
-pub fn run(
-    exe: &Path,
-    cfg: &StreamConfig,
-    place: Placement<'_>,
-    timeout: Duration,
-) -> Result<(SrcReport, DstReport)> {
+pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Duration) -> Result<(SrcReport, DstReport)> {
     cfg.validate()?;
     let psk: [u8; 32] = random_bytes();
     let session: SessionId = random_bytes();
     let args = cfg.child_args(&session);
     let (src_ns, dst_ns, listen) = match place {
         Placement::Loopback => (None, None, "127.0.0.1:0".to_string()),
-        Placement::Netns(tb) => (
-            Some(tb.netns(Side::Src)),
-            Some(tb.netns(Side::Dst)),
-            format!("{}:0", Testbed::addr(Side::Dst, 0)),
-        ),
+        Placement::Netns(tb) => {
+            (Some(tb.netns(Side::Src)), Some(tb.netns(Side::Dst)), format!("{}:0", Testbed::addr(Side::Dst, 0)))
+        }
     };
     let mut dst = in_netns(dst_ns.as_deref(), exe)
         .arg("stream-dst")
@@ -782,44 +679,30 @@ pub fn run(
         Err(e) => {
             let _ = dst.kill();
             let _ = reap(&mut dst, "destination");
-            return Err(BenchError::io(
-                format!("starting {} stream-src", exe.display()),
-                e,
-            ));
+            return Err(BenchError::io(format!("starting {} stream-src", exe.display()), e));
         }
     };
     register_child(src.id());
     let dog = Watchdog::start(vec![dst.id(), src.id()], timeout);
 
     let result = (|| -> Result<(SrcReport, DstReport)> {
-        let mut dout = BufReader::new(dst.stdout.take().ok_or(BenchError::Child {
-            role: "destination",
-            detail: "no stdout".into(),
-        })?);
-        let mut sout = BufReader::new(src.stdout.take().ok_or(BenchError::Child {
-            role: "source",
-            detail: "no stdout".into(),
-        })?);
+        let mut dout = BufReader::new(
+            dst.stdout.take().ok_or(BenchError::Child { role: "destination", detail: "no stdout".into() })?,
+        );
+        let mut sout =
+            BufReader::new(src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?);
         let addr = read_line(&mut dout, "LISTENING ", "destination")?;
         read_line(&mut sout, "READY", "source")?;
         {
-            let mut sin = src.stdin.take().ok_or(BenchError::Child {
-                role: "source",
-                detail: "no stdin".into(),
-            })?;
-            writeln!(sin, "GO {addr}")
-                .map_err(|e| BenchError::io("telling the source to go", e))?;
+            let mut sin = src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?;
+            writeln!(sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
         }
         let s = read_line(&mut sout, "RESULT ", "source")?;
         let d = read_line(&mut dout, "RESULT ", "destination")?;
-        let s: SrcReport = serde_json::from_str(&s).map_err(|e| BenchError::Parse {
-            what: "the source's report",
-            detail: e.to_string(),
-        })?;
-        let d: DstReport = serde_json::from_str(&d).map_err(|e| BenchError::Parse {
-            what: "the destination's report",
-            detail: e.to_string(),
-        })?;
+        let s: SrcReport = serde_json::from_str(&s)
+            .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
+        let d: DstReport = serde_json::from_str(&d)
+            .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
         // Drain what is left (nothing, normally) so that the children never block on a full pipe.
         let _ = sout.read_to_end(&mut Vec::new());
         let _ = dout.read_to_end(&mut Vec::new());
@@ -827,8 +710,7 @@ pub fn run(
     })();
     if let Err(e) = result {
         // A child that failed on its own explains more than "it stopped talking".
-        let own = failed_on_its_own(&mut src, "source")
-            .or_else(|| failed_on_its_own(&mut dst, "destination"));
+        let own = failed_on_its_own(&mut src, "source").or_else(|| failed_on_its_own(&mut dst, "destination"));
         let _ = src.kill();
         let _ = dst.kill();
         let _ = reap(&mut src, "source");
@@ -862,9 +744,7 @@ fn failed_on_its_own(child: &mut Child, role: &'static str) -> Option<BenchError
     loop {
         match child.try_wait() {
             Ok(Some(st)) if !st.success() => return Some(exit_error(role, st)),
-            Ok(None) if t.elapsed() < Duration::from_millis(300) => {
-                thread::sleep(Duration::from_millis(10))
-            }
+            Ok(None) if t.elapsed() < Duration::from_millis(300) => thread::sleep(Duration::from_millis(10)),
             _ => return None,
         }
     }

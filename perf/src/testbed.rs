@@ -64,11 +64,7 @@ pub fn run_script(args: &[&str]) -> Result<String> {
     } else {
         Err(BenchError::Command {
             what: format!("testbed.sh {}", args.join(" ")),
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+            detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
         })
     }
 }
@@ -88,16 +84,12 @@ pub fn check_permitted() -> std::result::Result<(), String> {
         return Err("not root: network namespaces and tc need root".into());
     }
     let probe = unique_name("fbprobe");
-    let add = Command::new("ip")
-        .args(["netns", "add", &probe])
-        .stderr(Stdio::piped())
-        .output();
+    let add = Command::new("ip").args(["netns", "add", &probe]).stderr(Stdio::piped()).output();
     match add {
         Err(e) => Err(format!("cannot run ip: {e}")),
-        Ok(o) if !o.status.success() => Err(format!(
-            "ip netns add is not permitted: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        )),
+        Ok(o) if !o.status.success() => {
+            Err(format!("ip netns add is not permitted: {}", String::from_utf8_lossy(&o.stderr).trim()))
+        }
         Ok(_) => {
             let _ = Command::new("ip").args(["netns", "del", &probe]).status();
             match Command::new("tc").arg("-V").stdout(Stdio::null()).status() {
@@ -160,30 +152,15 @@ impl Testbed {
     /// Create namespaces `<name>-src` and `<name>-dst` joined by one veth pair per rate.
     pub fn up(name: &str, rates: &[Rate]) -> Result<Testbed> {
         if rates.is_empty() || rates.len() > MAX_NICS as usize {
-            return Err(BenchError::Usage(format!(
-                "a testbed has 1..={MAX_NICS} NICs, not {}",
-                rates.len()
-            )));
+            return Err(BenchError::Usage(format!("a testbed has 1..={MAX_NICS} NICs, not {}", rates.len())));
         }
         let list: Vec<String> = rates.iter().map(Rate::to_string).collect();
         // Registered first, so that Ctrl-C during `up` cleans up too (`down` is idempotent).
         if let Ok(mut a) = ACTIVE.lock() {
             a.push(name.to_string());
         }
-        let tb = Testbed {
-            name: name.to_string(),
-            rates: rates.to_vec(),
-            live: true,
-        };
-        run_script(&[
-            "up",
-            "--name",
-            name,
-            "--nics",
-            &rates.len().to_string(),
-            "--rate",
-            &list.join(","),
-        ])?;
+        let tb = Testbed { name: name.to_string(), rates: rates.to_vec(), live: true };
+        run_script(&["up", "--name", name, "--nics", &rates.len().to_string(), "--rate", &list.join(",")])?;
         Ok(tb)
     }
 
@@ -226,10 +203,7 @@ impl Testbed {
 
     fn check_nic(&self, nic: u32) -> Result<()> {
         if nic >= self.nics() {
-            return Err(BenchError::Usage(format!(
-                "testbed {} has no nic{nic}",
-                self.name
-            )));
+            return Err(BenchError::Usage(format!("testbed {} has no nic{nic}", self.name)));
         }
         Ok(())
     }
@@ -237,15 +211,7 @@ impl Testbed {
     /// Change the rate of one NIC (both directions).
     pub fn set_rate(&mut self, nic: u32, rate: Rate) -> Result<()> {
         self.check_nic(nic)?;
-        run_script(&[
-            "set-rate",
-            "--name",
-            &self.name,
-            "--nic",
-            &nic.to_string(),
-            "--rate",
-            &rate.to_string(),
-        ])?;
+        run_script(&["set-rate", "--name", &self.name, "--nic", &nic.to_string(), "--rate", &rate.to_string()])?;
         self.rates[nic as usize] = rate;
         Ok(())
     }
@@ -266,10 +232,8 @@ impl Testbed {
     /// live there). Meant for tests and in-process probes; use a thread of its own.
     pub fn enter_thread(&self, side: Side) -> Result<()> {
         let path = format!("/run/netns/{}", self.netns(side));
-        let f =
-            std::fs::File::open(&path).map_err(|e| BenchError::io(format!("opening {path}"), e))?;
-        setns(&f, CloneFlags::CLONE_NEWNET)
-            .map_err(|e| BenchError::io(format!("setns {path}"), e.into()))
+        let f = std::fs::File::open(&path).map_err(|e| BenchError::io(format!("opening {path}"), e))?;
+        setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| BenchError::io(format!("setns {path}"), e.into()))
     }
 
     /// Remove the testbed now, reporting failure.
@@ -305,11 +269,7 @@ mod tests {
         let a = unique_name("fb");
         let b = unique_name("fb");
         assert_ne!(a, b);
-        assert!(
-            a.len() <= 12
-                && a.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
-        );
+        assert!(a.len() <= 12 && a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
         assert_eq!(Testbed::addr(Side::Src, 3), Ipv4Addr::new(198, 18, 3, 1));
         assert_eq!(Testbed::addr(Side::Dst, 0), Ipv4Addr::new(198, 18, 0, 2));
     }

@@ -143,13 +143,7 @@ fn reference(a: &StreamArgs, place: Placement<'_>) -> Result<Option<IperfResult>
         Placement::Netns(tb) => {
             // A fresh namespace has every port free.
             let dst = IpAddr::V4(Testbed::addr(Side::Dst, 0));
-            iperf::measure(
-                Some(&tb.netns(Side::Dst)),
-                Some(&tb.netns(Side::Src)),
-                dst,
-                5201,
-                a.reference_seconds,
-            )?
+            iperf::measure(Some(&tb.netns(Side::Dst)), Some(&tb.netns(Side::Src)), dst, 5201, a.reference_seconds)?
         }
     };
     Ok(Some(r))
@@ -179,9 +173,8 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
     }
     let tb = match a.link_rate {
         Some(rate) => {
-            testbed::check_permitted().map_err(|why| {
-                BenchError::Usage(format!("--link-rate needs network namespaces: {why}"))
-            })?;
+            testbed::check_permitted()
+                .map_err(|why| BenchError::Usage(format!("--link-rate needs network namespaces: {why}")))?;
             Some(Testbed::up(&testbed::unique_name("fb"), &[rate])?)
         }
         None => None,
@@ -193,16 +186,9 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
         // The reference right before the runs it is compared with: the machine is shared.
         let reference = reference(&a, place)?;
         for &opt in &options {
-            let cfg = StreamConfig {
-                option: opt,
-                ..base
-            };
+            let cfg = StreamConfig { option: opt, ..base };
             let (s, d) = stream::run(&exe, &cfg, place, timeout)?;
-            let throughput = if s.seconds > 0.0 {
-                a.size as f64 / s.seconds
-            } else {
-                0.0
-            };
+            let throughput = if s.seconds > 0.0 { a.size as f64 / s.seconds } else { 0.0 };
             let reference_bps = reference.map(|r| r.bytes_per_s);
             let rec = StreamRecord {
                 bench: "stream".into(),
@@ -211,11 +197,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
                 mix: a.mix.to_string(),
                 seed: a.seed,
                 run,
-                testbed: if tb.is_some() {
-                    "netns".into()
-                } else {
-                    "loopback".into()
-                },
+                testbed: if tb.is_some() { "netns".into() } else { "loopback".into() },
                 link_rate_bps: a.link_rate.map(Rate::bytes_per_s),
                 bytes: d.pages * PAGE_SIZE as u64,
                 wire_bytes: s.wire_bytes,
@@ -225,11 +207,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
                 dst_cpu_s: d.cpu_s,
                 src_peak_rss_bytes: s.peak_rss_bytes,
                 dst_peak_rss_bytes: d.peak_rss_bytes,
-                reference: if reference.is_some() {
-                    "iperf3".into()
-                } else {
-                    "none".into()
-                },
+                reference: if reference.is_some() { "iperf3".into() } else { "none".into() },
                 reference_bps,
                 ratio: reference_bps.filter(|r| *r > 0.0).map(|r| throughput / r),
                 verified: d.verified,
@@ -269,14 +247,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (who, r) = match cli.cmd {
         Cmd::Stream(a) => ("migration-bench", stream_cmd(a)),
-        Cmd::StreamSrc(a) => (
-            "migration-bench stream-src",
-            stream::src_main(&a).map(|()| true),
-        ),
-        Cmd::StreamDst { args, listen } => (
-            "migration-bench stream-dst",
-            stream::dst_main(&args, listen).map(|()| true),
-        ),
+        Cmd::StreamSrc(a) => ("migration-bench stream-src", stream::src_main(&a).map(|()| true)),
+        Cmd::StreamDst { args, listen } => {
+            ("migration-bench stream-dst", stream::dst_main(&args, listen).map(|()| true))
+        }
     };
     match r {
         Ok(true) => ExitCode::SUCCESS,
@@ -286,11 +260,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("{who}: error: {e}");
-            ExitCode::from(if matches!(e, BenchError::Usage(_)) {
-                2
-            } else {
-                1
-            })
+            ExitCode::from(if matches!(e, BenchError::Usage(_)) { 2 } else { 1 })
         }
     }
 }
