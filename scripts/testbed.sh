@@ -110,6 +110,20 @@ apply_rate() {
     tc -n "$ns" qdisc "$verb" dev "$dev" root tbf rate "${bits}bit" burst "$burst" latency 20ms
 }
 
+# Wait (up to 5 s) until nic$1 is UP with carrier on both ends.
+wait_carrier() {
+    local try ns ok
+    for try in $(seq 1 100); do
+        ok=1
+        for ns in "$(ns_src)" "$(ns_dst)"; do
+            [[ $(ip -n "$ns" -o link show "nic$1") == *" state UP "* ]] || ok=0
+        done
+        ((ok == 1)) && return 0
+        sleep 0.05
+    done
+    die "nic$1 of '$NAME' did not come up"
+}
+
 # ---- commands ----------------------------------------------------------------------------------
 
 cmd_down() {
@@ -173,6 +187,10 @@ cmd_up() {
         apply_rate "$src" "nic$i" "${bits[$i]}"
         apply_rate "$dst" "nic$i" "${bits[$i]}"
     done
+    # Wait until every link reports carrier on both ends, so that a caller can use it at once.
+    for ((i = 0; i < NICS; i++)); do
+        wait_carrier "$i"
+    done
     UP_OK=1
     trap - EXIT INT TERM
     for ((i = 0; i < NICS; i++)); do
@@ -195,6 +213,9 @@ cmd_link() {
     check_nic_index "$NIC"
     ip -n "$(ns_src)" link set "nic$NIC" "$1"
     ip -n "$(ns_dst)" link set "nic$NIC" "$1"
+    if [[ $1 == up ]]; then
+        wait_carrier "$NIC"
+    fi
 }
 
 cmd_show() {
