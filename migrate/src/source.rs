@@ -174,7 +174,7 @@ struct ChanShared {
     pages: AtomicU64,
     zero: AtomicU64,
     compressed: AtomicU64,
-    hist: Mutex<Vec<u64>>,
+    hist: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 struct Shared {
@@ -311,7 +311,7 @@ fn reader_loop(idx: u16, mut rx: Box<dyn ChannelRx>, cs: Arc<ChanShared>, ev: mp
                 if let Some((w, t)) = entry {
                     let lat = t.elapsed();
                     if let Ok(mut h) = cs.hist.lock() {
-                        h.push(lat.as_micros() as u64);
+                        h.saturating_record(lat.as_micros() as u64);
                     }
                     let _ = ev.send(Event::Acked { pages: w.pages() });
                 }
@@ -637,7 +637,7 @@ pub fn migrate(
             pages: AtomicU64::new(0),
             zero: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
-            hist: Mutex::new(Vec::new()),
+            hist: Mutex::new(hdrhistogram::Histogram::new(3).map_err(|_| MigrateError::Internal("histogram"))?),
         });
         let tx = Arc::new(Mutex::new(ch.tx));
         let mut threads = Vec::new();
@@ -729,9 +729,7 @@ pub fn migrate(
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let mut h = c.shared.hist.lock().map(|h| h.clone()).unwrap_or_default();
-            h.sort_unstable();
-            let pct = |p: f64| if h.is_empty() { 0 } else { h[((h.len() - 1) as f64 * p) as usize] };
+            let pct = |p: f64| c.shared.hist.lock().map(|h| h.value_at_quantile(p)).unwrap_or(0);
             ChannelStats {
                 index: i as u16,
                 backend: c.backend.clone(),

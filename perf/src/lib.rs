@@ -1,6 +1,8 @@
 //! ferry-perf: Ferry's benchmarks, as commands that print tables and JSON (never assertions).
 //!
 //! The binary is `migration-bench`; its subcommands share the helpers here:
+//! - [`live`]: `migration-bench` / `migration-bench live`, live migration of a synthetic guest
+//!   between two processes with the real engine, per workload and transport option.
 //! - [`stream`]: `migration-bench stream`, a page set streamed from a source process to a
 //!   destination process over one channel (`tcp` or `zstd`), compared with iperf3.
 //! - [`iperf`]: the iperf3 reference, measured between the same endpoints in the same run.
@@ -14,6 +16,7 @@
 
 pub mod error;
 pub mod iperf;
+pub mod live;
 pub mod procstat;
 pub mod report;
 pub mod stream;

@@ -198,18 +198,18 @@ impl ChildArgs {
     }
 }
 
-fn hex(b: &[u8]) -> String {
+pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn unhex(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
     if s.len() % 2 != 0 || !s.is_ascii() {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
 }
 
-fn psk_from_env() -> Result<Psk> {
+pub(crate) fn psk_from_env() -> Result<Psk> {
     let h = std::env::var(PSK_ENV)
         .map_err(|_| BenchError::Usage(format!("{PSK_ENV} is not set (run through `migration-bench stream`)")))?;
     let k = unhex(&h).ok_or_else(|| BenchError::Usage(format!("{PSK_ENV} is not hex")))?;
@@ -322,12 +322,12 @@ fn verify(mem: &AnonMemory, mix: &Mix, seed: u64) -> (u64, Option<u64>) {
 }
 
 /// Die with the driver: a child must not outlive it (it holds memory and a testbed namespace).
-fn die_with_parent() {
+pub(crate) fn die_with_parent() {
     // Best effort: without it the watchdog and Ctrl-C cleanup still kill the children.
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
 }
 
-fn say(line: &str) -> Result<()> {
+pub(crate) fn say(line: &str) -> Result<()> {
     let mut o = std::io::stdout().lock();
     writeln!(o, "{line}").and_then(|_| o.flush()).map_err(|e| BenchError::io("writing to the driver", e))
 }
@@ -589,14 +589,14 @@ pub enum Placement<'a> {
 }
 
 /// Kills the children if the run takes too long.
-struct Watchdog {
+pub(crate) struct Watchdog {
     stop: Option<mpsc::Sender<()>>,
     fired: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
 
 impl Watchdog {
-    fn start(pids: Vec<u32>, timeout: Duration) -> Self {
+    pub(crate) fn start(pids: Vec<u32>, timeout: Duration) -> Self {
         let (stop, rx) = mpsc::channel::<()>();
         let fired = Arc::new(AtomicBool::new(false));
         let f = fired.clone();
@@ -615,7 +615,7 @@ impl Watchdog {
     }
 
     /// Stop watching; whether it fired.
-    fn finish(mut self) -> bool {
+    pub(crate) fn finish(mut self) -> bool {
         self.stop.take();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -624,7 +624,7 @@ impl Watchdog {
     }
 }
 
-fn read_line(r: &mut BufReader<ChildStdout>, prefix: &str, role: &'static str) -> Result<String> {
+pub(crate) fn read_line(r: &mut BufReader<ChildStdout>, prefix: &str, role: &'static str) -> Result<String> {
     let mut line = String::new();
     let n = r.read_line(&mut line).map_err(|e| BenchError::io(format!("reading the {role} process"), e))?;
     if n == 0 {
@@ -636,7 +636,7 @@ fn read_line(r: &mut BufReader<ChildStdout>, prefix: &str, role: &'static str) -
     })
 }
 
-fn reap(child: &mut Child, role: &'static str) -> Result<()> {
+pub(crate) fn reap(child: &mut Child, role: &'static str) -> Result<()> {
     let st = child.wait().map_err(|e| BenchError::io(format!("waiting for the {role} process"), e));
     unregister_child(child.id());
     let st = st?;
@@ -733,7 +733,7 @@ pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Durati
     result
 }
 
-fn exit_error(role: &'static str, st: std::process::ExitStatus) -> BenchError {
+pub(crate) fn exit_error(role: &'static str, st: std::process::ExitStatus) -> BenchError {
     let detail = match st.code() {
         Some(_) => format!("{st} (its error is above)"),
         None => format!("killed ({st})"),
@@ -742,7 +742,7 @@ fn exit_error(role: &'static str, st: std::process::ExitStatus) -> BenchError {
 }
 
 /// If `child` has exited (or exits within a moment) with a failure, that failure.
-fn failed_on_its_own(child: &mut Child, role: &'static str) -> Option<BenchError> {
+pub(crate) fn failed_on_its_own(child: &mut Child, role: &'static str) -> Option<BenchError> {
     let t = Instant::now();
     loop {
         match child.try_wait() {

@@ -1,6 +1,9 @@
 //! `migration-bench`: Ferry's benchmarks, as commands that print a table or JSON lines.
 //!
 //! ```text
+//! migration-bench                      (the default job: `live` with its defaults)
+//! migration-bench live [--size 2GiB] [--workload idle|busy|both] [--options tcp,zstd,tcp:2,tcp:4]
+//!                      [--working-set 256MiB] [--dirty-rate 100MiB] [--downtime-ms 300] [--json]
 //! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp|zstd|all]
 //!                        [--zstd-level 1] [--link-rate 1gbit] [--json]
 //! ```
@@ -11,6 +14,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_perf::iperf::{self, IperfResult};
+use ferry_perf::live::{self, LiveChildArgs};
 use ferry_perf::report::{emit, stream_table, StreamRecord};
 use ferry_perf::stream::{self, ChildArgs, Placement, StreamConfig, TransportOption};
 use ferry_perf::testbed::{self, Side, Testbed};
@@ -27,11 +31,26 @@ use ferry_transport::wire::{MAX_BATCH_PAGES, PAGE_SIZE};
 )]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Live-migrate a synthetic guest between two processes with each transport option, idle and
+    /// busy, compared with an iperf3 single stream measured in the same run (the default job).
+    Live(LiveArgs),
+    /// (internal) The source process of `live`.
+    #[command(hide = true)]
+    LiveSrc(LiveChildArgs),
+    /// (internal) The destination process of `live`.
+    #[command(hide = true)]
+    LiveDst {
+        #[command(flatten)]
+        args: LiveChildArgs,
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+    },
     /// Stream a page set from a source process to a destination process over one channel and
     /// compare with a single-stream iperf3 between the same endpoints, measured in the same run.
     Stream(StreamArgs),
@@ -243,9 +262,162 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
     Ok(records.iter().all(|r| r.verified))
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum WorkloadArg {
+    Idle,
+    Busy,
+    Both,
+}
+
+#[derive(Debug, clap::Args)]
+struct LiveArgs {
+    /// Guest memory (a multiple of 4 KiB).
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// Page mixture in percent (kinds: zero, text, random).
+    #[arg(long, default_value = "zero=40,text=30,random=30", value_parser = parse_mix)]
+    mix: Mix,
+    /// Workload(s): idle guest, busy guest (a writer rewriting the working set), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    workload: WorkloadArg,
+    /// Working set of the busy guest.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size)]
+    working_set: u64,
+    /// Dirty rate of the busy guest per second (like 100MiB).
+    #[arg(long, default_value = "100MiB", value_parser = parse_size)]
+    dirty_rate: u64,
+    /// Transport options with channel counts: `tcp`, `zstd`, `tcp:4` (4 channels), comma-separated.
+    #[arg(long, default_value = "tcp,zstd,tcp:2,tcp:4")]
+    options: String,
+    /// Downtime limit in milliseconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    downtime_ms: u64,
+    /// The destination re-reads all of guest memory for the final check (counted in downtime).
+    #[arg(long)]
+    verify_full: bool,
+    /// The destination faults its guest memory in while preparing (counted in setup).
+    #[arg(long)]
+    dst_prefault: bool,
+    /// zstd level.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(i32).range(-131_072..=22))]
+    zstd_level: i32,
+    /// Seed of the page contents.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// One JSON object per migration instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Seconds of the iperf3 reference.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=60))]
+    reference_seconds: u32,
+    /// Skip the iperf3 reference.
+    #[arg(long)]
+    no_reference: bool,
+    /// Kill a migration that takes longer than this many seconds.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    timeout: u64,
+}
+
+impl Default for LiveArgs {
+    fn default() -> Self {
+        // The embedded default job: the same as `migration-bench live` with no flags.
+        match Cli::try_parse_from(["migration-bench", "live"]) {
+            Ok(Cli { cmd: Some(Cmd::Live(a)) }) => a,
+            _ => unreachable!("the default live arguments parse"),
+        }
+    }
+}
+
+fn parse_options(s: &str) -> Result<Vec<(String, usize)>> {
+    let mut v = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (o, n) = match part.split_once(':') {
+            Some((o, n)) => {
+                let n: usize = n.parse().map_err(|_| BenchError::Usage(format!("bad channel count in {part:?}")))?;
+                (o, n)
+            }
+            None => (part, 1),
+        };
+        if !(1..=64).contains(&n) {
+            return Err(BenchError::Usage(format!("channels must be 1..=64 in {part:?}")));
+        }
+        if o != "tcp" && o != "zstd" {
+            return Err(BenchError::Usage(format!("unknown option {o:?} in --options (tcp, zstd)")));
+        }
+        v.push((o.to_string(), n));
+    }
+    if v.is_empty() {
+        return Err(BenchError::Usage("--options is empty".into()));
+    }
+    Ok(v)
+}
+
+fn live_cmd(a: LiveArgs) -> Result<bool> {
+    let options = parse_options(&a.options)?;
+    if a.size == 0 || a.size % PAGE_SIZE as u64 != 0 {
+        return Err(BenchError::Usage("--size must be a positive multiple of 4 KiB".into()));
+    }
+    if a.working_set > a.size {
+        return Err(BenchError::Usage("--working-set is larger than --size".into()));
+    }
+    check_memory(a.size)?;
+    let exe = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
+    testbed::install_interrupt_cleanup();
+    let reference = if a.no_reference {
+        None
+    } else {
+        iperf::ensure_iperf3()?;
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Some(iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?.bytes_per_s)
+    };
+    let workloads = match a.workload {
+        WorkloadArg::Idle => vec![live::Workload::Idle],
+        WorkloadArg::Busy => vec![live::Workload::Busy],
+        WorkloadArg::Both => vec![live::Workload::Idle, live::Workload::Busy],
+    };
+    let mut records = Vec::new();
+    for &w in &workloads {
+        for (o, n) in &options {
+            let args = LiveChildArgs {
+                size: a.size,
+                mix: a.mix,
+                seed: a.seed,
+                workload: w,
+                working_set: a.working_set,
+                dirty_rate: a.dirty_rate,
+                option: o.clone(),
+                channels: *n,
+                downtime_ms: a.downtime_ms,
+                verify_full: a.verify_full,
+                dst_prefault: a.dst_prefault,
+                zstd_level: a.zstd_level,
+            };
+            let label = format!("{} {}:{}", w.as_str(), o, n);
+            let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label)?;
+            let rec = live::record(&args, &s, &d, reference);
+            if a.json {
+                emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+            }
+            records.push(rec);
+        }
+    }
+    if !a.json {
+        if let Some(r) = reference {
+            emit(&format!("reference: iperf3 single stream on loopback, same run: {:.2} Gbit/s", r * 8.0 / 1e9));
+        }
+        emit(live::table(&records).trim_end());
+    }
+    Ok(records.iter().all(|r| r.verified))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (who, r) = match cli.cmd {
+    let cmd = cli.cmd.unwrap_or_else(|| Cmd::Live(LiveArgs::default()));
+    let (who, r) = match cmd {
+        Cmd::Live(a) => ("migration-bench", live_cmd(a)),
+        Cmd::LiveSrc(a) => ("migration-bench live-src", live::src_main(&a).map(|()| true)),
+        Cmd::LiveDst { args, listen } => ("migration-bench live-dst", live::dst_main(&args, listen).map(|()| true)),
         Cmd::Stream(a) => ("migration-bench", stream_cmd(a)),
         Cmd::StreamSrc(a) => ("migration-bench stream-src", stream::src_main(&a).map(|()| true)),
         Cmd::StreamDst { args, listen } => {

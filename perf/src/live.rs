@@ -1,0 +1,728 @@
+//! `migration-bench live` (the default job): live migration of a synthetic guest between two
+//! processes with the real engine, one run per workload and transport option.
+//!
+//! ```text
+//!  driver                      live-dst                          live-src
+//!   | spawn -----------------> listen, "LISTENING addr"
+//!   | spawn --------------------------------------------------> map + fill guest, start writer,
+//!   |                                                           "READY"
+//!   | "GO addr" ----------------------------------------------> connect N channels, migrate
+//!   |                          receive, verify, commit, resume   "PROGRESS {..}" lines
+//!   |                          "RESULT {..}"                     "RESULT {..}"
+//! ```
+//!
+//! Every timing is compared with an iperf3 single stream measured in the same run; CPU time and
+//! peak RSS are each process's own (getrusage), and guest memory resident in each process is read
+//! from /proc/self/smaps so that the engine's extra memory can be told apart from the guest's.
+
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_migrate::server::{connect_simple, MigrationServer};
+use ferry_migrate::source::{migrate, MigrationConfig};
+use ferry_migrate::stats::{MigrationStats, Progress, Status};
+use ferry_migrate::target::{TargetConfig, TargetOutcome};
+use ferry_migrate::vm::SourceVm;
+use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
+use ferry_transport::memory::MemoryMap;
+use ferry_transport::pagemix::{Mix, PageKind};
+use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
+use ferry_transport::wire::PAGE_SIZE;
+use ferry_vmm_glue::synthetic::{SyntheticConfig, SyntheticFactory, SyntheticVm};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{BenchError, Result};
+use crate::procstat::Usage;
+use crate::stream::{die_with_parent, failed_on_its_own, hex, psk_from_env, read_line, reap, say, Watchdog, PSK_ENV};
+use crate::testbed::{in_netns, register_child};
+use crate::units::parse_size;
+
+fn parse_mix(s: &str) -> std::result::Result<Mix, String> {
+    s.parse()
+}
+
+/// Guest workload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Workload {
+    /// Nothing writes guest memory.
+    Idle,
+    /// A writer rewrites the working set at the dirty rate.
+    Busy,
+}
+
+impl Workload {
+    /// Name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Workload::Idle => "idle",
+            Workload::Busy => "busy",
+        }
+    }
+}
+
+/// What one migration run is (passed to both children on the command line).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LiveChildArgs {
+    /// Guest memory.
+    #[arg(long, value_parser = parse_size)]
+    pub size: u64,
+    /// Page mixture.
+    #[arg(long, value_parser = parse_mix)]
+    pub mix: Mix,
+    /// Seed of the contents.
+    #[arg(long)]
+    pub seed: u64,
+    /// Workload.
+    #[arg(long, value_enum)]
+    pub workload: Workload,
+    /// Working set of the busy writer.
+    #[arg(long, value_parser = parse_size)]
+    pub working_set: u64,
+    /// Dirty rate of the busy writer, bytes per second.
+    #[arg(long, value_parser = parse_size)]
+    pub dirty_rate: u64,
+    /// `tcp` or `zstd`.
+    #[arg(long)]
+    pub option: String,
+    /// Channels.
+    #[arg(long)]
+    pub channels: usize,
+    /// Downtime limit in milliseconds.
+    #[arg(long)]
+    pub downtime_ms: u64,
+    /// Destination re-reads all memory for the final check.
+    #[arg(long)]
+    pub verify_full: bool,
+    /// Destination prefaults guest memory while preparing.
+    #[arg(long)]
+    pub dst_prefault: bool,
+    /// zstd level.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    pub zstd_level: i32,
+}
+
+impl LiveChildArgs {
+    fn to_args(&self) -> Vec<String> {
+        let mut v = vec![
+            "--size".into(),
+            self.size.to_string(),
+            "--mix".into(),
+            self.mix.to_string(),
+            "--seed".into(),
+            self.seed.to_string(),
+            "--workload".into(),
+            self.workload.as_str().into(),
+            "--working-set".into(),
+            self.working_set.to_string(),
+            "--dirty-rate".into(),
+            self.dirty_rate.to_string(),
+            "--option".into(),
+            self.option.clone(),
+            "--channels".into(),
+            self.channels.to_string(),
+            "--downtime-ms".into(),
+            self.downtime_ms.to_string(),
+            "--zstd-level".into(),
+            self.zstd_level.to_string(),
+        ];
+        if self.verify_full {
+            v.push("--verify-full".into());
+        }
+        if self.dst_prefault {
+            v.push("--dst-prefault".into());
+        }
+        v
+    }
+
+    fn tcp_options(&self) -> Result<TcpOptions> {
+        match self.option.as_str() {
+            "tcp" => Ok(TcpOptions::default()),
+            "zstd" => Ok(TcpOptions { zstd_level: Some(self.zstd_level), ..TcpOptions::default() }),
+            o => Err(BenchError::Usage(format!("unknown transport option {o:?} (tcp, zstd)"))),
+        }
+    }
+}
+
+/// Per-channel numbers of a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChannelRecord {
+    /// Index.
+    pub index: u16,
+    /// Bytes on the wire.
+    pub wire_bytes: u64,
+    /// Batches.
+    pub batches: u64,
+    /// Batch latency percentiles (send to ack), microseconds: p50, p90, p99, max.
+    pub latency_us: [u64; 4],
+    /// Failed during the run.
+    pub failed: bool,
+}
+
+/// What the source process reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LiveSrcReport {
+    /// Final status.
+    pub status: String,
+    /// Error, if the migration failed.
+    pub error: Option<String>,
+    /// Milliseconds start to end.
+    pub total_ms: f64,
+    /// Milliseconds of setup.
+    pub setup_ms: f64,
+    /// Milliseconds of downtime (pause to `Resumed`).
+    pub downtime_ms: f64,
+    /// Expected downtime at the switchover decision.
+    pub expected_downtime_ms: f64,
+    /// Rounds.
+    pub rounds: u32,
+    /// Pages per round.
+    pub pages_per_round: Vec<u64>,
+    /// Bytes on the wire.
+    pub transferred_bytes: u64,
+    /// Zero pages sent as a bit.
+    pub zero_pages: u64,
+    /// Data pages.
+    pub data_pages: u64,
+    /// Dirty rate at the end, bytes/s.
+    pub dirty_rate_bps: f64,
+    /// Throttle in force at switchover.
+    pub throttle_pct: u8,
+    /// Image verified by the destination.
+    pub verified: bool,
+    /// Per channel.
+    pub channels: Vec<ChannelRecord>,
+    /// Events.
+    pub events: Vec<String>,
+    /// CPU seconds during the migration.
+    pub cpu_s: f64,
+    /// Peak RSS.
+    pub peak_rss_bytes: u64,
+    /// Guest memory resident in this process (non-zero pages of the guest).
+    pub guest_resident_bytes: u64,
+    /// Non-zero guest bytes (what must cross the wire at least once).
+    pub nonzero_guest_bytes: u64,
+    /// Seconds filling guest memory before the run.
+    pub fill_seconds: f64,
+}
+
+/// What the destination process reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LiveDstReport {
+    /// Received and committed.
+    pub ok: bool,
+    /// Error.
+    pub error: Option<String>,
+    /// Pages received.
+    pub pages: u64,
+    /// Bytes from the wire.
+    pub wire_bytes: u64,
+    /// Milliseconds spent verifying at switchover.
+    pub verify_ms: f64,
+    /// Verified.
+    pub verified: bool,
+    /// CPU seconds from the first connection to the end.
+    pub cpu_s: f64,
+    /// Peak RSS.
+    pub peak_rss_bytes: u64,
+    /// Guest memory resident at the end.
+    pub guest_resident_bytes: u64,
+}
+
+/// Bytes of this process's resident memory inside the given regions (from /proc/self/smaps).
+pub fn resident_in(map: &MemoryMap) -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/self/smaps") else { return 0 };
+    let ranges: Vec<(usize, usize)> =
+        map.regions().iter().map(|r| (r.host.as_ptr() as usize, r.host.as_ptr() as usize + r.len)).collect();
+    let mut total = 0u64;
+    let mut inside = false;
+    for line in text.lines() {
+        if let Some((range, _)) = line.split_once(' ') {
+            if let Some((a, b)) = range.split_once('-') {
+                if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                    inside = ranges.iter().any(|&(s, e)| a >= s && b <= e);
+                    continue;
+                }
+            }
+        }
+        if inside {
+            if let Some(v) = line.strip_prefix("Rss:") {
+                total += v.trim().trim_end_matches("kB").trim().parse::<u64>().unwrap_or(0) * 1024;
+            }
+        }
+    }
+    total
+}
+
+fn src_report(r: std::result::Result<MigrationStats, String>) -> LiveSrcReport {
+    let (st, error) = match r {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e)),
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    match st {
+        Some(s) => LiveSrcReport {
+            status: s.status.name().into(),
+            error,
+            total_ms: ms(s.total),
+            setup_ms: ms(s.setup),
+            downtime_ms: ms(s.downtime),
+            expected_downtime_ms: ms(s.expected_downtime),
+            rounds: s.rounds,
+            pages_per_round: s.pages_per_round.clone(),
+            transferred_bytes: s.transferred_bytes,
+            zero_pages: s.zero_pages,
+            data_pages: s.data_pages,
+            dirty_rate_bps: s.dirty_rate_bps,
+            throttle_pct: s.throttle_pct,
+            verified: s.verified,
+            channels: s
+                .channels
+                .iter()
+                .map(|c| ChannelRecord {
+                    index: c.index,
+                    wire_bytes: c.wire_bytes,
+                    batches: c.batches,
+                    latency_us: c.latency_us,
+                    failed: c.failed,
+                })
+                .collect(),
+            events: s.events.clone(),
+            cpu_s: 0.0,
+            peak_rss_bytes: 0,
+            guest_resident_bytes: 0,
+            nonzero_guest_bytes: 0,
+            fill_seconds: 0.0,
+        },
+        None => LiveSrcReport {
+            status: "failed".into(),
+            error,
+            total_ms: 0.0,
+            setup_ms: 0.0,
+            downtime_ms: 0.0,
+            expected_downtime_ms: 0.0,
+            rounds: 0,
+            pages_per_round: vec![],
+            transferred_bytes: 0,
+            zero_pages: 0,
+            data_pages: 0,
+            dirty_rate_bps: 0.0,
+            throttle_pct: 100,
+            verified: false,
+            channels: vec![],
+            events: vec![],
+            cpu_s: 0.0,
+            peak_rss_bytes: 0,
+            guest_resident_bytes: 0,
+            nonzero_guest_bytes: 0,
+            fill_seconds: 0.0,
+        },
+    }
+}
+
+/// The source process.
+pub fn src_main(a: &LiveChildArgs) -> Result<()> {
+    die_with_parent();
+    let psk = psk_from_env()?;
+    let opts = a.tcp_options()?;
+    let t = Instant::now();
+    let busy = a.workload == Workload::Busy;
+    let cfg = SyntheticConfig {
+        vm_id: format!("bench-{}", hex(&random_bytes::<4>())),
+        memory_bytes: a.size,
+        regions: 3,
+        mix: a.mix,
+        seed: a.seed,
+        image: None,
+        working_set_bytes: if busy { a.working_set } else { 0 },
+        dirty_rate_bps: a.dirty_rate,
+    };
+    let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
+    let fill_seconds = t.elapsed().as_secs_f64();
+    // Non-zero guest bytes, from the page mixture (what must cross the wire at least once).
+    let nonzero = (0..a.size / PAGE_SIZE as u64).filter(|&i| a.mix.kind(a.seed, i) != PageKind::Zero).count() as u64
+        * PAGE_SIZE as u64;
+    vm.resume().map_err(|e| BenchError::Usage(format!("starting the guest: {e}")))?;
+    say("READY")?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| BenchError::io("reading GO", e))?;
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("GO ")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| BenchError::Usage(format!("expected GO <addr>, got {line:?}")))?;
+    if busy {
+        // Let the writer reach its pace before the clock starts.
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let u0 = Usage::current()?;
+    let last = Mutex::new(Instant::now() - Duration::from_secs(1));
+    let progress = |p: &Progress| {
+        let Ok(mut l) = last.lock() else { return };
+        if l.elapsed() < Duration::from_millis(100) && p.status == Status::Active {
+            return;
+        }
+        *l = Instant::now();
+        let _ = say(&format!(
+            "PROGRESS {}",
+            serde_json::json!({
+                "status": p.status.name(), "round": p.round, "guest_bytes": p.guest_bytes,
+                "remaining_bytes": p.remaining_bytes, "pages_sent": p.pages_sent,
+                "transferred_bytes": p.transferred_bytes,
+                "expected_downtime_ms": p.expected_downtime.as_secs_f64() * 1e3,
+                "bandwidth_bps": p.bandwidth_bps, "dirty_rate_bps": p.dirty_rate_bps, "throttle_pct": p.throttle_pct,
+            })
+        ));
+    };
+    let mcfg = MigrationConfig {
+        downtime_limit: Duration::from_millis(a.downtime_ms),
+        verify_full: a.verify_full,
+        ..MigrationConfig::default()
+    };
+    let r = connect_simple(addr, a.channels, &opts, &psk)
+        .map_err(|e| e.to_string())
+        .and_then(|ch| migrate(&mut vm, ch, &mcfg, &progress).map_err(|e| e.to_string()));
+    let u = Usage::current()?.since(&u0);
+    let mut rep = src_report(r);
+    rep.cpu_s = u.cpu_s();
+    rep.peak_rss_bytes = u.peak_rss_bytes;
+    rep.guest_resident_bytes = resident_in(&vm.memory());
+    rep.nonzero_guest_bytes = nonzero;
+    rep.fill_seconds = fill_seconds;
+    say(&format!("RESULT {}", serde_json::to_string(&rep).map_err(|e| BenchError::Usage(e.to_string()))?))
+}
+
+/// The destination process.
+pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
+    die_with_parent();
+    let psk = psk_from_env()?;
+    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(10) };
+    let acc = TcpAcceptor::bind(listen, TcpOptions::default(), hs)?;
+    let factory = Arc::new(SyntheticFactory::new(a.size.saturating_mul(2).max(1 << 20), a.dst_prefault));
+    let srv = MigrationServer::new(acc, factory, TargetConfig::default());
+    let addr = srv.local_addr().map_err(|e| BenchError::Usage(e.to_string()))?;
+    say(&format!("LISTENING {addr}"))?;
+    let u0 = Usage::current()?;
+    let (tx, rx) = mpsc::channel::<std::result::Result<TargetOutcome, String>>();
+    let tx = Mutex::new(tx);
+    srv.serve(
+        Some(1),
+        Arc::new(move |r| {
+            if let Ok(t) = tx.lock() {
+                let _ = t.send(r.map_err(|e| e.to_string()));
+            }
+        }),
+    );
+    let u = Usage::current()?.since(&u0);
+    let rep = match rx.recv() {
+        Ok(Ok(o)) => LiveDstReport {
+            ok: true,
+            error: None,
+            pages: o.stats.pages,
+            wire_bytes: o.stats.wire_bytes,
+            verify_ms: o.stats.verify.as_secs_f64() * 1e3,
+            verified: o.stats.verified,
+            cpu_s: u.cpu_s(),
+            peak_rss_bytes: u.peak_rss_bytes,
+            guest_resident_bytes: resident_in(&o.vm.memory()),
+        },
+        Ok(Err(e)) => LiveDstReport {
+            ok: false,
+            error: Some(e),
+            pages: 0,
+            wire_bytes: 0,
+            verify_ms: 0.0,
+            verified: false,
+            cpu_s: u.cpu_s(),
+            peak_rss_bytes: u.peak_rss_bytes,
+            guest_resident_bytes: 0,
+        },
+        Err(_) => return Err(BenchError::Usage("the migration server ended without an outcome".into())),
+    };
+    say(&format!("RESULT {}", serde_json::to_string(&rep).map_err(|e| BenchError::Usage(e.to_string()))?))
+}
+
+fn draw_progress(p: &serde_json::Value, label: &str) {
+    let total = p["guest_bytes"].as_f64().unwrap_or(1.0).max(1.0);
+    let sent = p["pages_sent"].as_f64().unwrap_or(0.0) * 4096.0;
+    let frac = (sent / total).min(1.0);
+    let w = 30;
+    let fill = (frac * w as f64) as usize;
+    eprint!(
+        "\r{label:<14} [{}{}] {:>3.0}% round {:<2} {:>6.2} Gbit/s  dirty {:>6.1} MB/s  expected downtime {:>6.1} ms  {:<10}",
+        "#".repeat(fill),
+        " ".repeat(w - fill),
+        frac * 100.0,
+        p["round"].as_u64().unwrap_or(0),
+        p["bandwidth_bps"].as_f64().unwrap_or(0.0) * 8.0 / 1e9,
+        p["dirty_rate_bps"].as_f64().unwrap_or(0.0) / 1e6,
+        p["expected_downtime_ms"].as_f64().unwrap_or(0.0),
+        p["status"].as_str().unwrap_or(""),
+    );
+    let _ = std::io::stderr().flush();
+}
+
+/// Run one migration between two fresh processes.
+pub fn run(exe: &Path, a: &LiveChildArgs, timeout: Duration, label: &str) -> Result<(LiveSrcReport, LiveDstReport)> {
+    let psk: [u8; 32] = random_bytes();
+    let args = a.to_args();
+    let mut dst = in_netns(None, exe)
+        .arg("live-dst")
+        .args(&args)
+        .args(["--listen", "127.0.0.1:0"])
+        .env(PSK_ENV, hex(&psk))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| BenchError::io("starting live-dst", e))?;
+    register_child(dst.id());
+    let mut src = match in_netns(None, exe)
+        .arg("live-src")
+        .args(&args)
+        .env(PSK_ENV, hex(&psk))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = dst.kill();
+            let _ = reap(&mut dst, "destination");
+            return Err(BenchError::io("starting live-src", e));
+        }
+    };
+    register_child(src.id());
+    let dog = Watchdog::start(vec![dst.id(), src.id()], timeout);
+    let tty = std::io::stderr().is_terminal();
+    let result = (|| -> Result<(LiveSrcReport, LiveDstReport)> {
+        let mut dout = BufReader::new(
+            dst.stdout.take().ok_or(BenchError::Child { role: "destination", detail: "no stdout".into() })?,
+        );
+        let mut sout =
+            BufReader::new(src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?);
+        let addr = read_line(&mut dout, "LISTENING ", "destination")?;
+        read_line(&mut sout, "READY", "source")?;
+        {
+            let mut sin = src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?;
+            writeln!(sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
+        }
+        let s = loop {
+            let mut line = String::new();
+            let n = sout.read_line(&mut line).map_err(|e| BenchError::io("reading the source", e))?;
+            if n == 0 {
+                return Err(BenchError::Child { role: "source", detail: "exited without a result".into() });
+            }
+            if let Some(p) = line.trim().strip_prefix("PROGRESS ") {
+                if tty {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(p) {
+                        draw_progress(&v, label);
+                    }
+                }
+            } else if let Some(r) = line.trim().strip_prefix("RESULT ") {
+                break r.to_string();
+            }
+        };
+        if tty {
+            eprint!("\r{:150}\r", "");
+        }
+        let d = read_line(&mut dout, "RESULT ", "destination")?;
+        let s: LiveSrcReport = serde_json::from_str(&s)
+            .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
+        let d: LiveDstReport = serde_json::from_str(&d)
+            .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
+        let _ = sout.read_to_end(&mut Vec::new());
+        let _ = dout.read_to_end(&mut Vec::new());
+        Ok((s, d))
+    })();
+    if let Err(e) = result {
+        let own = failed_on_its_own(&mut src, "source").or_else(|| failed_on_its_own(&mut dst, "destination"));
+        let _ = src.kill();
+        let _ = dst.kill();
+        let _ = reap(&mut src, "source");
+        let _ = reap(&mut dst, "destination");
+        if dog.finish() {
+            return Err(BenchError::Timeout(timeout.as_secs()));
+        }
+        return Err(own.unwrap_or(e));
+    }
+    let se = reap(&mut src, "source");
+    let de = reap(&mut dst, "destination");
+    if dog.finish() {
+        return Err(BenchError::Timeout(timeout.as_secs()));
+    }
+    se?;
+    de?;
+    result
+}
+
+/// One result of `migration-bench live`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LiveRecord {
+    /// Always "live".
+    pub bench: String,
+    /// `tcp` or `zstd`.
+    pub option: String,
+    /// Channels.
+    pub channels: usize,
+    /// `idle` or `busy`.
+    pub workload: String,
+    /// Guest memory.
+    pub guest_bytes: u64,
+    /// Non-zero guest bytes.
+    pub nonzero_guest_bytes: u64,
+    /// Final status.
+    pub status: String,
+    /// Error, if any.
+    pub error: Option<String>,
+    /// Start to end (connect, prepare, rounds, switchover, commit).
+    pub total_ms: f64,
+    /// Connect + prepare.
+    pub setup_ms: f64,
+    /// Source pause to destination resume (as seen by the source).
+    pub downtime_ms: f64,
+    /// Downtime expected at the switchover decision.
+    pub expected_downtime_ms: f64,
+    /// Rounds.
+    pub rounds: u32,
+    /// Pages per round.
+    pub pages_per_round: Vec<u64>,
+    /// Bytes on the wire.
+    pub transferred_bytes: u64,
+    /// Zero pages (a bit each).
+    pub zero_pages: u64,
+    /// Guest bytes per second over the whole migration.
+    pub throughput_bps: f64,
+    /// The destination verified the image against the source's digest.
+    pub verified: bool,
+    /// `"iperf3"` or `"none"`.
+    pub reference: String,
+    /// iperf3 single stream, same run, bytes per second.
+    pub reference_bps: Option<f64>,
+    /// `total_ms / (nonzero_guest_bytes / reference_bps)`: 1.0 = as fast as iperf3 moving only
+    /// the non-zero bytes.
+    pub total_vs_reference: Option<f64>,
+    /// Source CPU seconds.
+    pub src_cpu_s: f64,
+    /// Destination CPU seconds.
+    pub dst_cpu_s: f64,
+    /// Peak RSS per side.
+    pub peak_rss_bytes: PeakRss,
+    /// Peak RSS of both sides minus twice the guest memory: what the engine, buffers and tables
+    /// cost beyond the guest (negative if part of the guest was never touched).
+    pub extra_memory_bytes: i64,
+    /// Throttle at switchover.
+    pub throttle_pct: u8,
+    /// Per channel.
+    pub per_channel: Vec<ChannelRecord>,
+    /// Events.
+    pub events: Vec<String>,
+}
+
+/// Peak RSS of each side.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+pub struct PeakRss {
+    /// Source.
+    pub src: u64,
+    /// Destination.
+    pub dst: u64,
+}
+
+/// Combine the two reports.
+pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference_bps: Option<f64>) -> LiveRecord {
+    let extra = s.peak_rss_bytes as i64 + d.peak_rss_bytes as i64 - 2 * a.size as i64;
+    LiveRecord {
+        bench: "live".into(),
+        option: a.option.clone(),
+        channels: a.channels,
+        workload: a.workload.as_str().into(),
+        guest_bytes: a.size,
+        nonzero_guest_bytes: s.nonzero_guest_bytes,
+        status: s.status.clone(),
+        error: s.error.clone().or_else(|| d.error.clone()),
+        total_ms: s.total_ms,
+        setup_ms: s.setup_ms,
+        downtime_ms: s.downtime_ms,
+        expected_downtime_ms: s.expected_downtime_ms,
+        rounds: s.rounds,
+        pages_per_round: s.pages_per_round.clone(),
+        transferred_bytes: s.transferred_bytes,
+        zero_pages: s.zero_pages,
+        throughput_bps: if s.total_ms > 0.0 { a.size as f64 / (s.total_ms / 1e3) } else { 0.0 },
+        verified: s.verified && d.verified,
+        reference: if reference_bps.is_some() { "iperf3".into() } else { "none".into() },
+        reference_bps,
+        total_vs_reference: reference_bps
+            .filter(|r| *r > 0.0 && s.total_ms > 0.0)
+            .map(|r| s.total_ms / 1e3 / (s.nonzero_guest_bytes as f64 / r)),
+        src_cpu_s: s.cpu_s,
+        dst_cpu_s: d.cpu_s,
+        peak_rss_bytes: PeakRss { src: s.peak_rss_bytes, dst: d.peak_rss_bytes },
+        extra_memory_bytes: extra,
+        throttle_pct: s.throttle_pct,
+        per_channel: s.channels.clone(),
+        events: s.events.clone(),
+    }
+}
+
+/// The table of a live run.
+pub fn table(records: &[LiveRecord]) -> String {
+    let mut t = crate::report::Table::new(&[
+        "workload",
+        "option",
+        "ch",
+        "total ms",
+        "vs iperf3",
+        "downtime ms",
+        "rounds",
+        "GB wire",
+        "Gbit/s guest",
+        "src cpu",
+        "dst cpu",
+        "extra MiB",
+        "verified",
+    ]);
+    for r in records {
+        t.row(vec![
+            r.workload.clone(),
+            r.option.clone(),
+            r.channels.to_string(),
+            format!("{:.0}", r.total_ms),
+            r.total_vs_reference.map_or("-".into(), |v| format!("{v:.2}x")),
+            format!("{:.1}", r.downtime_ms),
+            r.rounds.to_string(),
+            format!("{:.2}", r.transferred_bytes as f64 / 1e9),
+            format!("{:.2}", r.throughput_bps * 8.0 / 1e9),
+            format!("{:.2}", r.src_cpu_s),
+            format!("{:.2}", r.dst_cpu_s),
+            format!("{:.0}", r.extra_memory_bytes as f64 / (1 << 20) as f64),
+            if r.verified { "yes".into() } else { format!("NO ({})", r.error.clone().unwrap_or_default()) },
+        ]);
+    }
+    let mut out = t.render();
+    let mut lt = crate::report::Table::new(&[
+        "workload", "option", "ch", "channel", "batches", "MB wire", "p50 us", "p90 us", "p99 us", "max us",
+    ]);
+    for r in records {
+        for c in &r.per_channel {
+            lt.row(vec![
+                r.workload.clone(),
+                r.option.clone(),
+                r.channels.to_string(),
+                c.index.to_string(),
+                c.batches.to_string(),
+                format!("{:.1}", c.wire_bytes as f64 / 1e6),
+                c.latency_us[0].to_string(),
+                c.latency_us[1].to_string(),
+                c.latency_us[2].to_string(),
+                c.latency_us[3].to_string(),
+            ]);
+        }
+    }
+    out.push_str("\nbatch latency per channel (send to ack):\n");
+    out.push_str(&lt.render());
+    out
+}
