@@ -150,6 +150,14 @@ pub enum RdmaError {
         /// Vendor error.
         vendor_err: u32,
     },
+    /// Outstanding work requests made no progress.
+    #[error("no RDMA completion for {secs:.1} s (control stream {})", if *control_alive { "alive" } else { "gone" })]
+    Stalled {
+        /// Seconds waited.
+        secs: f32,
+        /// Whether the control stream was still up.
+        control_alive: bool,
+    },
     /// The peer's queue pair or region table is unusable.
     #[error("bad peer setup: {0}")]
     BadPeer(&'static str),

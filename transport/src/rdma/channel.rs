@@ -37,6 +37,10 @@ pub(crate) struct Shared {
 #[derive(Default)]
 pub(crate) struct TableState {
     pub remote: Option<Vec<RemoteRegion>>,
+    /// Announcements we may still send (receives the peer has posted for us).
+    pub credits: u64,
+    /// Receives the peer posted in all (credits never exceed it).
+    pub credit_cap: u32,
     pub dead: Option<String>,
 }
 
@@ -108,6 +112,7 @@ pub struct RdmaTx {
     pub(crate) may_send_batches: bool,
     pub(crate) max_inflight: usize,
     pub(crate) sq_depth: usize,
+    pub(crate) stall_timeout: Duration,
     // Registered buffers for batch announcements, one per in-flight batch.
     pub(crate) msgbuf: AnonMemory,
     pub(crate) msgbuf_mr: Arc<MemoryRegion>,
@@ -131,6 +136,7 @@ impl RdmaTx {
         may_send_batches: bool,
         max_inflight: usize,
         sq_depth: usize,
+        stall_timeout: Duration,
     ) -> Result<Self> {
         let msgbuf = AnonMemory::new(max_inflight * MSG_BUF, true)
             .map_err(|_| RdmaError::Memory("cannot map announcement buffers"))?;
@@ -146,6 +152,7 @@ impl RdmaTx {
             may_send_batches,
             max_inflight,
             sq_depth,
+            stall_timeout,
             msgbuf,
             msgbuf_mr,
             src_mrs: Vec::new(),
@@ -167,8 +174,12 @@ impl RdmaTx {
     }
 
     /// Reap completions; with `block`, wait until at least one signaled request completed.
+    /// Outstanding work that makes no progress for `stall_timeout` (or for a second after the
+    /// control stream died) fails the channel: a peer whose queue pair broke without telling
+    /// (soft-RoCE keeps quiet) must not hang the sender.
     fn reap(&mut self, block: bool) -> Result<()> {
         let mut b = Backoff(0);
+        let since = std::time::Instant::now();
         loop {
             self.wcs.clear();
             verbs::poll(&self.send_cq, &mut self.wcs)?;
@@ -194,6 +205,12 @@ impl RdmaTx {
                 return Ok(());
             }
             self.check_alive()?;
+            let waited = since.elapsed();
+            let dead = lock(&self.shared.table).dead.is_some();
+            if waited > self.stall_timeout || (dead && waited > Duration::from_secs(1)) {
+                lock(&self.conn.qp).set_error();
+                return Err(RdmaError::Stalled { secs: waited.as_secs_f32(), control_alive: !dead }.into());
+            }
             b.wait();
         }
     }
@@ -285,11 +302,28 @@ impl RdmaTx {
         Ok(lkey)
     }
 
+    /// Take one credit, waiting for the destination to return some.
+    fn take_credit(&self) -> Result<()> {
+        let mut t = lock(&self.shared.table);
+        loop {
+            if t.credits > 0 {
+                t.credits -= 1;
+                return Ok(());
+            }
+            if t.dead.is_some() {
+                return Err(TransportError::Closed);
+            }
+            self.check_alive()?;
+            t = self.shared.cond.wait_timeout(t, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
     /// Post a batch announcement (SEND of `msg`, at most [`MSG_BUF`] bytes), after `self.wrs`.
     fn post_announcement(&mut self, msg: &[u8]) -> Result<()> {
         if msg.len() > MSG_BUF {
             return Err(TransportError::InvalidBatch("batch header larger than the announcement buffer"));
         }
+        self.take_credit()?;
         // Wait for a free announcement slot (slot n % K was last used by batch n - K).
         while self.inflight_batches >= self.max_inflight {
             self.reap(true)?;
@@ -454,6 +488,8 @@ pub struct RdmaRx {
     sink: Option<(Vec<(usize, usize)>, Vec<Arc<MemoryRegion>>)>,
     pending: Option<Result<Incoming>>,
     ready: VecDeque<Result<Incoming>>,
+    /// Receives reposted whose credit has not been returned yet.
+    unreturned: u32,
     ended: bool,
     msg: Vec<u8>,
     wcs: Vec<Wc>,
@@ -485,6 +521,7 @@ impl RdmaRx {
             sink: None,
             pending: None,
             ready: VecDeque::new(),
+            unreturned: 0,
             ended: false,
             msg: Vec::with_capacity(MSG_BUF),
             wcs: Vec::new(),
@@ -637,7 +674,15 @@ impl RdmaRx {
         // SAFETY: the receive into this slot completed, the device no longer writes it; n is at
         // most the slot size.
         unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), self.msg.as_mut_ptr(), n) };
-        self.post_slot(wc.wr_id)
+        self.post_slot(wc.wr_id)?;
+        self.unreturned += 1;
+        if self.unreturned as usize >= (self.rq_depth / 4).max(1) {
+            let mut m = [super::TAG_CREDIT, 0, 0, 0, 0];
+            m[1..].copy_from_slice(&self.unreturned.to_le_bytes());
+            lock(&self.ctl).send_control(&m)?;
+            self.unreturned = 0;
+        }
+        Ok(())
     }
 }
 

@@ -42,11 +42,15 @@
 //!   length, runs inside the sink) and returns [`Incoming::Batch`]. Zero pages are never
 //!   written: with `BATCH_DEST_ZEROED` nothing happens, otherwise the destination zeroes them
 //!   itself (the announcement's bitmap says which) instead of moving 4 KiB of zeros.
-//! - **Bounds.** At most `max_inflight_batches` announcements outstanding (each has its own
-//!   registered 16 KiB buffer), at most `sq_depth` work requests in the send queue (posted in
-//!   chunks of 64, the last one of each signaled), `rq_depth` receives posted. A destination
-//!   that stops reading runs out of posted receives: the sender's SEND gets receiver-not-ready
-//!   NAKs and is retried (rnr_retry = infinite), its queue fills and `send_batch` blocks.
+//! - **Bounds and backpressure.** At most `max_inflight_batches` announcements outstanding (each
+//!   has its own registered 16 KiB buffer), at most `sq_depth` work requests in the send queue
+//!   (posted in chunks of 64, the last one of each signaled), `rq_depth` receives posted. The
+//!   sender holds one credit per receive the destination posted (told in the queue pair
+//!   exchange) and spends one per announcement; the destination reposts a receive when its
+//!   `recv` consumes an announcement and returns credits in `Control[TAG_CREDIT]` every
+//!   `rq_depth / 4`. A destination that stops reading stops returning credits and `send_batch`
+//!   blocks: receiver-not-ready NAKs never happen in normal operation, so the QP retries them
+//!   only a few times and a peer that sends them anyway fails the channel instead of hanging it.
 //! - **Control** messages of the layer above, acks, goodbye and abort go on the TCP stream.
 //!   Control messages carry a one-byte tag (so the limit is `MAX_CONTROL_LEN - 1`), and
 //!   `send_control` first waits for every batch posted before it to complete, so the peer sees
@@ -57,6 +61,10 @@
 //!   stream becomes a [`TransportError`] (`Rdma(..)`, `Closed`, ...), never a panic. The
 //!   channel's killer shuts the control stream and moves the QP to the error state.
 //!   [`RdmaChannel::qp_fault`] moves only the QP to the error state (fault injection).
+//! - **Stalls.** Soft-RoCE does not always fail the work requests aimed at a peer whose queue
+//!   pair went to the error state (the requester can wait forever), so outstanding work that
+//!   completes nothing for `completion_timeout` (or for a second once the control stream died)
+//!   fails the channel with [`RdmaError::Stalled`].
 //! - **Waiting.** Completions are polled with a short spin, then yields, then sleeps of at most
 //!   200 us (soft-RoCE does its work in the kernel on the same CPUs; a hard busy poll would slow
 //!   it). Event-driven waits (completion channels) are a later improvement.
@@ -108,6 +116,8 @@ pub(crate) const TAG_USER: u8 = 0;
 pub(crate) const TAG_REGIONS: u8 = 1;
 /// Control tag: queue pair info.
 pub(crate) const TAG_QP: u8 = 2;
+/// Control tag: receive credits returned by the destination (u32 count).
+pub(crate) const TAG_CREDIT: u8 = 3;
 /// Most regions in a region table.
 pub(crate) const MAX_REGIONS: usize = 4096;
 const REGION_LEN: usize = 8 + 8 + 8 + 4;
@@ -194,6 +204,8 @@ pub struct RdmaOptions {
     pub rq_depth: u32,
     /// Time allowed for the queue pair exchange after the handshake.
     pub setup_timeout: Duration,
+    /// Outstanding RDMA work that completes nothing for this long fails the channel.
+    pub completion_timeout: Duration,
 }
 
 impl RdmaOptions {
@@ -208,6 +220,7 @@ impl RdmaOptions {
             sq_depth: 1024,
             rq_depth: 32,
             setup_timeout: Duration::from_secs(5),
+            completion_timeout: Duration::from_secs(10),
         }
     }
 
@@ -216,6 +229,9 @@ impl RdmaOptions {
         let dev = std::env::var("FERRY_RDMA_DEVICE").ok().filter(|s| !s.is_empty())?;
         let mut o = Self::new(dev);
         o.gid_index = std::env::var("FERRY_RDMA_GID").ok().and_then(|s| s.parse().ok());
+        if let Some(n) = std::env::var("FERRY_RDMA_INFLIGHT").ok().and_then(|s| s.parse().ok()) {
+            o.max_inflight_batches = n;
+        }
         Some(o)
     }
 }
@@ -312,6 +328,18 @@ fn reader(mut rx: StreamRx, shared: Arc<channel::Shared>, out: mpsc::Sender<Resu
                     }
                     Err(e) => (Err(e.into()), true),
                 },
+                Some(&TAG_CREDIT) if m.len() == 5 => {
+                    let n = u32::from_le_bytes([m[1], m[2], m[3], m[4]]);
+                    let mut g = verbs::lock(&shared.table);
+                    g.credits = g.credits.saturating_add(u64::from(n));
+                    if g.credits > u64::from(g.credit_cap) {
+                        drop(g);
+                        (Err(RdmaError::BadPeer("more credits than posted receives").into()), true)
+                    } else {
+                        shared.cond.notify_all();
+                        continue;
+                    }
+                }
                 _ => (Err(RdmaError::BadPeer("unknown control tag").into()), true),
             },
             Ok(Incoming::Batch(_)) => (Err(WireError::Unexpected(FrameKind::PageBatch).into()), true),
@@ -364,7 +392,7 @@ fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) ->
     let rq_depth = opts.rq_depth.clamp(2, dev.max_qp_wr);
     let max_inflight = opts.max_inflight_batches.clamp(1, rq_depth as usize);
     let (mut qp, cqs) = verbs::create_qp(&dev, sq_depth, rq_depth)?;
-    let mine = qp.info(&dev);
+    let mine = qp.info(&dev, rq_depth);
     let mut m = vec![TAG_QP];
     m.extend_from_slice(&mine.encode());
     ctl_tx.send_control(&m)?;
@@ -373,11 +401,16 @@ fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) ->
     let qp = Arc::new(Mutex::new(qp));
     let conn = Arc::new(channel::Conn { sock: sock.try_clone()?, qp: Arc::clone(&qp), dev });
     let shared = channel::Shared::new();
+    {
+        let mut t = verbs::lock(&shared.table);
+        t.credits = u64::from(theirs.recvs);
+        t.credit_cap = theirs.recvs;
+    }
     let ctl = Arc::new(Mutex::new(ctl_tx));
     let (ev_tx, ev_rx) = mpsc::channel();
     // Receives are posted (RdmaRx::new) before the peer can learn our region table.
     let rx = RdmaRx::new(Arc::clone(&conn), Arc::clone(&ctl), ev_rx, cqs.recv, !source, rq_depth as usize)?;
-    let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, source, max_inflight, sq_depth as usize)?;
+    let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, source, max_inflight, sq_depth as usize, opts.completion_timeout)?;
     {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()

@@ -114,10 +114,12 @@ pub(crate) struct QpInfo {
     pub psn: u32,
     pub gid: [u8; 16],
     pub mtu: u32,
+    /// Receives posted for announcements: the sender's initial credit.
+    pub recvs: u32,
 }
 
 impl QpInfo {
-    pub const LEN: usize = 4 + 4 + 16 + 4;
+    pub const LEN: usize = 4 + 4 + 16 + 4 + 4;
 
     pub fn encode(&self) -> [u8; Self::LEN] {
         let mut b = [0u8; Self::LEN];
@@ -125,6 +127,7 @@ impl QpInfo {
         b[4..8].copy_from_slice(&self.psn.to_le_bytes());
         b[8..24].copy_from_slice(&self.gid);
         b[24..28].copy_from_slice(&self.mtu.to_le_bytes());
+        b[28..32].copy_from_slice(&self.recvs.to_le_bytes());
         b
     }
 
@@ -135,7 +138,10 @@ impl QpInfo {
         let u = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
         let mut gid = [0u8; 16];
         gid.copy_from_slice(&b[8..24]);
-        let info = Self { qpn: u(0), psn: u(4), gid, mtu: u(24) };
+        let info = Self { qpn: u(0), psn: u(4), gid, mtu: u(24), recvs: u(28) };
+        if info.recvs == 0 || info.recvs > 1 << 16 {
+            return Err(RdmaError::BadPeer("receive count out of range"));
+        }
         if info.qpn == 0 || info.qpn > 0xff_ffff || info.psn > 0xff_ffff {
             return Err(RdmaError::BadPeer("queue pair number or PSN out of range"));
         }
@@ -198,8 +204,8 @@ pub(crate) fn create_qp(dev: &Device, sq_depth: u32, rq_depth: u32) -> Result<(Q
 }
 
 impl Qp {
-    pub fn info(&self, dev: &Device) -> QpInfo {
-        QpInfo { qpn: self.qp.qp_number(), psn: self.psn, gid: dev.gid, mtu: dev.mtu }
+    pub fn info(&self, dev: &Device, recvs: u32) -> QpInfo {
+        QpInfo { qpn: self.qp.qp_number(), psn: self.psn, gid: dev.gid, mtu: dev.mtu, recvs }
     }
 
     /// INIT -> RTR -> RTS towards `peer`.
@@ -228,8 +234,9 @@ impl Qp {
             // ~67 ms per transport retry, 7 retries: a dead peer is noticed in about half a second.
             .setup_timeout(14)
             .setup_retry_cnt(7)
-            // Receiver not ready (no receive posted): retry forever; that is backpressure.
-            .setup_rnr_retry(7)
+            // Receiver not ready: cannot happen while the sender respects its credits; a few
+            // retries, then an error (a broken peer must not hang the sender).
+            .setup_rnr_retry(6)
             .setup_max_read_atomic(0);
         self.qp.modify(&attr).map_err(|e| verbs("ibv_modify_qp(RTS)", &e))?;
         Ok(())
