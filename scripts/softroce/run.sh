@@ -6,7 +6,8 @@
 #
 # Usage (root, Debian 12; installs what it needs with apt-get):
 #   scripts/softroce/run.sh [--size BYTES] [--seconds N] [--iters N] [--timeout SECONDS]
-#   (--seconds: our measurement; --iters: ib_write_bw's message count)
+#   (--seconds: one run of ours; --iters: ib_write_bw's message count; --rounds: alternating
+#   runs of each, medians compared)
 # Environment:
 #   CARGO_TARGET_DIR          where cargo builds (default: <repo>/target)
 #   FERRY_SOFTROCE_CACHE      kernel package cache (default: /var/cache/ferry-softroce)
@@ -18,8 +19,9 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 size=1048576
-seconds=5
-iters=100
+seconds=4
+iters=40
+rounds=5
 tests="${FERRY_SOFTROCE_TESTS:-}"
 timeout_s=330
 while [ $# -gt 0 ]; do
@@ -27,6 +29,7 @@ while [ $# -gt 0 ]; do
         --size) size="$2"; shift 2 ;;
         --seconds) seconds="$2"; shift 2 ;;
         --iters) iters="$2"; shift 2 ;;
+        --rounds) rounds="$2"; shift 2 ;;
         --timeout) timeout_s="$2"; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
@@ -77,7 +80,7 @@ ird="$build/initramfs"
 rm -rf "$ird"
 mkdir -p "$ird"/{bin,sbin,usr/bin,usr/sbin,etc/libibverbs.d,proc,sys,dev,tmp,run,tests,lib/modules/$kver}
 cp /bin/busybox "$ird/bin/busybox"
-for a in sh mount mkdir cat echo sleep grep awk sed cut tr head tail poweroff ln ls modprobe insmod timeout seq date kill wc; do
+for a in sh mount mkdir cat echo sleep grep awk sed cut tr head tail poweroff ln ls modprobe insmod timeout seq date kill wc sort printf; do
     ln -sf busybox "$ird/bin/$a"
 done
 copy_with_libs() { # copy binaries and every library ldd lists, at the same paths
@@ -124,8 +127,8 @@ cat > "$ird/init" <<EOF
 SIZE=$size
 SECS=$seconds
 ITERS=$iters
+ROUNDS=$rounds
 TESTS="$tests"
-EXPERIMENT="${FERRY_SOFTROCE_EXPERIMENT:-}"
 EOF
 cat >> "$ird/init" <<'EOF'
 export PATH=/bin:/usr/bin:/sbin:/usr/sbin
@@ -150,40 +153,46 @@ done
 [ -n "$GID" ] || fail "no IPv4 GID on rxe0"
 echo "rxe0 ready, GID index $GID"
 
-echo "=== ib_write_bw -s $SIZE -n $ITERS -t 16 (reference)"
-ib_write_bw -d rxe0 -x $GID -s $SIZE -n $ITERS -t 16 --report_gbits > /tmp/ibw_srv.txt 2>&1 &
-SRV=$!
-sleep 1
-ib_write_bw -d rxe0 -x $GID -s $SIZE -n $ITERS -t 16 --report_gbits 169.254.77.1 > /tmp/ibw.txt 2>&1
-IBRC=$?
-wait $SRV
-cat /tmp/ibw.txt
-REF=$(awk -v s=$SIZE '$1==s {print $4}' /tmp/ibw.txt | tail -1)
-[ $IBRC -eq 0 ] && [ -n "$REF" ] || fail "ib_write_bw failed"
-
 export FERRY_RDMA_DEVICE=rxe0 FERRY_RDMA_GID=$GID RUST_BACKTRACE=1
 echo "=== rdma conformance and fault tests"
 /tests/conformance_rdma --test-threads=1 --nocapture $TESTS
 TRC=$?
-echo "=== rdma_bw --size $SIZE --seconds $SECS"
-/tests/rdma_bw --size $SIZE --seconds $SECS > /tmp/bw.txt 2>&1
-BRC=$?
-cat /tmp/bw.txt
-if [ -n "$EXPERIMENT" ]; then
-    for n in 4 16 32; do FERRY_RDMA_INFLIGHT=$n /tests/rdma_bw --size $SIZE --seconds $SECS | grep '^{'; done
-    ib_write_bw -d rxe0 -x $GID -s $SIZE -n $ITERS -t 8 --report_gbits > /dev/null 2>&1 &
-    sleep 1; ib_write_bw -d rxe0 -x $GID -s $SIZE -n $ITERS -t 8 --report_gbits 169.254.77.1 | grep -A1 '#bytes'
-    wait
-fi
-OURS=$(grep '^{"bench":"rdma_bw"' /tmp/bw.txt | sed 's/.*"gbps":\([0-9.]*\).*/\1/')
-[ -n "$OURS" ] || OURS=0
+# Throughput: ib_write_bw (reference) and ours alternate, ROUNDS times each, same message size;
+# the medians are compared (the host is shared: single runs under TCG are noisy).
+ref_run() {
+    ib_write_bw -d rxe0 -x $GID -s $SIZE -n $ITERS -t 16 --report_gbits > /tmp/ibw_srv.txt 2>&1 &
+    SRV=$!
+    sleep 1
+    ib_write_bw -d rxe0 -x $GID -s $SIZE -n $ITERS -t 16 --report_gbits 169.254.77.1 > /tmp/ibw.txt 2>&1
+    R=$?
+    wait $SRV
+    [ $R -eq 0 ] || { cat /tmp/ibw.txt; return 1; }
+    awk -v s=$SIZE '$1==s {print $4}' /tmp/ibw.txt | tail -1
+}
+our_run() {
+    /tests/rdma_bw --size $SIZE --seconds $SECS > /tmp/bw.txt 2>&1 || { cat /tmp/bw.txt; return 1; }
+    grep '^{"bench":"rdma_bw"' /tmp/bw.txt | sed 's/.*"gbps":\([0-9.]*\).*/\1/'
+}
+median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END { if (NR == 0) print 0; else if (NR % 2) print v[(NR+1)/2]; else printf "%.6f\n", (v[NR/2]+v[NR/2+1])/2 }'; }
+echo "=== throughput: ib_write_bw -s $SIZE -n $ITERS -t 16 vs rdma_bw --size $SIZE --seconds $SECS, $ROUNDS rounds"
+REFS=""; OURS_L=""; BRC=0
+for r in $(seq 1 $ROUNDS); do
+    v=$(ref_run) || { echo "$v"; fail "ib_write_bw failed"; }
+    REFS="$REFS $v"
+    w=$(our_run) || { echo "$w"; BRC=1; w=0; }
+    OURS_L="$OURS_L $w"
+    echo "round $r: ib_write_bw $v Gb/s, ferry rdma $w Gb/s"
+done
+REF=$(echo $REFS | median)
+OURS=$(echo $OURS_L | median)
 RATIO=$(awk -v a=$OURS -v b=$REF 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "0" }')
-echo "=== soft-RoCE throughput, message size $SIZE bytes"
-printf '%-22s %12s\n' "what" "Gb/s"
-printf '%-22s %12s\n' "ib_write_bw" "$REF"
-printf '%-22s %12s\n' "ferry rdma (WRITE)" "$OURS"
+echo "=== soft-RoCE throughput, message size $SIZE bytes (median of $ROUNDS)"
+printf '%-22s %12s   %s\n' "what" "Gb/s" "samples"
+printf '%-22s %12s   %s\n' "ib_write_bw" "$REF" "$REFS"
+printf '%-22s %12s   %s\n' "ferry rdma (WRITE)" "$OURS" "$OURS_L"
 printf '%-22s %12s\n' "ratio" "$RATIO"
-echo "SOFTROCE_JSON={\"msg_bytes\":$SIZE,\"ib_write_bw_gbps\":$REF,\"ferry_rdma_gbps\":$OURS,\"ratio\":$RATIO,\"tests_rc\":$TRC,\"bench_rc\":$BRC}"
+J_REFS=$(echo $REFS | tr ' ' ','); J_OURS=$(echo $OURS_L | tr ' ' ',')
+echo "SOFTROCE_JSON={\"msg_bytes\":$SIZE,\"ib_write_bw_gbps\":$REF,\"ferry_rdma_gbps\":$OURS,\"ratio\":$RATIO,\"ib_write_bw_samples\":[$J_REFS],\"ferry_rdma_samples\":[$J_OURS],\"tests_rc\":$TRC,\"bench_rc\":$BRC}"
 RC=0
 [ $TRC -eq 0 ] || RC=1
 [ $BRC -eq 0 ] || RC=1

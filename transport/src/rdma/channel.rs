@@ -73,9 +73,10 @@ impl Drop for Conn {
     }
 }
 
-/// Waits with a short spin, then yields, then sleeps up to 200 us: completions under soft-RoCE
-/// take tens of microseconds, and a busy poller would steal the CPU the kernel needs to move the
-/// data (rxe runs in softirq context on the same cores).
+/// Waits with a short spin, then yields, then sleeps growing to 1 ms (receivers: 2 ms): the
+/// backoff restarts at every event, so a busy channel polls tightly, while an idle one (or one
+/// under soft-RoCE, where a batch takes many milliseconds) leaves the CPU to the kernel, which
+/// moves the data there (rxe runs in softirq context on the same cores).
 struct Backoff(u32);
 
 impl Backoff {
@@ -86,13 +87,13 @@ impl Backoff {
         } else if self.0 < 64 {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(u64::from((self.0 - 60).min(200))));
+            std::thread::sleep(Duration::from_micros(u64::from((self.0 - 60) * 10).min(1000)));
         }
     }
 
     fn timeout(&mut self) -> Duration {
         self.0 = self.0.saturating_add(1);
-        Duration::from_micros(u64::from(self.0.clamp(10, 500)))
+        Duration::from_micros(u64::from(self.0.saturating_mul(20).clamp(10, 2000)))
     }
 }
 

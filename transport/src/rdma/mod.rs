@@ -65,9 +65,10 @@
 //!   pair went to the error state (the requester can wait forever), so outstanding work that
 //!   completes nothing for `completion_timeout` (or for a second once the control stream died)
 //!   fails the channel with [`RdmaError::Stalled`].
-//! - **Waiting.** Completions are polled with a short spin, then yields, then sleeps of at most
-//!   200 us (soft-RoCE does its work in the kernel on the same CPUs; a hard busy poll would slow
-//!   it). Event-driven waits (completion channels) are a later improvement.
+//! - **Waiting.** Completions are polled with a short spin, then yields, then sleeps growing to
+//!   1-2 ms, restarting at every event (soft-RoCE does its work in the kernel on the same CPUs;
+//!   a hard busy poll would slow it). Event-driven waits (completion channels) are a later
+//!   improvement.
 //!
 //! # Crate choice
 //!
