@@ -1,6 +1,78 @@
 //! ferry-migrate: the migration engine.
 //!
-//! [`vm`] holds the traits the engine consumes (source VM, target VM, dirty log); `vmm-glue`
-//! implements them.
+//! - [`vm`]: the traits the engine consumes (source VM, target VM and factory, dirty log);
+//!   `vmm-glue` implements them, `migrate` never depends on a VMM.
+//! - [`protocol`]: the control protocol (pure, capped), with the sequence of a live migration.
+//! - [`source`]: pre-copy rounds sharded over all channels, convergence, switchover, abort.
+//! - [`target`]: receive, verify, commit.
+//! - [`server`]: the destination's listener routing channels to sessions; the source's connector.
+//! - [`scheduler`]: the host-wide concurrency limit.
+//! - [`stats`]: query-migrate style statistics and progress events.
 
+pub mod hash;
+pub mod protocol;
+pub mod scheduler;
+pub mod server;
+pub mod source;
+pub mod stats;
+pub mod target;
 pub mod vm;
+
+pub use protocol::ProtocolError;
+
+/// Why a migration failed. Before commit, the source VM keeps running whatever the error.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// A channel failed.
+    #[error("channel {0} failed: {1}")]
+    Channel(u16, String),
+    /// Connecting a channel failed.
+    #[error("connecting channel {0}: {1}")]
+    Connect(u16, String),
+    /// The peer broke the migration protocol.
+    #[error("protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    /// A message at the wrong time.
+    #[error("unexpected message: {0}")]
+    Unexpected(String),
+    /// The destination aborted the migration (before taking ownership).
+    #[error("destination aborted: {0}")]
+    DestinationAborted(String),
+    /// The destination refused.
+    #[error("destination refused: {0}")]
+    Refused(String),
+    /// The image did not verify.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// A VM operation failed.
+    #[error("VM: {0}")]
+    Vm(String),
+    /// Cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// Timed out.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// The guest dirties memory faster than it can be sent.
+    #[error(
+        "not converging after {rounds} rounds: dirty rate {dirty_rate_bps:.0} B/s, bandwidth {bandwidth_bps:.0} B/s"
+    )]
+    NotConverging {
+        /// Rounds done.
+        rounds: u32,
+        /// Dirty rate.
+        dirty_rate_bps: f64,
+        /// Bandwidth.
+        bandwidth_bps: f64,
+    },
+    /// Bad configuration.
+    #[error("configuration: {0}")]
+    Config(&'static str),
+    /// Commit was sent but not confirmed: who owns the VM is unknown; the source copy stays
+    /// paused.
+    #[error("commit not confirmed; the source keeps its copy paused")]
+    Uncertain(Box<stats::MigrationStats>),
+    /// A bug.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}

@@ -134,6 +134,8 @@ pub trait TargetVm: Send {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError>;
     /// Start the guest (after commit).
     fn resume(&mut self) -> Result<(), VmError>;
+    /// The concrete VM, for the caller that knows which VMM made it (after commit).
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
 /// Creates VMs on the destination host.

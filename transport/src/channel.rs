@@ -35,7 +35,7 @@ pub struct SentBatch {
 }
 
 /// A batch that has been written into guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReceivedBatch {
     /// Batch id.
     pub id: u64,
@@ -47,6 +47,8 @@ pub struct ReceivedBatch {
     pub data_pages: u32,
     /// Bytes taken from the wire.
     pub wire_bytes: u64,
+    /// The pages the batch wrote (so the layer above can hash or account for them).
+    pub runs: Vec<PageRun>,
 }
 
 impl ReceivedBatch {
@@ -73,7 +75,14 @@ pub enum Incoming {
 pub trait ChannelTx: Send {
     /// Send the pages of `runs` from `src`. Zero pages are detected here and sent as a bit.
     /// `flags` are `wire::BATCH_*` flags. Blocks while the peer does not keep up (backpressure).
-    fn send_batch(&mut self, id: u64, round: u32, flags: u8, runs: &[PageRun], src: &dyn MemorySource) -> Result<SentBatch>;
+    fn send_batch(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch>;
     /// Send a control message (at most `wire::MAX_CONTROL_LEN` bytes).
     fn send_control(&mut self, msg: &[u8]) -> Result<()>;
     /// Acknowledge a received batch.

@@ -34,7 +34,8 @@ pub trait Backend: Sync {
     /// A connected (source, destination) pair, both with [`TEST_KEY`].
     fn pair(&self) -> Result<(Channel, Channel), TransportError>;
     /// Try a pair with these keys; returns (client result, server result).
-    fn pair_keys(&self, client: Psk, server: Psk) -> (Result<Channel, TransportError>, Result<Channel, TransportError>);
+    fn pair_keys(&self, client: Psk, server: Psk)
+        -> (Result<Channel, TransportError>, Result<Channel, TransportError>);
     /// A raw peer on the source side and the destination channel.
     fn raw_pair(&self) -> Result<(Box<dyn RawPeer>, Channel), TransportError>;
     /// Does the destination accept zstd batches from the raw peer?
@@ -222,7 +223,10 @@ pub fn slow_reader_backpressure(b: &dyn Backend) {
             last = now;
         }
         let stalled_at = sent.load(Ordering::SeqCst);
-        assert!(stalled_at < (PAGES / 256) as u64 / 2, "sender pushed {stalled_at} MiB into a reader that reads nothing");
+        assert!(
+            stalled_at < (PAGES / 256) as u64 / 2,
+            "sender pushed {stalled_at} MiB into a reader that reads nothing"
+        );
         let mut got = 0;
         loop {
             match d.rx.recv(&dmap).expect("recv") {
@@ -279,7 +283,12 @@ pub fn malformed_frames(b: &dyn Backend) {
     };
     expect_refused(b, &encode_batch_frame(&h, &vec![1u8; 2 * PAGE_SIZE]), "inconsistent batch", wire);
     // A batch aimed at memory the destination does not have.
-    let h = BatchHeader { runs: vec![PageRun { gpa: 0x20_0000, pages: 1 }], data_map: vec![1], data_len: PAGE_SIZE as u32, ..h };
+    let h = BatchHeader {
+        runs: vec![PageRun { gpa: 0x20_0000, pages: 1 }],
+        data_map: vec![1],
+        data_len: PAGE_SIZE as u32,
+        ..h
+    };
     expect_refused(b, &encode_batch_frame(&h, &vec![1u8; PAGE_SIZE]), "unmapped gpa", |e| {
         matches!(e, TransportError::BadAddress { .. })
     });
@@ -311,7 +320,8 @@ pub fn malformed_frames(b: &dyn Backend) {
 
 /// A wrong key fails the handshake on both sides with an authentication error.
 pub fn wrong_key(b: &dyn Backend) {
-    let (c, s) = b.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(b"another-key-entirely-0123456789".to_vec()).unwrap());
+    let (c, s) =
+        b.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(b"another-key-entirely-0123456789".to_vec()).unwrap());
     let ce = c.expect_err("client with the wrong key");
     assert!(matches!(ce, TransportError::Handshake(HandshakeError::BadMac)), "client: {ce}");
     assert!(s.is_err(), "server accepted a client with the wrong key");

@@ -350,7 +350,10 @@ mod tests {
     }
 
     /// Runs a handshake; returns the client's and server's results.
-    fn run(c: ClientConfig, s: ServerConfig) -> (Result<Established, HandshakeError>, Result<Established, HandshakeError>) {
+    fn run(
+        c: ClientConfig,
+        s: ServerConfig,
+    ) -> (Result<Established, HandshakeError>, Result<Established, HandshakeError>) {
         let now = Instant::now();
         let (mut cl, hello) = ClientHandshake::start(c, random_bytes(), now);
         let mut sv = ServerHandshake::new(s, random_bytes(), now);
@@ -434,7 +437,11 @@ mod tests {
         let (c, s) = cfgs(b"0123456789abcdef", b"0123456789abcdef");
         let mut sv = ServerHandshake::new(s, random_bytes(), now);
         assert!(matches!(sv.handle_frame(FrameKind::ClientProof, &[0; 32], now), Err(HandshakeError::Wire(_))));
-        let mut sv = ServerHandshake::new(ServerConfig { timeout: Duration::from_millis(10), ..sv.cfg.clone() }, random_bytes(), now);
+        let mut sv = ServerHandshake::new(
+            ServerConfig { timeout: Duration::from_millis(10), ..sv.cfg.clone() },
+            random_bytes(),
+            now,
+        );
         assert_eq!(sv.handle_timeout(now + Duration::from_secs(1)), Err(HandshakeError::Timeout));
         let (mut cl, _) = ClientHandshake::start(c, random_bytes(), now);
         assert!(cl.handle_frame(FrameKind::Accept, &[], now).is_err());
@@ -449,6 +456,9 @@ mod tests {
         let mut hello = vec![0u8; HELLO_LEN];
         hello[0] = 7;
         hello[1] = 9;
-        assert_eq!(sv.handle_frame(FrameKind::ClientHello, &hello, now).unwrap_err(), HandshakeError::NoCommonVersion { min: 7, max: 9 });
+        assert_eq!(
+            sv.handle_frame(FrameKind::ClientHello, &hello, now).unwrap_err(),
+            HandshakeError::NoCommonVersion { min: 7, max: 9 }
+        );
     }
 }

@@ -187,7 +187,7 @@ pub unsafe fn page_is_zero(p: NonNull<u8>) -> bool {
 /// # Safety
 /// `src` must be 8-byte aligned and valid for reads of `dst.len()` bytes.
 pub unsafe fn copy_from_guest(dst: &mut [u8], src: NonNull<u8>) {
-    debug_assert!(dst.len() % 8 == 0);
+    debug_assert!(dst.len().is_multiple_of(8));
     let s = src.as_ptr() as *const u64;
     for (i, chunk) in dst.chunks_exact_mut(8).enumerate() {
         // SAFETY: i * 8 + 8 <= dst.len(), inside the range the caller vouched for.
@@ -248,7 +248,9 @@ impl AnonMemory {
     /// page faults. Cheaper than letting the receive path fault page by page.
     pub fn prefault(&self) {
         // SAFETY: the range is this mapping; MADV_POPULATE_WRITE (Linux 5.14+) only faults pages in.
-        let r = unsafe { libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, 23 /* MADV_POPULATE_WRITE */) };
+        let r = unsafe {
+            libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, 23 /* MADV_POPULATE_WRITE */)
+        };
         if r != 0 {
             for off in (0..self.len).step_by(PAGE_SIZE) {
                 // SAFETY: off < len, inside this mapping; writing a zero byte keeps it zeroed.
@@ -276,14 +278,14 @@ impl AnonMemory {
 
     /// Copy bytes out (volatile).
     pub fn read_into(&self, off: usize, dst: &mut [u8]) {
-        assert!(off + dst.len() <= self.len && off % 8 == 0 && dst.len() % 8 == 0);
+        assert!(off + dst.len() <= self.len && off.is_multiple_of(8) && dst.len().is_multiple_of(8));
         // SAFETY: range checked above; offset keeps 8-byte alignment of the page-aligned mapping.
         unsafe { copy_from_guest(dst, self.ptr.add(off)) }
     }
 
     /// Write bytes (volatile, word by word).
     pub fn write_from(&self, off: usize, src: &[u8]) {
-        assert!(off + src.len() <= self.len && off % 8 == 0 && src.len() % 8 == 0);
+        assert!(off + src.len() <= self.len && off.is_multiple_of(8) && src.len().is_multiple_of(8));
         let d = self.ptr.as_ptr() as *mut u64;
         for (i, c) in src.chunks_exact(8).enumerate() {
             let v = u64::from_ne_bytes(c.try_into().expect("chunks_exact(8)"));

@@ -57,7 +57,10 @@ impl std::str::FromStr for Mix {
             }
         }
         if u32::from(m.zero) + u32::from(m.text) + u32::from(m.random) != 100 {
-            return Err(format!("mix percentages add up to {}, not 100", u32::from(m.zero) + u32::from(m.text) + u32::from(m.random)));
+            return Err(format!(
+                "mix percentages add up to {}, not 100",
+                u32::from(m.zero) + u32::from(m.text) + u32::from(m.random)
+            ));
         }
         Ok(m)
     }
@@ -95,11 +98,66 @@ impl Mix {
 }
 
 const WORDS: &[&str] = &[
-    "the", "migration", "page", "memory", "guest", "host", "round", "dirty", "channel", "batch", "kernel", "buffer",
-    "request", "session", "value", "error", "return", "struct", "index", "thread", "queue", "timer", "socket",
-    "config", "device", "region", "offset", "length", "status", "commit", "resume", "pause", "state", "vector",
-    "string", "result", "option", "server", "client", "cache", "table", "entry", "lock", "user", "file", "path",
-    "node", "list", "hash", "map", "key", "data", "time", "log", "info", "debug", "trace", "warn", "id", "name",
+    "the",
+    "migration",
+    "page",
+    "memory",
+    "guest",
+    "host",
+    "round",
+    "dirty",
+    "channel",
+    "batch",
+    "kernel",
+    "buffer",
+    "request",
+    "session",
+    "value",
+    "error",
+    "return",
+    "struct",
+    "index",
+    "thread",
+    "queue",
+    "timer",
+    "socket",
+    "config",
+    "device",
+    "region",
+    "offset",
+    "length",
+    "status",
+    "commit",
+    "resume",
+    "pause",
+    "state",
+    "vector",
+    "string",
+    "result",
+    "option",
+    "server",
+    "client",
+    "cache",
+    "table",
+    "entry",
+    "lock",
+    "user",
+    "file",
+    "path",
+    "node",
+    "list",
+    "hash",
+    "map",
+    "key",
+    "data",
+    "time",
+    "log",
+    "info",
+    "debug",
+    "trace",
+    "warn",
+    "id",
+    "name",
 ];
 
 /// Fill `page` (4096 bytes) with the content of page `index` of kind `kind` under `seed`.

@@ -113,7 +113,13 @@ fn iov(p: *const u8, len: usize) -> libc::iovec {
 
 /// Read exactly `buf.len()` bytes; EOF in the middle is `Truncated`.
 fn read_exact(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
-    s.read_exact(buf).map_err(|e| if e.kind() == io::ErrorKind::UnexpectedEof { TransportError::Truncated } else { e.into() })
+    s.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            TransportError::Truncated
+        } else {
+            e.into()
+        }
+    })
 }
 
 /// Sending half of a stream channel.
@@ -134,7 +140,14 @@ impl StreamTx {
             Some(l) => Some(zstd::bulk::Compressor::new(l).map_err(TransportError::Io)?),
             None => None,
         };
-        Ok(Self { sock, compressor, hdr: Vec::with_capacity(16 << 10), staging: Vec::new(), cbuf: Vec::new(), spans: Vec::new() })
+        Ok(Self {
+            sock,
+            compressor,
+            hdr: Vec::with_capacity(16 << 10),
+            staging: Vec::new(),
+            cbuf: Vec::new(),
+            spans: Vec::new(),
+        })
     }
 
     fn send_small(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
@@ -146,7 +159,14 @@ impl StreamTx {
 }
 
 impl ChannelTx for StreamTx {
-    fn send_batch(&mut self, id: u64, round: u32, flags: u8, runs: &[PageRun], src: &dyn MemorySource) -> Result<SentBatch> {
+    fn send_batch(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch> {
         let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         if runs.is_empty() || runs.len() > MAX_BATCH_RUNS as usize || total == 0 || total > u64::from(MAX_BATCH_PAGES) {
             return Err(TransportError::InvalidBatch("batch must hold 1..=1024 pages in 1..=1024 runs"));
@@ -188,8 +208,15 @@ impl ChannelTx for StreamTx {
         }
         let data_pages: u32 = map.iter().map(|b| b.count_ones()).sum();
         let raw_len = data_pages as usize * PAGE_SIZE;
-        let mut header =
-            BatchHeader { id, round, encoding: Encoding::Raw, flags, runs: runs.to_vec(), data_map: map, data_len: raw_len as u32 };
+        let mut header = BatchHeader {
+            id,
+            round,
+            encoding: Encoding::Raw,
+            flags,
+            runs: runs.to_vec(),
+            data_map: map,
+            data_len: raw_len as u32,
+        };
         let mut compressed = false;
         let mut use_staging = false;
         if let (Some(c), true) = (self.compressor.as_mut(), raw_len > 0) {
@@ -354,6 +381,7 @@ impl StreamRx {
             pages,
             data_pages: h.data_pages(),
             wire_bytes: (HEADER_LEN + len) as u64,
+            runs: h.runs,
         })
     }
 }

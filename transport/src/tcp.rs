@@ -88,7 +88,9 @@ fn read_handshake_frame(s: &mut TcpStream, deadline: Instant) -> Result<(FrameKi
     s.set_read_timeout(Some(left))?;
     let mut hb = [0u8; HEADER_LEN];
     let map = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => TransportError::Handshake(HandshakeError::Timeout),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            TransportError::Handshake(HandshakeError::Timeout)
+        }
         std::io::ErrorKind::UnexpectedEof => TransportError::Truncated,
         _ => TransportError::Io(e),
     };

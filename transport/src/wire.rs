@@ -95,10 +95,7 @@ pub fn zstd_bound(raw: usize) -> usize {
 /// Largest payload of a page batch frame.
 pub fn max_batch_payload() -> u32 {
     let pages = MAX_BATCH_PAGES as usize;
-    (BATCH_FIXED_LEN
-        + MAX_BATCH_RUNS as usize * RUN_LEN
-        + pages.div_ceil(8)
-        + zstd_bound(pages * PAGE_SIZE)) as u32
+    (BATCH_FIXED_LEN + MAX_BATCH_RUNS as usize * RUN_LEN + pages.div_ceil(8) + zstd_bound(pages * PAGE_SIZE)) as u32
 }
 
 /// Kind of a frame.
@@ -410,9 +407,7 @@ impl BatchHeader {
             if gpa.checked_add(u64::from(pages) * PAGE_SIZE as u64).is_none() {
                 return Err(WireError::BadBatch("run wraps the address space"));
             }
-            sum = sum
-                .checked_add(pages)
-                .ok_or(WireError::BadBatch("page count overflow"))?;
+            sum = sum.checked_add(pages).ok_or(WireError::BadBatch("page count overflow"))?;
             runs.push(PageRun { gpa, pages });
         }
         if sum != fixed.total_pages {

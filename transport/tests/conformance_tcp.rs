@@ -74,7 +74,11 @@ impl Backend for Tcp {
         Ok((c?, s?))
     }
 
-    fn pair_keys(&self, client: Psk, server: Psk) -> (Result<Channel, TransportError>, Result<Channel, TransportError>) {
+    fn pair_keys(
+        &self,
+        client: Psk,
+        server: Psk,
+    ) -> (Result<Channel, TransportError>, Result<Channel, TransportError>) {
         let acc = self.acceptor(server);
         let addr = acc.local_addr().unwrap();
         std::thread::scope(|sc| {

@@ -1,0 +1,353 @@
+//! The migration protocol on the control channel (channel 0 of a session). Pure encode/decode;
+//! every length is capped. Messages ride in transport `Control` frames; page batches ride on
+//! every channel of the session, channel 0 included.
+//!
+//! ```text
+//!  source                                             destination
+//!    | Prepare(version, vm id, regions, channels, verify)  |  checks it can host the VM,
+//!    |---------------------------------------------------->|  creates it paused, zeroed
+//!    |                         PrepareOk  |  Refuse(reason)|
+//!    |<----------------------------------------------------|
+//!    | round 0: every page (batches over all channels)     |
+//!    |====================================================>|  ack per batch once written
+//!    | RoundEnd(0) ... all acked (barrier) ... round 1 ... |
+//!    |                                                     |
+//!    | [pause source]  Switchover(final round)             |
+//!    | final round batches, all acked                      |
+//!    | StateChunk(offset, bytes)...                        |
+//!    | Complete(state len, state crc, image digest, pages) |  verify image, restore state
+//!    |---------------------------------------------------->|
+//!    |                         Ready  |  Refuse(reason)    |
+//!    |<----------------------------------------------------|
+//!    | Commit                                              |  ownership passes here:
+//!    |---------------------------------------------------->|  resume the VM
+//!    |                                   Resumed           |
+//!    |<----------------------------------------------------|
+//!    | [source releases the VM]                            |
+//! ```
+//!
+//! Round rule (overlapping rounds are never in flight): the source sends no batch of round N+1
+//! before every batch of round N is acknowledged, and the destination acknowledges a batch only
+//! once its pages are in guest memory. So no older copy of a page can land after a newer one. The
+//! destination enforces it too: a batch whose round is older than one it has already seen is a
+//! protocol violation and aborts the migration.
+//!
+//! Before `Commit` reaches the destination the source owns the VM: any failure, the destination
+//! discards, the source resumes. Once the destination has `Commit` it owns the VM. If the channel
+//! dies after `Commit` was sent but before `Resumed` arrived, the source cannot know which side
+//! holds the VM: it keeps its copy paused and reports `Uncertain` (never resumes it by itself).
+
+use crate::vm::VmShape;
+
+/// Protocol version of this module.
+pub const MIGRATION_VERSION: u8 = 1;
+/// Most regions a VM may have.
+pub const MAX_REGIONS: usize = 256;
+/// Longest VM id.
+pub const MAX_ID: usize = 256;
+/// Longest reason text.
+pub const MAX_REASON: usize = 1024;
+/// Largest state chunk.
+pub const MAX_CHUNK: usize = 512 << 10;
+/// Largest whole state blob.
+pub const MAX_STATE: u64 = 256 << 20;
+
+/// A control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Msg {
+    /// Source: announce the VM.
+    Prepare {
+        /// Protocol version.
+        version: u8,
+        /// VM shape.
+        shape: VmShape,
+        /// Channels the session will open.
+        channels: u16,
+        /// Destination re-reads all memory for the final check (otherwise hashes taken at receipt).
+        verify_full: bool,
+    },
+    /// Destination: ready to receive.
+    PrepareOk,
+    /// Destination: refuses (or fails) with a reason.
+    Refuse(String),
+    /// Source: round finished sending.
+    RoundEnd {
+        /// Round.
+        round: u32,
+        /// Pages sent in it.
+        pages: u64,
+    },
+    /// Source: the VM is paused; the final round follows.
+    Switchover {
+        /// Number of the final round.
+        round: u32,
+    },
+    /// Source: a piece of the VM state blob.
+    StateChunk {
+        /// Offset in the blob.
+        offset: u64,
+        /// Bytes.
+        data: Vec<u8>,
+    },
+    /// Source: all pages and state sent.
+    Complete {
+        /// State length.
+        state_len: u64,
+        /// State checksum.
+        state_crc: u32,
+        /// Digest of the page hash table of the whole image.
+        digest: u64,
+        /// Pages in the image.
+        pages: u64,
+    },
+    /// Destination: image verified, state restored; waiting for commit.
+    Ready,
+    /// Source: ownership passes to the destination.
+    Commit,
+    /// Destination: the VM runs here.
+    Resumed,
+    /// Destination: a data channel failed and its receiver has stopped; nothing more from it
+    /// will be written, so the source may resend that channel's unacknowledged batches.
+    ChannelLost {
+        /// Channel index.
+        channel: u16,
+    },
+}
+
+/// Why a control message does not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Too short.
+    #[error("truncated control message")]
+    Truncated,
+    /// Unknown message tag.
+    #[error("unknown control message {0}")]
+    UnknownTag(u8),
+    /// A field over its cap or invalid.
+    #[error("invalid control message: {0}")]
+    Invalid(&'static str),
+    /// Bytes left over.
+    #[error("trailing bytes after control message")]
+    Trailing,
+}
+
+struct R<'a>(&'a [u8]);
+
+impl<'a> R<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.0.len() < n {
+            return Err(ProtocolError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn bytes(&mut self, cap: usize) -> Result<&'a [u8], ProtocolError> {
+        let n = self.u32()? as usize;
+        if n > cap {
+            return Err(ProtocolError::Invalid("length over its cap"));
+        }
+        self.take(n)
+    }
+    fn string(&mut self, cap: usize) -> Result<String, ProtocolError> {
+        let b = self.bytes(cap)?;
+        String::from_utf8(b.to_vec()).map_err(|_| ProtocolError::Invalid("text is not UTF-8"))
+    }
+}
+
+fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
+    v.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    v.extend_from_slice(b);
+}
+
+impl Msg {
+    /// Encode.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::new();
+        match self {
+            Msg::Prepare { version, shape, channels, verify_full } => {
+                v.push(1);
+                v.push(*version);
+                put_bytes(&mut v, shape.vm_id.as_bytes());
+                v.extend_from_slice(&(shape.regions.len() as u32).to_le_bytes());
+                for (g, l) in &shape.regions {
+                    v.extend_from_slice(&g.to_le_bytes());
+                    v.extend_from_slice(&l.to_le_bytes());
+                }
+                v.extend_from_slice(&channels.to_le_bytes());
+                v.push(u8::from(*verify_full));
+            }
+            Msg::PrepareOk => v.push(2),
+            Msg::Refuse(r) => {
+                v.push(3);
+                let mut cut = r.len().min(MAX_REASON);
+                while !r.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                put_bytes(&mut v, &r.as_bytes()[..cut]);
+            }
+            Msg::RoundEnd { round, pages } => {
+                v.push(4);
+                v.extend_from_slice(&round.to_le_bytes());
+                v.extend_from_slice(&pages.to_le_bytes());
+            }
+            Msg::Switchover { round } => {
+                v.push(5);
+                v.extend_from_slice(&round.to_le_bytes());
+            }
+            Msg::StateChunk { offset, data } => {
+                v.push(6);
+                v.extend_from_slice(&offset.to_le_bytes());
+                put_bytes(&mut v, data);
+            }
+            Msg::Complete { state_len, state_crc, digest, pages } => {
+                v.push(7);
+                v.extend_from_slice(&state_len.to_le_bytes());
+                v.extend_from_slice(&state_crc.to_le_bytes());
+                v.extend_from_slice(&digest.to_le_bytes());
+                v.extend_from_slice(&pages.to_le_bytes());
+            }
+            Msg::Ready => v.push(8),
+            Msg::Commit => v.push(9),
+            Msg::Resumed => v.push(10),
+            Msg::ChannelLost { channel } => {
+                v.push(11);
+                v.extend_from_slice(&channel.to_le_bytes());
+            }
+        }
+        v
+    }
+
+    /// Decode, checking every field.
+    pub fn decode(b: &[u8]) -> Result<Self, ProtocolError> {
+        let mut r = R(b);
+        let m = match r.u8()? {
+            1 => {
+                let version = r.u8()?;
+                let vm_id = r.string(MAX_ID)?;
+                let n = r.u32()? as usize;
+                if n == 0 || n > MAX_REGIONS {
+                    return Err(ProtocolError::Invalid("region count"));
+                }
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let (g, l) = (r.u64()?, r.u64()?);
+                    if g % 4096 != 0 || l % 4096 != 0 || l == 0 || g.checked_add(l).is_none() {
+                        return Err(ProtocolError::Invalid("region not page aligned or empty"));
+                    }
+                    regions.push((g, l));
+                }
+                let channels = r.u16()?;
+                if channels == 0 {
+                    return Err(ProtocolError::Invalid("zero channels"));
+                }
+                let verify_full = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(ProtocolError::Invalid("flag")),
+                };
+                Msg::Prepare { version, shape: VmShape { vm_id, regions }, channels, verify_full }
+            }
+            2 => Msg::PrepareOk,
+            3 => Msg::Refuse(r.string(MAX_REASON)?),
+            4 => Msg::RoundEnd { round: r.u32()?, pages: r.u64()? },
+            5 => Msg::Switchover { round: r.u32()? },
+            6 => Msg::StateChunk { offset: r.u64()?, data: r.bytes(MAX_CHUNK)?.to_vec() },
+            7 => {
+                let state_len = r.u64()?;
+                if state_len > MAX_STATE {
+                    return Err(ProtocolError::Invalid("state too large"));
+                }
+                Msg::Complete { state_len, state_crc: r.u32()?, digest: r.u64()?, pages: r.u64()? }
+            }
+            8 => Msg::Ready,
+            9 => Msg::Commit,
+            10 => Msg::Resumed,
+            11 => Msg::ChannelLost { channel: r.u16()? },
+            t => return Err(ProtocolError::UnknownTag(t)),
+        };
+        if !r.0.is_empty() {
+            return Err(ProtocolError::Trailing);
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn all() -> Vec<Msg> {
+        vec![
+            Msg::Prepare {
+                version: 1,
+                shape: VmShape { vm_id: "vm-1".into(), regions: vec![(0, 4096 * 3), (1 << 30, 4096)] },
+                channels: 4,
+                verify_full: true,
+            },
+            Msg::PrepareOk,
+            Msg::Refuse("no room".into()),
+            Msg::RoundEnd { round: 3, pages: 99 },
+            Msg::Switchover { round: 7 },
+            Msg::StateChunk { offset: 10, data: vec![1, 2, 3] },
+            Msg::Complete { state_len: 3, state_crc: 5, digest: 6, pages: 7 },
+            Msg::Ready,
+            Msg::Commit,
+            Msg::Resumed,
+            Msg::ChannelLost { channel: 3 },
+        ]
+    }
+
+    #[test]
+    fn round_trip_every_message() {
+        for m in all() {
+            assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn caps_and_garbage() {
+        assert!(Msg::decode(&[]).is_err());
+        assert!(Msg::decode(&[99]).is_err());
+        let mut big = vec![6u8];
+        big.extend_from_slice(&0u64.to_le_bytes());
+        big.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(Msg::decode(&big), Err(ProtocolError::Invalid("length over its cap")));
+        let mut p = all()[0].encode();
+        p.push(0);
+        assert_eq!(Msg::decode(&p), Err(ProtocolError::Trailing));
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Msg::decode(&b);
+        }
+
+        #[test]
+        fn truncation_is_an_error(i in 0usize..11, cut in 0usize..40) {
+            let e = all()[i].encode();
+            if cut < e.len() {
+                prop_assert!(Msg::decode(&e[..cut]).is_err());
+            }
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The destination side of a live migration: accept the VM's shape, receive pages on every
+//! channel straight into the new VM's memory, enforce the round rule, verify the image, and take
+//! ownership only at `Commit`. Until then any failure discards the VM.
+
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ferry_transport::memory::{page_is_zero, MemoryMap, MemorySink, MemorySource};
+use ferry_transport::wire::PAGE_SIZE;
+use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
+
+use crate::hash::{digest, page_hash, zero_page_hash};
+use crate::protocol::{Msg, MAX_STATE, MIGRATION_VERSION};
+use crate::source::crc32;
+use crate::vm::{TargetFactory, TargetVm, VmShape};
+use crate::MigrateError;
+
+/// A fault the destination injects on itself (tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetFault {
+    /// Flip a bit of the last page once every page has landed: verification must fail.
+    CorruptPage,
+    /// Drop every channel after the first batch of round N (as if the process died).
+    DieInRound(u32),
+    /// Take the commit and resume, then vanish without confirming (the source cannot know).
+    DieAfterCommit,
+}
+
+/// Destination configuration.
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    /// How long to wait for the session's other channels after `Prepare`.
+    pub channel_wait: Duration,
+    /// Silence from the source longer than this aborts.
+    pub idle_timeout: Duration,
+    /// Fault injection (tests).
+    pub fault: Option<TargetFault>,
+}
+
+impl Default for TargetConfig {
+    fn default() -> Self {
+        Self { channel_wait: Duration::from_secs(10), idle_timeout: Duration::from_secs(60), fault: None }
+    }
+}
+
+/// Numbers of a received migration.
+#[derive(Debug, Clone, Default)]
+pub struct TargetStats {
+    /// VM id.
+    pub vm_id: String,
+    /// Guest bytes.
+    pub guest_bytes: u64,
+    /// Pages written (all rounds).
+    pub pages: u64,
+    /// Batches received.
+    pub batches: u64,
+    /// Bytes taken from the wire.
+    pub wire_bytes: u64,
+    /// Time spent verifying the image at switchover.
+    pub verify: Duration,
+    /// Image verified.
+    pub verified: bool,
+    /// Channels used.
+    pub channels: usize,
+    /// Channels lost on the way.
+    pub lost_channels: Vec<u16>,
+}
+
+/// A VM received and committed: it runs here now.
+pub struct TargetOutcome {
+    /// The VM (resumed).
+    pub vm: Box<dyn TargetVm>,
+    /// Numbers.
+    pub stats: TargetStats,
+}
+
+impl std::fmt::Debug for TargetOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetOutcome").field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+struct NoSink;
+
+// SAFETY: never returns a pointer.
+unsafe impl MemorySink for NoSink {
+    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<NonNull<u8>> {
+        None
+    }
+}
+
+enum Event {
+    Control(Vec<u8>),
+    Failed(u16, String),
+    Closed(u16),
+}
+
+struct Shared {
+    map: MemoryMap,
+    regions: Vec<(u64, u64, u64)>, // gpa, len, first page index
+    table: Vec<AtomicU64>,
+    max_round: AtomicU32,
+    pages: AtomicU64,
+    batches: AtomicU64,
+    wire: AtomicU64,
+    corrupt: AtomicBool,
+    die_round: Option<u32>,
+    dead: AtomicBool,
+}
+
+impl Shared {
+    fn index_of(&self, gpa: u64) -> Option<u64> {
+        let i = self.regions.partition_point(|r| r.0 + r.1 <= gpa);
+        let r = self.regions.get(i)?;
+        (gpa >= r.0).then(|| r.2 + (gpa - r.0) / PAGE_SIZE as u64)
+    }
+
+    fn hash_page(&self, gpa: u64) {
+        let (Some(idx), Some(p)) = (self.index_of(gpa), self.map.source_ptr(gpa, PAGE_SIZE)) else { return };
+        // SAFETY: p is a full page of our own guest memory, page aligned; volatile reads only.
+        let h = if unsafe { page_is_zero(p) } { zero_page_hash() } else { unsafe { page_hash(p.as_ptr()) } };
+        if let Some(e) = self.table.get(idx as usize) {
+            e.store(h, Ordering::Relaxed);
+        }
+    }
+}
+
+fn rx_loop(
+    idx: u16,
+    mut rx: Box<dyn ferry_transport::ChannelRx>,
+    tx: Arc<Mutex<Box<dyn ChannelTx>>>,
+    sh: Arc<Shared>,
+    ev: mpsc::Sender<Event>,
+    killers: Arc<Vec<Killer>>,
+) {
+    loop {
+        if sh.dead.load(Ordering::SeqCst) {
+            return;
+        }
+        match rx.recv(&sh.map) {
+            Ok(Incoming::Batch(b)) => {
+                // The round rule: never let an older round's copy land after a newer one.
+                let seen = sh.max_round.fetch_max(b.round, Ordering::SeqCst);
+                if b.round < seen {
+                    let _ = ev.send(Event::Failed(
+                        idx,
+                        format!("batch of round {} after round {seen} began: round rule violated", b.round),
+                    ));
+                    return;
+                }
+                for r in &b.runs {
+                    for p in 0..u64::from(r.pages) {
+                        sh.hash_page(r.gpa + p * PAGE_SIZE as u64);
+                    }
+                }
+                sh.pages.fetch_add(u64::from(b.pages), Ordering::Relaxed);
+                sh.wire.fetch_add(b.wire_bytes, Ordering::Relaxed);
+                sh.batches.fetch_add(1, Ordering::Relaxed);
+                if sh.die_round == Some(b.round) {
+                    sh.dead.store(true, Ordering::SeqCst);
+                    for k in killers.iter() {
+                        k();
+                    }
+                    let _ = ev.send(Event::Failed(idx, "injected destination death".into()));
+                    return;
+                }
+                let r = tx.lock().map(|mut t| t.send_ack(b.ack()));
+                if let Ok(Err(e)) = r {
+                    let _ = ev.send(Event::Failed(idx, format!("ack: {e}")));
+                    return;
+                }
+            }
+            Ok(Incoming::Control(m)) => {
+                if idx != 0 {
+                    let _ = ev.send(Event::Failed(idx, "control message on a data channel".into()));
+                    return;
+                }
+                let _ = ev.send(Event::Control(m));
+            }
+            Ok(Incoming::Ack(_)) => {
+                let _ = ev.send(Event::Failed(idx, "the source sent an ack".into()));
+                return;
+            }
+            Ok(Incoming::Closed) => {
+                let _ = ev.send(Event::Closed(idx));
+                return;
+            }
+            Err(e) => {
+                let _ = ev.send(Event::Failed(idx, e.to_string()));
+                return;
+            }
+        }
+    }
+}
+
+/// Receive one migration whose channel 0 is `ch0`; the session's other channels arrive on `more`.
+/// Returns the committed, resumed VM. Any error before commit discards the VM.
+pub fn receive(
+    factory: &dyn TargetFactory,
+    mut ch0: Channel,
+    more: &mpsc::Receiver<Channel>,
+    cfg: &TargetConfig,
+) -> Result<TargetOutcome, MigrateError> {
+    // Prepare comes first, before any page may move.
+    let first = ch0.rx.recv(&NoSink).map_err(|e| MigrateError::Channel(0, e.to_string()))?;
+    let Incoming::Control(m) = first else {
+        let _ = ch0.tx.send_abort(2, "expected Prepare");
+        return Err(MigrateError::Unexpected("a non-control frame before Prepare".into()));
+    };
+    let (shape, nch, verify_full) = match Msg::decode(&m) {
+        Ok(Msg::Prepare { version, shape, channels, verify_full }) => {
+            if version != MIGRATION_VERSION {
+                let r = format!("migration protocol version {version} not supported");
+                let _ = ch0.tx.send_control(&Msg::Refuse(r.clone()).encode());
+                return Err(MigrateError::Refused(r));
+            }
+            (shape, channels as usize, verify_full)
+        }
+        Ok(other) => {
+            let _ = ch0.tx.send_abort(2, "expected Prepare");
+            return Err(MigrateError::Unexpected(format!("{other:?} before Prepare")));
+        }
+        Err(e) => {
+            let _ = ch0.tx.send_abort(2, &e.to_string());
+            return Err(e.into());
+        }
+    };
+    let mut vm = match factory.create(&shape) {
+        Ok(v) => v,
+        Err(e) => {
+            let r = format!("cannot host VM {:?}: {e}", shape.vm_id);
+            let _ = ch0.tx.send_control(&Msg::Refuse(r.clone()).encode());
+            return Err(MigrateError::Refused(r));
+        }
+    };
+    let session = ch0.info.established.binding.session;
+    let mut channels: Vec<Option<Channel>> = (0..nch).map(|_| None).collect();
+    channels[0] = Some(ch0);
+    let deadline = Instant::now() + cfg.channel_wait;
+    while channels.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let c = match more.recv_timeout(left) {
+            Ok(c) => c,
+            Err(_) => {
+                let r = "the session's other channels did not all arrive".to_string();
+                if let Some(c0) = channels[0].as_mut() {
+                    let _ = c0.tx.send_control(&Msg::Refuse(r.clone()).encode());
+                }
+                return Err(MigrateError::Refused(r));
+            }
+        };
+        let b = c.info.established.binding;
+        let i = b.channel as usize;
+        if b.session != session || i >= nch || channels[i].is_some() {
+            (c.killer)();
+            continue;
+        }
+        channels[i] = Some(c);
+    }
+    let channels: Vec<Channel> = channels.into_iter().flatten().collect();
+    let mut regions = Vec::new();
+    let mut acc = 0u64;
+    for &(g, l) in &shape.regions {
+        regions.push((g, l, acc));
+        acc += l / PAGE_SIZE as u64;
+    }
+    let total_pages = acc;
+    let zh = zero_page_hash();
+    let sh = Arc::new(Shared {
+        map: vm.memory(),
+        regions,
+        table: (0..total_pages).map(|_| AtomicU64::new(zh)).collect(),
+        max_round: AtomicU32::new(0),
+        pages: AtomicU64::new(0),
+        batches: AtomicU64::new(0),
+        wire: AtomicU64::new(0),
+        corrupt: AtomicBool::new(cfg.fault == Some(TargetFault::CorruptPage)),
+        die_round: match cfg.fault {
+            Some(TargetFault::DieInRound(r)) => Some(r),
+            _ => None,
+        },
+        dead: AtomicBool::new(false),
+    });
+    let killers: Arc<Vec<Killer>> = Arc::new(channels.iter().map(|c| c.killer.clone()).collect());
+    let (ev_tx, ev_rx) = mpsc::channel();
+    let mut txs = Vec::new();
+    let mut threads: Vec<JoinHandle<()>> = Vec::new();
+    for (i, c) in channels.into_iter().enumerate() {
+        let tx = Arc::new(Mutex::new(c.tx));
+        txs.push(tx.clone());
+        let (sh, ev, k) = (sh.clone(), ev_tx.clone(), killers.clone());
+        let rx = c.rx;
+        threads.push(std::thread::spawn(move || rx_loop(i as u16, rx, tx, sh, ev, k)));
+    }
+    drop(ev_tx);
+    let send0 = |m: &Msg| -> Result<(), MigrateError> {
+        txs[0]
+            .lock()
+            .map_err(|_| MigrateError::Internal("control lock"))?
+            .send_control(&m.encode())
+            .map_err(|e| MigrateError::Channel(0, e.to_string()))
+    };
+    let mut stats = TargetStats {
+        vm_id: shape.vm_id.clone(),
+        guest_bytes: shape.memory_bytes(),
+        channels: nch,
+        ..Default::default()
+    };
+    let mut committed = false;
+    let result = (|| -> Result<(), MigrateError> {
+        send0(&Msg::PrepareOk)?;
+        let mut state: Vec<u8> = Vec::new();
+        let mut ready = false;
+        loop {
+            let ev = match ev_rx.recv_timeout(cfg.idle_timeout) {
+                Ok(e) => e,
+                Err(_) => return Err(MigrateError::Timeout("source went silent")),
+            };
+            match ev {
+                Event::Failed(0, why) => return Err(MigrateError::Channel(0, why)),
+                Event::Closed(0) => return Err(MigrateError::Channel(0, "source closed the control channel".into())),
+                Event::Failed(i, why) => {
+                    if sh.dead.load(Ordering::SeqCst) {
+                        return Err(MigrateError::Channel(i, why));
+                    }
+                    stats.lost_channels.push(i);
+                    send0(&Msg::ChannelLost { channel: i })?;
+                }
+                Event::Closed(i) => {
+                    stats.lost_channels.push(i);
+                    send0(&Msg::ChannelLost { channel: i })?;
+                }
+                Event::Control(m) => match Msg::decode(&m)? {
+                    Msg::RoundEnd { .. } | Msg::Switchover { .. } => {}
+                    Msg::StateChunk { offset, data } => {
+                        if offset != state.len() as u64 || state.len() as u64 + data.len() as u64 > MAX_STATE {
+                            return Err(MigrateError::Unexpected("state chunk out of order or too large".into()));
+                        }
+                        state.extend_from_slice(&data);
+                    }
+                    Msg::Complete { state_len, state_crc, digest: want, pages } => {
+                        let t = Instant::now();
+                        if pages != total_pages {
+                            let r = format!("source has {pages} pages, destination {total_pages}");
+                            send0(&Msg::Refuse(r.clone()))?;
+                            return Err(MigrateError::Verify(r));
+                        }
+                        if state.len() as u64 != state_len || crc32(&state) != state_crc {
+                            let r = "VM state blob incomplete or corrupt".to_string();
+                            send0(&Msg::Refuse(r.clone()))?;
+                            return Err(MigrateError::Verify(r));
+                        }
+                        if sh.corrupt.load(Ordering::SeqCst) {
+                            // Injected fault: one flipped bit in the last page, after it landed.
+                            if let Some(&(g, l, _)) = sh.regions.last() {
+                                if let Some(p) = sh.map.sink_ptr(g + l - PAGE_SIZE as u64, PAGE_SIZE) {
+                                    // SAFETY: our own guest memory, not running; a byte inside the page.
+                                    unsafe {
+                                        p.as_ptr().add(100).write_volatile(p.as_ptr().add(100).read_volatile() ^ 1)
+                                    };
+                                }
+                            }
+                        }
+                        if verify_full {
+                            for &(g, l, _) in &sh.regions {
+                                for p in 0..l / PAGE_SIZE as u64 {
+                                    sh.hash_page(g + p * PAGE_SIZE as u64);
+                                }
+                            }
+                        }
+                        let got = digest(&sh.table);
+                        stats.verify = t.elapsed();
+                        if got != want {
+                            let r =
+                                "image digest mismatch: the destination's memory differs from the source's".to_string();
+                            send0(&Msg::Refuse(r.clone()))?;
+                            return Err(MigrateError::Verify(r));
+                        }
+                        if let Err(e) = vm.restore_state(&state) {
+                            let r = format!("restoring VM state failed: {e}");
+                            send0(&Msg::Refuse(r.clone()))?;
+                            return Err(MigrateError::Vm(r));
+                        }
+                        stats.verified = true;
+                        ready = true;
+                        send0(&Msg::Ready)?;
+                    }
+                    Msg::Commit if ready => {
+                        // Ownership is ours from here on: never abort after this point.
+                        committed = true;
+                        vm.resume().map_err(|e| MigrateError::Vm(format!("resume after commit: {e}")))?;
+                        if cfg.fault == Some(TargetFault::DieAfterCommit) {
+                            for k in killers.iter() {
+                                k();
+                            }
+                            return Ok(());
+                        }
+                        send0(&Msg::Resumed)?;
+                        return Ok(());
+                    }
+                    other => return Err(MigrateError::Unexpected(format!("{other:?} at the destination"))),
+                },
+            }
+        }
+    })();
+    sh.dead.store(true, Ordering::SeqCst);
+    if result.is_ok() {
+        if let Ok(mut t) = txs[0].lock() {
+            let _ = t.close();
+        }
+    } else if committed {
+        // We own the VM but could not confirm: say nothing that could look like an abort.
+    } else if let Ok(mut t) = txs[0].try_lock() {
+        let _ = t.send_abort(1, &result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+    }
+    // Give the source a moment to read Resumed before the sockets go away.
+    if result.is_ok() {
+        let _ = ev_rx.recv_timeout(Duration::from_millis(200));
+    }
+    for k in killers.iter() {
+        k();
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    stats.pages = sh.pages.load(Ordering::Relaxed);
+    stats.batches = sh.batches.load(Ordering::Relaxed);
+    stats.wire_bytes = sh.wire.load(Ordering::Relaxed);
+    match result {
+        Ok(()) => Ok(TargetOutcome { vm, stats }),
+        // Committed and resumed: the VM is ours even though the confirmation failed.
+        Err(e) if committed => {
+            let _ = e;
+            Ok(TargetOutcome { vm, stats })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The shape carried by a prepare (for callers that want to look before receiving).
+pub fn shape_of(msg: &[u8]) -> Option<VmShape> {
+    match Msg::decode(msg) {
+        Ok(Msg::Prepare { shape, .. }) => Some(shape),
+        _ => None,
+    }
+}

@@ -1,0 +1,327 @@
+//! Live migration of the synthetic guest between two engines over loopback TCP: success paths,
+//! a fault injected at every protocol step, channel failover, and the host-wide limit.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_migrate::scheduler::HostScheduler;
+use ferry_migrate::server::{connect_simple, MigrationServer};
+use ferry_migrate::source::{migrate, ConvergePolicy, FaultAction, FaultPoint, MigrationConfig};
+use ferry_migrate::stats::Status;
+use ferry_migrate::target::{TargetConfig, TargetFault, TargetOutcome};
+use ferry_migrate::vm::SourceVm;
+use ferry_migrate::MigrateError;
+use ferry_transport::handshake::{Caps, Psk, ServerConfig};
+use ferry_transport::pagemix::{expected_page, Mix};
+use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
+use ferry_transport::wire::PAGE_SIZE;
+use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
+
+const KEY: &[u8] = b"live-migration-test-key-0123456789";
+
+type Outcomes = mpsc::Receiver<Result<TargetOutcome, MigrateError>>;
+
+fn server(limit: u64, cfg: TargetConfig, max: usize) -> (SocketAddr, Outcomes, std::thread::JoinHandle<()>) {
+    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
+    let srv = MigrationServer::new(acc, Arc::new(SyntheticFactory::new(limit, false)), cfg);
+    let addr = srv.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let h = std::thread::spawn(move || {
+        srv.serve(
+            Some(max),
+            Arc::new(move |r| {
+                let _ = tx.lock().unwrap().send(r);
+            }),
+        )
+    });
+    (addr, rx, h)
+}
+
+fn guest(id: &str, mb: u64, ws_mb: u64, rate_mbps: u64) -> SyntheticVm {
+    let cfg = SyntheticConfig {
+        vm_id: id.into(),
+        memory_bytes: mb << 20,
+        regions: 3,
+        working_set_bytes: ws_mb << 20,
+        dirty_rate_bps: rate_mbps << 20,
+        seed: 7,
+        ..Default::default()
+    };
+    let mut vm = SyntheticVm::new(&cfg).unwrap();
+    vm.resume().unwrap();
+    vm
+}
+
+/// Every page outside the working set still holds its generated content; working-set pages hold
+/// the writer's last stamp. (VM paused by the caller.)
+fn assert_intact(vm: &SyntheticVm, ws_pages: u64) {
+    assert_eq!(check_stamps(vm).unwrap(), 0, "a page of the working set lost its last write");
+    let mut got = vec![0u8; PAGE_SIZE];
+    let mut want = vec![0u8; PAGE_SIZE];
+    for i in (ws_pages..vm.pages()).step_by(7) {
+        vm.read_page(i, &mut got);
+        expected_page(&Mix::default(), 7, i, &mut want);
+        assert!(got == want, "page {i} changed");
+    }
+}
+
+fn same_memory(src: &SyntheticVm, dst: &SyntheticTarget) {
+    let mut a = vec![0u8; PAGE_SIZE];
+    let mut b = vec![0u8; PAGE_SIZE];
+    assert_eq!(src.pages(), dst.pages());
+    for i in 0..src.pages() {
+        src.read_page(i, &mut a);
+        dst.read_page(i, &mut b);
+        assert!(a == b, "page {i} differs after migration");
+    }
+}
+
+fn opts(zstd: bool) -> TcpOptions {
+    if zstd {
+        TcpOptions::zstd()
+    } else {
+        TcpOptions::default()
+    }
+}
+
+fn into_synthetic(o: TargetOutcome) -> SyntheticTarget {
+    // The factory is a SyntheticFactory, so the VM is a SyntheticTarget.
+    let any: Box<dyn std::any::Any> = o.vm.into_any();
+    *any.downcast::<SyntheticTarget>().expect("a synthetic target")
+}
+
+#[test]
+fn idle_guest_moves_byte_identical() {
+    for (zstd, nch) in [(false, 1), (true, 2)] {
+        let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+        let mut vm = guest("idle", 48, 0, 0);
+        let chans = connect_simple(addr, nch, &opts(zstd), &Psk::new(KEY).unwrap()).unwrap();
+        let cfg = MigrationConfig { verify_full: true, ..Default::default() };
+        let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
+        assert_eq!(st.status, Status::Completed);
+        assert!(st.verified);
+        assert!(!vm.is_running(), "the source copy must stay paused after commit");
+        assert!(st.zero_pages > 0 && st.data_pages > 0);
+        assert_eq!(st.channels.len(), nch);
+        assert!(st.channels.iter().all(|c| c.batches > 0), "a channel carried nothing: {:?}", st.channels);
+        let out = outcomes.recv().unwrap().unwrap();
+        assert!(out.stats.verified);
+        let t = into_synthetic(out);
+        same_memory(&vm, &t);
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn busy_guest_converges_and_continues() {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+    let mut vm = guest("busy", 64, 16, 64);
+    std::thread::sleep(Duration::from_millis(50));
+    let chans = connect_simple(addr, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig { verify_full: true, ..Default::default() };
+    let events = Arc::new(AtomicUsize::new(0));
+    let e2 = events.clone();
+    let st = migrate(&mut vm, chans, &cfg, &move |_| {
+        e2.fetch_add(1, Ordering::Relaxed);
+    })
+    .unwrap();
+    assert!(st.verified && st.rounds >= 2, "{st:?}");
+    assert!(events.load(Ordering::Relaxed) >= 3, "no progress events");
+    let gen_at_pause = vm.generation();
+    let t = into_synthetic(outcomes.recv().unwrap().unwrap());
+    same_memory(&vm, &t);
+    assert_eq!(check_stamps(&vm).unwrap(), 0, "source stamps");
+    let mut moved = t.into_vm().unwrap();
+    assert_eq!(check_stamps(&moved).unwrap(), 0, "moved stamps before resume");
+    assert_eq!(moved.generation(), gen_at_pause, "writer state did not move");
+    moved.resume().unwrap();
+    while moved.generation() < gen_at_pause + 100 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    moved.pause().unwrap();
+    assert_eq!(check_stamps(&moved).unwrap(), 0);
+    h.join().unwrap();
+}
+
+fn expect_source_survives(
+    fault: Option<(FaultPoint, FaultAction)>,
+    tfault: Option<TargetFault>,
+    nch: usize,
+) -> MigrateError {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: tfault, ..Default::default() }, 1);
+    let mut vm = guest("faulty", 32, 4, 32);
+    let chans = connect_simple(addr, nch, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig {
+        fault,
+        failover: false,
+        verify_full: true,
+        reply_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let err = match migrate(&mut vm, chans, &cfg, &|_| {}) {
+        Err(e) => e,
+        // Cutting a data channel after its last batch cannot hurt the image: completing is right.
+        Ok(st)
+            if matches!(
+                fault,
+                Some((FaultPoint::BeforeComplete | FaultPoint::BeforeCommit, FaultAction::KillChannel(1)))
+            ) =>
+        {
+            assert!(st.verified);
+            assert!(outcomes.recv().unwrap().is_ok());
+            h.join().unwrap();
+            return MigrateError::Internal("completed");
+        }
+        Ok(st) => panic!("the migration must fail with {fault:?}/{tfault:?}: {st:?}"),
+    };
+    assert!(vm.is_running(), "source VM not running after {err} ({fault:?}/{tfault:?})");
+    let g = vm.generation();
+    while vm.generation() < g + 50 {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    vm.pause().unwrap();
+    assert_intact(&vm, (4 << 20) / PAGE_SIZE as u64);
+    assert!(outcomes.recv_timeout(Duration::from_secs(20)).unwrap().is_err(), "destination kept a VM");
+    h.join().unwrap();
+    err
+}
+
+#[test]
+fn fault_at_every_step_leaves_the_source_running() {
+    let points = [
+        FaultPoint::AfterPrepare,
+        FaultPoint::InRound(0),
+        FaultPoint::InRound(1),
+        FaultPoint::AtSwitchover,
+        FaultPoint::BeforeComplete,
+        FaultPoint::BeforeCommit,
+    ];
+    for p in points {
+        for a in
+            [FaultAction::KillChannel(0), FaultAction::KillChannel(1), FaultAction::Cancel, FaultAction::CorruptControl]
+        {
+            // InRound(1) may not happen if the guest converges in one round: then nothing fails.
+            if p == FaultPoint::InRound(1) {
+                continue;
+            }
+            let e = expect_source_survives(Some((p, a)), None, 2);
+            if a == FaultAction::Cancel {
+                assert!(matches!(e, MigrateError::Cancelled), "{p:?}: {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn destination_faults_leave_the_source_running() {
+    let e = expect_source_survives(None, Some(TargetFault::CorruptPage), 1);
+    assert!(e.to_string().contains("digest mismatch"), "{e}");
+    expect_source_survives(None, Some(TargetFault::DieInRound(0)), 2);
+}
+
+#[test]
+fn refused_when_the_destination_cannot_host() {
+    let (addr, outcomes, h) = server(1 << 20, TargetConfig::default(), 1);
+    let mut vm = guest("big", 16, 0, 0);
+    let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let e = migrate(&mut vm, chans, &MigrationConfig::default(), &|_| {}).unwrap_err();
+    assert!(matches!(e, MigrateError::Refused(_)), "{e}");
+    assert!(vm.is_running());
+    assert!(outcomes.recv().unwrap().is_err());
+    h.join().unwrap();
+}
+
+#[test]
+fn not_converging_aborts_by_policy() {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+    let mut vm = guest("hot", 32, 16, 0); // writer as fast as it can
+    let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig {
+        downtime_limit: Duration::from_micros(1),
+        max_rounds: 3,
+        auto_converge: false,
+        policy: ConvergePolicy::Abort,
+        ..Default::default()
+    };
+    let e = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap_err();
+    assert!(matches!(e, MigrateError::NotConverging { rounds: 3, .. }), "{e}");
+    assert!(vm.is_running());
+    assert!(outcomes.recv().unwrap().is_err());
+    h.join().unwrap();
+}
+
+#[test]
+fn lost_channel_fails_over_and_completes() {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+    let mut vm = guest("failover", 64, 8, 32);
+    let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig {
+        verify_full: true,
+        fault: Some((FaultPoint::InRound(0), FaultAction::KillChannel(1))),
+        ..Default::default()
+    };
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
+    assert!(st.verified);
+    assert!(st.channels[1].failed);
+    assert!(st.events.iter().any(|e| e.contains("channel 1 failed")), "{:?}", st.events);
+    let t = into_synthetic(outcomes.recv().unwrap().unwrap());
+    same_memory(&vm, &t);
+    h.join().unwrap();
+}
+
+#[test]
+fn host_limit_of_two_runs_eight_migrations() {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 8);
+    let sched = Arc::new(HostScheduler::new(2));
+    let active = Arc::new(AtomicUsize::new(0));
+    let max = Arc::new(AtomicUsize::new(0));
+    let hs: Vec<_> = (0..8)
+        .map(|i| {
+            let (sched, active, max) = (sched.clone(), active.clone(), max.clone());
+            let ticket = sched.ticket();
+            std::thread::spawn(move || {
+                let mut vm = guest(&format!("vm-{i}"), 8, 1, 16);
+                let _slot = sched.acquire(ticket);
+                let n = active.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(n, Ordering::SeqCst);
+                let chans = connect_simple(addr, 2, &opts(i % 2 == 1), &Psk::new(KEY).unwrap()).unwrap();
+                let r = migrate(&mut vm, chans, &MigrationConfig { verify_full: true, ..Default::default() }, &|_| {});
+                active.fetch_sub(1, Ordering::SeqCst);
+                r.map(|s| s.verified)
+            })
+        })
+        .collect();
+    for h in hs {
+        assert!(h.join().unwrap().unwrap(), "a migration did not verify");
+    }
+    assert!(max.load(Ordering::SeqCst) <= 2, "more than two migrations ran at once");
+    for _ in 0..8 {
+        assert!(outcomes.recv().unwrap().unwrap().stats.verified);
+    }
+    h.join().unwrap();
+}
+
+#[test]
+fn lost_commit_confirmation_never_runs_the_vm_twice() {
+    let (addr, outcomes, h) =
+        server(1 << 30, TargetConfig { fault: Some(TargetFault::DieAfterCommit), ..Default::default() }, 1);
+    let mut vm = guest("uncertain", 16, 2, 16);
+    let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let e = migrate(
+        &mut vm,
+        chans,
+        &MigrationConfig { reply_timeout: Duration::from_secs(5), ..Default::default() },
+        &|_| {},
+    )
+    .unwrap_err();
+    let MigrateError::Uncertain(st) = e else { panic!("expected Uncertain, got {e}") };
+    assert_eq!(st.status, Status::Uncertain);
+    assert!(!vm.is_running(), "the source resumed a VM the destination may be running");
+    assert!(outcomes.recv().unwrap().is_ok(), "the destination must keep the VM it committed");
+    h.join().unwrap();
+}
