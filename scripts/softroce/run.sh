@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soft-RoCE suite: boots a stock Debian kernel under qemu (TCG) with rdma_rxe, and inside it runs
-# ib_write_bw (the reference), the rdma backend's conformance and fault tests, and our RDMA WRITE
-# throughput at the same message size. Prints both throughputs side by side (table + JSON) and
+# ib_write_bw (the reference), the rdma backend's conformance and fault tests, an end-to-end live
+# migration of the synthetic guest over rdma (byte-identical; QP fault mid-migration), and our
+# RDMA WRITE throughput at the same message size. Prints both throughputs side by side (table + JSON) and
 # exits non-zero on any failure, on a missing result marker, or on timeout.
 #
 # Usage (root, Debian 12; installs what it needs with apt-get):
@@ -49,9 +50,11 @@ log "building test binaries (feature rdma) in $CARGO_TARGET_DIR"
 cd "$repo"
 out=$(cargo test -p ferry-transport --features rdma --test conformance_rdma --no-run 2>&1) || { echo "$out"; exit 1; }
 conf_bin=$(echo "$out" | grep -o '(/[^)]*conformance_rdma-[0-9a-f]*)' | tr -d '()' | tail -1)
+out=$(cargo test -p ferry-migrate --features rdma --test live_rdma --no-run 2>&1) || { echo "$out"; exit 1; }
+mig_bin=$(echo "$out" | grep -o '(/[^)]*live_rdma-[0-9a-f]*)' | tr -d '()' | tail -1)
 cargo build -q -p ferry-transport --profile test --features rdma --example rdma_bw
 bw_bin="$CARGO_TARGET_DIR/debug/examples/rdma_bw"
-[ -x "$conf_bin" ] && [ -x "$bw_bin" ] || { echo "test binaries not found ($conf_bin, $bw_bin)" >&2; exit 1; }
+[ -x "$conf_bin" ] && [ -x "$mig_bin" ] && [ -x "$bw_bin" ] || { echo "test binaries not found ($conf_bin, $mig_bin, $bw_bin)" >&2; exit 1; }
 
 # ---- 3. guest kernel (downloaded once, never installed on the host) ------------------------
 mkdir -p "$cache" "$build"
@@ -98,7 +101,8 @@ copy_with_libs /usr/bin/ip /usr/bin/rdma /usr/bin/ib_write_bw /usr/bin/ibv_devin
 cp /etc/libibverbs.d/rxe.driver "$ird/etc/libibverbs.d/"
 cp "$conf_bin" "$ird/tests/conformance_rdma"
 cp "$bw_bin" "$ird/tests/rdma_bw"
-for b in "$conf_bin" "$bw_bin"; do # their libraries, at the host's paths
+cp "$mig_bin" "$ird/tests/live_rdma"
+for b in "$conf_bin" "$mig_bin" "$bw_bin"; do # their libraries, at the host's paths
     ldd "$b" | grep -o '/[^ ]*' | while read -r l; do
         [ -e "$ird$l" ] || { mkdir -p "$ird$(dirname "$l")"; cp -L "$l" "$ird$l"; }
     done
@@ -157,6 +161,10 @@ export FERRY_RDMA_DEVICE=rxe0 FERRY_RDMA_GID=$GID RUST_BACKTRACE=1
 echo "=== rdma conformance and fault tests"
 /tests/conformance_rdma --test-threads=1 --nocapture $TESTS
 TRC=$?
+echo "=== end-to-end live migration over rdma"
+/tests/live_rdma --test-threads=1 --nocapture $TESTS
+MRC=$?
+[ $MRC -eq 0 ] || TRC=$MRC
 # Throughput: ib_write_bw (reference) and ours alternate, ROUNDS times each, same message size;
 # the medians are compared (the host is shared: single runs under TCG are noisy).
 ref_run() {

@@ -549,22 +549,24 @@ impl RdmaRx {
         Ok(())
     }
 
-    /// Register the sink's regions and publish the region table (first receive), or check that
-    /// the sink is the one registered.
+    /// Register the sink's regions and publish the region table (first receive with a sink that
+    /// lists regions), or check that the sink is the one registered. A sink that lists no
+    /// regions (a control-only receive, before the guest memory exists) registers nothing; a
+    /// batch arriving then fails its address check.
     fn ensure_sink(&mut self, sink: &dyn MemorySink) -> Result<()> {
         if !self.may_receive_batches {
             return Ok(());
         }
         let regions = sink.regions();
+        if regions.is_empty() {
+            return Ok(());
+        }
         let key: Vec<(usize, usize)> = regions.iter().map(|r| (r.host.as_ptr() as usize, r.len)).collect();
         if let Some((k, _)) = &self.sink {
             if *k != key {
                 return Err(RdmaError::Memory("a different sink than the one registered on the first receive").into());
             }
             return Ok(());
-        }
-        if regions.is_empty() {
-            return Err(RdmaError::Memory("the memory sink lists no regions to register").into());
         }
         if regions.len() > super::MAX_REGIONS {
             return Err(RdmaError::Memory("more guest memory regions than the region table holds").into());
@@ -644,6 +646,7 @@ impl RdmaRx {
             pages: h.total_pages(),
             data_pages: h.data_pages(),
             wire_bytes: (msg.len() + h.data_len as usize) as u64,
+            runs: h.runs,
         })
     }
 
