@@ -35,7 +35,10 @@ fn opts(test: &str) -> Option<RdmaOptions> {
 }
 
 /// The destination: accepts `n` rdma channels of one session and runs `receive`.
-fn destination(o: &RdmaOptions, n: usize) -> (SocketAddr, std::thread::JoinHandle<Result<TargetOutcome, MigrateError>>) {
+fn destination(
+    o: &RdmaOptions,
+    n: usize,
+) -> (SocketAddr, std::thread::JoinHandle<Result<TargetOutcome, MigrateError>>) {
     let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::RDMA, timeout: Duration::from_secs(5) };
     let acc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs).unwrap();
     let addr = acc.local_addr().unwrap();

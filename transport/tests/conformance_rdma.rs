@@ -103,7 +103,11 @@ impl Backend for Rdma {
         Ok((c?, s?))
     }
 
-    fn pair_keys(&self, client: Psk, server: Psk) -> (Result<Channel, TransportError>, Result<Channel, TransportError>) {
+    fn pair_keys(
+        &self,
+        client: Psk,
+        server: Psk,
+    ) -> (Result<Channel, TransportError>, Result<Channel, TransportError>) {
         let acc = self.acceptor(server);
         let addr = acc.local_addr().unwrap();
         std::thread::scope(|sc| {
@@ -142,7 +146,14 @@ macro_rules! suite {
     };
 }
 
-suite!(round_trip_mixed, peer_closes_mid_batch, slow_reader_backpressure, malformed_frames, wrong_key, control_and_abort);
+suite!(
+    round_trip_mixed,
+    peer_closes_mid_batch,
+    slow_reader_backpressure,
+    malformed_frames,
+    wrong_key,
+    control_and_abort
+);
 
 fn random_memory(pages: usize, seed: u64) -> AnonMemory {
     let m = AnonMemory::new(pages * PAGE_SIZE, true).unwrap();
@@ -216,7 +227,9 @@ fn qp_error_mid_transfer(side: Side) {
         eprintln!("destination got {got} batches, then {end:?}");
         assert!(got < (PAGES / 256) as u32, "every batch arrived despite the fault");
         match end {
-            Err(TransportError::PeerAborted { code: 9, .. }) | Err(TransportError::Rdma(_)) | Err(TransportError::Closed) => {}
+            Err(TransportError::PeerAborted { code: 9, .. })
+            | Err(TransportError::Rdma(_))
+            | Err(TransportError::Closed) => {}
             other => panic!("destination: expected an error, got {other:?}"),
         }
     });
@@ -251,7 +264,9 @@ fn killer_unblocks_a_waiting_sender() {
         });
         let run = [PageRun { gpa: 0, pages: 256 }];
         let t = std::time::Instant::now();
-        let e = s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &run, &smap).expect_err("killed while waiting for the region table");
+        let e =
+            s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &run, &smap)
+                .expect_err("killed while waiting for the region table");
         assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
         eprintln!("killed sender: {e}");
     });

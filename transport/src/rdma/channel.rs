@@ -46,7 +46,11 @@ pub(crate) struct TableState {
 
 impl Shared {
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { table: Mutex::new(TableState::default()), cond: Condvar::new(), killed: AtomicBool::new(false) })
+        Arc::new(Self {
+            table: Mutex::new(TableState::default()),
+            cond: Condvar::new(),
+            killed: AtomicBool::new(false),
+        })
     }
 
     pub fn set_dead(&self, why: String) {
@@ -97,6 +101,18 @@ impl Backoff {
     }
 }
 
+/// How a sending half may use its queue pair.
+pub(crate) struct TxLimits {
+    /// Batches flow from the connecting side only.
+    pub may_send_batches: bool,
+    /// Announcements outstanding at once.
+    pub max_inflight: usize,
+    /// Send queue depth.
+    pub sq_depth: usize,
+    /// No completion for this long fails the channel.
+    pub stall_timeout: Duration,
+}
+
 struct SrcMr {
     host: usize,
     len: usize,
@@ -134,17 +150,16 @@ impl RdmaTx {
         ctl: Arc<Mutex<StreamTx>>,
         shared: Arc<Shared>,
         send_cq: Arc<BasicCompletionQueue>,
-        may_send_batches: bool,
-        max_inflight: usize,
-        sq_depth: usize,
-        stall_timeout: Duration,
+        limits: TxLimits,
     ) -> Result<Self> {
+        let TxLimits { may_send_batches, max_inflight, sq_depth, stall_timeout } = limits;
         let msgbuf = AnonMemory::new(max_inflight * MSG_BUF, true)
             .map_err(|_| RdmaError::Memory("cannot map announcement buffers"))?;
         // SAFETY: msgbuf is a private mapping owned by this value and outliving the region (the
         // field order drops msgbuf_mr... both are dropped together with self; the device pins the
         // pages, so the order cannot make the device touch other memory). Only local access.
-        let msgbuf_mr = unsafe { verbs::register(&conn.dev.pd, msgbuf.as_ptr().as_ptr() as usize, msgbuf.len(), false) }?;
+        let msgbuf_mr =
+            unsafe { verbs::register(&conn.dev.pd, msgbuf.as_ptr().as_ptr() as usize, msgbuf.len(), false) }?;
         Ok(Self {
             conn,
             ctl,
@@ -285,7 +300,12 @@ impl RdmaTx {
                 })));
             }
             self.check_alive()?;
-            t = self.shared.cond.wait_timeout(t, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+            t = self
+                .shared
+                .cond
+                .wait_timeout(t, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 
@@ -315,7 +335,12 @@ impl RdmaTx {
                 return Err(TransportError::Closed);
             }
             self.check_alive()?;
-            t = self.shared.cond.wait_timeout(t, Duration::from_millis(100)).map(|(g, _)| g).unwrap_or_else(|e| e.into_inner().0);
+            t = self
+                .shared
+                .cond
+                .wait_timeout(t, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
         }
     }
 
@@ -353,7 +378,14 @@ impl RdmaTx {
         self.post_announcement(msg)
     }
 
-    fn send_batch_inner(&mut self, id: u64, round: u32, flags: u8, runs: &[PageRun], src: &dyn MemorySource) -> Result<SentBatch> {
+    fn send_batch_inner(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch> {
         let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
         if runs.is_empty() || runs.len() > MAX_BATCH_RUNS as usize || total == 0 || total > u64::from(MAX_BATCH_PAGES) {
             return Err(TransportError::InvalidBatch("batch must hold 1..=1024 pages in 1..=1024 runs"));
@@ -396,7 +428,14 @@ impl RdmaTx {
                 // SAFETY: page aligned (gpa aligned, regions page aligned), 4096 bytes valid.
                 if unsafe { page_is_zero(page) } {
                     if let Some((l, ra, n)) = open.take() {
-                        self.wrs.push(Wr { wr_id: 0, signaled: false, lkey, addr: l, len: n, remote: Some((rreg.rkey, ra)) });
+                        self.wrs.push(Wr {
+                            wr_id: 0,
+                            signaled: false,
+                            lkey,
+                            addr: l,
+                            len: n,
+                            remote: Some((rreg.rkey, ra)),
+                        });
                     }
                 } else {
                     map[i / 8] |= 1 << (i % 8);
@@ -424,7 +463,9 @@ impl RdmaTx {
             data_len: data_bytes as u32,
         };
         let mut msg = Vec::with_capacity(HEADER_LEN + header.encoded_len());
-        msg.extend_from_slice(&FrameHeader::new(FrameKind::PageBatch, header.encoded_len() + data_bytes as usize).encode());
+        msg.extend_from_slice(
+            &FrameHeader::new(FrameKind::PageBatch, header.encoded_len() + data_bytes as usize).encode(),
+        );
         header.encode_into(&mut msg);
         let res = self.post_announcement(&msg);
         if let Err(e) = res {
@@ -444,7 +485,14 @@ impl RdmaTx {
 }
 
 impl ChannelTx for RdmaTx {
-    fn send_batch(&mut self, id: u64, round: u32, flags: u8, runs: &[PageRun], src: &dyn MemorySource) -> Result<SentBatch> {
+    fn send_batch(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch> {
         self.send_batch_inner(id, round, flags, runs, src)
     }
 
@@ -475,6 +523,13 @@ impl ChannelTx for RdmaTx {
     }
 }
 
+/// The sink registered on the first receive: (host, len) per region, and the regions (kept
+/// registered until the channel drops).
+struct RegisteredSink {
+    key: Vec<(usize, usize)>,
+    _mrs: Vec<Arc<MemoryRegion>>,
+}
+
 /// Receiving half.
 pub struct RdmaRx {
     pub(crate) conn: Arc<Conn>,
@@ -486,7 +541,7 @@ pub struct RdmaRx {
     pub(crate) recvbuf: AnonMemory,
     pub(crate) recvbuf_mr: Arc<MemoryRegion>,
     /// The registered sink: (host, len) per region, and the regions.
-    sink: Option<(Vec<(usize, usize)>, Vec<Arc<MemoryRegion>>)>,
+    sink: Option<RegisteredSink>,
     pending: Option<Result<Incoming>>,
     ready: VecDeque<Result<Incoming>>,
     /// Receives reposted whose credit has not been returned yet.
@@ -509,7 +564,8 @@ impl RdmaRx {
             AnonMemory::new(rq_depth * MSG_BUF, true).map_err(|_| RdmaError::Memory("cannot map receive buffers"))?;
         // SAFETY: recvbuf is a private mapping owned by this value; the device writes it only
         // through receives we post, and we read a buffer only after its receive completed.
-        let recvbuf_mr = unsafe { verbs::register(&conn.dev.pd, recvbuf.as_ptr().as_ptr() as usize, recvbuf.len(), false) }?;
+        let recvbuf_mr =
+            unsafe { verbs::register(&conn.dev.pd, recvbuf.as_ptr().as_ptr() as usize, recvbuf.len(), false) }?;
         let rx = Self {
             conn,
             ctl,
@@ -562,8 +618,8 @@ impl RdmaRx {
             return Ok(());
         }
         let key: Vec<(usize, usize)> = regions.iter().map(|r| (r.host.as_ptr() as usize, r.len)).collect();
-        if let Some((k, _)) = &self.sink {
-            if *k != key {
+        if let Some(reg) = &self.sink {
+            if reg.key != key {
                 return Err(RdmaError::Memory("a different sink than the one registered on the first receive").into());
             }
             return Ok(());
@@ -586,7 +642,7 @@ impl RdmaRx {
         }
         let msg = super::encode_table(&table);
         lock(&self.ctl).send_control(&msg)?;
-        self.sink = Some((key, mrs));
+        self.sink = Some(RegisteredSink { key, _mrs: mrs });
         Ok(())
     }
 
@@ -596,7 +652,8 @@ impl RdmaRx {
         if !self.may_receive_batches || self.sink.is_none() {
             return Err(WireError::Unexpected(FrameKind::PageBatch).into());
         }
-        let hb: &[u8; HEADER_LEN] = msg.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or(TransportError::Truncated)?;
+        let hb: &[u8; HEADER_LEN] =
+            msg.get(..HEADER_LEN).and_then(|s| s.try_into().ok()).ok_or(TransportError::Truncated)?;
         let fh = FrameHeader::decode(hb)?;
         if fh.kind != FrameKind::PageBatch {
             return Err(WireError::Unexpected(fh.kind).into());

@@ -110,7 +110,6 @@ use crate::stream::{StreamRx, StreamTx};
 use crate::tcp::{self, TcpAcceptor, TcpOptions};
 use crate::wire::{BatchFixed, FrameHeader, FrameKind, BATCH_FIXED_LEN, HEADER_LEN};
 
-
 /// Control tag: a control message of the layer above.
 pub(crate) const TAG_USER: u8 = 0;
 /// Control tag: the destination's region table.
@@ -147,7 +146,10 @@ pub(crate) fn encode_table(t: &[RemoteRegion]) -> Vec<u8> {
 
 /// Decode a region table (without its tag). Capped, aligned, non-empty, disjoint.
 pub(crate) fn decode_table(b: &[u8]) -> Result<Vec<RemoteRegion>, RdmaError> {
-    let n = b.get(..4).map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize).ok_or(RdmaError::BadPeer("truncated region table"))?;
+    let n = b
+        .get(..4)
+        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize)
+        .ok_or(RdmaError::BadPeer("truncated region table"))?;
     if n == 0 || n > MAX_REGIONS {
         return Err(RdmaError::BadPeer("region count out of range"));
     }
@@ -169,7 +171,7 @@ pub(crate) fn decode_table(b: &[u8]) -> Result<Vec<RemoteRegion>, RdmaError> {
             len: u64at(o + 16),
             rkey: u32::from_le_bytes([b[o + 24], b[o + 25], b[o + 26], b[o + 27]]),
         };
-        if r.len == 0 || r.len % page != 0 || r.gpa % page != 0 {
+        if r.len == 0 || !r.len.is_multiple_of(page) || !r.gpa.is_multiple_of(page) {
             return Err(RdmaError::BadPeer("region not page aligned"));
         }
         if r.gpa.checked_add(r.len).is_none() || r.addr.checked_add(r.len).is_none() {
@@ -411,7 +413,13 @@ fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) ->
     let (ev_tx, ev_rx) = mpsc::channel();
     // Receives are posted (RdmaRx::new) before the peer can learn our region table.
     let rx = RdmaRx::new(Arc::clone(&conn), Arc::clone(&ctl), ev_rx, cqs.recv, !source, rq_depth as usize)?;
-    let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, source, max_inflight, sq_depth as usize, opts.completion_timeout)?;
+    let limits = channel::TxLimits {
+        may_send_batches: source,
+        max_inflight,
+        sq_depth: sq_depth as usize,
+        stall_timeout: opts.completion_timeout,
+    };
+    let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, limits)?;
     {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -492,7 +500,10 @@ impl RawRdmaPeer {
 
 impl crate::conformance::RawPeer for RawRdmaPeer {
     fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
-        let h = b.get(..HEADER_LEN).and_then(|x| <&[u8; HEADER_LEN]>::try_from(x).ok()).and_then(|x| FrameHeader::decode(x).ok());
+        let h = b
+            .get(..HEADER_LEN)
+            .and_then(|x| <&[u8; HEADER_LEN]>::try_from(x).ok())
+            .and_then(|x| FrameHeader::decode(x).ok());
         if let Some(h) = h.filter(|h| h.kind == FrameKind::PageBatch) {
             if HEADER_LEN + h.len as usize != b.len() {
                 return Ok(()); // partial batch: never announced

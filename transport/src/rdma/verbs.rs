@@ -59,8 +59,9 @@ fn is_v4_mapped(g: &[u8; 16]) -> bool {
 /// (RoCE v2 over IPv4), or else the first non-zero GID. An empty GID slot reads as zeros without
 /// an error, so zero GIDs are refused explicitly.
 pub(crate) fn open(name: &str, port: u8, gid_index: Option<u8>) -> Result<Device, RdmaError> {
-    let list = DeviceList::new()
-        .map_err(|e| RdmaError::NoDevice(format!("cannot list RDMA devices (is libibverbs installed?): {}", chain(&e))))?;
+    let list = DeviceList::new().map_err(|e| {
+        RdmaError::NoDevice(format!("cannot list RDMA devices (is libibverbs installed?): {}", chain(&e)))
+    })?;
     let mut names = Vec::new();
     let mut found = None;
     for d in list.iter() {
