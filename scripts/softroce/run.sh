@@ -83,7 +83,7 @@ ird="$build/initramfs"
 rm -rf "$ird"
 mkdir -p "$ird"/{bin,sbin,usr/bin,usr/sbin,etc/libibverbs.d,proc,sys,dev,tmp,run,tests,lib/modules/$kver}
 cp /bin/busybox "$ird/bin/busybox"
-for a in sh mount mkdir cat echo sleep grep awk sed cut tr head tail poweroff ln ls modprobe insmod timeout seq date kill wc sort printf; do
+for a in sh mount mkdir cat echo sleep grep awk sed cut tr head tail poweroff ln ls modprobe insmod timeout seq date kill wc sort printf env; do
     ln -sf busybox "$ird/bin/$a"
 done
 copy_with_libs() { # copy binaries and every library ldd lists, at the same paths
@@ -132,6 +132,7 @@ SIZE=$size
 SECS=$seconds
 ITERS=$iters
 ROUNDS=$rounds
+EXPERIMENT="${FERRY_SOFTROCE_EXPERIMENT:-}"
 TESTS="$tests"
 EOF
 cat >> "$ird/init" <<'EOF'
@@ -191,6 +192,12 @@ for r in $(seq 1 $ROUNDS); do
     OURS_L="$OURS_L $w"
     echo "round $r: ib_write_bw $v Gb/s, ferry rdma $w Gb/s"
 done
+if [ -n "$EXPERIMENT" ]; then # tuning runs (FERRY_SOFTROCE_EXPERIMENT=1), not part of the verdict
+    for v in "FERRY_RDMA_POST_CHUNK=1" "FERRY_RDMA_BUSY_POLL=1" "FERRY_RDMA_INFLIGHT=16" "FERRY_RDMA_POST_CHUNK=1 FERRY_RDMA_BUSY_POLL=1" "X=1"; do
+        echo "experiment $v: $(env $v /tests/rdma_bw --size $SIZE --seconds $SECS | grep '^{')"
+    done
+    echo "experiment ref: $(ref_run)"
+fi
 REF=$(echo $REFS | median)
 OURS=$(echo $OURS_L | median)
 RATIO=$(awk -v a=$OURS -v b=$REF 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "0" }')

@@ -24,8 +24,8 @@ use crate::wire::{
 
 /// Size of one batch announcement buffer (frame header + largest batch header is 12,456 bytes).
 pub(crate) const MSG_BUF: usize = 16 << 10;
-/// Work requests posted to the send queue in one `ibv_post_send`; the last one is signaled.
-const CHUNK: usize = 64;
+/// Default for the most work requests posted in one `ibv_post_send` (the last one signaled).
+pub(crate) const CHUNK: usize = 64;
 
 /// State shared by the two halves and the control reader thread.
 pub(crate) struct Shared {
@@ -81,12 +81,17 @@ impl Drop for Conn {
 /// backoff restarts at every event, so a busy channel polls tightly, while an idle one (or one
 /// under soft-RoCE, where a batch takes many milliseconds) leaves the CPU to the kernel, which
 /// moves the data there (rxe runs in softirq context on the same cores).
-struct Backoff(u32);
+struct Backoff(u32, bool);
 
 impl Backoff {
     fn wait(&mut self) {
         self.0 = self.0.saturating_add(1);
-        if self.0 < 16 {
+        if self.1 {
+            std::hint::spin_loop();
+            if self.0 % 64 == 0 {
+                std::thread::yield_now();
+            }
+        } else if self.0 < 16 {
             std::hint::spin_loop();
         } else if self.0 < 64 {
             std::thread::yield_now();
@@ -97,6 +102,9 @@ impl Backoff {
 
     fn timeout(&mut self) -> Duration {
         self.0 = self.0.saturating_add(1);
+        if self.1 {
+            return Duration::ZERO;
+        }
         Duration::from_micros(u64::from(self.0.saturating_mul(20).clamp(10, 2000)))
     }
 }
@@ -111,6 +119,10 @@ pub(crate) struct TxLimits {
     pub sq_depth: usize,
     /// No completion for this long fails the channel.
     pub stall_timeout: Duration,
+    /// Poll without sleeping.
+    pub busy_poll: bool,
+    /// Most work requests per post.
+    pub post_chunk: usize,
 }
 
 struct SrcMr {
@@ -130,6 +142,8 @@ pub struct RdmaTx {
     pub(crate) max_inflight: usize,
     pub(crate) sq_depth: usize,
     pub(crate) stall_timeout: Duration,
+    busy_poll: bool,
+    post_chunk: usize,
     // Registered buffers for batch announcements, one per in-flight batch.
     pub(crate) msgbuf: AnonMemory,
     pub(crate) msgbuf_mr: Arc<MemoryRegion>,
@@ -152,7 +166,7 @@ impl RdmaTx {
         send_cq: Arc<BasicCompletionQueue>,
         limits: TxLimits,
     ) -> Result<Self> {
-        let TxLimits { may_send_batches, max_inflight, sq_depth, stall_timeout } = limits;
+        let TxLimits { may_send_batches, max_inflight, sq_depth, stall_timeout, busy_poll, post_chunk } = limits;
         let msgbuf = AnonMemory::new(max_inflight * MSG_BUF, true)
             .map_err(|_| RdmaError::Memory("cannot map announcement buffers"))?;
         // SAFETY: msgbuf is a private mapping owned by this value and outliving the region (the
@@ -169,6 +183,8 @@ impl RdmaTx {
             max_inflight,
             sq_depth,
             stall_timeout,
+            busy_poll,
+            post_chunk: post_chunk.clamp(1, 1024),
             msgbuf,
             msgbuf_mr,
             src_mrs: Vec::new(),
@@ -194,7 +210,7 @@ impl RdmaTx {
     /// control stream died) fails the channel: a peer whose queue pair broke without telling
     /// (soft-RoCE keeps quiet) must not hang the sender.
     fn reap(&mut self, block: bool) -> Result<()> {
-        let mut b = Backoff(0);
+        let mut b = Backoff(0, self.busy_poll);
         let since = std::time::Instant::now();
         loop {
             self.wcs.clear();
@@ -246,7 +262,7 @@ impl RdmaTx {
         let n = wrs.len();
         let mut start = 0;
         while start < n {
-            let end = (start + CHUNK).min(n);
+            let end = (start + self.post_chunk).min(n);
             let k = end - start;
             while self.sq_used + k > self.sq_depth {
                 if let Err(e) = self.reap(true) {
@@ -538,6 +554,7 @@ pub struct RdmaRx {
     pub(crate) recv_cq: Arc<BasicCompletionQueue>,
     pub(crate) may_receive_batches: bool,
     pub(crate) rq_depth: usize,
+    pub(crate) busy_poll: bool,
     pub(crate) recvbuf: AnonMemory,
     pub(crate) recvbuf_mr: Arc<MemoryRegion>,
     /// The registered sink: (host, len) per region, and the regions.
@@ -559,6 +576,7 @@ impl RdmaRx {
         recv_cq: Arc<BasicCompletionQueue>,
         may_receive_batches: bool,
         rq_depth: usize,
+        busy_poll: bool,
     ) -> Result<Self> {
         let recvbuf =
             AnonMemory::new(rq_depth * MSG_BUF, true).map_err(|_| RdmaError::Memory("cannot map receive buffers"))?;
@@ -573,6 +591,7 @@ impl RdmaRx {
             recv_cq,
             may_receive_batches,
             rq_depth,
+            busy_poll,
             recvbuf,
             recvbuf_mr,
             sink: None,
@@ -753,7 +772,7 @@ impl ChannelRx for RdmaRx {
             return Err(TransportError::Closed);
         }
         self.ensure_sink(sink)?;
-        let mut b = Backoff(0);
+        let mut b = Backoff(0, self.busy_poll);
         loop {
             self.poll_batch(sink);
             if let Some(r) = self.ready.pop_front() {

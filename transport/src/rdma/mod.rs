@@ -209,6 +209,10 @@ pub struct RdmaOptions {
     pub setup_timeout: Duration,
     /// Outstanding RDMA work that completes nothing for this long fails the channel.
     pub completion_timeout: Duration,
+    /// Poll completions without ever sleeping (lowest latency; costs a core per waiting half).
+    pub busy_poll: bool,
+    /// Most work requests handed to the device in one post (the last of each is signaled).
+    pub post_chunk: usize,
 }
 
 impl RdmaOptions {
@@ -224,10 +228,13 @@ impl RdmaOptions {
             rq_depth: 32,
             setup_timeout: Duration::from_secs(5),
             completion_timeout: Duration::from_secs(10),
+            busy_poll: false,
+            post_chunk: channel::CHUNK,
         }
     }
 
-    /// Options from the environment: `FERRY_RDMA_DEVICE` (required), `FERRY_RDMA_GID` (index).
+    /// Options from the environment: `FERRY_RDMA_DEVICE` (required), `FERRY_RDMA_GID` (index),
+    /// `FERRY_RDMA_INFLIGHT`, `FERRY_RDMA_POST_CHUNK`, `FERRY_RDMA_BUSY_POLL=1`.
     pub fn from_env() -> Option<Self> {
         let dev = std::env::var("FERRY_RDMA_DEVICE").ok().filter(|s| !s.is_empty())?;
         let mut o = Self::new(dev);
@@ -235,6 +242,10 @@ impl RdmaOptions {
         if let Some(n) = std::env::var("FERRY_RDMA_INFLIGHT").ok().and_then(|s| s.parse().ok()) {
             o.max_inflight_batches = n;
         }
+        if let Some(n) = std::env::var("FERRY_RDMA_POST_CHUNK").ok().and_then(|s| s.parse().ok()) {
+            o.post_chunk = n;
+        }
+        o.busy_poll = std::env::var("FERRY_RDMA_BUSY_POLL").is_ok_and(|v| v == "1");
         Some(o)
     }
 }
@@ -412,12 +423,15 @@ fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) ->
     let ctl = Arc::new(Mutex::new(ctl_tx));
     let (ev_tx, ev_rx) = mpsc::channel();
     // Receives are posted (RdmaRx::new) before the peer can learn our region table.
-    let rx = RdmaRx::new(Arc::clone(&conn), Arc::clone(&ctl), ev_rx, cqs.recv, !source, rq_depth as usize)?;
+    let rx =
+        RdmaRx::new(Arc::clone(&conn), Arc::clone(&ctl), ev_rx, cqs.recv, !source, rq_depth as usize, opts.busy_poll)?;
     let limits = channel::TxLimits {
         may_send_batches: source,
         max_inflight,
         sq_depth: sq_depth as usize,
         stall_timeout: opts.completion_timeout,
+        busy_poll: opts.busy_poll,
+        post_chunk: opts.post_chunk,
     };
     let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, limits)?;
     {
