@@ -88,7 +88,7 @@ impl Backoff {
         self.0 = self.0.saturating_add(1);
         if self.1 {
             std::hint::spin_loop();
-            if self.0 % 64 == 0 {
+            if self.0.is_multiple_of(64) {
                 std::thread::yield_now();
             }
         } else if self.0 < 16 {
