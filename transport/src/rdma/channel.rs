@@ -145,8 +145,9 @@ pub struct RdmaTx {
     busy_poll: bool,
     post_chunk: usize,
     // Registered buffers for batch announcements, one per in-flight batch.
-    pub(crate) msgbuf: AnonMemory,
+    // (Fields drop in order: the region is deregistered before its memory is unmapped.)
     pub(crate) msgbuf_mr: Arc<MemoryRegion>,
+    pub(crate) msgbuf: AnonMemory,
     src_mrs: Vec<SrcMr>,
     /// Signaled work requests not yet completed: (wr_id, work requests it covers, ends a batch).
     pending: VecDeque<(u64, usize, bool)>,
@@ -169,9 +170,9 @@ impl RdmaTx {
         let TxLimits { may_send_batches, max_inflight, sq_depth, stall_timeout, busy_poll, post_chunk } = limits;
         let msgbuf = AnonMemory::new(max_inflight * MSG_BUF, true)
             .map_err(|_| RdmaError::Memory("cannot map announcement buffers"))?;
-        // SAFETY: msgbuf is a private mapping owned by this value and outliving the region (the
-        // field order drops msgbuf_mr... both are dropped together with self; the device pins the
-        // pages, so the order cannot make the device touch other memory). Only local access.
+        // SAFETY: msgbuf is a private mapping that this value owns; the region is declared before
+        // it, so it is deregistered before the memory is unmapped. Local access only (no rkey is
+        // handed out); the device reads a slot only while its SEND is outstanding.
         let msgbuf_mr =
             unsafe { verbs::register(&conn.dev.pd, msgbuf.as_ptr().as_ptr() as usize, msgbuf.len(), false) }?;
         Ok(Self {
@@ -555,8 +556,9 @@ pub struct RdmaRx {
     pub(crate) may_receive_batches: bool,
     pub(crate) rq_depth: usize,
     pub(crate) busy_poll: bool,
-    pub(crate) recvbuf: AnonMemory,
+    // (Fields drop in order: the region is deregistered before its memory is unmapped.)
     pub(crate) recvbuf_mr: Arc<MemoryRegion>,
+    pub(crate) recvbuf: AnonMemory,
     /// The registered sink: (host, len) per region, and the regions.
     sink: Option<RegisteredSink>,
     pending: Option<Result<Incoming>>,
