@@ -118,6 +118,52 @@ pub enum TransportError {
     /// The channel is closed.
     #[error("channel closed")]
     Closed,
+    /// The RDMA backend failed (verbs call, work completion error, queue pair in error).
+    #[error("rdma: {0}")]
+    Rdma(#[from] RdmaError),
+}
+
+/// Errors of the RDMA backend (defined here, without the `rdma` feature's dependencies, so that
+/// the layers above can match on them in every build).
+#[derive(Debug, thiserror::Error)]
+pub enum RdmaError {
+    /// No usable RDMA device (none named so, or libibverbs not present).
+    #[error("no RDMA device: {0}")]
+    NoDevice(String),
+    /// A verbs call failed.
+    #[error("{op} failed: {detail}")]
+    Verbs {
+        /// The verb.
+        op: &'static str,
+        /// What the library said.
+        detail: String,
+    },
+    /// A work request completed with an error (the queue pair is now in the error state).
+    #[error("work request {wr_id} completed with status {status} ({name}), vendor error {vendor_err:#x}")]
+    WorkCompletion {
+        /// Work request id.
+        wr_id: u64,
+        /// `ibv_wc_status` value.
+        status: u32,
+        /// Its name.
+        name: &'static str,
+        /// Vendor error.
+        vendor_err: u32,
+    },
+    /// Outstanding work requests made no progress.
+    #[error("no RDMA completion for {secs:.1} s (control stream {})", if *control_alive { "alive" } else { "gone" })]
+    Stalled {
+        /// Seconds waited.
+        secs: f32,
+        /// Whether the control stream was still up.
+        control_alive: bool,
+    },
+    /// The peer's queue pair or region table is unusable.
+    #[error("bad peer setup: {0}")]
+    BadPeer(&'static str),
+    /// The memory given to the channel cannot be used with RDMA.
+    #[error("memory: {0}")]
+    Memory(&'static str),
 }
 
 /// Result of the transport layer.

@@ -6,6 +6,8 @@
 //! - [`memory`]: guest memory as regions of host mappings; sources and sinks for page batches.
 //! - [`channel`]: the channel traits every backend implements.
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
+//! - `rdma` (cargo feature `rdma`): the RDMA verbs backend, one-sided RDMA WRITE into the
+//!   destination's registered guest memory.
 //! - [`conformance`]: the test suite every backend passes.
 //!
 //! ```no_run
@@ -28,9 +30,11 @@ pub mod error;
 pub mod handshake;
 pub mod memory;
 pub mod pagemix;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod stream;
 pub mod tcp;
 pub mod wire;
 
 pub use channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer, ReceivedBatch, SentBatch};
-pub use error::{HandshakeError, Result, TransportError, WireError};
+pub use error::{HandshakeError, RdmaError, Result, TransportError, WireError};

@@ -19,6 +19,12 @@ use crate::wire::PAGE_SIZE;
 pub unsafe trait MemorySource: Send + Sync {
     /// Host address of `len` bytes at `gpa`, all within one region, or `None`.
     fn source_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>>;
+
+    /// The regions behind this source, for backends that register memory with a device (`rdma`).
+    /// Empty if the implementation does not list them (such a source cannot be sent over rdma).
+    fn regions(&self) -> &[Region] {
+        &[]
+    }
 }
 
 /// Where a receiver writes guest pages.
@@ -30,6 +36,12 @@ pub unsafe trait MemorySource: Send + Sync {
 pub unsafe trait MemorySink: Send + Sync {
     /// Host address of `len` bytes at `gpa`, all within one region, or `None`.
     fn sink_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>>;
+
+    /// The regions behind this sink, for backends that register memory with a device (`rdma`).
+    /// Empty if the implementation does not list them (such a sink cannot receive over rdma).
+    fn regions(&self) -> &[Region] {
+        &[]
+    }
 }
 
 /// One guest-physical region.
@@ -125,12 +137,20 @@ unsafe impl MemorySource for MemoryMap {
     fn source_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
         self.lookup(gpa, len)
     }
+
+    fn regions(&self) -> &[Region] {
+        &self.regions
+    }
 }
 
 // SAFETY: as above; exclusivity while used as a sink was promised by the constructor's caller.
 unsafe impl MemorySink for MemoryMap {
     fn sink_ptr(&self, gpa: u64, len: usize) -> Option<NonNull<u8>> {
         self.lookup(gpa, len)
+    }
+
+    fn regions(&self) -> &[Region] {
+        &self.regions
     }
 }
 

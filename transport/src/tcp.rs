@@ -127,7 +127,14 @@ fn finish(sock: TcpStream, est: Established, zstd_level: Option<i32>) -> Result<
 }
 
 /// Connect a channel to `addr` and run the client handshake.
-pub fn connect(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Result<Channel> {
+pub fn connect(addr: SocketAddr, opts: &TcpOptions, hs: ClientConfig) -> Result<Channel> {
+    let (s, est) = connect_stream(addr, opts, hs)?;
+    finish(s, est, opts.zstd_level)
+}
+
+/// Connect to `addr` and run the client handshake; return the authenticated socket itself (for
+/// backends that carry their control path on it, such as `rdma`).
+pub fn connect_stream(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Result<(TcpStream, Established)> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(dev) = &opts.device {
         sock.bind_device(Some(dev.as_bytes()))?;
@@ -147,7 +154,10 @@ pub fn connect(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Res
         let (k, p) = read_handshake_frame(&mut s, m.poll_timeout())?;
         match m.handle_frame(k, &p, Instant::now())? {
             Step::Send(f) => s.write_all(&f)?,
-            Step::Done(est) => return finish(s, est, opts.zstd_level),
+            Step::Done(est) => {
+                s.set_read_timeout(None)?;
+                return Ok((s, est));
+            }
             Step::Verified(_) => return Err(crate::error::WireError::Unexpected(k).into()),
         }
     }
@@ -199,9 +209,29 @@ impl TcpAcceptor {
     /// Run the server handshake on an accepted socket.
     pub fn handshake(
         &self,
-        mut s: TcpStream,
+        s: TcpStream,
         admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
     ) -> Result<Channel> {
+        let (s, est) = self.handshake_stream(s, admit)?;
+        finish(s, est, self.opts.zstd_level)
+    }
+
+    /// Accept one connection and run the server handshake; return the authenticated socket
+    /// itself (for backends that carry their control path on it, such as `rdma`).
+    pub fn accept_stream(
+        &self,
+        admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
+    ) -> Result<(TcpStream, Established)> {
+        let (s, _) = self.listener.accept()?;
+        self.handshake_stream(s, admit)
+    }
+
+    /// Run the server handshake on an accepted socket and return the socket.
+    pub fn handshake_stream(
+        &self,
+        mut s: TcpStream,
+        admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
+    ) -> Result<(TcpStream, Established)> {
         tune(&SockRef::from(&s), &self.opts)?;
         let mut m = ServerHandshake::new(self.hs.clone(), random_bytes(), Instant::now());
         loop {
@@ -212,7 +242,8 @@ impl TcpAcceptor {
                     return match admit(&est) {
                         Ok(()) => {
                             s.write_all(&m.accept()?)?;
-                            finish(s, est, self.opts.zstd_level)
+                            s.set_read_timeout(None)?;
+                            Ok((s, est))
                         }
                         Err(reason) => {
                             let _ = s.write_all(&m.reject(&reason));

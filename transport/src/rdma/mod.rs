@@ -1,0 +1,537 @@
+//! The `rdma` backend: pages move by one-sided RDMA WRITE from the source's registered guest
+//! memory straight into the destination's registered guest memory; no copy on either side.
+//!
+//! Built with the cargo feature `rdma` (off by default: the default build needs no RDMA
+//! libraries). Tested on soft-RoCE (`rdma_rxe`) inside a qemu VM: `scripts/softroce/run.sh`.
+//!
+//! # Channel
+//!
+//! One channel = one authenticated TCP control stream (the ordinary [`crate::tcp`] handshake,
+//! with [`Caps::RDMA`] required) + one reliable-connected (RC) queue pair.
+//!
+//! ```text
+//!  source (connects)                               destination (accepts)
+//!     |  TCP: Ferry handshake (PSK, session binding, caps incl. RDMA)  |
+//!     |<-------------------------------------------------------------->|
+//!     |  Control[TAG_QP]: qpn, psn, gid, mtu   (both ways)             |
+//!     |<-------------------------------------------------------------->|
+//!     |      both QPs: INIT -> RTR -> RTS                              |
+//!     |  Control[TAG_REGIONS]: (gpa, addr, len, rkey) per region       |
+//!     |<---------------------------------------------------------------|  (first recv())
+//!     |  QP: RDMA WRITE data spans ... SEND(batch announcement)        |
+//!     |--------------------------------------------------------------->|  recv() -> Batch
+//!     |  TCP: BatchAck / Control[TAG_USER] / Goodbye / Abort           |
+//!     |<-------------------------------------------------------------->|
+//! ```
+//!
+//! - **Region table.** The destination registers the regions of the [`MemorySink`] it is given
+//!   on its first `recv` (all of them, once: `MemorySink::regions`) and sends their
+//!   (gpa, address, length, rkey) over the authenticated control stream; keys are valid only for
+//!   this channel (its protection domain and queue pair) and are deregistered when the channel
+//!   drops. A later `recv` with a different sink is refused. The source's `send_batch` waits for
+//!   the table (that wait is also the backpressure before the destination starts reading).
+//!   Registering up front at accept time would need the guest memory before the channel exists;
+//!   the first receive is the moment the layer above hands it over, so that is where it happens.
+//! - **Source memory** is registered lazily, region by region, on first use, and cached by the
+//!   region's host address and length for the life of the channel (read access only).
+//! - **A batch** is: zero detection on the source (volatile reads), one RDMA WRITE per run of
+//!   contiguous data pages (local address in the source's region, remote address from the
+//!   table), then a SEND of the batch announcement (frame header + [`crate::wire::BatchHeader`], the same
+//!   encoding as on a stream, without the data). RC ordering guarantees the writes have landed
+//!   when the announcement's receive completes; `recv` validates it (magic, CRC, caps on every
+//!   length, runs inside the sink) and returns [`Incoming::Batch`]. Zero pages are never
+//!   written: with `BATCH_DEST_ZEROED` nothing happens, otherwise the destination zeroes them
+//!   itself (the announcement's bitmap says which) instead of moving 4 KiB of zeros.
+//! - **Bounds and backpressure.** At most `max_inflight_batches` announcements outstanding (each
+//!   has its own registered 16 KiB buffer), at most `sq_depth` work requests in the send queue
+//!   (posted in chunks of 64, the last one of each signaled), `rq_depth` receives posted. The
+//!   sender holds one credit per receive the destination posted (told in the queue pair
+//!   exchange) and spends one per announcement; the destination reposts a receive when its
+//!   `recv` consumes an announcement and returns credits in `Control[TAG_CREDIT]` every
+//!   `rq_depth / 4`. A destination that stops reading stops returning credits and `send_batch`
+//!   blocks: receiver-not-ready NAKs never happen in normal operation, so the QP retries them
+//!   only a few times and a peer that sends them anyway fails the channel instead of hanging it.
+//! - **Control** messages of the layer above, acks, goodbye and abort go on the TCP stream.
+//!   Control messages carry a one-byte tag (so the limit is `MAX_CONTROL_LEN - 1`), and
+//!   `send_control` first waits for every batch posted before it to complete, so the peer sees
+//!   control messages after the batches sent before them, as on a stream. Batches flow from the
+//!   connecting side to the accepting side; acks and control flow both ways.
+//! - **Failures.** A work completion with an error status (remote access error, retry exceeded,
+//!   flush after the QP entered the error state), a verbs call that fails, or a broken control
+//!   stream becomes a [`TransportError`] (`Rdma(..)`, `Closed`, ...), never a panic. The
+//!   channel's killer shuts the control stream and moves the QP to the error state.
+//!   [`RdmaChannel::qp_fault`] moves only the QP to the error state (fault injection).
+//! - **Stalls.** Soft-RoCE does not always fail the work requests aimed at a peer whose queue
+//!   pair went to the error state (the requester can wait forever), so outstanding work that
+//!   completes nothing for `completion_timeout` (or for a second once the control stream died)
+//!   fails the channel with [`RdmaError::Stalled`].
+//! - **Waiting.** Completions are polled with a short spin, then yields, then sleeps growing to
+//!   1-2 ms, restarting at every event (soft-RoCE does its work in the kernel on the same CPUs;
+//!   a hard busy poll would slow it). Event-driven waits (completion channels) are a later
+//!   improvement.
+//!
+//! # Crate choice
+//!
+//! - `ibverbs` (published release): no one-sided RDMA WRITE in its safe API, and it builds
+//!   rdma-core from source. Not usable for this design.
+//! - `rdma-sys`: raw bindgen bindings; needs `libibverbs-dev`/`librdmacm-dev` and libclang at
+//!   build time and links libibverbs directly, so every binary of the crate needs rdma-core
+//!   installed to even start; and all of the verbs plumbing would be ours to write unsafely.
+//! - `sideway` (chosen): maintained wrappers over the full verbs API, including RDMA WRITE /
+//!   WRITE_WITH_IMM / READ on basic and extended QPs and rdma_cm; libibverbs is loaded with
+//!   `dlopen` at run time (through `rdma-mummy-sys`), so our binaries start on machines without
+//!   rdma-core and report "no device" instead of failing to load. It needs cmake, a C compiler
+//!   and libclang to build (installed by `scripts/softroce/deps.sh`), hence the feature gate.
+//!   Its `reg_mr` is `unsafe` with raw addresses, which is exactly what registering guest memory
+//!   needs. Costs: a young API (0.4) and some panicking conversions on unknown enum values,
+//!   which this module avoids (it reads statuses as integers).
+//!
+//! # Hardware tests
+//!
+//! Tests need `FERRY_RDMA_DEVICE` (e.g. `rxe0`; optional `FERRY_RDMA_GID` index); without it
+//! they print `SKIP: <reason>` and return. With it set, a missing device is a failure.
+
+mod channel;
+mod verbs;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use channel::{RdmaRx, RdmaTx};
+
+use crate::channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer};
+use crate::error::{RdmaError, Result, TransportError, WireError};
+use crate::handshake::{Caps, ClientConfig, Established, ServerConfig};
+use crate::memory::MemorySink;
+use crate::stream::{StreamRx, StreamTx};
+use crate::tcp::{self, TcpAcceptor, TcpOptions};
+use crate::wire::{BatchFixed, FrameHeader, FrameKind, BATCH_FIXED_LEN, HEADER_LEN};
+
+/// Control tag: a control message of the layer above.
+pub(crate) const TAG_USER: u8 = 0;
+/// Control tag: the destination's region table.
+pub(crate) const TAG_REGIONS: u8 = 1;
+/// Control tag: queue pair info.
+pub(crate) const TAG_QP: u8 = 2;
+/// Control tag: receive credits returned by the destination (u32 count).
+pub(crate) const TAG_CREDIT: u8 = 3;
+/// Most regions in a region table.
+pub(crate) const MAX_REGIONS: usize = 4096;
+const REGION_LEN: usize = 8 + 8 + 8 + 4;
+
+/// One destination region as the source sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RemoteRegion {
+    pub gpa: u64,
+    pub addr: u64,
+    pub len: u64,
+    pub rkey: u32,
+}
+
+pub(crate) fn encode_table(t: &[RemoteRegion]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(5 + t.len() * REGION_LEN);
+    m.push(TAG_REGIONS);
+    m.extend_from_slice(&(t.len() as u32).to_le_bytes());
+    for r in t {
+        m.extend_from_slice(&r.gpa.to_le_bytes());
+        m.extend_from_slice(&r.addr.to_le_bytes());
+        m.extend_from_slice(&r.len.to_le_bytes());
+        m.extend_from_slice(&r.rkey.to_le_bytes());
+    }
+    m
+}
+
+/// Decode a region table (without its tag). Capped, aligned, non-empty, disjoint.
+pub(crate) fn decode_table(b: &[u8]) -> Result<Vec<RemoteRegion>, RdmaError> {
+    let n = b
+        .get(..4)
+        .map(|x| u32::from_le_bytes([x[0], x[1], x[2], x[3]]) as usize)
+        .ok_or(RdmaError::BadPeer("truncated region table"))?;
+    if n == 0 || n > MAX_REGIONS {
+        return Err(RdmaError::BadPeer("region count out of range"));
+    }
+    if b.len() != 4 + n * REGION_LEN {
+        return Err(RdmaError::BadPeer("region table length does not match its count"));
+    }
+    let u64at = |i: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[i..i + 8]);
+        u64::from_le_bytes(x)
+    };
+    let page = crate::wire::PAGE_SIZE as u64;
+    let mut t = Vec::with_capacity(n);
+    for i in 0..n {
+        let o = 4 + i * REGION_LEN;
+        let r = RemoteRegion {
+            gpa: u64at(o),
+            addr: u64at(o + 8),
+            len: u64at(o + 16),
+            rkey: u32::from_le_bytes([b[o + 24], b[o + 25], b[o + 26], b[o + 27]]),
+        };
+        if r.len == 0 || !r.len.is_multiple_of(page) || !r.gpa.is_multiple_of(page) {
+            return Err(RdmaError::BadPeer("region not page aligned"));
+        }
+        if r.gpa.checked_add(r.len).is_none() || r.addr.checked_add(r.len).is_none() {
+            return Err(RdmaError::BadPeer("region wraps around"));
+        }
+        t.push(r);
+    }
+    t.sort_by_key(|r| r.gpa);
+    for w in t.windows(2) {
+        if w[0].gpa + w[0].len > w[1].gpa {
+            return Err(RdmaError::BadPeer("regions overlap"));
+        }
+    }
+    Ok(t)
+}
+
+/// Options of an RDMA channel.
+#[derive(Debug, Clone)]
+pub struct RdmaOptions {
+    /// Verbs device name (`rxe0`, `mlx5_0`, ...).
+    pub device: String,
+    /// Device port.
+    pub port: u8,
+    /// GID index; `None` picks the first IPv4-mapped GID (RoCE v2), else the first non-zero one.
+    pub gid_index: Option<u8>,
+    /// Options of the TCP control stream.
+    pub tcp: TcpOptions,
+    /// Batches whose announcement may be outstanding at once.
+    pub max_inflight_batches: usize,
+    /// Send queue depth (capped by the device).
+    pub sq_depth: u32,
+    /// Receives posted for announcements.
+    pub rq_depth: u32,
+    /// Time allowed for the queue pair exchange after the handshake.
+    pub setup_timeout: Duration,
+    /// Outstanding RDMA work that completes nothing for this long fails the channel.
+    pub completion_timeout: Duration,
+    /// Poll completions without ever sleeping (lowest latency; costs a core per waiting half).
+    pub busy_poll: bool,
+    /// Most work requests handed to the device in one post (the last of each is signaled).
+    pub post_chunk: usize,
+}
+
+impl RdmaOptions {
+    /// Defaults for `device`.
+    pub fn new(device: impl Into<String>) -> Self {
+        Self {
+            device: device.into(),
+            port: 1,
+            gid_index: None,
+            tcp: TcpOptions::default(),
+            max_inflight_batches: 8,
+            sq_depth: 1024,
+            rq_depth: 32,
+            setup_timeout: Duration::from_secs(5),
+            completion_timeout: Duration::from_secs(10),
+            busy_poll: false,
+            post_chunk: channel::CHUNK,
+        }
+    }
+
+    /// Options from the environment: `FERRY_RDMA_DEVICE` (required), `FERRY_RDMA_GID` (index),
+    /// `FERRY_RDMA_INFLIGHT`, `FERRY_RDMA_POST_CHUNK`, `FERRY_RDMA_BUSY_POLL=1`.
+    pub fn from_env() -> Option<Self> {
+        let dev = std::env::var("FERRY_RDMA_DEVICE").ok().filter(|s| !s.is_empty())?;
+        let mut o = Self::new(dev);
+        o.gid_index = std::env::var("FERRY_RDMA_GID").ok().and_then(|s| s.parse().ok());
+        if let Some(n) = std::env::var("FERRY_RDMA_INFLIGHT").ok().and_then(|s| s.parse().ok()) {
+            o.max_inflight_batches = n;
+        }
+        if let Some(n) = std::env::var("FERRY_RDMA_POST_CHUNK").ok().and_then(|s| s.parse().ok()) {
+            o.post_chunk = n;
+        }
+        o.busy_poll = std::env::var("FERRY_RDMA_BUSY_POLL").is_ok_and(|v| v == "1");
+        Some(o)
+    }
+}
+
+/// Why RDMA tests cannot run here (`None`: they can). Tests print `SKIP: <reason>` for `Some`.
+/// When `FERRY_RDMA_DEVICE` is set the device must work: the tests then fail instead of skipping.
+pub fn skip_reason() -> Option<String> {
+    if RdmaOptions::from_env().is_none() {
+        return Some(
+            "FERRY_RDMA_DEVICE is not set (no RDMA device on this host; scripts/softroce/run.sh runs these tests on soft-RoCE)"
+                .into(),
+        );
+    }
+    None
+}
+
+/// Check that the device of `opts` opens and has a usable port and GID.
+pub fn probe(opts: &RdmaOptions) -> Result<String, RdmaError> {
+    let d = verbs::open(&opts.device, opts.port, opts.gid_index)?;
+    Ok(format!(
+        "{} port {} gid[{}] {} mtu {} max_qp_wr {}",
+        opts.device,
+        d.port,
+        d.gid_index,
+        std::net::Ipv6Addr::from(d.gid),
+        128u32 << d.mtu,
+        d.max_qp_wr
+    ))
+}
+
+/// An established RDMA channel with its fault injector.
+pub struct RdmaChannel {
+    /// The channel.
+    pub channel: Channel,
+    /// Moves this side's queue pair to the error state (the control stream stays up): every
+    /// outstanding and later RDMA operation fails, as on a real QP error.
+    pub qp_fault: Killer,
+}
+
+/// A memory sink with no memory (setup reads no batches).
+struct NoMemory;
+
+// SAFETY: returns no pointers at all.
+unsafe impl MemorySink for NoMemory {
+    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<std::ptr::NonNull<u8>> {
+        None
+    }
+}
+
+/// Read the peer's queue pair info, bounded by `timeout` (the socket is shut down by a watchdog
+/// if the peer stays silent).
+fn read_qp_info(rx: &mut StreamRx, sock: &TcpStream, timeout: Duration) -> Result<verbs::QpInfo> {
+    let s = sock.try_clone()?;
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = done_rx.recv_timeout(timeout) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    let r = rx.recv(&NoMemory);
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    match r {
+        Ok(Incoming::Control(m)) if m.first() == Some(&TAG_QP) => Ok(verbs::QpInfo::decode(&m[1..])?),
+        Ok(Incoming::Control(_)) => Err(RdmaError::BadPeer("expected queue pair info").into()),
+        Ok(Incoming::Closed) => Err(TransportError::Closed),
+        Ok(_) => Err(RdmaError::BadPeer("expected queue pair info").into()),
+        Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::NotConnected => {
+            Err(RdmaError::BadPeer("no queue pair info in time").into())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The control reader: frames from the TCP stream to the receiving half; region tables to the
+/// sending half.
+fn reader(mut rx: StreamRx, shared: Arc<channel::Shared>, out: mpsc::Sender<Result<Incoming>>) {
+    loop {
+        let r = rx.recv(&NoMemory);
+        let (item, stop) = match r {
+            Ok(Incoming::Control(m)) => match m.first() {
+                Some(&TAG_USER) => (Ok(Incoming::Control(m[1..].to_vec())), false),
+                Some(&TAG_REGIONS) => match decode_table(&m[1..]) {
+                    Ok(t) => {
+                        let mut g = verbs::lock(&shared.table);
+                        if g.remote.is_some() {
+                            drop(g);
+                            (Err(RdmaError::BadPeer("second region table").into()), true)
+                        } else {
+                            g.remote = Some(t);
+                            shared.cond.notify_all();
+                            continue;
+                        }
+                    }
+                    Err(e) => (Err(e.into()), true),
+                },
+                Some(&TAG_CREDIT) if m.len() == 5 => {
+                    let n = u32::from_le_bytes([m[1], m[2], m[3], m[4]]);
+                    let mut g = verbs::lock(&shared.table);
+                    g.credits = g.credits.saturating_add(u64::from(n));
+                    if g.credits > u64::from(g.credit_cap) {
+                        drop(g);
+                        (Err(RdmaError::BadPeer("more credits than posted receives").into()), true)
+                    } else {
+                        shared.cond.notify_all();
+                        continue;
+                    }
+                }
+                _ => (Err(RdmaError::BadPeer("unknown control tag").into()), true),
+            },
+            Ok(Incoming::Batch(_)) => (Err(WireError::Unexpected(FrameKind::PageBatch).into()), true),
+            Ok(Incoming::Closed) => (Ok(Incoming::Closed), true),
+            Ok(a @ Incoming::Ack(_)) => (Ok(a), false),
+            Err(e) => (Err(e), true),
+        };
+        if stop {
+            shared.set_dead(match &item {
+                Ok(_) => String::new(),
+                Err(e) => e.to_string(),
+            });
+        }
+        if out.send(item).is_err() || stop {
+            if !stop {
+                shared.set_dead(String::new());
+            }
+            return;
+        }
+    }
+}
+
+/// The concrete pieces of a channel.
+struct Parts {
+    tx: RdmaTx,
+    rx: RdmaRx,
+    info: ChannelInfo,
+    killer: Killer,
+    qp_fault: Killer,
+}
+
+impl Parts {
+    fn into_channel(self) -> RdmaChannel {
+        let tx: Box<dyn ChannelTx> = Box::new(self.tx);
+        let rx: Box<dyn ChannelRx> = Box::new(self.rx);
+        RdmaChannel { channel: Channel { tx, rx, info: self.info, killer: self.killer }, qp_fault: self.qp_fault }
+    }
+}
+
+fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) -> Result<Parts> {
+    if !est.caps.contains(Caps::RDMA) {
+        return Err(TransportError::NotNegotiated("rdma"));
+    }
+    let local = sock.local_addr().ok();
+    let peer = sock.peer_addr().ok();
+    let mut ctl_tx = StreamTx::new(sock.try_clone()?, None)?;
+    let mut ctl_rx = StreamRx::new(sock.try_clone()?, false)?;
+    let dev = verbs::open(&opts.device, opts.port, opts.gid_index)?;
+    let sq_depth = opts.sq_depth.clamp(2, dev.max_qp_wr);
+    let rq_depth = opts.rq_depth.clamp(2, dev.max_qp_wr);
+    let max_inflight = opts.max_inflight_batches.clamp(1, rq_depth as usize);
+    let (mut qp, cqs) = verbs::create_qp(&dev, sq_depth, rq_depth)?;
+    let mine = qp.info(&dev, rq_depth);
+    let mut m = vec![TAG_QP];
+    m.extend_from_slice(&mine.encode());
+    ctl_tx.send_control(&m)?;
+    let theirs = read_qp_info(&mut ctl_rx, &sock, opts.setup_timeout)?;
+    qp.connect(&dev, &theirs)?;
+    let qp = Arc::new(Mutex::new(qp));
+    let conn = Arc::new(channel::Conn { sock: sock.try_clone()?, qp: Arc::clone(&qp), dev });
+    let shared = channel::Shared::new();
+    {
+        let mut t = verbs::lock(&shared.table);
+        t.credits = u64::from(theirs.recvs);
+        t.credit_cap = theirs.recvs;
+    }
+    let ctl = Arc::new(Mutex::new(ctl_tx));
+    let (ev_tx, ev_rx) = mpsc::channel();
+    // Receives are posted (RdmaRx::new) before the peer can learn our region table.
+    let rx =
+        RdmaRx::new(Arc::clone(&conn), Arc::clone(&ctl), ev_rx, cqs.recv, !source, rq_depth as usize, opts.busy_poll)?;
+    let limits = channel::TxLimits {
+        may_send_batches: source,
+        max_inflight,
+        sq_depth: sq_depth as usize,
+        stall_timeout: opts.completion_timeout,
+        busy_poll: opts.busy_poll,
+        post_chunk: opts.post_chunk,
+    };
+    let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, limits)?;
+    {
+        let shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("ferry-rdma-ctl".into())
+            .spawn(move || reader(ctl_rx, shared, ev_tx))
+            .map_err(TransportError::Io)?;
+    }
+    let kill_sock = sock.try_clone()?;
+    let kill_qp = Arc::clone(&qp);
+    let kill_shared = Arc::clone(&shared);
+    let killer: Killer = Arc::new(move || {
+        kill_shared.killed.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = kill_sock.shutdown(std::net::Shutdown::Both);
+        verbs::lock(&kill_qp).set_error();
+        kill_shared.set_dead("killed".into());
+    });
+    let fault_qp = Arc::clone(&qp);
+    let qp_fault: Killer = Arc::new(move || verbs::lock(&fault_qp).set_error());
+    let info = ChannelInfo { established: est, backend: "rdma", local, peer };
+    Ok(Parts { tx, rx, info, killer, qp_fault })
+}
+
+/// Connect an RDMA channel: TCP control stream to `addr` (handshake with [`Caps::RDMA`]), then
+/// the queue pair exchange. The connecting side sends batches.
+pub fn connect(addr: SocketAddr, opts: &RdmaOptions, mut hs: ClientConfig) -> Result<RdmaChannel> {
+    hs.caps = Caps(hs.caps.0 | Caps::RDMA.0);
+    let (s, est) = tcp::connect_stream(addr, &opts.tcp, hs)?;
+    Ok(build(s, est, opts, true)?.into_channel())
+}
+
+/// Accepts RDMA channels (the destination side).
+pub struct RdmaAcceptor {
+    tcp: TcpAcceptor,
+    opts: RdmaOptions,
+}
+
+impl RdmaAcceptor {
+    /// Listen on `addr` for control streams; `hs.caps` gets [`Caps::RDMA`] added.
+    pub fn bind(addr: SocketAddr, opts: RdmaOptions, mut hs: ServerConfig) -> Result<Self> {
+        hs.caps = Caps(hs.caps.0 | Caps::RDMA.0);
+        Ok(Self { tcp: TcpAcceptor::bind(addr, opts.tcp.clone(), hs)?, opts })
+    }
+
+    /// The address listened on.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// Accept one channel (see [`TcpAcceptor::accept`] for `admit`).
+    pub fn accept(&self, admit: &dyn Fn(&Established) -> std::result::Result<(), String>) -> Result<RdmaChannel> {
+        let (s, est) = self.tcp.accept_stream(admit)?;
+        Ok(build(s, est, &self.opts, false)?.into_channel())
+    }
+}
+
+/// A source that completed a genuine handshake and queue pair exchange and then sends what the
+/// conformance suite tells it: a complete page batch frame is announced on the queue pair (its
+/// data section is dropped: an RDMA source would have written it with RDMA WRITE), a partial
+/// batch frame is not sent at all (the source vanished before announcing it), anything else is
+/// written raw on the control stream.
+#[doc(hidden)]
+pub struct RawRdmaPeer {
+    tx: RdmaTx,
+    sock: TcpStream,
+    _rx: RdmaRx,
+}
+
+impl RawRdmaPeer {
+    /// Connect like [`connect`], keeping raw access.
+    pub fn connect(addr: SocketAddr, opts: &RdmaOptions, mut hs: ClientConfig) -> Result<Self> {
+        hs.caps = Caps(hs.caps.0 | Caps::RDMA.0);
+        let (s, est) = tcp::connect_stream(addr, &opts.tcp, hs)?;
+        let sock = s.try_clone()?;
+        let p = build(s, est, opts, true)?;
+        Ok(Self { tx: p.tx, sock, _rx: p.rx })
+    }
+}
+
+impl crate::conformance::RawPeer for RawRdmaPeer {
+    fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        let h = b
+            .get(..HEADER_LEN)
+            .and_then(|x| <&[u8; HEADER_LEN]>::try_from(x).ok())
+            .and_then(|x| FrameHeader::decode(x).ok());
+        if let Some(h) = h.filter(|h| h.kind == FrameKind::PageBatch) {
+            if HEADER_LEN + h.len as usize != b.len() {
+                return Ok(()); // partial batch: never announced
+            }
+            let ann = match BatchFixed::decode(&b[HEADER_LEN..]) {
+                Ok(f) => &b[..(HEADER_LEN + BATCH_FIXED_LEN + f.var_len()).min(b.len())],
+                Err(_) => b,
+            };
+            return self.tx.send_raw_announcement(ann).map_err(std::io::Error::other);
+        }
+        self.sock.write_all(b)
+    }
+
+    fn close(&mut self) {
+        let _ = self.sock.shutdown(std::net::Shutdown::Both);
+    }
+}

@@ -1,0 +1,273 @@
+//! The conformance suite and RDMA-specific tests against the `rdma` backend.
+//!
+//! These need an RDMA device named by `FERRY_RDMA_DEVICE` (e.g. `rxe0`, optional
+//! `FERRY_RDMA_GID`); without it each test prints `SKIP: <reason>` and returns.
+//! `scripts/softroce/run.sh` runs them on soft-RoCE inside a qemu VM.
+#![cfg(feature = "rdma")]
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_transport::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
+use ferry_transport::memory::AnonMemory;
+use ferry_transport::pagemix::{fill_page, PageKind};
+use ferry_transport::rdma::{self, RdmaAcceptor, RdmaChannel, RdmaOptions};
+use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, PAGE_SIZE};
+use ferry_transport::{Channel, Incoming, TransportError};
+
+struct Rdma {
+    opts: RdmaOptions,
+    _watchdog: Watchdog,
+}
+
+/// Ends the test process if one test hangs, so that a hang is a visible failure.
+struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    fn start(test: String, limit: Duration) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let d = done.clone();
+        std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            while t.elapsed() < limit {
+                if d.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = writeln!(std::io::stderr(), "HUNG: rdma test {test} ran longer than {limit:?}");
+            std::process::exit(3);
+        });
+        Self(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn backend(test: &str) -> Option<Rdma> {
+    if let Some(r) = rdma::skip_reason() {
+        // Written to the stderr handle, not through eprintln!, so the test harness does not
+        // capture it: a skipped hardware test is visible in every run.
+        let _ = writeln!(std::io::stderr(), "SKIP: rdma {test}: {r}");
+        return None;
+    }
+    let mut opts = RdmaOptions::from_env().expect("FERRY_RDMA_DEVICE");
+    opts.completion_timeout = Duration::from_secs(5);
+    match rdma::probe(&opts) {
+        Ok(d) => eprintln!("rdma {test}: {d}"),
+        Err(e) => panic!("FERRY_RDMA_DEVICE={} is set but unusable: {e}", opts.device),
+    }
+    Some(Rdma { opts, _watchdog: Watchdog::start(test.to_string(), Duration::from_secs(90)) })
+}
+
+fn client_cfg(psk: Psk) -> ClientConfig {
+    ClientConfig {
+        psk,
+        binding: ChannelBinding { session: [5; 16], channel: 0 },
+        caps: Caps::RDMA,
+        timeout: Duration::from_secs(5),
+    }
+}
+
+impl Rdma {
+    fn acceptor(&self, psk: Psk) -> RdmaAcceptor {
+        let hs = ServerConfig { psk, caps: Caps::RDMA, timeout: Duration::from_secs(5) };
+        RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), self.opts.clone(), hs).unwrap()
+    }
+
+    fn rdma_pair(&self) -> (RdmaChannel, RdmaChannel) {
+        let acc = self.acceptor(Psk::new(TEST_KEY).unwrap());
+        let addr = acc.local_addr().unwrap();
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
+            let c = rdma::connect(addr, &self.opts, client_cfg(Psk::new(TEST_KEY).unwrap())).expect("connect");
+            (c, srv.join().unwrap().expect("accept"))
+        })
+    }
+}
+
+impl Backend for Rdma {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn pair(&self) -> Result<(Channel, Channel), TransportError> {
+        let (c, s) = self.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(TEST_KEY).unwrap());
+        Ok((c?, s?))
+    }
+
+    fn pair_keys(
+        &self,
+        client: Psk,
+        server: Psk,
+    ) -> (Result<Channel, TransportError>, Result<Channel, TransportError>) {
+        let acc = self.acceptor(server);
+        let addr = acc.local_addr().unwrap();
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| acc.accept(&|_| Ok(())).map(|c| c.channel));
+            let c = rdma::connect(addr, &self.opts, client_cfg(client)).map(|c| c.channel);
+            (c, srv.join().unwrap())
+        })
+    }
+
+    fn raw_pair(&self) -> Result<(Box<dyn RawPeer>, Channel), TransportError> {
+        let acc = self.acceptor(Psk::new(TEST_KEY).unwrap());
+        let addr = acc.local_addr().unwrap();
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
+            let raw = rdma::RawRdmaPeer::connect(addr, &self.opts, client_cfg(Psk::new(TEST_KEY).unwrap()))?;
+            let ch = srv.join().unwrap()?;
+            Ok((Box::new(raw) as Box<dyn RawPeer>, ch.channel))
+        })
+    }
+
+    fn zstd(&self) -> bool {
+        false
+    }
+}
+
+macro_rules! suite {
+    ($($t:ident),*) => {
+        $(
+            #[test]
+            fn $t() {
+                if let Some(b) = backend(stringify!($t)) {
+                    conformance::$t(&b);
+                }
+            }
+        )*
+    };
+}
+
+suite!(
+    round_trip_mixed,
+    peer_closes_mid_batch,
+    slow_reader_backpressure,
+    malformed_frames,
+    wrong_key,
+    control_and_abort
+);
+
+fn random_memory(pages: usize, seed: u64) -> AnonMemory {
+    let m = AnonMemory::new(pages * PAGE_SIZE, true).unwrap();
+    let mut buf = vec![0u8; PAGE_SIZE];
+    for i in 0..pages {
+        fill_page(&mut buf, PageKind::Random, seed, i as u64);
+        m.write_from(i * PAGE_SIZE, &buf);
+    }
+    m
+}
+
+/// Which queue pair the fault hits.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// A queue pair forced into the error state in the middle of a transfer: the source's
+/// `send_batch` (or close) fails with a transport error, no panic, no hang; the destination
+/// then learns of the end (abort from the source, or its own QP error).
+fn qp_error_mid_transfer(side: Side) {
+    let Some(b) = backend(&format!("qp_error_mid_transfer_{side:?}")) else { return };
+    const PAGES: usize = 8192;
+    let src = random_memory(PAGES, 3);
+    let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap();
+    // SAFETY: both outlive the maps; dst is written only by the receiving channel.
+    let (smap, dmap) = unsafe { (src.map_at(0).unwrap(), dst.map_at(0).unwrap()) };
+    let (s, d) = b.rdma_pair();
+    let fault = match side {
+        Side::Source => s.qp_fault.clone(),
+        Side::Destination => d.qp_fault.clone(),
+    };
+    let mut s = s.channel;
+    let mut d = d.channel;
+    let faulted = Arc::new(AtomicBool::new(false));
+    std::thread::scope(|sc| {
+        let dmap = &dmap;
+        let recv = sc.spawn(move || {
+            let mut got = 0u32;
+            let end = loop {
+                match d.rx.recv(dmap) {
+                    Ok(Incoming::Batch(_)) => got += 1,
+                    Ok(other) => break Ok(other),
+                    Err(e) => break Err(e),
+                }
+            };
+            (got, end)
+        });
+        let mut err = None;
+        for i in 0..(PAGES / 256) {
+            if i == 4 {
+                fault();
+                faulted.store(true, Ordering::SeqCst);
+            }
+            let run = [PageRun { gpa: (i * 256 * PAGE_SIZE) as u64, pages: 256 }];
+            if let Err(e) = s.tx.send_batch(i as u64, 0, BATCH_DEST_ZEROED, &run, &smap) {
+                err = Some(e);
+                break;
+            }
+        }
+        let err = match err {
+            Some(e) => e,
+            None => s.tx.close().expect_err("a QP in error cannot deliver every batch"),
+        };
+        eprintln!("source error after QP fault ({side:?}): {err}");
+        assert!(matches!(err, TransportError::Rdma(_)), "source: unexpected error kind {err}");
+        // The source keeps running: it aborts the channel over the control stream.
+        let _ = s.tx.send_abort(9, "queue pair failed");
+        let (got, end) = recv.join().expect("receiver thread");
+        eprintln!("destination got {got} batches, then {end:?}");
+        assert!(got < (PAGES / 256) as u32, "every batch arrived despite the fault");
+        match end {
+            Err(TransportError::PeerAborted { code: 9, .. })
+            | Err(TransportError::Rdma(_))
+            | Err(TransportError::Closed) => {}
+            other => panic!("destination: expected an error, got {other:?}"),
+        }
+    });
+    assert!(faulted.load(Ordering::SeqCst));
+}
+
+#[test]
+fn qp_error_on_source_mid_transfer() {
+    qp_error_mid_transfer(Side::Source);
+}
+
+#[test]
+fn qp_error_on_destination_mid_transfer() {
+    qp_error_mid_transfer(Side::Destination);
+}
+
+/// The killer cuts a channel while the source is blocked on a destination that never reads:
+/// send_batch returns an error promptly.
+#[test]
+fn killer_unblocks_a_waiting_sender() {
+    let Some(b) = backend("killer_unblocks_a_waiting_sender") else { return };
+    let src = random_memory(256, 4);
+    // SAFETY: src outlives the map.
+    let smap = unsafe { src.map_at(0).unwrap() };
+    let (s, _d) = b.rdma_pair();
+    let mut s = s.channel;
+    let k = s.killer.clone();
+    std::thread::scope(|sc| {
+        sc.spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            k();
+        });
+        let run = [PageRun { gpa: 0, pages: 256 }];
+        let t = std::time::Instant::now();
+        let e =
+            s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &run, &smap)
+                .expect_err("killed while waiting for the region table");
+        assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
+        eprintln!("killed sender: {e}");
+    });
+}
