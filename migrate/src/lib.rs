@@ -8,9 +8,11 @@
 //! - [`server`]: the destination's listener routing channels to sessions; the source's connector.
 //! - [`scheduler`]: the host-wide concurrency limit.
 //! - [`stats`]: query-migrate style statistics and progress events.
+//! - [`quick`]: quick migration (pause, save to a shared directory, hand ownership over, load).
 
 pub mod hash;
 pub mod protocol;
+pub mod quick;
 pub mod scheduler;
 pub mod server;
 pub mod source;

@@ -81,13 +81,14 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    #[test]
-    fn fifo_and_limit() {
-        let s = Arc::new(HostScheduler::new(2));
+    /// Runs 8 holders through a scheduler of `limit`; returns (max concurrent, acquisition order).
+    fn run(limit: usize) -> (usize, Vec<u64>) {
+        let s = Arc::new(HostScheduler::new(limit));
         let active = Arc::new(AtomicUsize::new(0));
         let max = Arc::new(AtomicUsize::new(0));
         let order = Arc::new(Mutex::new(Vec::new()));
         let tickets: Vec<u64> = (0..8).map(|_| s.ticket()).collect();
+        // Threads start in reverse order: only the tickets can put them back in line.
         let hs: Vec<_> = tickets
             .into_iter()
             .rev()
@@ -98,7 +99,7 @@ mod tests {
                     let n = a.fetch_add(1, Ordering::SeqCst) + 1;
                     m.fetch_max(n, Ordering::SeqCst);
                     o.lock().unwrap().push(t);
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(std::time::Duration::from_millis(10));
                     a.fetch_sub(1, Ordering::SeqCst);
                 })
             })
@@ -106,8 +107,22 @@ mod tests {
         for h in hs {
             h.join().unwrap();
         }
-        assert!(max.load(Ordering::SeqCst) <= 2);
         let o = order.lock().unwrap().clone();
-        assert_eq!(o, (0..8).collect::<Vec<_>>(), "served out of order");
+        (max.load(Ordering::SeqCst), o)
+    }
+
+    #[test]
+    fn one_slot_serves_in_ticket_order() {
+        let (max, order) = run(1);
+        assert_eq!(max, 1);
+        assert_eq!(order, (0..8).collect::<Vec<_>>(), "served out of order");
+    }
+
+    #[test]
+    fn two_slots_never_exceed_the_limit() {
+        let (max, mut order) = run(2);
+        assert!(max <= 2, "{max} ran at once");
+        order.sort_unstable();
+        assert_eq!(order, (0..8).collect::<Vec<_>>(), "not all served");
     }
 }

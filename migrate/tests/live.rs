@@ -238,21 +238,35 @@ fn refused_when_the_destination_cannot_host() {
 
 #[test]
 fn not_converging_aborts_by_policy() {
-    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-    let mut vm = guest("hot", 32, 16, 0); // writer as fast as it can
-    let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
-    let cfg = MigrationConfig {
-        downtime_limit: Duration::from_micros(1),
-        max_rounds: 3,
-        auto_converge: false,
-        policy: ConvergePolicy::Abort,
-        ..Default::default()
-    };
-    let e = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap_err();
-    assert!(matches!(e, MigrateError::NotConverging { rounds: 3, .. }), "{e}");
-    assert!(vm.is_running());
-    assert!(outcomes.recv().unwrap().is_err());
-    h.join().unwrap();
+    // A writer starved of CPU on a loaded machine may leave a round with nothing dirty, and then
+    // the guest honestly converges: try a few times for the case under test.
+    for attempt in 0..5 {
+        let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+        let mut vm = guest("hot", 64, 32, 0); // writer as fast as it can
+        let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+        let cfg = MigrationConfig {
+            downtime_limit: Duration::from_micros(1),
+            max_rounds: 3,
+            auto_converge: false,
+            policy: ConvergePolicy::Abort,
+            ..Default::default()
+        };
+        match migrate(&mut vm, chans, &cfg, &|_| {}) {
+            Err(e) => {
+                assert!(matches!(e, MigrateError::NotConverging { rounds: 3, .. }), "{e}");
+                assert!(vm.is_running());
+                assert!(outcomes.recv().unwrap().is_err());
+                h.join().unwrap();
+                return;
+            }
+            Ok(st) => {
+                eprintln!("attempt {attempt}: converged anyway ({:?} pages per round)", st.pages_per_round);
+                let _ = outcomes.recv();
+                h.join().unwrap();
+            }
+        }
+    }
+    panic!("a guest writing as fast as it can converged five times under a 1 us downtime limit");
 }
 
 #[test]

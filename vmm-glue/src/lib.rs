@@ -2,5 +2,8 @@
 //!
 //! - [`synthetic`]: memory filled with a page mixture or a raw image, and a writer thread that
 //!   dirties a working set at a set rate.
+//! - [`kvm`]: a small VMM on KVM running Ferry's own guest program (long mode, CPL 3), with
+//!   dirty logging, pause/resume and versioned vCPU state.
 
+pub mod kvm;
 pub mod synthetic;

@@ -1,0 +1,105 @@
+//! `migration-bench stream` end to end on loopback: two processes, real sockets, the iperf3
+//! reference, JSON output. Asserts correctness and the shape of the output, never a speed.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_migration-bench")).args(args).output().expect("run migration-bench")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn stream_json_on_loopback_is_verified_and_complete() {
+    const SIZE: u64 = 64 << 20;
+    let o = bench(&["stream", "--size", "64MiB", "--json", "--reference-seconds", "1"]);
+    assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(&o));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    let options: Vec<&str> = lines.iter().filter_map(|v| v["option"].as_str()).collect();
+    assert_eq!(options, ["tcp", "zstd"], "{text}");
+    for v in &lines {
+        let num = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} missing or not a number: {v}"));
+        assert_eq!(v["bench"], "stream");
+        assert_eq!(v["reference"], "iperf3");
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["bytes"].as_u64(), Some(SIZE), "{v}");
+        assert_eq!(v["mix"], "zero=40,text=30,random=30");
+        assert_eq!(v["testbed"], "loopback");
+        for k in ["wire_bytes", "seconds", "throughput_bps", "reference_bps", "ratio"] {
+            assert!(num(k) > 0.0, "{k} not positive: {v}");
+        }
+        for k in ["src_cpu_s", "dst_cpu_s"] {
+            assert!(num(k) >= 0.0, "{k} negative: {v}");
+        }
+        let ratio = num("throughput_bps") / num("reference_bps");
+        assert!((ratio - num("ratio")).abs() < 1e-9 * ratio.max(1.0), "{v}");
+        assert!((num("throughput_bps") * num("seconds") - SIZE as f64).abs() < 1.0, "{v}");
+        // Zero pages are never sent as data: with 40 % zero pages the wire carries less.
+        assert!(num("wire_bytes") < SIZE as f64, "{v}");
+        assert_eq!(v["data_pages"].as_u64().unwrap() + v["zero_pages"].as_u64().unwrap(), SIZE / 4096);
+    }
+    let zstd = &lines[1];
+    assert!(zstd["compressed_batches"].as_u64().unwrap() > 0, "{zstd}");
+    assert!(zstd["wire_bytes"].as_u64() < lines[0]["wire_bytes"].as_u64(), "zstd sent more than tcp");
+}
+
+#[test]
+fn table_output_and_random_pages() {
+    let o = bench(&["stream", "--size", "8MiB", "--mix", "random=100", "--option", "tcp", "--no-reference"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("verified") && text.contains("tcp") && text.contains("yes"), "{text}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error_not_a_panic() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["stream", "--size", "12345"], "multiple of the 4 KiB page size"),
+        (&["stream", "--size", "0"], "zero"),
+        (&["stream", "--size", "lots"], "does not start with a number"),
+        (&["stream", "--size", "100TiB"], "larger than"),
+        (&["stream", "--mix", "zero=50,text=10"], "add up to 60"),
+        (&["stream", "--mix", "ones=100"], "unknown page kind"),
+        (&["stream", "--link-rate", "fast"], "rate"),
+        (&["stream", "--link-rate", "1gb"], "gbit"),
+        (&["stream", "--option", "carrier-pigeon"], "carrier-pigeon"),
+        (&["stream", "--zstd-level", "99"], "99"),
+        (&["stream", "--batch-pages", "5000"], "5000"),
+    ];
+    for (args, want) in cases {
+        let o = bench(args);
+        let e = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {e}");
+        assert!(e.contains(want), "{args:?}: {e}");
+        assert!(!e.contains("panicked"), "{args:?}: {e}");
+    }
+    // A child started by hand, without the driver's key, says so.
+    let o = bench(&[
+        "stream-dst",
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "4096",
+        "--mix",
+        "random=100",
+        "--seed",
+        "1",
+        "--option",
+        "tcp",
+        "--zstd-level",
+        "1",
+        "--batch-pages",
+        "1",
+        "--window",
+        "1",
+        "--session",
+        "00",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("FERRY_BENCH_PSK"), "{}", stderr(&o));
+}

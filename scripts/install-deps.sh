@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install what Ferry's benches and tests need on a bare Debian 12 machine (run as root).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+need=()
+for pkg in iperf3 iproute2 procps; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ((${#need[@]})); then
+    echo "install-deps: installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+if ! command -v cargo-fuzz >/dev/null 2>&1 && [[ "${FERRY_SKIP_FUZZ:-0}" != 1 ]]; then
+    echo "install-deps: installing cargo-fuzz"
+    cargo install cargo-fuzz --locked --quiet
+fi

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Ferry's whole test suite, on a bare Debian 12 machine of this kind (root). Installs what it
+# needs, then: format check, clippy (deny warnings), docs, all tests, fuzz targets built and
+# smoke-run, and the soft-RoCE suite inside qemu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { printf '\n=== %s (%ss)\n' "$*" "$(( $(date +%s) - start ))"; }
+
+step "dependencies"
+scripts/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
+
+step "cargo test"
+cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/ferry-test.log
+grep -q "test result" /tmp/ferry-test.log
+
+step "fuzz targets (build + short run)"
+if command -v cargo-fuzz >/dev/null 2>&1; then
+    (cd fuzz && for t in wire_decode handshake_sequence control_decode; do
+        RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -runs=200000 -max_len=4096 2>&1 | tail -2
+    done)
+else
+    echo "SKIP: cargo-fuzz not installed (FERRY_SKIP_FUZZ=1)"
+fi
+
+if [[ -x scripts/softroce/run.sh ]]; then
+    step "soft-RoCE suite (qemu)"
+    scripts/softroce/run.sh
+fi
+step "all passed"
