@@ -31,21 +31,38 @@ pub struct Path {
     pub device: Option<String>,
 }
 
-/// Open a session of channels, one per path, channel 0 first. `opts` chooses tcp or zstd.
+/// Open one channel of `session` with index `index` on `path`.
+pub fn connect_one(
+    path: &Path,
+    opts: &TcpOptions,
+    psk: &Psk,
+    session: SessionId,
+    index: u16,
+) -> Result<Channel, MigrateError> {
+    let o = TcpOptions { bind: path.local, device: path.device.clone(), ..opts.clone() };
+    let cfg = ClientConfig {
+        psk: psk.clone(),
+        binding: ChannelBinding { session, channel: index },
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+    };
+    tcp::connect(path.remote, &o, cfg).map_err(|e| MigrateError::Connect(index, e.to_string()))
+}
+
+/// Open a session of channels, one per path, channel 0 first, under a fresh session id.
 pub fn connect_session(paths: &[Path], opts: &TcpOptions, psk: &Psk) -> Result<Vec<Channel>, MigrateError> {
-    let session: SessionId = random_bytes();
-    let mut out = Vec::with_capacity(paths.len());
-    for (i, p) in paths.iter().enumerate() {
-        let o = TcpOptions { bind: p.local, device: p.device.clone(), ..opts.clone() };
-        let cfg = ClientConfig {
-            psk: psk.clone(),
-            binding: ChannelBinding { session, channel: i as u16 },
-            caps: Caps::ALL,
-            timeout: Duration::from_secs(5),
-        };
-        out.push(tcp::connect(p.remote, &o, cfg).map_err(|e| MigrateError::Connect(i as u16, e.to_string()))?);
-    }
-    Ok(out)
+    connect_session_with(random_bytes(), paths, opts, psk)
+}
+
+/// Open a session of channels under a given session id (keep it to re-open a lost channel with
+/// [`connect_one`]).
+pub fn connect_session_with(
+    session: SessionId,
+    paths: &[Path],
+    opts: &TcpOptions,
+    psk: &Psk,
+) -> Result<Vec<Channel>, MigrateError> {
+    paths.iter().enumerate().map(|(i, p)| connect_one(p, opts, psk, session, i as u16)).collect()
 }
 
 /// `n` channels to one address (loopback benches and tests).

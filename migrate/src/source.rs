@@ -78,6 +78,27 @@ impl CancelToken {
     }
 }
 
+/// How batches are spread over channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Scheduling {
+    /// Every channel pulls the next batch when it has room in its window: each gets work in
+    /// proportion to what it actually delivers, and a link that slows down gets less at once.
+    #[default]
+    Adaptive,
+    /// Batch i goes to channel i mod n, whatever the channel's speed (the comparison baseline).
+    RoundRobin,
+}
+
+/// Re-opens a lost channel (same session, same index) when its path works again.
+#[derive(Clone)]
+pub struct Rejoin(pub Arc<dyn Fn(u16) -> Result<Channel, String> + Send + Sync>);
+
+impl std::fmt::Debug for Rejoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Rejoin(..)")
+    }
+}
+
 /// Configuration of a live migration (source side).
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
@@ -109,6 +130,12 @@ pub struct MigrationConfig {
     pub cancel: CancelToken,
     /// Fault injection (tests).
     pub fault: Option<(FaultPoint, FaultAction)>,
+    /// How batches are spread over channels.
+    pub scheduling: Scheduling,
+    /// Re-open lost channels while the migration runs (tried every `rejoin_interval`).
+    pub rejoin: Option<Rejoin>,
+    /// Pause between attempts to re-open a lost channel.
+    pub rejoin_interval: Duration,
 }
 
 impl Default for MigrationConfig {
@@ -128,6 +155,9 @@ impl Default for MigrationConfig {
             reply_timeout: Duration::from_secs(30),
             cancel: CancelToken::new(),
             fault: None,
+            scheduling: Scheduling::Adaptive,
+            rejoin: None,
+            rejoin_interval: Duration::from_millis(500),
         }
     }
 }
@@ -141,6 +171,8 @@ struct Work {
     runs: Vec<PageRun>,
     /// Global page index of each run's first page.
     first: Vec<u64>,
+    /// Round-robin mode: the channel this batch must go to.
+    pin: Option<u16>,
 }
 
 impl Work {
@@ -157,6 +189,8 @@ enum Event {
     Failed(u16, String),
     /// The destination said it gives up (it never does so after taking ownership).
     Aborted(String),
+    /// A lost channel was re-opened.
+    Rejoined(u16, Channel),
 }
 
 #[derive(Default)]
@@ -237,7 +271,8 @@ fn sender_loop(
                 if q.closed || cs.dead.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Some(w) = q.items.pop_front() {
+                let pos = q.items.iter().position(|w| w.pin.is_none_or(|p| p == idx));
+                if let Some(w) = pos.and_then(|p| q.items.remove(p)) {
                     break w;
                 }
                 q = match sh.cv.wait_timeout(q, Duration::from_millis(100)) {
@@ -347,13 +382,16 @@ fn reader_loop(idx: u16, mut rx: Box<dyn ChannelRx>, cs: Arc<ChanShared>, ev: mp
 fn plan_batches(bm: &DirtyBitmap, first_index: &[u64], round: u32, batch_pages: u32, next_id: &mut u64) -> Vec<Work> {
     let flags = if round == 0 { BATCH_DEST_ZEROED } else { 0 };
     let mut out = Vec::new();
-    let mut cur = Work { id: 0, round, flags, runs: Vec::new(), first: Vec::new() };
+    let mut cur = Work { id: 0, round, flags, runs: Vec::new(), first: Vec::new(), pin: None };
     let mut cur_pages = 0u32;
     let mut flush = |cur: &mut Work, cur_pages: &mut u32, out: &mut Vec<Work>| {
         if !cur.runs.is_empty() {
             cur.id = *next_id;
             *next_id += 1;
-            out.push(std::mem::replace(cur, Work { id: 0, round, flags, runs: Vec::new(), first: Vec::new() }));
+            out.push(std::mem::replace(
+                cur,
+                Work { id: 0, round, flags, runs: Vec::new(), first: Vec::new(), pin: None },
+            ));
         }
         *cur_pages = 0;
     };
@@ -399,6 +437,8 @@ struct Engine<'a> {
     pending_lost: Vec<u16>,
     fault_done: bool,
     data_done: bool,
+    ev_tx: mpsc::Sender<Event>,
+    ending: Arc<AtomicBool>,
     started: Instant,
     bw: f64,
     sent_pages: u64,
@@ -491,15 +531,55 @@ impl<'a> Engine<'a> {
         let items: Vec<Work> =
             cs.inflight.lock().map(|mut m| m.drain().map(|(_, v)| v.0).collect()).unwrap_or_default();
         let n = items.len();
+        let alive: Vec<u16> = (0..self.chans.len() as u16)
+            .filter(|&i| !self.chans[i as usize].shared.dead.load(Ordering::SeqCst))
+            .collect();
         {
             let mut q = self.sh.queue.lock().map_err(|_| MigrateError::Internal("queue"))?;
             for w in items {
                 q.items.push_front(w);
             }
+            if self.cfg.scheduling == Scheduling::RoundRobin && !alive.is_empty() {
+                // Re-pin the lost channel's batches round-robin over the survivors.
+                for (k, w) in q.items.iter_mut().filter(|w| w.pin == Some(ch) || w.pin.is_none()).enumerate() {
+                    w.pin = Some(alive[k % alive.len()]);
+                }
+            }
         }
         self.sh.cv.notify_all();
         self.stats.events.push(format!("channel {ch}: {n} unacknowledged batches resent on the surviving channels"));
+        if let Some(rj) = self.cfg.rejoin.clone() {
+            let (ev, stop, every) = (self.ev_tx.clone(), self.ending.clone(), self.cfg.rejoin_interval);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(every);
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Ok(c) = (rj.0)(ch) {
+                        if stop.load(Ordering::SeqCst) || ev.send(Event::Rejoined(ch, c)).is_err() {
+                            return;
+                        }
+                        return;
+                    }
+                }
+            });
+        }
         Ok(())
+    }
+
+    /// A lost channel is back: start its threads and let it take work again.
+    fn rejoined(&mut self, ch: u16, c: Channel) {
+        if (ch as usize) >= self.chans.len() || !self.lost.contains(&ch) || self.data_done {
+            (c.killer)();
+            return;
+        }
+        for t in self.chans[ch as usize].threads.drain(..) {
+            let _ = t.join();
+        }
+        self.chans[ch as usize] = spawn_chan(ch, c, &self.sh, &self.ev_tx);
+        self.lost.retain(|&x| x != ch);
+        self.stats.events.push(format!("channel {ch} rejoined after {:.1} s", self.started.elapsed().as_secs_f64()));
     }
 
     /// Handle a control message that arrived while pages move.
@@ -513,7 +593,17 @@ impl<'a> Engine<'a> {
 
     /// Send one round and wait until every batch is acknowledged (the round barrier).
     fn run_round(&mut self, bm: &DirtyBitmap, round: u32) -> Result<(u64, Duration), MigrateError> {
-        let works = plan_batches(bm, &self.first_index, round, self.cfg.batch_pages, &mut self.next_id);
+        let mut works = plan_batches(bm, &self.first_index, round, self.cfg.batch_pages, &mut self.next_id);
+        if self.cfg.scheduling == Scheduling::RoundRobin {
+            let alive: Vec<u16> = (0..self.chans.len() as u16)
+                .filter(|&i| !self.chans[i as usize].shared.dead.load(Ordering::SeqCst))
+                .collect();
+            if !alive.is_empty() {
+                for (k, w) in works.iter_mut().enumerate() {
+                    w.pin = Some(alive[k % alive.len()]);
+                }
+            }
+        }
         let total_pages: u64 = works.iter().map(Work::pages).sum();
         let n = works.len();
         let t0 = Instant::now();
@@ -540,6 +630,7 @@ impl<'a> Engine<'a> {
                 Event::Control(m) => self.control_during_round(&m)?,
                 Event::Failed(ch, why) => self.channel_failed(ch, why)?,
                 Event::Aborted(why) => return Err(MigrateError::DestinationAborted(why)),
+                Event::Rejoined(ch, c) => self.rejoined(ch, c),
             }
             if last_report.elapsed() > Duration::from_millis(100) {
                 last_report = Instant::now();
@@ -586,11 +677,39 @@ impl<'a> Engine<'a> {
                 },
                 Event::Failed(ch, why) => self.channel_failed(ch, why)?,
                 Event::Aborted(why) => return Err(MigrateError::DestinationAborted(why)),
+                Event::Rejoined(ch, c) => self.rejoined(ch, c),
                 Event::Acked { .. } => {}
             }
             let _ = what;
         }
     }
+}
+
+fn spawn_chan(i: u16, ch: Channel, sh: &Arc<Shared>, ev_tx: &mpsc::Sender<Event>) -> Chan {
+    let cs = Arc::new(ChanShared {
+        inflight: Mutex::new(HashMap::new()),
+        slots: Condvar::new(),
+        dead: AtomicBool::new(false),
+        wire: AtomicU64::new(0),
+        batches: AtomicU64::new(0),
+        pages: AtomicU64::new(0),
+        zero: AtomicU64::new(0),
+        compressed: AtomicU64::new(0),
+        hist: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).unwrap_or_else(|_| {
+            hdrhistogram::Histogram::new(2).unwrap_or_else(|_| unreachable!("2 significant digits is valid"))
+        })),
+    });
+    let tx = Arc::new(Mutex::new(ch.tx));
+    let mut threads = Vec::new();
+    {
+        let (sh, cs, tx, ev) = (sh.clone(), cs.clone(), tx.clone(), ev_tx.clone());
+        threads.push(std::thread::spawn(move || sender_loop(i, sh, cs, tx, ev)));
+    }
+    {
+        let (cs, ev, rx) = (cs.clone(), ev_tx.clone(), ch.rx);
+        threads.push(std::thread::spawn(move || reader_loop(i, rx, cs, ev)));
+    }
+    Chan { tx, killer: ch.killer, shared: cs, backend: ch.info.backend.to_string(), threads }
 }
 
 /// Migrate `vm` over `channels` (channel 0 carries control). On success the destination runs the
@@ -628,30 +747,8 @@ pub fn migrate(
     let nch = channels.len();
     let mut chans = Vec::new();
     for (i, ch) in channels.into_iter().enumerate() {
-        let cs = Arc::new(ChanShared {
-            inflight: Mutex::new(HashMap::new()),
-            slots: Condvar::new(),
-            dead: AtomicBool::new(false),
-            wire: AtomicU64::new(0),
-            batches: AtomicU64::new(0),
-            pages: AtomicU64::new(0),
-            zero: AtomicU64::new(0),
-            compressed: AtomicU64::new(0),
-            hist: Mutex::new(hdrhistogram::Histogram::new(3).map_err(|_| MigrateError::Internal("histogram"))?),
-        });
-        let tx = Arc::new(Mutex::new(ch.tx));
-        let mut threads = Vec::new();
-        {
-            let (sh, cs, tx, ev) = (sh.clone(), cs.clone(), tx.clone(), ev_tx.clone());
-            threads.push(std::thread::spawn(move || sender_loop(i as u16, sh, cs, tx, ev)));
-        }
-        {
-            let (cs, ev, rx) = (cs.clone(), ev_tx.clone(), ch.rx);
-            threads.push(std::thread::spawn(move || reader_loop(i as u16, rx, cs, ev)));
-        }
-        chans.push(Chan { tx, killer: ch.killer, shared: cs, backend: ch.info.backend.to_string(), threads });
+        chans.push(spawn_chan(i as u16, ch, &sh, &ev_tx));
     }
-    drop(ev_tx);
     let mut eng = Engine {
         cfg,
         sh,
@@ -684,6 +781,8 @@ pub fn migrate(
         pending_lost: Vec::new(),
         fault_done: false,
         data_done: false,
+        ev_tx: ev_tx.clone(),
+        ending: Arc::new(AtomicBool::new(false)),
         started,
         bw: 0.0,
         sent_pages: 0,
@@ -691,7 +790,13 @@ pub fn migrate(
     let mut paused_at: Option<Instant> = None;
     let mut commit_sent = false;
     let result = run(&mut eng, vm, &shape, nch, total_pages, &mut paused_at, &mut commit_sent);
-    // Tear down: stop senders, cut channels, join threads.
+    // Tear down: stop senders and rejoin attempts, cut channels, join threads.
+    eng.ending.store(true, Ordering::SeqCst);
+    while let Ok(ev) = eng.ev_rx.try_recv() {
+        if let Event::Rejoined(_, c) = ev {
+            (c.killer)();
+        }
+    }
     if let Ok(mut q) = eng.sh.queue.lock() {
         q.closed = true;
         q.items.clear();

@@ -66,8 +66,10 @@ pub struct TargetStats {
     pub verified: bool,
     /// Channels used.
     pub channels: usize,
-    /// Channels lost on the way.
+    /// Channels lost on the way (and not back).
     pub lost_channels: Vec<u16>,
+    /// Channels that came back after a loss.
+    pub rejoined_channels: Vec<u16>,
 }
 
 /// A VM received and committed: it runs here now.
@@ -135,7 +137,7 @@ fn rx_loop(
     tx: Arc<Mutex<Box<dyn ChannelTx>>>,
     sh: Arc<Shared>,
     ev: mpsc::Sender<Event>,
-    killers: Arc<Vec<Killer>>,
+    killers: Arc<Mutex<Vec<Killer>>>,
 ) {
     loop {
         if sh.dead.load(Ordering::SeqCst) {
@@ -162,7 +164,7 @@ fn rx_loop(
                 sh.batches.fetch_add(1, Ordering::Relaxed);
                 if sh.die_round == Some(b.round) {
                     sh.dead.store(true, Ordering::SeqCst);
-                    for k in killers.iter() {
+                    for k in killers.lock().map(|k| k.clone()).unwrap_or_default() {
                         k();
                     }
                     let _ = ev.send(Event::Failed(idx, "injected destination death".into()));
@@ -285,7 +287,7 @@ pub fn receive(
         },
         dead: AtomicBool::new(false),
     });
-    let killers: Arc<Vec<Killer>> = Arc::new(channels.iter().map(|c| c.killer.clone()).collect());
+    let killers: Arc<Mutex<Vec<Killer>>> = Arc::new(Mutex::new(channels.iter().map(|c| c.killer.clone()).collect()));
     let (ev_tx, ev_rx) = mpsc::channel();
     let mut txs = Vec::new();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -296,7 +298,7 @@ pub fn receive(
         let rx = c.rx;
         threads.push(std::thread::spawn(move || rx_loop(i as u16, rx, tx, sh, ev, k)));
     }
-    drop(ev_tx);
+    let mut threads = threads;
     let send0 = |m: &Msg| -> Result<(), MigrateError> {
         txs[0]
             .lock()
@@ -315,9 +317,33 @@ pub fn receive(
         send0(&Msg::PrepareOk)?;
         let mut state: Vec<u8> = Vec::new();
         let mut ready = false;
+        let mut idle_since = Instant::now();
         loop {
-            let ev = match ev_rx.recv_timeout(cfg.idle_timeout) {
-                Ok(e) => e,
+            // A lost channel may come back (same session, same index) while pages move.
+            while let Ok(c) = more.try_recv() {
+                let b = c.info.established.binding;
+                let i = b.channel;
+                let welcome = b.session == session && stats.lost_channels.contains(&i) && !ready;
+                if !welcome {
+                    (c.killer)();
+                    continue;
+                }
+                stats.lost_channels.retain(|&x| x != i);
+                stats.rejoined_channels.push(i);
+                let tx = Arc::new(Mutex::new(c.tx));
+                if let Ok(mut k) = killers.lock() {
+                    k.push(c.killer.clone());
+                }
+                let (sh, ev, k) = (sh.clone(), ev_tx.clone(), killers.clone());
+                let rx = c.rx;
+                threads.push(std::thread::spawn(move || rx_loop(i, rx, tx, sh, ev, k)));
+            }
+            let ev = match ev_rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(e) => {
+                    idle_since = Instant::now();
+                    e
+                }
+                Err(_) if idle_since.elapsed() < cfg.idle_timeout => continue,
                 Err(_) => return Err(MigrateError::Timeout("source went silent")),
             };
             match ev {
@@ -394,7 +420,7 @@ pub fn receive(
                         committed = true;
                         vm.resume().map_err(|e| MigrateError::Vm(format!("resume after commit: {e}")))?;
                         if cfg.fault == Some(TargetFault::DieAfterCommit) {
-                            for k in killers.iter() {
+                            for k in killers.lock().map(|k| k.clone()).unwrap_or_default() {
                                 k();
                             }
                             return Ok(());
@@ -421,7 +447,7 @@ pub fn receive(
     if result.is_ok() {
         let _ = ev_rx.recv_timeout(Duration::from_millis(200));
     }
-    for k in killers.iter() {
+    for k in killers.lock().map(|k| k.clone()).unwrap_or_default() {
         k();
     }
     for t in threads {

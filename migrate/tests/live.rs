@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_migrate::scheduler::HostScheduler;
-use ferry_migrate::server::{connect_simple, MigrationServer};
-use ferry_migrate::source::{migrate, ConvergePolicy, FaultAction, FaultPoint, MigrationConfig};
+use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, MigrationServer, Path};
+use ferry_migrate::source::{migrate, ConvergePolicy, FaultAction, FaultPoint, MigrationConfig, Rejoin, Scheduling};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetFault, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
@@ -337,5 +337,59 @@ fn lost_commit_confirmation_never_runs_the_vm_twice() {
     assert_eq!(st.status, Status::Uncertain);
     assert!(!vm.is_running(), "the source resumed a VM the destination may be running");
     assert!(outcomes.recv().unwrap().is_ok(), "the destination must keep the VM it committed");
+    h.join().unwrap();
+}
+
+#[test]
+fn lost_channel_rejoins_and_carries_work_again() {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+    let mut vm = guest("rejoin", 256, 8, 32);
+    let psk = Psk::new(KEY).unwrap();
+    let session = ferry_transport::handshake::random_bytes();
+    let path = Path { remote: addr, local: None, device: None };
+    let paths = vec![path.clone(), path.clone(), path.clone()];
+    let chans = connect_session_with(session, &paths, &opts(false), &psk).unwrap();
+    let rj = {
+        let psk = psk.clone();
+        Rejoin(Arc::new(move |i| connect_one(&path, &opts(false), &psk, session, i).map_err(|e| e.to_string())))
+    };
+    let cfg = MigrationConfig {
+        verify_full: true,
+        fault: Some((FaultPoint::InRound(0), FaultAction::KillChannel(2))),
+        rejoin: Some(rj),
+        rejoin_interval: Duration::from_millis(5),
+        window: 4,
+        ..Default::default()
+    };
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
+    assert!(st.verified);
+    assert!(st.events.iter().any(|e| e.contains("channel 2 failed")), "{:?}", st.events);
+    assert!(st.events.iter().any(|e| e.contains("channel 2 rejoined")), "{:?}", st.events);
+    assert!(!st.channels[2].failed, "the rejoined channel is counted as failed");
+    assert!(st.channels[2].batches > 0, "the rejoined channel carried nothing");
+    let out = outcomes.recv().unwrap().unwrap();
+    assert_eq!(out.stats.rejoined_channels, vec![2]);
+    let t = into_synthetic(out);
+    same_memory(&vm, &t);
+    h.join().unwrap();
+}
+
+#[test]
+fn round_robin_spreads_evenly_and_survives_a_loss() {
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+    let mut vm = guest("rr", 64, 4, 16);
+    let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig {
+        verify_full: true,
+        scheduling: Scheduling::RoundRobin,
+        fault: Some((FaultPoint::InRound(0), FaultAction::KillChannel(1))),
+        ..Default::default()
+    };
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
+    assert!(st.verified);
+    assert!(st.channels[1].failed);
+    assert!(st.channels[0].batches > 0 && st.channels[2].batches > 0);
+    let t = into_synthetic(outcomes.recv().unwrap().unwrap());
+    same_memory(&vm, &t);
     h.join().unwrap();
 }
