@@ -225,8 +225,10 @@ impl Plan {
     /// go to each path's remote address at `port`, bound to the path's local address, path by
     /// path in plan order.
     pub fn channel_specs(&self, first: SocketAddr, ch0_local: Option<SocketAddr>, port: u16) -> Vec<ChannelSpec> {
-        let p0 =
-            self.paths.iter().position(|p| p.remote == first.ip() && ch0_local.map_or(true, |a| a.ip() == p.local));
+        let p0 = self
+            .paths
+            .iter()
+            .position(|p| p.remote == first.ip() && !matches!(ch0_local, Some(a) if a.ip() != p.local));
         let mut out = vec![ChannelSpec { index: 0, path: p0, remote: first, local: ch0_local, device: None }];
         for (i, p) in self.paths.iter().enumerate() {
             let n = p.channels.max(1) - u16::from(p0 == Some(i));

@@ -8,8 +8,8 @@ use std::time::Duration;
 use common::{psk, serve};
 use ferry_multichannel::*;
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk};
-use ferry_transport::HandshakeError;
 use ferry_transport::tcp::{self, TcpOptions};
+use ferry_transport::HandshakeError;
 use ferry_transport::TransportError;
 
 /// The peer's view of loopback: 127.0.0.2 (the kernel answers any 127/8 address).
@@ -54,13 +54,17 @@ fn exchange_over_a_real_channel() {
 fn garbage_is_refused_with_a_reason() {
     // A migration message (Prepare's tag 1) where the offer should be.
     let (addr, h) = std::thread::spawn(|| {
-        let cfg = ferry_transport::handshake::ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+        let cfg =
+            ferry_transport::handshake::ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
         let acc = tcp::TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), cfg).unwrap();
         let a = acc.local_addr().unwrap();
-        (a, std::thread::spawn(move || {
-            let mut ch = acc.accept(&|_| Ok(())).unwrap();
-            server_exchange(&mut ch, &[peer_lo()], a.port())
-        }))
+        (
+            a,
+            std::thread::spawn(move || {
+                let mut ch = acc.accept(&|_| Ok(())).unwrap();
+                server_exchange(&mut ch, &[peer_lo()], a.port())
+            }),
+        )
     })
     .join()
     .unwrap();
@@ -110,7 +114,10 @@ fn open_session_over_loopback_and_strangers_are_refused() {
     // A stranger claiming an unknown session, a second channel 0 of the session, a wrong key.
     let to = local(addr.port());
     let e = tcp::connect(to, &TcpOptions::default(), client(random_bytes(), 1, &psk())).unwrap_err();
-    assert!(matches!(&e, TransportError::Handshake(HandshakeError::Rejected(r)) if r.contains("no migration session")), "{e}");
+    assert!(
+        matches!(&e, TransportError::Handshake(HandshakeError::Rejected(r)) if r.contains("no migration session")),
+        "{e}"
+    );
     let e = tcp::connect(to, &TcpOptions::default(), client(session, 0, &psk())).unwrap_err();
     assert!(matches!(&e, TransportError::Handshake(HandshakeError::Rejected(r)) if r.contains("already open")), "{e}");
     let bad = Psk::new(b"another key of 32 bytes, not it!".to_vec()).unwrap();

@@ -38,11 +38,17 @@ fn discovery_and_plans_in_namespaces() {
     }
     // Unconfigured: nicN <-> nicN.
     let p = plan(&src, &dst, &NetworkPolicy::default()).unwrap();
-    let pairs: Vec<_> = p.paths.iter().map(|x| (x.local_if.as_str(), x.local, x.remote_if.as_str(), x.remote)).collect();
+    let pairs: Vec<_> =
+        p.paths.iter().map(|x| (x.local_if.as_str(), x.local, x.remote_if.as_str(), x.remote)).collect();
     assert_eq!(
         pairs,
         (0..3)
-            .map(|n| (["nic0", "nic1", "nic2"][n], ip(&format!("198.18.{n}.1")), ["nic0", "nic1", "nic2"][n], ip(&format!("198.18.{n}.2"))))
+            .map(|n| (
+                ["nic0", "nic1", "nic2"][n],
+                ip(&format!("198.18.{n}.1")),
+                ["nic0", "nic1", "nic2"][n],
+                ip(&format!("198.18.{n}.2"))
+            ))
             .collect::<Vec<_>>()
     );
     // Two subnets, in priority order.

@@ -121,7 +121,8 @@ impl Testbed {
         assert!(o.status.success(), "ferry-ifaces in {ns}: {}", String::from_utf8_lossy(&o.stderr));
         let hex = String::from_utf8(o.stdout).unwrap();
         let hex = hex.trim();
-        let bytes: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
         ferry_multichannel::codec::decode_list(&bytes).unwrap()
     }
 }
