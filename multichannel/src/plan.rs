@@ -66,6 +66,8 @@ pub struct Plan {
     pub channels: Vec<ChannelSpec>,
     /// Channels also bind their interface.
     pub bind_device: bool,
+    /// Channels per path (from the policy); with no path at all, channel 0's route gets this many.
+    pub channels_per_path: u16,
 }
 
 struct Candidate<'a> {
@@ -128,7 +130,7 @@ pub fn plan(local: &[Interface], remote: &[Interface], policy: &NetworkPolicy) -
     let cpp = policy.channels_per_path.max(1);
     let mut used_local: Vec<&str> = Vec::new();
     let mut used_remote: Vec<&str> = Vec::new();
-    let mut out = Plan { bind_device: policy.bind_device, ..Plan::default() };
+    let mut out = Plan { bind_device: policy.bind_device, channels_per_path: cpp, ..Plan::default() };
     if !policy.configured() {
         let mut all = Vec::new();
         for l in local.iter().filter(|l| l.usable() && !l.loopback) {
@@ -240,6 +242,12 @@ impl Plan {
                     local: Some(SocketAddr::new(p.local, 0)),
                     device: self.bind_device.then(|| p.local_if.clone()),
                 });
+            }
+        }
+        if self.paths.is_empty() {
+            for _ in 1..self.channels_per_path.max(1) {
+                let local = ch0_local.map(|a| SocketAddr::new(a.ip(), 0));
+                out.push(ChannelSpec { index: out.len() as u16, path: None, remote: first, local, device: None });
             }
         }
         out
@@ -394,5 +402,18 @@ mod tests {
         assert_eq!(specs.len(), 7);
         assert_eq!(specs[0].path, None);
         assert!(specs[1..].iter().all(|c| c.remote.port() == 7001 && c.device.is_none()));
+        // No path at all: channel 0's route carries channels_per_path channels.
+        let none = Plan { channels_per_path: 3, ..Plan::default() };
+        let specs = none.channel_specs("10.1.1.1:7000".parse().unwrap(), Some("10.1.1.9:5555".parse().unwrap()), 1);
+        let got: Vec<_> =
+            specs.iter().map(|c| (c.index, c.remote.to_string(), c.local.map(|a| a.to_string()))).collect();
+        assert_eq!(
+            got,
+            vec![
+                (0, "10.1.1.1:7000".into(), Some("10.1.1.9:5555".into())),
+                (1, "10.1.1.1:7000".into(), Some("10.1.1.9:0".into())),
+                (2, "10.1.1.1:7000".into(), Some("10.1.1.9:0".into())),
+            ]
+        );
     }
 }

@@ -136,3 +136,16 @@ fn a_policy_nobody_can_use_is_an_error_and_the_session_is_not_opened() {
     assert!(e.to_string().contains("198.19.250.0/24: no local address"), "{e}");
     drop(h.join().unwrap());
 }
+
+#[test]
+fn without_shared_networks_channel_zeros_route_carries_the_session() {
+    // Unconfigured, the peer's only interface is loopback: no path; 2 channels to the first address.
+    let policy = NetworkPolicy::default().with_channels_per_path(2).unwrap();
+    let (addr, h) = serve(None, vec![peer_lo()], 2, 0);
+    let (chans, plan) = open_session(local(addr.port()), &psk(), &TcpOptions::default(), &policy).unwrap();
+    assert!(plan.paths.is_empty() && plan.unusable.is_empty());
+    assert_eq!(chans.len(), 2);
+    assert!(chans.iter().all(|c| c.info.peer == Some(local(addr.port()))));
+    assert_eq!(plan.channels[1].path, None);
+    assert_eq!(h.join().unwrap().channels.len(), 2);
+}
