@@ -26,5 +26,6 @@ pub use iface::{discover, IfAddr, Interface};
 pub use plan::{plan, ChannelSpec, Plan, PlannedPath};
 pub use policy::{Network, NetworkPolicy, PolicyEntry, Unusable, UnusableReason};
 pub use session::{
-    answer_session, client_exchange, open_session, open_session_with, server_exchange, Admission, PeerAnswer,
+    answer_session, client_exchange, client_exchange_within, open_session, open_session_with, server_exchange,
+    server_exchange_within, Admission, PeerAnswer,
 };

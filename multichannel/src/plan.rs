@@ -221,6 +221,33 @@ pub fn plan(local: &[Interface], remote: &[Interface], policy: &NetworkPolicy) -
     Ok(out)
 }
 
+impl std::fmt::Display for Plan {
+    /// One line per path, then the unusable networks and the paths left out as slower.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, p) in self.paths.iter().enumerate() {
+            let speed = p.speed_mbps.map_or("speed unknown".to_string(), |s| format!("{s} Mbit/s"));
+            writeln!(
+                f,
+                "path {i}: {} {} -> {} {} ({speed}, priority {}, {} channel(s){})",
+                p.local_if,
+                p.local,
+                p.remote_if,
+                p.remote,
+                p.priority,
+                p.channels,
+                if p.rdma { ", rdma" } else { "" }
+            )?;
+        }
+        for u in &self.unusable {
+            writeln!(f, "unusable: {u}")?;
+        }
+        for p in &self.slower {
+            writeln!(f, "slower, not used: {} {} -> {} {}", p.local_if, p.local, p.remote_if, p.remote)?;
+        }
+        Ok(())
+    }
+}
+
 impl Plan {
     /// Lay out the session's channels: channel 0 is the one already open from `ch0_local` to
     /// `first` (it counts as one of its path's channels when `first` is on a path); the others
@@ -305,6 +332,9 @@ mod tests {
         );
         assert!(p.unusable.is_empty() && p.slower.is_empty());
         assert!(p.paths.iter().all(|x| x.speed_mbps == Some(10000) && x.channels == 1));
+        assert!(p
+            .to_string()
+            .starts_with("path 0: nic0 198.18.0.1 -> nic0 198.18.0.2 (10000 Mbit/s, priority 0, 1 channel(s))\n"));
     }
 
     #[test]

@@ -106,10 +106,16 @@ fn refuse(ch: &mut Channel, e: McError) -> McError {
     e
 }
 
-/// Source side of the exchange on channel 0: send `local`, wait for the destination's answer.
+/// Source side of the exchange on channel 0: send `local`, wait (up to [`EXCHANGE_TIMEOUT`])
+/// for the destination's answer.
 pub fn client_exchange(ch: &mut Channel, local: &[Interface]) -> Result<PeerAnswer> {
+    client_exchange_within(ch, local, EXCHANGE_TIMEOUT)
+}
+
+/// [`client_exchange`] with its own time limit (on expiry the channel is cut).
+pub fn client_exchange_within(ch: &mut Channel, local: &[Interface], timeout: Duration) -> Result<PeerAnswer> {
     send_msg(ch, &ExchangeMsg::Offer { interfaces: local.to_vec() })?;
-    with_deadline(ch, EXCHANGE_TIMEOUT, |ch| match recv_msg(ch) {
+    with_deadline(ch, timeout, |ch| match recv_msg(ch) {
         Ok(ExchangeMsg::Answer { port, interfaces }) => Ok(PeerAnswer { port, interfaces }),
         Ok(ExchangeMsg::Refuse(r)) => Err(McError::Refused(r)),
         Ok(ExchangeMsg::Offer { .. }) => {
@@ -122,9 +128,20 @@ pub fn client_exchange(ch: &mut Channel, local: &[Interface]) -> Result<PeerAnsw
 
 /// Destination side of the exchange on channel 0: wait for the source's list, answer with
 /// `local` and the `port` further channels connect to. Returns the source's interfaces.
-/// Bad input is answered with a refusal and returned as an error.
+/// Bad input is answered with a refusal and returned as an error. Waits up to
+/// [`EXCHANGE_TIMEOUT`].
 pub fn server_exchange(ch: &mut Channel, local: &[Interface], port: u16) -> Result<Vec<Interface>> {
-    let theirs = with_deadline(ch, EXCHANGE_TIMEOUT, |ch| match recv_msg(ch) {
+    server_exchange_within(ch, local, port, EXCHANGE_TIMEOUT)
+}
+
+/// [`server_exchange`] with its own time limit (on expiry the channel is cut).
+pub fn server_exchange_within(
+    ch: &mut Channel,
+    local: &[Interface],
+    port: u16,
+    timeout: Duration,
+) -> Result<Vec<Interface>> {
+    let theirs = with_deadline(ch, timeout, |ch| match recv_msg(ch) {
         Ok(ExchangeMsg::Offer { interfaces }) => Ok(interfaces),
         Ok(ExchangeMsg::Refuse(r)) => Err(McError::Refused(r)),
         Ok(ExchangeMsg::Answer { .. }) => {

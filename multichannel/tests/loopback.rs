@@ -149,3 +149,21 @@ fn without_shared_networks_channel_zeros_route_carries_the_session() {
     assert_eq!(plan.channels[1].path, None);
     assert_eq!(h.join().unwrap().channels.len(), 2);
 }
+
+#[test]
+fn a_silent_peer_times_out() {
+    let cfg = ferry_transport::handshake::ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let acc = tcp::TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), cfg).unwrap();
+    let a = acc.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        let mut ch = acc.accept(&|_| Ok(())).unwrap();
+        let t = std::time::Instant::now();
+        let r = server_exchange_within(&mut ch, &[peer_lo()], a.port(), Duration::from_millis(300));
+        (r, t.elapsed())
+    });
+    // Connect and say nothing.
+    let _ch = tcp::connect(a, &TcpOptions::default(), client(random_bytes(), 0, &psk())).unwrap();
+    let (r, took) = h.join().unwrap();
+    assert!(matches!(r, Err(McError::Timeout(_))), "{r:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
