@@ -604,6 +604,7 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     let mut kept: Vec<KvmVm> = Vec::new();
     let mut done_at: Option<Instant> = None;
     let mut last_log = Instant::now();
+    let mut server_done = false;
     loop {
         if STOP.load(Ordering::SeqCst) {
             break;
@@ -614,7 +615,13 @@ fn receive(a: ReceiveArgs) -> Result<()> {
                 break;
             }
         }
-        let o = match srv.outcomes.recv_timeout(Duration::from_millis(100)) {
+        let next = if server_done {
+            std::thread::sleep(Duration::from_millis(100));
+            Err(mpsc::RecvTimeoutError::Timeout)
+        } else {
+            srv.outcomes.recv_timeout(Duration::from_millis(100))
+        };
+        let o = match next {
             Ok(o) => o,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 if last_log.elapsed() >= Duration::from_secs(1) {
@@ -638,7 +645,14 @@ fn receive(a: ReceiveArgs) -> Result<()> {
                 }
                 continue;
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // The server served its --count; VMs kept here run on until --run-for-ms / Ctrl-C.
+                server_done = true;
+                if kept.is_empty() {
+                    break;
+                }
+                continue;
+            }
         };
         finished += 1;
         let outcome = match o {
