@@ -856,7 +856,8 @@ impl Peer {
         Ok(Self { child, events, reader: Some(reader) })
     }
 
-    /// The next event named `name` (others are passed to `other`), within `timeout`.
+    /// The next event named `name`, within `timeout` (other events are skipped; an `error` event or
+    /// a line that is not JSON fails).
     fn expect(&mut self, name: &str, timeout: Duration) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
