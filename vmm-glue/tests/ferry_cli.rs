@@ -161,3 +161,79 @@ fn unreachable_destination_fails_and_the_vm_stays_running() {
     assert!(err.contains("keeps running here"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// A `ferry receive` child with key `key`; returns it and the address it listens on.
+fn spawn_receiver(
+    key: &str,
+    extra: &[&str],
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(FERRY)
+        .args(["receive", "--listen", "127.0.0.1:0", "--json"])
+        .args(extra)
+        .env("FERRY_PSK", key)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn ferry receive");
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["event"], "listening", "{v}");
+    let addr = v["addr"].as_str().unwrap().to_string();
+    (child, out, addr)
+}
+
+#[test]
+fn run_and_migrate_to_a_separate_receive_process() {
+    if !kvm_or_skip("run_and_migrate_to_a_separate_receive_process") {
+        return;
+    }
+    use std::io::Read;
+    let key = "ferry-cli-test-key-0123456789";
+    let (mut child, mut out, addr) = spawn_receiver(key, &["--count", "1", "--run-for-ms", "300", "--hold-ms", "50"]);
+    let src = run(&[
+        "run-and-migrate",
+        "--mem",
+        "32MiB",
+        "--working-set",
+        "4MiB",
+        "--warmup-ms",
+        "100",
+        "--downtime-ms",
+        "2000",
+        "--to",
+        &addr,
+        "--json",
+    ]);
+    let s = json_of(&src);
+    assert_eq!(s["stats"]["status"], "completed", "{s}");
+    assert_eq!(s["stats"]["verified"], true, "{s}");
+    let st = child.wait().unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(st.success(), "receive failed: {rest}");
+    let events: Vec<Value> = rest.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let arrived = events.iter().find(|e| e["event"] == "arrived").unwrap_or_else(|| panic!("{rest}"));
+    let g = &arrived["guest"];
+    assert!(g["passes_first"].as_u64() >= s["passes_at_pause"].as_u64(), "{s} / {arrived}");
+    assert!(g["passes_after"].as_u64() > g["passes_first"].as_u64(), "{arrived}");
+    assert_eq!(g["errors"], 0);
+    assert_eq!(g["checksum_ok"], true);
+    assert!(events.iter().any(|e| e["event"] == "done" && e["failures"] == 0), "{rest}");
+}
+
+#[test]
+fn a_destination_with_another_key_is_refused_and_the_vm_stays_running() {
+    if !kvm_or_skip("a_destination_with_another_key_is_refused_and_the_vm_stays_running") {
+        return;
+    }
+    let (mut child, _out, addr) = spawn_receiver("some-other-key-for-the-receiver", &[]);
+    let out = run(&["run-and-migrate", "--mem", "16MiB", "--working-set", "1MiB", "--warmup-ms", "50", "--to", &addr]);
+    let _ = child.kill();
+    let _ = child.wait();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("keeps running here"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
