@@ -156,6 +156,10 @@ struct XportArgs {
     /// Downtime limit: switch over once the remaining dirty pages fit in this pause.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     downtime_ms: u64,
+    /// Never throttle the guest (the engine otherwise slows a guest that dirties memory faster
+    /// than it can be sent).
+    #[arg(long)]
+    no_auto_converge: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -510,7 +514,11 @@ fn live_migrate(vm: &mut KvmVm, to: SocketAddr, x: &XportArgs, psk: &Psk) -> Res
         OptionArg::Zstd => TcpOptions::zstd(),
     };
     let chans = connect_simple(to, usize::from(x.channels), &opts, psk)?;
-    let cfg = MigrationConfig { downtime_limit: Duration::from_millis(x.downtime_ms), ..Default::default() };
+    let cfg = MigrationConfig {
+        downtime_limit: Duration::from_millis(x.downtime_ms),
+        auto_converge: !x.no_auto_converge,
+        ..Default::default()
+    };
     Ok(migrate(vm, chans, &cfg, &|_| {})?)
 }
 
@@ -973,6 +981,9 @@ fn pingpong(a: PingArgs) -> Result<()> {
     .collect();
     if a.trips % 2 == 1 {
         args.push("--keep-last".into());
+    }
+    if a.xport.no_auto_converge {
+        args.push("--no-auto-converge".into());
     }
     let mut peer = Peer::spawn(&args, &[("FERRY_PSK", key_hex)])?;
     let l = peer.expect("listening", Duration::from_secs(20))?;
