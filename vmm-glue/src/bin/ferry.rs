@@ -1073,6 +1073,8 @@ fn pingpong(a: PingArgs) -> Result<()> {
                                "final_passes": last}})
         );
     } else {
+        println!("ctr_pause: guest counter when the source paused it; ctr_first: the destination's first look");
+        println!("after resume; ctr_after: after it ran there (>= --hold-ms). checksum: reported vs expected.");
         println!(
             "{} trips over {} x{}: downtime median {median:.1} ms, max {max_down:.1} ms; all verified: {all_verified}; \
              counter always continued, no corruption (final counter {last})",
@@ -1097,7 +1099,7 @@ fn print_trip_row(r: &TripRow, header: bool) {
             "moved_MiB",
             "verified",
             "ctr_pause",
-            "ctr_resume",
+            "ctr_first",
             "ctr_after",
             "errors",
             "checksum"
@@ -1333,7 +1335,7 @@ fn quick_inner(a: &QuickArgs, cfg: &GuestConfig, dir: &SharedDir, me: &str, peer
             "wall_ms",
             "file_MiB",
             "ctr_save",
-            "ctr_load",
+            "ctr_first",
             "ctr_after",
             "errors",
             "checksum"
