@@ -4,6 +4,9 @@
 //!   dirties a working set at a set rate.
 //! - [`kvm`]: a small VMM on KVM running Ferry's own guest program (long mode, CPL 3), with
 //!   dirty logging, pause/resume and versioned vCPU state.
+//!
+//! The `ferry` binary (`src/bin/ferry.rs`) runs that guest and migrates it between host
+//! processes: `receive`, `run-and-migrate`, `pingpong` (live) and `quick` (shared directory).
 
 pub mod kvm;
 pub mod synthetic;
