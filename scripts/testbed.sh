@@ -96,9 +96,11 @@ check_nic_index() {
 
 # Apply (add or change) the rate limit of one interface in one namespace.
 apply_rate() {
-    local ns=$1 dev=$2 bits=$3 verb=replace
+    local ns=$1 dev=$2 bits=$3
+    # Delete and add, never `replace`: replacing a tbf under load stalls the link on this kernel
+    # (a flow through it made no progress for minutes; measured with iperf3).
+    tc -n "$ns" qdisc del dev "$dev" root 2>/dev/null || true
     if [[ "$bits" == none ]]; then
-        tc -n "$ns" qdisc del dev "$dev" root 2>/dev/null || true
         return
     fi
     local bytes_per_s=$((bits / 8))
@@ -107,7 +109,7 @@ apply_rate() {
     local burst=$((bytes_per_s / 250))
     ((burst >= 66000)) || burst=66000
     # Queue: 20 ms at the rate beyond the bucket (latency-based limit).
-    tc -n "$ns" qdisc "$verb" dev "$dev" root tbf rate "${bits}bit" burst "$burst" latency 20ms
+    tc -n "$ns" qdisc add dev "$dev" root tbf rate "${bits}bit" burst "$burst" latency 20ms
 }
 
 # Wait (up to 5 s) until nic$1 is UP with carrier on both ends.

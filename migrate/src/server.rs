@@ -16,7 +16,7 @@ use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfi
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::Channel;
 
-use crate::target::{receive, TargetConfig, TargetOutcome};
+use crate::target::{receive_after, NoSink, TargetConfig, TargetOutcome};
 use crate::vm::TargetFactory;
 use crate::MigrateError;
 
@@ -69,6 +69,25 @@ pub fn connect_session_with(
 pub fn connect_simple(addr: SocketAddr, n: usize, opts: &TcpOptions, psk: &Psk) -> Result<Vec<Channel>, MigrateError> {
     let paths: Vec<Path> = (0..n).map(|_| Path { remote: addr, local: None, device: None }).collect();
     connect_session(&paths, opts, psk)
+}
+
+/// Read channel 0's first message: a multichannel interface exchange is answered here (this
+/// host's interfaces and the listening port, so the source can open channels on every NIC both
+/// share), and the message after it is the migration's Prepare.
+fn first_message(mut ch: Channel, port: u16) -> Result<(Channel, Option<Vec<u8>>), MigrateError> {
+    use ferry_transport::Incoming;
+    match ch.rx.recv(&NoSink).map_err(|e| MigrateError::Channel(0, e.to_string()))? {
+        Incoming::Control(m) if ferry_multichannel::is_exchange(&m) => {
+            ferry_multichannel::session::answer_offer(&mut ch, &m, port)
+                .map_err(|e| MigrateError::Unexpected(format!("interface exchange: {e}")))?;
+            Ok((ch, None))
+        }
+        Incoming::Control(m) => Ok((ch, Some(m))),
+        _ => {
+            let _ = ch.tx.send_abort(2, "expected Prepare");
+            Err(MigrateError::Unexpected("a non-control frame before Prepare".into()))
+        }
+    }
 }
 
 /// The destination's migration service.
@@ -144,8 +163,10 @@ impl MigrationServer {
                 }
                 let (factory, cfg, sessions, done, finished) =
                     (self.factory.clone(), self.cfg.clone(), self.sessions.clone(), done.clone(), finished.clone());
+                let port = self.acceptor.local_addr().map(|a| a.port()).unwrap_or(0);
                 workers.push(std::thread::spawn(move || {
-                    let r = receive(factory.as_ref(), ch, &rx, &cfg);
+                    let r = first_message(ch, port)
+                        .and_then(|(ch, first)| receive_after(factory.as_ref(), ch, first, &rx, &cfg));
                     if let Ok(mut m) = sessions.lock() {
                         m.remove(&b.session);
                     }

@@ -86,7 +86,8 @@ impl std::fmt::Debug for TargetOutcome {
     }
 }
 
-struct NoSink;
+/// A sink that takes no pages (for reading control messages).
+pub struct NoSink;
 
 // SAFETY: never returns a pointer.
 unsafe impl MemorySink for NoSink {
@@ -203,15 +204,32 @@ fn rx_loop(
 /// Returns the committed, resumed VM. Any error before commit discards the VM.
 pub fn receive(
     factory: &dyn TargetFactory,
+    ch0: Channel,
+    more: &mpsc::Receiver<Channel>,
+    cfg: &TargetConfig,
+) -> Result<TargetOutcome, MigrateError> {
+    receive_after(factory, ch0, None, more, cfg)
+}
+
+/// [`receive`], when the caller has already read the first control message of channel 0 (to
+/// answer an interface exchange first, say): `first` is then the Prepare (or `None` to read it).
+pub fn receive_after(
+    factory: &dyn TargetFactory,
     mut ch0: Channel,
+    first: Option<Vec<u8>>,
     more: &mpsc::Receiver<Channel>,
     cfg: &TargetConfig,
 ) -> Result<TargetOutcome, MigrateError> {
     // Prepare comes first, before any page may move.
-    let first = ch0.rx.recv(&NoSink).map_err(|e| MigrateError::Channel(0, e.to_string()))?;
-    let Incoming::Control(m) = first else {
-        let _ = ch0.tx.send_abort(2, "expected Prepare");
-        return Err(MigrateError::Unexpected("a non-control frame before Prepare".into()));
+    let m = match first {
+        Some(m) => m,
+        None => match ch0.rx.recv(&NoSink).map_err(|e| MigrateError::Channel(0, e.to_string()))? {
+            Incoming::Control(m) => m,
+            _ => {
+                let _ = ch0.tx.send_abort(2, "expected Prepare");
+                return Err(MigrateError::Unexpected("a non-control frame before Prepare".into()));
+            }
+        },
     };
     let (shape, nch, verify_full) = match Msg::decode(&m) {
         Ok(Msg::Prepare { version, shape, channels, verify_full }) => {

@@ -154,6 +154,23 @@ pub fn server_exchange_within(
     Ok(theirs)
 }
 
+/// Destination side when the caller has already read the source's first control message and
+/// found it to be an exchange offer ([`crate::codec::is_exchange`]): decode it and answer with
+/// this host's interfaces and `port`. Returns the source's interfaces.
+pub fn answer_offer(ch: &mut Channel, offer: &[u8], port: u16) -> Result<Vec<Interface>> {
+    let theirs = match ExchangeMsg::decode(offer) {
+        Ok(ExchangeMsg::Offer { interfaces }) => interfaces,
+        Ok(_) => return Err(refuse(ch, McError::Unexpected("an exchange message other than an offer first"))),
+        Err(e) => return Err(refuse(ch, e.into())),
+    };
+    let local = match discover() {
+        Ok(l) => l,
+        Err(e) => return Err(refuse(ch, e)),
+    };
+    send_msg(ch, &ExchangeMsg::Answer { port, interfaces: local })?;
+    Ok(theirs)
+}
+
 /// Destination side for a server: discover this host's interfaces and answer the exchange on a
 /// freshly accepted channel 0 (call before handing it to the migration receiver). `port` is the
 /// port the server listens on (on every address).

@@ -23,10 +23,11 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_migrate::server::{connect_simple, MigrationServer};
-use ferry_migrate::source::{migrate, MigrationConfig};
+use ferry_migrate::source::{migrate, MigrationConfig, Scheduling};
 use ferry_migrate::stats::{MigrationStats, Progress, Status};
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
+use ferry_multichannel::policy::NetworkPolicy;
 use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
 use ferry_transport::memory::MemoryMap;
 use ferry_transport::pagemix::{Mix, PageKind};
@@ -104,6 +105,16 @@ pub struct LiveChildArgs {
     /// zstd level.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub zstd_level: i32,
+    /// Open the session with multichannel discovery (every NIC both hosts share) instead of
+    /// `channels` channels to one address.
+    #[arg(long)]
+    pub multichannel: bool,
+    /// Batch scheduling over channels: `adaptive` or `rr` (round-robin).
+    #[arg(long, default_value = "adaptive")]
+    pub scheduling: String,
+    /// Multichannel network policy (like `198.18.1.0/24:1,198.18.2.0/24:2`).
+    #[arg(long)]
+    pub policy: Option<String>,
 }
 
 impl LiveChildArgs {
@@ -135,6 +146,15 @@ impl LiveChildArgs {
         }
         if self.dst_prefault {
             v.push("--dst-prefault".into());
+        }
+        if self.multichannel {
+            v.push("--multichannel".into());
+        }
+        v.push("--scheduling".into());
+        v.push(self.scheduling.clone());
+        if let Some(p) = &self.policy {
+            v.push("--policy".into());
+            v.push(p.clone());
         }
         v
     }
@@ -378,16 +398,49 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
             })
         ));
     };
+    let scheduling = match a.scheduling.as_str() {
+        "adaptive" => Scheduling::Adaptive,
+        "rr" => Scheduling::RoundRobin,
+        o => return Err(BenchError::Usage(format!("unknown scheduling {o:?} (adaptive, rr)"))),
+    };
     let mcfg = MigrationConfig {
         downtime_limit: Duration::from_millis(a.downtime_ms),
         verify_full: a.verify_full,
+        scheduling,
         ..MigrationConfig::default()
     };
-    let r = connect_simple(addr, a.channels, &opts, &psk)
-        .map_err(|e| e.to_string())
-        .and_then(|ch| migrate(&mut vm, ch, &mcfg, &progress).map_err(|e| e.to_string()));
+    let mut plan_lines = Vec::new();
+    let chans = if a.multichannel {
+        let policy: NetworkPolicy = match &a.policy {
+            Some(p) => p.parse().map_err(|e| BenchError::Usage(format!("--policy: {e}")))?,
+            None => NetworkPolicy::default(),
+        };
+        ferry_multichannel::session::open_session(addr, &psk, &opts, &policy)
+            .map(|(c, plan)| {
+                for p in &plan.paths {
+                    plan_lines.push(format!(
+                        "path {} {} -> {} {} ({} channel(s), {} Mbit/s)",
+                        p.local_if,
+                        p.local,
+                        p.remote_if,
+                        p.remote,
+                        p.channels,
+                        p.speed_mbps.map_or("?".into(), |v| v.to_string())
+                    ));
+                }
+                for u in &plan.unusable {
+                    plan_lines.push(format!("unusable: {u:?}"));
+                }
+                c
+            })
+            .map_err(|e| e.to_string())
+    } else {
+        connect_simple(addr, a.channels, &opts, &psk).map_err(|e| e.to_string())
+    };
+    let r = chans.and_then(|ch| migrate(&mut vm, ch, &mcfg, &progress).map_err(|e| e.to_string()));
     let u = Usage::current()?.since(&u0);
     let mut rep = src_report(r);
+    rep.events.splice(0..0, plan_lines);
     rep.cpu_s = u.cpu_s();
     rep.peak_rss_bytes = u.peak_rss_bytes;
     rep.guest_resident_bytes = resident_in(&vm.memory());
@@ -466,21 +519,91 @@ fn draw_progress(p: &serde_json::Value, label: &str) {
     let _ = std::io::stderr().flush();
 }
 
+/// A change to one link of the testbed at a given time after the migration starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkEvent {
+    /// Seconds after GO.
+    pub at_s: f64,
+    /// NIC index.
+    pub nic: u32,
+    /// `Some(rate)`: set the rate; `None`: take the link down.
+    pub rate: Option<crate::units::Rate>,
+}
+
+impl std::str::FromStr for LinkEvent {
+    type Err = String;
+
+    /// `2s:nic1:rate=100mbit` or `1.5s:nic2:down`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() != 3 {
+            return Err(format!("link event {s:?} is not TIME:nicN:rate=R or TIME:nicN:down"));
+        }
+        let at_s: f64 = parts[0]
+            .trim_end_matches('s')
+            .parse()
+            .map_err(|_| format!("bad time {:?} in link event (like 2s or 1.5s)", parts[0]))?;
+        if !(0.0..=3600.0).contains(&at_s) {
+            return Err(format!("time {at_s} out of range"));
+        }
+        let nic: u32 = parts[1]
+            .strip_prefix("nic")
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| format!("bad NIC {:?} in link event (like nic1)", parts[1]))?;
+        let rate = match parts[2] {
+            "down" => None,
+            r => Some(crate::units::parse_rate(
+                r.strip_prefix("rate=").ok_or_else(|| format!("bad action {r:?} (rate=R or down)"))?,
+            )?),
+        };
+        Ok(LinkEvent { at_s, nic, rate })
+    }
+}
+
+impl std::fmt::Display for LinkEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.rate {
+            Some(r) => write!(f, "{}s:nic{}:rate={}", self.at_s, self.nic, r),
+            None => write!(f, "{}s:nic{}:down", self.at_s, self.nic),
+        }
+    }
+}
+
+/// Where a run happens: loopback, or a testbed (namespaces `<name>-src`/`-dst`, NIC 0 first).
+#[derive(Debug, Clone, Copy)]
+pub enum Place<'a> {
+    /// Both processes on 127.0.0.1.
+    Loopback,
+    /// In the testbed, with link events applied during the run.
+    Testbed(&'a crate::testbed::Testbed, &'a [LinkEvent]),
+}
+
 /// Run one migration between two fresh processes.
-pub fn run(exe: &Path, a: &LiveChildArgs, timeout: Duration, label: &str) -> Result<(LiveSrcReport, LiveDstReport)> {
+pub fn run(
+    exe: &Path,
+    a: &LiveChildArgs,
+    timeout: Duration,
+    label: &str,
+    place: Place<'_>,
+) -> Result<(LiveSrcReport, LiveDstReport)> {
+    use crate::testbed::{Side, Testbed};
     let psk: [u8; 32] = random_bytes();
     let args = a.to_args();
-    let mut dst = in_netns(None, exe)
+    let (src_ns, dst_ns, listen) = match place {
+        Place::Loopback => (None, None, "127.0.0.1:0".to_string()),
+        Place::Testbed(tb, _) => (Some(tb.netns(Side::Src)), Some(tb.netns(Side::Dst)), "0.0.0.0:0".to_string()),
+    };
+    let mut dst = in_netns(dst_ns.as_deref(), exe)
         .arg("live-dst")
         .args(&args)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", &listen])
         .env(PSK_ENV, hex(&psk))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| BenchError::io("starting live-dst", e))?;
     register_child(dst.id());
-    let mut src = match in_netns(None, exe)
+    let mut src = match in_netns(src_ns.as_deref(), exe)
         .arg("live-src")
         .args(&args)
         .env(PSK_ENV, hex(&psk))
@@ -504,11 +627,45 @@ pub fn run(exe: &Path, a: &LiveChildArgs, timeout: Duration, label: &str) -> Res
         );
         let mut sout =
             BufReader::new(src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?);
-        let addr = read_line(&mut dout, "LISTENING ", "destination")?;
+        let mut addr = read_line(&mut dout, "LISTENING ", "destination")?;
+        if let Place::Testbed(..) = place {
+            // Listening on every address: the source starts on NIC 0.
+            let port = addr.rsplit(':').next().unwrap_or("0").to_string();
+            addr = format!("{}:{port}", Testbed::addr(Side::Dst, 0));
+        }
         read_line(&mut sout, "READY", "source")?;
         {
             let mut sin = src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?;
             writeln!(sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
+        }
+        if let Place::Testbed(tb, events) = place {
+            let name = tb.name().to_string();
+            let events = events.to_vec();
+            std::thread::spawn(move || {
+                let t0 = Instant::now();
+                for e in events {
+                    let at = Duration::from_secs_f64(e.at_s);
+                    if let Some(d) = at.checked_sub(t0.elapsed()) {
+                        std::thread::sleep(d);
+                    }
+                    let nic = e.nic.to_string();
+                    let r = match e.rate {
+                        Some(rate) => crate::testbed::run_script(&[
+                            "set-rate",
+                            "--name",
+                            &name,
+                            "--nic",
+                            &nic,
+                            "--rate",
+                            &rate.to_string(),
+                        ]),
+                        None => crate::testbed::run_script(&["link-down", "--name", &name, "--nic", &nic]),
+                    };
+                    if let Err(err) = r {
+                        eprintln!("migration-bench: link event {e}: {err}");
+                    }
+                }
+            });
         }
         let s = loop {
             let mut line = String::new();
@@ -618,8 +775,22 @@ pub struct LiveRecord {
     pub throttle_pct: u8,
     /// Per channel.
     pub per_channel: Vec<ChannelRecord>,
-    /// Events.
+    /// Events (plan, channel failures and rejoins, throttling, link events).
     pub events: Vec<String>,
+    /// Batch scheduling: `adaptive` or `rr`.
+    pub scheduling: String,
+    /// `loopback` or `netns`.
+    pub testbed: String,
+    /// NICs of the testbed (0 on loopback).
+    pub nics: u32,
+    /// Rate of each NIC at the start, bytes/s.
+    pub link_rates_bps: Vec<u64>,
+    /// iperf3 single stream on each link, same run, summed (bytes/s).
+    pub aggregate_reference_bps: Option<f64>,
+    /// Bytes on the wire per second while pages moved (total minus setup).
+    pub wire_throughput_bps: f64,
+    /// `wire_throughput_bps / aggregate_reference_bps`.
+    pub ratio_to_aggregate: Option<f64>,
 }
 
 /// Peak RSS of each side.
@@ -637,7 +808,7 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
     LiveRecord {
         bench: "live".into(),
         option: a.option.clone(),
-        channels: a.channels,
+        channels: if s.channels.is_empty() { a.channels } else { s.channels.len() },
         workload: a.workload.as_str().into(),
         guest_bytes: a.size,
         nonzero_guest_bytes: s.nonzero_guest_bytes,
@@ -665,6 +836,17 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
         throttle_pct: s.throttle_pct,
         per_channel: s.channels.clone(),
         events: s.events.clone(),
+        scheduling: a.scheduling.clone(),
+        testbed: "loopback".into(),
+        nics: 0,
+        link_rates_bps: vec![],
+        aggregate_reference_bps: None,
+        wire_throughput_bps: if s.total_ms > s.setup_ms {
+            s.transferred_bytes as f64 / ((s.total_ms - s.setup_ms) / 1e3)
+        } else {
+            0.0
+        },
+        ratio_to_aggregate: None,
     }
 }
 
@@ -673,9 +855,11 @@ pub fn table(records: &[LiveRecord]) -> String {
     let mut t = crate::report::Table::new(&[
         "workload",
         "option",
+        "sched",
         "ch",
         "total ms",
         "vs iperf3",
+        "vs links",
         "downtime ms",
         "rounds",
         "GB wire",
@@ -689,9 +873,11 @@ pub fn table(records: &[LiveRecord]) -> String {
         t.row(vec![
             r.workload.clone(),
             r.option.clone(),
+            r.scheduling.clone(),
             r.channels.to_string(),
             format!("{:.0}", r.total_ms),
             r.total_vs_reference.map_or("-".into(), |v| format!("{v:.2}x")),
+            r.ratio_to_aggregate.map_or("-".into(), |v| format!("{v:.2}")),
             format!("{:.1}", r.downtime_ms),
             r.rounds.to_string(),
             format!("{:.2}", r.transferred_bytes as f64 / 1e9),
@@ -724,5 +910,11 @@ pub fn table(records: &[LiveRecord]) -> String {
     }
     out.push_str("\nbatch latency per channel (send to ack):\n");
     out.push_str(&lt.render());
+    for r in records.iter().filter(|r| !r.events.is_empty()) {
+        out.push_str(&format!("\nevents ({} {} {} {}):\n", r.workload, r.option, r.scheduling, r.channels));
+        for e in &r.events {
+            out.push_str(&format!("  {e}\n"));
+        }
+    }
     out
 }

@@ -317,6 +317,55 @@ struct LiveArgs {
     /// Kill a migration that takes longer than this many seconds.
     #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     timeout: u64,
+    /// Run source and destination in two namespaces joined by K rate-limited NICs, and open the
+    /// session with multichannel discovery: `nics=4,rate=500mbit` (or `rates=1gbit/500mbit/..`).
+    #[arg(long)]
+    testbed: Option<String>,
+    /// Change a link during each migration: `2s:nic1:rate=100mbit` or `1.5s:nic2:down` (repeat).
+    #[arg(long = "link-event", value_parser = parse_link_event)]
+    link_events: Vec<live::LinkEvent>,
+    /// Batch scheduling over channels: adaptive (by what each delivers), rr (round-robin), both.
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "rr", "both"])]
+    scheduling: String,
+    /// Multichannel network policy (testbed only), like `198.18.1.0/24:1,198.18.2.0/24:2`.
+    #[arg(long)]
+    policy: Option<String>,
+}
+
+fn parse_link_event(s: &str) -> std::result::Result<live::LinkEvent, String> {
+    s.parse()
+}
+
+/// `nics=4,rate=500mbit` or `rates=1gbit/500mbit`.
+fn parse_testbed(s: &str) -> Result<Vec<Rate>> {
+    let mut nics: Option<usize> = None;
+    let mut rates: Vec<Rate> = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .ok_or_else(|| BenchError::Usage(format!("--testbed part {part:?} is not key=value")))?;
+        match k {
+            "nics" => {
+                nics = Some(v.parse().map_err(|_| BenchError::Usage(format!("--testbed nics={v} is not a number")))?)
+            }
+            "rate" => rates = vec![parse_rate(v).map_err(BenchError::Usage)?],
+            "rates" => {
+                rates =
+                    v.split('/').map(parse_rate).collect::<std::result::Result<_, _>>().map_err(BenchError::Usage)?
+            }
+            other => return Err(BenchError::Usage(format!("unknown --testbed key {other:?} (nics, rate, rates)"))),
+        }
+    }
+    let n = nics.unwrap_or(rates.len().max(1));
+    if !(1..=8).contains(&n) {
+        return Err(BenchError::Usage(format!("--testbed nics={n}: 1..=8")));
+    }
+    match rates.len() {
+        0 => Err(BenchError::Usage("--testbed needs rate= or rates=".into())),
+        1 => Ok(vec![rates[0]; n]),
+        k if k == n => Ok(rates),
+        k => Err(BenchError::Usage(format!("--testbed: {k} rates for {n} NICs"))),
+    }
 }
 
 impl Default for LiveArgs {
@@ -364,12 +413,62 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
     check_memory(a.size)?;
     let exe = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
     testbed::install_interrupt_cleanup();
-    let reference = if a.no_reference {
-        None
+    let tb = match &a.testbed {
+        Some(spec) => {
+            let rates = parse_testbed(spec)?;
+            testbed::check_permitted()
+                .map_err(|why| BenchError::Usage(format!("--testbed needs network namespaces: {why}")))?;
+            Some(Testbed::up(&testbed::unique_name("fl"), &rates)?)
+        }
+        None => {
+            if !a.link_events.is_empty() {
+                return Err(BenchError::Usage("--link-event needs --testbed".into()));
+            }
+            None
+        }
+    };
+    if let Some(tb) = &tb {
+        if let Some(e) = a.link_events.iter().find(|e| e.nic >= tb.nics()) {
+            return Err(BenchError::Usage(format!("--link-event {e}: the testbed has {} NICs", tb.nics())));
+        }
+    }
+    let (reference, aggregate) = if a.no_reference {
+        (None, None)
     } else {
         iperf::ensure_iperf3()?;
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        Some(iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?.bytes_per_s)
+        match &tb {
+            None => {
+                let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                (Some(iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?.bytes_per_s), None)
+            }
+            Some(tb) => {
+                // One iperf3 stream per link, one link at a time; their sum is the aggregate.
+                let mut sum = 0.0;
+                let mut first = None;
+                for nic in 0..tb.nics() {
+                    let dst = IpAddr::V4(Testbed::addr(Side::Dst, nic));
+                    let r = iperf::measure(
+                        Some(&tb.netns(Side::Dst)),
+                        Some(&tb.netns(Side::Src)),
+                        dst,
+                        5201 + nic as u16,
+                        a.reference_seconds,
+                    )?
+                    .bytes_per_s;
+                    first.get_or_insert(r);
+                    sum += r;
+                }
+                (first, Some(sum))
+            }
+        }
+    };
+    let place = match &tb {
+        Some(tb) => live::Place::Testbed(tb, &a.link_events),
+        None => live::Place::Loopback,
+    };
+    let schedulings: Vec<&str> = match a.scheduling.as_str() {
+        "both" => vec!["adaptive", "rr"],
+        s => vec![s],
     };
     let workloads = match a.workload {
         WorkloadArg::Idle => vec![live::Workload::Idle],
@@ -379,31 +478,75 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
     let mut records = Vec::new();
     for &w in &workloads {
         for (o, n) in &options {
-            let args = LiveChildArgs {
-                size: a.size,
-                mix: a.mix,
-                seed: a.seed,
-                workload: w,
-                working_set: a.working_set,
-                dirty_rate: a.dirty_rate,
-                option: o.clone(),
-                channels: *n,
-                downtime_ms: a.downtime_ms,
-                verify_full: a.verify_full,
-                dst_prefault: a.dst_prefault,
-                zstd_level: a.zstd_level,
-            };
-            let label = format!("{} {}:{}", w.as_str(), o, n);
-            let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label)?;
-            let rec = live::record(&args, &s, &d, reference);
-            if a.json {
-                emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+            for &sched in &schedulings {
+                let args = LiveChildArgs {
+                    size: a.size,
+                    mix: a.mix,
+                    seed: a.seed,
+                    workload: w,
+                    working_set: a.working_set,
+                    dirty_rate: a.dirty_rate,
+                    option: o.clone(),
+                    channels: *n,
+                    downtime_ms: a.downtime_ms,
+                    verify_full: a.verify_full,
+                    dst_prefault: a.dst_prefault,
+                    zstd_level: a.zstd_level,
+                    multichannel: tb.is_some(),
+                    scheduling: sched.to_string(),
+                    policy: a.policy.clone(),
+                };
+                if let Some(tb) = &tb {
+                    // Every run starts from the configured rates with every link up.
+                    for (nic, r) in tb.rates().iter().enumerate() {
+                        let nic = nic.to_string();
+                        let _ = testbed::run_script(&["link-up", "--name", tb.name(), "--nic", &nic]);
+                        testbed::run_script(&[
+                            "set-rate",
+                            "--name",
+                            tb.name(),
+                            "--nic",
+                            &nic,
+                            "--rate",
+                            &r.to_string(),
+                        ])?;
+                    }
+                }
+                let label = format!("{} {}:{} {}", w.as_str(), o, n, sched);
+                let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label, place)?;
+                let mut rec = live::record(&args, &s, &d, reference);
+                if let Some(tb) = &tb {
+                    rec.testbed = "netns".into();
+                    rec.nics = tb.nics();
+                    rec.link_rates_bps = tb.rates().iter().map(|r| r.bytes_per_s()).collect();
+                    rec.aggregate_reference_bps = aggregate;
+                    rec.ratio_to_aggregate = aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bps / x);
+                    rec.total_vs_reference = None;
+                    for e in &a.link_events {
+                        rec.events.push(format!("link event {e}"));
+                    }
+                }
+                if a.json {
+                    emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+                }
+                records.push(rec);
             }
-            records.push(rec);
         }
     }
+    if let Some(tb) = tb {
+        if !a.json {
+            if let Some(g) = aggregate {
+                emit(&format!(
+                    "aggregate reference: iperf3 on each of {} links, summed: {:.2} Gbit/s",
+                    tb.nics(),
+                    g * 8.0 / 1e9
+                ));
+            }
+        }
+        tb.down()?;
+    }
     if !a.json {
-        if let Some(r) = reference {
+        if let (Some(r), None) = (reference, aggregate) {
             emit(&format!("reference: iperf3 single stream on loopback, same run: {:.2} Gbit/s", r * 8.0 / 1e9));
         }
         emit(live::table(&records).trim_end());
