@@ -184,7 +184,7 @@ pub struct ChannelRecord {
 }
 
 /// What the source process reports.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct LiveSrcReport {
     /// Final status.
     pub status: String,
@@ -312,35 +312,9 @@ fn src_report(r: std::result::Result<MigrationStats, String>) -> LiveSrcReport {
                 })
                 .collect(),
             events: s.events.clone(),
-            cpu_s: 0.0,
-            peak_rss_bytes: 0,
-            guest_resident_bytes: 0,
-            nonzero_guest_bytes: 0,
-            fill_seconds: 0.0,
+            ..LiveSrcReport::default()
         },
-        None => LiveSrcReport {
-            status: "failed".into(),
-            error,
-            total_ms: 0.0,
-            setup_ms: 0.0,
-            downtime_ms: 0.0,
-            expected_downtime_ms: 0.0,
-            rounds: 0,
-            pages_per_round: vec![],
-            transferred_bytes: 0,
-            zero_pages: 0,
-            data_pages: 0,
-            dirty_rate_bps: 0.0,
-            throttle_pct: 100,
-            verified: false,
-            channels: vec![],
-            events: vec![],
-            cpu_s: 0.0,
-            peak_rss_bytes: 0,
-            guest_resident_bytes: 0,
-            nonzero_guest_bytes: 0,
-            fill_seconds: 0.0,
-        },
+        None => LiveSrcReport { status: "failed".into(), error, throttle_pct: 100, ..LiveSrcReport::default() },
     }
 }
 

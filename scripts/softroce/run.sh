@@ -48,10 +48,14 @@ log() { echo "softroce[$(( $(date +%s) - t0 ))s]: $*"; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target}"
 log "building test binaries (feature rdma) in $CARGO_TARGET_DIR"
 cd "$repo"
-out=$(cargo test -p ferry-transport --features rdma --test conformance_rdma --no-run 2>&1) || { echo "$out"; exit 1; }
-conf_bin=$(echo "$out" | grep -o '(/[^)]*conformance_rdma-[0-9a-f]*)' | tr -d '()' | tail -1)
-out=$(cargo test -p ferry-migrate --features rdma --test live_rdma --no-run 2>&1) || { echo "$out"; exit 1; }
-mig_bin=$(echo "$out" | grep -o '(/[^)]*live_rdma-[0-9a-f]*)' | tr -d '()' | tail -1)
+# The executables' paths from cargo's JSON messages (its human output may print them relative).
+test_exe() {
+    local out
+    out=$(cargo test "$@" --no-run --message-format=json 2>/dev/null) || { cargo test "$@" --no-run; return 1; }
+    echo "$out" | grep -o '"executable":"[^"]*"' | sed 's/"executable":"//; s/"$//' | tail -1
+}
+conf_bin=$(test_exe -p ferry-transport --features rdma --test conformance_rdma)
+mig_bin=$(test_exe -p ferry-migrate --features rdma --test live_rdma)
 cargo build -q -p ferry-transport --profile test --features rdma --example rdma_bw
 bw_bin="$CARGO_TARGET_DIR/debug/examples/rdma_bw"
 [ -x "$conf_bin" ] && [ -x "$mig_bin" ] && [ -x "$bw_bin" ] || { echo "test binaries not found ($conf_bin, $mig_bin, $bw_bin)" >&2; exit 1; }
