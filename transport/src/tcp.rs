@@ -50,7 +50,7 @@ impl Default for TcpOptions {
             device: None,
             buffer_bytes: Some(4 << 20),
             keepalive: Some(Duration::from_secs(2)),
-            user_timeout: Some(Duration::from_secs(10)),
+            user_timeout: Some(Duration::from_secs(3)),
             connect_timeout: Duration::from_secs(5),
             zstd_level: None,
         }
