@@ -15,10 +15,9 @@
 //! peak RSS are each process's own (getrusage), and guest memory resident in each process is read
 //! from /proc/self/smaps so that the engine's extra memory can be told apart from the guest's.
 
-use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,8 +37,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{BenchError, Result};
 use crate::procstat::Usage;
-use crate::stream::{die_with_parent, failed_on_its_own, hex, psk_from_env, read_line, reap, say, Watchdog, PSK_ENV};
-use crate::testbed::{in_netns, register_child};
+use crate::stream::{die_with_parent, drive_pair, hex, psk_from_env, read_line, say};
+
 use crate::units::parse_size;
 
 fn parse_mix(s: &str) -> std::result::Result<Mix, String> {
@@ -561,89 +560,27 @@ pub fn run(
     place: Place<'_>,
 ) -> Result<(LiveSrcReport, LiveDstReport)> {
     use crate::testbed::{Side, Testbed};
-    let psk: [u8; 32] = random_bytes();
     let args = a.to_args();
     let (src_ns, dst_ns, listen) = match place {
         Place::Loopback => (None, None, "127.0.0.1:0".to_string()),
         Place::Testbed(tb, _) => (Some(tb.netns(Side::Src)), Some(tb.netns(Side::Dst)), "0.0.0.0:0".to_string()),
     };
-    let mut dst = in_netns(dst_ns.as_deref(), exe)
-        .arg("live-dst")
-        .args(&args)
-        .args(["--listen", &listen])
-        .env(PSK_ENV, hex(&psk))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| BenchError::io("starting live-dst", e))?;
-    register_child(dst.id());
-    let mut src = match in_netns(src_ns.as_deref(), exe)
-        .arg("live-src")
-        .args(&args)
-        .env(PSK_ENV, hex(&psk))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = dst.kill();
-            let _ = reap(&mut dst, "destination");
-            return Err(BenchError::io("starting live-src", e));
-        }
-    };
-    register_child(src.id());
-    let dog = Watchdog::start(vec![dst.id(), src.id()], timeout);
     let tty = std::io::stderr().is_terminal();
-    let result = (|| -> Result<(LiveSrcReport, LiveDstReport)> {
-        let mut dout = BufReader::new(
-            dst.stdout.take().ok_or(BenchError::Child { role: "destination", detail: "no stdout".into() })?,
-        );
-        let mut sout =
-            BufReader::new(src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?);
-        let mut addr = read_line(&mut dout, "LISTENING ", "destination")?;
+    drive_pair(exe, "live", &args, src_ns.as_deref(), dst_ns.as_deref(), &listen, timeout, |io| {
+        let mut addr = read_line(&mut io.dout, "LISTENING ", "destination")?;
         if let Place::Testbed(..) = place {
             // Listening on every address: the source starts on NIC 0.
             let port = addr.rsplit(':').next().unwrap_or("0").to_string();
             addr = format!("{}:{port}", Testbed::addr(Side::Dst, 0));
         }
-        read_line(&mut sout, "READY", "source")?;
-        {
-            let mut sin = src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?;
-            writeln!(sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
-        }
+        read_line(&mut io.sout, "READY", "source")?;
+        writeln!(io.sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
         if let Place::Testbed(tb, events) = place {
-            let name = tb.name().to_string();
-            let events = events.to_vec();
-            std::thread::spawn(move || {
-                let t0 = Instant::now();
-                for e in events {
-                    let at = Duration::from_secs_f64(e.at_s);
-                    if let Some(d) = at.checked_sub(t0.elapsed()) {
-                        std::thread::sleep(d);
-                    }
-                    let nic = e.nic.to_string();
-                    let r = match e.rate {
-                        Some(rate) => crate::testbed::run_script(&[
-                            "set-rate",
-                            "--name",
-                            &name,
-                            "--nic",
-                            &nic,
-                            "--rate",
-                            &rate.to_string(),
-                        ]),
-                        None => crate::testbed::run_script(&["link-down", "--name", &name, "--nic", &nic]),
-                    };
-                    if let Err(err) = r {
-                        eprintln!("migration-bench: link event {e}: {err}");
-                    }
-                }
-            });
+            apply_link_events(tb.name().to_string(), events.to_vec());
         }
         let s = loop {
             let mut line = String::new();
-            let n = sout.read_line(&mut line).map_err(|e| BenchError::io("reading the source", e))?;
+            let n = io.sout.read_line(&mut line).map_err(|e| BenchError::io("reading the source", e))?;
             if n == 0 {
                 return Err(BenchError::Child { role: "source", detail: "exited without a result".into() });
             }
@@ -660,34 +597,42 @@ pub fn run(
         if tty {
             eprint!("\r{:150}\r", "");
         }
-        let d = read_line(&mut dout, "RESULT ", "destination")?;
+        let d = read_line(&mut io.dout, "RESULT ", "destination")?;
         let s: LiveSrcReport = serde_json::from_str(&s)
             .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
         let d: LiveDstReport = serde_json::from_str(&d)
             .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
-        let _ = sout.read_to_end(&mut Vec::new());
-        let _ = dout.read_to_end(&mut Vec::new());
         Ok((s, d))
-    })();
-    if let Err(e) = result {
-        let own = failed_on_its_own(&mut src, "source").or_else(|| failed_on_its_own(&mut dst, "destination"));
-        let _ = src.kill();
-        let _ = dst.kill();
-        let _ = reap(&mut src, "source");
-        let _ = reap(&mut dst, "destination");
-        if dog.finish() {
-            return Err(BenchError::Timeout(timeout.as_secs()));
+    })
+}
+
+/// Apply link events in the background, each at its time after now.
+fn apply_link_events(name: String, events: Vec<LinkEvent>) {
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        for e in events {
+            let at = Duration::from_secs_f64(e.at_s);
+            if let Some(d) = at.checked_sub(t0.elapsed()) {
+                std::thread::sleep(d);
+            }
+            let nic = e.nic.to_string();
+            let r = match e.rate {
+                Some(rate) => crate::testbed::run_script(&[
+                    "set-rate",
+                    "--name",
+                    &name,
+                    "--nic",
+                    &nic,
+                    "--rate",
+                    &rate.to_string(),
+                ]),
+                None => crate::testbed::run_script(&["link-down", "--name", &name, "--nic", &nic]),
+            };
+            if let Err(err) = r {
+                eprintln!("migration-bench: link event {e}: {err}");
+            }
         }
-        return Err(own.unwrap_or(e));
-    }
-    let se = reap(&mut src, "source");
-    let de = reap(&mut dst, "destination");
-    if dog.finish() {
-        return Err(BenchError::Timeout(timeout.as_secs()));
-    }
-    se?;
-    de?;
-    result
+    });
 }
 
 /// One result of `migration-bench live`.

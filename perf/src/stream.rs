@@ -647,32 +647,44 @@ pub(crate) fn reap(child: &mut Child, role: &'static str) -> Result<()> {
     }
 }
 
-/// Run one stream: spawn the destination and the source (`exe stream-dst`, `exe stream-src`),
-/// let them run, collect their reports. Children are killed after `timeout`.
-pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Duration) -> Result<(SrcReport, DstReport)> {
-    cfg.validate()?;
+/// The two children of one benchmark run, as [`drive_pair`] hands them to its body.
+pub(crate) struct PairIo {
+    /// The destination's stdout.
+    pub dout: BufReader<ChildStdout>,
+    /// The source's stdout.
+    pub sout: BufReader<ChildStdout>,
+    /// The source's stdin (for the GO line).
+    pub sin: std::process::ChildStdin,
+}
+
+/// Spawn `exe <prefix>-dst ARGS --listen LISTEN` and `exe <prefix>-src ARGS` (each in its
+/// namespace, the PSK in the environment), run `body` on their pipes, then reap both. A child
+/// that fails on its own explains the error; both are killed after `timeout`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn drive_pair<T>(
+    exe: &Path,
+    prefix: &str,
+    args: &[String],
+    src_ns: Option<&str>,
+    dst_ns: Option<&str>,
+    listen: &str,
+    timeout: Duration,
+    body: impl FnOnce(&mut PairIo) -> Result<T>,
+) -> Result<T> {
     let psk: [u8; 32] = random_bytes();
-    let session: SessionId = random_bytes();
-    let args = cfg.child_args(&session);
-    let (src_ns, dst_ns, listen) = match place {
-        Placement::Loopback => (None, None, "127.0.0.1:0".to_string()),
-        Placement::Netns(tb) => {
-            (Some(tb.netns(Side::Src)), Some(tb.netns(Side::Dst)), format!("{}:0", Testbed::addr(Side::Dst, 0)))
-        }
-    };
-    let mut dst = in_netns(dst_ns.as_deref(), exe)
-        .arg("stream-dst")
-        .args(&args)
-        .args(["--listen", &listen])
+    let mut dst = in_netns(dst_ns, exe)
+        .arg(format!("{prefix}-dst"))
+        .args(args)
+        .args(["--listen", listen])
         .env(PSK_ENV, hex(&psk))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
-        .map_err(|e| BenchError::io(format!("starting {} stream-dst", exe.display()), e))?;
+        .map_err(|e| BenchError::io(format!("starting {} {prefix}-dst", exe.display()), e))?;
     register_child(dst.id());
-    let mut src = match in_netns(src_ns.as_deref(), exe)
-        .arg("stream-src")
-        .args(&args)
+    let mut src = match in_netns(src_ns, exe)
+        .arg(format!("{prefix}-src"))
+        .args(args)
         .env(PSK_ENV, hex(&psk))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -682,34 +694,27 @@ pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Durati
         Err(e) => {
             let _ = dst.kill();
             let _ = reap(&mut dst, "destination");
-            return Err(BenchError::io(format!("starting {} stream-src", exe.display()), e));
+            return Err(BenchError::io(format!("starting {} {prefix}-src", exe.display()), e));
         }
     };
     register_child(src.id());
     let dog = Watchdog::start(vec![dst.id(), src.id()], timeout);
-
-    let result = (|| -> Result<(SrcReport, DstReport)> {
-        let mut dout = BufReader::new(
-            dst.stdout.take().ok_or(BenchError::Child { role: "destination", detail: "no stdout".into() })?,
-        );
-        let mut sout =
-            BufReader::new(src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?);
-        let addr = read_line(&mut dout, "LISTENING ", "destination")?;
-        read_line(&mut sout, "READY", "source")?;
-        {
-            let mut sin = src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?;
-            writeln!(sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
-        }
-        let s = read_line(&mut sout, "RESULT ", "source")?;
-        let d = read_line(&mut dout, "RESULT ", "destination")?;
-        let s: SrcReport = serde_json::from_str(&s)
-            .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
-        let d: DstReport = serde_json::from_str(&d)
-            .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
+    let result = (|| -> Result<T> {
+        let mut io = PairIo {
+            dout: BufReader::new(
+                dst.stdout.take().ok_or(BenchError::Child { role: "destination", detail: "no stdout".into() })?,
+            ),
+            sout: BufReader::new(
+                src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?,
+            ),
+            sin: src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?,
+        };
+        let r = body(&mut io)?;
         // Drain what is left (nothing, normally) so that the children never block on a full pipe.
-        let _ = sout.read_to_end(&mut Vec::new());
-        let _ = dout.read_to_end(&mut Vec::new());
-        Ok((s, d))
+        drop(io.sin);
+        let _ = io.sout.read_to_end(&mut Vec::new());
+        let _ = io.dout.read_to_end(&mut Vec::new());
+        Ok(r)
     })();
     if let Err(e) = result {
         // A child that failed on its own explains more than "it stopped talking".
@@ -731,6 +736,32 @@ pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Durati
     src_exit?;
     dst_exit?;
     result
+}
+
+/// Run one stream: spawn the destination and the source (`exe stream-dst`, `exe stream-src`),
+/// let them run, collect their reports. Children are killed after `timeout`.
+pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Duration) -> Result<(SrcReport, DstReport)> {
+    cfg.validate()?;
+    let session: SessionId = random_bytes();
+    let args = cfg.child_args(&session);
+    let (src_ns, dst_ns, listen) = match place {
+        Placement::Loopback => (None, None, "127.0.0.1:0".to_string()),
+        Placement::Netns(tb) => {
+            (Some(tb.netns(Side::Src)), Some(tb.netns(Side::Dst)), format!("{}:0", Testbed::addr(Side::Dst, 0)))
+        }
+    };
+    drive_pair(exe, "stream", &args, src_ns.as_deref(), dst_ns.as_deref(), &listen, timeout, |io| {
+        let addr = read_line(&mut io.dout, "LISTENING ", "destination")?;
+        read_line(&mut io.sout, "READY", "source")?;
+        writeln!(io.sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
+        let s = read_line(&mut io.sout, "RESULT ", "source")?;
+        let d = read_line(&mut io.dout, "RESULT ", "destination")?;
+        let s: SrcReport = serde_json::from_str(&s)
+            .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
+        let d: DstReport = serde_json::from_str(&d)
+            .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
+        Ok((s, d))
+    })
 }
 
 pub(crate) fn exit_error(role: &'static str, st: std::process::ExitStatus) -> BenchError {
