@@ -19,6 +19,23 @@ use crate::handshake::Established;
 use crate::memory::{MemorySink, MemorySource};
 use crate::wire::{Ack, PageRun};
 
+/// Check a batch a caller asks a backend to send: 1..=1024 pages in 1..=1024 runs, known flags.
+/// Returns the total page count. Every backend's `send_batch` starts with this.
+pub fn check_send_request(runs: &[PageRun], flags: u8) -> Result<u32> {
+    let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
+    if runs.is_empty()
+        || runs.len() > crate::wire::MAX_BATCH_RUNS as usize
+        || total == 0
+        || total > u64::from(crate::wire::MAX_BATCH_PAGES)
+    {
+        return Err(crate::error::TransportError::InvalidBatch("batch must hold 1..=1024 pages in 1..=1024 runs"));
+    }
+    if flags & !crate::wire::BATCH_DEST_ZEROED != 0 {
+        return Err(crate::error::TransportError::InvalidBatch("unknown batch flags"));
+    }
+    Ok(total as u32)
+}
+
 /// What sending one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SentBatch {

@@ -12,12 +12,12 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
-use crate::channel::{ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
+use crate::channel::{check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{Result, TransportError, WireError};
 use crate::memory::{copy_from_guest, page_is_zero, MemorySink, MemorySource};
 use crate::wire::{
     encode_frame, zstd_bound, AbortMsg, Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun,
-    BATCH_DEST_ZEROED, BATCH_FIXED_LEN, HEADER_LEN, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_CONTROL_LEN, PAGE_SIZE,
+    BATCH_DEST_ZEROED, BATCH_FIXED_LEN, HEADER_LEN, MAX_CONTROL_LEN, PAGE_SIZE,
 };
 
 /// Most iovecs passed to one writev/readv (Linux IOV_MAX).
@@ -167,14 +167,7 @@ impl ChannelTx for StreamTx {
         runs: &[PageRun],
         src: &dyn MemorySource,
     ) -> Result<SentBatch> {
-        let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
-        if runs.is_empty() || runs.len() > MAX_BATCH_RUNS as usize || total == 0 || total > u64::from(MAX_BATCH_PAGES) {
-            return Err(TransportError::InvalidBatch("batch must hold 1..=1024 pages in 1..=1024 runs"));
-        }
-        if flags & !BATCH_DEST_ZEROED != 0 {
-            return Err(TransportError::InvalidBatch("unknown batch flags"));
-        }
-        let total = total as u32;
+        let total = check_send_request(runs, flags)?;
         // Zero detection; remember the data spans (host address, length), merged within a run.
         let mut map = vec![0u8; (total as usize).div_ceil(8)];
         self.spans.clear();

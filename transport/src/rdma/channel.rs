@@ -13,13 +13,13 @@ use sideway::ibverbs::memory_region::MemoryRegion;
 
 use super::verbs::{self, lock, Device, Qp, Wc, Wr};
 use super::{RemoteRegion, TAG_USER};
-use crate::channel::{ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
+use crate::channel::{check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::memory::{page_is_zero, AnonMemory, MemorySink, MemorySource, Region};
 use crate::stream::StreamTx;
 use crate::wire::{
     Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun, BATCH_DEST_ZEROED, BATCH_FIXED_LEN,
-    HEADER_LEN, MAX_BATCH_PAGES, MAX_BATCH_RUNS, MAX_CONTROL_LEN, PAGE_SIZE,
+    HEADER_LEN, MAX_CONTROL_LEN, PAGE_SIZE,
 };
 
 /// Size of one batch announcement buffer (frame header + largest batch header is 12,456 bytes).
@@ -403,13 +403,7 @@ impl RdmaTx {
         runs: &[PageRun],
         src: &dyn MemorySource,
     ) -> Result<SentBatch> {
-        let total: u64 = runs.iter().map(|r| u64::from(r.pages)).sum();
-        if runs.is_empty() || runs.len() > MAX_BATCH_RUNS as usize || total == 0 || total > u64::from(MAX_BATCH_PAGES) {
-            return Err(TransportError::InvalidBatch("batch must hold 1..=1024 pages in 1..=1024 runs"));
-        }
-        if flags & !BATCH_DEST_ZEROED != 0 {
-            return Err(TransportError::InvalidBatch("unknown batch flags"));
-        }
+        let total = check_send_request(runs, flags)?;
         if !self.may_send_batches {
             return Err(TransportError::InvalidBatch("rdma channels carry batches from the connecting side only"));
         }
@@ -419,7 +413,6 @@ impl RdmaTx {
         if regions.is_empty() {
             return Err(RdmaError::Memory("the memory source lists no regions to register").into());
         }
-        let total = total as u32;
         let mut map = vec![0u8; (total as usize).div_ceil(8)];
         self.wrs.clear();
         let mut i = 0usize;
