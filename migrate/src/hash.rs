@@ -1,38 +1,7 @@
-//! Page hashes for image verification, read through volatile loads (the source guest may be
-//! writing the page; a torn read only makes the page dirty again, and it is re-sent and re-hashed).
+//! Image verification: the per-page hashes come from one volatile pass over each page
+//! ([`ferry_transport::scan`]); the digest folds the table of page hashes in page order.
 
-use ferry_transport::wire::PAGE_SIZE;
-
-const K: [u64; 4] = [0x9E37_79B9_7F4A_7C15, 0xC2B2_AE3D_27D4_EB4F, 0x1656_67B1_9E37_79F9, 0x27D4_EB2F_1656_67C5];
-
-/// Hash of one 4 KiB page (four independent multiply-rotate lanes, then mixed).
-///
-/// # Safety
-/// `p` must be 8-byte aligned and valid for reads of 4096 bytes.
-pub unsafe fn page_hash(p: *const u8) -> u64 {
-    let w = p as *const u64;
-    let mut l = [K[0], K[1], K[2], K[3]];
-    let mut i = 0;
-    while i < PAGE_SIZE / 8 {
-        for (j, lane) in l.iter_mut().enumerate() {
-            // SAFETY: i + j < 512 words = 4096 bytes, inside the caller's page.
-            let v = unsafe { w.add(i + j).read_volatile() };
-            *lane = (*lane ^ v).wrapping_mul(K[j] | 1).rotate_left(29);
-        }
-        i += 4;
-    }
-    let mut h = l[0] ^ l[1].rotate_left(17) ^ l[2].rotate_left(31) ^ l[3].rotate_left(47);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-    h ^ (h >> 29)
-}
-
-/// The hash every zero page has.
-pub fn zero_page_hash() -> u64 {
-    static ZERO: [u64; PAGE_SIZE / 8] = [0; PAGE_SIZE / 8];
-    // SAFETY: ZERO is a static, aligned, 4096 bytes.
-    unsafe { page_hash(ZERO.as_ptr() as *const u8) }
-}
+pub use ferry_transport::scan::{scan_page, scan_run, zero_page_hash, PageScan};
 
 /// Digest over a table of page hashes (order matters).
 pub fn digest(table: &[std::sync::atomic::AtomicU64]) -> u64 {
@@ -47,18 +16,15 @@ pub fn digest(table: &[std::sync::atomic::AtomicU64]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::AtomicU64;
 
     #[test]
-    fn differs_on_any_word() {
-        let mut a = vec![0u64; 512];
-        // SAFETY: a Vec<u64> of 512 words is 4096 aligned bytes.
-        let h0 = unsafe { page_hash(a.as_ptr() as *const u8) };
-        assert_eq!(h0, zero_page_hash());
-        for i in [0, 1, 2, 3, 255, 511] {
-            a[i] = 1;
-            // SAFETY: as above.
-            assert_ne!(unsafe { page_hash(a.as_ptr() as *const u8) }, h0, "word {i}");
-            a[i] = 0;
-        }
+    fn digest_depends_on_order_and_every_entry() {
+        let t = |v: &[u64]| digest(&v.iter().map(|&x| AtomicU64::new(x)).collect::<Vec<_>>());
+        let base = t(&[1, 2, 3, 4]);
+        assert_ne!(base, t(&[2, 1, 3, 4]));
+        assert_ne!(base, t(&[1, 2, 3, 5]));
+        assert_ne!(base, t(&[1, 2, 3]));
+        assert_eq!(base, t(&[1, 2, 3, 4]));
     }
 }

@@ -13,12 +13,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{page_is_zero, MemoryMap, MemorySink, MemorySource};
+use ferry_transport::memory::{MemoryMap, MemorySink, MemorySource};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_RUNS, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, TransportError};
 use std::ptr::NonNull;
 
-use crate::hash::{digest, page_hash, zero_page_hash};
+use crate::hash::{digest, scan_run};
 use crate::protocol::{Msg, MAX_CHUNK, MIGRATION_VERSION};
 use crate::stats::{ChannelStats, MigrationStats, Progress, Status};
 use crate::vm::{DirtyBitmap, RegionBitmap, SourceVm};
@@ -215,7 +215,6 @@ struct Shared {
     queue: Mutex<Queue>,
     cv: Condvar,
     table: Vec<AtomicU64>,
-    zero_hash: u64,
     mem: MemoryMap,
     window: usize,
 }
@@ -284,7 +283,7 @@ fn sender_loop(
         // Hash before sending: the ack may arrive before this thread runs again, and the table
         // must be complete when the last ack of the final round is counted. A page the guest
         // changes between hash and send is dirty again and will be re-sent and re-hashed.
-        hash_work(&sh, &work);
+        let data_map = scan_work(&sh, &work);
         {
             // Under the inflight lock: either the batch is recorded before a failover drains this
             // channel's batches, or the channel is already dead and the batch goes straight back.
@@ -300,7 +299,7 @@ fn sender_loop(
             inf.insert(work.id, (work.clone(), Instant::now()));
         }
         let res = match tx.lock() {
-            Ok(mut t) => t.send_batch(work.id, work.round, work.flags, &work.runs, &sh.mem),
+            Ok(mut t) => t.send_batch_mapped(work.id, work.round, work.flags, &work.runs, &data_map, &sh.mem),
             Err(_) => return,
         };
         match res {
@@ -320,21 +319,36 @@ fn sender_loop(
     }
 }
 
-/// Record the hash of every page of a sent batch (what the destination must now hold, unless the
-/// page is dirty again, in which case it is re-sent and re-hashed in a later round).
-fn hash_work(sh: &Shared, w: &Work) {
+/// Scan every page of a batch about to be sent, once: record its hash (what the destination must
+/// now hold, unless the page is dirty again, in which case it is re-sent and re-hashed in a later
+/// round) and return the batch's data map (bit set = the page carried data), so the transport
+/// need not scan again.
+fn scan_work(sh: &Shared, w: &Work) -> Vec<u8> {
+    let total: usize = w.runs.iter().map(|r| r.pages as usize).sum();
+    let mut map = vec![0u8; total.div_ceil(8)];
+    let mut i = 0usize;
     for (r, &first) in w.runs.iter().zip(&w.first) {
-        let Some(base) = sh.mem.source_ptr(r.gpa, r.len()) else { continue };
-        for p in 0..r.pages as usize {
-            // SAFETY: p < pages: inside the run the memory map vouched for; page aligned.
-            let page = unsafe { base.add(p * PAGE_SIZE) };
-            // SAFETY: as above; page_is_zero and page_hash only do volatile reads of 4096 bytes.
-            let h = if unsafe { page_is_zero(page) } { sh.zero_hash } else { unsafe { page_hash(page.as_ptr()) } };
-            if let Some(e) = sh.table.get((first + p as u64) as usize) {
-                e.store(h, Ordering::Relaxed);
-            }
-        }
+        let Some(base) = sh.mem.source_ptr(r.gpa, r.len()) else {
+            // Unreachable for a run planned from our own regions; the transport refuses it.
+            i += r.pages as usize;
+            continue;
+        };
+        // SAFETY: the run the memory map vouched for, page aligned; the scan only does volatile
+        // reads.
+        unsafe {
+            scan_run(base, r.pages as usize, |p, s| {
+                let k = i + p;
+                if !s.zero {
+                    map[k / 8] |= 1 << (k % 8);
+                }
+                if let Some(e) = sh.table.get((first + p as u64) as usize) {
+                    e.store(s.hash, Ordering::Relaxed);
+                }
+            })
+        };
+        i += r.pages as usize;
     }
+    map
 }
 
 fn reader_loop(idx: u16, mut rx: Box<dyn ChannelRx>, cs: Arc<ChanShared>, ev: mpsc::Sender<Event>) {
@@ -739,7 +753,6 @@ pub fn migrate(
         queue: Mutex::new(Queue::default()),
         cv: Condvar::new(),
         table: (0..total_pages).map(|_| AtomicU64::new(0)).collect(),
-        zero_hash: zero_page_hash(),
         mem: vm.memory(),
         window: cfg.window.max(1),
     });

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{page_is_zero, MemoryMap, MemorySink, MemorySource};
-use ferry_transport::wire::PAGE_SIZE;
+use ferry_transport::memory::{MemoryMap, MemorySink, MemorySource};
+use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
 
-use crate::hash::{digest, page_hash, zero_page_hash};
+use crate::hash::{digest, scan_run, zero_page_hash};
 use crate::protocol::{Msg, MAX_STATE, MIGRATION_VERSION};
 use crate::source::crc32;
 use crate::vm::{TargetFactory, TargetVm, VmShape};
@@ -122,13 +122,17 @@ impl Shared {
         (gpa >= r.0).then(|| r.2 + (gpa - r.0) / PAGE_SIZE as u64)
     }
 
-    fn hash_page(&self, gpa: u64) {
-        let (Some(idx), Some(p)) = (self.index_of(gpa), self.map.source_ptr(gpa, PAGE_SIZE)) else { return };
-        // SAFETY: p is a full page of our own guest memory, page aligned; volatile reads only.
-        let h = if unsafe { page_is_zero(p) } { zero_page_hash() } else { unsafe { page_hash(p.as_ptr()) } };
-        if let Some(e) = self.table.get(idx as usize) {
-            e.store(h, Ordering::Relaxed);
-        }
+    /// Hash the pages of one received run into the table (one lookup per run, not per page).
+    fn hash_run(&self, r: &PageRun) {
+        let (Some(first), Some(base)) = (self.index_of(r.gpa), self.map.source_ptr(r.gpa, r.len())) else { return };
+        // SAFETY: the run the map vouched for, page aligned; reads only.
+        unsafe {
+            scan_run(base, r.pages as usize, |p, s| {
+                if let Some(e) = self.table.get(first as usize + p) {
+                    e.store(s.hash, Ordering::Relaxed);
+                }
+            })
+        };
     }
 }
 
@@ -156,9 +160,7 @@ fn rx_loop(
                     return;
                 }
                 for r in &b.runs {
-                    for p in 0..u64::from(r.pages) {
-                        sh.hash_page(r.gpa + p * PAGE_SIZE as u64);
-                    }
+                    sh.hash_run(r);
                 }
                 sh.pages.fetch_add(u64::from(b.pages), Ordering::Relaxed);
                 sh.wire.fetch_add(b.wire_bytes, Ordering::Relaxed);
@@ -410,9 +412,12 @@ pub fn receive_after(
                             }
                         }
                         if verify_full {
+                            const CHUNK: u64 = 1 << 20; // pages per run
                             for &(g, l, _) in &sh.regions {
-                                for p in 0..l / PAGE_SIZE as u64 {
-                                    sh.hash_page(g + p * PAGE_SIZE as u64);
+                                let pages = l / PAGE_SIZE as u64;
+                                for c in (0..pages).step_by(CHUNK as usize) {
+                                    let n = (pages - c).min(CHUNK) as u32;
+                                    sh.hash_run(&PageRun { gpa: g + c * PAGE_SIZE as u64, pages: n });
                                 }
                             }
                         }

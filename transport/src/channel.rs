@@ -36,6 +36,15 @@ pub fn check_send_request(runs: &[PageRun], flags: u8) -> Result<u32> {
     Ok(total as u32)
 }
 
+/// Check a caller's data map against the batch's page count (see [`ChannelTx::send_batch_mapped`]).
+pub fn check_data_map(pages: u32, map: &[u8]) -> Result<()> {
+    let pages = pages as usize;
+    if map.len() != pages.div_ceil(8) || (pages % 8 != 0 && map[map.len() - 1] >> (pages % 8) != 0) {
+        return Err(crate::error::TransportError::InvalidBatch("data map does not match the batch's pages"));
+    }
+    Ok(())
+}
+
 /// What sending one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SentBatch {
@@ -100,6 +109,23 @@ pub trait ChannelTx: Send {
         runs: &[PageRun],
         src: &dyn MemorySource,
     ) -> Result<SentBatch>;
+    /// [`ChannelTx::send_batch`] when the caller has already scanned the pages (to hash them, say):
+    /// bit `i` of `data_map` (LSB first, counted over the runs in order) is set when page `i`
+    /// carried data at the caller's scan, clear when it was zero. A backend may use it instead of
+    /// scanning again; a page the guest writes after the scan is dirty and goes again in a later
+    /// round. The map must be `pages.div_ceil(8)` bytes with no bit set past the last page.
+    fn send_batch_mapped(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        data_map: &[u8],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch> {
+        check_data_map(check_send_request(runs, flags)?, data_map)?;
+        self.send_batch(id, round, flags, runs, src)
+    }
     /// Send a control message (at most `wire::MAX_CONTROL_LEN` bytes).
     fn send_control(&mut self, msg: &[u8]) -> Result<()>;
     /// Acknowledge a received batch.

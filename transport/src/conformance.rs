@@ -66,6 +66,26 @@ fn assert_same(a: &AnonMemory, b: &AnonMemory, what: &str) {
     }
 }
 
+/// The data map of a batch, from one scan of each page.
+fn data_map(src: &crate::memory::MemoryMap, runs: &[PageRun]) -> Vec<u8> {
+    let total: usize = runs.iter().map(|r| r.pages as usize).sum();
+    let mut map = vec![0u8; total.div_ceil(8)];
+    let mut i = 0;
+    for r in runs {
+        let base = crate::memory::MemorySource::source_ptr(src, r.gpa, r.len()).expect("run inside the source");
+        // SAFETY: the run lies inside the source's mapping (looked up above); page aligned.
+        unsafe {
+            crate::scan::scan_run(base, r.pages as usize, |p, s| {
+                if !s.zero {
+                    map[(i + p) / 8] |= 1 << ((i + p) % 8);
+                }
+            })
+        };
+        i += r.pages as usize;
+    }
+    map
+}
+
 /// Batch shapes the suite sends: big contiguous, maximum size, scattered single pages.
 fn shapes(pages: u32, base: u64) -> Vec<Vec<PageRun>> {
     let mut out = Vec::new();
@@ -102,8 +122,10 @@ pub fn round_trip_mixed(b: &dyn Backend) {
     let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).expect("mmap");
     // SAFETY: both outlive the maps; dst is written only by the receiver thread.
     let (smap, dmap) = unsafe { (src.map_at(GPA).unwrap(), dst.map_at(GPA).unwrap()) };
-    for pass in 0..2u32 {
-        if pass == 1 {
+    // Pass 0 into fresh memory; pass 1 over garbage; pass 2 over garbage with the caller's data
+    // map (`send_batch_mapped`, as the engine sends after scanning).
+    for pass in 0..3u32 {
+        if pass >= 1 {
             let junk = vec![0xAAu8; PAGES * PAGE_SIZE];
             dst.write_from(0, &junk);
         }
@@ -132,7 +154,18 @@ pub fn round_trip_mixed(b: &dyn Backend) {
             let mut data = 0u64;
             let mut compressed = 0;
             for (i, runs) in batches.iter().enumerate() {
-                let sb = s.tx.send_batch(i as u64, pass, flags, runs, &smap).expect("send");
+                let sb = if pass == 2 {
+                    let map = data_map(&smap, runs);
+                    let mut bad = map.clone();
+                    bad.push(0);
+                    assert!(
+                        s.tx.send_batch_mapped(i as u64, pass, flags, runs, &bad, &smap).is_err(),
+                        "a data map of the wrong length was accepted"
+                    );
+                    s.tx.send_batch_mapped(i as u64, pass, flags, runs, &map, &smap).expect("send")
+                } else {
+                    s.tx.send_batch(i as u64, pass, flags, runs, &smap).expect("send")
+                };
                 zero += u64::from(sb.zero_pages);
                 data += u64::from(sb.data_pages);
                 compressed += usize::from(sb.compressed);

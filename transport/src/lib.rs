@@ -5,6 +5,7 @@
 //!   channel to a session and channel index, with version and capability negotiation.
 //! - [`memory`]: guest memory as regions of host mappings; sources and sinks for page batches.
 //! - [`channel`]: the channel traits every backend implements.
+//! - [`scan`]: one pass over a page: zero or not, and its hash.
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
 //! - `rdma` (cargo feature `rdma`): the RDMA verbs backend, one-sided RDMA WRITE into the
 //!   destination's registered guest memory.
@@ -32,6 +33,7 @@ pub mod memory;
 pub mod pagemix;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod scan;
 pub mod stream;
 pub mod tcp;
 pub mod wire;

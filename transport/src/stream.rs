@@ -12,7 +12,7 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
-use crate::channel::{check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
+use crate::channel::{check_data_map, check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{Result, TransportError, WireError};
 use crate::memory::{copy_from_guest, page_is_zero, MemorySink, MemorySource};
 use crate::wire::{
@@ -158,17 +158,22 @@ impl StreamTx {
     }
 }
 
-impl ChannelTx for StreamTx {
-    fn send_batch(
+impl StreamTx {
+    fn send_pages(
         &mut self,
         id: u64,
         round: u32,
         flags: u8,
         runs: &[PageRun],
+        known: Option<&[u8]>,
         src: &dyn MemorySource,
     ) -> Result<SentBatch> {
         let total = check_send_request(runs, flags)?;
-        // Zero detection; remember the data spans (host address, length), merged within a run.
+        if let Some(k) = known {
+            check_data_map(total, k)?;
+        }
+        // Zero detection (or the caller's map); remember the data spans (host address, length),
+        // merged within a run.
         let mut map = vec![0u8; (total as usize).div_ceil(8)];
         self.spans.clear();
         let mut i = 0usize;
@@ -181,8 +186,12 @@ impl ChannelTx for StreamTx {
             for p in 0..r.pages as usize {
                 // SAFETY: p < r.pages, so the page lies inside the run the source vouched for.
                 let page = unsafe { base.add(p * PAGE_SIZE) };
-                // SAFETY: page-aligned (gpa aligned, regions page aligned), 4096 bytes valid.
-                if unsafe { page_is_zero(page) } {
+                let zero = match known {
+                    Some(k) => k[i / 8] & (1 << (i % 8)) == 0,
+                    // SAFETY: page-aligned (gpa aligned, regions page aligned), 4096 bytes valid.
+                    None => unsafe { page_is_zero(page) },
+                };
+                if zero {
                     if let Some(s) = open.take() {
                         self.spans.push(s);
                     }
@@ -247,6 +256,31 @@ impl ChannelTx for StreamTx {
         }
         let wire = writev_all(self.sock.as_raw_fd(), &mut v)?;
         Ok(SentBatch { pages: total, data_pages, zero_pages: total - data_pages, wire_bytes: wire as u64, compressed })
+    }
+}
+
+impl ChannelTx for StreamTx {
+    fn send_batch(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch> {
+        self.send_pages(id, round, flags, runs, None, src)
+    }
+
+    fn send_batch_mapped(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[PageRun],
+        data_map: &[u8],
+        src: &dyn MemorySource,
+    ) -> Result<SentBatch> {
+        self.send_pages(id, round, flags, runs, Some(data_map), src)
     }
 
     fn send_control(&mut self, msg: &[u8]) -> Result<()> {

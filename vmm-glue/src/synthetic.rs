@@ -110,15 +110,6 @@ pub fn layout(pages: u64, n: usize) -> Vec<(u64, u64)> {
     out
 }
 
-/// A 64-bit hash of a guest page through volatile reads (four independent lanes).
-///
-/// # Safety
-/// `p` must be 8-byte aligned and valid for reads of 4096 bytes.
-pub unsafe fn page_hash_raw(p: *const u8) -> u64 {
-    // SAFETY: forwarded to the caller's promise.
-    unsafe { ferry_migrate::hash::page_hash(p) }
-}
-
 const STAMP_MAGIC: u64 = 0x5354_414d_5046_5259; // "YRFPMATS"
 
 struct Shared {
