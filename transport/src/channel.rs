@@ -39,7 +39,7 @@ pub fn check_send_request(runs: &[PageRun], flags: u8) -> Result<u32> {
 /// Check a caller's data map against the batch's page count (see [`ChannelTx::send_batch_mapped`]).
 pub fn check_data_map(pages: u32, map: &[u8]) -> Result<()> {
     let pages = pages as usize;
-    if map.len() != pages.div_ceil(8) || (pages % 8 != 0 && map[map.len() - 1] >> (pages % 8) != 0) {
+    if map.len() != pages.div_ceil(8) || (!pages.is_multiple_of(8) && map[map.len() - 1] >> (pages % 8) != 0) {
         return Err(crate::error::TransportError::InvalidBatch("data map does not match the batch's pages"));
     }
     Ok(())
