@@ -30,6 +30,7 @@ use ferry_multichannel::policy::NetworkPolicy;
 use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
 use ferry_transport::memory::MemoryMap;
 use ferry_transport::pagemix::{Mix, PageKind};
+use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::synthetic::{SyntheticConfig, SyntheticFactory, SyntheticVm};
@@ -61,6 +62,33 @@ impl Workload {
         match self {
             Workload::Idle => "idle",
             Workload::Busy => "busy",
+        }
+    }
+}
+
+/// Regions of the bench guest.
+const LAYOUT_REGIONS: usize = 3;
+
+/// Where the destination's guest memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DstMemory {
+    /// Fresh memory mapped at prepare; the receive path takes the page faults.
+    Cold,
+    /// Fresh memory mapped and faulted in at prepare (counted in setup and total).
+    Prefault,
+    /// Carved from the destination agent's reserve, faulted in before the migration was asked
+    /// for (like QEMU `-incoming` with `-mem-prealloc`); the fill time is reported apart.
+    Reserve,
+}
+
+impl DstMemory {
+    /// Name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DstMemory::Cold => "cold",
+            DstMemory::Prefault => "prefault",
+            DstMemory::Reserve => "reserve",
         }
     }
 }
@@ -98,9 +126,9 @@ pub struct LiveChildArgs {
     /// Destination re-reads all memory for the final check.
     #[arg(long)]
     pub verify_full: bool,
-    /// Destination prefaults guest memory while preparing.
-    #[arg(long)]
-    pub dst_prefault: bool,
+    /// Where the destination's guest memory comes from.
+    #[arg(long, value_enum)]
+    pub dst_memory: DstMemory,
     /// zstd level.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub zstd_level: i32,
@@ -143,9 +171,8 @@ impl LiveChildArgs {
         if self.verify_full {
             v.push("--verify-full".into());
         }
-        if self.dst_prefault {
-            v.push("--dst-prefault".into());
-        }
+        v.push("--dst-memory".into());
+        v.push(self.dst_memory.as_str().into());
         if self.multichannel {
             v.push("--multichannel".into());
         }
@@ -250,6 +277,10 @@ pub struct LiveDstReport {
     pub peak_rss_bytes: u64,
     /// Guest memory resident at the end.
     pub guest_resident_bytes: u64,
+    /// Seconds the reserve took to fill before the destination listened (0 without one).
+    pub reserve_fill_s: f64,
+    /// With a reserve: every region came from it.
+    pub reserve_hit: Option<bool>,
 }
 
 /// Bytes of this process's resident memory inside the given regions (from /proc/self/smaps).
@@ -327,7 +358,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     let cfg = SyntheticConfig {
         vm_id: format!("bench-{}", hex(&random_bytes::<4>())),
         memory_bytes: a.size,
-        regions: 3,
+        regions: LAYOUT_REGIONS,
         mix: a.mix,
         seed: a.seed,
         image: None,
@@ -428,7 +459,19 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
     let psk = psk_from_env()?;
     let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(10) };
     let acc = TcpAcceptor::bind(listen, TcpOptions::default(), hs)?;
-    let factory = Arc::new(SyntheticFactory::new(a.size.saturating_mul(2).max(1 << 20), a.dst_prefault));
+    let mut factory = SyntheticFactory::new(a.size.saturating_mul(2).max(1 << 20), a.dst_memory == DstMemory::Prefault);
+    let mut reserve_fill_s = 0.0;
+    let reserve = (a.dst_memory == DstMemory::Reserve).then(|| {
+        // The guest's regions each start on a 2 MiB boundary of the reserve: room for the rounding.
+        Arc::new(MemoryReserve::new(a.size as usize + LAYOUT_REGIONS * (2 << 20)))
+    });
+    if let Some(r) = &reserve {
+        let t = Instant::now();
+        r.fill().map_err(|e| BenchError::Usage(format!("filling the memory reserve: {e}")))?;
+        reserve_fill_s = t.elapsed().as_secs_f64();
+        factory = factory.with_reserve(r.clone());
+    }
+    let factory = Arc::new(factory);
     let srv = MigrationServer::new(acc, factory, TargetConfig::default());
     let addr = srv.local_addr().map_err(|e| BenchError::Usage(e.to_string()))?;
     say(&format!("LISTENING {addr}"))?;
@@ -455,6 +498,8 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
             cpu_s: u.cpu_s(),
             peak_rss_bytes: u.peak_rss_bytes,
             guest_resident_bytes: resident_in(&o.vm.memory()),
+            reserve_fill_s,
+            reserve_hit: reserve.as_ref().map(|r| r.stats().hits > 0 && r.stats().misses == 0),
         },
         Ok(Err(e)) => LiveDstReport {
             ok: false,
@@ -466,6 +511,8 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
             cpu_s: u.cpu_s(),
             peak_rss_bytes: u.peak_rss_bytes,
             guest_resident_bytes: 0,
+            reserve_fill_s,
+            reserve_hit: reserve.as_ref().map(|r| r.stats().hits > 0 && r.stats().misses == 0),
         },
         Err(_) => return Err(BenchError::Usage("the migration server ended without an outcome".into())),
     };
@@ -698,6 +745,12 @@ pub struct LiveRecord {
     pub events: Vec<String>,
     /// Batch scheduling: `adaptive` or `rr`.
     pub scheduling: String,
+    /// Destination guest memory: `cold`, `prefault` or `reserve`.
+    pub dst_memory: String,
+    /// Seconds the destination's reserve took to fill before the migration (not in total_ms).
+    pub dst_reserve_fill_s: f64,
+    /// With a reserve: every region came from it (else the destination mapped cold memory).
+    pub dst_reserve_hit: Option<bool>,
     /// `loopback` or `netns`.
     pub testbed: String,
     /// NICs of the testbed (0 on loopback).
@@ -756,6 +809,9 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
         per_channel: s.channels.clone(),
         events: s.events.clone(),
         scheduling: a.scheduling.clone(),
+        dst_memory: a.dst_memory.as_str().into(),
+        dst_reserve_fill_s: d.reserve_fill_s,
+        dst_reserve_hit: d.reserve_hit,
         testbed: "loopback".into(),
         nics: 0,
         link_rates_bps: vec![],
@@ -776,6 +832,7 @@ pub fn table(records: &[LiveRecord]) -> String {
         "option",
         "sched",
         "ch",
+        "dst mem",
         "total ms",
         "vs iperf3",
         "vs links",
@@ -794,6 +851,10 @@ pub fn table(records: &[LiveRecord]) -> String {
             r.option.clone(),
             r.scheduling.clone(),
             r.channels.to_string(),
+            match r.dst_reserve_hit {
+                Some(false) => format!("{} (missed)", r.dst_memory),
+                _ => r.dst_memory.clone(),
+            },
             format!("{:.0}", r.total_ms),
             r.total_vs_reference.map_or("-".into(), |v| format!("{v:.2}x")),
             r.ratio_to_aggregate.map_or("-".into(), |v| format!("{v:.2}")),

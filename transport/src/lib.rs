@@ -6,6 +6,7 @@
 //! - [`memory`]: guest memory as regions of host mappings; sources and sinks for page batches.
 //! - [`channel`]: the channel traits every backend implements.
 //! - [`scan`]: one pass over a page: zero or not, and its hash.
+//! - [`reserve`]: destination memory faulted in before migrations arrive.
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
 //! - `rdma` (cargo feature `rdma`): the RDMA verbs backend, one-sided RDMA WRITE into the
 //!   destination's registered guest memory.
@@ -33,6 +34,7 @@ pub mod memory;
 pub mod pagemix;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod reserve;
 pub mod scan;
 pub mod stream;
 pub mod tcp;

@@ -229,6 +229,32 @@ impl AnonMemory {
         Ok(Self { ptr, len })
     }
 
+    /// An address range of `len` bytes (a multiple of 4 KiB) mapped inaccessible, for pieces of
+    /// other mappings to be moved into with `mremap` (the memory reserve joins slabs this way).
+    pub(crate) fn reserve_range(len: usize) -> Result<Self, MemoryError> {
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        // SAFETY: anonymous mapping with no address hint; the result is checked below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, flags, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(MemoryError::Map { len, err: std::io::Error::last_os_error().to_string() });
+        }
+        let ptr = NonNull::new(p as *mut u8).ok_or(MemoryError::Map { len, err: "null mapping".into() })?;
+        Ok(Self { ptr, len })
+    }
+
+    /// Split after `at` bytes (a multiple of 4 KiB, inside the mapping): two values that each own
+    /// their part of the mapping (munmap of a part is allowed). `None` for an empty rest.
+    pub(crate) fn split_at(self, at: usize) -> (Self, Option<Self>) {
+        assert!(at.is_multiple_of(PAGE_SIZE) && at > 0 && at <= self.len);
+        let me = std::mem::ManuallyDrop::new(self);
+        let rest = (at < me.len).then(|| Self {
+            // SAFETY: at < len, inside this mapping, so not null.
+            ptr: unsafe { NonNull::new_unchecked(me.ptr.as_ptr().add(at)) },
+            len: me.len - at,
+        });
+        (Self { ptr: me.ptr, len: at }, rest)
+    }
+
     /// Host address.
     pub fn as_ptr(&self) -> NonNull<u8> {
         self.ptr

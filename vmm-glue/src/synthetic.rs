@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_transport::memory::{AnonMemory, MemoryMap, Region};
 use ferry_transport::pagemix::{fill_page, splitmix, Mix, PageKind};
+use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::wire::PAGE_SIZE;
 
 /// Errors of the synthetic guest.
@@ -600,13 +601,21 @@ pub struct SyntheticFactory {
     pub memory_limit: u64,
     /// Fault destination memory in while preparing (no page faults while receiving).
     pub prefault: bool,
+    /// Memory made ready ahead of migrations; regions are carved from it when it holds enough.
+    pub reserve: Option<Arc<MemoryReserve>>,
     registry: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl SyntheticFactory {
     /// A factory with a memory limit.
     pub fn new(memory_limit: u64, prefault: bool) -> Self {
-        Self { memory_limit, prefault, registry: Default::default() }
+        Self { memory_limit, prefault, reserve: None, registry: Default::default() }
+    }
+
+    /// Take guest memory from `reserve` when it holds enough (cold memory otherwise).
+    pub fn with_reserve(mut self, reserve: Arc<MemoryReserve>) -> Self {
+        self.reserve = Some(reserve);
+        self
     }
 
     /// Register an id as present (a VM already running here).
@@ -636,7 +645,9 @@ impl TargetFactory for SyntheticFactory {
         }
         let mut mem = Vec::new();
         for &(_, len) in &shape.regions {
-            let m = match AnonMemory::new(len as usize, false) {
+            let ready = self.reserve.as_ref().and_then(|r| r.take(len as usize));
+            let from_reserve = ready.is_some();
+            let m = match ready.map_or_else(|| AnonMemory::new(len as usize, false), Ok) {
                 Ok(m) => m,
                 Err(e) => {
                     if let Ok(mut r) = self.registry.lock() {
@@ -645,7 +656,7 @@ impl TargetFactory for SyntheticFactory {
                     return Err(Box::new(SyntheticError::from(e)));
                 }
             };
-            if self.prefault {
+            if self.prefault && !from_reserve {
                 m.prefault();
             }
             mem.push(m);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_perf::iperf::{self, IperfResult};
-use ferry_perf::live::{self, LiveChildArgs};
+use ferry_perf::live::{self, DstMemory, LiveChildArgs};
 use ferry_perf::report::{emit, stream_table, StreamRecord};
 use ferry_perf::stream::{self, ChildArgs, Placement, StreamConfig, TransportOption};
 use ferry_perf::testbed::{self, Side, Testbed};
@@ -295,9 +295,11 @@ struct LiveArgs {
     /// The destination re-reads all of guest memory for the final check (counted in downtime).
     #[arg(long)]
     verify_full: bool,
-    /// The destination faults its guest memory in while preparing (counted in setup).
-    #[arg(long)]
-    dst_prefault: bool,
+    /// Destination guest memory: `reserve` (the agent's memory reserve, faulted in before the
+    /// migration is asked for; fill time reported apart), `prefault` (mapped and faulted in at
+    /// prepare, counted in setup) or `cold` (the receive path takes the page faults).
+    #[arg(long, value_enum, default_value = "reserve")]
+    dst_memory: DstMemory,
     /// zstd level.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-131_072..=22))]
@@ -490,7 +492,7 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                     channels: *n,
                     downtime_ms: a.downtime_ms,
                     verify_full: a.verify_full,
-                    dst_prefault: a.dst_prefault,
+                    dst_memory: a.dst_memory,
                     zstd_level: a.zstd_level,
                     multichannel: tb.is_some(),
                     scheduling: sched.to_string(),
