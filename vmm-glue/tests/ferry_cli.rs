@@ -191,7 +191,9 @@ fn run_and_migrate_to_a_separate_receive_process() {
     }
     use std::io::Read;
     let key = "ferry-cli-test-key-0123456789";
-    let (mut child, mut out, addr) = spawn_receiver(key, &["--count", "1", "--run-for-ms", "300", "--hold-ms", "50"]);
+    // The receiver keeps a memory reserve: the guest's memory is carved from it.
+    let (mut child, mut out, addr) =
+        spawn_receiver(key, &["--count", "1", "--run-for-ms", "300", "--hold-ms", "50", "--reserve", "40MiB"]);
     let src = run(&[
         "run-and-migrate",
         "--mem",
@@ -220,7 +222,10 @@ fn run_and_migrate_to_a_separate_receive_process() {
     assert!(g["passes_after"].as_u64() > g["passes_first"].as_u64(), "{arrived}");
     assert_eq!(g["errors"], 0);
     assert_eq!(g["checksum_ok"], true);
-    assert!(events.iter().any(|e| e["event"] == "done" && e["failures"] == 0), "{rest}");
+    let done = events.iter().find(|e| e["event"] == "done").unwrap_or_else(|| panic!("{rest}"));
+    assert_eq!(done["failures"], 0, "{done}");
+    assert_eq!(done["reserve"]["misses"], 0, "the guest's memory did not come from the reserve: {done}");
+    assert!(done["reserve"]["hits"].as_u64() >= Some(1), "{done}");
 }
 
 #[test]

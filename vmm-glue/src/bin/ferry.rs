@@ -45,6 +45,7 @@ use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::{SourceVm, VmError};
 use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{random_bytes, Caps, Psk, ServerConfig};
+use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::kvm::guest::{self, stamp};
@@ -206,6 +207,10 @@ struct ReceiveArgs {
     /// Largest VM accepted.
     #[arg(long, default_value = "3GiB", value_parser = parse_size)]
     max_mem: u64,
+    /// Keep this much guest memory faulted in ahead of incoming VMs (0: none). Filled before
+    /// listening, refilled in the background at idle priority after each VM takes its share.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    reserve: u64,
     /// JSON lines instead of text.
     #[arg(long)]
     json: bool,
@@ -601,7 +606,17 @@ fn receive(a: ReceiveArgs) -> Result<()> {
     }
     install_stop_handler();
     let psk = load_key(&a.key)?;
-    let factory = KvmFactory::new(a.max_mem);
+    let mut factory = KvmFactory::new(a.max_mem);
+    let mut reserve = None;
+    if a.reserve > 0 {
+        let r = Arc::new(MemoryReserve::new(a.reserve as usize));
+        reserve = Some(r.clone());
+        let t = Instant::now();
+        r.fill().map_err(|e| CliError::Usage(format!("filling the memory reserve: {e}")))?;
+        eprintln!("memory reserve: {} MiB ready in {:.2} s", a.reserve >> 20, t.elapsed().as_secs_f64());
+        r.start_refill();
+        factory = factory.with_reserve(r);
+    }
     let count = a.count.map(|c| c as usize);
     let srv = Server::start(a.listen, psk.clone(), factory, count)?;
     let out = Out { json: a.json };
@@ -754,9 +769,16 @@ fn receive(a: ReceiveArgs) -> Result<()> {
         let _ = vm.stop();
     }
     let interrupted = STOP.load(Ordering::SeqCst);
-    out.event(json!({"event": "done", "received": finished, "failures": failures, "interrupted": interrupted}), || {
-        format!("done: {finished} migrations received, {failures} failures")
-    });
+    let rs = reserve.as_ref().map(|r| r.stats());
+    let reserve_json = rs.map(|s| json!({"hits": s.hits, "misses": s.misses, "filled_bytes": s.filled_bytes}));
+    out.event(
+        json!({"event": "done", "received": finished, "failures": failures, "interrupted": interrupted,
+               "reserve": reserve_json}),
+        || {
+            let r = rs.map_or(String::new(), |s| format!("; memory reserve: {} hits, {} misses", s.hits, s.misses));
+            format!("done: {finished} migrations received, {failures} failures{r}")
+        },
+    );
     drop(kept);
     drop(srv);
     if failures > 0 {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_transport::memory::{AnonMemory, MemoryError, MemoryMap, Region};
+use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::wire::PAGE_SIZE;
 use kvm_bindings::{
     kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -328,6 +329,16 @@ impl std::fmt::Debug for KvmVm {
 impl KvmVm {
     /// A paused VM with zeroed memory in the given regions and one vCPU (CPUID set), not booted.
     pub fn new_empty(vm_id: &str, regions: &[(u64, u64)], irqchip: bool) -> Result<Self, KvmError> {
+        Self::new_empty_from(vm_id, regions, irqchip, None)
+    }
+
+    /// [`KvmVm::new_empty`], taking guest memory from `reserve` when it holds enough.
+    pub fn new_empty_from(
+        vm_id: &str,
+        regions: &[(u64, u64)],
+        irqchip: bool,
+        reserve: Option<&MemoryReserve>,
+    ) -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::Open)?;
         let caps = Caps::probe(&kvm);
         if !caps.user_memory {
@@ -346,7 +357,10 @@ impl KvmVm {
         }
         let mut slots = Vec::with_capacity(regions.len());
         for (i, &(gpa, len)) in regions.iter().enumerate() {
-            let mem = AnonMemory::new(len as usize, false)?;
+            let mem = match reserve.and_then(|r| r.take(len as usize)) {
+                Some(m) => m,
+                None => AnonMemory::new(len as usize, false)?,
+            };
             slots.push(Slot { slot: i as u32, gpa, mem });
         }
         let mut this_slots = Vec::new();
@@ -877,12 +891,25 @@ pub struct KvmFactory {
     live: Arc<Mutex<HashSet<String>>>,
     max_bytes: u64,
     irqchip: bool,
+    reserve: Option<Arc<MemoryReserve>>,
 }
 
 impl KvmFactory {
     /// A factory that hosts VMs of at most `max_bytes` of memory each.
     pub fn new(max_bytes: u64) -> Self {
-        Self { live: Arc::new(Mutex::new(HashSet::new())), max_bytes, irqchip: GuestConfig::default().irqchip }
+        Self {
+            live: Arc::new(Mutex::new(HashSet::new())),
+            max_bytes,
+            irqchip: GuestConfig::default().irqchip,
+            reserve: None,
+        }
+    }
+
+    /// Take guest memory of incoming VMs from `reserve` (faulted in ahead of time) when it holds
+    /// enough; cold memory otherwise.
+    pub fn with_reserve(mut self, reserve: Arc<MemoryReserve>) -> Self {
+        self.reserve = Some(reserve);
+        self
     }
 
     /// Create VMs with (or without) an in-kernel irqchip, as the sources are.
@@ -904,7 +931,7 @@ impl KvmFactory {
         if !vcpu::lock(&self.live).insert(shape.vm_id.clone()) {
             return Err(KvmError::Duplicate(shape.vm_id.clone()));
         }
-        match KvmVm::new_empty(&shape.vm_id, &shape.regions, self.irqchip) {
+        match KvmVm::new_empty_from(&shape.vm_id, &shape.regions, self.irqchip, self.reserve.as_deref()) {
             Ok(mut vm) => {
                 vm.registry = Some(self.live.clone());
                 Ok(vm)
