@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{MemoryMap, MemorySink, MemorySource};
+use ferry_transport::memory::{populate_write, MemoryMap, MemorySink, MemorySource};
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
 
@@ -39,11 +39,20 @@ pub struct TargetConfig {
     pub idle_timeout: Duration,
     /// Fault injection (tests).
     pub fault: Option<TargetFault>,
+    /// During round 0, fault guest memory in on a helper thread just ahead of where batches
+    /// land, so the receive path does not take the page faults of cold memory itself (cheap when
+    /// the memory is already present, as with a reserve).
+    pub fault_ahead: bool,
 }
 
 impl Default for TargetConfig {
     fn default() -> Self {
-        Self { channel_wait: Duration::from_secs(10), idle_timeout: Duration::from_secs(60), fault: None }
+        Self {
+            channel_wait: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            fault: None,
+            fault_ahead: true,
+        }
     }
 }
 
@@ -113,6 +122,8 @@ struct Shared {
     corrupt: AtomicBool,
     die_round: Option<u32>,
     dead: AtomicBool,
+    /// Highest guest-physical end address a batch has written (round 0 goes up through memory).
+    frontier: AtomicU64,
 }
 
 impl Shared {
@@ -133,6 +144,43 @@ impl Shared {
                 }
             })
         };
+    }
+}
+
+/// Keep page faults off the receive path while round 0 fills cold memory: populate the 2 MiB
+/// steps just ahead of the highest address written so far (at most `AHEAD` beyond it), skipping
+/// what the receivers already passed. Populating does not change contents, so it may race with
+/// the receivers freely. Ends with round 0, or when the migration ends.
+fn fault_ahead(sh: &Shared) {
+    const STEP: u64 = 2 << 20;
+    const AHEAD: u64 = 64 << 20;
+    for &(gpa, len, _) in &sh.regions {
+        let end = gpa + len;
+        let mut at = gpa;
+        while at < end {
+            if sh.dead.load(Ordering::SeqCst) || sh.max_round.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            let f = sh.frontier.load(Ordering::Relaxed);
+            if f >= end {
+                break; // the receivers are past this region
+            }
+            if f > at + STEP {
+                at = gpa + (f - gpa) / STEP * STEP;
+                continue;
+            }
+            if at > f + AHEAD {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let n = STEP.min(end - at);
+            if let Some(p) = sh.map.sink_ptr(at, n as usize) {
+                // SAFETY: the map vouches for this range of our own guest memory (anonymous); the
+                // advice only faults pages in and never changes contents.
+                unsafe { populate_write(p, n as usize) };
+            }
+            at += n;
+        }
     }
 }
 
@@ -161,6 +209,9 @@ fn rx_loop(
                 }
                 for r in &b.runs {
                     sh.hash_run(r);
+                }
+                if let Some(r) = b.runs.last() {
+                    sh.frontier.fetch_max(r.gpa + r.len() as u64, Ordering::Relaxed);
                 }
                 sh.pages.fetch_add(u64::from(b.pages), Ordering::Relaxed);
                 sh.wire.fetch_add(b.wire_bytes, Ordering::Relaxed);
@@ -306,6 +357,7 @@ pub fn receive_after(
             _ => None,
         },
         dead: AtomicBool::new(false),
+        frontier: AtomicU64::new(0),
     });
     let killers: Arc<Mutex<Vec<Killer>>> = Arc::new(Mutex::new(channels.iter().map(|c| c.killer.clone()).collect()));
     let (ev_tx, ev_rx) = mpsc::channel();
@@ -319,6 +371,10 @@ pub fn receive_after(
         threads.push(std::thread::spawn(move || rx_loop(i as u16, rx, tx, sh, ev, k)));
     }
     let mut threads = threads;
+    if cfg.fault_ahead {
+        let sh = sh.clone();
+        threads.push(std::thread::spawn(move || fault_ahead(&sh)));
+    }
     let send0 = |m: &Msg| -> Result<(), MigrateError> {
         txs[0]
             .lock()

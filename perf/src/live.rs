@@ -132,6 +132,9 @@ pub struct LiveChildArgs {
     /// zstd level.
     #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     pub zstd_level: i32,
+    /// Pages per batch.
+    #[arg(long, default_value_t = 256)]
+    pub batch_pages: u32,
     /// Open the session with multichannel discovery (every NIC both hosts share) instead of
     /// `channels` channels to one address.
     #[arg(long)]
@@ -167,6 +170,8 @@ impl LiveChildArgs {
             self.downtime_ms.to_string(),
             "--zstd-level".into(),
             self.zstd_level.to_string(),
+            "--batch-pages".into(),
+            self.batch_pages.to_string(),
         ];
         if self.verify_full {
             v.push("--verify-full".into());
@@ -411,6 +416,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         downtime_limit: Duration::from_millis(a.downtime_ms),
         verify_full: a.verify_full,
         scheduling,
+        batch_pages: a.batch_pages,
         ..MigrationConfig::default()
     };
     let mut plan_lines = Vec::new();

@@ -182,6 +182,19 @@ pub unsafe fn page_is_zero(p: NonNull<u8>) -> bool {
     true
 }
 
+/// Fault `len` bytes at `p` in for writing without changing their contents (MADV_POPULATE_WRITE,
+/// Linux 5.14+; cheap where pages are already present). False if the kernel refused.
+///
+/// # Safety
+/// `p` must be page aligned and `p..p + len` part of one or more private anonymous mappings of
+/// this process.
+pub unsafe fn populate_write(p: NonNull<u8>, len: usize) -> bool {
+    // SAFETY: the caller vouches for the range; the advice only faults pages in.
+    unsafe {
+        libc::madvise(p.as_ptr() as *mut libc::c_void, len, 23 /* MADV_POPULATE_WRITE */) == 0
+    }
+}
+
 /// Copy `dst.len()` bytes (a multiple of 8) from guest memory at `src` with volatile word reads.
 ///
 /// # Safety
@@ -273,11 +286,8 @@ impl AnonMemory {
     /// Fault every page in for writing now (one write per page), so that later receives cost no
     /// page faults. Cheaper than letting the receive path fault page by page.
     pub fn prefault(&self) {
-        // SAFETY: the range is this mapping; MADV_POPULATE_WRITE (Linux 5.14+) only faults pages in.
-        let r = unsafe {
-            libc::madvise(self.ptr.as_ptr() as *mut libc::c_void, self.len, 23 /* MADV_POPULATE_WRITE */)
-        };
-        if r != 0 {
+        // SAFETY: the range is this mapping.
+        if !unsafe { populate_write(self.ptr, self.len) } {
             for off in (0..self.len).step_by(PAGE_SIZE) {
                 // SAFETY: off < len, inside this mapping; writing a zero byte keeps it zeroed.
                 unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };

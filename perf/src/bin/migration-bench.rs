@@ -304,6 +304,9 @@ struct LiveArgs {
     #[arg(long, default_value_t = 1, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-131_072..=22))]
     zstd_level: i32,
+    /// Pages per batch (the unit a channel pulls, sends and has acknowledged).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    batch_pages: u32,
     /// Seed of the page contents.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -494,6 +497,7 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                     verify_full: a.verify_full,
                     dst_memory: a.dst_memory,
                     zstd_level: a.zstd_level,
+                    batch_pages: a.batch_pages,
                     multichannel: tb.is_some(),
                     scheduling: sched.to_string(),
                     policy: a.policy.clone(),
