@@ -40,7 +40,7 @@
 use crate::vm::VmShape;
 
 /// Protocol version of this module.
-pub const MIGRATION_VERSION: u8 = 1;
+pub const MIGRATION_VERSION: u8 = 2;
 /// Most regions a VM may have.
 pub const MAX_REGIONS: usize = 256;
 /// Longest VM id.

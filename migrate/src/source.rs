@@ -18,7 +18,7 @@ use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_RUNS, PAGE_SIZ
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, TransportError};
 use std::ptr::NonNull;
 
-use crate::hash::{digest, scan_run};
+use crate::hash::{scan_run, PageTable};
 use crate::protocol::{Msg, MAX_CHUNK, MIGRATION_VERSION};
 use crate::stats::{ChannelStats, MigrationStats, Progress, Status};
 use crate::vm::{DirtyBitmap, RegionBitmap, SourceVm};
@@ -214,7 +214,7 @@ struct ChanShared {
 struct Shared {
     queue: Mutex<Queue>,
     cv: Condvar,
-    table: Vec<AtomicU64>,
+    table: PageTable,
     mem: MemoryMap,
     window: usize,
 }
@@ -341,9 +341,7 @@ fn scan_work(sh: &Shared, w: &Work) -> Vec<u8> {
                 if !s.zero {
                     map[k / 8] |= 1 << (k % 8);
                 }
-                if let Some(e) = sh.table.get((first + p as u64) as usize) {
-                    e.store(s.hash, Ordering::Relaxed);
-                }
+                sh.table.set((first + p as u64) as usize, s.hash);
             })
         };
         i += r.pages as usize;
@@ -752,7 +750,7 @@ pub fn migrate(
     let sh = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         cv: Condvar::new(),
-        table: (0..total_pages).map(|_| AtomicU64::new(0)).collect(),
+        table: PageTable::new(total_pages as usize, 0),
         mem: vm.memory(),
         window: cfg.window.max(1),
     });
@@ -1012,7 +1010,7 @@ fn run(
     }
     eng.fault(FaultPoint::BeforeComplete)?;
     eng.check_cancel()?;
-    let d = digest(&eng.sh.table);
+    let d = eng.sh.table.digest();
     eng.send_control(&Msg::Complete {
         state_len: state.len() as u64,
         state_crc: crc32(&state),

@@ -13,7 +13,7 @@ use ferry_transport::memory::{populate_write, MemoryMap, MemorySink, MemorySourc
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
 
-use crate::hash::{digest, scan_run, zero_page_hash};
+use crate::hash::{scan_run, zero_page_hash, PageTable};
 use crate::protocol::{Msg, MAX_STATE, MIGRATION_VERSION};
 use crate::source::crc32;
 use crate::vm::{TargetFactory, TargetVm, VmShape};
@@ -114,7 +114,7 @@ enum Event {
 struct Shared {
     map: MemoryMap,
     regions: Vec<(u64, u64, u64)>, // gpa, len, first page index
-    table: Vec<AtomicU64>,
+    table: PageTable,
     max_round: AtomicU32,
     pages: AtomicU64,
     batches: AtomicU64,
@@ -139,9 +139,7 @@ impl Shared {
         // SAFETY: the run the map vouched for, page aligned; reads only.
         unsafe {
             scan_run(base, r.pages as usize, |p, s| {
-                if let Some(e) = self.table.get(first as usize + p) {
-                    e.store(s.hash, Ordering::Relaxed);
-                }
+                self.table.set(first as usize + p, s.hash);
             })
         };
     }
@@ -346,7 +344,7 @@ pub fn receive_after(
     let sh = Arc::new(Shared {
         map: vm.memory(),
         regions,
-        table: (0..total_pages).map(|_| AtomicU64::new(zh)).collect(),
+        table: PageTable::new(total_pages as usize, zh),
         max_round: AtomicU32::new(0),
         pages: AtomicU64::new(0),
         batches: AtomicU64::new(0),
@@ -477,7 +475,7 @@ pub fn receive_after(
                                 }
                             }
                         }
-                        let got = digest(&sh.table);
+                        let got = sh.table.digest();
                         stats.verify = t.elapsed();
                         if got != want {
                             let r =
