@@ -693,6 +693,8 @@ fn apply_link_events(name: String, events: Vec<LinkEvent>) {
 pub struct LiveRecord {
     /// Always "live".
     pub bench: String,
+    /// Index of the repetition (`--repeat`), from 0.
+    pub run: u32,
     /// `tcp` or `zstd`.
     pub option: String,
     /// Channels.
@@ -785,6 +787,7 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
     let extra = s.peak_rss_bytes as i64 + d.peak_rss_bytes as i64 - 2 * a.size as i64;
     LiveRecord {
         bench: "live".into(),
+        run: 0,
         option: a.option.clone(),
         channels: if s.channels.is_empty() { a.channels } else { s.channels.len() },
         workload: a.workload.as_str().into(),
@@ -829,6 +832,52 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
         },
         ratio_to_aggregate: None,
     }
+}
+
+/// Median total, ratio and downtime of each (workload, option, channels, scheduling, memory).
+fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
+    use crate::report::median;
+    let mut t = crate::report::Table::new(&[
+        "workload",
+        "option",
+        "sched",
+        "ch",
+        "dst mem",
+        "runs",
+        "total ms",
+        "vs iperf3",
+        "downtime ms",
+        "all verified",
+    ]);
+    let mut keys: Vec<(String, String, String, usize, String)> = Vec::new();
+    for r in records {
+        let k = (r.workload.clone(), r.option.clone(), r.scheduling.clone(), r.channels, r.dst_memory.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for k in keys {
+        let of: Vec<&LiveRecord> = records
+            .iter()
+            .filter(|r| {
+                (&r.workload, &r.option, &r.scheduling, r.channels, &r.dst_memory) == (&k.0, &k.1, &k.2, k.3, &k.4)
+            })
+            .collect();
+        let med = |f: &dyn Fn(&LiveRecord) -> Option<f64>| median(of.iter().filter_map(|r| f(r)).collect());
+        t.row(vec![
+            k.0.clone(),
+            k.1.clone(),
+            k.2.clone(),
+            k.3.to_string(),
+            k.4.clone(),
+            of.len().to_string(),
+            med(&|r| Some(r.total_ms)).map_or("-".into(), |v| format!("{v:.0}")),
+            med(&|r| r.total_vs_reference).map_or("-".into(), |v| format!("{v:.2}x")),
+            med(&|r| Some(r.downtime_ms)).map_or("-".into(), |v| format!("{v:.1}")),
+            if of.iter().all(|r| r.verified) { "yes".into() } else { "NO".into() },
+        ]);
+    }
+    t
 }
 
 /// The table of a live run.
@@ -893,6 +942,10 @@ pub fn table(records: &[LiveRecord]) -> String {
                 c.latency_us[3].to_string(),
             ]);
         }
+    }
+    if records.iter().any(|r| r.run > 0) {
+        out.push_str("\nmedians over the repetitions:\n");
+        out.push_str(&medians_table(records).render());
     }
     out.push_str("\nbatch latency per channel (send to ack):\n");
     out.push_str(&lt.render());

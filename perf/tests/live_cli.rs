@@ -57,7 +57,62 @@ fn live_json_is_verified_for_every_workload_and_option() {
         assert!(v["peak_rss_bytes"]["dst"].as_u64().is_some_and(|x| x > 0), "{v}");
         let ch = v["channels"].as_u64().unwrap_or(0) as usize;
         assert_eq!(v["per_channel"].as_array().map(Vec::len), Some(ch), "{v}");
+        // The default destination memory is the reserve, and the guest came from it.
+        assert_eq!(v["dst_memory"], "reserve", "{v}");
+        assert_eq!(v["dst_reserve_hit"], true, "{v}");
     }
+}
+
+#[test]
+fn repeat_and_destination_memory_modes() {
+    let o = bench(&[
+        "live",
+        "--size",
+        "16MiB",
+        "--working-set",
+        "4MiB",
+        "--workload",
+        "idle",
+        "--options",
+        "tcp",
+        "--repeat",
+        "2",
+        "--dst-memory",
+        "cold",
+        "--json",
+        "--no-reference",
+    ]);
+    assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    assert_eq!(lines.iter().map(|v| v["run"].as_u64()).collect::<Vec<_>>(), vec![Some(0), Some(1)], "{text}");
+    for v in &lines {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["dst_memory"], "cold", "{v}");
+        assert_eq!(v["dst_reserve_hit"], Value::Null, "{v}");
+        assert_eq!(v["reference"], "none", "{v}");
+    }
+    // The table form prints the medians of the repetitions.
+    let o = bench(&[
+        "live",
+        "--size",
+        "16MiB",
+        "--working-set",
+        "4MiB",
+        "--workload",
+        "idle",
+        "--options",
+        "tcp",
+        "--repeat",
+        "2",
+        "--dst-memory",
+        "prefault",
+        "--no-reference",
+    ]);
+    assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("medians over the repetitions"), "{text}");
+    assert!(text.contains("prefault"), "{text}");
 }
 
 #[test]
@@ -68,6 +123,9 @@ fn bad_live_input_is_a_clear_error() {
         &["live", "--size", "12345"],
         &["live", "--link-event", "1s:nic1:down"],
         &["live", "--testbed", "nics=2"],
+        &["live", "--repeat", "0"],
+        &["live", "--dst-memory", "lukewarm"],
+        &["live", "--batch-pages", "2048"],
     ] {
         let o = bench(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));

@@ -295,6 +295,10 @@ struct LiveArgs {
     /// The destination re-reads all of guest memory for the final check (counted in downtime).
     #[arg(long)]
     verify_full: bool,
+    /// Run every migration this many times (the table adds medians; on a shared machine the
+    /// reference and the runs drift: repeat).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
     /// Destination guest memory: `reserve` (the agent's memory reserve, faulted in before the
     /// migration is asked for; fill time reported apart), `prefault` (mapped and faulted in at
     /// prepare, counted in setup) or `cold` (the receive path takes the page faults).
@@ -481,69 +485,72 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
         WorkloadArg::Both => vec![live::Workload::Idle, live::Workload::Busy],
     };
     let mut records = Vec::new();
-    for &w in &workloads {
-        for (o, n) in &options {
-            for &sched in &schedulings {
-                let args = LiveChildArgs {
-                    size: a.size,
-                    mix: a.mix,
-                    seed: a.seed,
-                    workload: w,
-                    working_set: a.working_set,
-                    dirty_rate: a.dirty_rate,
-                    option: o.clone(),
-                    channels: *n,
-                    downtime_ms: a.downtime_ms,
-                    verify_full: a.verify_full,
-                    dst_memory: a.dst_memory,
-                    zstd_level: a.zstd_level,
-                    batch_pages: a.batch_pages,
-                    multichannel: tb.is_some(),
-                    scheduling: sched.to_string(),
-                    policy: a.policy.clone(),
-                };
-                if let Some(tb) = &tb {
-                    // Every run starts from the configured rates with every link up.
-                    for (nic, r) in tb.rates().iter().enumerate() {
-                        let nic = nic.to_string();
-                        let _ = testbed::run_script(&["link-up", "--name", tb.name(), "--nic", &nic]);
-                        testbed::run_script(&[
-                            "set-rate",
-                            "--name",
-                            tb.name(),
-                            "--nic",
-                            &nic,
-                            "--rate",
-                            &r.to_string(),
-                        ])?;
+    for run in 0..a.repeat {
+        for &w in &workloads {
+            for (o, n) in &options {
+                for &sched in &schedulings {
+                    let args = LiveChildArgs {
+                        size: a.size,
+                        mix: a.mix,
+                        seed: a.seed,
+                        workload: w,
+                        working_set: a.working_set,
+                        dirty_rate: a.dirty_rate,
+                        option: o.clone(),
+                        channels: *n,
+                        downtime_ms: a.downtime_ms,
+                        verify_full: a.verify_full,
+                        dst_memory: a.dst_memory,
+                        zstd_level: a.zstd_level,
+                        batch_pages: a.batch_pages,
+                        multichannel: tb.is_some(),
+                        scheduling: sched.to_string(),
+                        policy: a.policy.clone(),
+                    };
+                    if let Some(tb) = &tb {
+                        // Every run starts from the configured rates with every link up.
+                        for (nic, r) in tb.rates().iter().enumerate() {
+                            let nic = nic.to_string();
+                            let _ = testbed::run_script(&["link-up", "--name", tb.name(), "--nic", &nic]);
+                            testbed::run_script(&[
+                                "set-rate",
+                                "--name",
+                                tb.name(),
+                                "--nic",
+                                &nic,
+                                "--rate",
+                                &r.to_string(),
+                            ])?;
+                        }
                     }
-                }
-                // On loopback the reference is measured right before each migration: on a shared
-                // machine iperf3 itself drifts by 1.5x within a minute.
-                if tb.is_none() && !a.no_reference {
-                    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-                    let r = iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?.bytes_per_s;
-                    reference = Some(r);
-                    refs.push(r);
-                }
-                let label = format!("{} {}:{} {}", w.as_str(), o, n, sched);
-                let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label, place)?;
-                let mut rec = live::record(&args, &s, &d, reference);
-                if let Some(tb) = &tb {
-                    rec.testbed = "netns".into();
-                    rec.nics = tb.nics();
-                    rec.link_rates_bps = tb.rates().iter().map(|r| r.bytes_per_s()).collect();
-                    rec.aggregate_reference_bps = aggregate;
-                    rec.ratio_to_aggregate = aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bps / x);
-                    rec.total_vs_reference = None;
-                    for e in &a.link_events {
-                        rec.events.push(format!("link event {e}"));
+                    // On loopback the reference is measured right before each migration: on a shared
+                    // machine iperf3 itself drifts by 1.5x within a minute.
+                    if tb.is_none() && !a.no_reference {
+                        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                        let r = iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?.bytes_per_s;
+                        reference = Some(r);
+                        refs.push(r);
                     }
+                    let label = format!("{} {}:{} {}", w.as_str(), o, n, sched);
+                    let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label, place)?;
+                    let mut rec = live::record(&args, &s, &d, reference);
+                    rec.run = run;
+                    if let Some(tb) = &tb {
+                        rec.testbed = "netns".into();
+                        rec.nics = tb.nics();
+                        rec.link_rates_bps = tb.rates().iter().map(|r| r.bytes_per_s()).collect();
+                        rec.aggregate_reference_bps = aggregate;
+                        rec.ratio_to_aggregate = aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bps / x);
+                        rec.total_vs_reference = None;
+                        for e in &a.link_events {
+                            rec.events.push(format!("link event {e}"));
+                        }
+                    }
+                    if a.json {
+                        emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+                    }
+                    records.push(rec);
                 }
-                if a.json {
-                    emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
-                }
-                records.push(rec);
             }
         }
     }
