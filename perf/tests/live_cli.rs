@@ -63,9 +63,9 @@ fn live_json_is_verified_for_every_workload_and_option() {
     }
 }
 
-#[test]
-fn repeat_and_destination_memory_modes() {
-    let o = bench(&[
+/// A small idle migration over tcp, twice, with the given destination memory and extra flags.
+fn twice(dst_memory: &str, extra: &[&str]) -> String {
+    let mut args = vec![
         "live",
         "--size",
         "16MiB",
@@ -77,13 +77,19 @@ fn repeat_and_destination_memory_modes() {
         "tcp",
         "--repeat",
         "2",
-        "--dst-memory",
-        "cold",
-        "--json",
         "--no-reference",
-    ]);
+        "--dst-memory",
+        dst_memory,
+    ];
+    args.extend_from_slice(extra);
+    let o = bench(&args);
     assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8(o.stdout).expect("utf-8");
+    String::from_utf8(o.stdout).expect("utf-8")
+}
+
+#[test]
+fn repeat_and_destination_memory_modes() {
+    let text = twice("cold", &["--json"]);
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
     assert_eq!(lines.iter().map(|v| v["run"].as_u64()).collect::<Vec<_>>(), vec![Some(0), Some(1)], "{text}");
     for v in &lines {
@@ -93,24 +99,7 @@ fn repeat_and_destination_memory_modes() {
         assert_eq!(v["reference"], "none", "{v}");
     }
     // The table form prints the medians of the repetitions.
-    let o = bench(&[
-        "live",
-        "--size",
-        "16MiB",
-        "--working-set",
-        "4MiB",
-        "--workload",
-        "idle",
-        "--options",
-        "tcp",
-        "--repeat",
-        "2",
-        "--dst-memory",
-        "prefault",
-        "--no-reference",
-    ]);
-    assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
-    let text = String::from_utf8_lossy(&o.stdout);
+    let text = twice("prefault", &[]);
     assert!(text.contains("medians over the repetitions"), "{text}");
     assert!(text.contains("prefault"), "{text}");
 }
