@@ -26,7 +26,14 @@ grep -q "test result" /tmp/ferry-test.log
 step "fuzz targets (build + short run)"
 if command -v cargo-fuzz >/dev/null 2>&1; then
     (cd fuzz && for t in wire_decode handshake_sequence control_decode exchange_decode; do
-        RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -runs=200000 -max_len=4096 2>&1 | tail -2
+        log="/tmp/ferry-fuzz-$t.log"
+        if RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -runs=200000 -max_len=4096 >"$log" 2>&1; then
+            echo "$t: $(grep -E '^Done' "$log" || tail -1 "$log")"
+        else
+            echo "FUZZ FAILED: $t (full log $log); last lines:"
+            tail -60 "$log"
+            exit 1
+        fi
     done)
 else
     echo "SKIP: cargo-fuzz not installed (FERRY_SKIP_FUZZ=1)"
