@@ -214,20 +214,16 @@ pub struct ChannelRecord {
     pub failed: bool,
 }
 
-/// What the source process reports.
+/// The engine's numbers of one migration, carried by the source's report and by the record.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct LiveSrcReport {
-    /// Final status.
-    pub status: String,
-    /// Error, if the migration failed.
-    pub error: Option<String>,
-    /// Milliseconds start to end.
+pub struct MigrationNumbers {
+    /// Start to end (connect, prepare, rounds, switchover, commit), milliseconds.
     pub total_ms: f64,
-    /// Milliseconds of setup.
+    /// Connect + prepare, milliseconds.
     pub setup_ms: f64,
-    /// Milliseconds of downtime (pause to `Resumed`).
+    /// Source pause to destination resume (as seen by the source), milliseconds.
     pub downtime_ms: f64,
-    /// Expected downtime at the switchover decision.
+    /// Downtime expected at the switchover decision, milliseconds.
     pub expected_downtime_ms: f64,
     /// Rounds.
     pub rounds: u32,
@@ -235,8 +231,36 @@ pub struct LiveSrcReport {
     pub pages_per_round: Vec<u64>,
     /// Bytes on the wire.
     pub transferred_bytes: u64,
-    /// Zero pages sent as a bit.
+    /// Zero pages (a bit each).
     pub zero_pages: u64,
+}
+
+impl MigrationNumbers {
+    fn of(s: &MigrationStats) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Self {
+            total_ms: ms(s.total),
+            setup_ms: ms(s.setup),
+            downtime_ms: ms(s.downtime),
+            expected_downtime_ms: ms(s.expected_downtime),
+            rounds: s.rounds,
+            pages_per_round: s.pages_per_round.clone(),
+            transferred_bytes: s.transferred_bytes,
+            zero_pages: s.zero_pages,
+        }
+    }
+}
+
+/// What the source process reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct LiveSrcReport {
+    /// Final status.
+    pub status: String,
+    /// Error, if the migration failed.
+    pub error: Option<String>,
+    /// The engine's numbers (flattened into the JSON).
+    #[serde(flatten)]
+    pub numbers: MigrationNumbers,
     /// Data pages.
     pub data_pages: u64,
     /// Dirty rate at the end, bytes/s.
@@ -318,19 +342,11 @@ fn src_report(r: std::result::Result<MigrationStats, String>) -> LiveSrcReport {
         Ok(s) => (Some(s), None),
         Err(e) => (None, Some(e)),
     };
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
     match st {
         Some(s) => LiveSrcReport {
             status: s.status.name().into(),
             error,
-            total_ms: ms(s.total),
-            setup_ms: ms(s.setup),
-            downtime_ms: ms(s.downtime),
-            expected_downtime_ms: ms(s.expected_downtime),
-            rounds: s.rounds,
-            pages_per_round: s.pages_per_round.clone(),
-            transferred_bytes: s.transferred_bytes,
-            zero_pages: s.zero_pages,
+            numbers: MigrationNumbers::of(&s),
             data_pages: s.data_pages,
             dirty_rate_bps: s.dirty_rate_bps,
             throttle_pct: s.throttle_pct,
@@ -709,22 +725,9 @@ pub struct LiveRecord {
     pub status: String,
     /// Error, if any.
     pub error: Option<String>,
-    /// Start to end (connect, prepare, rounds, switchover, commit).
-    pub total_ms: f64,
-    /// Connect + prepare.
-    pub setup_ms: f64,
-    /// Source pause to destination resume (as seen by the source).
-    pub downtime_ms: f64,
-    /// Downtime expected at the switchover decision.
-    pub expected_downtime_ms: f64,
-    /// Rounds.
-    pub rounds: u32,
-    /// Pages per round.
-    pub pages_per_round: Vec<u64>,
-    /// Bytes on the wire.
-    pub transferred_bytes: u64,
-    /// Zero pages (a bit each).
-    pub zero_pages: u64,
+    /// The engine's numbers (flattened into the JSON).
+    #[serde(flatten)]
+    pub numbers: MigrationNumbers,
     /// Guest bytes per second over the whole migration.
     pub throughput_bps: f64,
     /// The destination verified the image against the source's digest.
@@ -784,6 +787,7 @@ pub struct PeakRss {
 
 /// Combine the two reports.
 pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference_bps: Option<f64>) -> LiveRecord {
+    let n = &s.numbers;
     let extra = s.peak_rss_bytes as i64 + d.peak_rss_bytes as i64 - 2 * a.size as i64;
     LiveRecord {
         bench: "live".into(),
@@ -795,21 +799,14 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
         nonzero_guest_bytes: s.nonzero_guest_bytes,
         status: s.status.clone(),
         error: s.error.clone().or_else(|| d.error.clone()),
-        total_ms: s.total_ms,
-        setup_ms: s.setup_ms,
-        downtime_ms: s.downtime_ms,
-        expected_downtime_ms: s.expected_downtime_ms,
-        rounds: s.rounds,
-        pages_per_round: s.pages_per_round.clone(),
-        transferred_bytes: s.transferred_bytes,
-        zero_pages: s.zero_pages,
-        throughput_bps: if s.total_ms > 0.0 { a.size as f64 / (s.total_ms / 1e3) } else { 0.0 },
+        numbers: n.clone(),
+        throughput_bps: if n.total_ms > 0.0 { a.size as f64 / (n.total_ms / 1e3) } else { 0.0 },
         verified: s.verified && d.verified,
         reference: if reference_bps.is_some() { "iperf3".into() } else { "none".into() },
         reference_bps,
         total_vs_reference: reference_bps
-            .filter(|r| *r > 0.0 && s.total_ms > 0.0)
-            .map(|r| s.total_ms / 1e3 / (s.nonzero_guest_bytes as f64 / r)),
+            .filter(|r| *r > 0.0 && n.total_ms > 0.0)
+            .map(|r| n.total_ms / 1e3 / (s.nonzero_guest_bytes as f64 / r)),
         src_cpu_s: s.cpu_s,
         dst_cpu_s: d.cpu_s,
         peak_rss_bytes: PeakRss { src: s.peak_rss_bytes, dst: d.peak_rss_bytes },
@@ -825,8 +822,8 @@ pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference
         nics: 0,
         link_rates_bps: vec![],
         aggregate_reference_bps: None,
-        wire_throughput_bps: if s.total_ms > s.setup_ms {
-            s.transferred_bytes as f64 / ((s.total_ms - s.setup_ms) / 1e3)
+        wire_throughput_bps: if n.total_ms > n.setup_ms {
+            n.transferred_bytes as f64 / ((n.total_ms - n.setup_ms) / 1e3)
         } else {
             0.0
         },
@@ -871,9 +868,9 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
             k.3.to_string(),
             k.4.clone(),
             of.len().to_string(),
-            med(&|r| Some(r.total_ms)).map_or("-".into(), |v| format!("{v:.0}")),
+            med(&|r| Some(r.numbers.total_ms)).map_or("-".into(), |v| format!("{v:.0}")),
             med(&|r| r.total_vs_reference).map_or("-".into(), |v| format!("{v:.2}x")),
-            med(&|r| Some(r.downtime_ms)).map_or("-".into(), |v| format!("{v:.1}")),
+            med(&|r| Some(r.numbers.downtime_ms)).map_or("-".into(), |v| format!("{v:.1}")),
             if of.iter().all(|r| r.verified) { "yes".into() } else { "NO".into() },
         ]);
     }
@@ -910,12 +907,12 @@ pub fn table(records: &[LiveRecord]) -> String {
                 Some(false) => format!("{} (missed)", r.dst_memory),
                 _ => r.dst_memory.clone(),
             },
-            format!("{:.0}", r.total_ms),
+            format!("{:.0}", r.numbers.total_ms),
             r.total_vs_reference.map_or("-".into(), |v| format!("{v:.2}x")),
             r.ratio_to_aggregate.map_or("-".into(), |v| format!("{v:.2}")),
-            format!("{:.1}", r.downtime_ms),
-            r.rounds.to_string(),
-            format!("{:.2}", r.transferred_bytes as f64 / 1e9),
+            format!("{:.1}", r.numbers.downtime_ms),
+            r.numbers.rounds.to_string(),
+            format!("{:.2}", r.numbers.transferred_bytes as f64 / 1e9),
             format!("{:.2}", r.throughput_bps * 8.0 / 1e9),
             format!("{:.2}", r.src_cpu_s),
             format!("{:.2}", r.dst_cpu_s),
