@@ -28,6 +28,23 @@ fn worth_compressing(raw: usize, compressed: usize) -> bool {
     compressed <= raw - raw / 8
 }
 
+/// Step `iov` (from index `start`) past `done` bytes that a partial readv/writev moved.
+fn advance(iov: &mut [libc::iovec], start: &mut usize, mut done: usize) {
+    while done > 0 {
+        let v = &mut iov[*start];
+        if done >= v.iov_len {
+            done -= v.iov_len;
+            v.iov_len = 0;
+            *start += 1;
+        } else {
+            // SAFETY: done < iov_len, so the new base stays inside the same buffer.
+            v.iov_base = unsafe { (v.iov_base as *mut u8).add(done) } as *mut libc::c_void;
+            v.iov_len -= done;
+            done = 0;
+        }
+    }
+}
+
 /// Write every byte described by `iov`, resuming after partial writes.
 fn writev_all(fd: i32, iov: &mut [libc::iovec]) -> io::Result<usize> {
     let mut total = 0;
@@ -48,21 +65,8 @@ fn writev_all(fd: i32, iov: &mut [libc::iovec]) -> io::Result<usize> {
             }
             return Err(e);
         }
-        let mut r = r as usize;
-        total += r;
-        while r > 0 {
-            let v = &mut iov[start];
-            if r >= v.iov_len {
-                r -= v.iov_len;
-                v.iov_len = 0;
-                start += 1;
-            } else {
-                // SAFETY: r < iov_len, so the new base stays inside the same buffer.
-                v.iov_base = unsafe { (v.iov_base as *mut u8).add(r) } as *mut libc::c_void;
-                v.iov_len -= r;
-                r = 0;
-            }
-        }
+        total += r as usize;
+        advance(iov, &mut start, r as usize);
     }
     Ok(total)
 }
@@ -89,20 +93,7 @@ fn readv_all(fd: i32, iov: &mut [libc::iovec]) -> Result<()> {
         if r == 0 {
             return Err(TransportError::Truncated);
         }
-        let mut r = r as usize;
-        while r > 0 {
-            let v = &mut iov[start];
-            if r >= v.iov_len {
-                r -= v.iov_len;
-                v.iov_len = 0;
-                start += 1;
-            } else {
-                // SAFETY: r < iov_len, so the new base stays inside the same buffer.
-                v.iov_base = unsafe { (v.iov_base as *mut u8).add(r) } as *mut libc::c_void;
-                v.iov_len -= r;
-                r = 0;
-            }
-        }
+        advance(iov, &mut start, r as usize);
     }
     Ok(())
 }
@@ -454,5 +445,46 @@ impl ChannelRx for StreamRx {
             }
             k => Err(WireError::Unexpected(k).into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_steps_over_whole_and_partial_iovecs() {
+        let (a, b, c) = ([1u8; 10], [2u8; 5], [3u8; 7]);
+        let mut v = [iov(a.as_ptr(), 10), iov(b.as_ptr(), 5), iov(c.as_ptr(), 7)];
+        let mut start = 0;
+        advance(&mut v, &mut start, 4);
+        assert_eq!((start, v[0].iov_len, v[0].iov_base as usize), (0, 6, a.as_ptr() as usize + 4));
+        advance(&mut v, &mut start, 6 + 5 + 2);
+        assert_eq!((start, v[1].iov_len, v[2].iov_len), (2, 0, 5));
+        assert_eq!(v[2].iov_base as usize, c.as_ptr() as usize + 2);
+        advance(&mut v, &mut start, 5);
+        assert_eq!(start, 3);
+    }
+
+    #[test]
+    fn writev_and_readv_resume_after_partial_transfers() {
+        // A socket pair with small buffers forces partial writes; the reader gets every byte.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let w = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (r, _) = l.accept().unwrap();
+        let _ = socket2::SockRef::from(&w).set_send_buffer_size(4096);
+        let parts: Vec<Vec<u8>> = (0..40u8).map(|i| vec![i; 1000 + i as usize * 977]).collect();
+        let want: Vec<u8> = parts.concat();
+        let n = want.len();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0u8; n];
+            let (x, y) = got.split_at_mut(n / 3);
+            let mut v = [iov(x.as_mut_ptr(), x.len()), iov(y.as_mut_ptr(), y.len())];
+            readv_all(r.as_raw_fd(), &mut v).unwrap();
+            got
+        });
+        let mut v: Vec<libc::iovec> = parts.iter().map(|p| iov(p.as_ptr(), p.len())).collect();
+        assert_eq!(writev_all(w.as_raw_fd(), &mut v).unwrap(), n);
+        assert_eq!(reader.join().unwrap(), want);
     }
 }
