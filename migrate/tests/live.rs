@@ -18,8 +18,13 @@ use ferry_transport::handshake::{Caps, Psk, ServerConfig};
 use ferry_transport::pagemix::{expected_page, Mix};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
-use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
+use ferry_vmm_glue::synthetic::{check_stamps, SyntheticFactory, SyntheticVm};
 
+mod common;
+use common::{guest, into_synthetic, same_memory};
+
+/// Seed of the guests' page contents.
+const SEED: u64 = 7;
 const KEY: &[u8] = b"live-migration-test-key-0123456789";
 
 type Outcomes = mpsc::Receiver<Result<TargetOutcome, MigrateError>>;
@@ -42,21 +47,6 @@ fn server(limit: u64, cfg: TargetConfig, max: usize) -> (SocketAddr, Outcomes, s
     (addr, rx, h)
 }
 
-fn guest(id: &str, mb: u64, ws_mb: u64, rate_mbps: u64) -> SyntheticVm {
-    let cfg = SyntheticConfig {
-        vm_id: id.into(),
-        memory_bytes: mb << 20,
-        regions: 3,
-        working_set_bytes: ws_mb << 20,
-        dirty_rate_bps: rate_mbps << 20,
-        seed: 7,
-        ..Default::default()
-    };
-    let mut vm = SyntheticVm::new(&cfg).unwrap();
-    vm.resume().unwrap();
-    vm
-}
-
 /// Every page outside the working set still holds its generated content; working-set pages hold
 /// the writer's last stamp. (VM paused by the caller.)
 fn assert_intact(vm: &SyntheticVm, ws_pages: u64) {
@@ -65,19 +55,8 @@ fn assert_intact(vm: &SyntheticVm, ws_pages: u64) {
     let mut want = vec![0u8; PAGE_SIZE];
     for i in (ws_pages..vm.pages()).step_by(7) {
         vm.read_page(i, &mut got);
-        expected_page(&Mix::default(), 7, i, &mut want);
+        expected_page(&Mix::default(), SEED, i, &mut want);
         assert!(got == want, "page {i} changed");
-    }
-}
-
-fn same_memory(src: &SyntheticVm, dst: &SyntheticTarget) {
-    let mut a = vec![0u8; PAGE_SIZE];
-    let mut b = vec![0u8; PAGE_SIZE];
-    assert_eq!(src.pages(), dst.pages());
-    for i in 0..src.pages() {
-        src.read_page(i, &mut a);
-        dst.read_page(i, &mut b);
-        assert!(a == b, "page {i} differs after migration");
     }
 }
 
@@ -89,17 +68,11 @@ fn opts(zstd: bool) -> TcpOptions {
     }
 }
 
-fn into_synthetic(o: TargetOutcome) -> SyntheticTarget {
-    // The factory is a SyntheticFactory, so the VM is a SyntheticTarget.
-    let any: Box<dyn std::any::Any> = o.vm.into_any();
-    *any.downcast::<SyntheticTarget>().expect("a synthetic target")
-}
-
 #[test]
 fn idle_guest_moves_byte_identical() {
     for (zstd, nch) in [(false, 1), (true, 2)] {
         let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-        let mut vm = guest("idle", 48, 0, 0);
+        let mut vm = guest("idle", 48, 0, 0, SEED);
         let chans = connect_simple(addr, nch, &opts(zstd), &Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig { verify_full: true, ..Default::default() };
         let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
@@ -120,7 +93,7 @@ fn idle_guest_moves_byte_identical() {
 #[test]
 fn busy_guest_converges_and_continues() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-    let mut vm = guest("busy", 64, 16, 64);
+    let mut vm = guest("busy", 64, 16, 64, SEED);
     std::thread::sleep(Duration::from_millis(50));
     let chans = connect_simple(addr, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
@@ -154,7 +127,7 @@ fn expect_source_survives(
     nch: usize,
 ) -> MigrateError {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: tfault, ..Default::default() }, 1);
-    let mut vm = guest("faulty", 32, 4, 32);
+    let mut vm = guest("faulty", 32, 4, 32, SEED);
     let chans = connect_simple(addr, nch, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig {
         fault,
@@ -227,7 +200,7 @@ fn destination_faults_leave_the_source_running() {
 #[test]
 fn refused_when_the_destination_cannot_host() {
     let (addr, outcomes, h) = server(1 << 20, TargetConfig::default(), 1);
-    let mut vm = guest("big", 16, 0, 0);
+    let mut vm = guest("big", 16, 0, 0, SEED);
     let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
     let e = migrate(&mut vm, chans, &MigrationConfig::default(), &|_| {}).unwrap_err();
     assert!(matches!(e, MigrateError::Refused(_)), "{e}");
@@ -242,7 +215,7 @@ fn not_converging_aborts_by_policy() {
     // the guest honestly converges: try a few times for the case under test.
     for attempt in 0..5 {
         let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-        let mut vm = guest("hot", 64, 32, 0); // writer as fast as it can
+        let mut vm = guest("hot", 64, 32, 0, SEED); // writer as fast as it can
         let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig {
             downtime_limit: Duration::from_micros(1),
@@ -272,7 +245,7 @@ fn not_converging_aborts_by_policy() {
 #[test]
 fn lost_channel_fails_over_and_completes() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-    let mut vm = guest("failover", 64, 8, 32);
+    let mut vm = guest("failover", 64, 8, 32, SEED);
     let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig {
         verify_full: true,
@@ -299,7 +272,7 @@ fn host_limit_of_two_runs_eight_migrations() {
             let (sched, active, max) = (sched.clone(), active.clone(), max.clone());
             let ticket = sched.ticket();
             std::thread::spawn(move || {
-                let mut vm = guest(&format!("vm-{i}"), 8, 1, 16);
+                let mut vm = guest(&format!("vm-{i}"), 8, 1, 16, SEED);
                 let _slot = sched.acquire(ticket);
                 let n = active.fetch_add(1, Ordering::SeqCst) + 1;
                 max.fetch_max(n, Ordering::SeqCst);
@@ -324,7 +297,7 @@ fn host_limit_of_two_runs_eight_migrations() {
 fn lost_commit_confirmation_never_runs_the_vm_twice() {
     let (addr, outcomes, h) =
         server(1 << 30, TargetConfig { fault: Some(TargetFault::DieAfterCommit), ..Default::default() }, 1);
-    let mut vm = guest("uncertain", 16, 2, 16);
+    let mut vm = guest("uncertain", 16, 2, 16, SEED);
     let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
     let e = migrate(
         &mut vm,
@@ -343,7 +316,7 @@ fn lost_commit_confirmation_never_runs_the_vm_twice() {
 #[test]
 fn lost_channel_rejoins_and_carries_work_again() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-    let mut vm = guest("rejoin", 256, 8, 32);
+    let mut vm = guest("rejoin", 256, 8, 32, SEED);
     let psk = Psk::new(KEY).unwrap();
     let session = ferry_transport::handshake::random_bytes();
     let path = Path { remote: addr, local: None, device: None };
@@ -377,7 +350,7 @@ fn lost_channel_rejoins_and_carries_work_again() {
 #[test]
 fn round_robin_spreads_evenly_and_survives_a_loss() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
-    let mut vm = guest("rr", 64, 4, 16);
+    let mut vm = guest("rr", 64, 4, 16, SEED);
     let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig {
         verify_full: true,

@@ -18,10 +18,14 @@ use ferry_migrate::vm::SourceVm;
 use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaOptions};
-use ferry_transport::wire::PAGE_SIZE;
 use ferry_transport::{Channel, Killer};
-use ferry_vmm_glue::synthetic::{SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
+use ferry_vmm_glue::synthetic::SyntheticFactory;
 
+mod common;
+use common::{guest, into_synthetic, same_memory};
+
+/// Seed of the guests' page contents.
+const SEED: u64 = 11;
 const KEY: &[u8] = b"rdma-live-migration-key-0123456789";
 
 fn opts(test: &str) -> Option<RdmaOptions> {
@@ -84,43 +88,12 @@ fn connect(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Channel>, Vec<Ki
     (chans, faults)
 }
 
-fn guest(id: &str, mb: u64, ws_mb: u64, rate_mbps: u64) -> SyntheticVm {
-    let cfg = SyntheticConfig {
-        vm_id: id.into(),
-        memory_bytes: mb << 20,
-        regions: 3,
-        working_set_bytes: ws_mb << 20,
-        dirty_rate_bps: rate_mbps << 20,
-        seed: 11,
-        ..Default::default()
-    };
-    let mut vm = SyntheticVm::new(&cfg).unwrap();
-    vm.resume().unwrap();
-    vm
-}
-
-fn into_synthetic(o: TargetOutcome) -> SyntheticTarget {
-    let any: Box<dyn std::any::Any> = o.vm.into_any();
-    *any.downcast::<SyntheticTarget>().expect("a synthetic target")
-}
-
-fn same_memory(src: &SyntheticVm, dst: &SyntheticTarget) {
-    let mut a = vec![0u8; PAGE_SIZE];
-    let mut b = vec![0u8; PAGE_SIZE];
-    assert_eq!(src.pages(), dst.pages());
-    for i in 0..src.pages() {
-        src.read_page(i, &mut a);
-        dst.read_page(i, &mut b);
-        assert!(a == b, "page {i} differs after migration");
-    }
-}
-
 #[test]
 fn rdma_live_migration_is_byte_identical() {
     let Some(o) = opts("rdma_live_migration_is_byte_identical") else { return };
     let (addr, dst) = destination(&o, 2);
     // A guest that keeps writing while it moves.
-    let mut vm = guest("rdma-busy", 32, 4, 2);
+    let mut vm = guest("rdma-busy", 32, 4, 2, SEED);
     let (chans, _faults) = connect(addr, &o, 2);
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
     let t = std::time::Instant::now();
@@ -138,7 +111,7 @@ fn rdma_live_migration_is_byte_identical() {
 fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
     let Some(o) = opts("rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly") else { return };
     let (addr, dst) = destination(&o, 2);
-    let mut vm = guest("rdma-fault", 32, 0, 0);
+    let mut vm = guest("rdma-fault", 32, 0, 0, SEED);
     let (chans, faults) = connect(addr, &o, 2);
     let fired = Arc::new(AtomicBool::new(false));
     let f2 = fired.clone();
