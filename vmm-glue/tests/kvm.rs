@@ -13,18 +13,12 @@ fn cfg(id: &str, ws_pages: u64) -> GuestConfig {
     GuestConfig { vm_id: id.into(), mem_bytes: 16 << 20, slot_bytes: 8 << 20, ws_pages, ..Default::default() }
 }
 
-/// Wait until the guest has reported at least `passes` passes.
+/// Wait until the guest has reported at least `passes` passes; the passes reached.
 fn wait_passes(vm: &KvmVm, passes: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let r = vm.report();
-        if r.passes >= passes {
-            return r.passes;
-        }
-        assert!(vm.vcpu_failure().is_none(), "vCPU failed: {:?}", vm.vcpu_failure());
-        assert!(Instant::now() < deadline, "guest stuck at {} passes (want {passes}); exits {}", r.passes, vm.exits());
-        std::thread::sleep(Duration::from_millis(2));
+    if let Err(e) = vm.wait_passes(passes, Duration::from_secs(20)) {
+        panic!("{e} (want {passes}); exits {}", vm.exits());
     }
+    vm.report().passes
 }
 
 fn check_consistent(vm: &KvmVm, c: &GuestConfig) {

@@ -6,7 +6,7 @@
 
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, MigrationConfig};
@@ -41,15 +41,6 @@ fn server(factory: KvmFactory, max: usize) -> (std::net::SocketAddr, Outcomes, s
     (addr, rx, h)
 }
 
-fn wait_passes(vm: &KvmVm, passes: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.report().passes < passes {
-        assert!(vm.vcpu_failure().is_none(), "vCPU failed: {:?}", vm.vcpu_failure());
-        assert!(Instant::now() < deadline, "guest stuck at {} passes", vm.report().passes);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn kvm_guest_live_migrates_back_and_forth() {
     if !kvm_or_skip("kvm_guest_live_migrates_back_and_forth") {
@@ -69,7 +60,7 @@ fn kvm_guest_live_migrates_back_and_forth() {
     let mut vm = KvmVm::boot(&cfg).unwrap();
     factories[0].adopt(&mut vm).unwrap();
     vm.start().unwrap();
-    wait_passes(&vm, 3);
+    vm.wait_passes(3, Duration::from_secs(30)).unwrap();
     let psk = Psk::new(KEY).unwrap();
     for trip in 0..trips {
         let to = (trip + 1) % 2;
@@ -84,7 +75,7 @@ fn kvm_guest_live_migrates_back_and_forth() {
         let out = servers[to].1.recv().unwrap().unwrap();
         let any: Box<dyn std::any::Any> = out.vm.into_any();
         let mut b = *any.downcast::<KvmVm>().expect("a KVM VM");
-        wait_passes(&b, at_pause.passes + 3);
+        b.wait_passes(at_pause.passes + 3, Duration::from_secs(30)).unwrap();
         b.pause().unwrap();
         let r = b.report();
         assert_eq!(r.errors, 0, "trip {trip}: guest found stale or lost pages: {:?}", r.error_records);

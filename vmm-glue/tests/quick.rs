@@ -3,21 +3,12 @@
 //! `FERRY_KVM_WS_MIB` (default 16) size the round-trip test's guest; `FERRY_QUICK_DIR` puts the
 //! shared directory somewhere else than the temporary directory.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, SharedDir, VmRunState};
 use ferry_migrate::vm::{SourceVm, VmError};
 use ferry_vmm_glue::kvm::guest::expected_checksum;
 use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
-
-fn wait_passes(vm: &KvmVm, passes: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while vm.report().passes < passes {
-        assert!(vm.vcpu_failure().is_none(), "vCPU failed: {:?}", vm.vcpu_failure());
-        assert!(Instant::now() < deadline, "guest stuck at {} passes", vm.report().passes);
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
 
 #[test]
 fn quick_migration_round_trips_a_kvm_guest() {
@@ -43,7 +34,7 @@ fn quick_migration_round_trips_a_kvm_guest() {
     let mut vm = KvmVm::boot(&cfg).unwrap();
     hosts[0].1.adopt(&mut vm).unwrap();
     vm.start().unwrap();
-    wait_passes(&vm, 3);
+    vm.wait_passes(3, Duration::from_secs(30)).unwrap();
     for trip in 0..4 {
         let (from, to) = (hosts[trip % 2].0, &hosts[(trip + 1) % 2]);
         let before = vm.report().passes;
@@ -57,7 +48,7 @@ fn quick_migration_round_trips_a_kvm_guest() {
             quick_load_into(&dir, &cfg.vm_id, to.0, |shape| to.1.create_vm(shape).map_err(|e| Box::new(e) as VmError))
                 .unwrap();
         assert_eq!(dir.record(&cfg.vm_id).unwrap().owner, to.0);
-        wait_passes(&b, at_save.passes + 3);
+        b.wait_passes(at_save.passes + 3, Duration::from_secs(30)).unwrap();
         b.pause().unwrap();
         let r = b.report();
         assert_eq!(r.errors, 0, "corruption after quick migration: {:?}", r.error_records);
@@ -96,7 +87,7 @@ fn a_corrupt_image_is_refused_and_the_target_keeps_ownership() {
     dir.register(&cfg.vm_id, "host-a", VmRunState::Running).unwrap();
     let mut vm = KvmVm::boot(&cfg).unwrap();
     vm.start().unwrap();
-    wait_passes(&vm, 3);
+    vm.wait_passes(3, Duration::from_secs(30)).unwrap();
     let s = quick_save(&dir, &mut vm, "host-a", "host-b").unwrap();
     let at_save = vm.report();
     drop(vm);
@@ -139,7 +130,7 @@ fn a_corrupt_image_is_refused_and_the_target_keeps_ownership() {
     // The intact image (still there) loads and the guest goes on.
     std::fs::write(&image, &good).unwrap();
     let (mut b, _) = load(&factory).unwrap();
-    wait_passes(&b, at_save.passes + 2);
+    b.wait_passes(at_save.passes + 2, Duration::from_secs(30)).unwrap();
     b.pause().unwrap();
     assert_eq!(b.report().errors, 0);
     assert_eq!(dir.record(&cfg.vm_id).unwrap().state, VmRunState::Running);

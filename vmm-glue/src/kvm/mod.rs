@@ -83,6 +83,14 @@ pub enum KvmError {
     /// An address outside guest memory.
     #[error("guest address {0:#x} is outside guest memory")]
     Address(u64),
+    /// The guest did not make the expected progress in time.
+    #[error("guest stuck at {passes} passes after {waited:?}")]
+    Stuck {
+        /// Passes reached.
+        passes: u64,
+        /// How long we waited.
+        waited: std::time::Duration,
+    },
 }
 
 fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> KvmError {
@@ -498,6 +506,25 @@ impl KvmVm {
     /// Why the vCPU stopped for good, if it did.
     pub fn vcpu_failure(&self) -> Option<String> {
         self.runner.dead()
+    }
+
+    /// Wait until the guest has reported at least `passes` passes over its memory: `Stuck` after
+    /// `timeout`, `VcpuDead` if the vCPU stopped for good.
+    pub fn wait_passes(&self, passes: u64, timeout: std::time::Duration) -> Result<(), KvmError> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let now = self.report().passes;
+            if now >= passes {
+                return Ok(());
+            }
+            if let Some(why) = self.vcpu_failure() {
+                return Err(KvmError::VcpuDead(why));
+            }
+            if t0.elapsed() >= timeout {
+                return Err(KvmError::Stuck { passes: now, waited: t0.elapsed() });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// What the guest has reported.
