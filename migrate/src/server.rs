@@ -16,9 +16,10 @@ use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfi
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::Channel;
 
-use crate::target::{receive_after, NoSink, TargetConfig, TargetOutcome};
+use crate::target::{receive_after, TargetConfig, TargetOutcome};
 use crate::vm::TargetFactory;
 use crate::MigrateError;
+use ferry_transport::memory::NoSink;
 
 /// One path of a session: where to connect, and from which local address / interface.
 #[derive(Debug, Clone)]

@@ -13,10 +13,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{MemoryMap, MemorySink, MemorySource};
+use ferry_transport::memory::{MemoryMap, MemorySource, NoSink};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_RUNS, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, TransportError};
-use std::ptr::NonNull;
 
 use crate::hash::{scan_run, PageTable};
 use crate::protocol::{Msg, MAX_CHUNK, MIGRATION_VERSION};
@@ -225,16 +224,6 @@ struct Chan {
     shared: Arc<ChanShared>,
     backend: String,
     threads: Vec<JoinHandle<()>>,
-}
-
-/// A sink that refuses every batch: the source never receives pages.
-struct NoSink;
-
-// SAFETY: never returns a pointer.
-unsafe impl MemorySink for NoSink {
-    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<NonNull<u8>> {
-        None
-    }
 }
 
 fn sender_loop(

@@ -2,14 +2,13 @@
 //! channel straight into the new VM's memory, enforce the round rule, verify the image, and take
 //! ownership only at `Commit`. Until then any failure discards the VM.
 
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{populate_write, MemoryMap, MemorySink, MemorySource};
+use ferry_transport::memory::{populate_write, MemoryMap, MemorySink, MemorySource, NoSink};
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
 
@@ -92,16 +91,6 @@ pub struct TargetOutcome {
 impl std::fmt::Debug for TargetOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TargetOutcome").field("stats", &self.stats).finish_non_exhaustive()
-    }
-}
-
-/// A sink that takes no pages (for reading control messages).
-pub struct NoSink;
-
-// SAFETY: never returns a pointer.
-unsafe impl MemorySink for NoSink {
-    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<NonNull<u8>> {
-        None
     }
 }
 

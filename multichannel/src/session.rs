@@ -21,13 +21,12 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, Psk, SessionId};
-use ferry_transport::memory::MemorySink;
+use ferry_transport::memory::NoSink;
 use ferry_transport::tcp::{self, TcpOptions};
 use ferry_transport::{Channel, Incoming};
 
@@ -51,15 +50,6 @@ pub struct PeerAnswer {
     pub port: u16,
     /// Its interfaces.
     pub interfaces: Vec<Interface>,
-}
-
-struct NoSink;
-
-// SAFETY: never returns a pointer, so no memory is ever written through it.
-unsafe impl MemorySink for NoSink {
-    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<NonNull<u8>> {
-        None
-    }
 }
 
 /// Run `f`; if it has not returned after `t`, cut the channel (so a blocked `recv` fails).

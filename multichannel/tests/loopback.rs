@@ -72,21 +72,12 @@ fn garbage_is_refused_with_a_reason() {
     ch.tx.send_control(&[1, 1, 0, 0]).unwrap();
     let e = h.join().unwrap().unwrap_err();
     assert!(e.to_string().contains("not an interface-exchange message"), "{e}");
-    match ch.rx.recv(&NoSink) {
+    match ch.rx.recv(&ferry_transport::memory::NoSink) {
         Ok(ferry_transport::Incoming::Control(m)) => {
             let ExchangeMsg::Refuse(r) = ExchangeMsg::decode(&m).unwrap() else { panic!("not a refusal") };
             assert!(r.contains("tag 0x01"), "{r}");
         }
         other => panic!("expected a refusal, got {other:?}"),
-    }
-}
-
-struct NoSink;
-
-// SAFETY: never returns a pointer.
-unsafe impl ferry_transport::memory::MemorySink for NoSink {
-    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<std::ptr::NonNull<u8>> {
-        None
     }
 }
 

@@ -209,6 +209,18 @@ pub unsafe fn copy_from_guest(dst: &mut [u8], src: NonNull<u8>) {
     }
 }
 
+/// A sink that takes no pages: for reading a channel where only control frames may arrive (a
+/// page batch then fails with `BadAddress` and nothing is written).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoSink;
+
+// SAFETY: never returns a pointer.
+unsafe impl MemorySink for NoSink {
+    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<NonNull<u8>> {
+        None
+    }
+}
+
 /// Anonymous host memory for a guest (or a benchmark's page set), unmapped on drop.
 pub struct AnonMemory {
     ptr: NonNull<u8>,
