@@ -41,6 +41,10 @@ pub struct TcpOptions {
     pub connect_timeout: Duration,
     /// Compress batches with zstd at this level (the `zstd` option); `None` sends raw.
     pub zstd_level: Option<i32>,
+    /// With zstd: choose per batch between compressed and raw by which has been delivering data
+    /// faster ([`crate::stream::CompressChooser`]): compression pays only where the link is slower
+    /// than the compressor. `false` compresses every batch (still raw when it saves < 1/8).
+    pub adaptive: bool,
 }
 
 impl Default for TcpOptions {
@@ -53,6 +57,7 @@ impl Default for TcpOptions {
             user_timeout: Some(Duration::from_secs(3)),
             connect_timeout: Duration::from_secs(5),
             zstd_level: None,
+            adaptive: true,
         }
     }
 }
@@ -104,7 +109,8 @@ fn read_handshake_frame(s: &mut TcpStream, deadline: Instant) -> Result<(FrameKi
     Ok((h.kind, p))
 }
 
-fn finish(sock: TcpStream, est: Established, zstd_level: Option<i32>) -> Result<Channel> {
+fn finish(sock: TcpStream, est: Established, opts: &TcpOptions) -> Result<Channel> {
+    let zstd_level = opts.zstd_level;
     sock.set_read_timeout(None)?;
     let zstd = est.caps.contains(Caps::ZSTD);
     let level = if zstd { zstd_level } else { None };
@@ -119,7 +125,7 @@ fn finish(sock: TcpStream, est: Established, zstd_level: Option<i32>) -> Result<
         let _ = k.shutdown(std::net::Shutdown::Both);
     });
     Ok(Channel {
-        tx: Box::new(StreamTx::new(sock.try_clone()?, level)?),
+        tx: Box::new(StreamTx::new(sock.try_clone()?, level)?.adaptive(opts.adaptive)),
         rx: Box::new(StreamRx::new(sock, zstd)?),
         info,
         killer,
@@ -129,7 +135,7 @@ fn finish(sock: TcpStream, est: Established, zstd_level: Option<i32>) -> Result<
 /// Connect a channel to `addr` and run the client handshake.
 pub fn connect(addr: SocketAddr, opts: &TcpOptions, hs: ClientConfig) -> Result<Channel> {
     let (s, est) = connect_stream(addr, opts, hs)?;
-    finish(s, est, opts.zstd_level)
+    finish(s, est, opts)
 }
 
 /// Connect to `addr` and run the client handshake; return the authenticated socket itself (for
@@ -213,7 +219,7 @@ impl TcpAcceptor {
         admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
     ) -> Result<Channel> {
         let (s, est) = self.handshake_stream(s, admit)?;
-        finish(s, est, self.opts.zstd_level)
+        finish(s, est, &self.opts)
     }
 
     /// Accept one connection and run the server handshake; return the authenticated socket
