@@ -194,7 +194,10 @@ impl LiveChildArgs {
         match self.option.as_str() {
             "tcp" => Ok(TcpOptions::default()),
             "zstd" => Ok(TcpOptions { zstd_level: Some(self.zstd_level), ..TcpOptions::default() }),
-            o => Err(BenchError::Usage(format!("unknown transport option {o:?} (tcp, zstd)"))),
+            "zstd-always" => {
+                Ok(TcpOptions { zstd_level: Some(self.zstd_level), adaptive: false, ..TcpOptions::default() })
+            }
+            o => Err(BenchError::Usage(format!("unknown transport option {o:?} (tcp, zstd, zstd-always)"))),
         }
     }
 }

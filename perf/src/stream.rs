@@ -58,8 +58,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum TransportOption {
     /// One TCP stream, pages raw.
     Tcp,
-    /// The same stream, batches compressed with zstd where that pays.
+    /// The same stream, batches compressed with zstd where that pays: per batch, compressed or
+    /// raw by which has been delivering faster.
     Zstd,
+    /// zstd on every batch (raw only where compressing saves less than 1/8).
+    #[value(name = "zstd-always")]
+    #[serde(rename = "zstd-always")]
+    ZstdAlways,
 }
 
 impl TransportOption {
@@ -68,6 +73,7 @@ impl TransportOption {
         match self {
             Self::Tcp => "tcp",
             Self::Zstd => "zstd",
+            Self::ZstdAlways => "zstd-always",
         }
     }
 }
@@ -170,6 +176,9 @@ impl StreamConfig {
         match self.option {
             TransportOption::Tcp => TcpOptions::default(),
             TransportOption::Zstd => TcpOptions { zstd_level: Some(self.zstd_level), ..TcpOptions::zstd() },
+            TransportOption::ZstdAlways => {
+                TcpOptions { zstd_level: Some(self.zstd_level), adaptive: false, ..TcpOptions::zstd() }
+            }
         }
     }
 
@@ -524,7 +533,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     let map = unsafe { mem.map_at(0) }?;
     let caps = match cfg.option {
         TransportOption::Tcp => Caps(0),
-        TransportOption::Zstd => Caps::ALL,
+        TransportOption::Zstd | TransportOption::ZstdAlways => Caps::ALL,
     };
     let acc = TcpAcceptor::bind(listen, cfg.tcp_options(), ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;

@@ -20,7 +20,7 @@ fn live_json_is_verified_for_every_workload_and_option() {
         "--dirty-rate",
         "16MiB",
         "--options",
-        "tcp,zstd,tcp:3",
+        "tcp,zstd,zstd-always,tcp:3",
         "--json",
         "--reference-seconds",
         "1",
@@ -40,7 +40,9 @@ fn live_json_is_verified_for_every_workload_and_option() {
         .collect();
     let want: Vec<(String, String, u64)> = ["idle", "busy"]
         .iter()
-        .flat_map(|w| [("tcp", 1), ("zstd", 1), ("tcp", 3)].map(|(o, n)| (w.to_string(), o.to_string(), n)))
+        .flat_map(|w| {
+            [("tcp", 1), ("zstd", 1), ("zstd-always", 1), ("tcp", 3)].map(|(o, n)| (w.to_string(), o.to_string(), n))
+        })
         .collect();
     assert_eq!(runs, want, "{text}");
     for v in &lines {

@@ -72,9 +72,12 @@ enum Cmd {
 enum OptionArg {
     /// One TCP stream, pages raw.
     Tcp,
-    /// The same stream, zstd-compressed batches.
+    /// The same stream, zstd-compressed batches where compressing pays (adaptive).
     Zstd,
-    /// Both, one after the other.
+    /// zstd on every batch.
+    #[value(name = "zstd-always")]
+    ZstdAlways,
+    /// tcp and zstd, one after the other.
     All,
 }
 
@@ -172,6 +175,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
     let options = match a.option {
         OptionArg::Tcp => vec![TransportOption::Tcp],
         OptionArg::Zstd => vec![TransportOption::Zstd],
+        OptionArg::ZstdAlways => vec![TransportOption::ZstdAlways],
         OptionArg::All => vec![TransportOption::Tcp, TransportOption::Zstd],
     };
     let base = StreamConfig {
@@ -212,7 +216,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
             let rec = StreamRecord {
                 bench: "stream".into(),
                 option: opt.as_str().into(),
-                zstd_level: (opt == TransportOption::Zstd).then_some(a.zstd_level),
+                zstd_level: (opt != TransportOption::Tcp).then_some(a.zstd_level),
                 mix: a.mix.to_string(),
                 seed: a.seed,
                 run,
@@ -401,8 +405,8 @@ fn parse_options(s: &str) -> Result<Vec<(String, usize)>> {
         if !(1..=64).contains(&n) {
             return Err(BenchError::Usage(format!("channels must be 1..=64 in {part:?}")));
         }
-        if o != "tcp" && o != "zstd" {
-            return Err(BenchError::Usage(format!("unknown option {o:?} in --options (tcp, zstd)")));
+        if !["tcp", "zstd", "zstd-always"].contains(&o) {
+            return Err(BenchError::Usage(format!("unknown option {o:?} in --options (tcp, zstd, zstd-always)")));
         }
         v.push((o.to_string(), n));
     }
