@@ -36,6 +36,20 @@
 //! discards, the source resumes. Once the destination has `Commit` it owns the VM. If the channel
 //! dies after `Commit` was sent but before `Resumed` arrived, the source cannot know which side
 //! holds the VM: it keeps its copy paused and reports `Uncertain` (never resumes it by itself).
+//!
+//! Losing a data channel (failover): its unacknowledged batches are resent on the others only
+//! after the destination says `ChannelLost` (its receiver for that channel has stopped, so no old
+//! copy can land late). When the source notices first (a send error, or a channel that stopped
+//! acknowledging while the others progress), it sends `ChannelDrop` so the destination closes its
+//! end at once instead of waiting for its own TCP timeout:
+//!
+//! ```text
+//!    | ChannelDrop(i)          (source gave up on i)       |  close channel i, its
+//!    |---------------------------------------------------->|  receiver stops
+//!    |                         ChannelLost(i)              |
+//!    |<----------------------------------------------------|
+//!    | resend i's unacknowledged batches on the others     |
+//! ```
 
 use crate::vm::VmShape;
 
@@ -109,6 +123,12 @@ pub enum Msg {
     /// Destination: a data channel failed and its receiver has stopped; nothing more from it
     /// will be written, so the source may resend that channel's unacknowledged batches.
     ChannelLost {
+        /// Channel index.
+        channel: u16,
+    },
+    /// Source: it gave up on a data channel (stalled, or failed on its side). The destination
+    /// closes its end and answers `ChannelLost` once that channel's receiver has stopped.
+    ChannelDrop {
         /// Channel index.
         channel: u16,
     },
@@ -231,6 +251,10 @@ impl Msg {
                 v.push(11);
                 v.extend_from_slice(&channel.to_le_bytes());
             }
+            Msg::ChannelDrop { channel } => {
+                v.push(12);
+                v.extend_from_slice(&channel.to_le_bytes());
+            }
         }
         v
     }
@@ -281,6 +305,7 @@ impl Msg {
             9 => Msg::Commit,
             10 => Msg::Resumed,
             11 => Msg::ChannelLost { channel: r.u16()? },
+            12 => Msg::ChannelDrop { channel: r.u16()? },
             t => return Err(ProtocolError::UnknownTag(t)),
         };
         if !r.0.is_empty() {
@@ -313,6 +338,7 @@ mod tests {
             Msg::Commit,
             Msg::Resumed,
             Msg::ChannelLost { channel: 3 },
+            Msg::ChannelDrop { channel: 2 },
         ]
     }
 

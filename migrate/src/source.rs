@@ -135,6 +135,12 @@ pub struct MigrationConfig {
     pub rejoin: Option<Rejoin>,
     /// Pause between attempts to re-open a lost channel.
     pub rejoin_interval: Duration,
+    /// Stall detector (with failover): a data channel that holds unacknowledged batches and has
+    /// had no acknowledgement for this long (or 8 times its usual gap between acknowledgements,
+    /// if longer) while another channel answers, is dropped and its batches resent on the others. A
+    /// hung path is noticed in about this time instead of a TCP timeout (or never, if the peer
+    /// stopped reading but its kernel still acknowledges). `None`: rely on TCP.
+    pub stall_timeout: Option<Duration>,
 }
 
 impl Default for MigrationConfig {
@@ -157,6 +163,7 @@ impl Default for MigrationConfig {
             scheduling: Scheduling::Adaptive,
             rejoin: None,
             rejoin_interval: Duration::from_millis(500),
+            stall_timeout: Some(Duration::from_secs(1)),
         }
     }
 }
@@ -208,6 +215,23 @@ struct ChanShared {
     zero: AtomicU64,
     compressed: AtomicU64,
     hist: Mutex<hdrhistogram::Histogram<u64>>,
+    /// When the last acknowledgement arrived, and the smoothed gap between them (seconds).
+    acks: Mutex<AckClock>,
+}
+
+/// Acknowledgement timing of one channel (for the stall detector).
+struct AckClock {
+    last: Instant,
+    gap_s: f64,
+}
+
+impl AckClock {
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let gap = now.duration_since(self.last).as_secs_f64();
+        self.gap_s += 0.125 * (gap - self.gap_s);
+        self.last = now;
+    }
 }
 
 struct Shared {
@@ -279,6 +303,10 @@ fn sender_loop(
             let Ok(mut inf) = cs.inflight.lock() else { return };
             if cs.dead.load(Ordering::SeqCst) {
                 drop(inf);
+                // Unpinned: a failover may already have re-pinned this channel's work to the
+                // survivors; a batch still pinned here would wait for a dead channel forever.
+                let mut work = work;
+                work.pin = None;
                 if let Ok(mut q) = sh.queue.lock() {
                     q.items.push_front(work);
                 }
@@ -344,6 +372,9 @@ fn reader_loop(idx: u16, mut rx: Box<dyn ChannelRx>, cs: Arc<ChanShared>, ev: mp
             Ok(Incoming::Ack(a)) => {
                 let entry = cs.inflight.lock().ok().and_then(|mut m| m.remove(&a.id));
                 cs.slots.notify_all();
+                if let Ok(mut c) = cs.acks.lock() {
+                    c.tick();
+                }
                 if let Some((w, t)) = entry {
                     let lat = t.elapsed();
                     if let Ok(mut h) = cs.hist.lock() {
@@ -475,6 +506,48 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
+    /// The stall detector (see [`MigrationConfig::stall_timeout`]): drop a data channel whose
+    /// oldest unacknowledged batch and last acknowledgement are both older than its limit while
+    /// another live channel answers (acknowledged within half the limit, or owes nothing).
+    /// Everything stalling at once is left to the transport's timeouts (a paused destination is
+    /// not a broken path). A false alarm costs a failover, never the migration.
+    fn check_stalls(&mut self) -> Result<(), MigrateError> {
+        let (Some(min), true) = (self.cfg.stall_timeout, self.cfg.failover) else { return Ok(()) };
+        let now = Instant::now();
+        let live: Vec<u16> = (0..self.chans.len() as u16)
+            .filter(|&i| {
+                !self.chans[i as usize].shared.dead.load(Ordering::SeqCst)
+                    && !self.lost.contains(&i)
+                    && !self.pending_lost.contains(&i)
+            })
+            .collect();
+        let last_ack = |i: u16| self.chans[i as usize].shared.acks.lock().map(|c| (c.last, c.gap_s)).ok();
+        let mut stalled = Vec::new();
+        for &i in live.iter().filter(|&&i| i != 0) {
+            let cs = &self.chans[i as usize].shared;
+            let oldest = cs.inflight.lock().ok().and_then(|m| m.values().map(|v| v.1).min());
+            let (Some(oldest), Some((last, gap))) = (oldest, last_ack(i)) else { continue };
+            let limit = min.max(Duration::from_secs_f64(8.0 * gap));
+            if now.duration_since(oldest) < limit || now.duration_since(last) < limit {
+                continue;
+            }
+            // Another channel is answering: it was acknowledged lately, or owes nothing (the
+            // queue ran dry and the stalled channel holds the last batches).
+            let others_answer = live.iter().filter(|&&j| j != i).any(|&j| {
+                let idle = self.chans[j as usize].shared.inflight.lock().is_ok_and(|m| m.is_empty());
+                idle || last_ack(j).is_some_and(|(l, _)| now.duration_since(l) < limit / 2)
+            });
+            if others_answer {
+                stalled.push((i, now.duration_since(last)));
+            }
+        }
+        for (i, quiet) in stalled {
+            let why = format!("stalled: no acknowledgement for {} ms while other channels progress", quiet.as_millis());
+            self.channel_failed(i, why)?;
+        }
+        Ok(())
+    }
+
     fn check_cancel(&self) -> Result<(), MigrateError> {
         if self.cfg.cancel.is_cancelled() {
             return Err(MigrateError::Cancelled);
@@ -486,6 +559,7 @@ impl<'a> Engine<'a> {
     fn next_event(&mut self, deadline: Instant) -> Result<Event, MigrateError> {
         loop {
             self.check_cancel()?;
+            self.check_stalls()?;
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(MigrateError::Timeout("waiting for the destination"));
@@ -518,6 +592,10 @@ impl<'a> Engine<'a> {
         }
         (self.chans[ch as usize].killer)();
         self.pending_lost.push(ch);
+        // Ask the destination to close its end now rather than after its own timeout; it answers
+        // ChannelLost once that channel's receiver has stopped. If channel 0 is gone too, the
+        // next control exchange reports it.
+        let _ = self.send_control(&Msg::ChannelDrop { channel: ch });
         Ok(())
     }
 
@@ -696,6 +774,7 @@ fn spawn_chan(i: u16, ch: Channel, sh: &Arc<Shared>, ev_tx: &mpsc::Sender<Event>
         pages: AtomicU64::new(0),
         zero: AtomicU64::new(0),
         compressed: AtomicU64::new(0),
+        acks: Mutex::new(AckClock { last: Instant::now(), gap_s: 0.0 }),
         hist: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).unwrap_or_else(|_| {
             hdrhistogram::Histogram::new(2).unwrap_or_else(|_| unreachable!("2 significant digits is valid"))
         })),

@@ -27,6 +27,15 @@ pub enum TargetFault {
     DieInRound(u32),
     /// Take the commit and resume, then vanish without confirming (the source cannot know).
     DieAfterCommit,
+    /// Channel `channel` stops reading after `after_batches` batches, as if its path hung: no
+    /// error, no close, just silence (TCP alone would never notice; the source's stall detector
+    /// must). It resumes only to be closed (`ChannelDrop`).
+    StallChannel {
+        /// Data channel index (not 0).
+        channel: u16,
+        /// Batches it takes first.
+        after_batches: u64,
+    },
 }
 
 /// Destination configuration.
@@ -113,6 +122,10 @@ struct Shared {
     dead: AtomicBool,
     /// Highest guest-physical end address a batch has written (round 0 goes up through memory).
     frontier: AtomicU64,
+    /// Injected stall: (channel, batches before it stops reading).
+    stall: Option<(u16, u64)>,
+    /// Channels the source dropped (`ChannelDrop`): a stalled receiver gives up on seeing it.
+    dropped: Mutex<Vec<u16>>,
 }
 
 impl Shared {
@@ -177,8 +190,9 @@ fn rx_loop(
     tx: Arc<Mutex<Box<dyn ChannelTx>>>,
     sh: Arc<Shared>,
     ev: mpsc::Sender<Event>,
-    killers: Arc<Mutex<Vec<Killer>>>,
+    killers: Arc<Mutex<Vec<(u16, Killer)>>>,
 ) {
+    let mut taken = 0u64;
     loop {
         if sh.dead.load(Ordering::SeqCst) {
             return;
@@ -205,10 +219,19 @@ fn rx_loop(
                 sh.batches.fetch_add(1, Ordering::Relaxed);
                 if sh.die_round == Some(b.round) {
                     sh.dead.store(true, Ordering::SeqCst);
-                    for k in killers.lock().map(|k| k.clone()).unwrap_or_default() {
+                    for (_, k) in killers.lock().map(|k| k.clone()).unwrap_or_default() {
                         k();
                     }
                     let _ = ev.send(Event::Failed(idx, "injected destination death".into()));
+                    return;
+                }
+                taken += 1;
+                if sh.stall.is_some_and(|(c, n)| c == idx && taken > n) {
+                    // Injected hang: no ack, no more reads, until the source drops the channel.
+                    while !sh.dead.load(Ordering::SeqCst) && !sh.dropped.lock().is_ok_and(|d| d.contains(&idx)) {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    let _ = ev.send(Event::Failed(idx, "stalled (injected), then dropped by the source".into()));
                     return;
                 }
                 let r = tx.lock().map(|mut t| t.send_ack(b.ack()));
@@ -345,8 +368,14 @@ pub fn receive_after(
         },
         dead: AtomicBool::new(false),
         frontier: AtomicU64::new(0),
+        stall: match cfg.fault {
+            Some(TargetFault::StallChannel { channel, after_batches }) => Some((channel, after_batches)),
+            _ => None,
+        },
+        dropped: Mutex::new(Vec::new()),
     });
-    let killers: Arc<Mutex<Vec<Killer>>> = Arc::new(Mutex::new(channels.iter().map(|c| c.killer.clone()).collect()));
+    let killers: Arc<Mutex<Vec<(u16, Killer)>>> =
+        Arc::new(Mutex::new(channels.iter().enumerate().map(|(i, c)| (i as u16, c.killer.clone())).collect()));
     let (ev_tx, ev_rx) = mpsc::channel();
     let mut txs = Vec::new();
     let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -395,7 +424,7 @@ pub fn receive_after(
                 stats.rejoined_channels.push(i);
                 let tx = Arc::new(Mutex::new(c.tx));
                 if let Ok(mut k) = killers.lock() {
-                    k.push(c.killer.clone());
+                    k.push((i, c.killer.clone()));
                 }
                 let (sh, ev, k) = (sh.clone(), ev_tx.clone(), killers.clone());
                 let rx = c.rx;
@@ -425,6 +454,18 @@ pub fn receive_after(
                 }
                 Event::Control(m) => match Msg::decode(&m)? {
                     Msg::RoundEnd { .. } | Msg::Switchover { .. } => {}
+                    Msg::ChannelDrop { channel } if channel != 0 && (channel as usize) < nch => {
+                        // Close our end: the receiver stops and reports; ChannelLost follows
+                        // from the Failed event (once per loss).
+                        if let Ok(mut d) = sh.dropped.lock() {
+                            d.push(channel);
+                        }
+                        for (_, k) in
+                            killers.lock().map(|k| k.clone()).unwrap_or_default().into_iter().filter(|e| e.0 == channel)
+                        {
+                            k();
+                        }
+                    }
                     Msg::StateChunk { offset, data } => {
                         if offset != state.len() as u64 || state.len() as u64 + data.len() as u64 > MAX_STATE {
                             return Err(MigrateError::Unexpected("state chunk out of order or too large".into()));
@@ -486,7 +527,7 @@ pub fn receive_after(
                         committed = true;
                         vm.resume().map_err(|e| MigrateError::Vm(format!("resume after commit: {e}")))?;
                         if cfg.fault == Some(TargetFault::DieAfterCommit) {
-                            for k in killers.lock().map(|k| k.clone()).unwrap_or_default() {
+                            for (_, k) in killers.lock().map(|k| k.clone()).unwrap_or_default() {
                                 k();
                             }
                             return Ok(());
@@ -513,7 +554,7 @@ pub fn receive_after(
     if result.is_ok() {
         let _ = ev_rx.recv_timeout(Duration::from_millis(200));
     }
-    for k in killers.lock().map(|k| k.clone()).unwrap_or_default() {
+    for (_, k) in killers.lock().map(|k| k.clone()).unwrap_or_default() {
         k();
     }
     for t in threads {

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_migrate::scheduler::HostScheduler;
 use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, MigrationServer, Path};
@@ -258,6 +258,53 @@ fn lost_channel_fails_over_and_completes() {
     assert!(st.events.iter().any(|e| e.contains("channel 1 failed")), "{:?}", st.events);
     let t = into_synthetic(outcomes.recv().unwrap().unwrap());
     same_memory(&vm, &t);
+    h.join().unwrap();
+}
+
+#[test]
+fn a_stalled_channel_is_dropped_and_its_batches_resent() {
+    // Channel 2's receiver hangs after 3 batches: no error, no close, its kernel still
+    // acknowledges TCP segments. The stall detector drops it; the others finish the job.
+    let stall = TargetFault::StallChannel { channel: 2, after_batches: 3 };
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: Some(stall), ..TargetConfig::default() }, 1);
+    let mut vm = guest("stall", 64, 8, 32, SEED);
+    let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig {
+        verify_full: true,
+        stall_timeout: Some(Duration::from_millis(300)),
+        // Small batches: channel 2 is stalled well before round 0 ends.
+        batch_pages: 64,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
+    assert_eq!(st.status, Status::Completed);
+    assert!(st.verified);
+    assert!(st.channels[2].failed, "{:?}", st.channels);
+    assert!(st.events.iter().any(|e| e.contains("channel 2 failed: stalled")), "{:?}", st.events);
+    assert!(st.events.iter().any(|e| e.contains("channel 2:") && e.contains("resent")), "{:?}", st.events);
+    assert!(t0.elapsed() < cfg.reply_timeout, "finished by failover, not by a timeout");
+    let t = into_synthetic(outcomes.recv().unwrap().unwrap());
+    same_memory(&vm, &t);
+    h.join().unwrap();
+}
+
+#[test]
+fn without_the_stall_detector_a_hung_channel_aborts_cleanly() {
+    let stall = TargetFault::StallChannel { channel: 1, after_batches: 2 };
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: Some(stall), ..TargetConfig::default() }, 1);
+    let mut vm = guest("stall-nodetect", 32, 4, 16, SEED);
+    let chans = connect_simple(addr, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let cfg = MigrationConfig {
+        stall_timeout: None,
+        reply_timeout: Duration::from_secs(2),
+        batch_pages: 64,
+        ..Default::default()
+    };
+    let err = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap_err();
+    assert!(matches!(err, MigrateError::Timeout(_)), "{err}");
+    assert!(vm.is_running(), "the source keeps running after an abort");
+    assert!(outcomes.recv().unwrap().is_err(), "the destination keeps nothing");
     h.join().unwrap();
 }
 
