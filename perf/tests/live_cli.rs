@@ -125,3 +125,35 @@ fn bad_live_input_is_a_clear_error() {
         assert!(err.contains("error"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn adaptive_zstd_compresses_where_the_link_is_the_bottleneck() {
+    if let Err(why) = ferry_perf::testbed::check_permitted() {
+        println!("SKIP: adaptive_zstd_compresses_where_the_link_is_the_bottleneck: {why}");
+        return;
+    }
+    // One 200 Mbit link: the link, not the sender, is the bottleneck, so the adaptive zstd
+    // option must compress most batches (wire bytes well under tcp's for the same guest).
+    let o = bench(&[
+        "live",
+        "--size",
+        "64MiB",
+        "--working-set",
+        "4MiB",
+        "--workload",
+        "idle",
+        "--options",
+        "tcp,zstd",
+        "--testbed",
+        "nics=1,rate=200mbit",
+        "--json",
+        "--no-reference",
+    ]);
+    assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines.iter().all(|v| v["verified"] == true), "{text}");
+    let wire = |i: usize| lines[i]["transferred_bytes"].as_f64().expect("transferred_bytes");
+    assert!(wire(1) < 0.8 * wire(0), "zstd moved {} bytes, tcp {}: adaptive zstd did not compress", wire(1), wire(0));
+}

@@ -113,42 +113,101 @@ fn read_exact(s: &mut TcpStream, buf: &mut [u8]) -> Result<()> {
     })
 }
 
-/// Chooses, batch by batch, between sending compressed and raw: whichever has recently delivered
-/// more guest bytes per second of this thread's time (compressing plus writing; a write blocks
-/// while the link drains, so a slow link makes raw slow). Every 16th batch tries the other way so
-/// a change of link or data is noticed. On loopback raw wins (the compressor is the slowest part);
-/// on a 1 Gbit link with compressible pages, compressed wins.
+/// Chooses, batch by batch, between sending compressed and raw, from three measured rates:
+/// the link's drain rate `L` (wire bytes/s leaving the socket's send queue, counted only while the
+/// queue stayed full, i.e. while the link was the bottleneck), the compressor's speed `C` (guest
+/// bytes/s) and its ratio `R`. Raw moves `L` guest bytes/s; compressed moves `min(C, L * R)`.
+/// Compress when that is at least 10 % more. Never saturated (loopback, a fast NIC): the sender
+/// is the bottleneck, and raw (no compression work) is fastest, with no probing. Once the link
+/// is the bottleneck, every 16th batch tries the other way, so `C`, `R` and `L` stay current
+/// when the link or the data change.
 #[derive(Debug, Clone, Default)]
 pub struct CompressChooser {
-    /// Smoothed rate (guest bytes/s) of raw [0] and compressed [1] batches.
-    rate: [Option<f64>; 2],
+    link: Option<f64>,
+    speed: Option<f64>,
+    ratio: Option<f64>,
     n: u64,
+    /// Batches in a row during which the send queue did not stay full.
+    unsaturated: u32,
+    /// Last sample: (time, bytes queued in the socket, bytes written so far).
+    last: Option<(std::time::Instant, usize, u64)>,
+    written: u64,
 }
 
 impl CompressChooser {
     const PROBE_EVERY: u64 = 16;
     const ALPHA: f64 = 0.25;
+    /// A send queue at least this full counts as "the link is busy".
+    const FULL: usize = 256 << 10;
+
+    fn ewma(slot: &mut Option<f64>, x: f64) {
+        *slot = Some(slot.map_or(x, |old| old + Self::ALPHA * (x - old)));
+    }
+
+    /// Whether compressing is expected to move more guest bytes per second.
+    pub fn prefers_compression(&self) -> bool {
+        match (self.link, self.speed, self.ratio) {
+            (Some(l), Some(c), Some(r)) => c.min(l * r) >= 1.1 * l,
+            _ => false,
+        }
+    }
 
     /// Whether to compress the next batch.
     pub fn compress_next(&mut self) -> bool {
         self.n += 1;
-        match self.rate {
-            [None, _] => false,
-            [_, None] => true,
-            [Some(raw), Some(z)] => (z > raw) != self.n.is_multiple_of(Self::PROBE_EVERY),
+        if self.speed.is_none() {
+            // Measure the compressor once early (the second batch).
+            return self.n == 2;
         }
+        if self.link.is_none() {
+            // The link is not the bottleneck: nothing to gain, no probes either.
+            return false;
+        }
+        self.prefers_compression() != self.n.is_multiple_of(Self::PROBE_EVERY)
     }
 
-    /// A batch of `bytes` guest bytes took `spent` (compressing and writing) the chosen way.
-    pub fn record(&mut self, compressed: bool, bytes: usize, spent: std::time::Duration) {
-        let rate = bytes as f64 / spent.as_secs_f64().max(1e-9);
-        let slot = &mut self.rate[usize::from(compressed)];
-        *slot = Some(slot.map_or(rate, |old| old + Self::ALPHA * (rate - old)));
+    /// A batch of `raw` guest bytes was compressed to `out` bytes in `took`.
+    pub fn record_compression(&mut self, raw: usize, out: usize, took: std::time::Duration) {
+        Self::ewma(&mut self.speed, raw as f64 / took.as_secs_f64().max(1e-9));
+        Self::ewma(&mut self.ratio, raw as f64 / out.max(1) as f64);
     }
 
-    /// Smoothed rates (raw, compressed), bytes/s, once measured.
-    pub fn rates(&self) -> (Option<f64>, Option<f64>) {
-        (self.rate[0], self.rate[1])
+    /// After a write of `wrote` bytes: `queued` bytes still in the socket's send queue.
+    pub fn record_send(&mut self, at: std::time::Instant, wrote: usize, queued: usize) {
+        self.written += wrote as u64;
+        if let Some((t0, q0, w0)) = self.last {
+            let dt = at.duration_since(t0).as_secs_f64();
+            // Drained = what went in minus what is still queued more than before.
+            let drained = (self.written - w0) as f64 - (queued as f64 - q0 as f64);
+            if q0 >= Self::FULL && queued >= Self::FULL && dt > 0.0 && drained > 0.0 {
+                Self::ewma(&mut self.link, drained / dt);
+                self.unsaturated = 0;
+            } else {
+                self.unsaturated += 1;
+                if self.unsaturated > 2 * Self::PROBE_EVERY as u32 {
+                    // Not the bottleneck for a while (faster link, or we got slower): forget it.
+                    self.link = None;
+                }
+            }
+        }
+        self.last = Some((at, queued, self.written));
+    }
+
+    /// Measured link drain rate (wire bytes/s), compressor speed (guest bytes/s) and ratio.
+    pub fn rates(&self) -> (Option<f64>, Option<f64>, Option<f64>) {
+        (self.link, self.speed, self.ratio)
+    }
+}
+
+/// Bytes in a socket's send queue (not yet sent or not yet acknowledged), or 0 if unknown.
+fn send_queue(fd: i32) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int through the pointer; fd is our socket.
+    let r = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    if r == 0 && n > 0 {
+        n as usize
+    } else {
+        0
     }
 }
 
@@ -260,7 +319,6 @@ impl StreamTx {
         };
         let mut compressed = false;
         let mut use_staging = false;
-        let started = std::time::Instant::now();
         let try_zstd = self.chooser.as_mut().is_none_or(CompressChooser::compress_next);
         if let (Some(c), true, true) = (self.compressor.as_mut(), raw_len > 0, try_zstd) {
             self.staging.resize(raw_len, 0);
@@ -272,7 +330,11 @@ impl StreamTx {
                 off += len;
             }
             self.cbuf.resize(zstd_bound(raw_len), 0);
+            let t = std::time::Instant::now();
             let n = c.compress_to_buffer(&self.staging, &mut self.cbuf[..]).map_err(TransportError::Io)?;
+            if let Some(ch) = self.chooser.as_mut() {
+                ch.record_compression(raw_len, n, t.elapsed());
+            }
             if worth_compressing(raw_len, n) {
                 self.cbuf.truncate(n);
                 header.encoding = Encoding::Zstd;
@@ -296,8 +358,8 @@ impl StreamTx {
             v.extend(self.spans.iter().map(|&(p, l)| iov(p as *const u8, l)));
         }
         let wire = writev_all(self.sock.as_raw_fd(), &mut v)?;
-        if let (Some(ch), true) = (self.chooser.as_mut(), raw_len > 0) {
-            ch.record(try_zstd, raw_len, started.elapsed());
+        if let Some(ch) = self.chooser.as_mut() {
+            ch.record_send(std::time::Instant::now(), wire, send_queue(self.sock.as_raw_fd()));
         }
         Ok(SentBatch { pages: total, data_pages, zero_pages: total - data_pages, wire_bytes: wire as u64, compressed })
     }
@@ -505,31 +567,61 @@ impl ChannelRx for StreamRx {
 mod tests {
     use super::*;
 
-    fn run(ch: &mut CompressChooser, batches: usize, raw_s: f64, zstd_s: f64) -> usize {
+    /// Drive the chooser through `batches` 1 MiB batches on a simulated link of `link` bytes/s
+    /// (None: faster than the sender) with a compressor of `speed` bytes/s and `ratio`; returns
+    /// how many batches it compressed.
+    fn run(ch: &mut CompressChooser, batches: usize, link: Option<f64>, speed: f64, ratio: f64) -> usize {
+        let mb = 1usize << 20;
+        let mut t = ch.last.map_or_else(std::time::Instant::now, |l| l.0);
+        let mut queued = ch.last.map_or(0, |l| l.1) as f64;
         let mut compressed = 0;
         for _ in 0..batches {
             let z = ch.compress_next();
-            compressed += usize::from(z);
-            let s = if z { zstd_s } else { raw_s };
-            ch.record(z, 1 << 20, std::time::Duration::from_secs_f64(s));
+            let wire = if z { (mb as f64 / ratio) as usize } else { mb };
+            // Producing the batch: compressing takes time, a raw batch is a copy (8 GB/s).
+            let make = if z { mb as f64 / speed } else { mb as f64 / 8e9 };
+            if z {
+                compressed += 1;
+                ch.record_compression(mb, wire, std::time::Duration::from_secs_f64(make));
+            }
+            // The queue drains at the link rate meanwhile; a full 4 MiB queue blocks the write.
+            let mut dt = make;
+            queued += wire as f64;
+            if let Some(l) = link {
+                let cap = 4.0 * mb as f64;
+                if queued > cap {
+                    dt = dt.max((queued - cap) / l);
+                }
+                queued = (queued - l * dt).max(0.0);
+            } else {
+                queued = 0.0;
+            }
+            t += std::time::Duration::from_secs_f64(dt);
+            ch.record_send(t, wire, queued as usize);
         }
         compressed
     }
 
     #[test]
-    fn chooser_follows_the_faster_way_and_keeps_probing() {
+    fn chooser_compresses_only_where_the_link_is_the_bottleneck() {
         let mut ch = CompressChooser::default();
-        // Fast link (loopback): raw 1 MiB in 0.5 ms, compressing takes 2 ms.
-        let z = run(&mut ch, 160, 0.0005, 0.002);
-        assert!((1..=12).contains(&z), "compressed {z} of 160 on a fast link (probes only)");
-        // The link slows to 1 Gbit: raw 8.4 ms per MiB, compressed 3 ms.
-        let z = run(&mut ch, 160, 0.0084, 0.003);
-        assert!(z >= 140, "compressed only {z} of 160 on a slow link");
-        let (raw, zstd) = ch.rates();
-        assert!(zstd.unwrap() > raw.unwrap());
-        // Fast again: back to raw within a few probes.
-        let z = run(&mut ch, 160, 0.0005, 0.002);
-        assert!(z <= 40, "still compressing {z} of 160 after the link got fast");
+        // Loopback: the link is never the bottleneck; compressing (0.5 GB/s) only slows down.
+        let z = run(&mut ch, 160, None, 0.5e9, 3.0);
+        assert!(z <= 1, "compressed {z} of 160 on a link faster than the sender");
+        // A 1 Gbit link (125 MB/s), pages compress 2.5x at 0.5 GB/s: compressing moves 2.5x more.
+        let z = run(&mut ch, 320, Some(125e6), 0.5e9, 2.5);
+        assert!(z >= 260, "compressed only {z} of 320 on a 1 Gbit link");
+        assert!(ch.prefers_compression(), "{:?}", ch.rates());
+        let (l, c, r) = ch.rates();
+        assert!((l.unwrap() / 125e6 - 1.0).abs() < 0.25, "link rate {l:?}");
+        assert!((c.unwrap() / 0.5e9 - 1.0).abs() < 0.05 && (r.unwrap() - 2.5).abs() < 0.1);
+        // Incompressible pages (ratio 1.05): raw again.
+        let z = run(&mut ch, 160, Some(125e6), 0.5e9, 1.05);
+        assert!(z <= 40, "still compressing {z} of 160 incompressible batches");
+        // A 10 Gbit link with a 0.5 GB/s compressor: the compressor would be the bottleneck.
+        let mut ch = CompressChooser::default();
+        let z = run(&mut ch, 320, Some(1.25e9), 0.5e9, 2.5);
+        assert!(z <= 40, "compressed {z} of 320 where raw is faster");
     }
 
     #[test]
