@@ -222,14 +222,17 @@ struct ChanShared {
 /// Acknowledgement timing of one channel (for the stall detector).
 struct AckClock {
     last: Instant,
-    gap_s: f64,
+    /// Smoothed gap between acknowledgements, seconds (`None` before the first one).
+    gap_s: Option<f64>,
 }
 
 impl AckClock {
     fn tick(&mut self) {
         let now = Instant::now();
         let gap = now.duration_since(self.last).as_secs_f64();
-        self.gap_s += 0.125 * (gap - self.gap_s);
+        // The first gap (from the channel's start) seeds the average instead of pulling it up
+        // from zero, so a slow path's usual gap is known from its first acknowledgement.
+        self.gap_s = Some(self.gap_s.map_or(gap, |g| g + 0.125 * (gap - g)));
         self.last = now;
     }
 }
@@ -522,21 +525,33 @@ impl<'a> Engine<'a> {
             })
             .collect();
         let last_ack = |i: u16| self.chans[i as usize].shared.acks.lock().map(|c| (c.last, c.gap_s)).ok();
+        let owes = |i: u16| self.chans[i as usize].shared.inflight.lock().is_ok_and(|m| !m.is_empty());
+        // A channel's limit: max(min, 8x its usual gap); before its first acknowledgement, 8x the
+        // slowest usual gap of the others (a uniformly slow multipath session is not stalled).
+        let slowest = live.iter().filter_map(|&j| last_ack(j).and_then(|a| a.1)).fold(0.0, f64::max);
+        let limit_of = |gap: Option<f64>| min.max(Duration::from_secs_f64(8.0 * gap.unwrap_or(slowest)));
+        let silent = |j: u16| last_ack(j).is_some_and(|(l, g)| owes(j) && now.duration_since(l) >= limit_of(g));
+        let owing: Vec<u16> = live.iter().copied().filter(|&j| owes(j)).collect();
+        if owing.len() > 1 && owing.iter().all(|&j| silent(j)) {
+            // Every channel that owes acknowledgements is silent: the destination (or the whole
+            // network) paused, not one path. Leave it to the transport's timeouts.
+            return Ok(());
+        }
         let mut stalled = Vec::new();
         for &i in live.iter().filter(|&&i| i != 0) {
             let cs = &self.chans[i as usize].shared;
             let oldest = cs.inflight.lock().ok().and_then(|m| m.values().map(|v| v.1).min());
             let (Some(oldest), Some((last, gap))) = (oldest, last_ack(i)) else { continue };
-            let limit = min.max(Duration::from_secs_f64(8.0 * gap));
+            let limit = limit_of(gap);
             if now.duration_since(oldest) < limit || now.duration_since(last) < limit {
                 continue;
             }
             // Another channel is answering: it was acknowledged lately, or owes nothing (the
             // queue ran dry and the stalled channel holds the last batches).
-            let others_answer = live.iter().filter(|&&j| j != i).any(|&j| {
-                let idle = self.chans[j as usize].shared.inflight.lock().is_ok_and(|m| m.is_empty());
-                idle || last_ack(j).is_some_and(|(l, _)| now.duration_since(l) < limit / 2)
-            });
+            let others_answer = live
+                .iter()
+                .filter(|&&j| j != i)
+                .any(|&j| !owes(j) || last_ack(j).is_some_and(|(l, _)| now.duration_since(l) < limit / 2));
             if others_answer {
                 stalled.push((i, now.duration_since(last)));
             }
@@ -575,6 +590,12 @@ impl<'a> Engine<'a> {
     /// Handle a channel failure: abort, or (failover) wait for the destination to confirm it
     /// dropped the channel, then put its unacknowledged batches back in the queue.
     fn channel_failed(&mut self, ch: u16, why: String) -> Result<(), MigrateError> {
+        self.channel_failed_tell(ch, why, true)
+    }
+
+    /// [`Engine::channel_failed`]; `tell`: ask the destination to close its end (not when the
+    /// destination reported the loss itself: a late `ChannelDrop` could hit a rejoined channel).
+    fn channel_failed_tell(&mut self, ch: u16, why: String, tell: bool) -> Result<(), MigrateError> {
         if self.lost.contains(&ch) || self.pending_lost.contains(&ch) {
             return Ok(());
         }
@@ -595,14 +616,16 @@ impl<'a> Engine<'a> {
         // Ask the destination to close its end now rather than after its own timeout; it answers
         // ChannelLost once that channel's receiver has stopped. If channel 0 is gone too, the
         // next control exchange reports it.
-        let _ = self.send_control(&Msg::ChannelDrop { channel: ch });
+        if tell {
+            let _ = self.send_control(&Msg::ChannelDrop { channel: ch });
+        }
         Ok(())
     }
 
     fn requeue_lost(&mut self, ch: u16) -> Result<(), MigrateError> {
         if !self.pending_lost.contains(&ch) {
             // The destination lost a channel the source still thinks alive: same thing.
-            self.channel_failed(ch, "destination lost it".into())?;
+            self.channel_failed_tell(ch, "destination lost it".into(), false)?;
         }
         self.pending_lost.retain(|&c| c != ch);
         self.lost.push(ch);
@@ -774,7 +797,7 @@ fn spawn_chan(i: u16, ch: Channel, sh: &Arc<Shared>, ev_tx: &mpsc::Sender<Event>
         pages: AtomicU64::new(0),
         zero: AtomicU64::new(0),
         compressed: AtomicU64::new(0),
-        acks: Mutex::new(AckClock { last: Instant::now(), gap_s: 0.0 }),
+        acks: Mutex::new(AckClock { last: Instant::now(), gap_s: None }),
         hist: Mutex::new(hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 2).unwrap_or_else(|_| {
             hdrhistogram::Histogram::new(2).unwrap_or_else(|_| unreachable!("2 significant digits is valid"))
         })),

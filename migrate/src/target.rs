@@ -28,8 +28,9 @@ pub enum TargetFault {
     /// Take the commit and resume, then vanish without confirming (the source cannot know).
     DieAfterCommit,
     /// Channel `channel` stops reading after `after_batches` batches, as if its path hung: no
-    /// error, no close, just silence (TCP alone would never notice; the source's stall detector
-    /// must). It resumes only to be closed (`ChannelDrop`).
+    /// error, no close, just silence (its kernel keeps acknowledging with a zero window; TCP
+    /// notices only through a user timeout, if one is set). It resumes only to be closed
+    /// (`ChannelDrop`).
     StallChannel {
         /// Data channel index (not 0).
         channel: u16,

@@ -30,8 +30,17 @@ const KEY: &[u8] = b"live-migration-test-key-0123456789";
 type Outcomes = mpsc::Receiver<Result<TargetOutcome, MigrateError>>;
 
 fn server(limit: u64, cfg: TargetConfig, max: usize) -> (SocketAddr, Outcomes, std::thread::JoinHandle<()>) {
+    server_with(limit, cfg, max, TcpOptions::default())
+}
+
+fn server_with(
+    limit: u64,
+    cfg: TargetConfig,
+    max: usize,
+    tcp: TcpOptions,
+) -> (SocketAddr, Outcomes, std::thread::JoinHandle<()>) {
     let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
-    let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
+    let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), tcp, hs).unwrap();
     let srv = MigrationServer::new(acc, Arc::new(SyntheticFactory::new(limit, false)), cfg);
     let addr = srv.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -291,10 +300,14 @@ fn a_stalled_channel_is_dropped_and_its_batches_resent() {
 
 #[test]
 fn without_the_stall_detector_a_hung_channel_aborts_cleanly() {
+    // No TCP user timeout either (it would notice the zero window after ~3 s and race the
+    // engine's own timeout): only the engine's reply timeout ends this migration.
+    let tcp = TcpOptions { user_timeout: None, ..TcpOptions::default() };
     let stall = TargetFault::StallChannel { channel: 1, after_batches: 2 };
-    let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: Some(stall), ..TargetConfig::default() }, 1);
+    let cfg = TargetConfig { fault: Some(stall), ..TargetConfig::default() };
+    let (addr, outcomes, h) = server_with(1 << 30, cfg, 1, tcp.clone());
     let mut vm = guest("stall-nodetect", 32, 4, 16, SEED);
-    let chans = connect_simple(addr, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &tcp, &Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig {
         stall_timeout: None,
         reply_timeout: Duration::from_secs(2),

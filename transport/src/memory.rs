@@ -209,6 +209,30 @@ pub unsafe fn copy_from_guest(dst: &mut [u8], src: NonNull<u8>) {
     }
 }
 
+/// Map `len` bytes (a multiple of 4 KiB); mappings of 2 MiB or more start on a 2 MiB boundary
+/// (over-mapped, then trimmed), so transparent huge pages can back all of them on any kernel.
+fn map_aligned(len: usize, prot: i32, flags: i32) -> Result<NonNull<u8>, MemoryError> {
+    const HUGE: usize = 2 << 20;
+    let extra = if len >= HUGE { HUGE } else { 0 };
+    // SAFETY: anonymous mapping with no address hint; the result is checked below.
+    let p = unsafe { libc::mmap(std::ptr::null_mut(), len + extra, prot, flags, -1, 0) };
+    if p == libc::MAP_FAILED {
+        return Err(MemoryError::Map { len, err: std::io::Error::last_os_error().to_string() });
+    }
+    let start = p as usize;
+    let aligned = if extra > 0 { start.div_ceil(HUGE) * HUGE } else { start };
+    let (head, tail) = (aligned - start, extra - (aligned - start));
+    if head > 0 {
+        // SAFETY: [start, aligned) is the front of the mapping just made, unused.
+        unsafe { libc::munmap(p, head) };
+    }
+    if tail > 0 {
+        // SAFETY: [aligned + len, start + len + extra) is the back of the mapping just made, unused.
+        unsafe { libc::munmap((aligned + len) as *mut libc::c_void, tail) };
+    }
+    NonNull::new(aligned as *mut u8).ok_or(MemoryError::Map { len, err: "null mapping".into() })
+}
+
 /// A sink that takes no pages: for reading a channel where only control frames may arrive (a
 /// page batch then fails with `BadAddress` and nothing is written).
 #[derive(Debug, Clone, Copy, Default)]
@@ -243,28 +267,17 @@ impl AnonMemory {
         if populate {
             flags |= libc::MAP_POPULATE;
         }
-        // SAFETY: anonymous mapping with no address hint; the result is checked below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
-        if p == libc::MAP_FAILED {
-            return Err(MemoryError::Map { len, err: std::io::Error::last_os_error().to_string() });
-        }
+        let p = map_aligned(len, libc::PROT_READ | libc::PROT_WRITE, flags)?;
         // SAFETY: p is a fresh mapping of len bytes; madvise only gives a hint and may fail.
-        unsafe { libc::madvise(p, len, libc::MADV_HUGEPAGE) };
-        let ptr = NonNull::new(p as *mut u8).ok_or(MemoryError::Map { len, err: "null mapping".into() })?;
-        Ok(Self { ptr, len })
+        unsafe { libc::madvise(p.as_ptr() as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        Ok(Self { ptr: p, len })
     }
 
     /// An address range of `len` bytes (a multiple of 4 KiB) mapped inaccessible, for pieces of
     /// other mappings to be moved into with `mremap` (the memory reserve joins slabs this way).
     pub(crate) fn reserve_range(len: usize) -> Result<Self, MemoryError> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
-        // SAFETY: anonymous mapping with no address hint; the result is checked below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_NONE, flags, -1, 0) };
-        if p == libc::MAP_FAILED {
-            return Err(MemoryError::Map { len, err: std::io::Error::last_os_error().to_string() });
-        }
-        let ptr = NonNull::new(p as *mut u8).ok_or(MemoryError::Map { len, err: "null mapping".into() })?;
-        Ok(Self { ptr, len })
+        Ok(Self { ptr: map_aligned(len, libc::PROT_NONE, flags)?, len })
     }
 
     /// Split after `at` bytes (a multiple of 4 KiB, inside the mapping): two values that each own
@@ -368,6 +381,18 @@ mod tests {
         assert!(map.lookup(0x10000 + 2 * PAGE_SIZE as u64, PAGE_SIZE + 1).is_none());
         assert!(map.lookup(0xfff0, 32).is_none());
         assert!(map.lookup(u64::MAX - 4, 8).is_none());
+    }
+
+    #[test]
+    fn large_mappings_start_on_a_huge_page_boundary() {
+        for len in [2 << 20, (3 << 20) + PAGE_SIZE, 64 << 20] {
+            let m = AnonMemory::new(len, false).unwrap();
+            assert_eq!(m.as_ptr().as_ptr() as usize % (2 << 20), 0, "{len}");
+            m.write_from(m.len() - 8, &[1; 8]);
+            assert_eq!(m.read_byte(m.len() - 1), 1);
+        }
+        let small = AnonMemory::new(PAGE_SIZE, false).unwrap();
+        assert_eq!(small.len(), PAGE_SIZE);
     }
 
     #[test]

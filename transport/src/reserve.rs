@@ -10,7 +10,8 @@
 //!
 //! Carved memory is never handed out twice: a taken range belongs to the VM and is unmapped with
 //! it, so everything in the reserve is zero and the destination-zeroed round 0 stays valid. A
-//! refill thread (SCHED_IDLE, so a running migration keeps the CPU) tops the reserve back up.
+//! refill thread (nice 19, 2 MiB at a time, so a running migration keeps the CPU) tops the
+//! reserve back up.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -77,7 +78,20 @@ impl Inner {
         }
         let len = round_huge((self.target - ready).min(SLAB));
         let m = AnonMemory::new(len, false)?;
-        m.prefault();
+        // 2 MiB per call: the kernel holds the address-space lock while it populates, and a
+        // low-priority thread preempted in a long call would hold up every mmap of the process.
+        for off in (0..len).step_by(HUGE) {
+            if self.stop.load(Ordering::SeqCst) {
+                return Ok(false);
+            }
+            // SAFETY: off < len: inside the mapping just made, page aligned.
+            let p = unsafe { std::ptr::NonNull::new_unchecked(m.as_ptr().as_ptr().add(off)) };
+            // SAFETY: [p, p + HUGE) lies inside `m` (len is a multiple of HUGE); anonymous, private.
+            if !unsafe { crate::memory::populate_write(p, HUGE) } {
+                m.prefault(); // old kernel: touch every page instead
+                break;
+            }
+        }
         self.filled.fetch_add(len as u64, Ordering::Relaxed);
         if let Ok(mut s) = self.slabs.lock() {
             s.push_back(m);
@@ -107,7 +121,11 @@ fn join(pieces: Vec<AnonMemory>, total: usize) -> Option<AnonMemory> {
             )
         };
         if r == libc::MAP_FAILED {
-            return None; // dest (with what moved) and p are unmapped on drop
+            // The kernel may already have unmapped the target slice, leaving a hole in `dest`
+            // that another thread could map into: never unmap `dest` then (its pages leak; the
+            // remaining pieces, still ours, are unmapped on drop).
+            std::mem::forget(dest);
+            return None;
         }
         // The pages now live inside dest: p's old range is gone, so p must not unmap it.
         std::mem::forget(p);
@@ -140,8 +158,8 @@ impl MemoryReserve {
         Ok(())
     }
 
-    /// Keep the reserve filled from a background thread at idle priority (it wakes after each
-    /// take). Idempotent.
+    /// Keep the reserve filled from a background thread at the lowest priority (it wakes after
+    /// each take). Idempotent.
     pub fn start_refill(&self) {
         let Ok(mut g) = self.refill.lock() else { return };
         if g.is_some() {
@@ -151,9 +169,10 @@ impl MemoryReserve {
         *g = std::thread::Builder::new()
             .name("ferry-reserve".into())
             .spawn(move || {
-                let p = libc::sched_param { sched_priority: 0 };
-                // SAFETY: changes only this thread's policy (pid 0 = the calling thread); may fail.
-                unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &p) };
+                // Lowest normal priority (nice 19) for this thread only: it still gets a little CPU
+                // under load, so it never sits preempted inside the kernel for long.
+                // SAFETY: gettid has no preconditions; setpriority on our own thread id may fail.
+                unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19) };
                 while !inner.stop.load(Ordering::SeqCst) {
                     match inner.fill_step() {
                         Ok(true) => continue,

@@ -152,12 +152,12 @@ impl CompressChooser {
         }
     }
 
-    /// Whether to compress the next batch.
+    /// Whether to compress the next batch (ask only for batches that carry data).
     pub fn compress_next(&mut self) -> bool {
         self.n += 1;
         if self.speed.is_none() {
-            // Measure the compressor once early (the second batch).
-            return self.n == 2;
+            // Measure the compressor early: from the second batch with data until it is measured.
+            return self.n >= 2;
         }
         if self.link.is_none() {
             // The link is not the bottleneck: nothing to gain, no probes either.
@@ -319,7 +319,7 @@ impl StreamTx {
         };
         let mut compressed = false;
         let mut use_staging = false;
-        let try_zstd = self.chooser.as_mut().is_none_or(CompressChooser::compress_next);
+        let try_zstd = raw_len > 0 && self.chooser.as_mut().is_none_or(CompressChooser::compress_next);
         if let (Some(c), true, true) = (self.compressor.as_mut(), raw_len > 0, try_zstd) {
             self.staging.resize(raw_len, 0);
             let mut off = 0;
