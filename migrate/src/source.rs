@@ -477,6 +477,8 @@ struct Engine<'a> {
     started: Instant,
     bw: f64,
     sent_pages: u64,
+    /// When the stall detector last looked.
+    stalls_checked: Instant,
 }
 
 impl<'a> Engine<'a> {
@@ -517,43 +519,50 @@ impl<'a> Engine<'a> {
     fn check_stalls(&mut self) -> Result<(), MigrateError> {
         let (Some(min), true) = (self.cfg.stall_timeout, self.cfg.failover) else { return Ok(()) };
         let now = Instant::now();
-        let live: Vec<u16> = (0..self.chans.len() as u16)
+        // Limits are a second or more: looking every 50 ms is enough, and keeps the per-channel
+        // locks off the path of every acknowledgement event.
+        if now.duration_since(self.stalls_checked) < Duration::from_millis(50) {
+            return Ok(());
+        }
+        self.stalls_checked = now;
+        // One look at each live channel: (index, oldest unacknowledged batch, last ack, usual gap).
+        let snap: Vec<(u16, Option<Instant>, Instant, Option<f64>)> = (0..self.chans.len() as u16)
             .filter(|&i| {
                 !self.chans[i as usize].shared.dead.load(Ordering::SeqCst)
                     && !self.lost.contains(&i)
                     && !self.pending_lost.contains(&i)
             })
+            .filter_map(|i| {
+                let cs = &self.chans[i as usize].shared;
+                let oldest = cs.inflight.lock().ok()?.values().map(|v| v.1).min();
+                let (last, gap) = cs.acks.lock().map(|c| (c.last, c.gap_s)).ok()?;
+                Some((i, oldest, last, gap))
+            })
             .collect();
-        let last_ack = |i: u16| self.chans[i as usize].shared.acks.lock().map(|c| (c.last, c.gap_s)).ok();
-        let owes = |i: u16| self.chans[i as usize].shared.inflight.lock().is_ok_and(|m| !m.is_empty());
         // A channel's limit: max(min, 8x its usual gap); before its first acknowledgement, 8x the
         // slowest usual gap of the others (a uniformly slow multipath session is not stalled).
-        let slowest = live.iter().filter_map(|&j| last_ack(j).and_then(|a| a.1)).fold(0.0, f64::max);
+        let slowest = snap.iter().filter_map(|s| s.3).fold(0.0, f64::max);
         let limit_of = |gap: Option<f64>| min.max(Duration::from_secs_f64(8.0 * gap.unwrap_or(slowest)));
-        let silent = |j: u16| last_ack(j).is_some_and(|(l, g)| owes(j) && now.duration_since(l) >= limit_of(g));
-        let owing: Vec<u16> = live.iter().copied().filter(|&j| owes(j)).collect();
-        if owing.len() > 1 && owing.iter().all(|&j| silent(j)) {
+        let quiet = |last: Instant, gap: Option<f64>| now.duration_since(last) >= limit_of(gap);
+        let owing: Vec<_> = snap.iter().filter(|s| s.1.is_some()).collect();
+        if owing.len() > 1 && owing.iter().all(|s| quiet(s.2, s.3)) {
             // Every channel that owes acknowledgements is silent: the destination (or the whole
             // network) paused, not one path. Leave it to the transport's timeouts.
             return Ok(());
         }
         let mut stalled = Vec::new();
-        for &i in live.iter().filter(|&&i| i != 0) {
-            let cs = &self.chans[i as usize].shared;
-            let oldest = cs.inflight.lock().ok().and_then(|m| m.values().map(|v| v.1).min());
-            let (Some(oldest), Some((last, gap))) = (oldest, last_ack(i)) else { continue };
-            let limit = limit_of(gap);
-            if now.duration_since(oldest) < limit || now.duration_since(last) < limit {
+        for s in snap.iter().filter(|s| s.0 != 0) {
+            let limit = limit_of(s.3);
+            // Owes acknowledgements, and both its oldest batch and its last ack are past its limit.
+            if s.1.is_none_or(|o| now.duration_since(o) < limit) || !quiet(s.2, s.3) {
                 continue;
             }
             // Another channel is answering: it was acknowledged lately, or owes nothing (the
             // queue ran dry and the stalled channel holds the last batches).
-            let others_answer = live
-                .iter()
-                .filter(|&&j| j != i)
-                .any(|&j| !owes(j) || last_ack(j).is_some_and(|(l, _)| now.duration_since(l) < limit / 2));
+            let others_answer =
+                snap.iter().filter(|o| o.0 != s.0).any(|o| o.1.is_none() || now.duration_since(o.2) < limit / 2);
             if others_answer {
-                stalled.push((i, now.duration_since(last)));
+                stalled.push((s.0, now.duration_since(s.2)));
             }
         }
         for (i, quiet) in stalled {
@@ -888,6 +897,7 @@ pub fn migrate(
         started,
         bw: 0.0,
         sent_pages: 0,
+        stalls_checked: Instant::now(),
     };
     let mut paused_at: Option<Instant> = None;
     let mut commit_sent = false;
