@@ -185,13 +185,25 @@ fn fault_ahead(sh: &Shared) {
     }
 }
 
+/// The killers of the session's channels, by channel index (a rejoined index appears twice).
+type Killers = Arc<Mutex<Vec<(u16, Killer)>>>;
+
+/// Cut channel `only`, or every channel (`None`).
+fn kill(killers: &Killers, only: Option<u16>) {
+    for (_, k) in
+        killers.lock().map(|k| k.clone()).unwrap_or_default().into_iter().filter(|e| only.is_none_or(|c| e.0 == c))
+    {
+        k();
+    }
+}
+
 fn rx_loop(
     idx: u16,
     mut rx: Box<dyn ferry_transport::ChannelRx>,
     tx: Arc<Mutex<Box<dyn ChannelTx>>>,
     sh: Arc<Shared>,
     ev: mpsc::Sender<Event>,
-    killers: Arc<Mutex<Vec<(u16, Killer)>>>,
+    killers: Killers,
 ) {
     let mut taken = 0u64;
     loop {
@@ -220,9 +232,7 @@ fn rx_loop(
                 sh.batches.fetch_add(1, Ordering::Relaxed);
                 if sh.die_round == Some(b.round) {
                     sh.dead.store(true, Ordering::SeqCst);
-                    for (_, k) in killers.lock().map(|k| k.clone()).unwrap_or_default() {
-                        k();
-                    }
+                    kill(&killers, None);
                     let _ = ev.send(Event::Failed(idx, "injected destination death".into()));
                     return;
                 }
@@ -375,7 +385,7 @@ pub fn receive_after(
         },
         dropped: Mutex::new(Vec::new()),
     });
-    let killers: Arc<Mutex<Vec<(u16, Killer)>>> =
+    let killers: Killers =
         Arc::new(Mutex::new(channels.iter().enumerate().map(|(i, c)| (i as u16, c.killer.clone())).collect()));
     let (ev_tx, ev_rx) = mpsc::channel();
     let mut txs = Vec::new();
@@ -461,11 +471,7 @@ pub fn receive_after(
                         if let Ok(mut d) = sh.dropped.lock() {
                             d.push(channel);
                         }
-                        for (_, k) in
-                            killers.lock().map(|k| k.clone()).unwrap_or_default().into_iter().filter(|e| e.0 == channel)
-                        {
-                            k();
-                        }
+                        kill(&killers, Some(channel));
                     }
                     Msg::StateChunk { offset, data } => {
                         if offset != state.len() as u64 || state.len() as u64 + data.len() as u64 > MAX_STATE {
@@ -528,9 +534,7 @@ pub fn receive_after(
                         committed = true;
                         vm.resume().map_err(|e| MigrateError::Vm(format!("resume after commit: {e}")))?;
                         if cfg.fault == Some(TargetFault::DieAfterCommit) {
-                            for (_, k) in killers.lock().map(|k| k.clone()).unwrap_or_default() {
-                                k();
-                            }
+                            kill(&killers, None);
                             return Ok(());
                         }
                         send0(&Msg::Resumed)?;
@@ -555,9 +559,7 @@ pub fn receive_after(
     if result.is_ok() {
         let _ = ev_rx.recv_timeout(Duration::from_millis(200));
     }
-    for (_, k) in killers.lock().map(|k| k.clone()).unwrap_or_default() {
-        k();
-    }
+    kill(&killers, None);
     for t in threads {
         let _ = t.join();
     }
