@@ -75,6 +75,12 @@ pub fn parse_client_json(text: &str) -> Result<IperfResult> {
     })
 }
 
+/// [`measure`] on loopback (127.0.0.1, a free port, this namespace).
+pub fn measure_loopback(seconds: u32) -> Result<IperfResult> {
+    let lo = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+    measure(None, None, lo, free_port(lo)?, seconds)
+}
+
 /// Run one single-stream iperf3 test for `seconds` (whole seconds, at least 1): the server listens
 /// on `server_addr:port` in namespace `server_ns` (`None`: this namespace), the client runs in
 /// `client_ns`.

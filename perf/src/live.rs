@@ -512,6 +512,7 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
         }),
     );
     let u = Usage::current()?.since(&u0);
+    let reserve_hit = reserve.as_ref().map(|r| r.stats()).map(|s| s.hits > 0 && s.misses == 0);
     let rep = match rx.recv() {
         Ok(Ok(o)) => LiveDstReport {
             ok: true,
@@ -524,7 +525,7 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
             peak_rss_bytes: u.peak_rss_bytes,
             guest_resident_bytes: resident_in(&o.vm.memory()),
             reserve_fill_s,
-            reserve_hit: reserve.as_ref().map(|r| r.stats().hits > 0 && r.stats().misses == 0),
+            reserve_hit,
         },
         Ok(Err(e)) => LiveDstReport {
             ok: false,
@@ -537,7 +538,7 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
             peak_rss_bytes: u.peak_rss_bytes,
             guest_resident_bytes: 0,
             reserve_fill_s,
-            reserve_hit: reserve.as_ref().map(|r| r.stats().hits > 0 && r.stats().misses == 0),
+            reserve_hit,
         },
         Err(_) => return Err(BenchError::Usage("the migration server ended without an outcome".into())),
     };

@@ -8,7 +8,7 @@
 //!                        [--zstd-level 1] [--link-rate 1gbit] [--json]
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -158,10 +158,7 @@ fn reference(a: &StreamArgs, place: Placement<'_>) -> Result<Option<IperfResult>
         return Ok(None);
     }
     let r = match place {
-        Placement::Loopback => {
-            let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-            iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?
-        }
+        Placement::Loopback => iperf::measure_loopback(a.reference_seconds)?,
         Placement::Netns(tb) => {
             // A fresh namespace has every port free.
             let dst = IpAddr::V4(Testbed::addr(Side::Dst, 0));
@@ -530,8 +527,7 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                     // On loopback the reference is measured right before each migration: on a shared
                     // machine iperf3 itself drifts by 1.5x within a minute.
                     if tb.is_none() && !a.no_reference {
-                        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-                        let r = iperf::measure(None, None, lo, iperf::free_port(lo)?, a.reference_seconds)?.bytes_per_s;
+                        let r = iperf::measure_loopback(a.reference_seconds)?.bytes_per_s;
                         reference = Some(r);
                         refs.push(r);
                     }
