@@ -308,14 +308,23 @@ impl AnonMemory {
         self.len == 0
     }
 
-    /// Fault every page in for writing now (one write per page), so that later receives cost no
-    /// page faults. Cheaper than letting the receive path fault page by page.
+    /// Fault every page in for writing now, so that later receives cost no page faults. Cheaper
+    /// than letting the receive path fault page by page. 2 MiB per call: the kernel holds the
+    /// address-space lock while it populates, and a thread preempted in one long call would hold
+    /// up every mmap of the process.
     pub fn prefault(&self) {
-        // SAFETY: the range is this mapping.
-        if !unsafe { populate_write(self.ptr, self.len) } {
-            for off in (0..self.len).step_by(PAGE_SIZE) {
-                // SAFETY: off < len, inside this mapping; writing a zero byte keeps it zeroed.
-                unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+        const STEP: usize = 2 << 20;
+        for off in (0..self.len).step_by(STEP) {
+            // SAFETY: off < len: inside this mapping, page aligned, so not null.
+            let p = unsafe { NonNull::new_unchecked(self.ptr.as_ptr().add(off)) };
+            // SAFETY: [p, p + n) lies inside this private anonymous mapping.
+            if !unsafe { populate_write(p, STEP.min(self.len - off)) } {
+                // Old kernel: one write per page instead.
+                for off in (0..self.len).step_by(PAGE_SIZE) {
+                    // SAFETY: off < len, inside this mapping; writing a zero byte keeps it zeroed.
+                    unsafe { self.ptr.as_ptr().add(off).write_volatile(0) };
+                }
+                return;
             }
         }
     }

@@ -78,20 +78,7 @@ impl Inner {
         }
         let len = round_huge((self.target - ready).min(SLAB));
         let m = AnonMemory::new(len, false)?;
-        // 2 MiB per call: the kernel holds the address-space lock while it populates, and a
-        // low-priority thread preempted in a long call would hold up every mmap of the process.
-        for off in (0..len).step_by(HUGE) {
-            if self.stop.load(Ordering::SeqCst) {
-                return Ok(false);
-            }
-            // SAFETY: off < len: inside the mapping just made, page aligned.
-            let p = unsafe { std::ptr::NonNull::new_unchecked(m.as_ptr().as_ptr().add(off)) };
-            // SAFETY: [p, p + HUGE) lies inside `m` (len is a multiple of HUGE); anonymous, private.
-            if !unsafe { crate::memory::populate_write(p, HUGE) } {
-                m.prefault(); // old kernel: touch every page instead
-                break;
-            }
-        }
+        m.prefault();
         self.filled.fetch_add(len as u64, Ordering::Relaxed);
         if let Ok(mut s) = self.slabs.lock() {
             s.push_back(m);

@@ -262,9 +262,7 @@ impl StreamTx {
         writev_all(self.sock.as_raw_fd(), &mut v)?;
         Ok(())
     }
-}
 
-impl StreamTx {
     fn send_pages(
         &mut self,
         id: u64,
@@ -328,7 +326,7 @@ impl StreamTx {
         let mut compressed = false;
         let mut use_staging = false;
         let try_zstd = raw_len > 0 && self.chooser.as_mut().is_none_or(CompressChooser::compress_next);
-        if let (Some(c), true, true) = (self.compressor.as_mut(), raw_len > 0, try_zstd) {
+        if let (Some(c), true) = (self.compressor.as_mut(), try_zstd) {
             self.staging.resize(raw_len, 0);
             let mut off = 0;
             for &(p, len) in &self.spans {
