@@ -14,7 +14,6 @@ use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
 
 use crate::hash::{scan_run, zero_page_hash, PageTable};
 use crate::protocol::{Msg, MAX_STATE, MIGRATION_VERSION};
-use crate::source::crc32;
 use crate::vm::{TargetFactory, TargetVm, VmShape};
 use crate::MigrateError;
 
@@ -65,8 +64,10 @@ impl Default for TargetConfig {
     }
 }
 
-/// Numbers of a received migration.
+/// Numbers of a received migration (serializable with the `serde` feature, as
+/// [`crate::stats`] describes).
 #[derive(Debug, Clone, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct TargetStats {
     /// VM id.
     pub vm_id: String,
@@ -79,6 +80,7 @@ pub struct TargetStats {
     /// Bytes taken from the wire.
     pub wire_bytes: u64,
     /// Time spent verifying the image at switchover.
+    #[cfg_attr(feature = "serde", serde(rename = "verify_ms", with = "crate::stats::ms"))]
     pub verify: Duration,
     /// Image verified.
     pub verified: bool,
@@ -486,7 +488,7 @@ pub fn receive_after(
                             send0(&Msg::Refuse(r.clone()))?;
                             return Err(MigrateError::Verify(r));
                         }
-                        if state.len() as u64 != state_len || crc32(&state) != state_crc {
+                        if state.len() as u64 != state_len || crc32fast::hash(&state) != state_crc {
                             let r = "VM state blob incomplete or corrupt".to_string();
                             send0(&Msg::Refuse(r.clone()))?;
                             return Err(MigrateError::Verify(r));

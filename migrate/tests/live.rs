@@ -4,24 +4,23 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_migrate::scheduler::HostScheduler;
-use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, MigrationServer, Path};
+use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, Path};
 use ferry_migrate::source::{migrate, ConvergePolicy, FaultAction, FaultPoint, MigrationConfig, Rejoin, Scheduling};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetFault, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_migrate::MigrateError;
-use ferry_transport::handshake::{Caps, Psk, ServerConfig};
-use ferry_transport::pagemix::{expected_page, Mix};
-use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
+use ferry_test_support::guest::{guest, into_synthetic, same_memory};
+use ferry_test_support::server;
+use ferry_transport::handshake::Psk;
+use ferry_transport::tcp::TcpOptions;
 use ferry_transport::wire::PAGE_SIZE;
+use ferry_vmm_glue::pagemix::{expected_page, Mix};
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticFactory, SyntheticVm};
-
-mod common;
-use common::{guest, into_synthetic, same_memory};
 
 /// Seed of the guests' page contents.
 const SEED: u64 = 7;
@@ -39,21 +38,9 @@ fn server_with(
     max: usize,
     tcp: TcpOptions,
 ) -> (SocketAddr, Outcomes, std::thread::JoinHandle<()>) {
-    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
-    let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), tcp, hs).unwrap();
-    let srv = MigrationServer::new(acc, Arc::new(SyntheticFactory::new(limit, false)), cfg);
-    let addr = srv.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    let h = std::thread::spawn(move || {
-        srv.serve(
-            Some(max),
-            Arc::new(move |r| {
-                let _ = tx.lock().unwrap().send(r);
-            }),
-        )
-    });
-    (addr, rx, h)
+    let factory = Arc::new(SyntheticFactory::new(limit, false));
+    let s = server::loopback(Psk::new(KEY).unwrap(), tcp, factory, cfg, Some(max));
+    (s.addr, s.outcomes, s.thread)
 }
 
 /// Every page outside the working set still holds its generated content; working-set pages hold

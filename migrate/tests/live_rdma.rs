@@ -21,8 +21,7 @@ use ferry_transport::rdma::{self, RdmaAcceptor, RdmaOptions};
 use ferry_transport::{Channel, Killer};
 use ferry_vmm_glue::synthetic::SyntheticFactory;
 
-mod common;
-use common::{guest, into_synthetic, same_memory};
+use ferry_test_support::guest::{guest, into_synthetic, same_memory};
 
 /// Seed of the guests' page contents.
 const SEED: u64 = 11;

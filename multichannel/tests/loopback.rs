@@ -1,12 +1,10 @@
 //! The exchange and session opener over real channels on loopback (no namespaces needed).
 
-mod common;
-
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::{psk, serve};
 use ferry_multichannel::*;
+use ferry_test_support::sessions::{psk, serve};
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk};
 use ferry_transport::tcp::{self, TcpOptions};
 use ferry_transport::HandshakeError;

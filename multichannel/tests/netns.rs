@@ -1,15 +1,19 @@
 //! Discovery, exchange, planning and session opening between two network namespaces joined by
 //! three veth pairs (scripts/testbed.sh). Prints SKIP where namespaces cannot be made.
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 
-use common::{enter_netns, psk, serve, testbed_or_skip};
 use ferry_multichannel::*;
+use ferry_test_support::sessions::{psk, serve};
+use ferry_test_support::testbed::{enter_netns, testbed_or_skip, Side, Testbed};
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig};
 use ferry_transport::tcp::{self, TcpOptions};
 use ferry_transport::{HandshakeError, TransportError};
+
+/// The interfaces `ferry-ifaces` sees on one side of the testbed.
+fn discover_on(tb: &Testbed, side: Side) -> Vec<Interface> {
+    ferry_test_support::sessions::discover_in(env!("CARGO_BIN_EXE_ferry-ifaces"), &tb.netns(side))
+}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -22,8 +26,8 @@ fn nic_addr(list: &[Interface], name: &str) -> Option<IfAddr> {
 #[test]
 fn discovery_and_plans_in_namespaces() {
     let Some(tb) = testbed_or_skip("discovery_and_plans_in_namespaces", 3) else { return };
-    let src = tb.discover_in(&tb.src());
-    let dst = tb.discover_in(&tb.dst());
+    let src = discover_on(&tb, Side::Src);
+    let dst = discover_on(&tb, Side::Dst);
     for (list, host) in [(&src, 1), (&dst, 2)] {
         // Only lo and the testbed's NICs: eth0 stays in the root namespace.
         let names: Vec<&str> = list.iter().map(|i| i.name.as_str()).collect();
@@ -62,21 +66,21 @@ fn discovery_and_plans_in_namespaces() {
     assert_eq!(p.unusable[0].to_string(), "198.19.77.0/24: no local address in it");
 
     // A link taken down: it drops out of the unconfigured plan, and a policy naming it says so.
-    tb.link(1, false);
-    let src_down = tb.discover_in(&tb.src());
-    let dst_down = tb.discover_in(&tb.dst());
+    tb.link_down(1).unwrap();
+    let src_down = discover_on(&tb, Side::Src);
+    let dst_down = discover_on(&tb, Side::Dst);
     assert!(!src_down.iter().find(|i| i.name == "nic1").unwrap().usable());
     let p = plan(&src_down, &dst_down, &NetworkPolicy::default()).unwrap();
     assert_eq!(p.paths.iter().map(|x| x.local_if.as_str()).collect::<Vec<_>>(), vec!["nic0", "nic2"]);
     let e = plan(&src_down, &dst_down, &"198.18.1.0/24".parse().unwrap()).unwrap_err();
     assert!(e.to_string().contains("local interface down (nic1)"), "{e}");
-    tb.link(1, true);
+    tb.link_up(1).unwrap();
 
     // Discovery from a thread that setns-ed into a namespace sees that namespace's addresses
     // (sysfs still shows the root namespace, so values read there are not trusted).
-    let ns = tb.src();
+    let ns = tb.netns(Side::Src);
     let in_thread = std::thread::spawn(move || {
-        enter_netns(&ns);
+        enter_netns(&ns).unwrap();
         discover().unwrap()
     })
     .join()
@@ -90,14 +94,14 @@ fn discovery_and_plans_in_namespaces() {
 #[test]
 fn open_session_across_namespaces() {
     let Some(tb) = testbed_or_skip("open_session_across_namespaces", 3) else { return };
-    let src = tb.discover_in(&tb.src());
-    let dst = tb.discover_in(&tb.dst());
+    let src = discover_on(&tb, Side::Src);
+    let dst = discover_on(&tb, Side::Dst);
     // Destination: 3 session channels, then 2 strangers refused.
-    let (addr, server) = serve(Some(tb.dst()), dst.clone(), 3, 2);
-    let ns = tb.src();
+    let (addr, server) = serve(Some(tb.netns(Side::Dst)), dst.clone(), 3, 2);
+    let ns = tb.netns(Side::Src);
     let src2 = src.clone();
     let (chans, plan, stranger, wrong_channel) = std::thread::spawn(move || {
-        enter_netns(&ns);
+        enter_netns(&ns).unwrap();
         let first = SocketAddr::new(ip("198.18.0.2"), addr.port());
         let (chans, plan) =
             open_session_with(first, &psk(), &TcpOptions::default(), &NetworkPolicy::default(), &src2).unwrap();

@@ -3,8 +3,8 @@
 //! `cargo run --release -p ferry-perf --example zero_scan`.
 
 use ferry_transport::memory::{page_is_zero, AnonMemory};
-use ferry_transport::pagemix::{fill_page, Mix};
 use ferry_transport::scan::{scan_page, scan_run};
+use ferry_vmm_glue::pagemix::{fill_page, Mix};
 use std::time::Instant;
 fn main() {
     let len = std::env::args().nth(1).and_then(|s| s.parse::<usize>().ok()).unwrap_or(1024) << 20;

@@ -1,7 +1,7 @@
 //! Compression speed and ratio of the page mixture's text-like and random pages by zstd level,
 //! 1 MiB at a time like the `zstd` option's batches (one core). Explains what `migration-bench
 //! stream --option zstd` can reach: `cargo run --release -p ferry-perf --example zstd_speed`.
-use ferry_transport::pagemix::{fill_page, PageKind};
+use ferry_vmm_glue::pagemix::{fill_page, PageKind};
 use std::time::Instant;
 fn main() {
     let pages = 256 * 64;

@@ -44,6 +44,9 @@ pub enum BenchError {
         /// Why not.
         detail: String,
     },
+    /// The namespace testbed could not be made or changed.
+    #[error("testbed: {0}")]
+    Testbed(#[from] ferry_test_support::testbed::TestbedError),
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),

@@ -17,8 +17,8 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_migrate::server::{connect_simple, MigrationServer};
@@ -29,22 +29,20 @@ use ferry_migrate::vm::SourceVm;
 use ferry_multichannel::policy::NetworkPolicy;
 use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
 use ferry_transport::memory::MemoryMap;
-use ferry_transport::pagemix::{Mix, PageKind};
+use ferry_transport::option::TransportOption;
 use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
-use ferry_vmm_glue::synthetic::{SyntheticConfig, SyntheticFactory, SyntheticVm};
+use ferry_vmm_glue::pagemix::{Mix, PageKind};
+use ferry_vmm_glue::synthetic::{read_image_page, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
 use serde::{Deserialize, Serialize};
 
+use crate::driver::{
+    die_with_parent, drive_pair, hex, parse_result, psk_from_env, read_go, read_line, read_result, say, say_result,
+};
 use crate::error::{BenchError, Result};
 use crate::procstat::Usage;
-use crate::stream::{die_with_parent, drive_pair, hex, psk_from_env, read_line, say};
-
 use crate::units::parse_size;
-
-fn parse_mix(s: &str) -> std::result::Result<Mix, String> {
-    s.parse()
-}
 
 /// Guest workload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -100,8 +98,12 @@ pub struct LiveChildArgs {
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
     /// Page mixture.
-    #[arg(long, value_parser = parse_mix)]
+    #[arg(long)]
     pub mix: Mix,
+    /// Guest memory from this raw image instead of the mixture (`size` is its length, rounded
+    /// up to whole pages).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
     /// Seed of the contents.
     #[arg(long)]
     pub seed: u64,
@@ -114,9 +116,9 @@ pub struct LiveChildArgs {
     /// Dirty rate of the busy writer, bytes per second.
     #[arg(long, value_parser = parse_size)]
     pub dirty_rate: u64,
-    /// `tcp` or `zstd`.
+    /// Transport option.
     #[arg(long)]
-    pub option: String,
+    pub option: TransportOption,
     /// Channels.
     #[arg(long)]
     pub channels: usize,
@@ -163,7 +165,7 @@ impl LiveChildArgs {
             "--dirty-rate".into(),
             self.dirty_rate.to_string(),
             "--option".into(),
-            self.option.clone(),
+            self.option.to_string(),
             "--channels".into(),
             self.channels.to_string(),
             "--downtime-ms".into(),
@@ -175,6 +177,10 @@ impl LiveChildArgs {
         ];
         if self.verify_full {
             v.push("--verify-full".into());
+        }
+        if let Some(p) = &self.image {
+            v.push("--image".into());
+            v.push(p.display().to_string());
         }
         v.push("--dst-memory".into());
         v.push(self.dst_memory.as_str().into());
@@ -189,93 +195,15 @@ impl LiveChildArgs {
         }
         v
     }
-
-    fn tcp_options(&self) -> Result<TcpOptions> {
-        match self.option.as_str() {
-            "tcp" => Ok(TcpOptions::default()),
-            "zstd" => Ok(TcpOptions { zstd_level: Some(self.zstd_level), ..TcpOptions::default() }),
-            "zstd-always" => {
-                Ok(TcpOptions { zstd_level: Some(self.zstd_level), adaptive: false, ..TcpOptions::default() })
-            }
-            o => Err(BenchError::Usage(format!("unknown transport option {o:?} (tcp, zstd, zstd-always)"))),
-        }
-    }
-}
-
-/// Per-channel numbers of a run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct ChannelRecord {
-    /// Index.
-    pub index: u16,
-    /// Bytes on the wire.
-    pub wire_bytes: u64,
-    /// Batches.
-    pub batches: u64,
-    /// Batch latency percentiles (send to ack), microseconds: p50, p90, p99, max.
-    pub latency_us: [u64; 4],
-    /// Failed during the run.
-    pub failed: bool,
-}
-
-/// The engine's numbers of one migration, carried by the source's report and by the record.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
-pub struct MigrationNumbers {
-    /// Start to end (connect, prepare, rounds, switchover, commit), milliseconds.
-    pub total_ms: f64,
-    /// Connect + prepare, milliseconds.
-    pub setup_ms: f64,
-    /// Source pause to destination resume (as seen by the source), milliseconds.
-    pub downtime_ms: f64,
-    /// Downtime expected at the switchover decision, milliseconds.
-    pub expected_downtime_ms: f64,
-    /// Rounds.
-    pub rounds: u32,
-    /// Pages per round.
-    pub pages_per_round: Vec<u64>,
-    /// Bytes on the wire.
-    pub transferred_bytes: u64,
-    /// Zero pages (a bit each).
-    pub zero_pages: u64,
-}
-
-impl MigrationNumbers {
-    fn of(s: &MigrationStats) -> Self {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        Self {
-            total_ms: ms(s.total),
-            setup_ms: ms(s.setup),
-            downtime_ms: ms(s.downtime),
-            expected_downtime_ms: ms(s.expected_downtime),
-            rounds: s.rounds,
-            pages_per_round: s.pages_per_round.clone(),
-            transferred_bytes: s.transferred_bytes,
-            zero_pages: s.zero_pages,
-        }
-    }
 }
 
 /// What the source process reports.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct LiveSrcReport {
-    /// Final status.
-    pub status: String,
+    /// The engine's statistics (status `failed` and nothing else if it returned an error).
+    pub migration: MigrationStats,
     /// Error, if the migration failed.
     pub error: Option<String>,
-    /// The engine's numbers (flattened into the JSON).
-    #[serde(flatten)]
-    pub numbers: MigrationNumbers,
-    /// Data pages.
-    pub data_pages: u64,
-    /// Dirty rate at the end, bytes/s.
-    pub dirty_rate_bps: f64,
-    /// Throttle in force at switchover.
-    pub throttle_pct: u8,
-    /// Image verified by the destination.
-    pub verified: bool,
-    /// Per channel.
-    pub channels: Vec<ChannelRecord>,
-    /// Events.
-    pub events: Vec<String>,
     /// CPU seconds during the migration.
     pub cpu_s: f64,
     /// Peak RSS.
@@ -313,6 +241,8 @@ pub struct LiveDstReport {
     pub reserve_fill_s: f64,
     /// With a reserve: every region came from it.
     pub reserve_hit: Option<bool>,
+    /// With `--image` and an idle guest: every received page equals the image file's page.
+    pub image_matches: Option<bool>,
 }
 
 /// Bytes of this process's resident memory inside the given regions (from /proc/self/smaps).
@@ -341,42 +271,37 @@ pub fn resident_in(map: &MemoryMap) -> u64 {
 }
 
 fn src_report(r: std::result::Result<MigrationStats, String>) -> LiveSrcReport {
-    let (st, error) = match r {
-        Ok(s) => (Some(s), None),
-        Err(e) => (None, Some(e)),
-    };
-    match st {
-        Some(s) => LiveSrcReport {
-            status: s.status.name().into(),
-            error,
-            numbers: MigrationNumbers::of(&s),
-            data_pages: s.data_pages,
-            dirty_rate_bps: s.dirty_rate_bps,
-            throttle_pct: s.throttle_pct,
-            verified: s.verified,
-            channels: s
-                .channels
-                .iter()
-                .map(|c| ChannelRecord {
-                    index: c.index,
-                    wire_bytes: c.wire_bytes,
-                    batches: c.batches,
-                    latency_us: c.latency_us,
-                    failed: c.failed,
-                })
-                .collect(),
-            events: s.events.clone(),
+    match r {
+        Ok(migration) => LiveSrcReport { migration, ..LiveSrcReport::default() },
+        Err(e) => LiveSrcReport {
+            migration: MigrationStats { status: Status::Failed, throttle_pct: 100, ..MigrationStats::default() },
+            error: Some(e),
             ..LiveSrcReport::default()
         },
-        None => LiveSrcReport { status: "failed".into(), error, throttle_pct: 100, ..LiveSrcReport::default() },
     }
+}
+
+/// Non-zero bytes of the guest (what must cross the wire at least once).
+fn nonzero_bytes(vm: &SyntheticVm, a: &LiveChildArgs) -> u64 {
+    let pages = if a.image.is_some() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        (0..vm.pages())
+            .filter(|&i| {
+                vm.read_page(i, &mut page);
+                page.iter().any(|&b| b != 0)
+            })
+            .count()
+    } else {
+        (0..a.size / PAGE_SIZE as u64).filter(|&i| a.mix.kind(a.seed, i) != PageKind::Zero).count()
+    };
+    pages as u64 * PAGE_SIZE as u64
 }
 
 /// The source process.
 pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
-    let opts = a.tcp_options()?;
+    let opts = a.option.tcp_options(a.zstd_level);
     let t = Instant::now();
     let busy = a.workload == Workload::Busy;
     let cfg = SyntheticConfig {
@@ -385,24 +310,23 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         regions: LAYOUT_REGIONS,
         mix: a.mix,
         seed: a.seed,
-        image: None,
+        image: a.image.clone(),
         working_set_bytes: if busy { a.working_set } else { 0 },
         dirty_rate_bps: a.dirty_rate,
     };
     let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
     let fill_seconds = t.elapsed().as_secs_f64();
-    // Non-zero guest bytes, from the page mixture (what must cross the wire at least once).
-    let nonzero = (0..a.size / PAGE_SIZE as u64).filter(|&i| a.mix.kind(a.seed, i) != PageKind::Zero).count() as u64
-        * PAGE_SIZE as u64;
+    if vm.pages() * PAGE_SIZE as u64 != a.size {
+        return Err(BenchError::Usage(format!(
+            "the guest has {} bytes, the driver said {}",
+            vm.pages() * PAGE_SIZE as u64,
+            a.size
+        )));
+    }
+    let nonzero = nonzero_bytes(&vm, a);
     vm.resume().map_err(|e| BenchError::Usage(format!("starting the guest: {e}")))?;
     say("READY")?;
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).map_err(|e| BenchError::io("reading GO", e))?;
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("GO ")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| BenchError::Usage(format!("expected GO <addr>, got {line:?}")))?;
+    let addr = read_go()?;
     if busy {
         // Let the writer reach its pace before the clock starts.
         std::thread::sleep(Duration::from_millis(300));
@@ -415,16 +339,9 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
             return;
         }
         *l = Instant::now();
-        let _ = say(&format!(
-            "PROGRESS {}",
-            serde_json::json!({
-                "status": p.status.name(), "round": p.round, "guest_bytes": p.guest_bytes,
-                "remaining_bytes": p.remaining_bytes, "pages_sent": p.pages_sent,
-                "transferred_bytes": p.transferred_bytes,
-                "expected_downtime_ms": p.expected_downtime.as_secs_f64() * 1e3,
-                "bandwidth_bps": p.bandwidth_bps, "dirty_rate_bps": p.dirty_rate_bps, "throttle_pct": p.throttle_pct,
-            })
-        ));
+        if let Ok(json) = serde_json::to_string(p) {
+            let _ = say(&format!("PROGRESS {json}"));
+        }
     };
     let scheduling = match a.scheduling.as_str() {
         "adaptive" => Scheduling::Adaptive,
@@ -469,13 +386,13 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     let r = chans.and_then(|ch| migrate(&mut vm, ch, &mcfg, &progress).map_err(|e| e.to_string()));
     let u = Usage::current()?.since(&u0);
     let mut rep = src_report(r);
-    rep.events.splice(0..0, plan_lines);
+    rep.migration.events.splice(0..0, plan_lines);
     rep.cpu_s = u.cpu_s();
     rep.peak_rss_bytes = u.peak_rss_bytes;
     rep.guest_resident_bytes = resident_in(&vm.memory());
     rep.nonzero_guest_bytes = nonzero;
     rep.fill_seconds = fill_seconds;
-    say(&format!("RESULT {}", serde_json::to_string(&rep).map_err(|e| BenchError::Usage(e.to_string()))?))
+    say_result(&rep)
 }
 
 /// The destination process.
@@ -496,53 +413,75 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
         reserve_fill_s = t.elapsed().as_secs_f64();
         factory = factory.with_reserve(r.clone());
     }
-    let factory = Arc::new(factory);
-    let srv = MigrationServer::new(acc, factory, TargetConfig::default());
-    let addr = srv.local_addr().map_err(|e| BenchError::Usage(e.to_string()))?;
-    say(&format!("LISTENING {addr}"))?;
+    let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default());
+    let srv = ferry_test_support::server::spawn(srv, Some(1)).map_err(|e| BenchError::Usage(e.to_string()))?;
+    say(&format!("LISTENING {}", srv.addr))?;
     let u0 = Usage::current()?;
-    let (tx, rx) = mpsc::channel::<std::result::Result<TargetOutcome, String>>();
-    let tx = Mutex::new(tx);
-    srv.serve(
-        Some(1),
-        Arc::new(move |r| {
-            if let Ok(t) = tx.lock() {
-                let _ = t.send(r.map_err(|e| e.to_string()));
-            }
-        }),
-    );
+    let outcome = srv.outcomes.recv();
+    let _ = srv.thread.join();
     let u = Usage::current()?.since(&u0);
     let reserve_hit = reserve.as_ref().map(|r| r.stats()).map(|s| s.hits > 0 && s.misses == 0);
-    let rep = match rx.recv() {
-        Ok(Ok(o)) => LiveDstReport {
-            ok: true,
-            error: None,
-            pages: o.stats.pages,
-            wire_bytes: o.stats.wire_bytes,
-            verify_ms: o.stats.verify.as_secs_f64() * 1e3,
-            verified: o.stats.verified,
-            cpu_s: u.cpu_s(),
-            peak_rss_bytes: u.peak_rss_bytes,
-            guest_resident_bytes: resident_in(&o.vm.memory()),
-            reserve_fill_s,
-            reserve_hit,
-        },
-        Ok(Err(e)) => LiveDstReport {
-            ok: false,
-            error: Some(e),
-            pages: 0,
-            wire_bytes: 0,
-            verify_ms: 0.0,
-            verified: false,
-            cpu_s: u.cpu_s(),
-            peak_rss_bytes: u.peak_rss_bytes,
-            guest_resident_bytes: 0,
-            reserve_fill_s,
-            reserve_hit,
-        },
+    let failed = |error: String| LiveDstReport {
+        ok: false,
+        error: Some(error),
+        pages: 0,
+        wire_bytes: 0,
+        verify_ms: 0.0,
+        verified: false,
+        cpu_s: u.cpu_s(),
+        peak_rss_bytes: u.peak_rss_bytes,
+        guest_resident_bytes: 0,
+        reserve_fill_s,
+        reserve_hit,
+        image_matches: None,
+    };
+    let rep = match outcome {
+        Ok(Ok(o)) => {
+            let guest_resident_bytes = resident_in(&o.vm.memory());
+            let stats = o.stats.clone();
+            let image_matches = match (&a.image, a.workload) {
+                (Some(path), Workload::Idle) => Some(matches_image(o, path)?),
+                _ => None,
+            };
+            LiveDstReport {
+                ok: true,
+                error: None,
+                pages: stats.pages,
+                wire_bytes: stats.wire_bytes,
+                verify_ms: stats.verify.as_secs_f64() * 1e3,
+                verified: stats.verified,
+                cpu_s: u.cpu_s(),
+                peak_rss_bytes: u.peak_rss_bytes,
+                guest_resident_bytes,
+                reserve_fill_s,
+                reserve_hit,
+                image_matches,
+            }
+        }
+        Ok(Err(e)) => failed(e.to_string()),
         Err(_) => return Err(BenchError::Usage("the migration server ended without an outcome".into())),
     };
-    say(&format!("RESULT {}", serde_json::to_string(&rep).map_err(|e| BenchError::Usage(e.to_string()))?))
+    say_result(&rep)
+}
+
+/// Every page of the received guest equals the image file's page (the file's tail, short of a
+/// page, compared as if zero-padded).
+fn matches_image(o: TargetOutcome, path: &Path) -> Result<bool> {
+    let any: Box<dyn std::any::Any> = o.vm.into_any();
+    let vm = any
+        .downcast::<SyntheticTarget>()
+        .map_err(|_| BenchError::Usage("the received VM is not a synthetic guest".into()))?;
+    let f = std::fs::File::open(path).map_err(|e| BenchError::io(format!("opening {}", path.display()), e))?;
+    let mut f = std::io::BufReader::with_capacity(1 << 20, f);
+    let (mut want, mut got) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+    for i in 0..vm.pages() {
+        read_image_page(&mut f, &mut want).map_err(|e| BenchError::io(format!("reading {}", path.display()), e))?;
+        vm.read_page(i, &mut got);
+        if got != want {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn draw_progress(p: &serde_json::Value, label: &str) {
@@ -557,8 +496,8 @@ fn draw_progress(p: &serde_json::Value, label: &str) {
         " ".repeat(w - fill),
         frac * 100.0,
         p["round"].as_u64().unwrap_or(0),
-        p["bandwidth_bps"].as_f64().unwrap_or(0.0) * 8.0 / 1e9,
-        p["dirty_rate_bps"].as_f64().unwrap_or(0.0) / 1e6,
+        p["bandwidth_bytes_per_s"].as_f64().unwrap_or(0.0) * 8.0 / 1e9,
+        p["dirty_rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6,
         p["expected_downtime_ms"].as_f64().unwrap_or(0.0),
         p["status"].as_str().unwrap_or(""),
     );
@@ -670,11 +609,8 @@ pub fn run(
         if tty {
             eprint!("\r{:150}\r", "");
         }
-        let d = read_line(&mut io.dout, "RESULT ", "destination")?;
-        let s: LiveSrcReport = serde_json::from_str(&s)
-            .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
-        let d: LiveDstReport = serde_json::from_str(&d)
-            .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
+        let s: LiveSrcReport = parse_result(&s, "source")?;
+        let d: LiveDstReport = read_result(&mut io.dout, "destination")?;
         Ok((s, d))
     })
 }
@@ -708,40 +644,41 @@ fn apply_link_events(name: String, events: Vec<LinkEvent>) {
     });
 }
 
-/// One result of `migration-bench live`.
+/// One result of `migration-bench live` (README.md lists its JSON fields).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LiveRecord {
     /// Always "live".
     pub bench: String,
     /// Index of the repetition (`--repeat`), from 0.
     pub run: u32,
-    /// `tcp` or `zstd`.
+    /// Transport option.
     pub option: String,
-    /// Channels.
+    /// Channels asked for (on a testbed: the channels the session opened).
     pub channels: usize,
     /// `idle` or `busy`.
     pub workload: String,
+    /// The raw image the guest's memory came from (`None`: the page mixture).
+    pub image: Option<String>,
     /// Guest memory.
     pub guest_bytes: u64,
     /// Non-zero guest bytes.
     pub nonzero_guest_bytes: u64,
-    /// Final status.
-    pub status: String,
-    /// Error, if any.
+    /// The engine's statistics as the source reported them (`ferry_migrate::stats`).
+    pub migration: MigrationStats,
+    /// Error of either side, if any.
     pub error: Option<String>,
-    /// The engine's numbers (flattened into the JSON).
-    #[serde(flatten)]
-    pub numbers: MigrationNumbers,
-    /// Guest bytes per second over the whole migration.
-    pub throughput_bps: f64,
-    /// The destination verified the image against the source's digest.
+    /// Both sides verified the image against the source's digest.
     pub verified: bool,
+    /// With `--image` and an idle guest: the destination's guest equals the image file.
+    pub image_matches: Option<bool>,
     /// `"iperf3"` or `"none"`.
     pub reference: String,
-    /// iperf3 single stream, same run, bytes per second.
-    pub reference_bps: Option<f64>,
-    /// `total_ms / (nonzero_guest_bytes / reference_bps)`: 1.0 = as fast as iperf3 moving only
-    /// the non-zero bytes.
+    /// iperf3 single stream, same run, TCP payload bytes per second.
+    pub reference_bytes_per_s: Option<f64>,
+    /// The iperf3 client's arguments that measured it (`-l` is Ferry's write size).
+    pub reference_args: Option<String>,
+    /// `total_ms / (nonzero_guest_bytes / reference_bytes_per_s)`: 1.0 = as fast as iperf3 moving
+    /// only the non-zero bytes.
     pub total_vs_reference: Option<f64>,
     /// Source CPU seconds.
     pub src_cpu_s: f64,
@@ -752,12 +689,6 @@ pub struct LiveRecord {
     /// Peak RSS of both sides minus twice the guest memory: what the engine, buffers and tables
     /// cost beyond the guest (negative if part of the guest was never touched).
     pub extra_memory_bytes: i64,
-    /// Throttle at switchover.
-    pub throttle_pct: u8,
-    /// Per channel.
-    pub per_channel: Vec<ChannelRecord>,
-    /// Events (plan, channel failures and rejoins, throttling, link events).
-    pub events: Vec<String>,
     /// Batch scheduling: `adaptive` or `rr`.
     pub scheduling: String,
     /// Destination guest memory: `cold`, `prefault` or `reserve`.
@@ -770,13 +701,13 @@ pub struct LiveRecord {
     pub testbed: String,
     /// NICs of the testbed (0 on loopback).
     pub nics: u32,
-    /// Rate of each NIC at the start, bytes/s.
-    pub link_rates_bps: Vec<u64>,
-    /// iperf3 single stream on each link, same run, summed (bytes/s).
-    pub aggregate_reference_bps: Option<f64>,
+    /// Rate limit of each NIC at the start, bits per second.
+    pub link_rates_bits_per_s: Vec<u64>,
+    /// iperf3 single stream on each link, same run, summed (TCP payload bytes per second).
+    pub aggregate_reference_bytes_per_s: Option<f64>,
     /// Bytes on the wire per second while pages moved (total minus setup).
-    pub wire_throughput_bps: f64,
-    /// `wire_throughput_bps / aggregate_reference_bps`.
+    pub wire_throughput_bytes_per_s: f64,
+    /// `wire_throughput_bytes_per_s / aggregate_reference_bytes_per_s`.
     pub ratio_to_aggregate: Option<f64>,
 }
 
@@ -789,48 +720,54 @@ pub struct PeakRss {
     pub dst: u64,
 }
 
-/// Combine the two reports.
-pub fn record(a: &LiveChildArgs, s: &LiveSrcReport, d: &LiveDstReport, reference_bps: Option<f64>) -> LiveRecord {
-    let n = &s.numbers;
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Combine the two reports and the reference measured before the run.
+pub fn record(
+    a: &LiveChildArgs,
+    s: &LiveSrcReport,
+    d: &LiveDstReport,
+    reference: Option<&crate::iperf::IperfResult>,
+) -> LiveRecord {
+    let m = &s.migration;
     let extra = s.peak_rss_bytes as i64 + d.peak_rss_bytes as i64 - 2 * a.size as i64;
+    let total_s = m.total.as_secs_f64();
+    let moving_s = m.total.saturating_sub(m.setup).as_secs_f64();
+    let reference_bytes_per_s = reference.map(|r| r.bytes_per_s);
     LiveRecord {
         bench: "live".into(),
         run: 0,
-        option: a.option.clone(),
-        channels: if s.channels.is_empty() { a.channels } else { s.channels.len() },
+        option: a.option.to_string(),
+        channels: if m.channels.is_empty() { a.channels } else { m.channels.len() },
         workload: a.workload.as_str().into(),
+        image: a.image.as_ref().map(|p| p.display().to_string()),
         guest_bytes: a.size,
         nonzero_guest_bytes: s.nonzero_guest_bytes,
-        status: s.status.clone(),
+        migration: m.clone(),
         error: s.error.clone().or_else(|| d.error.clone()),
-        numbers: n.clone(),
-        throughput_bps: if n.total_ms > 0.0 { a.size as f64 / (n.total_ms / 1e3) } else { 0.0 },
-        verified: s.verified && d.verified,
-        reference: if reference_bps.is_some() { "iperf3".into() } else { "none".into() },
-        reference_bps,
-        total_vs_reference: reference_bps
-            .filter(|r| *r > 0.0 && n.total_ms > 0.0)
-            .map(|r| n.total_ms / 1e3 / (s.nonzero_guest_bytes as f64 / r)),
+        verified: m.verified && d.verified,
+        image_matches: d.image_matches,
+        reference: if reference.is_some() { "iperf3".into() } else { "none".into() },
+        reference_bytes_per_s,
+        reference_args: reference.map(|r| r.args.clone()),
+        total_vs_reference: reference_bytes_per_s
+            .filter(|r| *r > 0.0 && total_s > 0.0)
+            .map(|r| total_s / (s.nonzero_guest_bytes as f64 / r)),
         src_cpu_s: s.cpu_s,
         dst_cpu_s: d.cpu_s,
         peak_rss_bytes: PeakRss { src: s.peak_rss_bytes, dst: d.peak_rss_bytes },
         extra_memory_bytes: extra,
-        throttle_pct: s.throttle_pct,
-        per_channel: s.channels.clone(),
-        events: s.events.clone(),
         scheduling: a.scheduling.clone(),
         dst_memory: a.dst_memory.as_str().into(),
         dst_reserve_fill_s: d.reserve_fill_s,
         dst_reserve_hit: d.reserve_hit,
         testbed: "loopback".into(),
         nics: 0,
-        link_rates_bps: vec![],
-        aggregate_reference_bps: None,
-        wire_throughput_bps: if n.total_ms > n.setup_ms {
-            n.transferred_bytes as f64 / ((n.total_ms - n.setup_ms) / 1e3)
-        } else {
-            0.0
-        },
+        link_rates_bits_per_s: vec![],
+        aggregate_reference_bytes_per_s: None,
+        wire_throughput_bytes_per_s: if moving_s > 0.0 { m.transferred_bytes as f64 / moving_s } else { 0.0 },
         ratio_to_aggregate: None,
     }
 }
@@ -872,9 +809,9 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
             k.3.to_string(),
             k.4.clone(),
             of.len().to_string(),
-            med(&|r| Some(r.numbers.total_ms)).map_or("-".into(), |v| format!("{v:.0}")),
+            med(&|r| Some(ms(r.migration.total))).map_or("-".into(), |v| format!("{v:.0}")),
             med(&|r| r.total_vs_reference).map_or("-".into(), |v| format!("{v:.2}x")),
-            med(&|r| Some(r.numbers.downtime_ms)).map_or("-".into(), |v| format!("{v:.1}")),
+            med(&|r| Some(ms(r.migration.downtime))).map_or("-".into(), |v| format!("{v:.1}")),
             if of.iter().all(|r| r.verified) { "yes".into() } else { "NO".into() },
         ]);
     }
@@ -911,13 +848,13 @@ pub fn table(records: &[LiveRecord]) -> String {
                 Some(false) => format!("{} (missed)", r.dst_memory),
                 _ => r.dst_memory.clone(),
             },
-            format!("{:.0}", r.numbers.total_ms),
+            format!("{:.0}", ms(r.migration.total)),
             r.total_vs_reference.map_or("-".into(), |v| format!("{v:.2}x")),
             r.ratio_to_aggregate.map_or("-".into(), |v| format!("{v:.2}")),
-            format!("{:.1}", r.numbers.downtime_ms),
-            r.numbers.rounds.to_string(),
-            format!("{:.2}", r.numbers.transferred_bytes as f64 / 1e9),
-            format!("{:.2}", r.throughput_bps * 8.0 / 1e9),
+            format!("{:.1}", ms(r.migration.downtime)),
+            r.migration.rounds.to_string(),
+            format!("{:.2}", r.migration.transferred_bytes as f64 / 1e9),
+            format!("{:.2}", r.migration.throughput_bps * 8.0 / 1e9),
             format!("{:.2}", r.src_cpu_s),
             format!("{:.2}", r.dst_cpu_s),
             format!("{:.0}", r.extra_memory_bytes as f64 / (1 << 20) as f64),
@@ -929,7 +866,7 @@ pub fn table(records: &[LiveRecord]) -> String {
         "workload", "option", "ch", "channel", "batches", "MB wire", "p50 us", "p90 us", "p99 us", "max us",
     ]);
     for r in records {
-        for c in &r.per_channel {
+        for c in &r.migration.channels {
             lt.row(vec![
                 r.workload.clone(),
                 r.option.clone(),
@@ -950,9 +887,9 @@ pub fn table(records: &[LiveRecord]) -> String {
     }
     out.push_str("\nbatch latency per channel (send to ack):\n");
     out.push_str(&lt.render());
-    for r in records.iter().filter(|r| !r.events.is_empty()) {
+    for r in records.iter().filter(|r| !r.migration.events.is_empty()) {
         out.push_str(&format!("\nevents ({} {} {} {}):\n", r.workload, r.option, r.scheduling, r.channels));
-        for e in &r.events {
+        for e in &r.migration.events {
             out.push_str(&format!("  {e}\n"));
         }
     }

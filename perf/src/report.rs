@@ -1,8 +1,9 @@
 //! Output: a readable table, or one JSON object per line (`--json`).
 //!
-//! Every `*_bps` field is in **bytes** per second (payload bytes for `throughput_bps`, TCP payload
-//! bytes for `reference_bps`), so `ratio = throughput_bps / reference_bps` compares like with like.
-//! The table shows the same numbers in Gbit/s.
+//! Every rate says its unit in its name: `*_bytes_per_s` (payload bytes for
+//! `throughput_bytes_per_s`, TCP payload bytes for `reference_bytes_per_s`, so `ratio` compares
+//! like with like) or `*_bits_per_s` (link rates, as tc and iperf3 state them). The table shows
+//! throughputs in Gbit/s. README.md lists every field.
 
 use std::io::Write;
 
@@ -27,8 +28,8 @@ pub struct StreamRecord {
     pub run: u32,
     /// Where it ran: `"loopback"` or `"netns"` (a rate-limited veth between two namespaces).
     pub testbed: String,
-    /// Rate limit of the link in bytes per second (netns only).
-    pub link_rate_bps: Option<u64>,
+    /// Rate limit of the link in bits per second (netns only).
+    pub link_rate_bits_per_s: Option<u64>,
     /// Payload: guest bytes covered (zero pages included).
     pub bytes: u64,
     /// Bytes on the channel (frame headers included; zero pages cost a bit each).
@@ -36,7 +37,7 @@ pub struct StreamRecord {
     /// Seconds from the first batch sent to the last acknowledgement received.
     pub seconds: f64,
     /// Payload bytes per second.
-    pub throughput_bps: f64,
+    pub throughput_bytes_per_s: f64,
     /// Source process CPU seconds (user + system) during the timed phase.
     pub src_cpu_s: f64,
     /// Destination process CPU seconds (user + system) during the timed phase.
@@ -48,8 +49,10 @@ pub struct StreamRecord {
     /// The reference: `"iperf3"` (one TCP stream between the same endpoints), or `"none"`.
     pub reference: String,
     /// Reference throughput in bytes per second (`None` without a reference).
-    pub reference_bps: Option<f64>,
-    /// `throughput_bps / reference_bps`.
+    pub reference_bytes_per_s: Option<f64>,
+    /// The iperf3 client's arguments that measured the reference (`-l` is Ferry's write size).
+    pub reference_args: Option<String>,
+    /// `throughput_bytes_per_s / reference_bytes_per_s`.
     pub ratio: Option<f64>,
     /// The destination compared every page with the expected content and all matched.
     pub verified: bool,
@@ -147,8 +150,8 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
             format_size(r.bytes),
             format_size(r.wire_bytes),
             format!("{:.3}", r.seconds),
-            format!("{:.2}", gbit(r.throughput_bps)),
-            r.reference_bps.map_or("-".into(), |b| format!("{:.2}", gbit(b))),
+            format!("{:.2}", gbit(r.throughput_bytes_per_s)),
+            r.reference_bytes_per_s.map_or("-".into(), |b| format!("{:.2}", gbit(b))),
             r.ratio.map_or("-".into(), |x| format!("{x:.2}")),
             format!("{:.2}", r.src_cpu_s),
             format!("{:.2}", r.dst_cpu_s),
@@ -171,8 +174,8 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
                 String::new(),
                 String::new(),
                 med(&|r| Some(r.seconds)).map_or("-".into(), |x| format!("{x:.3}")),
-                med(&|r| Some(gbit(r.throughput_bps))).map_or("-".into(), |x| format!("{x:.2}")),
-                med(&|r| r.reference_bps.map(gbit)).map_or("-".into(), |x| format!("{x:.2}")),
+                med(&|r| Some(gbit(r.throughput_bytes_per_s))).map_or("-".into(), |x| format!("{x:.2}")),
+                med(&|r| r.reference_bytes_per_s.map(gbit)).map_or("-".into(), |x| format!("{x:.2}")),
                 med(&|r| r.ratio).map_or("-".into(), |x| format!("{x:.2}")),
                 med(&|r| Some(r.src_cpu_s)).map_or("-".into(), |x| format!("{x:.2}")),
                 med(&|r| Some(r.dst_cpu_s)).map_or("-".into(), |x| format!("{x:.2}")),
@@ -182,11 +185,14 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
     }
     let mut out = String::new();
     if let Some(r) = records.first() {
-        let link = match r.link_rate_bps {
-            Some(b) => format!("{} link of {:.3} Gbit/s", r.testbed, gbit(b as f64)),
+        let link = match r.link_rate_bits_per_s {
+            Some(b) => format!("{} link of {:.3} Gbit/s", r.testbed, b as f64 / 1e9),
             None => r.testbed.clone(),
         };
         out.push_str(&format!("stream: {} of {} (seed {}), {link}\n", format_size(r.bytes), r.mix, r.seed));
+        if let Some(args) = &r.reference_args {
+            out.push_str(&format!("reference: iperf3 {args}\n"));
+        }
     }
     out.push_str(&t.render());
     out

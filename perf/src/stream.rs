@@ -23,64 +23,32 @@
 //! the page's time on the wire), and verification happens after it stops. CPU time is each
 //! process's own `getrusage` over its timed phase.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, ChildStdout, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk, ServerConfig, SessionId};
+use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, ServerConfig, SessionId};
 use ferry_transport::memory::{AnonMemory, MemoryMap};
-use ferry_transport::pagemix::{expected_page, fill_page, Mix, PageKind};
+use ferry_transport::option::TransportOption;
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
 use ferry_transport::{Channel, Incoming};
+use ferry_vmm_glue::pagemix::{expected_page, fill_page, Mix, PageKind};
 use serde::{Deserialize, Serialize};
 
+use crate::driver::{
+    die_with_parent, drive_pair, hex, psk_from_env, read_go, read_line, read_result, say, say_result, unhex,
+};
 use crate::error::{BenchError, Result};
 use crate::procstat::Usage;
-use crate::testbed::{in_netns, register_child, unregister_child, Side, Testbed};
+use crate::testbed::{Side, Testbed};
 use crate::units::parse_size;
-
-/// Environment variable that carries the pre-shared key (hex) from the driver to its children.
-pub const PSK_ENV: &str = "FERRY_BENCH_PSK";
 
 /// Time allowed for a channel handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A transport option.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TransportOption {
-    /// One TCP stream, pages raw.
-    Tcp,
-    /// The same stream, batches compressed with zstd where that pays: per batch, compressed or
-    /// raw by which has been delivering faster.
-    Zstd,
-    /// zstd on every batch (raw only where compressing saves less than 1/8).
-    #[value(name = "zstd-always")]
-    #[serde(rename = "zstd-always")]
-    ZstdAlways,
-}
-
-impl TransportOption {
-    /// Name as in the JSON.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Zstd => "zstd",
-            Self::ZstdAlways => "zstd-always",
-        }
-    }
-}
-
-fn parse_mix(s: &str) -> std::result::Result<Mix, String> {
-    s.parse()
-}
 
 /// What the two children are told (the driver turns a [`StreamConfig`] into these arguments).
 #[derive(Debug, Clone, clap::Args)]
@@ -89,13 +57,13 @@ pub struct ChildArgs {
     #[arg(long, value_parser = parse_size)]
     pub size: u64,
     /// Page mixture.
-    #[arg(long, value_parser = parse_mix)]
+    #[arg(long)]
     pub mix: Mix,
     /// Seed of the page contents.
     #[arg(long)]
     pub seed: u64,
     /// Transport option.
-    #[arg(long, value_enum)]
+    #[arg(long)]
     pub option: TransportOption,
     /// zstd level.
     #[arg(long, allow_negative_numbers = true)]
@@ -160,7 +128,7 @@ impl StreamConfig {
             "--seed".into(),
             self.seed.to_string(),
             "--option".into(),
-            self.option.as_str().into(),
+            self.option.to_string(),
             "--zstd-level".into(),
             self.zstd_level.to_string(),
             "--batch-pages".into(),
@@ -173,13 +141,7 @@ impl StreamConfig {
     }
 
     fn tcp_options(&self) -> TcpOptions {
-        match self.option {
-            TransportOption::Tcp => TcpOptions::default(),
-            TransportOption::Zstd => TcpOptions { zstd_level: Some(self.zstd_level), ..TcpOptions::zstd() },
-            TransportOption::ZstdAlways => {
-                TcpOptions { zstd_level: Some(self.zstd_level), adaptive: false, ..TcpOptions::zstd() }
-            }
-        }
+        self.option.tcp_options(self.zstd_level)
     }
 
     fn pages(&self) -> u64 {
@@ -205,24 +167,6 @@ impl ChildArgs {
         session.copy_from_slice(&s);
         Ok((cfg, session))
     }
-}
-
-pub(crate) fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok()).collect()
-}
-
-pub(crate) fn psk_from_env() -> Result<Psk> {
-    let h = std::env::var(PSK_ENV)
-        .map_err(|_| BenchError::Usage(format!("{PSK_ENV} is not set (run through `migration-bench stream`)")))?;
-    let k = unhex(&h).ok_or_else(|| BenchError::Usage(format!("{PSK_ENV} is not hex")))?;
-    Psk::new(k).map_err(|e| BenchError::Usage(format!("{PSK_ENV}: {e}")))
 }
 
 /// What the source reports.
@@ -328,17 +272,6 @@ fn verify(mem: &AnonMemory, mix: &Mix, seed: u64) -> (u64, Option<u64>) {
     });
     let bad = parts.iter().fold(0u64, |a, p| a.saturating_add(p.0));
     (bad, parts.iter().find_map(|p| p.1))
-}
-
-/// Die with the driver: a child must not outlive it (it holds memory and a testbed namespace).
-pub(crate) fn die_with_parent() {
-    // Best effort: without it the watchdog and Ctrl-C cleanup still kill the children.
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-}
-
-pub(crate) fn say(line: &str) -> Result<()> {
-    let mut o = std::io::stdout().lock();
-    writeln!(o, "{line}").and_then(|_| o.flush()).map_err(|e| BenchError::io("writing to the driver", e))
 }
 
 /// Sent/acked bookkeeping between the sending thread and the ack thread.
@@ -480,13 +413,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     // only read, and nothing writes `mem` any more.
     let map = unsafe { mem.map_at(0) }?;
     say("READY")?;
-    let mut line = String::new();
-    std::io::stdin().lock().read_line(&mut line).map_err(|e| BenchError::io("reading the driver's GO", e))?;
-    let addr: SocketAddr = line
-        .trim()
-        .strip_prefix("GO ")
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| BenchError::Usage(format!("expected `GO <addr>` from the driver, got {line:?}")))?;
+    let addr = read_go()?;
     let hs = ClientConfig {
         psk,
         binding: ChannelBinding { session, channel: 0 },
@@ -497,7 +424,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     if ch.info.backend != cfg.option.as_str() {
         return Err(BenchError::Child {
             role: "source",
-            detail: format!("asked for {} but the channel is {}", cfg.option.as_str(), ch.info.backend),
+            detail: format!("asked for {} but the channel is {}", cfg.option, ch.info.backend),
         });
     }
     let u0 = Usage::current()?;
@@ -514,10 +441,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
         peak_rss_bytes: u.peak_rss_bytes,
         fill_seconds,
     };
-    say(&format!(
-        "RESULT {}",
-        serde_json::to_string(&rep).map_err(|e| BenchError::Parse { what: "report", detail: e.to_string() })?
-    ))
+    say_result(&rep)
 }
 
 /// The destination process (`migration-bench stream-dst`).
@@ -531,10 +455,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     // SAFETY: `mem` outlives `map`; only this thread writes `mem` through the map (in `recv`),
     // and verification reads it after the channel is closed.
     let map = unsafe { mem.map_at(0) }?;
-    let caps = match cfg.option {
-        TransportOption::Tcp => Caps(0),
-        TransportOption::Zstd | TransportOption::ZstdAlways => Caps::ALL,
-    };
+    let caps = cfg.option.caps();
     let acc = TcpAcceptor::bind(listen, cfg.tcp_options(), ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let ch = acc.accept(&|est| {
@@ -581,10 +502,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
         first_mismatch: first,
         verify_seconds: tv.elapsed().as_secs_f64(),
     };
-    say(&format!(
-        "RESULT {}",
-        serde_json::to_string(&rep).map_err(|e| BenchError::Parse { what: "report", detail: e.to_string() })?
-    ))
+    say_result(&rep)
 }
 
 /// Where the two processes run.
@@ -595,156 +513,6 @@ pub enum Placement<'a> {
     /// Source in the testbed's source namespace, destination in its destination namespace, over
     /// NIC 0.
     Netns(&'a Testbed),
-}
-
-/// Kills the children if the run takes too long.
-pub(crate) struct Watchdog {
-    stop: Option<mpsc::Sender<()>>,
-    fired: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    pub(crate) fn start(pids: Vec<u32>, timeout: Duration) -> Self {
-        let (stop, rx) = mpsc::channel::<()>();
-        let fired = Arc::new(AtomicBool::new(false));
-        let f = fired.clone();
-        let thread = thread::spawn(move || {
-            if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(timeout) {
-                f.store(true, Ordering::SeqCst);
-                for p in pids {
-                    if let Ok(p) = i32::try_from(p) {
-                        let _ =
-                            nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), nix::sys::signal::Signal::SIGKILL);
-                    }
-                }
-            }
-        });
-        Self { stop: Some(stop), fired, thread: Some(thread) }
-    }
-
-    /// Stop watching; whether it fired.
-    pub(crate) fn finish(mut self) -> bool {
-        self.stop.take();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.fired.load(Ordering::SeqCst)
-    }
-}
-
-pub(crate) fn read_line(r: &mut BufReader<ChildStdout>, prefix: &str, role: &'static str) -> Result<String> {
-    let mut line = String::new();
-    let n = r.read_line(&mut line).map_err(|e| BenchError::io(format!("reading the {role} process"), e))?;
-    if n == 0 {
-        return Err(BenchError::Child { role, detail: format!("exited before saying {}", prefix.trim()) });
-    }
-    line.trim_end().strip_prefix(prefix.trim_end()).map(|s| s.trim().to_string()).ok_or_else(|| BenchError::Child {
-        role,
-        detail: format!("said {:?}, expected {}", line.trim_end(), prefix.trim()),
-    })
-}
-
-pub(crate) fn reap(child: &mut Child, role: &'static str) -> Result<()> {
-    let st = child.wait().map_err(|e| BenchError::io(format!("waiting for the {role} process"), e));
-    unregister_child(child.id());
-    let st = st?;
-    if st.success() {
-        Ok(())
-    } else {
-        Err(exit_error(role, st))
-    }
-}
-
-/// The two children of one benchmark run, as [`drive_pair`] hands them to its body.
-pub(crate) struct PairIo {
-    /// The destination's stdout.
-    pub dout: BufReader<ChildStdout>,
-    /// The source's stdout.
-    pub sout: BufReader<ChildStdout>,
-    /// The source's stdin (for the GO line).
-    pub sin: std::process::ChildStdin,
-}
-
-/// Spawn `exe <prefix>-dst ARGS --listen LISTEN` and `exe <prefix>-src ARGS` (each in its
-/// namespace, the PSK in the environment), run `body` on their pipes, then reap both. A child
-/// that fails on its own explains the error; both are killed after `timeout`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn drive_pair<T>(
-    exe: &Path,
-    prefix: &str,
-    args: &[String],
-    src_ns: Option<&str>,
-    dst_ns: Option<&str>,
-    listen: &str,
-    timeout: Duration,
-    body: impl FnOnce(&mut PairIo) -> Result<T>,
-) -> Result<T> {
-    let psk: [u8; 32] = random_bytes();
-    let mut dst = in_netns(dst_ns, exe)
-        .arg(format!("{prefix}-dst"))
-        .args(args)
-        .args(["--listen", listen])
-        .env(PSK_ENV, hex(&psk))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| BenchError::io(format!("starting {} {prefix}-dst", exe.display()), e))?;
-    register_child(dst.id());
-    let mut src = match in_netns(src_ns, exe)
-        .arg(format!("{prefix}-src"))
-        .args(args)
-        .env(PSK_ENV, hex(&psk))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = dst.kill();
-            let _ = reap(&mut dst, "destination");
-            return Err(BenchError::io(format!("starting {} {prefix}-src", exe.display()), e));
-        }
-    };
-    register_child(src.id());
-    let dog = Watchdog::start(vec![dst.id(), src.id()], timeout);
-    let result = (|| -> Result<T> {
-        let mut io = PairIo {
-            dout: BufReader::new(
-                dst.stdout.take().ok_or(BenchError::Child { role: "destination", detail: "no stdout".into() })?,
-            ),
-            sout: BufReader::new(
-                src.stdout.take().ok_or(BenchError::Child { role: "source", detail: "no stdout".into() })?,
-            ),
-            sin: src.stdin.take().ok_or(BenchError::Child { role: "source", detail: "no stdin".into() })?,
-        };
-        let r = body(&mut io)?;
-        // Drain what is left (nothing, normally) so that the children never block on a full pipe.
-        drop(io.sin);
-        let _ = io.sout.read_to_end(&mut Vec::new());
-        let _ = io.dout.read_to_end(&mut Vec::new());
-        Ok(r)
-    })();
-    if let Err(e) = result {
-        // A child that failed on its own explains more than "it stopped talking".
-        let own = failed_on_its_own(&mut src, "source").or_else(|| failed_on_its_own(&mut dst, "destination"));
-        let _ = src.kill();
-        let _ = dst.kill();
-        let _ = reap(&mut src, "source");
-        let _ = reap(&mut dst, "destination");
-        if dog.finish() {
-            return Err(BenchError::Timeout(timeout.as_secs()));
-        }
-        return Err(own.unwrap_or(e));
-    }
-    let src_exit = reap(&mut src, "source");
-    let dst_exit = reap(&mut dst, "destination");
-    if dog.finish() {
-        return Err(BenchError::Timeout(timeout.as_secs()));
-    }
-    src_exit?;
-    dst_exit?;
-    result
 }
 
 /// Run one stream: spawn the destination and the source (`exe stream-dst`, `exe stream-src`),
@@ -763,49 +531,15 @@ pub fn run(exe: &Path, cfg: &StreamConfig, place: Placement<'_>, timeout: Durati
         let addr = read_line(&mut io.dout, "LISTENING ", "destination")?;
         read_line(&mut io.sout, "READY", "source")?;
         writeln!(io.sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
-        let s = read_line(&mut io.sout, "RESULT ", "source")?;
-        let d = read_line(&mut io.dout, "RESULT ", "destination")?;
-        let s: SrcReport = serde_json::from_str(&s)
-            .map_err(|e| BenchError::Parse { what: "the source's report", detail: e.to_string() })?;
-        let d: DstReport = serde_json::from_str(&d)
-            .map_err(|e| BenchError::Parse { what: "the destination's report", detail: e.to_string() })?;
+        let s: SrcReport = read_result(&mut io.sout, "source")?;
+        let d: DstReport = read_result(&mut io.dout, "destination")?;
         Ok((s, d))
     })
-}
-
-pub(crate) fn exit_error(role: &'static str, st: std::process::ExitStatus) -> BenchError {
-    let detail = match st.code() {
-        Some(_) => format!("{st} (its error is above)"),
-        None => format!("killed ({st})"),
-    };
-    BenchError::Child { role, detail }
-}
-
-/// If `child` has exited (or exits within a moment) with a failure, that failure.
-pub(crate) fn failed_on_its_own(child: &mut Child, role: &'static str) -> Option<BenchError> {
-    let t = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) if !st.success() => return Some(exit_error(role, st)),
-            Ok(None) if t.elapsed() < Duration::from_millis(300) => thread::sleep(Duration::from_millis(10)),
-            _ => return None,
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_round_trip() {
-        let b = [0u8, 1, 0xab, 0xff];
-        assert_eq!(hex(&b), "0001abff");
-        assert_eq!(unhex("0001abff"), Some(b.to_vec()));
-        assert_eq!(unhex("0g"), None);
-        assert_eq!(unhex("abc"), None);
-        assert_eq!(unhex("é1"), None);
-    }
 
     #[test]
     fn fill_then_verify() {

@@ -50,15 +50,19 @@ fn live_json_is_verified_for_every_workload_and_option() {
         assert_eq!(v["verified"], true, "{v}");
         assert_eq!(v["guest_bytes"].as_u64(), Some(32 << 20));
         assert_eq!(v["reference"], "iperf3");
-        for k in ["total_ms", "downtime_ms", "transferred_bytes", "throughput_bps", "reference_bps"] {
-            assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} not positive: {v}");
+        // iperf3 wrote in Ferry's batches (256 pages by default).
+        assert!(v["reference_args"].as_str().is_some_and(|a| a.contains("-l 1048576")), "{v}");
+        let m = &v["migration"];
+        for k in ["total_ms", "downtime_ms", "transferred_bytes", "throughput_bytes_per_s"] {
+            assert!(m[k].as_f64().is_some_and(|x| x > 0.0), "{k} not positive: {v}");
         }
-        assert!(v["rounds"].as_u64().is_some_and(|r| r >= 2), "{v}");
-        assert!(v["zero_pages"].as_u64().is_some_and(|z| z > 0), "{v}");
+        assert!(v["reference_bytes_per_s"].as_f64().is_some_and(|x| x > 0.0), "reference not positive: {v}");
+        assert!(m["rounds"].as_u64().is_some_and(|r| r >= 2), "{v}");
+        assert!(m["zero_pages"].as_u64().is_some_and(|z| z > 0), "{v}");
         assert!(v["peak_rss_bytes"]["src"].as_u64().is_some_and(|x| x > 0), "{v}");
         assert!(v["peak_rss_bytes"]["dst"].as_u64().is_some_and(|x| x > 0), "{v}");
         let ch = v["channels"].as_u64().unwrap_or(0) as usize;
-        assert_eq!(v["per_channel"].as_array().map(Vec::len), Some(ch), "{v}");
+        assert_eq!(m["channels"].as_array().map(Vec::len), Some(ch), "{v}");
         // The default destination memory is the reserve, and the guest came from it.
         assert_eq!(v["dst_memory"], "reserve", "{v}");
         assert_eq!(v["dst_reserve_hit"], true, "{v}");
@@ -154,6 +158,74 @@ fn adaptive_zstd_compresses_where_the_link_is_the_bottleneck() {
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines.iter().all(|v| v["verified"] == true), "{text}");
-    let wire = |i: usize| lines[i]["transferred_bytes"].as_f64().expect("transferred_bytes");
+    let wire = |i: usize| lines[i]["migration"]["transferred_bytes"].as_f64().expect("transferred_bytes");
     assert!(wire(1) < 0.8 * wire(0), "zstd moved {} bytes, tcp {}: adaptive zstd did not compress", wire(1), wire(0));
+}
+
+/// A raw memory image through the CLI: the guest is the file (its length rounded up to whole
+/// pages), migrated over one and two channels and verified, page by page, against the file.
+#[test]
+fn live_migrates_a_raw_image_and_the_destination_holds_the_file() {
+    let dir = std::env::temp_dir().join(format!("ferry-image-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("guest.raw");
+    // 3 MiB and 100 bytes: zero stretches, text, random bytes, and a tail short of a page.
+    let len = (3 << 20) + 100;
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let img: Vec<u8> = (0..len)
+        .map(|i| match (i / 4096) % 4 {
+            0 => 0,
+            1 => b"ferry migrates memory images "[i % 29],
+            _ => {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            }
+        })
+        .collect();
+    std::fs::write(&path, &img).expect("writing the image");
+    let nonzero_pages = img.chunks(4096).filter(|p| p.iter().any(|&b| b != 0)).count() as u64;
+    let path_s = path.to_str().expect("utf-8 path");
+    let o = bench(&[
+        "live",
+        "--image",
+        path_s,
+        "--workload",
+        "idle",
+        "--options",
+        "tcp,zstd:2",
+        "--working-set",
+        "1MiB",
+        "--no-reference",
+        "--json",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "exit {:?}: {stderr}", o.status);
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    for v in &lines {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["image_matches"], true, "{v}");
+        assert_eq!(v["guest_bytes"].as_u64(), Some((3 << 20) + 4096), "{v}");
+        assert_eq!(v["nonzero_guest_bytes"].as_u64(), Some(nonzero_pages * 4096), "{v}");
+        assert!(v["image"].as_str().is_some_and(|p| p.ends_with("guest.raw")), "{v}");
+    }
+    // Bad images are usage errors, not panics.
+    let empty = dir.join("empty.raw");
+    std::fs::write(&empty, b"").expect("writing an empty image");
+    let missing = dir.join("missing.raw");
+    for args in [
+        vec!["live", "--image", empty.to_str().unwrap_or(""), "--no-reference"],
+        vec!["live", "--image", missing.to_str().unwrap_or(""), "--no-reference"],
+        vec!["live", "--image", dir.to_str().unwrap_or(""), "--no-reference"],
+        vec!["live", "--image", path_s, "--size", "8MiB", "--no-reference"],
+    ] {
+        let o = bench(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("error") && !err.contains("panicked"), "{args:?}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

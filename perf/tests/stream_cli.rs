@@ -30,15 +30,15 @@ fn stream_json_on_loopback_is_verified_and_complete() {
         assert_eq!(v["bytes"].as_u64(), Some(SIZE), "{v}");
         assert_eq!(v["mix"], "zero=40,text=30,random=30");
         assert_eq!(v["testbed"], "loopback");
-        for k in ["wire_bytes", "seconds", "throughput_bps", "reference_bps", "ratio"] {
+        for k in ["wire_bytes", "seconds", "throughput_bytes_per_s", "reference_bytes_per_s", "ratio"] {
             assert!(num(k) > 0.0, "{k} not positive: {v}");
         }
         for k in ["src_cpu_s", "dst_cpu_s"] {
             assert!(num(k) >= 0.0, "{k} negative: {v}");
         }
-        let ratio = num("throughput_bps") / num("reference_bps");
+        let ratio = num("throughput_bytes_per_s") / num("reference_bytes_per_s");
         assert!((ratio - num("ratio")).abs() < 1e-9 * ratio.max(1.0), "{v}");
-        assert!((num("throughput_bps") * num("seconds") - SIZE as f64).abs() < 1.0, "{v}");
+        assert!((num("throughput_bytes_per_s") * num("seconds") - SIZE as f64).abs() < 1.0, "{v}");
         // Zero pages are never sent as data: with 40 % zero pages the wire carries less.
         assert!(num("wire_bytes") < SIZE as f64, "{v}");
         assert_eq!(v["data_pages"].as_u64().unwrap() + v["zero_pages"].as_u64().unwrap(), SIZE / 4096);

@@ -89,10 +89,10 @@ fn two_nic_testbed_passes_traffic_and_is_removed() {
     exchange(&tb, 0, Duration::from_secs(5)).expect("nic0 with nic1 down");
     tb.link_up(1).expect("link up");
     exchange(&tb, 1, Duration::from_secs(5)).expect("nic1 back up");
-    tb.set_rate(0, "100mbit".parse().unwrap()).expect("set rate");
+    tb.set_rate(0, "100mbit".parse::<Rate>().unwrap()).expect("set rate");
     let q = Command::new("tc").args(["-n", &tb.netns(Side::Src), "qdisc", "show", "dev", "nic0"]).output().unwrap();
     assert!(String::from_utf8_lossy(&q.stdout).contains("rate 100Mbit"), "{}", String::from_utf8_lossy(&q.stdout));
-    assert!(tb.set_rate(2, "1gbit".parse().unwrap()).is_err(), "nic2 does not exist");
+    assert!(tb.set_rate(2, "1gbit".parse::<Rate>().unwrap()).is_err(), "nic2 does not exist");
     tb.down().expect("down");
     assert!(!namespaces().contains(&name), "namespaces left: {}", namespaces());
 }
@@ -104,7 +104,7 @@ fn dropped_testbed_is_removed_and_down_is_idempotent() {
     }
     let name = unique_name("fbt");
     {
-        let _tb = Testbed::up(&name, &["1gbit".parse().unwrap()]).expect("testbed up");
+        let _tb = Testbed::up(&name, &["1gbit".parse::<Rate>().unwrap()]).expect("testbed up");
         assert!(namespaces().contains(&name));
     }
     assert!(!namespaces().contains(&name), "drop left namespaces");
@@ -129,7 +129,7 @@ fn stream_over_a_rate_limited_link() {
         let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
         assert_eq!(v["verified"], true, "{v}");
         assert_eq!(v["testbed"], "netns", "{v}");
-        assert_eq!(v["link_rate_bps"].as_u64(), Some(125_000_000), "{v}");
+        assert_eq!(v["link_rate_bits_per_s"].as_u64(), Some(1_000_000_000), "{v}");
         assert!(v["ratio"].as_f64().unwrap() > 0.0, "{v}");
     }
     let left = namespaces();

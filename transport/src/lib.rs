@@ -7,10 +7,11 @@
 //! - [`channel`]: the channel traits every backend implements.
 //! - [`scan`]: one pass over a page: zero or not, and its hash.
 //! - [`reserve`]: destination memory faulted in before migrations arrive.
+//! - [`option`]: the transport options by name (`tcp`, `zstd`, `zstd-always`), as every command
+//!   line spells them.
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
 //! - `rdma` (cargo feature `rdma`): the RDMA verbs backend, one-sided RDMA WRITE into the
 //!   destination's registered guest memory.
-//! - [`conformance`]: the test suite every backend passes.
 //!
 //! ```no_run
 //! use ferry_transport::{handshake::*, tcp, memory::AnonMemory, wire::{PageRun, BATCH_DEST_ZEROED}};
@@ -27,11 +28,10 @@
 //! ```
 
 pub mod channel;
-pub mod conformance;
 pub mod error;
 pub mod handshake;
 pub mod memory;
-pub mod pagemix;
+pub mod option;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod reserve;

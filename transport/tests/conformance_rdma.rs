@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_transport::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_test_support::pagemix::{fill_page, PageKind};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
 use ferry_transport::memory::AnonMemory;
-use ferry_transport::pagemix::{fill_page, PageKind};
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaChannel, RdmaOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, PAGE_SIZE};
 use ferry_transport::{Channel, Incoming, TransportError};
@@ -124,12 +124,24 @@ impl Backend for Rdma {
             let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
             let raw = rdma::RawRdmaPeer::connect(addr, &self.opts, client_cfg(Psk::new(TEST_KEY).unwrap()))?;
             let ch = srv.join().unwrap()?;
-            Ok((Box::new(raw) as Box<dyn RawPeer>, ch.channel))
+            Ok((Box::new(RawRdma(raw)) as Box<dyn RawPeer>, ch.channel))
         })
     }
 
     fn zstd(&self) -> bool {
         false
+    }
+}
+
+/// The backend's raw peer, as the suite's [`RawPeer`].
+struct RawRdma(rdma::RawRdmaPeer);
+
+impl RawPeer for RawRdma {
+    fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        self.0.write_raw(b)
+    }
+    fn close(&mut self) {
+        self.0.close();
     }
 }
 

@@ -4,7 +4,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use ferry_transport::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
 use ferry_transport::handshake::{
     random_bytes, Caps, ChannelBinding, ClientConfig, ClientHandshake, Psk, ServerConfig, Step,
 };

@@ -1,5 +1,7 @@
 //! ferry-vmm-glue: guests that Ferry migrates, implementing `ferry-migrate`'s VM traits.
 //!
+//! - [`pagemix`]: deterministic page contents (zero, text-like, random pages in given
+//!   proportions) that the synthetic guest is filled with and that benchmarks and tests check against.
 //! - [`synthetic`]: memory filled with a page mixture or a raw image, and a writer thread that
 //!   dirties a working set at a set rate.
 //! - [`kvm`]: a small VMM on KVM running Ferry's own guest program (long mode, CPL 3), with
@@ -9,4 +11,5 @@
 //! processes: `receive`, `run-and-migrate`, `pingpong` (live) and `quick` (shared directory).
 
 pub mod kvm;
+pub mod pagemix;
 pub mod synthetic;

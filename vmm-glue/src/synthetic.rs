@@ -15,9 +15,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::pagemix::{fill_page, splitmix, Mix, PageKind};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_transport::memory::{AnonMemory, MemoryMap, Region};
-use ferry_transport::pagemix::{fill_page, splitmix, Mix, PageKind};
 use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::wire::PAGE_SIZE;
 
@@ -109,6 +109,22 @@ pub fn layout(pages: u64, n: usize) -> Vec<(u64, u64)> {
         left -= p;
     }
     out
+}
+
+/// Read the next page of a raw memory image into `page` (a file's tail short of a page reads as
+/// if zero-padded; past the end, a zero page).
+pub fn read_image_page(r: &mut impl Read, page: &mut [u8]) -> std::io::Result<()> {
+    page.fill(0);
+    let mut got = 0;
+    while got < page.len() {
+        match r.read(&mut page[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 const STAMP_MAGIC: u64 = 0x5354_414d_5046_5259; // "YRFPMATS"
@@ -296,18 +312,8 @@ impl SyntheticVm {
         for (m, &(_, len)) in mem.iter().zip(&shape.regions) {
             for p in 0..len / PAGE_SIZE as u64 {
                 if let Some(f) = image.as_mut() {
-                    buf.fill(0);
-                    let mut got = 0;
-                    while got < PAGE_SIZE {
-                        match f.read(&mut buf[got..]) {
-                            Ok(0) => break,
-                            Ok(n) => got += n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(err) => {
-                                return Err(SyntheticError::Image { path: cfg.image.clone().unwrap_or_default(), err })
-                            }
-                        }
-                    }
+                    read_image_page(f, &mut buf)
+                        .map_err(|err| SyntheticError::Image { path: cfg.image.clone().unwrap_or_default(), err })?;
                     if buf.iter().any(|&b| b != 0) {
                         m.write_from(p as usize * PAGE_SIZE, &buf);
                     }
@@ -408,9 +414,13 @@ impl Drop for SyntheticVm {
     }
 }
 
+/// Magic and version of the writer's state blob: magic, rng, generation, working-set pages,
+/// rate, one generation per working-set page, CRC-32 of all before it (little endian).
+const STATE_MAGIC: &[u8; 8] = b"FSYN\x02\0\0\0";
+
 fn encode_state(st: &WriterState, ws_pages: u64, rate: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(40 + st.gens.len() * 8);
-    v.extend_from_slice(b"FSYN\x01\0\0\0");
+    let mut v = Vec::with_capacity(44 + st.gens.len() * 8);
+    v.extend_from_slice(STATE_MAGIC);
     v.extend_from_slice(&st.rng.to_le_bytes());
     v.extend_from_slice(&st.generation.to_le_bytes());
     v.extend_from_slice(&ws_pages.to_le_bytes());
@@ -418,17 +428,9 @@ fn encode_state(st: &WriterState, ws_pages: u64, rate: u64) -> Vec<u8> {
     for g in &st.gens {
         v.extend_from_slice(&g.to_le_bytes());
     }
-    let crc = crc(&v);
+    let crc = crc32fast::hash(&v);
     v.extend_from_slice(&crc.to_le_bytes());
     v
-}
-
-fn crc(b: &[u8]) -> u64 {
-    b.chunks(8).fold(0xcbf2_9ce4_8422_2325u64, |h, c| {
-        let mut w = [0u8; 8];
-        w[..c.len()].copy_from_slice(c);
-        (h ^ u64::from_le_bytes(w)).wrapping_mul(0x100_0000_01b3).rotate_left(7)
-    })
 }
 
 fn decode_state(b: &[u8], pages: u64) -> Result<(WriterState, u64, u64), SyntheticError> {
@@ -438,11 +440,11 @@ fn decode_state(b: &[u8], pages: u64) -> Result<(WriterState, u64, u64), Synthet
             .map(u64::from_le_bytes)
             .ok_or(SyntheticError::BadState("truncated"))
     };
-    if b.len() < 48 || &b[0..8] != b"FSYN\x01\0\0\0" {
+    if b.len() < 44 || &b[0..8] != STATE_MAGIC {
         return Err(SyntheticError::BadState("bad magic or version"));
     }
-    let body = &b[..b.len() - 8];
-    if crc(body) != word(b.len() - 8)? {
+    let (body, crc) = b.split_at(b.len() - 4);
+    if crc32fast::hash(body).to_le_bytes() != crc {
         return Err(SyntheticError::BadState("checksum mismatch"));
     }
     let (rng, generation, ws, rate) = (word(8)?, word(16)?, word(24)?, word(32)?);

@@ -4,7 +4,7 @@
 
 use std::process::{Command, Output};
 
-use ferry_vmm_glue::kvm::kvm_or_skip;
+use ferry_test_support::kvm_or_skip;
 use serde_json::Value;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry");

@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use ferry_migrate::vm::{SourceVm, TargetFactory, TargetVm, VmShape};
+use ferry_test_support::kvm_or_skip;
 use ferry_transport::memory::MemoryMap;
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::kvm::guest::{self, expected_checksum};
-use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
+use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 
 fn cfg(id: &str, ws_pages: u64) -> GuestConfig {
     GuestConfig { vm_id: id.into(), mem_bytes: 16 << 20, slot_bytes: 8 << 20, ws_pages, ..Default::default() }

@@ -5,40 +5,34 @@
 //! `FERRY_KVM_WS_MIB` its working set (default 16).
 
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_migrate::server::{connect_simple, MigrationServer};
+use ferry_migrate::server::connect_simple;
 use ferry_migrate::source::{migrate, MigrationConfig};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_migrate::MigrateError;
-use ferry_transport::handshake::{Caps, Psk, ServerConfig};
-use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
+use ferry_test_support::{kvm_or_skip, server};
+use ferry_transport::handshake::Psk;
+use ferry_transport::tcp::TcpOptions;
 use ferry_vmm_glue::kvm::guest::expected_checksum;
-use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
+use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 
 const KEY: &[u8] = b"kvm-live-migration-test-key-0123456789";
 
 type Outcomes = mpsc::Receiver<Result<TargetOutcome, MigrateError>>;
 
 fn server(factory: KvmFactory, max: usize) -> (std::net::SocketAddr, Outcomes, std::thread::JoinHandle<()>) {
-    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
-    let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
-    let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default());
-    let addr = srv.local_addr().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    let h = std::thread::spawn(move || {
-        srv.serve(
-            Some(max),
-            Arc::new(move |r| {
-                let _ = tx.lock().unwrap().send(r);
-            }),
-        )
-    });
-    (addr, rx, h)
+    let s = server::loopback(
+        Psk::new(KEY).unwrap(),
+        TcpOptions::default(),
+        Arc::new(factory),
+        TargetConfig::default(),
+        Some(max),
+    );
+    (s.addr, s.outcomes, s.thread)
 }
 
 #[test]

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, SharedDir, VmRunState};
 use ferry_migrate::vm::{SourceVm, VmError};
+use ferry_test_support::kvm_or_skip;
 use ferry_vmm_glue::kvm::guest::expected_checksum;
-use ferry_vmm_glue::kvm::{kvm_or_skip, GuestConfig, KvmFactory, KvmVm};
+use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 
 #[test]
 fn quick_migration_round_trips_a_kvm_guest() {

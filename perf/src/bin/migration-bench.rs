@@ -2,13 +2,15 @@
 //!
 //! ```text
 //! migration-bench                      (the default job: `live` with its defaults)
-//! migration-bench live [--size 2GiB] [--workload idle|busy|both] [--options tcp,zstd,tcp:2,tcp:4]
-//!                      [--working-set 256MiB] [--dirty-rate 100MiB] [--downtime-ms 300] [--json]
-//! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp|zstd|all]
+//! migration-bench live [--size 2GiB | --image FILE] [--workload idle|busy|both]
+//!                      [--options tcp,zstd,tcp:2,tcp:4] [--working-set 256MiB] [--dirty-rate 100MiB]
+//!                      [--downtime-ms 300] [--json]
+//! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp,zstd]
 //!                        [--zstd-level 1] [--link-rate 1gbit] [--json]
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -16,12 +18,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ferry_perf::iperf::{self, IperfResult};
 use ferry_perf::live::{self, DstMemory, LiveChildArgs};
 use ferry_perf::report::{emit, stream_table, StreamRecord};
-use ferry_perf::stream::{self, ChildArgs, Placement, StreamConfig, TransportOption};
+use ferry_perf::stream::{self, ChildArgs, Placement, StreamConfig};
 use ferry_perf::testbed::{self, Side, Testbed};
-use ferry_perf::units::{format_size, parse_rate, parse_size, Rate};
+use ferry_perf::units::{format_size, parse_rate, parse_size, Rate, MAX_SIZE};
 use ferry_perf::{BenchError, Result};
-use ferry_transport::pagemix::Mix;
+use ferry_transport::option::TransportOption;
 use ferry_transport::wire::{MAX_BATCH_PAGES, PAGE_SIZE};
+use ferry_vmm_glue::pagemix::Mix;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -68,34 +71,17 @@ enum Cmd {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum OptionArg {
-    /// One TCP stream, pages raw.
-    Tcp,
-    /// The same stream, zstd-compressed batches where compressing pays (adaptive).
-    Zstd,
-    /// zstd on every batch.
-    #[value(name = "zstd-always")]
-    ZstdAlways,
-    /// tcp and zstd, one after the other.
-    All,
-}
-
-fn parse_mix(s: &str) -> std::result::Result<Mix, String> {
-    s.parse()
-}
-
 #[derive(Debug, clap::Args)]
 struct StreamArgs {
     /// Guest memory to stream (B, KiB, MiB, GiB; a multiple of 4 KiB).
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     size: u64,
     /// Page mixture in percent (kinds: zero, text, random; they add up to 100).
-    #[arg(long, default_value = "zero=40,text=30,random=30", value_parser = parse_mix)]
+    #[arg(long, default_value = "zero=40,text=30,random=30")]
     mix: Mix,
-    /// Transport option(s) to measure.
-    #[arg(long, value_enum, default_value = "all")]
-    option: OptionArg,
+    /// Transport options to measure, one after the other (tcp, zstd, zstd-always; comma-separated).
+    #[arg(long, default_value = "tcp,zstd", value_delimiter = ',')]
+    option: Vec<TransportOption>,
     /// zstd compression level (negative levels are faster).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-131_072..=22))]
@@ -119,7 +105,7 @@ struct StreamArgs {
     /// Seconds of the iperf3 reference (whole seconds).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=60))]
     reference_seconds: u32,
-    /// Skip the iperf3 reference (`reference_bps` and `ratio` are then null).
+    /// Skip the iperf3 reference (`reference_bytes_per_s` and `ratio` are then null).
     #[arg(long)]
     no_reference: bool,
     /// Repeat the whole measurement (reference, then each option) this many times; the table
@@ -157,24 +143,30 @@ fn reference(a: &StreamArgs, place: Placement<'_>) -> Result<Option<IperfResult>
     if a.no_reference {
         return Ok(None);
     }
+    // iperf3 writes what Ferry writes at once: one batch.
+    let write = a.batch_pages as usize * PAGE_SIZE;
     let r = match place {
-        Placement::Loopback => iperf::measure_loopback(a.reference_seconds)?,
+        Placement::Loopback => iperf::measure_loopback(a.reference_seconds, write)?,
         Placement::Netns(tb) => {
             // A fresh namespace has every port free.
             let dst = IpAddr::V4(Testbed::addr(Side::Dst, 0));
-            iperf::measure(Some(&tb.netns(Side::Dst)), Some(&tb.netns(Side::Src)), dst, 5201, a.reference_seconds)?
+            let (d, s) = (tb.netns(Side::Dst), tb.netns(Side::Src));
+            iperf::measure(Some(&d), Some(&s), dst, 5201, a.reference_seconds, write)?
         }
     };
     Ok(Some(r))
 }
 
 fn stream_cmd(a: StreamArgs) -> Result<bool> {
-    let options = match a.option {
-        OptionArg::Tcp => vec![TransportOption::Tcp],
-        OptionArg::Zstd => vec![TransportOption::Zstd],
-        OptionArg::ZstdAlways => vec![TransportOption::ZstdAlways],
-        OptionArg::All => vec![TransportOption::Tcp, TransportOption::Zstd],
-    };
+    let mut options: Vec<TransportOption> = Vec::new();
+    for o in &a.option {
+        if !options.contains(o) {
+            options.push(*o);
+        }
+    }
+    if options.is_empty() {
+        return Err(BenchError::Usage("--option is empty".into()));
+    }
     let base = StreamConfig {
         size: a.size,
         mix: a.mix,
@@ -209,27 +201,28 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
             let cfg = StreamConfig { option: opt, ..base };
             let (s, d) = stream::run(&exe, &cfg, place, timeout)?;
             let throughput = if s.seconds > 0.0 { a.size as f64 / s.seconds } else { 0.0 };
-            let reference_bps = reference.map(|r| r.bytes_per_s);
+            let reference_bytes_per_s = reference.as_ref().map(|r| r.bytes_per_s);
             let rec = StreamRecord {
                 bench: "stream".into(),
-                option: opt.as_str().into(),
-                zstd_level: (opt != TransportOption::Tcp).then_some(a.zstd_level),
+                option: opt.to_string(),
+                zstd_level: opt.compresses().then_some(a.zstd_level),
                 mix: a.mix.to_string(),
                 seed: a.seed,
                 run,
                 testbed: if tb.is_some() { "netns".into() } else { "loopback".into() },
-                link_rate_bps: a.link_rate.map(Rate::bytes_per_s),
+                link_rate_bits_per_s: a.link_rate.map(|r| r.bits_per_s),
                 bytes: d.pages * PAGE_SIZE as u64,
                 wire_bytes: s.wire_bytes,
                 seconds: s.seconds,
-                throughput_bps: throughput,
+                throughput_bytes_per_s: throughput,
                 src_cpu_s: s.cpu_s,
                 dst_cpu_s: d.cpu_s,
                 src_peak_rss_bytes: s.peak_rss_bytes,
                 dst_peak_rss_bytes: d.peak_rss_bytes,
                 reference: if reference.is_some() { "iperf3".into() } else { "none".into() },
-                reference_bps,
-                ratio: reference_bps.filter(|r| *r > 0.0).map(|r| throughput / r),
+                reference_bytes_per_s,
+                reference_args: reference.as_ref().map(|r| r.args.clone()),
+                ratio: reference_bytes_per_s.filter(|r| *r > 0.0).map(|r| throughput / r),
                 verified: d.verified,
                 batches: s.batches,
                 compressed_batches: s.compressed_batches,
@@ -241,7 +234,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
             if !d.verified {
                 eprintln!(
                     "migration-bench: {}: the destination's image does not match: {} pages received of {}, {} pages differ (first: {:?})",
-                    opt.as_str(),
+                    opt,
                     d.pages,
                     a.size / PAGE_SIZE as u64,
                     d.mismatched_pages,
@@ -276,8 +269,12 @@ struct LiveArgs {
     #[arg(long, default_value = "2GiB", value_parser = parse_size)]
     size: u64,
     /// Page mixture in percent (kinds: zero, text, random).
-    #[arg(long, default_value = "zero=40,text=30,random=30", value_parser = parse_mix)]
+    #[arg(long, default_value = "zero=40,text=30,random=30")]
     mix: Mix,
+    /// Guest memory loaded from this raw image file (a memory dump) instead of the mixture; its
+    /// size, rounded up to whole pages, is the guest's size (`--size` and `--mix` are then unused).
+    #[arg(long, conflicts_with_all = ["size", "mix"])]
+    image: Option<PathBuf>,
     /// Workload(s): idle guest, busy guest (a writer rewriting the working set), or both.
     #[arg(long, value_enum, default_value = "both")]
     workload: WorkloadArg,
@@ -389,7 +386,7 @@ impl Default for LiveArgs {
     }
 }
 
-fn parse_options(s: &str) -> Result<Vec<(String, usize)>> {
+fn parse_options(s: &str) -> Result<Vec<(TransportOption, usize)>> {
     let mut v = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (o, n) = match part.split_once(':') {
@@ -402,10 +399,8 @@ fn parse_options(s: &str) -> Result<Vec<(String, usize)>> {
         if !(1..=64).contains(&n) {
             return Err(BenchError::Usage(format!("channels must be 1..=64 in {part:?}")));
         }
-        if !["tcp", "zstd", "zstd-always"].contains(&o) {
-            return Err(BenchError::Usage(format!("unknown option {o:?} in --options (tcp, zstd, zstd-always)")));
-        }
-        v.push((o.to_string(), n));
+        let o: TransportOption = o.parse().map_err(|e| BenchError::Usage(format!("--options: {e}")))?;
+        v.push((o, n));
     }
     if v.is_empty() {
         return Err(BenchError::Usage("--options is empty".into()));
@@ -413,20 +408,45 @@ fn parse_options(s: &str) -> Result<Vec<(String, usize)>> {
     Ok(v)
 }
 
-fn live_cmd(a: LiveArgs) -> Result<bool> {
+/// The guest size of a raw image: its length rounded up to whole pages.
+fn image_size(path: &std::path::Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| BenchError::Usage(format!("--image {}: {e}", path.display())))?;
+    if !meta.is_file() {
+        return Err(BenchError::Usage(format!("--image {}: not a regular file", path.display())));
+    }
+    let size = meta.len().div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+    if size == 0 || size > MAX_SIZE {
+        return Err(BenchError::Usage(format!(
+            "--image {}: {} bytes; a guest image has 1 byte to {}",
+            path.display(),
+            meta.len(),
+            format_size(MAX_SIZE)
+        )));
+    }
+    Ok(size)
+}
+
+fn live_cmd(mut a: LiveArgs) -> Result<bool> {
     let options = parse_options(&a.options)?;
+    if let Some(p) = &a.image {
+        // The children open it by this path, from wherever they run.
+        let p = std::fs::canonicalize(p).map_err(|e| BenchError::Usage(format!("--image {}: {e}", p.display())))?;
+        a.size = image_size(&p)?;
+        a.image = Some(p);
+    }
     if a.size == 0 || a.size % PAGE_SIZE as u64 != 0 {
         return Err(BenchError::Usage("--size must be a positive multiple of 4 KiB".into()));
     }
     if a.working_set > a.size {
-        return Err(BenchError::Usage("--working-set is larger than --size".into()));
+        return Err(BenchError::Usage("--working-set is larger than the guest (--size or the --image file)".into()));
     }
     check_memory(a.size)?;
     let exe = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
     testbed::install_interrupt_cleanup();
+    let mut rates: Vec<Rate> = Vec::new();
     let tb = match &a.testbed {
         Some(spec) => {
-            let rates = parse_testbed(spec)?;
+            rates = parse_testbed(spec)?;
             testbed::check_permitted()
                 .map_err(|why| BenchError::Usage(format!("--testbed needs network namespaces: {why}")))?;
             Some(Testbed::up(&testbed::unique_name("fl"), &rates)?)
@@ -443,8 +463,10 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
             return Err(BenchError::Usage(format!("--link-event {e}: the testbed has {} NICs", tb.nics())));
         }
     }
+    // iperf3 writes what Ferry writes at once: one batch.
+    let write = a.batch_pages as usize * PAGE_SIZE;
     let mut refs: Vec<f64> = Vec::new();
-    let (mut reference, aggregate) = if a.no_reference {
+    let (mut reference, aggregate): (Option<IperfResult>, Option<f64>) = if a.no_reference {
         (None, None)
     } else {
         iperf::ensure_iperf3()?;
@@ -457,16 +479,10 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                 let mut first = None;
                 for nic in 0..tb.nics() {
                     let dst = IpAddr::V4(Testbed::addr(Side::Dst, nic));
-                    let r = iperf::measure(
-                        Some(&tb.netns(Side::Dst)),
-                        Some(&tb.netns(Side::Src)),
-                        dst,
-                        5201 + nic as u16,
-                        a.reference_seconds,
-                    )?
-                    .bytes_per_s;
+                    let (d, s) = (tb.netns(Side::Dst), tb.netns(Side::Src));
+                    let r = iperf::measure(Some(&d), Some(&s), dst, 5201 + nic as u16, a.reference_seconds, write)?;
+                    sum += r.bytes_per_s;
                     first.get_or_insert(r);
-                    sum += r;
                 }
                 (first, Some(sum))
             }
@@ -493,11 +509,12 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                     let args = LiveChildArgs {
                         size: a.size,
                         mix: a.mix,
+                        image: a.image.clone(),
                         seed: a.seed,
                         workload: w,
                         working_set: a.working_set,
                         dirty_rate: a.dirty_rate,
-                        option: o.clone(),
+                        option: *o,
                         channels: *n,
                         downtime_ms: a.downtime_ms,
                         verify_full: a.verify_full,
@@ -510,7 +527,7 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                     };
                     if let Some(tb) = &tb {
                         // Every run starts from the configured rates with every link up.
-                        for (nic, r) in tb.rates().iter().enumerate() {
+                        for (nic, r) in rates.iter().enumerate() {
                             let nic = nic.to_string();
                             let _ = testbed::run_script(&["link-up", "--name", tb.name(), "--nic", &nic]);
                             testbed::run_script(&[
@@ -527,23 +544,24 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
                     // On loopback the reference is measured right before each migration: on a shared
                     // machine iperf3 itself drifts by 1.5x within a minute.
                     if tb.is_none() && !a.no_reference {
-                        let r = iperf::measure_loopback(a.reference_seconds)?.bytes_per_s;
+                        let r = iperf::measure_loopback(a.reference_seconds, write)?;
+                        refs.push(r.bytes_per_s);
                         reference = Some(r);
-                        refs.push(r);
                     }
                     let label = format!("{} {}:{} {}", w.as_str(), o, n, sched);
                     let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label, place)?;
-                    let mut rec = live::record(&args, &s, &d, reference);
+                    let mut rec = live::record(&args, &s, &d, reference.as_ref());
                     rec.run = run;
                     if let Some(tb) = &tb {
                         rec.testbed = "netns".into();
                         rec.nics = tb.nics();
-                        rec.link_rates_bps = tb.rates().iter().map(|r| r.bytes_per_s()).collect();
-                        rec.aggregate_reference_bps = aggregate;
-                        rec.ratio_to_aggregate = aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bps / x);
+                        rec.link_rates_bits_per_s = rates.iter().map(|r| r.bits_per_s).collect();
+                        rec.aggregate_reference_bytes_per_s = aggregate;
+                        rec.ratio_to_aggregate =
+                            aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bytes_per_s / x);
                         rec.total_vs_reference = None;
                         for e in &a.link_events {
-                            rec.events.push(format!("link event {e}"));
+                            rec.migration.events.push(format!("link event {e}"));
                         }
                     }
                     if a.json {
@@ -558,9 +576,10 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
         if !a.json {
             if let Some(g) = aggregate {
                 emit(&format!(
-                    "aggregate reference: iperf3 on each of {} links, summed: {:.2} Gbit/s",
+                    "aggregate reference: iperf3 on each of {} links, summed: {:.2} Gbit/s ({})",
                     tb.nics(),
-                    g * 8.0 / 1e9
+                    g * 8.0 / 1e9,
+                    reference.as_ref().map_or(String::new(), |r| format!("iperf3 {}", r.args))
                 ));
             }
         }
@@ -569,10 +588,11 @@ fn live_cmd(a: LiveArgs) -> Result<bool> {
     if !a.json {
         if let (Some(lo), Some(hi)) = (refs.iter().copied().reduce(f64::min), refs.iter().copied().reduce(f64::max)) {
             emit(&format!(
-                "reference: iperf3 single stream on loopback, {} s right before each migration: {:.2}-{:.2} Gbit/s",
+                "reference: iperf3 single stream on loopback, {} s right before each migration: {:.2}-{:.2} Gbit/s ({})",
                 a.reference_seconds,
                 lo * 8.0 / 1e9,
-                hi * 8.0 / 1e9
+                hi * 8.0 / 1e9,
+                reference.as_ref().map_or(String::new(), |r| format!("iperf3 {}", r.args))
             ));
         }
         emit(live::table(&records).trim_end());

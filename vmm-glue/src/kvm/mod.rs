@@ -176,21 +176,6 @@ pub fn kvm_usable() -> Result<Caps, String> {
     Ok(caps)
 }
 
-/// For tests: `true` if KVM is usable here; otherwise writes `SKIP: <test>: <reason>` straight to
-/// the process's stderr (not through `eprintln!`, which the test harness captures, so the line is
-/// visible even without `--nocapture`) and returns `false`.
-pub fn kvm_or_skip(test: &str) -> bool {
-    match kvm_usable() {
-        Ok(_) => true,
-        Err(why) => {
-            use std::io::Write;
-            // One write, so that parallel tests' lines do not interleave.
-            let _ = std::io::stderr().write_all(format!("SKIP: {test}: {why}\n").as_bytes());
-            false
-        }
-    }
-}
-
 /// The guest: memory size and layout, and what the guest program does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConfig {

@@ -6,7 +6,7 @@
 //! arena, a file cache, a JIT region), deterministically from the seed and the page index, so a
 //! source and a checker regenerate the same image independently.
 
-use crate::wire::PAGE_SIZE;
+use ferry_transport::wire::PAGE_SIZE;
 
 /// Pages that share a kind.
 pub const GROUP_PAGES: u64 = 8;

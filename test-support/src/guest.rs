@@ -1,5 +1,4 @@
-//! Helpers shared by the live-migration tests (tcp and rdma).
-#![allow(dead_code)] // each test binary uses its own subset
+//! Synthetic guests for migration tests, and checks on what arrived.
 
 use ferry_migrate::target::TargetOutcome;
 use ferry_migrate::vm::SourceVm;
@@ -7,23 +6,23 @@ use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::synthetic::{SyntheticConfig, SyntheticTarget, SyntheticVm};
 
 /// A running synthetic guest of `mb` MiB in 3 regions whose writer rewrites `ws_mb` MiB at
-/// `rate_mbps` MiB/s (0 MiB: idle).
-pub fn guest(id: &str, mb: u64, ws_mb: u64, rate_mbps: u64, seed: u64) -> SyntheticVm {
+/// `rate_mib_per_s` MiB/s (0 MiB: idle).
+pub fn guest(id: &str, mb: u64, ws_mb: u64, rate_mib_per_s: u64, seed: u64) -> SyntheticVm {
     let cfg = SyntheticConfig {
         vm_id: id.into(),
         memory_bytes: mb << 20,
         regions: 3,
         working_set_bytes: ws_mb << 20,
-        dirty_rate_bps: rate_mbps << 20,
+        dirty_rate_bps: rate_mib_per_s << 20,
         seed,
         ..Default::default()
     };
-    let mut vm = SyntheticVm::new(&cfg).unwrap();
-    vm.resume().unwrap();
+    let mut vm = SyntheticVm::new(&cfg).expect("a synthetic guest");
+    vm.resume().expect("the synthetic guest starts");
     vm
 }
 
-/// Source and destination hold the same bytes in every page.
+/// Source and destination hold the same bytes in every page (panics on the first difference).
 pub fn same_memory(src: &SyntheticVm, dst: &SyntheticTarget) {
     let mut a = vec![0u8; PAGE_SIZE];
     let mut b = vec![0u8; PAGE_SIZE];
@@ -35,7 +34,7 @@ pub fn same_memory(src: &SyntheticVm, dst: &SyntheticTarget) {
     }
 }
 
-/// The received VM as the synthetic target it is (the tests' factories are synthetic).
+/// The received VM as the synthetic target it is (for tests whose factories are synthetic).
 pub fn into_synthetic(o: TargetOutcome) -> SyntheticTarget {
     let any: Box<dyn std::any::Any> = o.vm.into_any();
     *any.downcast::<SyntheticTarget>().expect("a synthetic target")

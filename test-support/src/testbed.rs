@@ -1,7 +1,9 @@
-//! Network namespaces joined by rate-limited veth pairs: a Rust handle on `scripts/testbed.sh`.
+//! Network namespaces joined by rate-limited veth pairs: the one Rust handle on
+//! `scripts/testbed.sh`, for tests (multichannel, perf) and for `migration-bench --testbed`.
 //!
 //! The script is compiled into the binary (and run with `bash -c`), so `migration-bench` works
-//! from any directory. A [`Testbed`] removes its namespaces when dropped, and
+//! from any directory. Tests take a testbed with [`testbed_or_skip`], which prints
+//! `SKIP: <test>: <reason>` where namespaces cannot be made. A [`Testbed`] removes its namespaces when dropped, and
 //! [`install_interrupt_cleanup`] makes Ctrl-C (SIGINT, SIGTERM, SIGHUP) remove every live testbed
 //! and kill the benchmark's children before the process exits.
 //!
@@ -18,8 +20,39 @@ use nix::sched::{setns, CloneFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use crate::error::{BenchError, Result};
-use crate::units::Rate;
+/// Why a testbed could not be made or changed.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// Invalid request (NIC count, NIC index).
+    #[error("{0}")]
+    Usage(String),
+    /// The script or a command it runs failed.
+    #[error("{what} failed: {detail}")]
+    Command {
+        /// What was run.
+        what: String,
+        /// Exit status and what it printed on stderr.
+        detail: String,
+    },
+    /// Operating system error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl TestbedError {
+    fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { context: context.into(), source }
+    }
+}
+
+/// Result of the testbed.
+pub type Result<T, E = TestbedError> = std::result::Result<T, E>;
 
 /// The testbed script, as shipped in `scripts/testbed.sh`.
 pub const SCRIPT: &str = include_str!("../../scripts/testbed.sh");
@@ -58,11 +91,11 @@ pub fn run_script(args: &[&str]) -> Result<String> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .map_err(|e| BenchError::io("running bash for scripts/testbed.sh", e))?;
+        .map_err(|e| TestbedError::io("running bash for scripts/testbed.sh", e))?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
-        Err(BenchError::Command {
+        Err(TestbedError::Command {
             what: format!("testbed.sh {}", args.join(" ")),
             detail: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim()),
         })
@@ -100,6 +133,28 @@ pub fn check_permitted() -> std::result::Result<(), String> {
     }
 }
 
+/// Move the calling thread into network namespace `ns` (`/run/netns/<ns>`).
+pub fn enter_netns(ns: &str) -> Result<()> {
+    let path = format!("/run/netns/{ns}");
+    let f = std::fs::File::open(&path).map_err(|e| TestbedError::io(format!("opening {path}"), e))?;
+    setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| TestbedError::io(format!("setns {path}"), e.into()))
+}
+
+/// For tests: a testbed of `nics` unlimited links, or `None` after writing
+/// `SKIP: <test>: <reason>` to the process's stderr (not through `eprintln!`, which the test
+/// harness captures) where this machine cannot make one.
+pub fn testbed_or_skip(test: &str, nics: u32) -> Option<Testbed> {
+    let r = check_permitted()
+        .and_then(|()| Testbed::up(&unique_name("tb"), &vec!["none"; nics as usize]).map_err(|e| e.to_string()));
+    match r {
+        Ok(tb) => Some(tb),
+        Err(why) => {
+            crate::skip(test, &why);
+            None
+        }
+    }
+}
+
 static ACTIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
 static CHILDREN: Mutex<Vec<i32>> = Mutex::new(Vec::new());
 
@@ -129,13 +184,13 @@ pub fn install_interrupt_cleanup() {
             }
             let names: Vec<String> = ACTIVE.lock().map(|a| a.clone()).unwrap_or_default();
             for n in names {
-                eprintln!("migration-bench: interrupted; removing testbed {n}");
+                eprintln!("interrupted; removing testbed {n}");
                 let _ = run_script(&["down", "--name", &n]);
             }
             std::process::exit(130);
         });
         if let Err(e) = r {
-            eprintln!("migration-bench: cannot install the Ctrl-C cleanup: {e}");
+            eprintln!("cannot install the testbed Ctrl-C cleanup: {e}");
         }
     });
 }
@@ -144,22 +199,23 @@ pub fn install_interrupt_cleanup() {
 #[derive(Debug)]
 pub struct Testbed {
     name: String,
-    rates: Vec<Rate>,
+    rates: Vec<String>,
     live: bool,
 }
 
 impl Testbed {
-    /// Create namespaces `<name>-src` and `<name>-dst` joined by one veth pair per rate.
-    pub fn up(name: &str, rates: &[Rate]) -> Result<Testbed> {
+    /// Create namespaces `<name>-src` and `<name>-dst` joined by one veth pair per rate (tc-style
+    /// bit rates such as `500mbit`, or `none` for no limit).
+    pub fn up<R: std::fmt::Display>(name: &str, rates: &[R]) -> Result<Testbed> {
         if rates.is_empty() || rates.len() > MAX_NICS as usize {
-            return Err(BenchError::Usage(format!("a testbed has 1..={MAX_NICS} NICs, not {}", rates.len())));
+            return Err(TestbedError::Usage(format!("a testbed has 1..={MAX_NICS} NICs, not {}", rates.len())));
         }
-        let list: Vec<String> = rates.iter().map(Rate::to_string).collect();
+        let list: Vec<String> = rates.iter().map(R::to_string).collect();
         // Registered first, so that Ctrl-C during `up` cleans up too (`down` is idempotent).
         if let Ok(mut a) = ACTIVE.lock() {
             a.push(name.to_string());
         }
-        let tb = Testbed { name: name.to_string(), rates: rates.to_vec(), live: true };
+        let tb = Testbed { name: name.to_string(), rates: list.clone(), live: true };
         run_script(&["up", "--name", name, "--nics", &rates.len().to_string(), "--rate", &list.join(",")])?;
         Ok(tb)
     }
@@ -174,8 +230,8 @@ impl Testbed {
         self.rates.len() as u32
     }
 
-    /// Current rate of each NIC.
-    pub fn rates(&self) -> &[Rate] {
+    /// Current rate of each NIC, as given to the script.
+    pub fn rates(&self) -> &[String] {
         &self.rates
     }
 
@@ -203,15 +259,16 @@ impl Testbed {
 
     fn check_nic(&self, nic: u32) -> Result<()> {
         if nic >= self.nics() {
-            return Err(BenchError::Usage(format!("testbed {} has no nic{nic}", self.name)));
+            return Err(TestbedError::Usage(format!("testbed {} has no nic{nic}", self.name)));
         }
         Ok(())
     }
 
     /// Change the rate of one NIC (both directions).
-    pub fn set_rate(&mut self, nic: u32, rate: Rate) -> Result<()> {
+    pub fn set_rate(&mut self, nic: u32, rate: impl std::fmt::Display) -> Result<()> {
         self.check_nic(nic)?;
-        run_script(&["set-rate", "--name", &self.name, "--nic", &nic.to_string(), "--rate", &rate.to_string()])?;
+        let rate = rate.to_string();
+        run_script(&["set-rate", "--name", &self.name, "--nic", &nic.to_string(), "--rate", &rate])?;
         self.rates[nic as usize] = rate;
         Ok(())
     }
@@ -231,9 +288,7 @@ impl Testbed {
     /// Move the calling thread into one side's network namespace (sockets it opens afterwards
     /// live there). Meant for tests and in-process probes; use a thread of its own.
     pub fn enter_thread(&self, side: Side) -> Result<()> {
-        let path = format!("/run/netns/{}", self.netns(side));
-        let f = std::fs::File::open(&path).map_err(|e| BenchError::io(format!("opening {path}"), e))?;
-        setns(&f, CloneFlags::CLONE_NEWNET).map_err(|e| BenchError::io(format!("setns {path}"), e.into()))
+        enter_netns(&self.netns(side))
     }
 
     /// Remove the testbed now, reporting failure.
@@ -251,7 +306,7 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         if self.live {
             if let Err(e) = run_script(&["down", "--name", &self.name]) {
-                eprintln!("migration-bench: removing testbed {}: {e}", self.name);
+                eprintln!("removing testbed {}: {e}", self.name);
             }
             if let Ok(mut a) = ACTIVE.lock() {
                 a.retain(|n| n != &self.name);

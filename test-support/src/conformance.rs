@@ -6,15 +6,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::channel::{Channel, Incoming};
-use crate::error::{HandshakeError, TransportError};
-use crate::handshake::Psk;
-use crate::memory::AnonMemory;
-use crate::pagemix::{fill_page, Mix, PageKind};
-use crate::wire::{
+use ferry_transport::channel::{Channel, Incoming};
+use ferry_transport::error::{HandshakeError, TransportError};
+use ferry_transport::handshake::Psk;
+use ferry_transport::memory::AnonMemory;
+use ferry_transport::wire::{
     encode_batch_frame, encode_frame, BatchHeader, Encoding, FrameKind, PageRun, BATCH_DEST_ZEROED, HEADER_LEN,
     PAGE_SIZE,
 };
+use ferry_vmm_glue::pagemix::{fill_page, Mix, PageKind};
 
 /// The key the suite's pairs use.
 pub const TEST_KEY: &[u8] = b"ferry-conformance-key-0123456789";
@@ -67,15 +67,16 @@ fn assert_same(a: &AnonMemory, b: &AnonMemory, what: &str) {
 }
 
 /// The data map of a batch, from one scan of each page.
-fn data_map(src: &crate::memory::MemoryMap, runs: &[PageRun]) -> Vec<u8> {
+fn data_map(src: &ferry_transport::memory::MemoryMap, runs: &[PageRun]) -> Vec<u8> {
     let total: usize = runs.iter().map(|r| r.pages as usize).sum();
     let mut map = vec![0u8; total.div_ceil(8)];
     let mut i = 0;
     for r in runs {
-        let base = crate::memory::MemorySource::source_ptr(src, r.gpa, r.len()).expect("run inside the source");
+        let base =
+            ferry_transport::memory::MemorySource::source_ptr(src, r.gpa, r.len()).expect("run inside the source");
         // SAFETY: the run lies inside the source's mapping (looked up above); page aligned.
         unsafe {
-            crate::scan::scan_run(base, r.pages as usize, |p, s| {
+            ferry_transport::scan::scan_run(base, r.pages as usize, |p, s| {
                 if !s.zero {
                     map[(i + p) / 8] |= 1 << ((i + p) % 8);
                 }
@@ -299,7 +300,7 @@ pub fn malformed_frames(b: &dyn Backend) {
     bad_crc[9] ^= 0x40;
     expect_refused(b, &bad_crc, "bad header checksum", wire);
     // A length beyond the cap, with a valid CRC.
-    let mut huge = crate::wire::FrameHeader::new(FrameKind::Control, 0).encode();
+    let mut huge = ferry_transport::wire::FrameHeader::new(FrameKind::Control, 0).encode();
     huge[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
     let crc = crc32fast::hash(&huge[0..12]);
     huge[12..16].copy_from_slice(&crc.to_le_bytes());

@@ -1,0 +1,59 @@
+//! A [`MigrationServer`] on its own thread, as tests and the benchmark's destination process
+//! run it: each migration's outcome arrives on a channel.
+
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_migrate::server::MigrationServer;
+use ferry_migrate::target::{TargetConfig, TargetOutcome};
+use ferry_migrate::vm::TargetFactory;
+use ferry_migrate::MigrateError;
+use ferry_transport::handshake::{Caps, Psk, ServerConfig};
+use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
+
+/// A server running on its own thread.
+pub struct RunningServer {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// One item per finished migration, in the order they finished.
+    pub outcomes: mpsc::Receiver<Result<TargetOutcome, MigrateError>>,
+    /// The serving thread; it returns after `max` migrations.
+    pub thread: JoinHandle<()>,
+}
+
+/// Serve `srv` on a new thread until `max` migrations have finished (`None`: until stopped).
+pub fn spawn(srv: MigrationServer, max: Option<usize>) -> Result<RunningServer, MigrateError> {
+    let addr = srv.local_addr()?;
+    let (tx, outcomes) = mpsc::channel();
+    let tx = Mutex::new(tx);
+    let thread = std::thread::spawn(move || {
+        srv.serve(
+            max,
+            Arc::new(move |r| {
+                // The receiver may be gone (a test that stopped listening): nothing to tell.
+                if let Ok(t) = tx.lock() {
+                    let _ = t.send(r);
+                }
+            }),
+        )
+    });
+    Ok(RunningServer { addr, outcomes, thread })
+}
+
+/// A server on `127.0.0.1` (a free port) with key `psk` and these TCP options, receiving into
+/// `factory`'s VMs, on its own thread until `max` migrations have finished. Panics if it cannot
+/// listen (a test helper).
+pub fn loopback(
+    psk: Psk,
+    tcp: TcpOptions,
+    factory: Arc<dyn TargetFactory>,
+    cfg: TargetConfig,
+    max: Option<usize>,
+) -> RunningServer {
+    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let acc = TcpAcceptor::bind(SocketAddr::from(([127, 0, 0, 1], 0)), tcp, hs).expect("listening on loopback");
+    spawn(MigrationServer::new(acc, factory, cfg), max).expect("the server's address")
+}

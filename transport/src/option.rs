@@ -1,0 +1,111 @@
+//! The transport options a user picks by name on every command line (`migration-bench`, `ferry`):
+//! one type, parsed with [`FromStr`] and printed with [`Display`] in the same spelling.
+//!
+//! ```
+//! use ferry_transport::option::TransportOption;
+//! let o: TransportOption = "zstd-always".parse().unwrap();
+//! assert_eq!(o.to_string(), "zstd-always");
+//! assert!("carrier-pigeon".parse::<TransportOption>().is_err());
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::handshake::Caps;
+use crate::tcp::TcpOptions;
+
+/// A transport option over TCP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TransportOption {
+    /// One TCP stream per channel, pages raw.
+    Tcp,
+    /// The same stream, batches compressed with zstd where that pays: per batch, compressed or
+    /// raw by which has been delivering guest bytes faster.
+    Zstd,
+    /// zstd on every batch (raw only where compressing saves less than 1/8).
+    ZstdAlways,
+}
+
+impl TransportOption {
+    /// Every option, in the order help texts list them.
+    pub const ALL: [TransportOption; 3] = [Self::Tcp, Self::Zstd, Self::ZstdAlways];
+
+    /// The option's name, as parsed and printed.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Zstd => "zstd",
+            Self::ZstdAlways => "zstd-always",
+        }
+    }
+
+    /// Whether batches may go compressed.
+    pub fn compresses(self) -> bool {
+        self != Self::Tcp
+    }
+
+    /// The TCP options of this transport option (`zstd_level` for the zstd ones).
+    pub fn tcp_options(self, zstd_level: i32) -> TcpOptions {
+        match self {
+            Self::Tcp => TcpOptions::default(),
+            Self::Zstd => TcpOptions { zstd_level: Some(zstd_level), ..TcpOptions::default() },
+            Self::ZstdAlways => TcpOptions { zstd_level: Some(zstd_level), adaptive: false, ..TcpOptions::default() },
+        }
+    }
+
+    /// What a destination offering only this option accepts in the handshake.
+    pub fn caps(self) -> Caps {
+        if self.compresses() {
+            Caps::ALL
+        } else {
+            Caps(0)
+        }
+    }
+}
+
+impl fmt::Display for TransportOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a transport option.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown transport option {0:?} (tcp, zstd, zstd-always)")]
+pub struct UnknownOption(pub String);
+
+impl FromStr for TransportOption {
+    type Err = UnknownOption;
+
+    fn from_str(s: &str) -> Result<Self, UnknownOption> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s.trim()).ok_or_else(|| UnknownOption(s.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_refused() {
+        for o in TransportOption::ALL {
+            assert_eq!(o.to_string().parse::<TransportOption>(), Ok(o));
+        }
+        assert_eq!(" zstd ".parse::<TransportOption>(), Ok(TransportOption::Zstd));
+        let e = "rdma-over-pigeons".parse::<TransportOption>().unwrap_err();
+        assert!(e.to_string().contains("rdma-over-pigeons"), "{e}");
+        assert!("".parse::<TransportOption>().is_err());
+        assert!("TCP".parse::<TransportOption>().is_err());
+    }
+
+    #[test]
+    fn options_map_to_tcp_settings() {
+        assert_eq!(TransportOption::Tcp.tcp_options(3).zstd_level, None);
+        let z = TransportOption::Zstd.tcp_options(3);
+        assert_eq!((z.zstd_level, z.adaptive), (Some(3), true));
+        let a = TransportOption::ZstdAlways.tcp_options(-1);
+        assert_eq!((a.zstd_level, a.adaptive), (Some(-1), false));
+        assert_eq!(TransportOption::Tcp.caps(), Caps(0));
+        assert_eq!(TransportOption::Zstd.caps(), Caps::ALL);
+    }
+}
