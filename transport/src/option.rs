@@ -1,5 +1,5 @@
 //! The transport options a user picks by name on every command line (`migration-bench`, `ferry`):
-//! one type, parsed with [`FromStr`] and printed with [`Display`] in the same spelling.
+//! one type, parsed with [`FromStr`] and printed with [`Display`](fmt::Display) in the same spelling.
 //!
 //! ```
 //! use ferry_transport::option::TransportOption;
