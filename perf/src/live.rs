@@ -1,5 +1,7 @@
-//! `migration-bench live` (the default job): live migration of a synthetic guest between two
-//! processes with the real engine, one run per workload and transport option.
+//! `migration-bench live` (the default job): live migration of a synthetic guest (a page mixture,
+//! or a raw memory image with `--image`) between two processes with the real engine, one run per
+//! workload and transport option. The processes are driven by [`crate::driver`]; each run becomes
+//! one [`LiveRecord`], which carries the engine's [`MigrationStats`] as they serialize.
 //!
 //! ```text
 //!  driver                      live-dst                          live-src
@@ -472,10 +474,15 @@ fn matches_image(o: TargetOutcome, path: &Path) -> Result<bool> {
         .downcast::<SyntheticTarget>()
         .map_err(|_| BenchError::Usage("the received VM is not a synthetic guest".into()))?;
     let f = std::fs::File::open(path).map_err(|e| BenchError::io(format!("opening {}", path.display()), e))?;
-    let mut f = std::io::BufReader::with_capacity(1 << 20, f);
+    same_as_image(&vm, std::io::BufReader::with_capacity(1 << 20, f))
+        .map_err(|e| BenchError::io(format!("reading {}", path.display()), e))
+}
+
+/// Every page of `vm` equals the next page of `image`.
+fn same_as_image(vm: &SyntheticTarget, mut image: impl std::io::Read) -> std::io::Result<bool> {
     let (mut want, mut got) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
     for i in 0..vm.pages() {
-        read_image_page(&mut f, &mut want).map_err(|e| BenchError::io(format!("reading {}", path.display()), e))?;
+        read_image_page(&mut image, &mut want)?;
         vm.read_page(i, &mut got);
         if got != want {
             return Ok(false);
@@ -711,6 +718,13 @@ pub struct LiveRecord {
     pub ratio_to_aggregate: Option<f64>,
 }
 
+impl LiveRecord {
+    /// Verified by both sides and, with an image, equal to it.
+    pub fn ok(&self) -> bool {
+        self.verified && self.image_matches != Some(false)
+    }
+}
+
 /// Peak RSS of each side.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
 pub struct PeakRss {
@@ -812,7 +826,7 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
             med(&|r| Some(ms(r.migration.total))).map_or("-".into(), |v| format!("{v:.0}")),
             med(&|r| r.total_vs_reference).map_or("-".into(), |v| format!("{v:.2}x")),
             med(&|r| Some(ms(r.migration.downtime))).map_or("-".into(), |v| format!("{v:.1}")),
-            if of.iter().all(|r| r.verified) { "yes".into() } else { "NO".into() },
+            if of.iter().all(|r| r.ok()) { "yes".into() } else { "NO".into() },
         ]);
     }
     t
@@ -858,7 +872,11 @@ pub fn table(records: &[LiveRecord]) -> String {
             format!("{:.2}", r.src_cpu_s),
             format!("{:.2}", r.dst_cpu_s),
             format!("{:.0}", r.extra_memory_bytes as f64 / (1 << 20) as f64),
-            if r.verified { "yes".into() } else { format!("NO ({})", r.error.clone().unwrap_or_default()) },
+            match (r.verified, r.image_matches) {
+                (true, Some(false)) => "NO (differs from the image)".into(),
+                (true, _) => "yes".into(),
+                (false, _) => format!("NO ({})", r.error.clone().unwrap_or_default()),
+            },
         ]);
     }
     let mut out = t.render();
@@ -894,4 +912,23 @@ pub fn table(records: &[LiveRecord]) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_migrate::vm::{TargetFactory, VmShape};
+
+    #[test]
+    fn an_image_check_sees_one_differing_byte() {
+        let f = SyntheticFactory::new(1 << 20, false);
+        let shape = VmShape { vm_id: "img".into(), regions: vec![(0, 8 * PAGE_SIZE as u64)] };
+        let any: Box<dyn std::any::Any> = f.create(&shape).unwrap().into_any();
+        let vm = any.downcast::<SyntheticTarget>().unwrap();
+        // Fresh memory is zero: an all-zero image (even a short one) matches, any other does not.
+        assert!(same_as_image(&vm, &[0u8; 5 * PAGE_SIZE + 7][..]).unwrap());
+        let mut img = vec![0u8; 8 * PAGE_SIZE];
+        img[6 * PAGE_SIZE + 100] = 1;
+        assert!(!same_as_image(&vm, &img[..]).unwrap());
+    }
 }

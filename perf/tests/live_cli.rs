@@ -133,7 +133,7 @@ fn bad_live_input_is_a_clear_error() {
 #[test]
 fn adaptive_zstd_compresses_where_the_link_is_the_bottleneck() {
     if let Err(why) = ferry_perf::testbed::check_permitted() {
-        println!("SKIP: adaptive_zstd_compresses_where_the_link_is_the_bottleneck: {why}");
+        ferry_test_support::skip("adaptive_zstd_compresses_where_the_link_is_the_bottleneck", &why);
         return;
     }
     // One 200 Mbit link: the link, not the sender, is the bottleneck, so the adaptive zstd

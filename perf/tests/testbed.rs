@@ -10,11 +10,11 @@ use std::time::Duration;
 use ferry_perf::testbed::{check_permitted, unique_name, Side, Testbed};
 use ferry_perf::units::Rate;
 
-fn permitted() -> bool {
+fn permitted(test: &str) -> bool {
     match check_permitted() {
         Ok(()) => true,
         Err(why) => {
-            println!("SKIP: {why}");
+            ferry_test_support::skip(test, &why);
             false
         }
     }
@@ -73,7 +73,7 @@ fn exchange(tb: &Testbed, nic: u32, timeout: Duration) -> Result<(), String> {
 
 #[test]
 fn two_nic_testbed_passes_traffic_and_is_removed() {
-    if !permitted() {
+    if !permitted("two_nic_testbed_passes_traffic_and_is_removed") {
         return;
     }
     let name = unique_name("fbt");
@@ -99,7 +99,7 @@ fn two_nic_testbed_passes_traffic_and_is_removed() {
 
 #[test]
 fn dropped_testbed_is_removed_and_down_is_idempotent() {
-    if !permitted() {
+    if !permitted("dropped_testbed_is_removed_and_down_is_idempotent") {
         return;
     }
     let name = unique_name("fbt");
@@ -117,7 +117,7 @@ fn dropped_testbed_is_removed_and_down_is_idempotent() {
 
 #[test]
 fn stream_over_a_rate_limited_link() {
-    if !permitted() {
+    if !permitted("stream_over_a_rate_limited_link") {
         return;
     }
     let o = Command::new(env!("CARGO_BIN_EXE_migration-bench"))

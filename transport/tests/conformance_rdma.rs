@@ -53,9 +53,7 @@ impl Drop for Watchdog {
 
 fn backend(test: &str) -> Option<Rdma> {
     if let Some(r) = rdma::skip_reason() {
-        // Written to the stderr handle, not through eprintln!, so the test harness does not
-        // capture it: a skipped hardware test is visible in every run.
-        let _ = writeln!(std::io::stderr(), "SKIP: rdma {test}: {r}");
+        ferry_test_support::skip(&format!("rdma {test}"), &r);
         return None;
     }
     let mut opts = RdmaOptions::from_env().expect("FERRY_RDMA_DEVICE");

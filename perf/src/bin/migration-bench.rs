@@ -597,7 +597,7 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
         }
         emit(live::table(&records).trim_end());
     }
-    Ok(records.iter().all(|r| r.verified))
+    Ok(records.iter().all(|r| r.ok()))
 }
 
 fn main() -> ExitCode {
