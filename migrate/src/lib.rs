@@ -5,7 +5,8 @@
 //! - [`protocol`]: the control protocol (pure, capped), with the sequence of a live migration.
 //! - [`source`]: pre-copy rounds sharded over all channels, convergence, switchover, abort.
 //! - [`target`]: receive, verify, commit.
-//! - [`server`]: the destination's listener routing channels to sessions; the source's connector.
+//! - [`server`]: the destination's service, routing channels from every listener (tcp, rdma) to
+//!   their sessions; the source's session connector, over any transport.
 //! - [`scheduler`]: the host-wide concurrency limit.
 //! - [`stats`]: query-migrate style statistics and progress events.
 //! - [`quick`]: quick migration (pause, save to a shared directory, hand ownership over, load).

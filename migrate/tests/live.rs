@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_migrate::scheduler::HostScheduler;
-use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, Path};
+use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, MigrationServer, Path};
 use ferry_migrate::source::{migrate, ConvergePolicy, FaultAction, FaultPoint, MigrationConfig, Rejoin, Scheduling};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetFault, TargetOutcome};
@@ -16,8 +16,8 @@ use ferry_migrate::vm::SourceVm;
 use ferry_migrate::MigrateError;
 use ferry_test_support::guest::{guest, into_synthetic, same_memory};
 use ferry_test_support::server;
-use ferry_transport::handshake::Psk;
-use ferry_transport::tcp::TcpOptions;
+use ferry_transport::handshake::{Caps, Psk, ServerConfig};
+use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::pagemix::{expected_page, Mix};
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticFactory, SyntheticVm};
@@ -412,4 +412,36 @@ fn round_robin_spreads_evenly_and_survives_a_loss() {
     let t = into_synthetic(outcomes.recv().unwrap().unwrap());
     same_memory(&vm, &t);
     h.join().unwrap();
+}
+
+/// One server on two listeners: channel 0 opens its session on one, channel 1 finds it on the
+/// other (routed by the session id alone); a second channel 0 of that session is refused on
+/// either listener.
+#[test]
+fn session_channels_join_across_listeners() {
+    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let a = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs.clone()).unwrap();
+    let b = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
+    let srv = MigrationServer::new(a, Arc::new(SyntheticFactory::new(1 << 30, false)), TargetConfig::default())
+        .with_acceptor(b);
+    let addrs = srv.local_addrs().unwrap();
+    assert_eq!(addrs.len(), 2);
+    assert!(addrs.iter().all(|a| a.0 == "tcp"));
+    let running = server::spawn(srv, Some(1)).unwrap();
+    let psk = Psk::new(KEY).unwrap();
+    let session = ferry_transport::handshake::random_bytes();
+    let paths = [Path::to(addrs[0].1), Path::to(addrs[1].1)];
+    let chans = connect_session_with(session, &paths, &opts(false), &psk).unwrap();
+    for p in &paths {
+        let e = connect_one(p, &opts(false), &psk, session, 0).unwrap_err();
+        assert!(e.to_string().contains("session already open"), "{e}");
+    }
+    let mut vm = guest("two-listeners", 32, 0, 0, SEED);
+    let cfg = MigrationConfig { verify_full: true, ..Default::default() };
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
+    assert_eq!(st.status, Status::Completed);
+    assert!(st.channels.iter().all(|c| c.batches > 0 && !c.failed), "{:?}", st.channels);
+    let t = into_synthetic(running.outcomes.recv().unwrap().unwrap());
+    same_memory(&vm, &t);
+    running.thread.join().unwrap();
 }

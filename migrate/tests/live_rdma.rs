@@ -1,27 +1,30 @@
 //! Live migration of the synthetic guest over the `rdma` backend (soft-RoCE in CI:
-//! `scripts/softroce/run.sh`): byte-identical result, and a queue pair forced into the error
-//! state mid-migration ends in failover or a clean abort with the source running.
+//! `scripts/softroce/run.sh`), through the product's `MigrationServer` listening on rdma and tcp
+//! at once: byte-identical result on each transport, and a queue pair forced into the error state
+//! mid-migration ends in failover or a clean abort with the source running.
 //! Needs `FERRY_RDMA_DEVICE`; without it each test prints `SKIP: <reason>`.
 #![cfg(feature = "rdma")]
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, MigrationConfig};
-use ferry_migrate::stats::Status;
-use ferry_migrate::target::{receive, TargetConfig, TargetOutcome};
+use ferry_migrate::stats::{MigrationStats, Status};
+use ferry_migrate::target::TargetConfig;
 use ferry_migrate::vm::SourceVm;
-use ferry_migrate::MigrateError;
+use ferry_transport::endpoint::Connector;
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaOptions};
+use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::{Channel, Killer};
 use ferry_vmm_glue::synthetic::SyntheticFactory;
 
 use ferry_test_support::guest::{guest, into_synthetic, same_memory};
+use ferry_test_support::server::{self, RunningServer};
 
 /// Seed of the guests' page contents.
 const SEED: u64 = 11;
@@ -37,39 +40,27 @@ fn opts(test: &str) -> Option<RdmaOptions> {
     Some(o)
 }
 
-/// The destination: accepts `n` rdma channels of one session and runs `receive`.
-fn destination(
-    o: &RdmaOptions,
-    n: usize,
-) -> (SocketAddr, std::thread::JoinHandle<Result<TargetOutcome, MigrateError>>) {
-    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::RDMA, timeout: Duration::from_secs(5) };
-    let acc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs).unwrap();
-    let addr = acc.local_addr().unwrap();
-    let h = std::thread::spawn(move || {
-        let (tx, rx) = mpsc::channel::<Channel>();
-        let mut worker = None;
-        for _ in 0..n {
-            let ch = acc.accept(&|_| Ok(())).expect("accept").channel;
-            if ch.info.established.binding.channel == 0 {
-                worker = Some(std::thread::spawn(move || {
-                    let factory = SyntheticFactory::new(1 << 30, false);
-                    receive(&factory, ch, &rx, &TargetConfig::default())
-                }));
-                // Channels 1.. go through the queue; the worker owns the receiver.
-                break;
-            }
-            let _ = tx.send(ch);
-        }
-        for _ in 1..n {
-            let ch = acc.accept(&|_| Ok(())).expect("accept").channel;
-            let _ = tx.send(ch);
-        }
-        worker.expect("channel 0 first").join().expect("receive thread")
-    });
-    (addr, h)
+/// The destination service as a host runs it: one `MigrationServer` listening on rdma and on
+/// tcp, serving `max` migrations on its own thread.
+struct Destination {
+    rdma: SocketAddr,
+    tcp: SocketAddr,
+    server: RunningServer,
 }
 
-fn connect(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Channel>, Vec<Killer>) {
+fn destination(o: &RdmaOptions, max: usize) -> Destination {
+    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let rdma = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs.clone()).unwrap();
+    let tcp = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
+    let srv = MigrationServer::new(rdma, Arc::new(SyntheticFactory::new(1 << 30, false)), TargetConfig::default())
+        .with_acceptor(tcp);
+    let addrs = srv.local_addrs().unwrap();
+    assert_eq!(addrs.iter().map(|a| a.0).collect::<Vec<_>>(), ["rdma", "tcp"]);
+    Destination { rdma: addrs[0].1, tcp: addrs[1].1, server: server::spawn(srv, Some(max)).unwrap() }
+}
+
+/// Source channels opened by hand, keeping each queue pair's fault injector.
+fn connect_with_faults(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Channel>, Vec<Killer>) {
     let session = random_bytes();
     let mut chans = Vec::new();
     let mut faults = Vec::new();
@@ -87,31 +78,49 @@ fn connect(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Channel>, Vec<Ki
     (chans, faults)
 }
 
-#[test]
-fn rdma_live_migration_is_byte_identical() {
-    let Some(o) = opts("rdma_live_migration_is_byte_identical") else { return };
-    let (addr, dst) = destination(&o, 2);
+/// Migrate a busy guest on `connector`'s transport to `addr` and check the destination's copy.
+fn migrate_busy_guest(id: &str, addr: SocketAddr, connector: &dyn Connector, dst: &Destination) -> MigrationStats {
     // A guest that keeps writing while it moves.
-    let mut vm = guest("rdma-busy", 32, 4, 2, SEED);
-    let (chans, _faults) = connect(addr, &o, 2);
+    let mut vm = guest(id, 32, 4, 2, SEED);
+    let chans = connect_simple(addr, 2, connector, &Psk::new(KEY).unwrap()).expect("connect");
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
     let t = std::time::Instant::now();
-    let st = migrate(&mut vm, chans, &cfg, &|_| {}).expect("migration over rdma");
-    eprintln!("rdma migration: {:?} in {:?}, {} rounds, channels {:?}", st.status, t.elapsed(), st.rounds, st.channels);
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).expect("migration");
+    eprintln!(
+        "{} migration: {:?} in {:?}, {} rounds, channels {:?}",
+        connector.transport(),
+        st.status,
+        t.elapsed(),
+        st.rounds,
+        st.channels
+    );
     assert_eq!(st.status, Status::Completed);
     assert!(st.verified);
     assert!(!vm.is_running(), "the source copy stays paused after commit");
-    let out = dst.join().expect("destination thread").expect("destination outcome");
+    let out = dst.server.outcomes.recv().expect("destination outcome").expect("destination received the VM");
     assert!(out.stats.verified);
     same_memory(&vm, &into_synthetic(out));
+    st
+}
+
+#[test]
+fn rdma_live_migration_is_byte_identical() {
+    let Some(o) = opts("rdma_live_migration_is_byte_identical") else { return };
+    // One server, two transports: an rdma migration and then a tcp one, both through it.
+    let dst = destination(&o, 2);
+    let st = migrate_busy_guest("rdma-busy", dst.rdma, &o, &dst);
+    assert!(st.channels.iter().all(|c| c.backend == "rdma"), "{:?}", st.channels);
+    let st = migrate_busy_guest("tcp-busy", dst.tcp, &TcpOptions::default(), &dst);
+    assert!(st.channels.iter().all(|c| c.backend == "tcp"), "{:?}", st.channels);
+    dst.server.thread.join().expect("server thread");
 }
 
 #[test]
 fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
     let Some(o) = opts("rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly") else { return };
-    let (addr, dst) = destination(&o, 2);
+    let dst = destination(&o, 1);
     let mut vm = guest("rdma-fault", 32, 0, 0, SEED);
-    let (chans, faults) = connect(addr, &o, 2);
+    let (chans, faults) = connect_with_faults(dst.rdma, &o, 2);
     let fired = Arc::new(AtomicBool::new(false));
     let f2 = fired.clone();
     let fault = faults[1].clone();
@@ -123,7 +132,8 @@ fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
         }
     });
     assert!(fired.load(Ordering::SeqCst), "the fault never fired");
-    let out = dst.join().expect("destination thread");
+    let out = dst.server.outcomes.recv().expect("destination outcome");
+    dst.server.thread.join().expect("server thread");
     match r {
         Ok(st) => {
             eprintln!("failed over: {:?}, channels {:?}", st.status, st.channels);

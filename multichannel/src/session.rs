@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, Psk, SessionId};
 use ferry_transport::memory::NoSink;
-use ferry_transport::tcp::{self, TcpOptions};
+use ferry_transport::endpoint::{Connector, Path};
 use ferry_transport::{Channel, Incoming};
 
 use crate::codec::ExchangeMsg;
@@ -179,7 +179,7 @@ pub fn answer_session(ch0: &mut Channel, port: u16) -> Result<Vec<Interface>> {
 pub fn open_session(
     first: SocketAddr,
     psk: &Psk,
-    opts: &TcpOptions,
+    opts: &dyn Connector,
     policy: &NetworkPolicy,
 ) -> Result<(Vec<Channel>, Plan)> {
     open_session_with(first, psk, opts, policy, &discover()?)
@@ -189,7 +189,7 @@ pub fn open_session(
 pub fn open_session_with(
     first: SocketAddr,
     psk: &Psk,
-    opts: &TcpOptions,
+    opts: &dyn Connector,
     policy: &NetworkPolicy,
     local: &[Interface],
 ) -> Result<(Vec<Channel>, Plan)> {
@@ -200,9 +200,9 @@ pub fn open_session_with(
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
     };
-    let mut ch0 = tcp::connect(first, opts, cfg(0)).map_err(|source| McError::Connect {
+    let mut ch0 = opts.connect(&Path::to(first), cfg(0)).map_err(|source| McError::Connect {
         index: 0,
-        local: opts.bind,
+        local: None,
         remote: first,
         source,
     })?;
@@ -227,8 +227,8 @@ pub fn open_session_with(
             continue;
         }
         let index = channels.len() as u16;
-        let o = TcpOptions { bind: s.local, device: s.device.clone(), ..opts.clone() };
-        match tcp::connect(s.remote, &o, cfg(index)) {
+        let path = Path { remote: s.remote, local: s.local, device: s.device.clone() };
+        match opts.connect(&path, cfg(index)) {
             Ok(c) => {
                 channels.push(c);
                 opened.push(crate::plan::ChannelSpec { index, ..s.clone() });

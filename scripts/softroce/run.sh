@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Soft-RoCE suite: boots a stock Debian kernel under qemu (TCG) with rdma_rxe, and inside it runs
-# ib_write_bw (the reference), the rdma backend's conformance and fault tests, an end-to-end live
-# migration of the synthetic guest over rdma (byte-identical; QP fault mid-migration), and our
+# ib_write_bw (the reference), the rdma backend's conformance and fault tests, end-to-end live
+# migrations of the synthetic guest through the product's MigrationServer listening on rdma and tcp
+# at once (byte-identical over each; QP fault mid-migration), and our
 # RDMA WRITE throughput at the same message size. Prints both throughputs side by side (table + JSON) and
 # exits non-zero on any failure, on a missing result marker, or on timeout.
 #
@@ -166,7 +167,7 @@ export FERRY_RDMA_DEVICE=rxe0 FERRY_RDMA_GID=$GID RUST_BACKTRACE=1
 echo "=== rdma conformance and fault tests"
 /tests/conformance_rdma --test-threads=1 --nocapture $TESTS
 TRC=$?
-echo "=== end-to-end live migration over rdma"
+echo "=== end-to-end live migration through the migration server (rdma and tcp listeners)"
 /tests/live_rdma --test-threads=1 --nocapture $TESTS
 MRC=$?
 [ $MRC -eq 0 ] || TRC=$MRC

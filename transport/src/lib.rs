@@ -5,6 +5,8 @@
 //!   channel to a session and channel index, with version and capability negotiation.
 //! - [`memory`]: guest memory as regions of host mappings; sources and sinks for page batches.
 //! - [`channel`]: the channel traits every backend implements.
+//! - [`endpoint`]: how channels are opened: an `Acceptor` per listening transport (yields
+//!   authenticated channels with their session binding), a `Connector` per transport option.
 //! - [`scan`]: one pass over a page: zero or not, and its hash.
 //! - [`reserve`]: destination memory faulted in before migrations arrive.
 //! - [`option`]: the transport options by name (`tcp`, `zstd`, `zstd-always`), as every command
@@ -28,6 +30,7 @@
 //! ```
 
 pub mod channel;
+pub mod endpoint;
 pub mod error;
 pub mod handshake;
 pub mod memory;

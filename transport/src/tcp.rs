@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::channel::{Channel, ChannelInfo};
+use crate::endpoint::{Acceptor, Admit, Connector, Path};
 use crate::error::{HandshakeError, Result, TransportError};
 use crate::handshake::{
     random_bytes, Caps, ClientConfig, ClientHandshake, Established, ServerConfig, ServerHandshake, Step,
@@ -132,10 +133,31 @@ fn finish(sock: TcpStream, est: Established, opts: &TcpOptions) -> Result<Channe
     })
 }
 
-/// Connect a channel to `addr` and run the client handshake.
-pub fn connect(addr: SocketAddr, opts: &TcpOptions, hs: ClientConfig) -> Result<Channel> {
+/// Connect a channel to `addr` and run the client handshake (the `rdma` capability is not
+/// offered: this channel carries its pages on the stream).
+pub fn connect(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Result<Channel> {
+    hs.caps = Caps(hs.caps.0 & !Caps::RDMA.0);
     let (s, est) = connect_stream(addr, opts, hs)?;
     finish(s, est, opts)
+}
+
+impl Connector for TcpOptions {
+    fn transport(&self) -> &'static str {
+        if self.zstd_level.is_some() {
+            "zstd"
+        } else {
+            "tcp"
+        }
+    }
+
+    fn connect(&self, path: &Path, hs: ClientConfig) -> Result<Channel> {
+        let o = TcpOptions {
+            bind: path.local.or(self.bind),
+            device: path.device.clone().or_else(|| self.device.clone()),
+            ..self.clone()
+        };
+        connect(path.remote, &o, hs)
+    }
 }
 
 /// Connect to `addr` and run the client handshake; return the authenticated socket itself (for
@@ -177,8 +199,15 @@ pub struct TcpAcceptor {
 }
 
 impl TcpAcceptor {
-    /// Listen on `addr` (port 0 picks a free port).
-    pub fn bind(addr: SocketAddr, opts: TcpOptions, hs: ServerConfig) -> Result<Self> {
+    /// Listen on `addr` (port 0 picks a free port). The `rdma` capability is never offered (a
+    /// client that needs it learns in the handshake that this listener has no RDMA data path).
+    pub fn bind(addr: SocketAddr, opts: TcpOptions, mut hs: ServerConfig) -> Result<Self> {
+        hs.caps = Caps(hs.caps.0 & !Caps::RDMA.0);
+        Self::bind_offering(addr, opts, hs)
+    }
+
+    /// [`TcpAcceptor::bind`] offering exactly `hs.caps` (the `rdma` backend's control streams).
+    pub(crate) fn bind_offering(addr: SocketAddr, opts: TcpOptions, hs: ServerConfig) -> Result<Self> {
         let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         sock.set_reuse_address(true)?;
         if let Some(dev) = &opts.device {
@@ -207,37 +236,56 @@ impl TcpAcceptor {
     /// Accept one connection and run the server handshake. `admit` decides whether the
     /// authenticated session and channel are welcome (`Err(reason)` rejects). A failed handshake
     /// closes that connection only and is returned as an error; the acceptor stays usable.
-    pub fn accept(&self, admit: &dyn Fn(&Established) -> std::result::Result<(), String>) -> Result<Channel> {
-        let (s, _) = self.listener.accept()?;
+    pub fn accept(&self, admit: Admit<'_>) -> Result<Channel> {
+        let s = self.accept_socket(None)?.ok_or(TransportError::Closed)?;
         self.handshake(s, admit)
     }
 
+    /// Accept one connection, waiting at most `wait` (`None`: as long as it takes); `Ok(None)`
+    /// when none arrived in time. The socket comes back blocking, with no read timeout.
+    pub(crate) fn accept_socket(&self, wait: Option<Duration>) -> Result<Option<TcpStream>> {
+        // On Linux the receive timeout of a listening socket bounds accept(2) itself: no polling.
+        let wait = wait.map(|w| w.max(Duration::from_millis(1)));
+        SockRef::from(&self.listener).set_read_timeout(wait)?;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    // An accepted socket inherits the listener's options, the timeout included.
+                    s.set_read_timeout(None)?;
+                    return Ok(Some(s));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted && wait.is_none() => continue,
+                Err(e)
+                    if wait.is_some()
+                        && matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock
+                                | std::io::ErrorKind::TimedOut
+                                | std::io::ErrorKind::Interrupted
+                        ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Run the server handshake on an accepted socket.
-    pub fn handshake(
-        &self,
-        s: TcpStream,
-        admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
-    ) -> Result<Channel> {
+    pub fn handshake(&self, s: TcpStream, admit: Admit<'_>) -> Result<Channel> {
         let (s, est) = self.handshake_stream(s, admit)?;
         finish(s, est, &self.opts)
     }
 
     /// Accept one connection and run the server handshake; return the authenticated socket
     /// itself (for backends that carry their control path on it, such as `rdma`).
-    pub fn accept_stream(
-        &self,
-        admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
-    ) -> Result<(TcpStream, Established)> {
-        let (s, _) = self.listener.accept()?;
+    pub fn accept_stream(&self, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
+        let s = self.accept_socket(None)?.ok_or(TransportError::Closed)?;
         self.handshake_stream(s, admit)
     }
 
     /// Run the server handshake on an accepted socket and return the socket.
-    pub fn handshake_stream(
-        &self,
-        mut s: TcpStream,
-        admit: &dyn Fn(&Established) -> std::result::Result<(), String>,
-    ) -> Result<(TcpStream, Established)> {
+    pub fn handshake_stream(&self, mut s: TcpStream, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
         tune(&SockRef::from(&s), &self.opts)?;
         let mut m = ServerHandshake::new(self.hs.clone(), random_bytes(), Instant::now());
         loop {
@@ -259,6 +307,23 @@ impl TcpAcceptor {
                 }
                 Step::Done(_) => return Err(crate::error::WireError::Unexpected(k).into()),
             }
+        }
+    }
+}
+
+impl Acceptor for TcpAcceptor {
+    fn transport(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr> {
+        TcpAcceptor::local_addr(self)
+    }
+
+    fn accept_within(&self, wait: Duration, admit: Admit<'_>) -> Result<Option<Channel>> {
+        match self.accept_socket(Some(wait))? {
+            Some(s) => self.handshake(s, admit).map(Some),
+            None => Ok(None),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The conformance suite and RDMA-specific tests against the `rdma` backend.
 //!
 //! These need an RDMA device named by `FERRY_RDMA_DEVICE` (e.g. `rxe0`, optional
-//! `FERRY_RDMA_GID`); without it each test prints `SKIP: <reason>` and returns.
+//! `FERRY_RDMA_GID`); without it each test prints `SKIP: <reason>` and returns (except the
+//! transport-mismatch test, which opens no device).
 //! `scripts/softroce/run.sh` runs them on soft-RoCE inside a qemu VM.
 #![cfg(feature = "rdma")]
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
 use ferry_test_support::pagemix::{fill_page, PageKind};
+use ferry_transport::endpoint::{Acceptor, Connector, Path};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
 use ferry_transport::memory::AnonMemory;
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaChannel, RdmaOptions};
@@ -279,5 +281,32 @@ fn killer_unblocks_a_waiting_sender() {
                 .expect_err("killed while waiting for the region table");
         assert!(t.elapsed() < Duration::from_secs(5), "took {:?}", t.elapsed());
         eprintln!("killed sender: {e}");
+    });
+}
+
+/// A client that would carry its pages on the stream is refused by an rdma listener in the
+/// handshake, with the reason; an rdma client of a tcp listener fails before any queue pair
+/// exists (no `rdma` capability negotiated). Neither needs a device.
+#[test]
+fn transports_that_do_not_match_are_refused() {
+    let opts = RdmaOptions::new("no-such-device");
+    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let racc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), opts.clone(), hs.clone()).unwrap();
+    let tacc = ferry_transport::tcp::TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), Default::default(), hs).unwrap();
+    assert_eq!(Acceptor::transport(&racc), "rdma");
+    let cfg = || ClientConfig { caps: Caps::ALL, ..client_cfg(Psk::new(TEST_KEY).unwrap()) };
+    std::thread::scope(|sc| {
+        let srv = sc.spawn(|| racc.accept_within(Duration::from_secs(30), &|_| Ok(())));
+        let tcp: &dyn Connector = &ferry_transport::tcp::TcpOptions::default();
+        let e = tcp.connect(&Path::to(racc.local_addr().unwrap()), cfg()).unwrap_err();
+        assert!(e.to_string().contains("serves rdma"), "{e}");
+        assert!(srv.join().unwrap().is_err(), "the rdma listener must not set a tcp client up");
+    });
+    std::thread::scope(|sc| {
+        let srv = sc.spawn(|| tacc.accept(&|_| Ok(())));
+        let e = (&opts as &dyn Connector).connect(&Path::to(tacc.local_addr().unwrap()), cfg()).unwrap_err();
+        assert!(matches!(e, TransportError::NotNegotiated("rdma")), "{e}");
+        let ch = srv.join().unwrap().expect("the tcp listener saw a valid handshake");
+        assert!(!ch.info.established.caps.contains(Caps::RDMA));
     });
 }

@@ -5,8 +5,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_transport::endpoint::{Acceptor, Connector, Path};
 use ferry_transport::handshake::{
-    random_bytes, Caps, ChannelBinding, ClientConfig, ClientHandshake, Psk, ServerConfig, Step,
+    random_bytes, Caps, ChannelBinding, ClientConfig, ClientHandshake, Established, Psk, ServerConfig, Step,
 };
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::wire::{FrameHeader, HEADER_LEN};
@@ -178,5 +179,43 @@ fn silent_client_times_out_and_acceptor_survives() {
         let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
         tcp::connect(addr, &t.opts(), client_cfg(Psk::new(TEST_KEY).unwrap())).unwrap();
         srv.join().unwrap().unwrap();
+    });
+}
+
+/// Through the endpoint traits: an idle listener yields nothing within the wait and stays usable;
+/// a channel opened by the options' connector arrives with its binding, leaves from the path's
+/// local address, and never negotiates the `rdma` capability on a stream, even where both sides
+/// list it.
+#[test]
+fn endpoint_traits_open_bound_channels_without_rdma() {
+    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let acc: Box<dyn Acceptor> =
+        Box::new(TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::zstd(), hs).unwrap());
+    assert_eq!(acc.transport(), "tcp");
+    assert!(acc.accept_within(Duration::from_millis(20), &|_| Ok(())).unwrap().is_none());
+    let addr = acc.local_addr().unwrap();
+    let binding = ChannelBinding { session: random_bytes(), channel: 3 };
+    let connector: &dyn Connector = &TcpOptions::zstd();
+    assert_eq!(connector.transport(), "zstd");
+    assert_eq!((&TcpOptions::default() as &dyn Connector).transport(), "tcp");
+    let from = "127.0.0.2:0".parse().unwrap();
+    let path = Path { remote: addr, local: Some(from), device: None };
+    std::thread::scope(|sc| {
+        let srv = sc.spawn(|| loop {
+            let admit = |e: &Established| if e.binding == binding { Ok(()) } else { Err("wrong binding".into()) };
+            if let Some(ch) = acc.accept_within(Duration::from_millis(100), &admit).unwrap() {
+                break ch;
+            }
+        });
+        let cfg = ClientConfig { psk: Psk::new(TEST_KEY).unwrap(), binding, caps: Caps::ALL, timeout: Duration::from_secs(5) };
+        let c = connector.connect(&path, cfg).unwrap();
+        let s = srv.join().unwrap();
+        for ch in [&c, &s] {
+            assert_eq!(ch.info.established.binding, binding);
+            assert!(ch.info.established.caps.contains(Caps::ZSTD));
+            assert!(!ch.info.established.caps.contains(Caps::RDMA), "{:?}", ch.info.established.caps);
+            assert_eq!(ch.info.backend, "zstd");
+        }
+        assert_eq!(s.info.peer.map(|a| a.ip()), Some(from.ip()), "the channel left from the path's local address");
     });
 }

@@ -103,6 +103,7 @@ use std::time::Duration;
 pub use channel::{RdmaRx, RdmaTx};
 
 use crate::channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer};
+use crate::endpoint::{Acceptor, Admit, Connector, Path};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::handshake::{Caps, ClientConfig, Established, ServerConfig};
 use crate::memory::MemorySink;
@@ -464,6 +465,24 @@ pub fn connect(addr: SocketAddr, opts: &RdmaOptions, mut hs: ClientConfig) -> Re
     Ok(build(s, est, opts, true)?.into_channel())
 }
 
+impl Connector for RdmaOptions {
+    fn transport(&self) -> &'static str {
+        "rdma"
+    }
+
+    /// The control stream leaves from `path`'s local address or interface; the queue pair is on
+    /// the verbs device of these options.
+    fn connect(&self, path: &Path, hs: ClientConfig) -> Result<Channel> {
+        let tcp = TcpOptions {
+            bind: path.local.or(self.tcp.bind),
+            device: path.device.clone().or_else(|| self.tcp.device.clone()),
+            ..self.tcp.clone()
+        };
+        let o = RdmaOptions { tcp, ..self.clone() };
+        connect(path.remote, &o, hs).map(|c| c.channel)
+    }
+}
+
 /// Accepts RDMA channels (the destination side).
 pub struct RdmaAcceptor {
     tcp: TcpAcceptor,
@@ -471,10 +490,11 @@ pub struct RdmaAcceptor {
 }
 
 impl RdmaAcceptor {
-    /// Listen on `addr` for control streams; `hs.caps` gets [`Caps::RDMA`] added.
+    /// Listen on `addr` for control streams; `hs.caps` gets [`Caps::RDMA`] added, and a client
+    /// that does not offer it is refused in the handshake (it would expect pages on the stream).
     pub fn bind(addr: SocketAddr, opts: RdmaOptions, mut hs: ServerConfig) -> Result<Self> {
         hs.caps = Caps(hs.caps.0 | Caps::RDMA.0);
-        Ok(Self { tcp: TcpAcceptor::bind(addr, opts.tcp.clone(), hs)?, opts })
+        Ok(Self { tcp: TcpAcceptor::bind_offering(addr, opts.tcp.clone(), hs)?, opts })
     }
 
     /// The address listened on.
@@ -483,9 +503,34 @@ impl RdmaAcceptor {
     }
 
     /// Accept one channel (see [`TcpAcceptor::accept`] for `admit`).
-    pub fn accept(&self, admit: &dyn Fn(&Established) -> std::result::Result<(), String>) -> Result<RdmaChannel> {
-        let (s, est) = self.tcp.accept_stream(admit)?;
+    pub fn accept(&self, admit: Admit<'_>) -> Result<RdmaChannel> {
+        let (s, est) = self.tcp.accept_stream(&|e| rdma_only(e).and_then(|()| admit(e)))?;
         Ok(build(s, est, &self.opts, false)?.into_channel())
+    }
+}
+
+/// Refuses a channel whose handshake did not negotiate [`Caps::RDMA`].
+fn rdma_only(e: &Established) -> std::result::Result<(), String> {
+    if e.caps.contains(Caps::RDMA) {
+        Ok(())
+    } else {
+        Err("this listener serves rdma channels: the client did not offer rdma".into())
+    }
+}
+
+impl Acceptor for RdmaAcceptor {
+    fn transport(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    fn accept_within(&self, wait: Duration, admit: Admit<'_>) -> Result<Option<Channel>> {
+        let Some(s) = self.tcp.accept_socket(Some(wait))? else { return Ok(None) };
+        let (s, est) = self.tcp.handshake_stream(s, &|e| rdma_only(e).and_then(|()| admit(e)))?;
+        Ok(Some(build(s, est, &self.opts, false)?.into_channel().channel))
     }
 }
 
