@@ -191,7 +191,9 @@ median() { tr ' ' '\n' | grep . | sort -n | awk '{v[NR]=$1} END { if (NR == 0) p
 echo "=== throughput: ib_write_bw -s $SIZE -n $ITERS -t 16 vs rdma_bw --size $SIZE --seconds $SECS, $ROUNDS rounds"
 REFS=""; OURS_L=""; BRC=0
 for r in $(seq 1 $ROUNDS); do
-    v=$(ref_run) || { echo "$v"; fail "ib_write_bw failed"; }
+    # ib_write_bw refuses to report when its clock calibration is noisy ("Correlation coefficient
+    # r^2 < 0.9", seen under TCG on a loaded host): a run that fails is tried again, twice.
+    v=$(ref_run) || v=$(ref_run) || v=$(ref_run) || { echo "$v"; fail "ib_write_bw failed"; }
     REFS="$REFS $v"
     w=$(our_run) || { echo "$w"; BRC=1; w=0; }
     OURS_L="$OURS_L $w"

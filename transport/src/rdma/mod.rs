@@ -51,6 +51,11 @@
 //!   `rq_depth / 4`. A destination that stops reading stops returning credits and `send_batch`
 //!   blocks: receiver-not-ready NAKs never happen in normal operation, so the QP retries them
 //!   only a few times and a peer that sends them anyway fails the channel instead of hanging it.
+//! - **Endpoints.** [`RdmaAcceptor`] and [`RdmaOptions`] are this backend's
+//!   [`crate::endpoint::Acceptor`] and [`crate::endpoint::Connector`]: a migration server
+//!   listening on rdma beside tcp routes their channels like any other. The acceptor refuses, in
+//!   the handshake, a client that does not offer [`Caps::RDMA`]; a tcp listener never offers it,
+//!   so an rdma client there fails before any queue pair exists.
 //! - **Control** messages of the layer above, acks, goodbye and abort go on the TCP stream.
 //!   Control messages carry a one-byte tag (so the limit is `MAX_CONTROL_LEN - 1`), and
 //!   `send_control` first waits for every batch posted before it to complete, so the peer sees
