@@ -215,7 +215,8 @@ impl MigrationServer {
             }
         };
         loop {
-            if self.stop.load(Ordering::SeqCst) || serving.max.is_some_and(|m| serving.finished.load(Ordering::SeqCst) >= m)
+            if self.stop.load(Ordering::SeqCst)
+                || serving.max.is_some_and(|m| serving.finished.load(Ordering::SeqCst) >= m)
             {
                 return;
             }
@@ -267,7 +268,8 @@ impl MigrationServer {
             serving.finished.clone(),
         );
         let worker = std::thread::spawn(move || {
-            let r = first_message(ch, port).and_then(|(ch, first)| receive_after(factory.as_ref(), ch, first, &rx, &cfg));
+            let r =
+                first_message(ch, port).and_then(|(ch, first)| receive_after(factory.as_ref(), ch, first, &rx, &cfg));
             lock(&sessions).remove(&b.session);
             done(r);
             finished.fetch_add(1, Ordering::SeqCst);
