@@ -25,7 +25,7 @@ grep -q "test result" /tmp/ferry-test.log
 
 step "fuzz targets (build + short run)"
 if command -v cargo-fuzz >/dev/null 2>&1; then
-    (cd fuzz && for t in wire_decode handshake_sequence control_decode exchange_decode; do
+    (cd fuzz && for t in wire_decode handshake_sequence control_decode exchange_decode session_sequence; do
         log="/tmp/ferry-fuzz-$t.log"
         if RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -runs=200000 -max_len=4096 >"$log" 2>&1; then
             echo "$t: $(grep -E '^Done' "$log" || tail -1 "$log")"

@@ -2,9 +2,12 @@
 //!
 //! - [`vm`]: the traits the engine consumes (source VM, target VM and factory, dirty log);
 //!   `vmm-glue` implements them, `migrate` never depends on a VMM.
-//! - [`protocol`]: the control protocol (pure, capped), with the sequence of a live migration.
-//! - [`source`]: pre-copy rounds sharded over all channels, convergence, switchover, abort.
-//! - [`target`]: receive, verify, commit.
+//! - [`protocol`]: the control messages (pure encode/decode, every length capped).
+//! - [`session`]: the protocol as two sans-IO state machines (source and target; states and the
+//!   sequence diagram are there), and the pure estimates (rates, expected downtime, convergence,
+//!   stall detector).
+//! - [`source`]: the source's threaded driver: pre-copy rounds sharded over all channels.
+//! - [`target`]: the destination's threaded driver: receive into guest memory, verify, commit.
 //! - [`server`]: the destination's service, routing channels from every listener (tcp, rdma) to
 //!   their sessions; the source's session connector, over any transport.
 //! - [`scheduler`]: the host-wide concurrency limit.
@@ -16,6 +19,7 @@ pub mod protocol;
 pub mod quick;
 pub mod scheduler;
 pub mod server;
+pub mod session;
 pub mod source;
 pub mod stats;
 pub mod target;

@@ -1,55 +1,11 @@
-//! The migration protocol on the control channel (channel 0 of a session). Pure encode/decode;
-//! every length is capped. Messages ride in transport `Control` frames; page batches ride on
-//! every channel of the session, channel 0 included.
+//! The migration protocol's control messages (channel 0 of a session): pure encode/decode,
+//! versioned, every length capped. Messages ride in transport `Control` frames; page batches ride
+//! on every channel of the session, channel 0 included.
 //!
-//! ```text
-//!  source                                             destination
-//!    | Prepare(version, vm id, regions, channels, verify)  |  checks it can host the VM,
-//!    |---------------------------------------------------->|  creates it paused, zeroed
-//!    |                         PrepareOk  |  Refuse(reason)|
-//!    |<----------------------------------------------------|
-//!    | round 0: every page (batches over all channels)     |
-//!    |====================================================>|  ack per batch once written
-//!    | RoundEnd(0) ... all acked (barrier) ... round 1 ... |
-//!    |                                                     |
-//!    | [pause source]  Switchover(final round)             |
-//!    | final round batches, all acked                      |
-//!    | StateChunk(offset, bytes)...                        |
-//!    | Complete(state len, state crc, image digest, pages) |  verify image, restore state
-//!    |---------------------------------------------------->|
-//!    |                         Ready  |  Refuse(reason)    |
-//!    |<----------------------------------------------------|
-//!    | Commit                                              |  ownership passes here:
-//!    |---------------------------------------------------->|  resume the VM
-//!    |                                   Resumed           |
-//!    |<----------------------------------------------------|
-//!    | [source releases the VM]                            |
-//! ```
-//!
-//! Round rule (overlapping rounds are never in flight): the source sends no batch of round N+1
-//! before every batch of round N is acknowledged, and the destination acknowledges a batch only
-//! once its pages are in guest memory. So no older copy of a page can land after a newer one. The
-//! destination enforces it too: a batch whose round is older than one it has already seen is a
-//! protocol violation and aborts the migration.
-//!
-//! Before `Commit` reaches the destination the source owns the VM: any failure, the destination
-//! discards, the source resumes. Once the destination has `Commit` it owns the VM. If the channel
-//! dies after `Commit` was sent but before `Resumed` arrived, the source cannot know which side
-//! holds the VM: it keeps its copy paused and reports `Uncertain` (never resumes it by itself).
-//!
-//! Losing a data channel (failover): its unacknowledged batches are resent on the others only
-//! after the destination says `ChannelLost` (its receiver for that channel has stopped, so no old
-//! copy can land late). When the source notices first (a send error, or a channel that stopped
-//! acknowledging while the others progress), it sends `ChannelDrop` so the destination closes its
-//! end at once instead of waiting for its own TCP timeout:
-//!
-//! ```text
-//!    | ChannelDrop(i)          (source gave up on i)       |  close channel i, its
-//!    |---------------------------------------------------->|  receiver stops
-//!    |                         ChannelLost(i)              |
-//!    |<----------------------------------------------------|
-//!    | resend i's unacknowledged batches on the others     |
-//! ```
+//! Who sends which message when, the states of both sides, the round rule and the ownership
+//! rules are in [`crate::session`] (with the sequence diagram); the state machines that follow
+//! them are [`crate::session::source::SourceSession`] and
+//! [`crate::session::target::TargetSession`].
 
 use crate::vm::VmShape;
 

@@ -1,8 +1,11 @@
-//! The destination side of a live migration: accept the VM's shape, receive pages on every
-//! channel straight into the new VM's memory, enforce the round rule, verify the image, and take
-//! ownership only at `Commit`. Until then any failure discards the VM.
+//! The destination side of a live migration, the threaded driver of
+//! [`crate::session::target::TargetSession`]: it owns the channels, their receiver threads and
+//! the new VM; it feeds the session events and carries out its actions. Pages are received on
+//! every channel straight into the new VM's memory; the receivers check the round rule with the
+//! session's [`RoundGate`] before acknowledging. The VM is taken over only at `Commit`; until
+//! then any failure discards it.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -10,33 +13,13 @@ use std::time::{Duration, Instant};
 
 use ferry_transport::memory::{populate_write, MemoryMap, MemorySink, MemorySource, NoSink};
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
-use ferry_transport::{Channel, ChannelTx, Incoming, Killer};
+use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer};
 
 use crate::hash::{scan_run, zero_page_hash, PageTable};
-use crate::protocol::{Msg, MAX_STATE, MIGRATION_VERSION};
+use crate::protocol::Msg;
+use crate::session::target::{RoundGate, TargetAction, TargetSession};
 use crate::vm::{TargetFactory, TargetVm, VmShape};
 use crate::MigrateError;
-
-/// A fault the destination injects on itself (tests).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TargetFault {
-    /// Flip a bit of the last page once every page has landed: verification must fail.
-    CorruptPage,
-    /// Drop every channel after the first batch of round N (as if the process died).
-    DieInRound(u32),
-    /// Take the commit and resume, then vanish without confirming (the source cannot know).
-    DieAfterCommit,
-    /// Channel `channel` stops reading after `after_batches` batches, as if its path hung: no
-    /// error, no close, just silence (its kernel keeps acknowledging with a zero window; TCP
-    /// notices only through a user timeout, if one is set). It resumes only to be closed
-    /// (`ChannelDrop`).
-    StallChannel {
-        /// Data channel index (not 0).
-        channel: u16,
-        /// Batches it takes first.
-        after_batches: u64,
-    },
-}
 
 /// Destination configuration.
 #[derive(Debug, Clone)]
@@ -45,8 +28,6 @@ pub struct TargetConfig {
     pub channel_wait: Duration,
     /// Silence from the source longer than this aborts.
     pub idle_timeout: Duration,
-    /// Fault injection (tests).
-    pub fault: Option<TargetFault>,
     /// During round 0, fault guest memory in on a helper thread just ahead of where batches
     /// land, so the receive path does not take the page faults of cold memory itself (cheap when
     /// the memory is already present, as with a reserve).
@@ -55,12 +36,7 @@ pub struct TargetConfig {
 
 impl Default for TargetConfig {
     fn default() -> Self {
-        Self {
-            channel_wait: Duration::from_secs(10),
-            idle_timeout: Duration::from_secs(60),
-            fault: None,
-            fault_ahead: true,
-        }
+        Self { channel_wait: Duration::from_secs(10), idle_timeout: Duration::from_secs(60), fault_ahead: true }
     }
 }
 
@@ -110,25 +86,21 @@ enum Event {
     Control(Vec<u8>),
     Failed(u16, String),
     Closed(u16),
+    /// A receiver saw a protocol violation.
+    Violation(u16, String),
 }
 
 struct Shared {
     map: MemoryMap,
     regions: Vec<(u64, u64, u64)>, // gpa, len, first page index
     table: PageTable,
-    max_round: AtomicU32,
+    gate: Arc<RoundGate>,
     pages: AtomicU64,
     batches: AtomicU64,
     wire: AtomicU64,
-    corrupt: AtomicBool,
-    die_round: Option<u32>,
     dead: AtomicBool,
     /// Highest guest-physical end address a batch has written (round 0 goes up through memory).
     frontier: AtomicU64,
-    /// Injected stall: (channel, batches before it stops reading).
-    stall: Option<(u16, u64)>,
-    /// Channels the source dropped (`ChannelDrop`): a stalled receiver gives up on seeing it.
-    dropped: Mutex<Vec<u16>>,
 }
 
 impl Shared {
@@ -148,6 +120,22 @@ impl Shared {
             })
         };
     }
+
+    /// The image digest; `full`: re-read every page first rather than trust the hashes taken
+    /// at receipt.
+    fn digest(&self, full: bool) -> u64 {
+        if full {
+            const CHUNK: u64 = 1 << 20; // pages per run
+            for &(g, l, _) in &self.regions {
+                let pages = l / PAGE_SIZE as u64;
+                for c in (0..pages).step_by(CHUNK as usize) {
+                    let n = (pages - c).min(CHUNK) as u32;
+                    self.hash_run(&PageRun { gpa: g + c * PAGE_SIZE as u64, pages: n });
+                }
+            }
+        }
+        self.table.digest()
+    }
 }
 
 /// Keep page faults off the receive path while round 0 fills cold memory: populate the 2 MiB
@@ -161,7 +149,7 @@ fn fault_ahead(sh: &Shared) {
         let end = gpa + len;
         let mut at = gpa;
         while at < end {
-            if sh.dead.load(Ordering::SeqCst) || sh.max_round.load(Ordering::SeqCst) > 0 {
+            if sh.dead.load(Ordering::SeqCst) || sh.gate.round() > 0 {
                 return;
             }
             let f = sh.frontier.load(Ordering::Relaxed);
@@ -201,13 +189,11 @@ fn kill(killers: &Killers, only: Option<u16>) {
 
 fn rx_loop(
     idx: u16,
-    mut rx: Box<dyn ferry_transport::ChannelRx>,
+    mut rx: Box<dyn ChannelRx>,
     tx: Arc<Mutex<Box<dyn ChannelTx>>>,
     sh: Arc<Shared>,
     ev: mpsc::Sender<Event>,
-    killers: Killers,
 ) {
-    let mut taken = 0u64;
     loop {
         if sh.dead.load(Ordering::SeqCst) {
             return;
@@ -215,12 +201,8 @@ fn rx_loop(
         match rx.recv(&sh.map) {
             Ok(Incoming::Batch(b)) => {
                 // The round rule: never let an older round's copy land after a newer one.
-                let seen = sh.max_round.fetch_max(b.round, Ordering::SeqCst);
-                if b.round < seen {
-                    let _ = ev.send(Event::Failed(
-                        idx,
-                        format!("batch of round {} after round {seen} began: round rule violated", b.round),
-                    ));
+                if let Err(e) = sh.gate.admit(b.round) {
+                    let _ = ev.send(Event::Violation(idx, e.to_string()));
                     return;
                 }
                 for r in &b.runs {
@@ -232,21 +214,6 @@ fn rx_loop(
                 sh.pages.fetch_add(u64::from(b.pages), Ordering::Relaxed);
                 sh.wire.fetch_add(b.wire_bytes, Ordering::Relaxed);
                 sh.batches.fetch_add(1, Ordering::Relaxed);
-                if sh.die_round == Some(b.round) {
-                    sh.dead.store(true, Ordering::SeqCst);
-                    kill(&killers, None);
-                    let _ = ev.send(Event::Failed(idx, "injected destination death".into()));
-                    return;
-                }
-                taken += 1;
-                if sh.stall.is_some_and(|(c, n)| c == idx && taken > n) {
-                    // Injected hang: no ack, no more reads, until the source drops the channel.
-                    while !sh.dead.load(Ordering::SeqCst) && !sh.dropped.lock().is_ok_and(|d| d.contains(&idx)) {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    let _ = ev.send(Event::Failed(idx, "stalled (injected), then dropped by the source".into()));
-                    return;
-                }
                 let r = tx.lock().map(|mut t| t.send_ack(b.ack()));
                 if let Ok(Err(e)) = r {
                     let _ = ev.send(Event::Failed(idx, format!("ack: {e}")));
@@ -255,13 +222,13 @@ fn rx_loop(
             }
             Ok(Incoming::Control(m)) => {
                 if idx != 0 {
-                    let _ = ev.send(Event::Failed(idx, "control message on a data channel".into()));
+                    let _ = ev.send(Event::Violation(idx, "control message on a data channel".into()));
                     return;
                 }
                 let _ = ev.send(Event::Control(m));
             }
             Ok(Incoming::Ack(_)) => {
-                let _ = ev.send(Event::Failed(idx, "the source sent an ack".into()));
+                let _ = ev.send(Event::Violation(idx, "the source sent an ack".into()));
                 return;
             }
             Ok(Incoming::Closed) => {
@@ -287,6 +254,147 @@ pub fn receive(
     receive_after(factory, ch0, None, more, cfg)
 }
 
+/// The driver's side of a received migration: what it owns while the session runs.
+struct Driver<'a> {
+    factory: &'a dyn TargetFactory,
+    cfg: &'a TargetConfig,
+    more: &'a mpsc::Receiver<Channel>,
+    session_id: ferry_transport::handshake::SessionId,
+    tx0: Arc<Mutex<Box<dyn ChannelTx>>>,
+    rx0: Option<Box<dyn ChannelRx>>,
+    killers: Killers,
+    vm: Option<Box<dyn TargetVm>>,
+    sh: Option<Arc<Shared>>,
+    ev_tx: mpsc::Sender<Event>,
+    threads: Vec<JoinHandle<()>>,
+    stats: TargetStats,
+}
+
+impl Driver<'_> {
+    fn send0(&self, m: &Msg) -> Result<(), String> {
+        match self.tx0.lock() {
+            Ok(mut t) => t.send_control(&m.encode()).map_err(|e| e.to_string()),
+            Err(_) => Err("control lock".into()),
+        }
+    }
+
+    /// Carry out one action; `Some` when the migration is over.
+    fn execute(&mut self, s: &mut TargetSession, a: TargetAction) -> Option<Result<(), MigrateError>> {
+        match a {
+            TargetAction::Send(m) => {
+                if let Err(e) = self.send0(&m) {
+                    s.handle_channel_lost(0, e, false);
+                }
+            }
+            TargetAction::CreateVm(shape) => match self.factory.create(&shape) {
+                Ok(vm) => {
+                    self.vm = Some(vm);
+                    s.handle_vm_created(Ok(()));
+                }
+                Err(e) => s.handle_vm_created(Err(e.to_string())),
+            },
+            TargetAction::AwaitChannels(n) => {
+                let all = self.collect_channels(s, n);
+                s.handle_channels(all, Instant::now());
+            }
+            TargetAction::CloseChannel(c) => kill(&self.killers, Some(c)),
+            TargetAction::Verify { full } => {
+                let t = Instant::now();
+                let digest = self.sh.as_ref().map_or(0, |sh| sh.digest(full));
+                self.stats.verify = t.elapsed();
+                s.handle_digest(digest);
+            }
+            TargetAction::Restore(blob) => {
+                let r = match self.vm.as_mut() {
+                    Some(vm) => vm.restore_state(&blob).map_err(|e| e.to_string()),
+                    None => Err("no VM".into()),
+                };
+                s.handle_restored(r);
+            }
+            TargetAction::Resume => {
+                let r = match self.vm.as_mut() {
+                    Some(vm) => vm.resume().map_err(|e| format!("resume after commit: {e}")),
+                    None => Err("no VM".into()),
+                };
+                s.handle_resumed(r);
+            }
+            TargetAction::Fail(e) => return Some(Err(e)),
+            TargetAction::Finish => return Some(Ok(())),
+        }
+        None
+    }
+
+    /// Wait for the session's other channels, then start a receiver on each.
+    fn collect_channels(&mut self, s: &TargetSession, nch: usize) -> bool {
+        let (Some(vm), Some(shape), Some(rx0)) = (self.vm.as_ref(), s.shape(), self.rx0.take()) else { return false };
+        let mut channels: Vec<Option<Channel>> = (0..nch).map(|_| None).collect();
+        let deadline = Instant::now() + self.cfg.channel_wait;
+        let mut have = 1;
+        while have < nch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(c) = self.more.recv_timeout(left) else { return false };
+            let b = c.info.established.binding;
+            let i = b.channel as usize;
+            if b.session != self.session_id || i == 0 || i >= nch || channels[i].is_some() {
+                (c.killer)();
+                continue;
+            }
+            channels[i] = Some(c);
+            have += 1;
+        }
+        let mut regions = Vec::new();
+        let mut acc = 0u64;
+        for &(g, l) in &shape.regions {
+            regions.push((g, l, acc));
+            acc += l / PAGE_SIZE as u64;
+        }
+        let sh = Arc::new(Shared {
+            map: vm.memory(),
+            regions,
+            table: PageTable::new(acc as usize, zero_page_hash()),
+            gate: s.gate().clone(),
+            pages: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            wire: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+            frontier: AtomicU64::new(0),
+        });
+        self.sh = Some(sh.clone());
+        self.spawn_rx(0, rx0, self.tx0.clone());
+        for (i, c) in channels.into_iter().enumerate().skip(1).filter_map(|(i, c)| Some((i, c?))) {
+            if let Ok(mut k) = self.killers.lock() {
+                k.push((i as u16, c.killer.clone()));
+            }
+            self.spawn_rx(i as u16, c.rx, Arc::new(Mutex::new(c.tx)));
+        }
+        if self.cfg.fault_ahead {
+            self.threads.push(std::thread::spawn(move || fault_ahead(&sh)));
+        }
+        true
+    }
+
+    fn spawn_rx(&mut self, i: u16, rx: Box<dyn ChannelRx>, tx: Arc<Mutex<Box<dyn ChannelTx>>>) {
+        let Some(sh) = self.sh.clone() else { return };
+        let ev = self.ev_tx.clone();
+        self.threads.push(std::thread::spawn(move || rx_loop(i, rx, tx, sh, ev)));
+    }
+
+    /// A lost channel may come back (same session, same index) while pages move.
+    fn take_rejoins(&mut self, s: &mut TargetSession) {
+        while let Ok(c) = self.more.try_recv() {
+            let b = c.info.established.binding;
+            if b.session != self.session_id || !s.handle_rejoin(b.channel) {
+                (c.killer)();
+                continue;
+            }
+            if let Ok(mut k) = self.killers.lock() {
+                k.push((b.channel, c.killer.clone()));
+            }
+            self.spawn_rx(b.channel, c.rx, Arc::new(Mutex::new(c.tx)));
+        }
+    }
+}
+
 /// [`receive`], when the caller has already read the first control message of channel 0 (to
 /// answer an interface exchange first, say): `first` is then the Prepare (or `None` to read it).
 pub fn receive_after(
@@ -307,275 +415,91 @@ pub fn receive_after(
             }
         },
     };
-    let (shape, nch, verify_full) = match Msg::decode(&m) {
-        Ok(Msg::Prepare { version, shape, channels, verify_full }) => {
-            if version != MIGRATION_VERSION {
-                let r = format!("migration protocol version {version} not supported");
-                let _ = ch0.tx.send_control(&Msg::Refuse(r.clone()).encode());
-                return Err(MigrateError::Refused(r));
-            }
-            (shape, channels as usize, verify_full)
-        }
-        Ok(other) => {
-            let _ = ch0.tx.send_abort(2, "expected Prepare");
-            return Err(MigrateError::Unexpected(format!("{other:?} before Prepare")));
-        }
-        Err(e) => {
-            let _ = ch0.tx.send_abort(2, &e.to_string());
-            return Err(e.into());
-        }
-    };
-    let mut vm = match factory.create(&shape) {
-        Ok(v) => v,
-        Err(e) => {
-            let r = format!("cannot host VM {:?}: {e}", shape.vm_id);
-            let _ = ch0.tx.send_control(&Msg::Refuse(r.clone()).encode());
-            return Err(MigrateError::Refused(r));
-        }
-    };
-    let session = ch0.info.established.binding.session;
-    let mut channels: Vec<Option<Channel>> = (0..nch).map(|_| None).collect();
-    channels[0] = Some(ch0);
-    let deadline = Instant::now() + cfg.channel_wait;
-    while channels.iter().any(Option::is_none) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let c = match more.recv_timeout(left) {
-            Ok(c) => c,
-            Err(_) => {
-                let r = "the session's other channels did not all arrive".to_string();
-                if let Some(c0) = channels[0].as_mut() {
-                    let _ = c0.tx.send_control(&Msg::Refuse(r.clone()).encode());
-                }
-                return Err(MigrateError::Refused(r));
-            }
-        };
-        let b = c.info.established.binding;
-        let i = b.channel as usize;
-        if b.session != session || i >= nch || channels[i].is_some() {
-            (c.killer)();
-            continue;
-        }
-        channels[i] = Some(c);
-    }
-    let channels: Vec<Channel> = channels.into_iter().flatten().collect();
-    let mut regions = Vec::new();
-    let mut acc = 0u64;
-    for &(g, l) in &shape.regions {
-        regions.push((g, l, acc));
-        acc += l / PAGE_SIZE as u64;
-    }
-    let total_pages = acc;
-    let zh = zero_page_hash();
-    let sh = Arc::new(Shared {
-        map: vm.memory(),
-        regions,
-        table: PageTable::new(total_pages as usize, zh),
-        max_round: AtomicU32::new(0),
-        pages: AtomicU64::new(0),
-        batches: AtomicU64::new(0),
-        wire: AtomicU64::new(0),
-        corrupt: AtomicBool::new(cfg.fault == Some(TargetFault::CorruptPage)),
-        die_round: match cfg.fault {
-            Some(TargetFault::DieInRound(r)) => Some(r),
-            _ => None,
-        },
-        dead: AtomicBool::new(false),
-        frontier: AtomicU64::new(0),
-        stall: match cfg.fault {
-            Some(TargetFault::StallChannel { channel, after_batches }) => Some((channel, after_batches)),
-            _ => None,
-        },
-        dropped: Mutex::new(Vec::new()),
-    });
-    let killers: Killers =
-        Arc::new(Mutex::new(channels.iter().enumerate().map(|(i, c)| (i as u16, c.killer.clone())).collect()));
+    let Channel { tx, rx, info, killer } = ch0;
     let (ev_tx, ev_rx) = mpsc::channel();
-    let mut txs = Vec::new();
-    let mut threads: Vec<JoinHandle<()>> = Vec::new();
-    for (i, c) in channels.into_iter().enumerate() {
-        let tx = Arc::new(Mutex::new(c.tx));
-        txs.push(tx.clone());
-        let (sh, ev, k) = (sh.clone(), ev_tx.clone(), killers.clone());
-        let rx = c.rx;
-        threads.push(std::thread::spawn(move || rx_loop(i as u16, rx, tx, sh, ev, k)));
-    }
-    let mut threads = threads;
-    if cfg.fault_ahead {
-        let sh = sh.clone();
-        threads.push(std::thread::spawn(move || fault_ahead(&sh)));
-    }
-    let send0 = |m: &Msg| -> Result<(), MigrateError> {
-        txs[0]
-            .lock()
-            .map_err(|_| MigrateError::Internal("control lock"))?
-            .send_control(&m.encode())
-            .map_err(|e| MigrateError::Channel(0, e.to_string()))
+    let mut d = Driver {
+        factory,
+        cfg,
+        more,
+        session_id: info.established.binding.session,
+        tx0: Arc::new(Mutex::new(tx)),
+        rx0: Some(rx),
+        killers: Arc::new(Mutex::new(vec![(0, killer)])),
+        vm: None,
+        sh: None,
+        ev_tx,
+        threads: Vec::new(),
+        stats: TargetStats::default(),
     };
-    let mut stats = TargetStats {
-        vm_id: shape.vm_id.clone(),
-        guest_bytes: shape.memory_bytes(),
-        channels: nch,
-        ..Default::default()
-    };
-    let mut committed = false;
-    let result = (|| -> Result<(), MigrateError> {
-        send0(&Msg::PrepareOk)?;
-        let mut state: Vec<u8> = Vec::new();
-        let mut ready = false;
-        let mut idle_since = Instant::now();
-        loop {
-            // A lost channel may come back (same session, same index) while pages move.
-            while let Ok(c) = more.try_recv() {
-                let b = c.info.established.binding;
-                let i = b.channel;
-                let welcome = b.session == session && stats.lost_channels.contains(&i) && !ready;
-                if !welcome {
-                    (c.killer)();
-                    continue;
-                }
-                stats.lost_channels.retain(|&x| x != i);
-                stats.rejoined_channels.push(i);
-                let tx = Arc::new(Mutex::new(c.tx));
-                if let Ok(mut k) = killers.lock() {
-                    k.push((i, c.killer.clone()));
-                }
-                let (sh, ev, k) = (sh.clone(), ev_tx.clone(), killers.clone());
-                let rx = c.rx;
-                threads.push(std::thread::spawn(move || rx_loop(i, rx, tx, sh, ev, k)));
-            }
-            let ev = match ev_rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(e) => {
-                    idle_since = Instant::now();
-                    e
-                }
-                Err(_) if idle_since.elapsed() < cfg.idle_timeout => continue,
-                Err(_) => return Err(MigrateError::Timeout("source went silent")),
-            };
-            match ev {
-                Event::Failed(0, why) => return Err(MigrateError::Channel(0, why)),
-                Event::Closed(0) => return Err(MigrateError::Channel(0, "source closed the control channel".into())),
-                Event::Failed(i, why) => {
-                    if sh.dead.load(Ordering::SeqCst) {
-                        return Err(MigrateError::Channel(i, why));
-                    }
-                    stats.lost_channels.push(i);
-                    send0(&Msg::ChannelLost { channel: i })?;
-                }
-                Event::Closed(i) => {
-                    stats.lost_channels.push(i);
-                    send0(&Msg::ChannelLost { channel: i })?;
-                }
-                Event::Control(m) => match Msg::decode(&m)? {
-                    Msg::RoundEnd { .. } | Msg::Switchover { .. } => {}
-                    Msg::ChannelDrop { channel } if channel != 0 && (channel as usize) < nch => {
-                        // Close our end: the receiver stops and reports; ChannelLost follows
-                        // from the Failed event (once per loss).
-                        if let Ok(mut d) = sh.dropped.lock() {
-                            d.push(channel);
-                        }
-                        kill(&killers, Some(channel));
-                    }
-                    Msg::StateChunk { offset, data } => {
-                        if offset != state.len() as u64 || state.len() as u64 + data.len() as u64 > MAX_STATE {
-                            return Err(MigrateError::Unexpected("state chunk out of order or too large".into()));
-                        }
-                        state.extend_from_slice(&data);
-                    }
-                    Msg::Complete { state_len, state_crc, digest: want, pages } => {
-                        let t = Instant::now();
-                        if pages != total_pages {
-                            let r = format!("source has {pages} pages, destination {total_pages}");
-                            send0(&Msg::Refuse(r.clone()))?;
-                            return Err(MigrateError::Verify(r));
-                        }
-                        if state.len() as u64 != state_len || crc32fast::hash(&state) != state_crc {
-                            let r = "VM state blob incomplete or corrupt".to_string();
-                            send0(&Msg::Refuse(r.clone()))?;
-                            return Err(MigrateError::Verify(r));
-                        }
-                        if sh.corrupt.load(Ordering::SeqCst) {
-                            // Injected fault: one flipped bit in the last page, after it landed.
-                            if let Some(&(g, l, _)) = sh.regions.last() {
-                                if let Some(p) = sh.map.sink_ptr(g + l - PAGE_SIZE as u64, PAGE_SIZE) {
-                                    // SAFETY: our own guest memory, not running; a byte inside the page.
-                                    unsafe {
-                                        p.as_ptr().add(100).write_volatile(p.as_ptr().add(100).read_volatile() ^ 1)
-                                    };
-                                }
-                            }
-                        }
-                        if verify_full {
-                            const CHUNK: u64 = 1 << 20; // pages per run
-                            for &(g, l, _) in &sh.regions {
-                                let pages = l / PAGE_SIZE as u64;
-                                for c in (0..pages).step_by(CHUNK as usize) {
-                                    let n = (pages - c).min(CHUNK) as u32;
-                                    sh.hash_run(&PageRun { gpa: g + c * PAGE_SIZE as u64, pages: n });
-                                }
-                            }
-                        }
-                        let got = sh.table.digest();
-                        stats.verify = t.elapsed();
-                        if got != want {
-                            let r =
-                                "image digest mismatch: the destination's memory differs from the source's".to_string();
-                            send0(&Msg::Refuse(r.clone()))?;
-                            return Err(MigrateError::Verify(r));
-                        }
-                        if let Err(e) = vm.restore_state(&state) {
-                            let r = format!("restoring VM state failed: {e}");
-                            send0(&Msg::Refuse(r.clone()))?;
-                            return Err(MigrateError::Vm(r));
-                        }
-                        stats.verified = true;
-                        ready = true;
-                        send0(&Msg::Ready)?;
-                    }
-                    Msg::Commit if ready => {
-                        // Ownership is ours from here on: never abort after this point.
-                        committed = true;
-                        vm.resume().map_err(|e| MigrateError::Vm(format!("resume after commit: {e}")))?;
-                        if cfg.fault == Some(TargetFault::DieAfterCommit) {
-                            kill(&killers, None);
-                            return Ok(());
-                        }
-                        send0(&Msg::Resumed)?;
-                        return Ok(());
-                    }
-                    other => return Err(MigrateError::Unexpected(format!("{other:?} at the destination"))),
-                },
+    let mut s = TargetSession::new(cfg.idle_timeout, Instant::now());
+    s.handle_control(&m, Instant::now());
+    let mut batches_seen = 0u64;
+    let result = loop {
+        let mut over = None;
+        while let Some(a) = s.poll_action() {
+            if let Some(r) = d.execute(&mut s, a) {
+                over = Some(r);
+                break;
             }
         }
-    })();
-    sh.dead.store(true, Ordering::SeqCst);
+        if let Some(r) = over {
+            break r;
+        }
+        d.take_rejoins(&mut s);
+        let now = Instant::now();
+        match ev_rx.recv_timeout(Duration::from_millis(50)) {
+            Ok(Event::Control(m)) => s.handle_control(&m, now),
+            Ok(Event::Failed(i, why)) => s.handle_channel_lost(i, why, false),
+            Ok(Event::Closed(i)) => s.handle_channel_lost(i, "closed by the source".into(), true),
+            Ok(Event::Violation(i, why)) => s.handle_violation(i, why),
+            Err(_) => {}
+        }
+        // Pages landing count as hearing from the source.
+        let b = d.sh.as_ref().map_or(0, |sh| sh.batches.load(Ordering::Relaxed));
+        if b != batches_seen {
+            batches_seen = b;
+            s.handle_activity(Instant::now());
+        }
+        s.handle_timeout(Instant::now());
+    };
+    let committed = s.committed();
+    if let Some(sh) = &d.sh {
+        sh.dead.store(true, Ordering::SeqCst);
+    }
     if result.is_ok() {
-        if let Ok(mut t) = txs[0].lock() {
+        if let Ok(mut t) = d.tx0.lock() {
             let _ = t.close();
         }
-    } else if committed {
-        // We own the VM but could not confirm: say nothing that could look like an abort.
-    } else if let Ok(mut t) = txs[0].try_lock() {
-        let _ = t.send_abort(1, &result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
-    }
-    // Give the source a moment to read Resumed before the sockets go away.
-    if result.is_ok() {
+        // Give the source a moment to read Resumed before the sockets go away.
         let _ = ev_rx.recv_timeout(Duration::from_millis(200));
+    } else if !committed {
+        if let Ok(mut t) = d.tx0.try_lock() {
+            let _ = t.send_abort(1, &result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
+        }
     }
-    kill(&killers, None);
-    for t in threads {
+    kill(&d.killers, None);
+    for t in d.threads.drain(..) {
         let _ = t.join();
     }
-    stats.pages = sh.pages.load(Ordering::Relaxed);
-    stats.batches = sh.batches.load(Ordering::Relaxed);
-    stats.wire_bytes = sh.wire.load(Ordering::Relaxed);
-    match result {
-        Ok(()) => Ok(TargetOutcome { vm, stats }),
-        // Committed and resumed: the VM is ours even though the confirmation failed.
-        Err(e) if committed => {
-            let _ = e;
-            Ok(TargetOutcome { vm, stats })
-        }
-        Err(e) => Err(e),
+    let mut stats = std::mem::take(&mut d.stats);
+    if let Some(shape) = s.shape() {
+        stats.vm_id = shape.vm_id.clone();
+        stats.guest_bytes = shape.memory_bytes();
+    }
+    stats.channels = s.channels();
+    stats.lost_channels = s.lost_channels().to_vec();
+    stats.rejoined_channels = s.rejoined_channels().to_vec();
+    stats.verified = s.verified();
+    if let Some(sh) = &d.sh {
+        stats.pages = sh.pages.load(Ordering::Relaxed);
+        stats.batches = sh.batches.load(Ordering::Relaxed);
+        stats.wire_bytes = sh.wire.load(Ordering::Relaxed);
+    }
+    match (result, d.vm.take()) {
+        // Committed: the VM is ours even if the confirmation failed.
+        (_, Some(vm)) if committed => Ok(TargetOutcome { vm, stats }),
+        (Err(e), _) => Err(e),
+        (Ok(()), _) => Err(MigrateError::Internal("finished without a VM")),
     }
 }
 

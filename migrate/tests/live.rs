@@ -1,5 +1,6 @@
 //! Live migration of the synthetic guest between two engines over loopback TCP: success paths,
-//! a fault injected at every protocol step, channel failover, and the host-wide limit.
+//! a fault injected at every protocol step (by wrapping the source's channels, see
+//! `ferry_test_support::fault`), channel failover, and the host-wide limit.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use ferry_migrate::scheduler::HostScheduler;
 use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, MigrationServer, Path};
-use ferry_migrate::source::{migrate, ConvergePolicy, FaultAction, FaultPoint, MigrationConfig, Rejoin, Scheduling};
+use ferry_migrate::source::{migrate, CancelToken, ConvergePolicy, MigrationConfig, Rejoin, Scheduling};
 use ferry_migrate::stats::Status;
-use ferry_migrate::target::{TargetConfig, TargetFault, TargetOutcome};
+use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_migrate::MigrateError;
+use ferry_test_support::fault::{inject, FaultAction, FaultPoint, Misbehave};
 use ferry_test_support::guest::{guest, into_synthetic, same_memory};
 use ferry_test_support::server;
 use ferry_transport::handshake::{Caps, Psk, ServerConfig};
@@ -117,21 +119,24 @@ fn busy_guest_converges_and_continues() {
     h.join().unwrap();
 }
 
-fn expect_source_survives(
-    fault: Option<(FaultPoint, FaultAction)>,
-    tfault: Option<TargetFault>,
-    nch: usize,
-) -> MigrateError {
-    let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: tfault, ..Default::default() }, 1);
+fn expect_source_survives(fault: Option<(FaultPoint, FaultAction)>, misbehave: Misbehave, nch: usize) -> MigrateError {
+    let tfault = misbehave;
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("faulty", 32, 4, 32, SEED);
-    let chans = connect_simple(addr, nch, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    // Pages lost on the way: those of the last region (away from the working set, so never
+    // sent again in a later round).
+    let misbehave = match misbehave {
+        Misbehave::CorruptFrom { .. } => Misbehave::CorruptFrom { from_gpa: vm.shape().regions.last().unwrap().0 },
+        m => m,
+    };
     let cfg = MigrationConfig {
-        fault,
         failover: false,
         verify_full: true,
         reply_timeout: Duration::from_secs(10),
         ..Default::default()
     };
+    let chans = connect_simple(addr, nch, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = inject(chans, fault, misbehave, &cfg.cancel);
     let err = match migrate(&mut vm, chans, &cfg, &|_| {}) {
         Err(e) => e,
         // Cutting a data channel after its last batch cannot hurt the image: completing is right.
@@ -178,7 +183,7 @@ fn fault_at_every_step_leaves_the_source_running() {
             if p == FaultPoint::InRound(1) {
                 continue;
             }
-            let e = expect_source_survives(Some((p, a)), None, 2);
+            let e = expect_source_survives(Some((p, a)), Misbehave::None, 2);
             if a == FaultAction::Cancel {
                 assert!(matches!(e, MigrateError::Cancelled), "{p:?}: {e}");
             }
@@ -188,9 +193,11 @@ fn fault_at_every_step_leaves_the_source_running() {
 
 #[test]
 fn destination_faults_leave_the_source_running() {
-    let e = expect_source_survives(None, Some(TargetFault::CorruptPage), 1);
+    // Pages that land wrong (here: lost on the way) fail verification.
+    let e = expect_source_survives(None, Misbehave::CorruptFrom { from_gpa: 0 }, 1);
     assert!(e.to_string().contains("digest mismatch"), "{e}");
-    expect_source_survives(None, Some(TargetFault::DieInRound(0)), 2);
+    // Every channel dies in round 0, as if the destination process died.
+    expect_source_survives(Some((FaultPoint::InRound(0), FaultAction::KillAll)), Misbehave::None, 2);
 }
 
 #[test]
@@ -243,11 +250,9 @@ fn lost_channel_fails_over_and_completes() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("failover", 64, 8, 32, SEED);
     let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
-    let cfg = MigrationConfig {
-        verify_full: true,
-        fault: Some((FaultPoint::InRound(0), FaultAction::KillChannel(1))),
-        ..Default::default()
-    };
+    let cfg = MigrationConfig { verify_full: true, ..Default::default() };
+    let fault = Some((FaultPoint::InRound(0), FaultAction::KillChannel(1)));
+    let chans = inject(chans, fault, Misbehave::None, &cfg.cancel);
     let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
     assert!(st.verified);
     assert!(st.channels[1].failed);
@@ -259,12 +264,12 @@ fn lost_channel_fails_over_and_completes() {
 
 #[test]
 fn a_stalled_channel_is_dropped_and_its_batches_resent() {
-    // Channel 2's receiver hangs after 3 batches: no error, no close, its kernel still
-    // acknowledges TCP segments. The stall detector drops it; the others finish the job.
-    let stall = TargetFault::StallChannel { channel: 2, after_batches: 3 };
-    let (addr, outcomes, h) = server(1 << 30, TargetConfig { fault: Some(stall), ..TargetConfig::default() }, 1);
+    // Channel 2's path hangs after 3 acknowledgements: no error, no close, nothing more heard.
+    // The stall detector drops it; the others finish the job.
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("stall", 64, 8, 32, SEED);
     let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = inject(chans, None, Misbehave::Stall { channel: 2, after_acks: 3 }, &CancelToken::new());
     let cfg = MigrationConfig {
         verify_full: true,
         stall_timeout: Some(Duration::from_millis(300)),
@@ -290,11 +295,10 @@ fn without_the_stall_detector_a_hung_channel_aborts_cleanly() {
     // No TCP user timeout either (it would notice the zero window after ~3 s and race the
     // engine's own timeout): only the engine's reply timeout ends this migration.
     let tcp = TcpOptions { user_timeout: None, ..TcpOptions::default() };
-    let stall = TargetFault::StallChannel { channel: 1, after_batches: 2 };
-    let cfg = TargetConfig { fault: Some(stall), ..TargetConfig::default() };
-    let (addr, outcomes, h) = server_with(1 << 30, cfg, 1, tcp.clone());
+    let (addr, outcomes, h) = server_with(1 << 30, TargetConfig::default(), 1, tcp.clone());
     let mut vm = guest("stall-nodetect", 32, 4, 16, SEED);
     let chans = connect_simple(addr, 2, &tcp, &Psk::new(KEY).unwrap()).unwrap();
+    let chans = inject(chans, None, Misbehave::Stall { channel: 1, after_acks: 2 }, &CancelToken::new());
     let cfg = MigrationConfig {
         stall_timeout: None,
         reply_timeout: Duration::from_secs(2),
@@ -342,10 +346,11 @@ fn host_limit_of_two_runs_eight_migrations() {
 
 #[test]
 fn lost_commit_confirmation_never_runs_the_vm_twice() {
-    let (addr, outcomes, h) =
-        server(1 << 30, TargetConfig { fault: Some(TargetFault::DieAfterCommit), ..Default::default() }, 1);
+    let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("uncertain", 16, 2, 16, SEED);
     let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    // The destination commits and resumes, but its confirmation never reaches the source.
+    let chans = inject(chans, None, Misbehave::LoseResumed, &CancelToken::new());
     let e = migrate(
         &mut vm,
         chans,
@@ -375,12 +380,13 @@ fn lost_channel_rejoins_and_carries_work_again() {
     };
     let cfg = MigrationConfig {
         verify_full: true,
-        fault: Some((FaultPoint::InRound(0), FaultAction::KillChannel(2))),
         rejoin: Some(rj),
         rejoin_interval: Duration::from_millis(5),
         window: 4,
         ..Default::default()
     };
+    let chans =
+        inject(chans, Some((FaultPoint::InRound(0), FaultAction::KillChannel(2))), Misbehave::None, &cfg.cancel);
     let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
     assert!(st.verified);
     assert!(st.events.iter().any(|e| e.contains("channel 2 failed")), "{:?}", st.events);
@@ -399,12 +405,9 @@ fn round_robin_spreads_evenly_and_survives_a_loss() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("rr", 64, 4, 16, SEED);
     let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
-    let cfg = MigrationConfig {
-        verify_full: true,
-        scheduling: Scheduling::RoundRobin,
-        fault: Some((FaultPoint::InRound(0), FaultAction::KillChannel(1))),
-        ..Default::default()
-    };
+    let cfg = MigrationConfig { verify_full: true, scheduling: Scheduling::RoundRobin, ..Default::default() };
+    let chans =
+        inject(chans, Some((FaultPoint::InRound(0), FaultAction::KillChannel(1))), Misbehave::None, &cfg.cancel);
     let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
     assert!(st.verified);
     assert!(st.channels[1].failed);

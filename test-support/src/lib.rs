@@ -3,6 +3,8 @@
 //!
 //! - [`conformance`]: the suite every channel backend passes (`tcp`, `zstd`, `rdma`).
 //! - [`guest`]: synthetic guests for migration tests, and checks that two images match.
+//! - [`fault`]: the source's channels wrapped to fail on cue at a protocol step (a cut, a
+//!   cancel, a corrupt message, a hung path, pages lost on the way, a lost confirmation).
 //! - [`server`]: a [`MigrationServer`](ferry_migrate::server::MigrationServer) on its own thread
 //!   whose outcomes arrive on a channel.
 //! - [`sessions`]: multichannel sessions without the engine (a destination answering the
@@ -15,6 +17,7 @@
 //! shipped) uses it as a normal dependency for the testbed and the loopback server.
 
 pub mod conformance;
+pub mod fault;
 pub mod guest;
 pub mod server;
 pub mod sessions;
