@@ -14,7 +14,6 @@
 //! - [`stats`]: query-migrate style statistics and progress events.
 //! - [`quick`]: quick migration (pause, save to a shared directory, hand ownership over, load).
 
-pub mod hash;
 pub mod protocol;
 pub mod quick;
 pub mod scheduler;

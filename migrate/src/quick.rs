@@ -44,7 +44,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{copy_from_guest, page_is_zero, MemoryMap};
+use ferry_memory::MemoryMap;
 use ferry_transport::wire::PAGE_SIZE;
 
 use crate::vm::{SourceVm, TargetFactory, TargetVm, VmError, VmShape};
@@ -396,16 +396,11 @@ fn write_image(path: &Path, shape: &VmShape, state: &[u8], mem: &MemoryMap) -> R
             let mut bitmap = vec![0u64; (n as usize).div_ceil(64)];
             let mut present = 0usize;
             for i in 0..n as usize {
-                // SAFETY: host..host + n pages lies in guest memory (lookup checked), which the
-                // map keeps valid; the VM is paused, and pages are 8-byte aligned.
-                let page = unsafe { host.add(i * PAGE_SIZE) };
-                // SAFETY: as above, one full page.
-                if unsafe { page_is_zero(page) } {
+                let Some(page) = host.subslice(i * PAGE_SIZE, PAGE_SIZE).filter(|p| !p.is_zero_page()) else {
                     continue;
-                }
+                };
                 bitmap[i / 64] |= 1 << (i % 64);
-                // SAFETY: as above; the destination is a distinct page of `buf`.
-                unsafe { copy_from_guest(&mut buf[present * PAGE_SIZE..(present + 1) * PAGE_SIZE], page) };
+                page.read_into(0, &mut buf[present * PAGE_SIZE..(present + 1) * PAGE_SIZE]);
                 present += 1;
             }
             out.clear();
@@ -539,6 +534,7 @@ fn read_chunks(r: &mut impl Read, shape: &VmShape, mem: &MemoryMap) -> Result<u6
     });
     let mut chunks = 0u64;
     let mut loaded = 0u64;
+    let mut page = vec![0u8; PAGE_SIZE];
     loop {
         let tag = read_exact(r, 4, "chunk tag")?;
         if tag == b"END!" {
@@ -579,12 +575,11 @@ fn read_chunks(r: &mut impl Read, shape: &VmShape, mem: &MemoryMap) -> Result<u6
             }
             let page_gpa = gpa + (i * PAGE_SIZE) as u64;
             let dst = mem.lookup(page_gpa, PAGE_SIZE).ok_or_else(|| bad(format!("gpa {page_gpa:#x} not in memory")))?;
-            // SAFETY: `dst` is one page of the target's guest memory (lookup checked the range);
-            // the target is not running and nothing else touches its memory while it is being
-            // loaded (MemorySink contract), so a unique slice over it is sound for this scope.
-            let page = unsafe { std::slice::from_raw_parts_mut(dst.as_ptr(), PAGE_SIZE) };
-            r.read_exact(page).map_err(|e| bad(format!("page {page_gpa:#x}: {e}")))?;
-            h.update(page);
+            // Read into a buffer, then copy in: no `&mut [u8]` over guest memory (ferry-memory's
+            // access contract).
+            r.read_exact(&mut page).map_err(|e| bad(format!("page {page_gpa:#x}: {e}")))?;
+            h.update(&page);
+            dst.write_from(0, &page);
             loaded += 1;
         }
         let crc = read_exact(r, 4, "chunk crc")?;

@@ -27,7 +27,7 @@ use ferry_transport::Channel;
 use crate::target::{receive_after, TargetConfig, TargetOutcome};
 use crate::vm::TargetFactory;
 use crate::MigrateError;
-use ferry_transport::memory::NoSink;
+use ferry_memory::NoSink;
 
 pub use ferry_transport::endpoint::Path;
 

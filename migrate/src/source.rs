@@ -14,10 +14,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{MemoryMap, MemorySource, NoSink};
+use ferry_memory::digest::PageTable;
+use ferry_memory::scan::scan_slice;
+use ferry_memory::{MemoryMap, MemorySource, NoSink};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, TransportError};
 
-use crate::hash::{scan_run, PageTable};
 use crate::session::source::{Batch, Outcome, SourceAction, SourceConfig, SourceSession};
 use crate::stats::{ChannelStats, MigrationStats, Progress, Status};
 use crate::vm::SourceVm;
@@ -291,22 +292,17 @@ fn scan_work(sh: &Shared, w: &Batch) -> Vec<u8> {
     let mut map = vec![0u8; total.div_ceil(8)];
     let mut i = 0usize;
     for (r, &first) in w.runs.iter().zip(&w.first) {
-        let Some(base) = sh.mem.source_ptr(r.gpa, r.len()) else {
-            // Unreachable for a run planned from our own regions; the transport refuses it.
-            i += r.pages as usize;
-            continue;
-        };
-        // SAFETY: the run the memory map vouched for, page aligned; the scan only does volatile
-        // reads.
-        unsafe {
-            scan_run(base, r.pages as usize, |p, s| {
+        // A run outside our own regions is unreachable for a run planned from them; the
+        // transport refuses it.
+        if let Some(run) = sh.mem.source_slice(r.gpa, r.len()) {
+            scan_slice(run, |p, s| {
                 let k = i + p;
                 if !s.zero {
                     map[k / 8] |= 1 << (k % 8);
                 }
                 sh.table.set((first + p as u64) as usize, s.hash);
-            })
-        };
+            });
+        }
         i += r.pages as usize;
     }
     map

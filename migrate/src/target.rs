@@ -11,11 +11,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferry_transport::memory::{populate_write, MemoryMap, MemorySink, MemorySource, NoSink};
+use ferry_memory::digest::PageTable;
+use ferry_memory::scan::{scan_slice, zero_page_hash};
+use ferry_memory::{MemoryMap, MemorySink, MemorySource, NoSink};
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer};
 
-use crate::hash::{scan_run, zero_page_hash, PageTable};
 use crate::protocol::Msg;
 use crate::session::target::{RoundGate, TargetAction, TargetSession};
 use crate::vm::{TargetFactory, TargetVm, VmShape};
@@ -112,13 +113,8 @@ impl Shared {
 
     /// Hash the pages of one received run into the table (one lookup per run, not per page).
     fn hash_run(&self, r: &PageRun) {
-        let (Some(first), Some(base)) = (self.index_of(r.gpa), self.map.source_ptr(r.gpa, r.len())) else { return };
-        // SAFETY: the run the map vouched for, page aligned; reads only.
-        unsafe {
-            scan_run(base, r.pages as usize, |p, s| {
-                self.table.set(first as usize + p, s.hash);
-            })
-        };
+        let (Some(first), Some(run)) = (self.index_of(r.gpa), self.map.source_slice(r.gpa, r.len())) else { return };
+        scan_slice(run, |p, s| self.table.set(first as usize + p, s.hash));
     }
 
     /// The image digest; `full`: re-read every page first rather than trust the hashes taken
@@ -165,10 +161,8 @@ fn fault_ahead(sh: &Shared) {
                 continue;
             }
             let n = STEP.min(end - at);
-            if let Some(p) = sh.map.sink_ptr(at, n as usize) {
-                // SAFETY: the map vouches for this range of our own guest memory (anonymous); the
-                // advice only faults pages in and never changes contents.
-                unsafe { populate_write(p, n as usize) };
+            if let Some(s) = sh.map.sink_slice(at, n as usize) {
+                s.populate_write();
             }
             at += n;
         }

@@ -1,7 +1,7 @@
 //! What the engine needs from a VM. `migrate` defines these traits; `vmm-glue` implements them
 //! (the synthetic guest, the KVM VMM). `migrate` never depends on a VMM.
 
-use ferry_transport::memory::MemoryMap;
+use ferry_memory::MemoryMap;
 use ferry_transport::wire::PAGE_SIZE;
 
 /// Error of a VM operation, from whatever VMM implements the traits.
@@ -102,7 +102,8 @@ impl DirtyBitmap {
 pub trait SourceVm: Send {
     /// Shape (identity and memory layout).
     fn shape(&self) -> VmShape;
-    /// Guest memory (the guest may write it while the engine reads it).
+    /// Guest memory (the guest may write it while the engine reads it). The map shares the VM's
+    /// mappings: it stays valid even if the VM is dropped first.
     fn memory(&self) -> MemoryMap;
     /// Start dirty tracking; pages written from now on are reported by [`SourceVm::take_dirty`].
     fn start_dirty_log(&mut self) -> Result<(), VmError>;
@@ -128,7 +129,8 @@ pub trait SourceVm: Send {
 
 /// A VM being received on the destination host. It does not run until [`TargetVm::resume`].
 pub trait TargetVm: Send {
-    /// Guest memory to receive into (starts zeroed).
+    /// Guest memory to receive into (starts zeroed). The map shares the VM's mappings: it stays
+    /// valid even if the VM is dropped first.
     fn memory(&self) -> MemoryMap;
     /// Load vCPU and device state.
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError>;

@@ -25,9 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use ferry_memory::NoSink;
 use ferry_transport::endpoint::{Connector, Path};
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, Psk, SessionId};
-use ferry_transport::memory::NoSink;
 use ferry_transport::{Channel, Incoming};
 
 use crate::codec::ExchangeMsg;

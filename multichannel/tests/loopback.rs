@@ -70,7 +70,7 @@ fn garbage_is_refused_with_a_reason() {
     ch.tx.send_control(&[1, 1, 0, 0]).unwrap();
     let e = h.join().unwrap().unwrap_err();
     assert!(e.to_string().contains("not an interface-exchange message"), "{e}");
-    match ch.rx.recv(&ferry_transport::memory::NoSink) {
+    match ch.rx.recv(&ferry_memory::NoSink) {
         Ok(ferry_transport::Incoming::Control(m)) => {
             let ExchangeMsg::Refuse(r) = ExchangeMsg::decode(&m).unwrap() else { panic!("not a refusal") };
             assert!(r.contains("tag 0x01"), "{r}");

@@ -1,6 +1,6 @@
 //! Errors of the benchmarks.
 
-use ferry_transport::memory::MemoryError;
+use ferry_memory::MemoryError;
 use ferry_transport::TransportError;
 
 /// Why a benchmark could not run or finish.

@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_memory::reserve::MemoryReserve;
+use ferry_memory::MemoryMap;
 use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, MigrationConfig, Scheduling};
 use ferry_migrate::stats::{MigrationStats, Progress, Status};
@@ -30,9 +32,7 @@ use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_multichannel::policy::NetworkPolicy;
 use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
-use ferry_transport::memory::MemoryMap;
 use ferry_transport::option::TransportOption;
-use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::pagemix::{Mix, PageKind};

@@ -30,8 +30,8 @@ use std::sync::{Condvar, Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ferry_memory::{AnonMemory, MemoryMap};
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, ServerConfig, SessionId};
-use ferry_transport::memory::{AnonMemory, MemoryMap};
 use ferry_transport::option::TransportOption;
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
@@ -332,8 +332,7 @@ fn send_all(ch: Channel, map: &MemoryMap, cfg: &StreamConfig) -> Result<(SendTot
     let window = u64::from(cfg.window);
     let flow = Flow { state: Mutex::new(FlowState { acked: 0, failed: None }), cv: Condvar::new() };
     // Only acknowledgements should come back: a batch from the peer finds no memory to land in.
-    // SAFETY: a map without regions hands out no pointers, so there is nothing to keep valid.
-    let nowhere = unsafe { MemoryMap::new(Vec::new()) }?;
+    let nowhere = MemoryMap::empty();
     let t0 = Instant::now();
     let (sent, acks) = thread::scope(|s| {
         let (flow, killer, rx, nowhere) = (&flow, &killer, &mut rx, &nowhere);
@@ -403,15 +402,13 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
     let (cfg, session) = a.config()?;
-    let mem = AnonMemory::new(cfg.size as usize, false)?;
+    let mem = Arc::new(AnonMemory::new(cfg.size as usize, false)?);
     // Like a running guest's memory: every page resident, zero pages included.
     mem.prefault();
     let t = Instant::now();
     fill(&mem, &cfg.mix, cfg.seed);
     let fill_seconds = t.elapsed().as_secs_f64();
-    // SAFETY: `mem` outlives `map` (declared before it, so dropped after); as a source the map is
-    // only read, and nothing writes `mem` any more.
-    let map = unsafe { mem.map_at(0) }?;
+    let map = mem.map_at(0)?;
     say("READY")?;
     let addr = read_go()?;
     let hs = ClientConfig {
@@ -449,12 +446,10 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
     let (cfg, session) = a.config()?;
-    let mem = AnonMemory::new(cfg.size as usize, false)?;
+    let mem = Arc::new(AnonMemory::new(cfg.size as usize, false)?);
     // Fault the sink in now (huge pages where THP allows), so receiving costs no page faults.
     mem.prefault();
-    // SAFETY: `mem` outlives `map`; only this thread writes `mem` through the map (in `recv`),
-    // and verification reads it after the channel is closed.
-    let map = unsafe { mem.map_at(0) }?;
+    let map = mem.map_at(0)?;
     let caps = cfg.option.caps();
     let acc = TcpAcceptor::bind(listen, cfg.tcp_options(), ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use ferry_transport::channel::{Channel, Incoming};
 use ferry_transport::error::{HandshakeError, TransportError};
 use ferry_transport::handshake::Psk;
-use ferry_transport::memory::AnonMemory;
+use ferry_memory::AnonMemory;
 use ferry_transport::wire::{
     encode_batch_frame, encode_frame, BatchHeader, Encoding, FrameKind, PageRun, BATCH_DEST_ZEROED, HEADER_LEN,
     PAGE_SIZE,
@@ -42,8 +42,8 @@ pub trait Backend: Sync {
     fn zstd(&self) -> bool;
 }
 
-fn mixed_memory(pages: usize, seed: u64) -> AnonMemory {
-    let m = AnonMemory::new(pages * PAGE_SIZE, false).expect("mmap");
+fn mixed_memory(pages: usize, seed: u64) -> Arc<AnonMemory> {
+    let m = Arc::new(AnonMemory::new(pages * PAGE_SIZE, false).expect("mmap"));
     let mix = Mix::default();
     let mut buf = vec![0u8; PAGE_SIZE];
     for i in 0..pages {
@@ -67,21 +67,18 @@ fn assert_same(a: &AnonMemory, b: &AnonMemory, what: &str) {
 }
 
 /// The data map of a batch, from one scan of each page.
-fn data_map(src: &ferry_transport::memory::MemoryMap, runs: &[PageRun]) -> Vec<u8> {
+fn data_map(src: &ferry_memory::MemoryMap, runs: &[PageRun]) -> Vec<u8> {
     let total: usize = runs.iter().map(|r| r.pages as usize).sum();
     let mut map = vec![0u8; total.div_ceil(8)];
     let mut i = 0;
     for r in runs {
-        let base =
-            ferry_transport::memory::MemorySource::source_ptr(src, r.gpa, r.len()).expect("run inside the source");
-        // SAFETY: the run lies inside the source's mapping (looked up above); page aligned.
-        unsafe {
-            ferry_transport::scan::scan_run(base, r.pages as usize, |p, s| {
-                if !s.zero {
-                    map[(i + p) / 8] |= 1 << ((i + p) % 8);
-                }
-            })
-        };
+        let run = src.lookup(r.gpa, r.len()).expect("run inside the source");
+        let scanned = ferry_memory::scan::scan_slice(run, |p, s| {
+            if !s.zero {
+                map[(i + p) / 8] |= 1 << ((i + p) % 8);
+            }
+        });
+        assert!(scanned, "runs are page aligned");
         i += r.pages as usize;
     }
     map
@@ -120,9 +117,8 @@ pub fn round_trip_mixed(b: &dyn Backend) {
     const PAGES: usize = 8192; // 32 MiB
     const GPA: u64 = 0x1_0000_0000;
     let src = mixed_memory(PAGES, 42);
-    let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).expect("mmap");
-    // SAFETY: both outlive the maps; dst is written only by the receiver thread.
-    let (smap, dmap) = unsafe { (src.map_at(GPA).unwrap(), dst.map_at(GPA).unwrap()) };
+    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).expect("mmap"));
+    let (smap, dmap) = (src.map_at(GPA).unwrap(), dst.map_at(GPA).unwrap());
     // Pass 0 into fresh memory; pass 1 over garbage; pass 2 over garbage with the caller's data
     // map (`send_batch_mapped`, as the engine sends after scanning).
     for pass in 0..3u32 {
@@ -199,9 +195,8 @@ pub fn round_trip_mixed(b: &dyn Backend) {
 /// The source disappears in the middle of a batch: the destination gets a clean error, no hang.
 pub fn peer_closes_mid_batch(b: &dyn Backend) {
     let (mut raw, mut d) = b.raw_pair().expect("raw pair");
-    let dst = AnonMemory::new(1024 * PAGE_SIZE, true).unwrap();
-    // SAFETY: dst outlives the map; only this thread writes it.
-    let dmap = unsafe { dst.map_at(0).unwrap() };
+    let dst = Arc::new(AnonMemory::new(1024 * PAGE_SIZE, true).unwrap());
+    let dmap = dst.map_at(0).unwrap();
     let h = BatchHeader {
         id: 1,
         round: 0,
@@ -222,15 +217,14 @@ pub fn peer_closes_mid_batch(b: &dyn Backend) {
 /// reader resumes.
 pub fn slow_reader_backpressure(b: &dyn Backend) {
     const PAGES: usize = 16384; // 64 MiB of random pages, 64 batches of 1 MiB
-    let src = AnonMemory::new(PAGES * PAGE_SIZE, false).unwrap();
+    let src = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, false).unwrap());
     let mut buf = vec![0u8; PAGE_SIZE];
     for i in 0..PAGES {
         fill_page(&mut buf, PageKind::Random, 9, i as u64);
         src.write_from(i * PAGE_SIZE, &buf);
     }
-    let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap();
-    // SAFETY: both outlive the maps; dst written only by the receiver.
-    let (smap, dmap) = unsafe { (src.map_at(0).unwrap(), dst.map_at(0).unwrap()) };
+    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
     let (mut s, mut d) = b.pair().expect("pair");
     let sent = Arc::new(AtomicU64::new(0));
     std::thread::scope(|sc| {
@@ -277,9 +271,8 @@ pub fn slow_reader_backpressure(b: &dyn Backend) {
 
 fn expect_refused(b: &dyn Backend, bytes: &[u8], what: &str, check: impl Fn(&TransportError) -> bool) {
     let (mut raw, mut d) = b.raw_pair().expect("raw pair");
-    let dst = AnonMemory::new(16 * PAGE_SIZE, true).unwrap();
-    // SAFETY: dst outlives the map; only this thread writes it.
-    let dmap = unsafe { dst.map_at(0x10_0000).unwrap() };
+    let dst = Arc::new(AnonMemory::new(16 * PAGE_SIZE, true).unwrap());
+    let dmap = dst.map_at(0x10_0000).unwrap();
     raw.write_raw(bytes).unwrap();
     let e = d.rx.recv(&dmap).expect_err(what);
     assert!(check(&e), "{what}: wrong error {e}");
@@ -364,9 +357,8 @@ pub fn wrong_key(b: &dyn Backend) {
 /// An abort reaches the peer with its reason; control messages cross intact.
 pub fn control_and_abort(b: &dyn Backend) {
     let (mut s, mut d) = b.pair().expect("pair");
-    let dst = AnonMemory::new(PAGE_SIZE, true).unwrap();
-    // SAFETY: dst outlives the map.
-    let dmap = unsafe { dst.map_at(0).unwrap() };
+    let dst = Arc::new(AnonMemory::new(PAGE_SIZE, true).unwrap());
+    let dmap = dst.map_at(0).unwrap();
     let msg: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
     s.tx.send_control(&msg).unwrap();
     assert_eq!(d.rx.recv(&dmap).unwrap(), Incoming::Control(msg));

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ferry_migrate::protocol::Msg;
 use ferry_migrate::source::CancelToken;
-use ferry_transport::memory::{MemorySink, MemorySource};
+use ferry_memory::{MemorySink, MemorySource};
 use ferry_transport::wire::{Ack, PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, SentBatch};
 

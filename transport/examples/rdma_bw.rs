@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 
 use ferry_test_support::pagemix::{fill_page, PageKind};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
-use ferry_transport::memory::AnonMemory;
+use ferry_memory::AnonMemory;
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
 use ferry_transport::Incoming;
+use std::sync::Arc;
 
 fn arg(name: &str, default: u64) -> u64 {
     let args: Vec<String> = std::env::args().collect();
@@ -32,15 +33,14 @@ fn main() {
     let ws = arg("--working-set", size as u64) as usize;
     let slots = (ws / size).max(1);
     let total_pages = slots * pages;
-    let src = AnonMemory::new(total_pages * PAGE_SIZE, true).expect("mmap");
+    let src = Arc::new(AnonMemory::new(total_pages * PAGE_SIZE, true).expect("mmap"));
     let mut buf = vec![0u8; PAGE_SIZE];
     for i in 0..total_pages {
         fill_page(&mut buf, PageKind::Random, 1, i as u64);
         src.write_from(i * PAGE_SIZE, &buf);
     }
-    let dst = AnonMemory::new(total_pages * PAGE_SIZE, true).expect("mmap");
-    // SAFETY: both outlive the maps; dst is written only by the receiving channel.
-    let (smap, dmap) = unsafe { (src.map_at(0).unwrap(), dst.map_at(0).unwrap()) };
+    let dst = Arc::new(AnonMemory::new(total_pages * PAGE_SIZE, true).expect("mmap"));
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
     let opts = RdmaOptions::from_env().expect("FERRY_RDMA_DEVICE");
     let psk = || Psk::new(b"rdma-bw-key-0123456789abcdef".to_vec()).unwrap();
     let acc = RdmaAcceptor::bind(

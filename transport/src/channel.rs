@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use crate::error::Result;
 use crate::handshake::Established;
-use crate::memory::{MemorySink, MemorySource};
 use crate::wire::{Ack, PageRun};
+use ferry_memory::{MemorySink, MemorySource};
 
 /// Check a batch a caller asks a backend to send: 1..=1024 pages in 1..=1024 runs, known flags.
 /// Returns the total page count. Every backend's `send_batch` starts with this.

@@ -1,14 +1,16 @@
 //! ferry-transport: Ferry's wire protocol, channel handshake and channel backends.
 //!
+//! The transport knows channels, frames and bytes. Guest memory is not its concern: a sender
+//! reads pages through a [`ferry_memory::MemorySource`] and a receiver writes them through a
+//! [`ferry_memory::MemorySink`] (both borrowed for the call), under the access contract written
+//! in `ferry-memory`'s crate docs.
+//!
 //! - [`wire`]: frames, page batches, control messages; pure and fuzzed; every length capped.
 //! - [`handshake`]: sans-IO mutual authentication (HMAC-SHA256 over fresh nonces) binding a
 //!   channel to a session and channel index, with version and capability negotiation.
-//! - [`memory`]: guest memory as regions of host mappings; sources and sinks for page batches.
 //! - [`channel`]: the channel traits every backend implements.
 //! - [`endpoint`]: how channels are opened: an `Acceptor` per listening transport (yields
 //!   authenticated channels with their session binding), a `Connector` per transport option.
-//! - [`scan`]: one pass over a page: zero or not, and its hash.
-//! - [`reserve`]: destination memory faulted in before migrations arrive.
 //! - [`option`]: the transport options by name (`tcp`, `zstd`, `zstd-always`), as every command
 //!   line spells them.
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
@@ -16,15 +18,16 @@
 //!   destination's registered guest memory.
 //!
 //! ```no_run
-//! use ferry_transport::{handshake::*, tcp, memory::AnonMemory, wire::{PageRun, BATCH_DEST_ZEROED}};
+//! use std::sync::Arc;
+//! use ferry_memory::AnonMemory;
+//! use ferry_transport::{handshake::*, tcp, wire::{PageRun, BATCH_DEST_ZEROED}};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let psk = Psk::new(b"a key of at least sixteen bytes".to_vec())?;
 //! let binding = ChannelBinding { session: random_bytes(), channel: 0 };
 //! let cfg = ClientConfig { psk, binding, caps: Caps::ALL, timeout: std::time::Duration::from_secs(5) };
 //! let mut ch = tcp::connect("127.0.0.1:7700".parse()?, &tcp::TcpOptions::zstd(), cfg)?;
-//! let mem = AnonMemory::new(1 << 20, false)?;
-//! // SAFETY: `mem` outlives `map`.
-//! let map = unsafe { mem.map_at(0) }?;
+//! let mem = Arc::new(AnonMemory::new(1 << 20, false)?);
+//! let map = mem.map_at(0)?; // holds the memory mapped while it lives
 //! ch.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &[PageRun { gpa: 0, pages: 256 }], &map)?;
 //! # Ok(()) }
 //! ```
@@ -33,12 +36,9 @@ pub mod channel;
 pub mod endpoint;
 pub mod error;
 pub mod handshake;
-pub mod memory;
 pub mod option;
 #[cfg(feature = "rdma")]
 pub mod rdma;
-pub mod reserve;
-pub mod scan;
 pub mod stream;
 pub mod tcp;
 pub mod wire;

@@ -14,11 +14,12 @@ use std::ptr::NonNull;
 
 use crate::channel::{check_data_map, check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{Result, TransportError, WireError};
-use crate::memory::{copy_from_guest, page_is_zero, MemorySink, MemorySource};
 use crate::wire::{
     encode_frame, zstd_bound, AbortMsg, Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun,
     BATCH_DEST_ZEROED, BATCH_FIXED_LEN, HEADER_LEN, MAX_CONTROL_LEN, PAGE_SIZE,
 };
+use ferry_memory::volatile::{copy_from_guest, page_is_zero};
+use ferry_memory::{MemorySink, MemorySource};
 
 /// Most iovecs passed to one writev/readv (Linux IOV_MAX).
 const IOV_MAX: usize = 1024;
@@ -285,7 +286,10 @@ impl StreamTx {
             if r.gpa % PAGE_SIZE as u64 != 0 {
                 return Err(TransportError::InvalidBatch("unaligned run"));
             }
-            let base = src.source_ptr(r.gpa, r.len()).ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?;
+            let base = src
+                .source_slice(r.gpa, r.len())
+                .ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?
+                .as_ptr();
             let mut open: Option<(usize, usize)> = None;
             for p in 0..r.pages as usize {
                 // SAFETY: p < r.pages, so the page lies inside the run the source vouched for.
@@ -330,7 +334,8 @@ impl StreamTx {
             self.staging.resize(raw_len, 0);
             let mut off = 0;
             for &(p, len) in &self.spans {
-                // SAFETY: the span was resolved above through the MemorySource, valid for len bytes,
+                // SAFETY: the span was resolved above through the MemorySource, valid for len bytes while
+                // `src` is borrowed,
                 // page aligned.
                 unsafe { copy_from_guest(&mut self.staging[off..off + len], NonNull::new_unchecked(p as *mut u8)) };
                 off += len;
@@ -455,7 +460,11 @@ impl StreamRx {
         // Resolve every run before touching memory: a bad address fails the batch whole.
         let mut bases = Vec::with_capacity(h.runs.len());
         for r in &h.runs {
-            bases.push(sink.sink_ptr(r.gpa, r.len()).ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?);
+            bases.push(
+                sink.sink_slice(r.gpa, r.len())
+                    .ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?
+                    .as_ptr(),
+            );
         }
         let raw_len = h.raw_len();
         match h.encoding {
@@ -474,7 +483,8 @@ impl StreamRx {
                                 _ => v.push(iov(page, PAGE_SIZE)),
                             }
                         } else if !zeroed {
-                            // SAFETY: the page lies in sink memory that we may write exclusively.
+                            // SAFETY: the page lies in sink memory, valid while `sink` is borrowed; a raw write
+                            // under ferry_memory's access contract.
                             unsafe { page.write_bytes(0, PAGE_SIZE) };
                         }
                         i += 1;
@@ -501,11 +511,12 @@ impl StreamRx {
                         let page = unsafe { base.as_ptr().add(p * PAGE_SIZE) };
                         if h.is_data(i) {
                             // SAFETY: staging holds raw_len bytes and off + 4096 <= raw_len (one
-                            // data page per set bit); the page is exclusive sink memory.
+                            // data page per set bit); the page is sink memory, written raw under
+                            // ferry_memory's access contract.
                             unsafe { std::ptr::copy_nonoverlapping(self.staging.as_ptr().add(off), page, PAGE_SIZE) };
                             off += PAGE_SIZE;
                         } else if !zeroed {
-                            // SAFETY: exclusive sink memory.
+                            // SAFETY: sink memory, valid while `sink` is borrowed (access contract as above).
                             unsafe { page.write_bytes(0, PAGE_SIZE) };
                         }
                         i += 1;

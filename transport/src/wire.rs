@@ -71,7 +71,7 @@ pub const VERSION_MAX: u8 = 1;
 /// Length of a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Guest page size carried by the protocol.
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SIZE: usize = ferry_memory::PAGE_SIZE;
 /// Most pages one batch may carry (4 MiB of data).
 pub const MAX_BATCH_PAGES: u32 = 1024;
 /// Most runs one batch may carry.

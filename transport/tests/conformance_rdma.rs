@@ -15,7 +15,7 @@ use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
 use ferry_test_support::pagemix::{fill_page, PageKind};
 use ferry_transport::endpoint::{Acceptor, Connector, Path};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
-use ferry_transport::memory::AnonMemory;
+use ferry_memory::AnonMemory;
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaChannel, RdmaOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, PAGE_SIZE};
 use ferry_transport::{Channel, Incoming, TransportError};
@@ -167,8 +167,8 @@ suite!(
     control_and_abort
 );
 
-fn random_memory(pages: usize, seed: u64) -> AnonMemory {
-    let m = AnonMemory::new(pages * PAGE_SIZE, true).unwrap();
+fn random_memory(pages: usize, seed: u64) -> Arc<AnonMemory> {
+    let m = Arc::new(AnonMemory::new(pages * PAGE_SIZE, true).unwrap());
     let mut buf = vec![0u8; PAGE_SIZE];
     for i in 0..pages {
         fill_page(&mut buf, PageKind::Random, seed, i as u64);
@@ -191,9 +191,8 @@ fn qp_error_mid_transfer(side: Side) {
     let Some(b) = backend(&format!("qp_error_mid_transfer_{side:?}")) else { return };
     const PAGES: usize = 8192;
     let src = random_memory(PAGES, 3);
-    let dst = AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap();
-    // SAFETY: both outlive the maps; dst is written only by the receiving channel.
-    let (smap, dmap) = unsafe { (src.map_at(0).unwrap(), dst.map_at(0).unwrap()) };
+    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
     let (s, d) = b.rdma_pair();
     let fault = match side {
         Side::Source => s.qp_fault.clone(),
@@ -264,8 +263,7 @@ fn qp_error_on_destination_mid_transfer() {
 fn killer_unblocks_a_waiting_sender() {
     let Some(b) = backend("killer_unblocks_a_waiting_sender") else { return };
     let src = random_memory(256, 4);
-    // SAFETY: src outlives the map.
-    let smap = unsafe { src.map_at(0).unwrap() };
+    let smap = src.map_at(0).unwrap();
     let (s, _d) = b.rdma_pair();
     let mut s = s.channel;
     let k = s.killer.clone();

@@ -16,9 +16,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::pagemix::{fill_page, splitmix, Mix, PageKind};
+use ferry_memory::reserve::MemoryReserve;
+use ferry_memory::{AnonMemory, MemoryMap};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
-use ferry_transport::memory::{AnonMemory, MemoryMap, Region};
-use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::wire::PAGE_SIZE;
 
 /// Errors of the synthetic guest.
@@ -26,7 +26,7 @@ use ferry_transport::wire::PAGE_SIZE;
 pub enum SyntheticError {
     /// Memory could not be mapped.
     #[error(transparent)]
-    Memory(#[from] ferry_transport::memory::MemoryError),
+    Memory(#[from] ferry_memory::MemoryError),
     /// The image file could not be read.
     #[error("reading memory image {path}: {err}")]
     Image {
@@ -153,7 +153,7 @@ struct WriterState {
 /// The synthetic guest (source side, or a received VM after commit).
 pub struct SyntheticVm {
     shape: VmShape,
-    mem: Arc<Vec<AnonMemory>>,
+    mem: Vec<Arc<AnonMemory>>,
     map: MemoryMap,
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
@@ -163,15 +163,9 @@ pub struct SyntheticVm {
     running: bool,
 }
 
-fn region_maps(mem: &[AnonMemory], shape: &VmShape) -> Result<MemoryMap, SyntheticError> {
-    let regions = mem
-        .iter()
-        .zip(&shape.regions)
-        .map(|(m, &(gpa, len))| Region { gpa, host: m.as_ptr(), len: len as usize })
-        .collect();
-    // SAFETY: each AnonMemory lives in an Arc held by the VM for as long as the map is handed out
-    // (the engine only uses the map while it holds the VM).
-    Ok(unsafe { MemoryMap::new(regions) }?)
+/// The map of a guest's regions; it holds each region's memory, so it stays valid after the VM.
+fn region_maps(mem: &[Arc<AnonMemory>], shape: &VmShape) -> Result<MemoryMap, SyntheticError> {
+    Ok(MemoryMap::from_anon(shape.regions.iter().zip(mem).map(|(&(gpa, _), m)| (gpa, m.clone())))?)
 }
 
 fn shared_for(shape: &VmShape) -> Arc<Shared> {
@@ -219,7 +213,7 @@ fn write_stamp(page: &mut [u8], index: u64, generation: u64) {
 
 fn writer_loop(
     shape: VmShape,
-    mem: Arc<Vec<AnonMemory>>,
+    mem: Vec<Arc<AnonMemory>>,
     sh: Arc<Shared>,
     st: Arc<Mutex<WriterState>>,
     ws_pages: u64,
@@ -305,7 +299,7 @@ impl SyntheticVm {
         let shape = VmShape { vm_id: cfg.vm_id.clone(), regions: layout(pages, cfg.regions) };
         let mut mem = Vec::new();
         for &(_, len) in &shape.regions {
-            mem.push(AnonMemory::new(len as usize, false)?);
+            mem.push(Arc::new(AnonMemory::new(len as usize, false)?));
         }
         let mut buf = vec![0u8; PAGE_SIZE];
         let mut idx = 0u64;
@@ -339,13 +333,12 @@ impl SyntheticVm {
 
     fn assemble(
         shape: VmShape,
-        mem: Vec<AnonMemory>,
+        mem: Vec<Arc<AnonMemory>>,
         st: WriterState,
         ws_pages: u64,
         rate: u64,
     ) -> Result<Self, SyntheticError> {
         let map = region_maps(&mem, &shape)?;
-        let mem = Arc::new(mem);
         let shared = shared_for(&shape);
         shared.generation.store(st.generation, Ordering::Relaxed);
         let state = Arc::new(Mutex::new(st));
@@ -539,7 +532,7 @@ impl SourceVm for SyntheticVm {
 /// A synthetic VM being received.
 pub struct SyntheticTarget {
     shape: VmShape,
-    mem: Vec<AnonMemory>,
+    mem: Vec<Arc<AnonMemory>>,
     map: MemoryMap,
     state: Option<(WriterState, u64, u64)>,
     registry: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -661,7 +654,7 @@ impl TargetFactory for SyntheticFactory {
             if self.prefault && !from_reserve {
                 m.prefault();
             }
-            mem.push(m);
+            mem.push(Arc::new(m));
         }
         let map = region_maps(&mem, shape)?;
         Ok(Box::new(SyntheticTarget { shape: shape.clone(), mem, map, state: None, registry: self.registry.clone() }))

@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_memory::MemoryMap;
 use ferry_migrate::vm::{SourceVm, TargetFactory, TargetVm, VmShape};
 use ferry_test_support::kvm_or_skip;
-use ferry_transport::memory::MemoryMap;
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::kvm::guest::{self, expected_checksum};
 use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
@@ -35,11 +35,13 @@ fn check_consistent(vm: &KvmVm, c: &GuestConfig) {
 
 /// Copy all guest memory of a paused source into a paused target of the same shape.
 fn copy_memory(src: &MemoryMap, dst: &MemoryMap) {
+    let mut page = vec![0u8; PAGE_SIZE];
     for (s, d) in src.regions().iter().zip(dst.regions()) {
         assert_eq!((s.gpa, s.len), (d.gpa, d.len));
-        // SAFETY: both regions are live mappings of `len` bytes owned by VMs the caller holds,
-        // both VMs are paused, and they are distinct mappings.
-        unsafe { std::ptr::copy_nonoverlapping(s.host.as_ptr(), d.host.as_ptr(), s.len) };
+        for off in (0..s.len as u64).step_by(PAGE_SIZE) {
+            src.lookup(s.gpa + off, PAGE_SIZE).expect("in the source").read_into(0, &mut page);
+            dst.lookup(d.gpa + off, PAGE_SIZE).expect("in the target").write_from(0, &page);
+        }
     }
 }
 

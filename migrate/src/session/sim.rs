@@ -17,7 +17,7 @@ use ferry_transport::wire::PAGE_SIZE;
 use super::estimate::{ConvergeConfig, ConvergePolicy};
 use super::source::{Batch, Outcome, Scheduling, SourceAction, SourceConfig, SourceSession};
 use super::target::{TargetAction, TargetSession, TargetState};
-use crate::hash::PageTable;
+use ferry_memory::digest::PageTable;
 use crate::protocol::Msg;
 use crate::vm::{DirtyBitmap, RegionBitmap, VmShape};
 

@@ -15,12 +15,13 @@ use super::verbs::{self, lock, Device, Qp, Wc, Wr};
 use super::{RemoteRegion, TAG_USER};
 use crate::channel::{check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{RdmaError, Result, TransportError, WireError};
-use crate::memory::{page_is_zero, AnonMemory, MemorySink, MemorySource, Region};
 use crate::stream::StreamTx;
 use crate::wire::{
     Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun, BATCH_DEST_ZEROED, BATCH_FIXED_LEN,
     HEADER_LEN, MAX_CONTROL_LEN, PAGE_SIZE,
 };
+use ferry_memory::volatile::page_is_zero;
+use ferry_memory::{AnonMemory, MemorySink, MemorySource, Region};
 
 /// Size of one batch announcement buffer (frame header + largest batch header is 12,456 bytes).
 pub(crate) const MSG_BUF: usize = 16 << 10;
@@ -174,7 +175,7 @@ impl RdmaTx {
         // it, so it is deregistered before the memory is unmapped. Local access only (no rkey is
         // handed out); the device reads a slot only while its SEND is outstanding.
         let msgbuf_mr =
-            unsafe { verbs::register(&conn.dev.pd, msgbuf.as_ptr().as_ptr() as usize, msgbuf.len(), false) }?;
+            unsafe { verbs::register(&conn.dev.pd, msgbuf.slice().as_ptr().as_ptr() as usize, msgbuf.len(), false) }?;
         Ok(Self {
             conn,
             ctl,
@@ -375,7 +376,7 @@ impl RdmaTx {
         self.batches += 1;
         // SAFETY: slot < max_inflight, so the slot lies inside msgbuf; no posted work request
         // reads this slot (its previous batch completed above).
-        let p = unsafe { self.msgbuf.as_ptr().as_ptr().add(slot * MSG_BUF) };
+        let p = unsafe { self.msgbuf.slice().as_ptr().as_ptr().add(slot * MSG_BUF) };
         // SAFETY: msg.len() <= MSG_BUF bytes fit the slot; msg is ordinary memory.
         unsafe { std::ptr::copy_nonoverlapping(msg.as_ptr(), p, msg.len()) };
         self.wrs.push(Wr {
@@ -423,7 +424,10 @@ impl RdmaTx {
             }
             let bad = TransportError::BadAddress { gpa: r.gpa, len: r.len() };
             let end = r.gpa.checked_add(r.len() as u64).ok_or(TransportError::InvalidBatch("run wraps around"))?;
-            let base = src.source_ptr(r.gpa, r.len()).ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?;
+            let base = src
+                .source_slice(r.gpa, r.len())
+                .ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?
+                .as_ptr();
             let lreg = regions
                 .iter()
                 .find(|g| g.gpa <= r.gpa && end <= g.gpa + g.len as u64)
@@ -578,7 +582,7 @@ impl RdmaRx {
         // SAFETY: recvbuf is a private mapping owned by this value; the device writes it only
         // through receives we post, and we read a buffer only after its receive completed.
         let recvbuf_mr =
-            unsafe { verbs::register(&conn.dev.pd, recvbuf.as_ptr().as_ptr() as usize, recvbuf.len(), false) }?;
+            unsafe { verbs::register(&conn.dev.pd, recvbuf.slice().as_ptr().as_ptr() as usize, recvbuf.len(), false) }?;
         let rx = Self {
             conn,
             ctl,
@@ -608,7 +612,7 @@ impl RdmaRx {
             return None;
         }
         // SAFETY: slot < rq_depth, so the slot lies inside recvbuf.
-        Some(unsafe { self.recvbuf.as_ptr().add(slot as usize * MSG_BUF) })
+        Some(unsafe { self.recvbuf.slice().as_ptr().add(slot as usize * MSG_BUF) })
     }
 
     fn post_slot(&self, slot: u64) -> Result<()> {
@@ -646,7 +650,8 @@ impl RdmaRx {
         for r in regions {
             let host = r.host.as_ptr() as usize;
             // SAFETY: the region comes from the MemorySink, whose contract keeps it mapped and
-            // writable, with nothing else accessing it, while the sink lives; the rkey goes only
+            // writable while the sink is borrowed (the device writes it raw, under ferry_memory's
+            // access contract); the rkey goes only
             // to the authenticated peer of this session and dies with this channel (the region
             // is deregistered on drop). The device pins the pages: a later unmap cannot redirect
             // remote writes into other memory of this process.
@@ -696,15 +701,19 @@ impl RdmaRx {
         }
         let mut bases = Vec::with_capacity(h.runs.len());
         for r in &h.runs {
-            bases.push(sink.sink_ptr(r.gpa, r.len()).ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?);
+            bases.push(
+                sink.sink_slice(r.gpa, r.len())
+                    .ok_or(TransportError::BadAddress { gpa: r.gpa, len: r.len() })?
+                    .as_ptr(),
+            );
         }
         if h.flags & BATCH_DEST_ZEROED == 0 {
             let mut i = 0;
             for (r, base) in h.runs.iter().zip(&bases) {
                 for p in 0..r.pages as usize {
                     if !h.is_data(i) {
-                        // SAFETY: p < pages: inside the run the sink vouched for, which we may
-                        // write exclusively (the peer writes only data pages of this batch).
+                        // SAFETY: p < pages: inside the run the sink vouched for; a raw write under
+                        // ferry_memory's access contract (the peer writes only data pages of this batch).
                         unsafe { base.as_ptr().add(p * PAGE_SIZE).write_bytes(0, PAGE_SIZE) };
                     }
                     i += 1;

@@ -111,10 +111,10 @@ use crate::channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Kille
 use crate::endpoint::{Acceptor, Admit, Connector, Path};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::handshake::{Caps, ClientConfig, Established, ServerConfig};
-use crate::memory::MemorySink;
 use crate::stream::{StreamRx, StreamTx};
 use crate::tcp::{self, TcpAcceptor, TcpOptions};
 use crate::wire::{BatchFixed, FrameHeader, FrameKind, BATCH_FIXED_LEN, HEADER_LEN};
+use ferry_memory::{MemorySink, VolatileSlice};
 
 /// Control tag: a control message of the layer above.
 pub(crate) const TAG_USER: u8 = 0;
@@ -294,9 +294,9 @@ pub struct RdmaChannel {
 /// A memory sink with no memory (setup reads no batches).
 struct NoMemory;
 
-// SAFETY: returns no pointers at all.
+// SAFETY: returns no memory at all.
 unsafe impl MemorySink for NoMemory {
-    fn sink_ptr(&self, _gpa: u64, _len: usize) -> Option<std::ptr::NonNull<u8>> {
+    fn sink_slice(&self, _gpa: u64, _len: usize) -> Option<VolatileSlice<'_>> {
         None
     }
 }

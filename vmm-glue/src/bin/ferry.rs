@@ -37,6 +37,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use ferry_memory::reserve::MemoryReserve;
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, Record, SharedDir, VmRunState};
 use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, MigrationConfig};
@@ -45,7 +46,6 @@ use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::{SourceVm, VmError};
 use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{random_bytes, Caps, Psk, ServerConfig};
-use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::kvm::guest::{self, stamp};

@@ -2,7 +2,9 @@
 //! ([`SourceVm`], [`TargetVm`], [`TargetFactory`]) for it.
 //!
 //! - Guest memory: anonymous mappings ([`AnonMemory`]), one KVM memory slot per region
-//!   (regions of at most [`GuestConfig::slot_bytes`]), guest-physical from 0.
+//!   (regions of at most [`GuestConfig::slot_bytes`]), guest-physical from 0. Each mapping is
+//!   held by an `Arc` shared with every [`MemoryMap`] the VM hands out, so a map stays valid after
+//!   the VM is dropped (KVM itself lets go of the memory when the VM fd closes).
 //! - Dirty log: `KVM_MEM_LOG_DIRTY_PAGES` on every slot and `KVM_GET_DIRTY_LOG` (which reads and
 //!   clears), ORed with the pages the VMM itself wrote and with pages the engine gave back
 //!   ([`SourceVm::return_dirty`]).
@@ -23,9 +25,9 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use ferry_memory::reserve::MemoryReserve;
+use ferry_memory::{AnonMemory, MemoryError, MemoryMap, VolatileSlice};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
-use ferry_transport::memory::{AnonMemory, MemoryError, MemoryMap, Region};
-use ferry_transport::reserve::MemoryReserve;
 use ferry_transport::wire::PAGE_SIZE;
 use kvm_bindings::{
     kvm_msr_entry, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -277,7 +279,8 @@ pub struct GuestReport {
 struct Slot {
     slot: u32,
     gpa: u64,
-    mem: AnonMemory,
+    /// Shared with every [`MemoryMap`] handed out: unmapped after the VM and the last map.
+    mem: Arc<AnonMemory>,
 }
 
 /// MSRs worth saving, where KVM lists them and they read back.
@@ -354,7 +357,7 @@ impl KvmVm {
                 Some(m) => m,
                 None => AnonMemory::new(len as usize, false)?,
             };
-            slots.push(Slot { slot: i as u32, gpa, mem });
+            slots.push(Slot { slot: i as u32, gpa, mem: Arc::new(mem) });
         }
         let mut this_slots = Vec::new();
         for s in slots {
@@ -524,15 +527,13 @@ impl KvmVm {
         }
     }
 
-    fn host_ptr(&self, gpa: u64, len: u64) -> Result<*mut u8, KvmError> {
-        for s in &self.slots {
-            let slen = s.mem.len() as u64;
-            if gpa >= s.gpa && gpa - s.gpa < slen && len <= slen - (gpa - s.gpa) {
-                // SAFETY: gpa - s.gpa + len <= slen (checked), so the offset stays in the mapping.
-                return Ok(unsafe { s.mem.as_ptr().as_ptr().add((gpa - s.gpa) as usize) });
-            }
-        }
-        Err(KvmError::Address(gpa))
+    /// `len` bytes of guest memory at `gpa`, inside one slot.
+    fn guest_slice(&self, gpa: u64, len: u64) -> Result<VolatileSlice<'_>, KvmError> {
+        self.slots
+            .iter()
+            .filter(|s| gpa >= s.gpa)
+            .find_map(|s| s.mem.slice().subslice(usize::try_from(gpa - s.gpa).ok()?, usize::try_from(len).ok()?))
+            .ok_or(KvmError::Address(gpa))
     }
 
     fn mark_vmm_dirty(&self, gpa: u64, len: u64) {
@@ -563,10 +564,8 @@ impl KvmVm {
         if !gpa.is_multiple_of(8) {
             return Err(KvmError::Address(gpa));
         }
-        let p = self.host_ptr(gpa, 8)?;
-        // SAFETY: p is 8 bytes inside a live mapping owned by self, 8-aligned (mappings are
-        // page aligned and gpa is 8-aligned); a volatile store races benignly with the guest.
-        unsafe { (p as *mut u64).write_volatile(v) };
+        // One volatile 8-byte store (aligned: mappings are page aligned and gpa is 8-aligned).
+        self.guest_slice(gpa, 8)?.write_from(0, &v.to_ne_bytes());
         self.mark_vmm_dirty(gpa, 8);
         Ok(())
     }
@@ -576,18 +575,14 @@ impl KvmVm {
         if !gpa.is_multiple_of(8) {
             return Err(KvmError::Address(gpa));
         }
-        let p = self.host_ptr(gpa, 8)?;
-        // SAFETY: as in write_u64, for a read.
-        Ok(unsafe { (p as *const u64).read_volatile() })
+        let mut b = [0u8; 8];
+        self.guest_slice(gpa, 8)?.read_into(0, &mut b);
+        Ok(u64::from_ne_bytes(b))
     }
 
     /// Write bytes into guest memory (volatile, byte by byte; counted as dirty).
     pub fn write_bytes(&self, gpa: u64, data: &[u8]) -> Result<(), KvmError> {
-        let p = self.host_ptr(gpa, data.len() as u64)?;
-        for (i, b) in data.iter().enumerate() {
-            // SAFETY: i < data.len() and the range [p, p + len) lies in one mapping (host_ptr).
-            unsafe { p.add(i).write_volatile(*b) };
-        }
+        self.guest_slice(gpa, data.len() as u64)?.write_from(0, data);
         self.mark_vmm_dirty(gpa, data.len() as u64);
         Ok(())
     }
@@ -755,17 +750,11 @@ impl KvmVm {
         Ok(())
     }
 
-    /// The memory map over all slots.
+    /// The memory map over all slots. It shares the slots' mappings: they stay mapped while the
+    /// map (or a clone) lives, even after the VM is dropped.
     pub fn memory_map(&self) -> MemoryMap {
-        let regions =
-            self.slots.iter().map(|s| Region { gpa: s.gpa, host: s.mem.as_ptr(), len: s.mem.len() }).collect();
-        // SAFETY: the regions are this VM's mappings. They stay mapped while the VM lives; the
-        // engine's contract (migrate::vm) is to use the map only while it holds the VM. Regions
-        // were checked disjoint and page aligned at creation, so this cannot fail.
-        unsafe { MemoryMap::new(regions) }.unwrap_or_else(|_| {
-            // SAFETY: an empty map holds no pointer.
-            unsafe { MemoryMap::new(Vec::new()) }.expect("an empty map is valid")
-        })
+        // Regions were checked disjoint and page aligned at creation, so this cannot fail.
+        MemoryMap::from_anon(self.slots.iter().map(|s| (s.gpa, s.mem.clone()))).unwrap_or_else(|_| MemoryMap::empty())
     }
 }
 
@@ -810,7 +799,7 @@ fn set_slot(vm: &VmFd, s: &Slot, log: bool) -> Result<(), KvmError> {
         flags: if log { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
         guest_phys_addr: s.gpa,
         memory_size: s.mem.len() as u64,
-        userspace_addr: s.mem.as_ptr().as_ptr() as u64,
+        userspace_addr: s.mem.slice().as_ptr().as_ptr() as u64,
     };
     // SAFETY: the host range is an anonymous mapping owned by the VM (in `slots`), which is
     // dropped only after the vCPU thread stopped and the VM fd is closed (field order of KvmVm).

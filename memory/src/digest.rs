@@ -1,5 +1,7 @@
-//! Image verification: the per-page hashes come from one volatile pass over each page
-//! ([`ferry_transport::scan`]); [`PageTable`] keeps them with a running digest.
+//! The image digest: the per-page hashes come from one volatile pass over each page
+//! ([`crate::scan`]); [`PageTable`] keeps them with a running digest, which source and
+//! destination compare at switchover (the exchange itself is the migration protocol's, in
+//! `ferry-migrate`).
 //!
 //! The digest is a sum over pages of a mixed term of (page index, page hash), kept up to date as
 //! entries change: replacing an entry adds the difference of its two terms. Reading it at
@@ -9,8 +11,6 @@
 //! separately).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-
-pub use ferry_transport::scan::{scan_page, scan_run, zero_page_hash, PageScan};
 
 fn term(i: usize, h: u64) -> u64 {
     let mut z = h ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);

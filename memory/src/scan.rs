@@ -16,7 +16,8 @@
 
 use std::ptr::NonNull;
 
-use crate::wire::PAGE_SIZE;
+use crate::volatile::VolatileSlice;
+use crate::PAGE_SIZE;
 
 /// What one scan found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +165,17 @@ pub unsafe fn scan_run(base: NonNull<u8>, pages: usize, mut each: impl FnMut(usi
         // SAFETY: page i < pages is inside the caller's run.
         each(i, unsafe { scan_scalar(base.as_ptr().add(i * PAGE_SIZE)) });
     }
+}
+
+/// Scan the whole pages of `s` in order, calling `each(i, scan)` for page `i` (see [`scan_run`]).
+/// False, and nothing scanned, unless `s` starts page aligned and holds whole pages.
+pub fn scan_slice(s: VolatileSlice<'_>, each: impl FnMut(usize, PageScan)) -> bool {
+    if !(s.as_ptr().as_ptr() as usize).is_multiple_of(PAGE_SIZE) || !s.len().is_multiple_of(PAGE_SIZE) {
+        return false;
+    }
+    // SAFETY: page aligned whole pages, valid while `s` borrows its map; volatile reads only.
+    unsafe { scan_run(s.as_ptr(), s.len() / PAGE_SIZE, each) };
+    true
 }
 
 /// The hash every zero page has.

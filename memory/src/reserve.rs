@@ -3,7 +3,7 @@
 //! Receiving into fresh anonymous memory makes the kernel allocate and zero every page on the
 //! receive path. On the hosts we measured this costs more than the transfer itself: 0.15-1.5 s per
 //! GiB, because freed memory goes back to the hypervisor (free page reporting) and each first
-//! touch faults there too (see `shared/notes/machine-performance.md`). A host agent that expects
+//! touch faults there too (see `docs/performance.md`). A host agent that expects
 //! incoming VMs keeps a [`MemoryReserve`]: memory mapped and faulted in ahead of time (zero, with
 //! huge pages where the kernel gives them), from which a new target's regions are carved. That is
 //! what QEMU's `-incoming` with `-mem-prealloc` does for one VM, kept for the next ones.
@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use crate::memory::{AnonMemory, MemoryError};
-use crate::wire::PAGE_SIZE;
+use crate::anon::AnonMemory;
+use crate::map::MemoryError;
+use crate::PAGE_SIZE;
 
 /// Huge page size: takes are rounded to it so every carved region starts 2 MiB aligned.
 const HUGE: usize = 2 << 20;
@@ -91,7 +92,7 @@ impl Inner {
 /// failure the pieces are unmapped (the memory is lost to the reserve, never handed out twice).
 fn join(pieces: Vec<AnonMemory>, total: usize) -> Option<AnonMemory> {
     let dest = AnonMemory::reserve_range(total).ok()?;
-    let base = dest.as_ptr().as_ptr();
+    let base = dest.raw().as_ptr();
     let mut off = 0;
     for p in pieces {
         let n = p.len();
@@ -100,7 +101,7 @@ fn join(pieces: Vec<AnonMemory>, total: usize) -> Option<AnonMemory> {
         // and unmaps `p`'s old range. The result is checked.
         let r = unsafe {
             libc::mremap(
-                p.as_ptr().as_ptr() as *mut libc::c_void,
+                p.raw().as_ptr() as *mut libc::c_void,
                 n,
                 n,
                 libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
@@ -241,7 +242,7 @@ mod tests {
         let pages = m.len() / PAGE_SIZE;
         let mut v = vec![0u8; pages];
         // SAFETY: the range is m's mapping; mincore writes one byte per page into v.
-        let r = unsafe { libc::mincore(m.as_ptr().as_ptr() as *mut libc::c_void, m.len(), v.as_mut_ptr()) };
+        let r = unsafe { libc::mincore(m.raw().as_ptr() as *mut libc::c_void, m.len(), v.as_mut_ptr()) };
         assert_eq!(r, 0);
         v.iter().filter(|&&b| b & 1 == 1).count()
     }
@@ -253,7 +254,7 @@ mod tests {
         assert_eq!(r.stats().ready_bytes, 16 << 20);
         let a = r.take(3 * PAGE_SIZE + 1).expect("hit");
         assert_eq!(a.len(), 4 * PAGE_SIZE);
-        assert_eq!(a.as_ptr().as_ptr() as usize % HUGE, 0, "carved 2 MiB aligned");
+        assert_eq!(a.raw().as_ptr() as usize % HUGE, 0, "carved 2 MiB aligned");
         let b = r.take(5 << 20).expect("hit");
         assert_eq!(resident(&b), b.len() / PAGE_SIZE, "taken memory is faulted in");
         let mut buf = vec![0xFFu8; PAGE_SIZE];
@@ -263,7 +264,7 @@ mod tests {
         }
         a.write_from(0, &[7u8; 8]);
         assert_eq!(b.read_byte(0), 0);
-        let (sa, sb) = (a.as_ptr().as_ptr() as usize, b.as_ptr().as_ptr() as usize);
+        let (sa, sb) = (a.raw().as_ptr() as usize, b.raw().as_ptr() as usize);
         assert!(sa + a.len() <= sb || sb + b.len() <= sa, "takes overlap");
         // 2 MiB + 6 MiB carved out of 16: 8 MiB left; 9 MiB does not fit.
         assert_eq!(r.stats().ready_bytes, 8 << 20);
