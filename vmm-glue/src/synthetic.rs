@@ -707,6 +707,55 @@ mod tests {
         assert!(decode_state(&st[..30], vm.pages()).is_err());
     }
 
+    /// Every page of `shape` read through `map`, in region order.
+    fn pages_via_map(map: &MemoryMap, shape: &VmShape) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for &(gpa, len) in &shape.regions {
+            for off in (0..len).step_by(PAGE_SIZE) {
+                let mut page = vec![0u8; PAGE_SIZE];
+                map.lookup(gpa + off, PAGE_SIZE).expect("page inside the map").read_into(0, &mut page);
+                out.push(page);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn guest_memory_outlives_the_vm_that_handed_it_out() {
+        // Source side: the map handed out by `SourceVm::memory` still reads the guest's pages
+        // after the VM (and its writer thread) is gone.
+        let cfg = SyntheticConfig { memory_bytes: 2 << 20, working_set_bytes: 256 << 10, ..Default::default() };
+        let mut vm = SyntheticVm::new(&cfg).unwrap();
+        vm.resume().unwrap();
+        while vm.writes() < 100 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        vm.pause().unwrap();
+        let shape = vm.shape();
+        let map = SourceVm::memory(&vm);
+        let mut want = Vec::new();
+        for i in 0..vm.pages() {
+            let mut page = vec![0u8; PAGE_SIZE];
+            vm.read_page(i, &mut page);
+            want.push(page);
+        }
+        assert!(want.iter().any(|p| p.iter().any(|&b| b != 0)), "the guest holds data");
+        drop(vm);
+        assert!(pages_via_map(&map, &shape) == want, "pages read after the VM was dropped differ");
+
+        // Target side: a map kept past the target (and its factory) still reads and writes.
+        let f = SyntheticFactory::new(4 << 20, true);
+        let s = VmShape { vm_id: "kept".into(), regions: vec![(0, 1 << 20), (4 << 20, 1 << 20)] };
+        let t = f.create(&s).unwrap();
+        let map = t.memory();
+        drop(t);
+        drop(f);
+        let p = map.lookup((4 << 20) + PAGE_SIZE as u64, PAGE_SIZE).expect("inside");
+        p.write_from(0, &[5u8; 16]);
+        assert_eq!(p.read_u8(15), 5);
+        assert_eq!(pages_via_map(&map, &s).iter().filter(|pg| pg.iter().any(|&b| b != 0)).count(), 1);
+    }
+
     #[test]
     fn factory_refuses_duplicates_and_oversize() {
         let f = SyntheticFactory::new(1 << 20, false);

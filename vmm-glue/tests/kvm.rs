@@ -317,3 +317,23 @@ fn throttle_slows_the_guest() {
     vm.pause().unwrap();
     check_consistent(&vm, &c);
 }
+
+#[test]
+fn memory_map_outlives_the_vm() {
+    if !kvm_or_skip("memory_map_outlives_the_vm") {
+        return;
+    }
+    let c = cfg("outlives", 16);
+    let vm = KvmVm::boot(&c).unwrap();
+    let gpa = 8 << 20; // inside the second slot
+    vm.write_u64(gpa, 0x0123_4567_89ab_cdef).unwrap();
+    assert_eq!(vm.read_u64(gpa).unwrap(), 0x0123_4567_89ab_cdef);
+    let map = vm.memory_map();
+    let magic = vm.read_u64(guest::PARAMS + guest::P_MAGIC).unwrap();
+    drop(vm); // vCPU thread stopped, VM fd closed; the map still holds the slots' memory
+    let mut w = [0u8; 8];
+    map.lookup(gpa, 8).expect("inside the map").read_into(0, &mut w);
+    assert_eq!(u64::from_ne_bytes(w), 0x0123_4567_89ab_cdef);
+    map.lookup(guest::PARAMS + guest::P_MAGIC, 8).expect("inside the map").read_into(0, &mut w);
+    assert_eq!(u64::from_ne_bytes(w), magic);
+}
