@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ferry_memory::AnonMemory;
 use ferry_transport::channel::{Channel, Incoming};
 use ferry_transport::error::{HandshakeError, TransportError};
 use ferry_transport::handshake::Psk;
-use ferry_memory::AnonMemory;
 use ferry_transport::wire::{
     encode_batch_frame, encode_frame, BatchHeader, Encoding, FrameKind, PageRun, BATCH_DEST_ZEROED, HEADER_LEN,
     PAGE_SIZE,

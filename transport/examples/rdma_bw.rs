@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
+use ferry_memory::AnonMemory;
 use ferry_test_support::pagemix::{fill_page, PageKind};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
-use ferry_memory::AnonMemory;
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
 use ferry_transport::Incoming;

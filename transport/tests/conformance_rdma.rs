@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_memory::AnonMemory;
 use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
 use ferry_test_support::pagemix::{fill_page, PageKind};
 use ferry_transport::endpoint::{Acceptor, Connector, Path};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
-use ferry_memory::AnonMemory;
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaChannel, RdmaOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, PAGE_SIZE};
 use ferry_transport::{Channel, Incoming, TransportError};
