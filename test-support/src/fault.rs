@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_memory::{MemorySink, MemorySource};
 use ferry_migrate::protocol::Msg;
 use ferry_migrate::source::CancelToken;
-use ferry_memory::{MemorySink, MemorySource};
 use ferry_transport::wire::{Ack, PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, SentBatch};
 

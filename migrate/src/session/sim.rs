@@ -17,9 +17,9 @@ use ferry_transport::wire::PAGE_SIZE;
 use super::estimate::{ConvergeConfig, ConvergePolicy};
 use super::source::{Batch, Outcome, Scheduling, SourceAction, SourceConfig, SourceSession};
 use super::target::{TargetAction, TargetSession, TargetState};
-use ferry_memory::digest::PageTable;
 use crate::protocol::Msg;
 use crate::vm::{DirtyBitmap, RegionBitmap, VmShape};
+use ferry_memory::digest::PageTable;
 
 /// One step of a [`Pair`] run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
