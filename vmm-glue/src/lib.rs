@@ -7,8 +7,9 @@
 //! - [`kvm`]: a small VMM on KVM running Ferry's own guest program (long mode, CPL 3), with
 //!   dirty logging, pause/resume and versioned vCPU state.
 //!
-//! The `ferry` binary (`src/bin/ferry.rs`) runs that guest and migrates it between host
-//! processes: `receive`, `run-and-migrate`, `pingpong` (live) and `quick` (shared directory).
+//! The `ferry-harness` test binary (`src/bin/ferry-harness.rs`) runs that guest and migrates it between host
+//! processes without an agent: `receive`, `run-and-migrate`, `pingpong` (live) and `quick` (shared
+//! directory). The product path is `ferryd` (crate `ferry-agent`).
 
 pub mod kvm;
 pub mod pagemix;

@@ -1,4 +1,4 @@
-//! The `ferry` command as real processes: live ping-pong between two processes over loopback
+//! The `ferry-harness` command as real processes: live ping-pong between two processes over loopback
 //! (tcp and zstd), a quick-migration round trip through a temporary directory, and bad input.
 //! Needs /dev/kvm for the migrations; prints `SKIP: <reason>` where there is none.
 
@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 use ferry_test_support::kvm_or_skip;
 use serde_json::Value;
 
-const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+const FERRY: &str = env!("CARGO_BIN_EXE_ferry-harness");
 
 fn run(args: &[&str]) -> Output {
     Command::new(FERRY).args(args).env("FERRY_PSK", "ferry-cli-test-key-0123456789").output().expect("run ferry")
@@ -162,7 +162,7 @@ fn unreachable_destination_fails_and_the_vm_stays_running() {
     assert!(!err.contains("panicked"), "{err}");
 }
 
-/// A `ferry receive` child with key `key`; returns it and the address it listens on.
+/// A `ferry-harness receive` child with key `key`; returns it and the address it listens on.
 fn spawn_receiver(
     key: &str,
     extra: &[&str],
@@ -174,7 +174,7 @@ fn spawn_receiver(
         .env("FERRY_PSK", key)
         .stdout(std::process::Stdio::piped())
         .spawn()
-        .expect("spawn ferry receive");
+        .expect("spawn ferry-harness receive");
     let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     out.read_line(&mut line).unwrap();

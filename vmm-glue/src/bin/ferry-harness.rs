@@ -1,11 +1,12 @@
-//! `ferry`: start a KVM guest and migrate it between host processes, the way a host agent would.
+//! `ferry-harness`: the test harness that starts a KVM guest and migrates it between host processes
+//! without an agent (the product command is `ferry`, in `ferry-agent`, talking to `ferryd`).
 //!
 //! ```text
-//! ferry receive --listen ADDR [--count N] [--then-send-to ADDR [--keep-last]] [--json] ...
-//! ferry run-and-migrate --to ADDR [--mem 1GiB] [--working-set 64MiB] [--option tcp|zstd]
+//! ferry-harness receive --listen ADDR [--count N] [--then-send-to ADDR [--keep-last]] [--json] ...
+//! ferry-harness run-and-migrate --to ADDR [--mem 1GiB] [--working-set 64MiB] [--option tcp|zstd]
 //!                       [--channels N] [--downtime-ms 300] [--json]
-//! ferry pingpong [--mem 1GiB] [--working-set 64MiB] [--trips 10] [--option tcp|zstd] [--json]
-//! ferry quick --dir D [--mem 1GiB] [--working-set 64MiB] [--trips 2] [--json]
+//! ferry-harness pingpong [--mem 1GiB] [--working-set 64MiB] [--trips 10] [--option tcp|zstd] [--json]
+//! ferry-harness quick --dir D [--mem 1GiB] [--working-set 64MiB] [--trips 2] [--json]
 //! ```
 //! Keys: `--psk-file F` or the environment variable `FERRY_PSK` (at least 16 bytes) on both hosts.
 //!
@@ -52,7 +53,7 @@ use ferry_vmm_glue::kvm::guest::{self, stamp};
 use ferry_vmm_glue::kvm::{GuestConfig, KvmError, KvmFactory, KvmVm};
 use serde_json::{json, Value};
 
-/// Errors of the `ferry` command (the doc comment of each variant says what went wrong).
+/// Errors of the `ferry-harness` command (the doc comment of each variant says what went wrong).
 #[derive(Debug, thiserror::Error)]
 enum CliError {
     /// The command line or a configuration value is not usable.
@@ -98,7 +99,11 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about = "Run a KVM guest and live- or quick-migrate it between host processes")]
+#[command(
+    name = "ferry-harness",
+    version,
+    about = "Run a KVM guest and live- or quick-migrate it between host processes"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -109,7 +114,7 @@ enum Cmd {
     /// Be a destination host: receive VMs, resume them, report their guests, optionally send
     /// them on.
     Receive(ReceiveArgs),
-    /// Be a source host: start a VM, let it run, live-migrate it to a `ferry receive`.
+    /// Be a source host: start a VM, let it run, live-migrate it to a `ferry-harness receive`.
     RunAndMigrate(RunArgs),
     /// Live-migrate a running VM back and forth between this process and a child process.
     Pingpong(PingArgs),
@@ -853,7 +858,7 @@ fn run_and_migrate(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// A child `ferry` process whose stdout lines are parsed as JSON events; killed when dropped.
+/// A child `ferry-harness` process whose stdout lines are parsed as JSON events; killed when dropped.
 struct Peer {
     child: Child,
     events: mpsc::Receiver<Value>,

@@ -1,0 +1,291 @@
+//! The agent's HTTP/JSON API: the types both `ferryd` and `ferry` speak.
+//!
+//! Local API (unix socket, mode 0600), under `/v1`:
+//!
+//! | verb and path | body | answer |
+//! |---|---|---|
+//! | `GET /v1/host` | | [`HostInfo`] |
+//! | `PATCH /v1/host` | [`HostPatch`] | [`HostInfo`] |
+//! | `GET /v1/vms` | | `[`[`VmInfo`]`]` |
+//! | `POST /v1/vms` | [`CreateVm`] | [`VmInfo`] (201) |
+//! | `GET /v1/vms/{name}` | | [`VmInfo`] |
+//! | `POST /v1/vms/{name}/pause`, `/resume` | | [`VmInfo`] |
+//! | `DELETE /v1/vms/{name}` | | 204 |
+//! | `POST /v1/moves` | [`MoveRequest`] | [`MoveAccepted`] (202) |
+//! | `GET /v1/migrations` | | `[`[`MigrationInfo`]`]`, newest first |
+//! | `GET /v1/migrations/{id}` | | [`MigrationInfo`] |
+//! | `POST /v1/migrations/{id}/cancel` | | [`MigrationInfo`] |
+//!
+//! Peer API (the `listen` TCP address, every request signed with the key file's key, see
+//! [`crate::peer`]): `POST /peer/v1/incoming` ([`IncomingRequest`] -> [`IncomingAccepted`]),
+//! `GET /peer/v1/vms/{name}` ([`PeerVm`]).
+//!
+//! Every error is `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]) with an HTTP
+//! status that says who is at fault (4xx: the request; 5xx: this host).
+
+use serde::{Deserialize, Serialize};
+
+/// Which guest a VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestKind {
+    /// The synthetic guest (page mixture and a writer thread).
+    Synthetic,
+    /// A KVM guest running Ferry's guest program.
+    Kvm,
+}
+
+impl GuestKind {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            GuestKind::Synthetic => "synthetic",
+            GuestKind::Kvm => "kvm",
+        }
+    }
+}
+
+impl std::str::FromStr for GuestKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "synthetic" => Ok(GuestKind::Synthetic),
+            "kvm" => Ok(GuestKind::Kvm),
+            _ => Err(format!("unknown guest {s:?} (synthetic, kvm)")),
+        }
+    }
+}
+
+/// A JSON error: a code a script can match, a sentence a person can read.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApiErrorDetail {
+    /// Stable code (`bad_request`, `not_found`, `conflict`, `busy`, `unreachable`,
+    /// `unauthorized`, `internal`, ...).
+    pub code: String,
+    /// What went wrong, in a sentence.
+    pub message: String,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ApiErrorDetail,
+}
+
+/// Host settings and load.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct HostInfo {
+    /// Host name.
+    pub name: String,
+    /// Peer and migration address.
+    pub listen: String,
+    /// Live migrations allowed at once (outgoing and incoming together).
+    pub max_live_migrations: usize,
+    /// Storage migrations allowed at once (kept for the storage issue; not used yet).
+    pub max_storage_migrations: usize,
+    /// `tcp`, `compression` or `smb`.
+    pub performance_option: String,
+    /// Migration networks in order.
+    pub networks: Vec<String>,
+    /// Any network may carry migrations.
+    pub use_any_network: bool,
+    /// Live migrations holding a slot now.
+    pub active_migrations: usize,
+    /// Moves waiting for a slot.
+    pub queued_migrations: usize,
+    /// VMs owned by this host.
+    pub vms: usize,
+}
+
+/// A change of host settings at run time.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostPatch {
+    /// New limit (1 ..= 64).
+    pub max_live_migrations: Option<usize>,
+}
+
+/// Create a VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Name, unique on the host (letters, digits, `-`, `_`, `.`; 1 ..= 64).
+    pub name: String,
+    /// Guest memory (a multiple of 4 KiB; 2 MiB ..= 3 GiB for KVM).
+    pub memory_bytes: u64,
+    /// Guest kind.
+    pub guest: GuestKind,
+    /// Working set the guest rewrites (default: a quarter of memory, at most 64 MiB).
+    #[serde(default)]
+    pub working_set_bytes: Option<u64>,
+    /// Synthetic guest: how fast it rewrites its working set (default 16 MiB/s; 0: flat out).
+    #[serde(default)]
+    pub dirty_rate_bytes_per_s: Option<u64>,
+}
+
+/// A VM as the agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VmInfo {
+    /// Name.
+    pub name: String,
+    /// Guest kind.
+    pub guest: GuestKind,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// `running`, `paused`, `migrating`, `lost` (its VMM process is gone), ...
+    pub state: String,
+    /// Ownership epoch: 1 at creation, one more at each host that took it over.
+    pub epoch: u64,
+    /// The VMM process.
+    pub pid: u32,
+    /// The guest's progress counter (KVM: passes; synthetic: pages written).
+    pub guest_counter: u64,
+    /// The migration this VM arrived with, if it did.
+    pub arrived_with: Option<String>,
+    /// After arrival: the image was verified.
+    pub arrived_verified: Option<bool>,
+    /// After arrival: the guest check (`ok` or the problem).
+    pub guest_check: Option<String>,
+}
+
+/// Kind of move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveKind {
+    /// Live migration (pre-copy, milliseconds of pause).
+    #[default]
+    Live,
+    /// Quick migration (pause, save, load): not offered by the agent yet.
+    Quick,
+}
+
+/// `POST /v1/moves`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    /// The VM.
+    pub vm: String,
+    /// The destination agent's `listen` address.
+    pub to: String,
+    /// Live or quick.
+    #[serde(default)]
+    pub kind: MoveKind,
+    /// Transport option: `tcp` or `zstd` (default: the host's performance option).
+    #[serde(default)]
+    pub option: Option<String>,
+    /// Channels (1 ..= 16, default 2).
+    #[serde(default)]
+    pub channels: Option<u16>,
+    /// Downtime limit (1 ..= 60000 ms, default 300).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+}
+
+/// The answer to a move: its migration id, at once.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MoveAccepted {
+    /// Migration id.
+    pub id: String,
+    /// `queued`.
+    pub status: String,
+}
+
+/// One state change of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrationEvent {
+    /// The new status.
+    pub status: String,
+    /// When (RFC 3339).
+    pub at: String,
+    /// What happened, if there is more to say.
+    pub detail: Option<String>,
+}
+
+/// A migration, from the journal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MigrationInfo {
+    /// Migration id (the same on both hosts).
+    pub id: String,
+    /// VM name.
+    pub vm: String,
+    /// `outgoing` or `incoming`.
+    pub direction: String,
+    /// The other agent (its `listen` address, or its name for incoming).
+    pub peer: String,
+    /// `queued`, `setup`, `active`, `switchover`, `completed`, `failed`, `cancelled`, `uncertain`.
+    pub status: String,
+    /// When the move was asked (RFC 3339).
+    pub queued_at: String,
+    /// When it got its slot of the host-wide limit (RFC 3339).
+    pub started_at: Option<String>,
+    /// When it ended (RFC 3339).
+    pub finished_at: Option<String>,
+    /// Why it failed or was cancelled.
+    pub error: Option<String>,
+    /// The destination verified the image.
+    pub verified: bool,
+    /// Start to end, engine measured.
+    pub total_ms: Option<f64>,
+    /// Pause to resume, engine measured.
+    pub downtime_ms: Option<f64>,
+    /// Bytes on the wire so far.
+    pub transferred_bytes: u64,
+    /// Guest bytes.
+    pub guest_bytes: u64,
+    /// Bytes still to send (while active).
+    pub remaining_bytes: u64,
+    /// Current round.
+    pub round: u32,
+    /// Expected downtime now (while active).
+    pub expected_downtime_ms: f64,
+    /// Payload bandwidth now.
+    pub bandwidth_bytes_per_s: f64,
+    /// Engine statistics once it ended.
+    pub stats: Option<serde_json::Value>,
+    /// Every state change.
+    pub events: Vec<MigrationEvent>,
+}
+
+impl MigrationInfo {
+    /// A final status: nothing more will change.
+    pub fn is_final(&self) -> bool {
+        matches!(self.status.as_str(), "completed" | "failed" | "cancelled")
+    }
+}
+
+/// Peer request: host this incoming VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// Migration id.
+    pub id: String,
+    /// VM name.
+    pub vm: String,
+    /// Guest kind.
+    pub guest: GuestKind,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// The VM's epoch at the source.
+    pub epoch: u64,
+    /// The source agent's name.
+    pub source: String,
+}
+
+/// Peer answer: where the migration channels go.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IncomingAccepted {
+    /// The incoming VMM's migration address.
+    pub migration_addr: String,
+}
+
+/// Peer answer: does this host own the VM?
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerVm {
+    /// This host owns it and it runs here.
+    pub owned: bool,
+    /// Its epoch here.
+    pub epoch: u64,
+    /// The migration it arrived with.
+    pub arrived_with: Option<String>,
+}

@@ -1,0 +1,85 @@
+//! `ferry-vmm`: one VM in its own process, supervised by `ferryd` over a unix socket
+//! (`ferry_agent::vmm`). Started by the agent, not by hand:
+//!
+//! ```text
+//! ferry-vmm --socket S --name NAME --guest synthetic|kvm --memory-bytes N --key-file F
+//!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP]
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferry_agent::api::GuestKind;
+use ferry_agent::vmm::{run, VmmArgs};
+use ferry_transport::handshake::Psk;
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry-vmm", version, about = "One VM in its own process, supervised by ferryd")]
+struct Cli {
+    /// Control socket (created, mode 0600).
+    #[arg(long)]
+    socket: PathBuf,
+    /// VM name.
+    #[arg(long)]
+    name: String,
+    /// synthetic or kvm.
+    #[arg(long)]
+    guest: GuestKind,
+    /// Guest memory in bytes.
+    #[arg(long)]
+    memory_bytes: u64,
+    /// The key file (migration channels are authenticated with it).
+    #[arg(long)]
+    key_file: PathBuf,
+    /// Working set the guest rewrites.
+    #[arg(long, default_value_t = 0)]
+    working_set_bytes: u64,
+    /// Synthetic guest: rewrite rate (0: as fast as it can).
+    #[arg(long, default_value_t = 0)]
+    dirty_rate_bytes_per_s: u64,
+    /// Receive the VM: listen for one migration on this IP (a free port) instead of booting.
+    #[arg(long)]
+    receive_on: Option<std::net::IpAddr>,
+}
+
+fn main() -> ExitCode {
+    let c = Cli::parse();
+    // Its own session: the VM outlives the agent that started it.
+    let _ = nix::unistd::setsid();
+    let key = match std::fs::read(&c.key_file) {
+        Ok(mut k) => {
+            while k.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                k.pop();
+            }
+            match Psk::new(k) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("ferry-vmm: key file {}: {e}", c.key_file.display());
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("ferry-vmm: key file {}: {e}", c.key_file.display());
+            return ExitCode::from(2);
+        }
+    };
+    let args = VmmArgs {
+        socket: c.socket,
+        name: c.name,
+        guest: c.guest,
+        memory_bytes: c.memory_bytes,
+        working_set_bytes: c.working_set_bytes,
+        dirty_rate_bytes_per_s: c.dirty_rate_bytes_per_s,
+        key,
+        receive_on: c.receive_on,
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-vmm: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

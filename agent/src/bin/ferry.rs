@@ -1,0 +1,402 @@
+//! `ferry`: the command line of the host agent. It talks to the local `ferryd` over its API
+//! socket (`--api SOCKET`, default `/run/ferry/ferryd.sock`).
+//!
+//! ```text
+//! ferry [--api SOCKET] [--json] host show | host set --max-live-migrations N
+//! ferry [--api SOCKET] [--json] vm create --name NAME --memory SIZE --guest synthetic|kvm
+//!                                  [--working-set SIZE] [--dirty-rate SIZE]
+//! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
+//! ferry [--api SOCKET] [--json] move NAME --to ADDR [--option tcp|zstd] [--channels N]
+//!                                  [--downtime-ms N] [--wait]
+//! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
+//! ```
+//!
+//! With `--json` every command prints JSON (`move --wait`: one object with `status`,
+//! `verified`, `total_ms`, `downtime_ms`; `migrations`: an array whose items have `id`, `vm`,
+//! `direction`, `status`, `started_at`, `finished_at`). On a terminal `move --wait` shows a
+//! progress bar. Exit codes: 0 success, 1 the migration failed or was cancelled, 2 the request
+//! was refused (bad input, unknown VM, destination refused) or the agent cannot be reached.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use ferry_agent::api::*;
+use ferry_agent::client::{request, Endpoint};
+use ferry_agent::parse_size;
+use serde_json::{json, Value};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about = "Move running VMs between hosts (talks to the local ferryd)")]
+struct Cli {
+    /// The agent's API socket.
+    #[arg(long, global = true, default_value = "/run/ferry/ferryd.sock")]
+    api: PathBuf,
+    /// Print JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Host settings and load.
+    Host {
+        #[command(subcommand)]
+        cmd: HostCmd,
+    },
+    /// VMs on this host.
+    Vm {
+        #[command(subcommand)]
+        cmd: VmCmd,
+    },
+    /// Move a VM to another host (live).
+    Move(MoveArgs),
+    /// The migration journal, newest first.
+    Migrations {
+        /// Print it again every second (text) until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// One migration, with its state changes.
+    Migration {
+        /// Migration id.
+        id: String,
+    },
+    /// Cancel a queued or running move (before commit the VM keeps running here).
+    Cancel {
+        /// Migration id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum HostCmd {
+    /// Settings and load.
+    Show,
+    /// Change settings at run time.
+    Set {
+        /// Live migrations at once, outgoing and incoming together.
+        #[arg(long)]
+        max_live_migrations: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Start a VM in its own VMM process.
+    Create {
+        /// Name (unique on the host).
+        #[arg(long)]
+        name: String,
+        /// Guest memory (like 512MiB, 1GiB).
+        #[arg(long, value_parser = parse_size)]
+        memory: u64,
+        /// Guest kind.
+        #[arg(long)]
+        guest: GuestKind,
+        /// Working set the guest rewrites (default: a quarter of memory, at most 64 MiB).
+        #[arg(long, value_parser = parse_size)]
+        working_set: Option<u64>,
+        /// Synthetic guest: bytes rewritten per second (default 16MiB).
+        #[arg(long, value_parser = parse_size)]
+        dirty_rate: Option<u64>,
+    },
+    /// Every VM.
+    List,
+    /// One VM.
+    Show {
+        /// Name.
+        name: String,
+    },
+    /// Stop the guest.
+    Pause {
+        /// Name.
+        name: String,
+    },
+    /// Let the guest run again.
+    Resume {
+        /// Name.
+        name: String,
+    },
+    /// Stop the VM and forget it.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct MoveArgs {
+    /// The VM.
+    vm: String,
+    /// The destination agent's `listen` address.
+    #[arg(long)]
+    to: String,
+    /// Quick migration (not offered by the agent yet).
+    #[arg(long)]
+    quick: bool,
+    /// Transport option (default: the host's performance option).
+    #[arg(long)]
+    option: Option<String>,
+    /// Channels.
+    #[arg(long)]
+    channels: Option<u16>,
+    /// Downtime limit in milliseconds.
+    #[arg(long)]
+    downtime_ms: Option<u64>,
+    /// Wait until the move ended and print its outcome.
+    #[arg(long)]
+    wait: bool,
+}
+
+/// How the command ended.
+enum Fail {
+    /// Refused (exit 2): bad input, unknown resource, agent unreachable.
+    Refused(String),
+    /// The migration failed or was cancelled (exit 1).
+    Failed(String),
+}
+
+struct Api {
+    ep: Endpoint,
+}
+
+impl Api {
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, Fail> {
+        let body = body.map(|b| b.to_string().into_bytes());
+        let (status, out) = request(&self.ep, method, path, body, &[], Duration::from_secs(120))
+            .await
+            .map_err(|e| Fail::Refused(format!("{e} (is ferryd running? --api names its socket)")))?;
+        if (200..300).contains(&status) {
+            if out.is_empty() {
+                return Ok(Value::Null);
+            }
+            return serde_json::from_slice(&out).map_err(|e| Fail::Refused(format!("the agent answered badly: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&out) {
+            Ok(e) => Err(Fail::Refused(format!("{} ({})", e.error.message, e.error.code))),
+            Err(_) => Err(Fail::Refused(format!("the agent answered HTTP {status}"))),
+        }
+    }
+}
+
+fn print(json_out: bool, v: &Value, text: impl FnOnce(&Value) -> String) {
+    if json_out {
+        println!("{v}");
+    } else {
+        println!("{}", text(v));
+    }
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1u64 << 20) as f64
+}
+
+fn vm_line(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    format!(
+        "{:<20} {:<9} {:>8.0} MiB  {:<10} epoch {:<3} pid {:<7} counter {}",
+        s("name"),
+        s("guest"),
+        mib(n("memory_bytes")),
+        s("state"),
+        n("epoch"),
+        n("pid"),
+        n("guest_counter")
+    )
+}
+
+fn migration_line(m: &Value) -> String {
+    let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    let f = |k: &str| m.get(k).and_then(Value::as_f64);
+    let mut l = format!("{} {:<16} {:<8} {:<10} {}", s("id"), s("vm"), s("direction"), s("status"), s("peer"));
+    if let (Some(t), Some(d)) = (f("total_ms"), f("downtime_ms")) {
+        l += &format!("  total {t:.0} ms, downtime {d:.1} ms");
+    }
+    if let Some(e) = m.get("error").and_then(Value::as_str) {
+        l += &format!("  ({e})");
+    }
+    l
+}
+
+async fn run(c: Cli) -> Result<(), Fail> {
+    let api = Api { ep: Endpoint::Unix(c.api.clone()) };
+    let j = c.json;
+    match c.cmd {
+        Cmd::Host { cmd: HostCmd::Show } => {
+            let v = api.call("GET", "/v1/host", None).await?;
+            print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
+        }
+        Cmd::Host { cmd: HostCmd::Set { max_live_migrations } } => {
+            let v = api.call("PATCH", "/v1/host", Some(json!({"max_live_migrations": max_live_migrations}))).await?;
+            print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
+        }
+        Cmd::Vm { cmd } => match cmd {
+            VmCmd::Create { name, memory, guest, working_set, dirty_rate } => {
+                let body = serde_json::to_value(CreateVm {
+                    name,
+                    memory_bytes: memory,
+                    guest,
+                    working_set_bytes: working_set,
+                    dirty_rate_bytes_per_s: dirty_rate,
+                })
+                .map_err(|e| Fail::Refused(e.to_string()))?;
+                let v = api.call("POST", "/v1/vms", Some(body)).await?;
+                print(j, &v, vm_line);
+            }
+            VmCmd::List => {
+                let v = api.call("GET", "/v1/vms", None).await?;
+                print(j, &v, |v| {
+                    v.as_array().map(|a| a.iter().map(vm_line).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+                });
+            }
+            VmCmd::Show { name } => {
+                let v = api.call("GET", &format!("/v1/vms/{name}"), None).await?;
+                print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
+            }
+            VmCmd::Pause { name } => {
+                let v = api.call("POST", &format!("/v1/vms/{name}/pause"), None).await?;
+                print(j, &v, vm_line);
+            }
+            VmCmd::Resume { name } => {
+                let v = api.call("POST", &format!("/v1/vms/{name}/resume"), None).await?;
+                print(j, &v, vm_line);
+            }
+            VmCmd::Delete { name } => {
+                api.call("DELETE", &format!("/v1/vms/{name}"), None).await?;
+                print(j, &json!({"deleted": name}), |_| format!("deleted {name}"));
+            }
+        },
+        Cmd::Move(m) => return do_move(&api, j, m).await,
+        Cmd::Migrations { watch } => loop {
+            let v = api.call("GET", "/v1/migrations", None).await?;
+            print(j, &v, |v| {
+                v.as_array().map(|a| a.iter().map(migration_line).collect::<Vec<_>>().join("\n")).unwrap_or_default()
+            });
+            if !watch {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !j {
+                println!();
+            }
+        },
+        Cmd::Migration { id } => {
+            let v = api.call("GET", &format!("/v1/migrations/{id}"), None).await?;
+            print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
+        }
+        Cmd::Cancel { id } => {
+            let v = api.call("POST", &format!("/v1/migrations/{id}/cancel"), None).await?;
+            print(j, &v, migration_line);
+        }
+    }
+    Ok(())
+}
+
+async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
+    let req = MoveRequest {
+        vm: m.vm.clone(),
+        to: m.to.clone(),
+        kind: if m.quick { MoveKind::Quick } else { MoveKind::Live },
+        option: m.option,
+        channels: m.channels,
+        downtime_ms: m.downtime_ms,
+    };
+    let body = serde_json::to_value(&req).map_err(|e| Fail::Refused(e.to_string()))?;
+    let acc = api.call("POST", "/v1/moves", Some(body)).await?;
+    let id = acc.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    if !m.wait {
+        print(j, &acc, |_| format!("moving {} to {}: migration {id}", m.vm, m.to));
+        return Ok(());
+    }
+    let bar = (!j && std::io::stdout().is_terminal()).then(|| {
+        let b = indicatif::ProgressBar::new(0);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>24} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} {elapsed}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        b
+    });
+    let m_info: MigrationInfo = loop {
+        let v = api.call("GET", &format!("/v1/migrations/{id}"), None).await?;
+        let info: MigrationInfo = serde_json::from_value(v).map_err(|e| Fail::Refused(format!("bad answer: {e}")))?;
+        if let Some(b) = &bar {
+            b.set_length(info.guest_bytes.max(1));
+            b.set_position(info.transferred_bytes.min(info.guest_bytes));
+            b.set_message(format!("{} round {} exp. {:.0} ms", info.status, info.round, info.expected_downtime_ms));
+        }
+        if info.is_final() {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let out = json!({
+        "id": m_info.id,
+        "vm": m_info.vm,
+        "to": m.to,
+        "status": m_info.status,
+        "verified": m_info.verified,
+        "total_ms": m_info.total_ms,
+        "downtime_ms": m_info.downtime_ms,
+        "transferred_bytes": m_info.transferred_bytes,
+        "error": m_info.error,
+    });
+    print(j, &out, |_| match m_info.status.as_str() {
+        "completed" => format!(
+            "moved {} to {}: total {:.0} ms, downtime {:.1} ms, verified {}",
+            m_info.vm,
+            m.to,
+            m_info.total_ms.unwrap_or(0.0),
+            m_info.downtime_ms.unwrap_or(0.0),
+            m_info.verified
+        ),
+        s => format!(
+            "{} not moved ({s}): {}; it keeps running here",
+            m_info.vm,
+            m_info.error.clone().unwrap_or_default()
+        ),
+    });
+    if m_info.status == "completed" {
+        Ok(())
+    } else {
+        Err(Fail::Failed(String::new()))
+    }
+}
+
+fn main() -> ExitCode {
+    let c = Cli::parse();
+    let j = c.json;
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ferry: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(run(c)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail::Failed(why)) => {
+            if !why.is_empty() {
+                eprintln!("ferry: {why}");
+            }
+            ExitCode::from(1)
+        }
+        Err(Fail::Refused(why)) => {
+            if j {
+                println!("{}", json!({"error": why}));
+            }
+            eprintln!("ferry: {why}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! `ferryd`'s configuration file (TOML). A bad file is refused at start with the key and the
+//! reason.
+//!
+//! ```toml
+//! name = "host-a"
+//! listen = "198.18.0.1:7700"          # peer API and migrations arrive here
+//! api_socket = "/run/ferry/ferryd.sock"
+//! state_dir = "/var/lib/ferry"
+//! key_file = "/etc/ferry/key"         # the same key on every host (at least 16 bytes)
+//! max_live_migrations = 2             # outgoing and incoming together (default 2)
+//! max_storage_migrations = 2          # (default 2)
+//! performance_option = "tcp"          # tcp | compression (default tcp)
+//! use_any_network = false             # default: true while no network is listed
+//! [[networks]]
+//! subnet = "198.18.0.0/24"
+//! priority = 1
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration that cannot be used: which key, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// Path.
+        path: PathBuf,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not TOML, an unknown key, or a value of the wrong type.
+    #[error("{0}")]
+    Syntax(String),
+    /// A key with a value that cannot be used.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), reason: reason.into() }
+}
+
+/// A migration network.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkEntry {
+    /// `address/prefix`, IPv4 or IPv6.
+    pub subnet: String,
+    /// Lower is preferred (default 0).
+    #[serde(default)]
+    pub priority: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    name: String,
+    listen: String,
+    api_socket: PathBuf,
+    state_dir: PathBuf,
+    key_file: PathBuf,
+    #[serde(default = "two")]
+    max_live_migrations: i64,
+    #[serde(default = "two")]
+    max_storage_migrations: i64,
+    #[serde(default)]
+    networks: Vec<NetworkEntry>,
+    use_any_network: Option<bool>,
+    #[serde(default = "tcp")]
+    performance_option: String,
+}
+
+fn two() -> i64 {
+    2
+}
+
+fn tcp() -> String {
+    "tcp".into()
+}
+
+/// A parsed subnet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Subnet {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Subnet {
+    /// Parse `a.b.c.d/n` or `x::y/n`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a subnet (like 198.18.0.0/24)"))?;
+        let addr: IpAddr = a.parse().map_err(|_| format!("{a:?} is not an IP address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix: u8 =
+            p.parse().ok().filter(|n| *n <= max).ok_or_else(|| format!("prefix {p:?} is not 0 ..= {max}"))?;
+        Ok(Self { addr, prefix })
+    }
+
+    /// Is `ip` inside?
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                u32::from(n) & mask == u32::from(i) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(i)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                u128::from(n) & mask == u128::from(i) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A usable configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Host name.
+    pub name: String,
+    /// Peer API and migration address.
+    pub listen: SocketAddr,
+    /// Local API socket.
+    pub api_socket: PathBuf,
+    /// Where the journal, VM sockets and VMM logs live.
+    pub state_dir: PathBuf,
+    /// The key file.
+    pub key_file: PathBuf,
+    /// The key (at least 16 bytes).
+    pub key: Vec<u8>,
+    /// Live migrations at once, outgoing and incoming together.
+    pub max_live_migrations: usize,
+    /// Storage migrations at once.
+    pub max_storage_migrations: usize,
+    /// Migration networks, by priority.
+    pub networks: Vec<(Subnet, u32)>,
+    /// Any network may carry migrations.
+    pub use_any_network: bool,
+    /// `tcp` or `compression`.
+    pub performance_option: String,
+}
+
+impl Config {
+    /// Read and check a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::parse(&text)
+    }
+
+    /// Check a configuration (the key file is read too).
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError::Syntax(e.message().to_string() + &span_hint(text, e.span())))?;
+        let name = raw.name.trim().to_string();
+        if name.is_empty() || name.len() > 64 {
+            return Err(invalid("name", "must be 1 ..= 64 characters"));
+        }
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|_| invalid("listen", format!("{:?} is not an address like 198.18.0.1:7700", raw.listen)))?;
+        if raw.api_socket.as_os_str().is_empty() {
+            return Err(invalid("api_socket", "is empty"));
+        }
+        if raw.state_dir.as_os_str().is_empty() {
+            return Err(invalid("state_dir", "is empty"));
+        }
+        let key = std::fs::read(&raw.key_file)
+            .map_err(|e| invalid("key_file", format!("cannot read {}: {e}", raw.key_file.display())))?;
+        let mut key = key;
+        while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+            key.pop();
+        }
+        if key.len() < 16 {
+            return Err(invalid("key_file", format!("the key is {} bytes; at least 16 are needed", key.len())));
+        }
+        let limit = |k: &str, v: i64| -> Result<usize, ConfigError> {
+            if (1..=64).contains(&v) {
+                Ok(v as usize)
+            } else {
+                Err(invalid(k, format!("{v} is not in 1 ..= 64")))
+            }
+        };
+        let max_live_migrations = limit("max_live_migrations", raw.max_live_migrations)?;
+        let max_storage_migrations = limit("max_storage_migrations", raw.max_storage_migrations)?;
+        let mut networks = Vec::new();
+        for (i, n) in raw.networks.iter().enumerate() {
+            let s = Subnet::parse(&n.subnet).map_err(|r| invalid(&format!("networks[{i}].subnet"), r))?;
+            networks.push((s, n.priority));
+        }
+        networks.sort_by_key(|n| n.1);
+        let use_any_network = raw.use_any_network.unwrap_or(networks.is_empty());
+        if networks.is_empty() && !use_any_network {
+            return Err(invalid("use_any_network", "is false but no network is listed: no move could ever leave"));
+        }
+        match raw.performance_option.as_str() {
+            "tcp" | "compression" => {}
+            "smb" => {
+                return Err(invalid(
+                    "performance_option",
+                    "\"smb\" (multichannel over every NIC) is not wired into the agent yet; use tcp or compression",
+                ))
+            }
+            o => return Err(invalid("performance_option", format!("{o:?} is not tcp, compression or smb"))),
+        }
+        Ok(Self {
+            name,
+            listen,
+            api_socket: raw.api_socket,
+            state_dir: raw.state_dir,
+            key_file: raw.key_file,
+            key,
+            max_live_migrations,
+            max_storage_migrations,
+            networks,
+            use_any_network,
+            performance_option: raw.performance_option,
+        })
+    }
+
+    /// The transport option the performance option means.
+    pub fn default_transport(&self) -> &'static str {
+        if self.performance_option == "compression" {
+            "zstd"
+        } else {
+            "tcp"
+        }
+    }
+
+    /// May a migration go to `ip`? `Err` says why not.
+    pub fn network_allows(&self, ip: IpAddr) -> Result<(), String> {
+        if self.use_any_network || self.networks.iter().any(|(s, _)| s.contains(ip)) {
+            return Ok(());
+        }
+        let list: Vec<String> = self.networks.iter().map(|(s, _)| format!("{}/{}", s.addr, s.prefix)).collect();
+        Err(format!("{ip} is on none of the migration networks ({}) and use_any_network is false", list.join(", ")))
+    }
+}
+
+fn span_hint(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(r) => {
+            let line = text[..r.start.min(text.len())].matches('\n').count() + 1;
+            format!(" (line {line})")
+        }
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_key(body: &str) -> (tempdir::Dir, String) {
+        let d = tempdir::Dir::new();
+        let key = d.0.join("key");
+        std::fs::write(&key, "0123456789abcdef-key\n").unwrap();
+        let text = format!(
+            "name = \"a\"\nlisten = \"127.0.0.1:7700\"\napi_socket = \"{0}/api.sock\"\nstate_dir = \"{0}\"\nkey_file = \"{1}\"\n{body}",
+            d.0.display(),
+            key.display()
+        );
+        (d, text)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                use std::sync::atomic::{AtomicU32, Ordering};
+                static N: AtomicU32 = AtomicU32::new(0);
+                let p = std::env::temp_dir().join(format!(
+                    "ferry-agent-cfg-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_issue() {
+        let (_d, t) = with_key("");
+        let c = Config::parse(&t).unwrap();
+        assert_eq!(c.max_live_migrations, 2);
+        assert_eq!(c.max_storage_migrations, 2);
+        assert_eq!(c.default_transport(), "tcp");
+        assert!(c.use_any_network, "no network listed: any allowed");
+        assert_eq!(c.key, b"0123456789abcdef-key");
+    }
+
+    #[test]
+    fn a_listed_network_closes_the_others() {
+        let (_d, t) = with_key("[[networks]]\nsubnet = \"198.18.0.0/24\"\npriority = 1\n");
+        let c = Config::parse(&t).unwrap();
+        assert!(!c.use_any_network);
+        assert!(c.network_allows("198.18.0.7".parse().unwrap()).is_ok());
+        let e = c.network_allows("10.0.0.1".parse().unwrap()).unwrap_err();
+        assert!(e.contains("198.18.0.0/24"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_reason() {
+        let cases = [
+            ("max_live_migrations = 0\n", "max_live_migrations: 0 is not in 1 ..= 64"),
+            ("[[networks]]\nsubnet = \"198.18.0.0/33\"\n", "networks[0].subnet: prefix \"33\""),
+            ("[[networks]]\nsubnet = \"10.0.0.300/8\"\n", "networks[0].subnet: \"10.0.0.300\" is not an IP"),
+            ("performance_option = \"fast\"\n", "performance_option: \"fast\" is not"),
+            ("colour = \"blue\"\n", "unknown field `colour`"),
+        ];
+        for (body, want) in cases {
+            let (_d, t) = with_key(body);
+            let e = Config::parse(&t).unwrap_err().to_string();
+            assert!(e.contains(want), "{body:?}: got {e:?}, want {want:?}");
+        }
+        let e = Config::parse("name = \"a\"\nlisten = \"nowhere\"\napi_socket = \"/x\"\nstate_dir = \"/y\"\nkey_file = \"/nonexistent/key\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("listen: \"nowhere\" is not an address"), "{e}");
+    }
+}

@@ -1,0 +1,1100 @@
+//! `ferryd`: the host agent. It owns this host's VMs (each in its own `ferry-vmm` process),
+//! keeps the journal, enforces the host-wide limit, and serves the local API (unix socket) and
+//! the peer API (the `listen` TCP address).
+//!
+//! A move, as the source agent runs it:
+//!
+//! ```text
+//! queued --(slot of the host-wide limit)--> setup --(peer: POST /peer/v1/incoming, the
+//! destination admits under its own limit and starts an incoming ferry-vmm)--> the source VMM
+//! runs the engine to the destination VMM: active, switchover --> completed | failed | cancelled
+//! ```
+//!
+//! Ownership: until the destination's engine commits, the source owns the VM (any failure
+//! leaves it running here). After `completed` the source forgets it and stops its VMM; the
+//! destination records it with the next ownership epoch. An `uncertain` outcome (commit sent,
+//! confirmation lost) is resolved by asking the destination agent, never by guessing.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use tracing::{info, warn, Instrument};
+
+use crate::api::*;
+use crate::client::{self, Endpoint};
+use crate::config::Config;
+use crate::limit::{Cancel, Limit, Slot};
+use crate::peer;
+use crate::store::{now_ms, Store, VmRow};
+use crate::vmmctl::{self, MigrateOrder, MigrationReport, VmmRequest, VmmState, VmmStatus};
+
+/// An API error: HTTP status, code, sentence.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    fn bad(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", m)
+    }
+    fn not_found(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", m)
+    }
+    fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", m)
+    }
+    fn internal(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", m)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody { error: ApiErrorDetail { code: self.code.into(), message: self.message } };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::internal(e.to_string())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn parse_json<T: DeserializeOwned>(body: &[u8]) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::bad("the request needs a JSON body"));
+    }
+    serde_json::from_slice(body).map_err(|e| ApiError::bad(format!("malformed JSON: {e}")))
+}
+
+/// A VM this agent knows (owned, or arriving).
+#[derive(Debug, Clone)]
+struct VmEntry {
+    row: VmRow,
+    /// The migration moving it now.
+    busy: Option<String>,
+}
+
+/// Live numbers of a running migration (the journal keeps the state changes).
+#[derive(Debug, Clone, Default)]
+struct Live {
+    report: MigrationReport,
+    cancel: Option<Arc<Cancel>>,
+}
+
+/// The agent.
+pub struct Agent {
+    cfg: Config,
+    store: Mutex<Store>,
+    vms: Mutex<HashMap<String, VmEntry>>,
+    live: Mutex<HashMap<String, Live>>,
+    limit: Arc<Limit>,
+    vmm_exe: PathBuf,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn new_id() -> String {
+    let b: [u8; 8] = ferry_transport::handshake::random_bytes();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && !n.starts_with('.')
+}
+
+/// Errors starting the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// State directory, sockets, database.
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Agent {
+    /// Set up state (directory, database) and adopt the VMs still running from before.
+    pub async fn start(cfg: Config, vmm_exe: PathBuf) -> Result<Arc<Self>, StartError> {
+        let setup = |what: &str, e: &dyn std::fmt::Display| StartError::Setup(format!("{what}: {e}"));
+        std::fs::create_dir_all(cfg.state_dir.join("vms")).map_err(|e| setup("creating state_dir", &e))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| setup("restricting state_dir", &e))?;
+        let store = Store::open(&cfg.state_dir).map_err(|e| setup("opening the journal", &e))?;
+        let limit = Limit::new(cfg.max_live_migrations);
+        let agent = Arc::new(Self {
+            cfg,
+            store: Mutex::new(store),
+            vms: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::new()),
+            limit,
+            vmm_exe,
+        });
+        agent.adopt().await.map_err(|e| setup("adopting VMs", &e.message))?;
+        Ok(agent)
+    }
+
+    fn store(&self) -> MutexGuard<'_, Store> {
+        lock(&self.store)
+    }
+
+    fn journal(&self, id: &str, status: &str, detail: Option<&str>, started: bool) {
+        info!(migration = id, status, detail, "migration state");
+        if let Err(e) = self.store().set_status(id, status, detail, started) {
+            warn!(migration = id, "journal: {e}");
+        }
+    }
+
+    /// After a restart: VMM processes still running are adopted; what moved or failed while
+    /// nobody watched is written into the journal.
+    async fn adopt(self: &Arc<Self>) -> ApiResult<()> {
+        let rows = self.store().vms()?;
+        for row in rows {
+            let socket = PathBuf::from(&row.socket);
+            match vmmctl::status(&socket).await {
+                Ok(st) => self.adopt_one(row, st).await,
+                Err(e) => {
+                    warn!(vm = row.name, "VMM process gone ({e}); forgetting the VM");
+                    self.store().remove_vm(&row.name)?;
+                    if let Some(id) = &row.arrived_with {
+                        if !row.owned {
+                            self.journal(id, "failed", Some("the incoming VMM process died"), false);
+                        }
+                    }
+                }
+            }
+        }
+        // Whatever is still unfinished was queued or setting up when the agent stopped.
+        let unfinished = self.store().unfinished()?;
+        let known: Vec<String> = lock(&self.live).keys().cloned().collect();
+        for m in unfinished {
+            if !known.contains(&m.id) {
+                let why = format!("the agent restarted while the migration was {}", m.status);
+                self.journal(&m.id, "failed", Some(&why), false);
+            }
+        }
+        Ok(())
+    }
+
+    async fn adopt_one(self: &Arc<Self>, mut row: VmRow, st: VmmStatus) {
+        let socket = PathBuf::from(&row.socket);
+        row.pid = st.pid;
+        info!(vm = row.name, state = ?st.state, pid = st.pid, "adopting VMM process");
+        match (row.owned, st.state) {
+            (true, VmmState::Released) => {
+                // It moved away while nobody watched: finish the journal, stop the process.
+                if let Some(m) = &st.migration {
+                    self.finish_outgoing_record(&m.id, m);
+                }
+                let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
+                let _ = self.store().remove_vm(&row.name);
+            }
+            (true, VmmState::Migrating) | (true, VmmState::Uncertain) => {
+                let id = st.migration.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+                let peer = self.store().migration(&id).ok().flatten().map(|m| m.peer).unwrap_or_default();
+                lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
+                lock(&self.live).insert(id.clone(), Live::default());
+                let slot = self.limit.force();
+                let a = self.clone();
+                let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "outgoing");
+                tokio::spawn(
+                    async move {
+                        let r = a.watch_outgoing(&id, &row, &peer, None).await;
+                        a.finish_outgoing(&id, &row, &peer, r).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
+            }
+            (true, _) => {
+                lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: None });
+                let _ = self.store().put_vm(&row);
+            }
+            (false, _) => {
+                let id = row.arrived_with.clone().unwrap_or_default();
+                lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
+                lock(&self.live).insert(id.clone(), Live::default());
+                let slot = self.limit.force();
+                let a = self.clone();
+                let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "incoming");
+                tokio::spawn(async move { a.watch_incoming(id, row, slot).await }.instrument(span));
+            }
+        }
+    }
+
+    fn vm_socket(&self, name: &str) -> PathBuf {
+        self.cfg.state_dir.join("vms").join(format!("{name}.sock"))
+    }
+
+    /// Start a VMM process and wait until it answers in `want` state (or fails).
+    async fn spawn_vmm(
+        &self,
+        name: &str,
+        guest: GuestKind,
+        extra: &[String],
+        memory_bytes: u64,
+    ) -> ApiResult<VmmStatus> {
+        let socket = self.vm_socket(name);
+        let log = self.cfg.state_dir.join("vms").join(format!("{name}.log"));
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|e| ApiError::internal(format!("VMM log {}: {e}", log.display())))?;
+        let logf2 = logf.try_clone().map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut cmd = tokio::process::Command::new(&self.vmm_exe);
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--name")
+            .arg(name)
+            .arg("--guest")
+            .arg(guest.name())
+            .arg("--memory-bytes")
+            .arg(memory_bytes.to_string())
+            .arg("--key-file")
+            .arg(&self.cfg.key_file)
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(logf)
+            .stderr(logf2)
+            .kill_on_drop(false);
+        let mut child =
+            cmd.spawn().map_err(|e| ApiError::internal(format!("starting {}: {e}", self.vmm_exe.display())))?;
+        let t0 = Instant::now();
+        loop {
+            if let Ok(Some(code)) = child.try_wait() {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "vmm_failed",
+                    format!("the VMM process exited ({code}): {last}"),
+                ));
+            }
+            if let Ok(st) = vmmctl::status(&socket).await {
+                let ready = match st.state {
+                    VmmState::Receiving => st.listen.is_some(),
+                    _ => true,
+                };
+                if ready {
+                    // Reap it whenever it exits (it outlives us if we go first).
+                    tokio::spawn(async move {
+                        let _ = child.wait().await;
+                    });
+                    return Ok(st);
+                }
+            }
+            if t0.elapsed() > Duration::from_secs(60) {
+                let _ = child.start_kill();
+                return Err(ApiError::internal("the VMM process did not answer within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn vm_info(&self, e: &VmEntry) -> VmInfo {
+        let st = vmmctl::status(Path::new(&e.row.socket)).await;
+        let (state, pid, counter, verified, check) = match st {
+            Ok(s) => {
+                let state = match s.state {
+                    VmmState::Running => "running",
+                    VmmState::Paused => "paused",
+                    VmmState::Migrating => "migrating",
+                    VmmState::Receiving => "arriving",
+                    VmmState::Released => "moved",
+                    VmmState::Uncertain => "uncertain",
+                    VmmState::Failed => "failed",
+                };
+                (state.to_string(), s.pid, s.guest_counter, s.received_verified, s.guest_check)
+            }
+            Err(_) => ("lost".into(), e.row.pid, 0, None, None),
+        };
+        VmInfo {
+            name: e.row.name.clone(),
+            guest: e.row.guest,
+            memory_bytes: e.row.memory_bytes,
+            state,
+            epoch: e.row.epoch,
+            pid,
+            guest_counter: counter,
+            arrived_with: e.row.arrived_with.clone(),
+            arrived_verified: verified,
+            guest_check: check,
+        }
+    }
+
+    fn owned(&self, name: &str) -> ApiResult<VmEntry> {
+        match lock(&self.vms).get(name) {
+            Some(e) if e.row.owned => Ok(e.clone()),
+            _ => Err(ApiError::not_found(format!("no VM named {name:?} on this host"))),
+        }
+    }
+
+    fn host_info(&self) -> HostInfo {
+        let (limit, active, queued) = self.limit.snapshot();
+        HostInfo {
+            name: self.cfg.name.clone(),
+            listen: self.cfg.listen.to_string(),
+            max_live_migrations: limit,
+            max_storage_migrations: self.cfg.max_storage_migrations,
+            performance_option: self.cfg.performance_option.clone(),
+            networks: self.cfg.networks.iter().map(|(s, p)| format!("{}/{} priority {p}", s.addr, s.prefix)).collect(),
+            use_any_network: self.cfg.use_any_network,
+            active_migrations: active,
+            queued_migrations: queued,
+            vms: lock(&self.vms).values().filter(|e| e.row.owned).count(),
+        }
+    }
+
+    fn migration_info(&self, id: &str) -> ApiResult<MigrationInfo> {
+        let mut m = self.store().migration(id)?.ok_or_else(|| ApiError::not_found(format!("no migration {id:?}")))?;
+        if let Some(l) = lock(&self.live).get(id) {
+            if !m.is_final() {
+                let r = &l.report;
+                m.round = r.round;
+                m.remaining_bytes = r.remaining_bytes;
+                m.transferred_bytes = r.transferred_bytes;
+                m.guest_bytes = r.guest_bytes;
+                m.expected_downtime_ms = r.expected_downtime_ms;
+                m.bandwidth_bytes_per_s = r.bandwidth_bytes_per_s;
+            }
+        }
+        Ok(m)
+    }
+
+    // ---- moves (source side) ----
+
+    async fn start_move(self: &Arc<Self>, req: MoveRequest) -> ApiResult<MoveAccepted> {
+        if req.kind == MoveKind::Quick {
+            return Err(ApiError::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "not_supported",
+                "quick migration is not offered by the agent yet; use a live move",
+            ));
+        }
+        let option = req.option.clone().unwrap_or_else(|| self.cfg.default_transport().into());
+        if option != "tcp" && option != "zstd" {
+            return Err(ApiError::bad(format!("unknown option {option:?} (tcp, zstd)")));
+        }
+        let channels = req.channels.unwrap_or(2);
+        if !(1..=16).contains(&channels) {
+            return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));
+        }
+        let downtime_ms = req.downtime_ms.unwrap_or(300);
+        if !(1..=60_000).contains(&downtime_ms) {
+            return Err(ApiError::bad(format!("downtime_ms {downtime_ms} is not in 1 ..= 60000")));
+        }
+        let to: SocketAddr = req.to.parse().map_err(|_| {
+            ApiError::bad(format!("destination {:?} is not an agent address like 198.18.0.2:7700", req.to))
+        })?;
+        if to == self.cfg.listen {
+            return Err(ApiError::bad("the destination is this host"));
+        }
+        self.cfg
+            .network_allows(to.ip())
+            .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_network", why))?;
+        let id = new_id();
+        let row = {
+            let mut vms = lock(&self.vms);
+            let e = match vms.get_mut(&req.vm) {
+                Some(e) if e.row.owned => e,
+                _ => return Err(ApiError::not_found(format!("no VM named {:?} on this host", req.vm))),
+            };
+            if let Some(m) = &e.busy {
+                return Err(ApiError::conflict(format!("VM {:?} is already moving (migration {m})", req.vm)));
+            }
+            e.busy = Some(id.clone());
+            e.row.clone()
+        };
+        self.store().new_migration(&id, &req.vm, "outgoing", &req.to, "queued", false)?;
+        let cancel = Arc::new(Cancel::default());
+        lock(&self.live).insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()) });
+        let a = self.clone();
+        let span = tracing::info_span!("migration", id = %id, vm = %req.vm, direction = "outgoing");
+        let order = MigrateOrder { id: id.clone(), to, channels, option, downtime_ms };
+        let id2 = id.clone();
+        tokio::spawn(async move { a.run_move(id2, row, order, cancel).await }.instrument(span));
+        Ok(MoveAccepted { id, status: "queued".into() })
+    }
+
+    async fn run_move(self: Arc<Self>, id: String, row: VmRow, order: MigrateOrder, cancel: Arc<Cancel>) {
+        info!(to = %order.to, "move queued");
+        let peer = order.to.to_string();
+        let Some(slot) = self.limit.acquire(&id, &cancel).await else {
+            self.end_move(&id, &row.name, "cancelled", Some("cancelled while queued"));
+            return;
+        };
+        self.journal(&id, "setup", None, true);
+        let r = self.move_in_slot(&id, &row, order, &cancel).await;
+        self.finish_outgoing(&id, &row, &peer, r).await;
+        drop(slot);
+    }
+
+    /// Ask the destination, order the VMM, watch it. `Ok` is the VMM's final report.
+    async fn move_in_slot(
+        self: &Arc<Self>,
+        id: &str,
+        row: &VmRow,
+        mut order: MigrateOrder,
+        cancel: &Arc<Cancel>,
+    ) -> Result<MigrationReport, (String, String)> {
+        let fail = |status: &str, why: String| (status.to_string(), why);
+        let req = IncomingRequest {
+            id: id.to_string(),
+            vm: row.name.clone(),
+            guest: row.guest,
+            memory_bytes: row.memory_bytes,
+            epoch: row.epoch,
+            source: self.cfg.name.clone(),
+        };
+        let body = serde_json::to_vec(&req).map_err(|e| fail("failed", e.to_string()))?;
+        let peer = order.to.to_string();
+        let t0 = Instant::now();
+        // The destination admits under its own limit; while it is busy, ask again.
+        let accepted: IncomingAccepted = loop {
+            if cancel.is_cancelled() {
+                return Err(fail("cancelled", "cancelled before the destination admitted it".into()));
+            }
+            match self.peer_call("POST", &peer, "/peer/v1/incoming", Some(body.clone())).await {
+                Ok(v) => {
+                    break serde_json::from_value(v)
+                        .map_err(|e| fail("failed", format!("destination answered badly: {e}")))?
+                }
+                Err((Some(503), why)) if t0.elapsed() < Duration::from_secs(300) => {
+                    info!("destination busy: {why}");
+                    cancel.wait(Duration::from_millis(200)).await;
+                }
+                Err((_, why)) => return Err(fail("failed", format!("destination {peer} refused: {why}"))),
+            }
+        };
+        order.to = match accepted.migration_addr.parse() {
+            Ok(a) => a,
+            Err(_) => {
+                return Err(fail("failed", format!("destination gave a bad address {:?}", accepted.migration_addr)))
+            }
+        };
+        let socket = PathBuf::from(&row.socket);
+        if let Err(e) = vmmctl::call(&socket, &VmmRequest::Migrate(order)).await {
+            return Err(fail("failed", format!("the VMM refused the migration: {e}")));
+        }
+        self.watch_outgoing(id, row, &peer, Some(cancel)).await
+    }
+
+    /// Poll the source VMM until its migration ended; journal each state change.
+    async fn watch_outgoing(
+        &self,
+        id: &str,
+        row: &VmRow,
+        _peer: &str,
+        cancel: Option<&Arc<Cancel>>,
+    ) -> Result<MigrationReport, (String, String)> {
+        let socket = PathBuf::from(&row.socket);
+        let mut last = self.store().status_of(id).ok().flatten().unwrap_or_default();
+        let mut cancel_sent = false;
+        let mut misses = 0;
+        loop {
+            match vmmctl::status(&socket).await {
+                Ok(st) => {
+                    misses = 0;
+                    let Some(m) = st.migration.filter(|m| m.id == id) else {
+                        return Err(("failed".into(), "the VMM does not know this migration".into()));
+                    };
+                    if m.status != last && !m.done {
+                        self.journal(id, &m.status, None, false);
+                        last = m.status.clone();
+                    }
+                    if let Some(l) = lock(&self.live).get_mut(id) {
+                        l.report = m.clone();
+                    }
+                    if m.done {
+                        return Ok(m);
+                    }
+                }
+                Err(e) => {
+                    misses += 1;
+                    if misses > 20 {
+                        return Err(("failed".into(), format!("lost the VMM process: {e}")));
+                    }
+                }
+            }
+            if let Some(c) = cancel {
+                if c.is_cancelled() && !cancel_sent {
+                    cancel_sent = true;
+                    if let Err(e) = vmmctl::call(&socket, &VmmRequest::Cancel).await {
+                        warn!("cancel: {e}");
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn finish_outgoing_record(&self, id: &str, m: &MigrationReport) {
+        if let Some(s) = &m.stats {
+            if let Ok(v) = serde_json::to_value(s) {
+                let _ = self.store().set_stats(id, &v);
+            }
+        }
+        let status = match m.status.as_str() {
+            "completed" => "completed",
+            "cancelled" => "cancelled",
+            "uncertain" => "uncertain",
+            _ => "failed",
+        };
+        self.journal(id, status, m.error.as_deref(), false);
+    }
+
+    async fn finish_outgoing(&self, id: &str, row: &VmRow, peer: &str, r: Result<MigrationReport, (String, String)>) {
+        match r {
+            Err((status, why)) => self.end_move(id, &row.name, &status, Some(&why)),
+            Ok(m) if m.status == "completed" => {
+                self.finish_outgoing_record(id, &m);
+                self.release(row).await;
+                lock(&self.live).remove(id);
+            }
+            Ok(m) if m.status == "uncertain" => {
+                self.finish_outgoing_record(id, &m);
+                self.resolve_uncertain(id, row, peer).await;
+            }
+            Ok(m) => {
+                self.finish_outgoing_record(id, &m);
+                self.unbusy(&row.name);
+                lock(&self.live).remove(id);
+            }
+        }
+    }
+
+    /// The VM runs on the destination now: forget it here and stop the process.
+    async fn release(&self, row: &VmRow) {
+        let _ = vmmctl::call(Path::new(&row.socket), &VmmRequest::Stop).await;
+        lock(&self.vms).remove(&row.name);
+        if let Err(e) = self.store().remove_vm(&row.name) {
+            warn!("journal: {e}");
+        }
+    }
+
+    /// Commit was sent, its confirmation lost: ask the destination who owns the VM.
+    async fn resolve_uncertain(&self, id: &str, row: &VmRow, peer: &str) {
+        for attempt in 0..60 {
+            let path = format!("/peer/v1/vms/{}", row.name);
+            match self.peer_call("GET", peer, &path, None).await {
+                Ok(v) => {
+                    let p: Option<PeerVm> = serde_json::from_value(v).ok();
+                    if p.as_ref().is_some_and(|p| !p.owned && p.arrived_with.as_deref() == Some(id)) {
+                        // Still arriving there: its outcome is not known yet.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                    if p.as_ref().is_some_and(|p| p.owned && p.arrived_with.as_deref() == Some(id)) {
+                        self.journal(id, "completed", Some("the destination confirmed it owns the VM"), false);
+                        self.release(row).await;
+                    } else {
+                        let _ = vmmctl::call(Path::new(&row.socket), &VmmRequest::Resume).await;
+                        self.journal(
+                            id,
+                            "failed",
+                            Some("commit unconfirmed and the destination does not run the VM: resumed here"),
+                            false,
+                        );
+                        self.unbusy(&row.name);
+                    }
+                    lock(&self.live).remove(id);
+                    return;
+                }
+                Err((Some(404), _)) => {
+                    let _ = vmmctl::call(Path::new(&row.socket), &VmmRequest::Resume).await;
+                    self.journal(
+                        id,
+                        "failed",
+                        Some("commit unconfirmed and the destination does not know the VM: resumed here"),
+                        false,
+                    );
+                    self.unbusy(&row.name);
+                    lock(&self.live).remove(id);
+                    return;
+                }
+                Err((_, why)) => {
+                    warn!(attempt, "asking the destination who owns the VM: {why}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        warn!("the destination did not answer; the VM stays paused here, status uncertain");
+    }
+
+    fn unbusy(&self, name: &str) {
+        if let Some(e) = lock(&self.vms).get_mut(name) {
+            e.busy = None;
+        }
+    }
+
+    fn end_move(&self, id: &str, vm: &str, status: &str, why: Option<&str>) {
+        self.journal(id, status, why, false);
+        self.unbusy(vm);
+        lock(&self.live).remove(id);
+    }
+
+    async fn cancel(&self, id: &str) -> ApiResult<MigrationInfo> {
+        let m = self.migration_info(id)?;
+        if m.is_final() {
+            return Err(ApiError::conflict(format!("migration {id} already ended ({})", m.status)));
+        }
+        if m.direction != "outgoing" {
+            return Err(ApiError::conflict("cancel an incoming migration at its source host"));
+        }
+        match lock(&self.live).get(id).and_then(|l| l.cancel.clone()) {
+            Some(c) => c.cancel(),
+            None => return Err(ApiError::conflict(format!("migration {id} cannot be cancelled now ({})", m.status))),
+        }
+        // Wait a moment for a queued move to leave the line, so the answer says so.
+        for _ in 0..50 {
+            let m = self.migration_info(id)?;
+            if m.is_final() {
+                return Ok(m);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.migration_info(id)
+    }
+
+    /// A signed request to a peer agent. `Err((http status, sentence))`.
+    async fn peer_call(
+        &self,
+        method: &str,
+        peer: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<serde_json::Value, (Option<u16>, String)> {
+        let b = body.clone().unwrap_or_default();
+        let auth = peer::sign(&self.cfg.key, now_ms(), method, path, &b);
+        let ep = Endpoint::Tcp(peer.to_string());
+        let (status, out) =
+            client::request(&ep, method, path, body, &[(peer::AUTH_HEADER, auth)], Duration::from_secs(90))
+                .await
+                .map_err(|e| (None, e.to_string()))?;
+        if (200..300).contains(&status) {
+            return serde_json::from_slice(&out).map_err(|e| (Some(status), format!("bad answer: {e}")));
+        }
+        let why = serde_json::from_slice::<ErrorBody>(&out)
+            .map(|e| format!("{} ({})", e.error.message, e.error.code))
+            .unwrap_or_else(|_| format!("HTTP {status}"));
+        Err((Some(status), why))
+    }
+
+    // ---- incoming (destination side) ----
+
+    async fn admit(self: &Arc<Self>, req: IncomingRequest) -> ApiResult<IncomingAccepted> {
+        if !valid_name(&req.vm) {
+            return Err(ApiError::bad(format!("bad VM name {:?}", req.vm)));
+        }
+        check_memory(req.guest, req.memory_bytes)?;
+        if lock(&self.vms).contains_key(&req.vm) {
+            return Err(ApiError::conflict(format!("a VM named {:?} is already on host {}", req.vm, self.cfg.name)));
+        }
+        if let Some(avail) = mem_available_bytes() {
+            if avail < req.memory_bytes.saturating_add(256 << 20) {
+                return Err(ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "no_memory",
+                    format!(
+                        "host {} has {} MiB available; the VM needs {} MiB",
+                        self.cfg.name,
+                        avail >> 20,
+                        req.memory_bytes >> 20
+                    ),
+                ));
+            }
+        }
+        let slot = self.limit.try_admit().map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", why))?;
+        let row = VmRow {
+            name: req.vm.clone(),
+            guest: req.guest,
+            memory_bytes: req.memory_bytes,
+            epoch: req.epoch + 1,
+            pid: 0,
+            socket: self.vm_socket(&req.vm).display().to_string(),
+            owned: false,
+            arrived_with: Some(req.id.clone()),
+        };
+        // Reserve the name before the process starts.
+        lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
+        let extra = vec!["--receive-on".to_string(), self.cfg.listen.ip().to_string()];
+        let st = match self.spawn_vmm(&req.vm, req.guest, &extra, req.memory_bytes).await {
+            Ok(st) => st,
+            Err(e) => {
+                lock(&self.vms).remove(&row.name);
+                return Err(e);
+            }
+        };
+        let mut row = row;
+        row.pid = st.pid;
+        self.store().put_vm(&row)?;
+        self.store().new_migration(&req.id, &req.vm, "incoming", &req.source, "setup", true)?;
+        info!(migration = req.id, vm = req.vm, source = req.source, "incoming migration admitted");
+        lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
+        lock(&self.live).insert(req.id.clone(), Live::default());
+        let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
+        let a = self.clone();
+        let span = tracing::info_span!("migration", id = %req.id, vm = %req.vm, direction = "incoming");
+        tokio::spawn(async move { a.watch_incoming(req.id, row, slot).await }.instrument(span));
+        Ok(IncomingAccepted { migration_addr: addr })
+    }
+
+    async fn watch_incoming(self: Arc<Self>, id: String, mut row: VmRow, slot: Slot) {
+        let socket = PathBuf::from(&row.socket);
+        let mut misses = 0;
+        let outcome = loop {
+            match vmmctl::status(&socket).await {
+                Ok(st) => {
+                    misses = 0;
+                    match st.state {
+                        VmmState::Receiving => {}
+                        VmmState::Failed => {
+                            break Err(st.error.unwrap_or_else(|| "the incoming migration failed".into()))
+                        }
+                        _ => break Ok(st),
+                    }
+                }
+                Err(e) => {
+                    misses += 1;
+                    if misses > 20 {
+                        break Err(format!("lost the incoming VMM process: {e}"));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        match outcome {
+            Ok(st) => {
+                row.owned = true;
+                row.pid = st.pid;
+                if let Err(e) = self.store().put_vm(&row) {
+                    warn!("journal: {e}");
+                }
+                let v = serde_json::json!({"verified": st.received_verified.unwrap_or(false), "guest_check": st.guest_check});
+                let _ = self.store().set_stats(&id, &v);
+                let detail = format!(
+                    "verified {}, guest check {}",
+                    st.received_verified.unwrap_or(false),
+                    st.guest_check.as_deref().unwrap_or("-")
+                );
+                self.journal(&id, "completed", Some(&detail), false);
+                lock(&self.vms).insert(row.name.clone(), VmEntry { row, busy: None });
+            }
+            Err(why) => {
+                let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
+                lock(&self.vms).remove(&row.name);
+                let _ = self.store().remove_vm(&row.name);
+                self.journal(&id, "failed", Some(&why), false);
+            }
+        }
+        lock(&self.live).remove(&id);
+        drop(slot);
+    }
+
+    // ---- VMs ----
+
+    async fn create_vm(self: &Arc<Self>, req: CreateVm) -> ApiResult<VmInfo> {
+        if !valid_name(&req.name) {
+            return Err(ApiError::bad(format!(
+                "bad VM name {:?}: 1 ..= 64 letters, digits, '-', '_', '.', not starting with '.'",
+                req.name
+            )));
+        }
+        check_memory(req.guest, req.memory_bytes)?;
+        if req.guest == GuestKind::Kvm {
+            ferry_vmm_glue::kvm::kvm_usable().map_err(|why| {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_kvm", format!("KVM is not usable here: {why}"))
+            })?;
+        }
+        let ws = req.working_set_bytes.unwrap_or((req.memory_bytes / 4).min(64 << 20));
+        if ws % 4096 != 0 || ws > req.memory_bytes / 2 {
+            return Err(ApiError::bad("working_set_bytes must be a multiple of 4 KiB and at most half the memory"));
+        }
+        let rate = req.dirty_rate_bytes_per_s.unwrap_or(16 << 20);
+        let row = VmRow {
+            name: req.name.clone(),
+            guest: req.guest,
+            memory_bytes: req.memory_bytes,
+            epoch: 1,
+            pid: 0,
+            socket: self.vm_socket(&req.name).display().to_string(),
+            owned: true,
+            arrived_with: None,
+        };
+        {
+            let mut vms = lock(&self.vms);
+            if vms.contains_key(&req.name) {
+                return Err(ApiError::conflict(format!("a VM named {:?} already exists on this host", req.name)));
+            }
+            vms.insert(req.name.clone(), VmEntry { row: row.clone(), busy: Some("creating".into()) });
+        }
+        let extra = vec![
+            "--working-set-bytes".to_string(),
+            ws.to_string(),
+            "--dirty-rate-bytes-per-s".into(),
+            rate.to_string(),
+        ];
+        let st = match self.spawn_vmm(&req.name, req.guest, &extra, req.memory_bytes).await {
+            Ok(st) => st,
+            Err(e) => {
+                lock(&self.vms).remove(&req.name);
+                return Err(e);
+            }
+        };
+        let mut row = row;
+        row.pid = st.pid;
+        self.store().put_vm(&row)?;
+        let e = VmEntry { row, busy: None };
+        lock(&self.vms).insert(req.name.clone(), e.clone());
+        info!(vm = req.name, pid = st.pid, guest = req.guest.name(), "VM created");
+        Ok(self.vm_info(&e).await)
+    }
+
+    async fn vm_op(&self, name: &str, op: VmmRequest) -> ApiResult<VmInfo> {
+        let e = self.owned(name)?;
+        if let Some(m) = &e.busy {
+            return Err(ApiError::conflict(format!("VM {name:?} is moving (migration {m})")));
+        }
+        vmmctl::call(Path::new(&e.row.socket), &op).await.map_err(|err| match err {
+            vmmctl::VmmCtlError::Refused(why) => ApiError::conflict(why),
+            other => ApiError::internal(other.to_string()),
+        })?;
+        Ok(self.vm_info(&e).await)
+    }
+
+    async fn delete_vm(&self, name: &str) -> ApiResult<()> {
+        let e = self.owned(name)?;
+        if let Some(m) = &e.busy {
+            return Err(ApiError::conflict(format!("VM {name:?} is moving (migration {m}): cancel it first")));
+        }
+        match vmmctl::call(Path::new(&e.row.socket), &VmmRequest::Stop).await {
+            Ok(_) | Err(vmmctl::VmmCtlError::Unreachable { .. }) => {}
+            Err(err) => return Err(ApiError::conflict(err.to_string())),
+        }
+        lock(&self.vms).remove(name);
+        self.store().remove_vm(name)?;
+        info!(vm = name, "VM deleted");
+        Ok(())
+    }
+}
+
+fn check_memory(guest: GuestKind, bytes: u64) -> ApiResult<()> {
+    let max = match guest {
+        GuestKind::Kvm => ferry_vmm_glue::kvm::GuestConfig::MAX_MEM,
+        GuestKind::Synthetic => 64 << 30,
+    };
+    if bytes < (2 << 20) || bytes > max || bytes % 4096 != 0 {
+        return Err(ApiError::bad(format!(
+            "memory {bytes} bytes: a {} guest takes a multiple of 4 KiB in 2 MiB ..= {} MiB",
+            guest.name(),
+            max >> 20
+        )));
+    }
+    Ok(())
+}
+
+fn mem_available_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let l = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = l.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+// ---- HTTP handlers ----
+
+type Ag = State<Arc<Agent>>;
+
+async fn h_host(State(a): Ag) -> Json<HostInfo> {
+    Json(a.host_info())
+}
+
+async fn h_host_patch(State(a): Ag, body: Bytes) -> ApiResult<Json<HostInfo>> {
+    let p: HostPatch = parse_json(&body)?;
+    if let Some(n) = p.max_live_migrations {
+        if !(1..=64).contains(&n) {
+            return Err(ApiError::bad(format!("max_live_migrations {n} is not in 1 ..= 64")));
+        }
+        a.limit.set_limit(n);
+        info!(max_live_migrations = n, "limit changed");
+    }
+    Ok(Json(a.host_info()))
+}
+
+async fn h_vms(State(a): Ag) -> Json<Vec<VmInfo>> {
+    let entries: Vec<VmEntry> = lock(&a.vms).values().filter(|e| e.row.owned).cloned().collect();
+    let mut out = Vec::new();
+    for e in &entries {
+        out.push(a.vm_info(e).await);
+    }
+    out.sort_by(|x, y| x.name.cmp(&y.name));
+    Json(out)
+}
+
+async fn h_vm_create(State(a): Ag, body: Bytes) -> ApiResult<(StatusCode, Json<VmInfo>)> {
+    let req: CreateVm = parse_json(&body)?;
+    Ok((StatusCode::CREATED, Json(a.create_vm(req).await?)))
+}
+
+async fn h_vm(State(a): Ag, UrlPath(name): UrlPath<String>) -> ApiResult<Json<VmInfo>> {
+    let e = a.owned(&name)?;
+    Ok(Json(a.vm_info(&e).await))
+}
+
+async fn h_vm_pause(State(a): Ag, UrlPath(name): UrlPath<String>) -> ApiResult<Json<VmInfo>> {
+    Ok(Json(a.vm_op(&name, VmmRequest::Pause).await?))
+}
+
+async fn h_vm_resume(State(a): Ag, UrlPath(name): UrlPath<String>) -> ApiResult<Json<VmInfo>> {
+    Ok(Json(a.vm_op(&name, VmmRequest::Resume).await?))
+}
+
+async fn h_vm_delete(State(a): Ag, UrlPath(name): UrlPath<String>) -> ApiResult<StatusCode> {
+    a.delete_vm(&name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn h_move(State(a): Ag, body: Bytes) -> ApiResult<(StatusCode, Json<MoveAccepted>)> {
+    let req: MoveRequest = parse_json(&body)?;
+    Ok((StatusCode::ACCEPTED, Json(a.start_move(req).await?)))
+}
+
+async fn h_migrations(State(a): Ag) -> ApiResult<Json<Vec<MigrationInfo>>> {
+    let ids: Vec<String> = a.store().migrations(1000)?.into_iter().map(|m| m.id).collect();
+    let mut out = Vec::new();
+    for id in ids {
+        out.push(a.migration_info(&id)?);
+    }
+    Ok(Json(out))
+}
+
+async fn h_migration(State(a): Ag, UrlPath(id): UrlPath<String>) -> ApiResult<Json<MigrationInfo>> {
+    Ok(Json(a.migration_info(&id)?))
+}
+
+async fn h_cancel(State(a): Ag, UrlPath(id): UrlPath<String>) -> ApiResult<Json<MigrationInfo>> {
+    Ok(Json(a.cancel(&id).await?))
+}
+
+async fn h_fallback(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("no such resource: {}", uri.path()))
+}
+
+fn check_peer(a: &Agent, headers: &HeaderMap, method: &Method, uri: &Uri, body: &[u8]) -> ApiResult<()> {
+    let h = headers.get(peer::AUTH_HEADER).and_then(|v| v.to_str().ok());
+    peer::verify(&a.cfg.key, h, now_ms(), method.as_str(), uri.path(), body).map_err(|why| {
+        warn!("refused a peer request: {why}");
+        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
+    })
+}
+
+async fn h_peer_incoming(
+    State(a): Ag,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult<Json<IncomingAccepted>> {
+    check_peer(&a, &headers, &method, &uri, &body)?;
+    let req: IncomingRequest = parse_json(&body)?;
+    Ok(Json(a.admit(req).await?))
+}
+
+async fn h_peer_vm(
+    State(a): Ag,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    UrlPath(name): UrlPath<String>,
+) -> ApiResult<Json<PeerVm>> {
+    check_peer(&a, &headers, &method, &uri, b"")?;
+    let e =
+        lock(&a.vms).get(&name).cloned().ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} here")))?;
+    Ok(Json(PeerVm { owned: e.row.owned, epoch: e.row.epoch, arrived_with: e.row.arrived_with }))
+}
+
+/// The local API.
+pub fn local_router(a: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/host", get(h_host).patch(h_host_patch))
+        .route("/v1/vms", get(h_vms).post(h_vm_create))
+        .route("/v1/vms/{name}", get(h_vm).delete(h_vm_delete))
+        .route("/v1/vms/{name}/pause", post(h_vm_pause))
+        .route("/v1/vms/{name}/resume", post(h_vm_resume))
+        .route("/v1/moves", post(h_move))
+        .route("/v1/migrations", get(h_migrations))
+        .route("/v1/migrations/{id}", get(h_migration))
+        .route("/v1/migrations/{id}/cancel", post(h_cancel))
+        .fallback(h_fallback)
+        .with_state(a)
+}
+
+/// The peer API.
+pub fn peer_router(a: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/peer/v1/incoming", post(h_peer_incoming))
+        .route("/peer/v1/vms/{name}", get(h_peer_vm))
+        .fallback(h_fallback)
+        .with_state(a)
+}
+
+/// Bind both APIs and serve until a signal. VMs keep running when the agent stops.
+pub async fn serve(a: Arc<Agent>) -> Result<(), StartError> {
+    let cfg = &a.cfg;
+    let setup = |what: String, e: &dyn std::fmt::Display| StartError::Setup(format!("{what}: {e}"));
+    if let Some(dir) = cfg.api_socket.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| setup(format!("creating {}", dir.display()), &e))?;
+    }
+    if std::os::unix::net::UnixStream::connect(&cfg.api_socket).is_ok() {
+        return Err(StartError::Setup(format!("another agent serves {} already", cfg.api_socket.display())));
+    }
+    let _ = std::fs::remove_file(&cfg.api_socket);
+    let uds = tokio::net::UnixListener::bind(&cfg.api_socket)
+        .map_err(|e| setup(format!("api_socket {}", cfg.api_socket.display()), &e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&cfg.api_socket, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| setup("restricting api_socket".into(), &e))?;
+    let tcp =
+        tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| setup(format!("listen {}", cfg.listen), &e))?;
+    info!(name = cfg.name, listen = %cfg.listen, api = %cfg.api_socket.display(), "ferryd ready");
+    let local = axum::serve(uds, local_router(a.clone())).with_graceful_shutdown(shutdown());
+    let peer = axum::serve(tcp, peer_router(a.clone())).with_graceful_shutdown(shutdown());
+    let r = tokio::try_join!(async { local.await }, async { peer.await });
+    let _ = std::fs::remove_file(&cfg.api_socket);
+    r.map(|_| ()).map_err(|e| setup("serving".into(), &e))
+}
+
+async fn shutdown() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    info!("stopping; the VMs keep running and the next agent adopts them");
+}

@@ -1,0 +1,260 @@
+//! The local protocol between `ferryd` and its VMM processes (`ferry-vmm`, one per VM).
+//!
+//! Each VMM process listens on a unix socket (mode 0600) in the agent's state directory. A
+//! request is one JSON line, the answer one JSON line, one request per connection. The VMM keeps
+//! everything the agent needs to find out after a restart (its state and the last migration's
+//! outcome), so `ferryd` can die and a new one adopts the VM by asking [`VmmRequest::Status`].
+//!
+//! ```text
+//! ferryd                         ferry-vmm (source)                 ferry-vmm (target)
+//!   | {"op":"migrate",...} -------> |  engine: channels to `to` -------> | MigrationServer (1 session)
+//!   | {"op":"status"}  (polled) --> |  progress / outcome               |
+//!   | {"op":"stop"} once released > |  exits                            | runs the VM after commit
+//! ```
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// Largest answer line read from a VMM process.
+const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// What the agent asks a VMM process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum VmmRequest {
+    /// Where the VM and its migration are.
+    Status,
+    /// Stop the guest.
+    Pause,
+    /// Let the guest run again.
+    Resume,
+    /// Stop the VM and end the process.
+    Stop,
+    /// Live-migrate the VM to a destination VMM (returns at once; poll [`VmmRequest::Status`]).
+    Migrate(MigrateOrder),
+    /// Cancel the running migration (before commit the VM keeps running here).
+    Cancel,
+}
+
+/// A live migration the agent orders.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MigrateOrder {
+    /// Migration id (the agent's journal key).
+    pub id: String,
+    /// The destination VMM's migration address.
+    pub to: SocketAddr,
+    /// Channels (TCP connections).
+    pub channels: u16,
+    /// Transport option: `tcp` or `zstd`.
+    pub option: String,
+    /// Downtime limit in milliseconds.
+    pub downtime_ms: u64,
+}
+
+/// Where a VMM process's VM is.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum VmmState {
+    /// Waiting for an incoming migration.
+    Receiving,
+    /// The guest runs.
+    Running,
+    /// The guest is paused.
+    Paused,
+    /// An outgoing migration runs.
+    Migrating,
+    /// The VM moved away (the destination committed): nothing runs here.
+    Released,
+    /// Commit was sent but not confirmed: the copy here stays paused until the agent asks the
+    /// destination who owns the VM.
+    Uncertain,
+    /// The incoming migration failed: nothing runs here.
+    Failed,
+}
+
+/// Statistics of a finished migration, as the source's engine measured them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct StatsSummary {
+    /// Start to end.
+    pub total_ms: f64,
+    /// Connect and prepare.
+    pub setup_ms: f64,
+    /// Source pause to destination resume.
+    pub downtime_ms: f64,
+    /// Downtime expected at switchover.
+    pub expected_downtime_ms: f64,
+    /// Rounds, the final one included.
+    pub rounds: u32,
+    /// Guest memory.
+    pub guest_bytes: u64,
+    /// Bytes on the wire.
+    pub transferred_bytes: u64,
+    /// The destination verified the whole image against the source's digest.
+    pub verified: bool,
+    /// Channels used.
+    pub channels: usize,
+    /// Notable events (channel failures, throttling).
+    pub events: Vec<String>,
+}
+
+impl StatsSummary {
+    /// From the engine's statistics.
+    pub fn from_stats(s: &ferry_migrate::stats::MigrationStats) -> Self {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Self {
+            total_ms: ms(s.total),
+            setup_ms: ms(s.setup),
+            downtime_ms: ms(s.downtime),
+            expected_downtime_ms: ms(s.expected_downtime),
+            rounds: s.rounds,
+            guest_bytes: s.guest_bytes,
+            transferred_bytes: s.transferred_bytes,
+            verified: s.verified,
+            channels: s.channels.len(),
+            events: s.events.clone(),
+        }
+    }
+}
+
+/// An outgoing migration as the VMM sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct MigrationReport {
+    /// Migration id.
+    pub id: String,
+    /// Engine status (`setup`, `active`, `switchover`, `completed`, `failed`, `cancelled`,
+    /// `uncertain`).
+    pub status: String,
+    /// The engine returned.
+    pub done: bool,
+    /// Current round.
+    pub round: u32,
+    /// Bytes still to send.
+    pub remaining_bytes: u64,
+    /// Bytes on the wire so far.
+    pub transferred_bytes: u64,
+    /// Guest bytes.
+    pub guest_bytes: u64,
+    /// Expected downtime now.
+    pub expected_downtime_ms: f64,
+    /// Measured payload bandwidth.
+    pub bandwidth_bytes_per_s: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Final statistics.
+    pub stats: Option<StatsSummary>,
+}
+
+/// What a VMM process answers to [`VmmRequest::Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmmStatus {
+    /// VM name.
+    pub name: String,
+    /// `synthetic` or `kvm`.
+    pub guest: String,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// The VMM's process id.
+    pub pid: u32,
+    /// Where the VM is.
+    pub state: VmmState,
+    /// Receiving: the address the migration channels connect to.
+    pub listen: Option<SocketAddr>,
+    /// The last outgoing migration.
+    pub migration: Option<MigrationReport>,
+    /// After an incoming migration: the destination verified the image.
+    pub received_verified: Option<bool>,
+    /// After an incoming migration: what the guest check found (`ok` or the problem).
+    pub guest_check: Option<String>,
+    /// The guest's progress counter (KVM: passes; synthetic: pages written).
+    pub guest_counter: u64,
+    /// Why the VMM failed (state `failed`).
+    pub error: Option<String>,
+}
+
+/// One answer line.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct VmmResponse {
+    /// The request was done.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// The status after the request.
+    pub status: Option<VmmStatus>,
+}
+
+/// Errors talking to a VMM process.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmCtlError {
+    /// The process is not there (socket missing or nobody listening).
+    #[error("VMM process unreachable at {path}: {source}")]
+    Unreachable {
+        /// Socket path.
+        path: String,
+        /// Error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It answered something that is not a response.
+    #[error("VMM process answered badly: {0}")]
+    BadAnswer(String),
+    /// It refused the request.
+    #[error("{0}")]
+    Refused(String),
+    /// No answer in time.
+    #[error("VMM process did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Send one request to the VMM process at `socket` and read its answer.
+pub async fn call(socket: &Path, req: &VmmRequest) -> Result<VmmResponse, VmmCtlError> {
+    let limit = Duration::from_secs(10);
+    tokio::time::timeout(limit, call_inner(socket, req)).await.map_err(|_| VmmCtlError::Timeout(limit))?
+}
+
+async fn call_inner(socket: &Path, req: &VmmRequest) -> Result<VmmResponse, VmmCtlError> {
+    let unreachable = |source| VmmCtlError::Unreachable { path: socket.display().to_string(), source };
+    let mut s = tokio::net::UnixStream::connect(socket).await.map_err(unreachable)?;
+    let mut line = serde_json::to_vec(req).map_err(|e| VmmCtlError::BadAnswer(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).await.map_err(unreachable)?;
+    let mut r = BufReader::new(s).take(MAX_LINE_BYTES as u64);
+    let mut answer = String::new();
+    r.read_line(&mut answer).await.map_err(unreachable)?;
+    let resp: VmmResponse = serde_json::from_str(&answer).map_err(|e| VmmCtlError::BadAnswer(e.to_string()))?;
+    if !resp.ok {
+        return Err(VmmCtlError::Refused(resp.error.unwrap_or_else(|| "refused".into())));
+    }
+    Ok(resp)
+}
+
+/// [`call`] for a status.
+pub async fn status(socket: &Path) -> Result<VmmStatus, VmmCtlError> {
+    call(socket, &VmmRequest::Status).await?.status.ok_or_else(|| VmmCtlError::BadAnswer("no status".into()))
+}
+
+use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let r = VmmRequest::Migrate(MigrateOrder {
+            id: "m1".into(),
+            to: "127.0.0.1:9".parse().unwrap(),
+            channels: 2,
+            option: "tcp".into(),
+            downtime_ms: 300,
+        });
+        let s = serde_json::to_string(&r).unwrap();
+        assert_eq!(s, r#"{"op":"migrate","id":"m1","to":"127.0.0.1:9","channels":2,"option":"tcp","downtime_ms":300}"#);
+        assert_eq!(serde_json::from_str::<VmmRequest>(&s).unwrap(), r);
+        assert_eq!(serde_json::to_string(&VmmRequest::Status).unwrap(), r#"{"op":"status"}"#);
+        assert!(serde_json::from_str::<VmmRequest>(r#"{"op":"format_disk"}"#).is_err());
+    }
+}

@@ -1,0 +1,213 @@
+//! Real agents for the tests: `ferryd` processes on loopback, each with its own state directory,
+//! driven through the `ferry` command.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const FERRYD: &str = env!("CARGO_BIN_EXE_ferryd");
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+pub const KEY: &str = "ferry-agent-test-key-0123456789";
+
+/// A free loopback port (bound and released).
+pub fn free_addr() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port")
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "ferry-agent-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Self(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// One `ferryd`.
+pub struct Agent {
+    pub name: String,
+    pub dir: Scratch,
+    pub config: PathBuf,
+    pub api: PathBuf,
+    pub listen: SocketAddr,
+    pub child: Option<Child>,
+}
+
+impl Agent {
+    /// Write a config (with `extra` keys) and start the agent.
+    pub fn start(name: &str, key: &str, extra: &str) -> Self {
+        let dir = Scratch::new(name);
+        let listen = free_addr();
+        let key_file = dir.0.join("key");
+        std::fs::write(&key_file, format!("{key}\n")).unwrap();
+        let api = dir.0.join("ferryd.sock");
+        let config = dir.0.join("ferryd.toml");
+        let text = format!(
+            "name = \"{name}\"\nlisten = \"{listen}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nkey_file = \"{}\"\n{extra}",
+            api.display(),
+            dir.0.join("state").display(),
+            key_file.display()
+        );
+        std::fs::write(&config, text).unwrap();
+        let mut a = Self { name: name.into(), dir, config, api, listen, child: None };
+        a.restart();
+        a
+    }
+
+    /// Start (again) on the same config and state.
+    pub fn restart(&mut self) {
+        let log = std::fs::File::create(self.dir.0.join(format!("ferryd-{}.log", Instant::now().elapsed().as_nanos())))
+            .unwrap();
+        let child = Command::new(FERRYD)
+            .args(["--config", self.config.to_str().unwrap(), "--log-format", "json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn ferryd");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            let o = self.ferry(&["host", "show"]);
+            if o.status.success() {
+                break;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("ferryd {} exited at start ({st}): {}", self.name, self.logs());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "ferryd {} did not come up: {}", self.name, self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every log line of this agent so far.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(&self.dir.0) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().starts_with("ferryd-") {
+                    out += &std::fs::read_to_string(e.path()).unwrap_or_default();
+                }
+            }
+        }
+        out
+    }
+
+    /// `kill -9` the agent (its VMs keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Run `ferry --api <this agent> ARGS`.
+    pub fn ferry(&self, args: &[&str]) -> Output {
+        Command::new(FERRY).arg("--api").arg(&self.api).args(args).output().expect("run ferry")
+    }
+
+    /// Run `ferry --json ...`, expect success, parse stdout.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let o = self.ferry(&a);
+        assert!(
+            o.status.success(),
+            "ferry {args:?} on {} failed ({}): {}{}",
+            self.name,
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("ferry {args:?}: not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
+    }
+
+    pub fn migrations(&self) -> Vec<Value> {
+        self.json(&["migrations"]).as_array().cloned().expect("an array")
+    }
+
+    pub fn vms(&self) -> Vec<Value> {
+        self.json(&["vm", "list"]).as_array().cloned().expect("an array")
+    }
+
+    /// Wait until every migration in this agent's journal has a final status.
+    pub fn wait_all_final(&self, n: usize, within: Duration) -> Vec<Value> {
+        let t0 = Instant::now();
+        loop {
+            let m = self.migrations();
+            if m.len() >= n
+                && m.iter().all(|m| ["completed", "failed", "cancelled"].contains(&m["status"].as_str().unwrap_or("")))
+            {
+                return m;
+            }
+            assert!(t0.elapsed() < within, "{}: migrations not done in {within:?}: {m:#?}\n{}", self.name, self.logs());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.0.join("state")
+    }
+}
+
+/// Stop every VMM process of a state directory (its VMs outlive the agent by design).
+pub fn stop_vmms(state: &Path) {
+    let Ok(rd) = std::fs::read_dir(state.join("vms")) else { return };
+    for e in rd.flatten() {
+        if e.path().extension().is_some_and(|x| x == "sock") {
+            if let Ok(mut s) = std::os::unix::net::UnixStream::connect(e.path()) {
+                let _ = s.write_all(b"{\"op\":\"stop\"}\n");
+                let mut b = [0u8; 4096];
+                let _ = std::io::Read::read(&mut s, &mut b);
+            }
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+        stop_vmms(&self.state_dir());
+    }
+}
+
+/// Most intervals `[started_at, finished_at)` open at once (RFC 3339 UTC strings of one format
+/// sort as times).
+pub fn max_concurrent(ms: &[Value]) -> usize {
+    let mut ev: Vec<(String, i32)> = Vec::new();
+    for m in ms {
+        let (Some(s), Some(f)) = (m["started_at"].as_str(), m["finished_at"].as_str()) else { continue };
+        ev.push((s.to_string(), 1));
+        ev.push((f.to_string(), -1));
+    }
+    // At equal times an end comes before a start.
+    ev.sort();
+    let (mut now, mut max) = (0i32, 0i32);
+    for (_, d) in ev {
+        now += d;
+        max = max.max(now);
+    }
+    max as usize
+}
