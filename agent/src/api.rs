@@ -6,13 +6,13 @@
 //! |---|---|---|
 //! | `GET /v1/host` | | [`HostInfo`] |
 //! | `PATCH /v1/host` | [`HostPatch`] | [`HostInfo`] |
-//! | `GET /v1/vms` | | `[`[`VmInfo`]`]` |
+//! | `GET /v1/vms` | | list of [`VmInfo`] |
 //! | `POST /v1/vms` | [`CreateVm`] | [`VmInfo`] (201) |
 //! | `GET /v1/vms/{name}` | | [`VmInfo`] |
 //! | `POST /v1/vms/{name}/pause`, `/resume` | | [`VmInfo`] |
 //! | `DELETE /v1/vms/{name}` | | 204 |
 //! | `POST /v1/moves` | [`MoveRequest`] | [`MoveAccepted`] (202) |
-//! | `GET /v1/migrations` | | `[`[`MigrationInfo`]`]`, newest first |
+//! | `GET /v1/migrations` | | list of [`MigrationInfo`], newest first |
 //! | `GET /v1/migrations/{id}` | | [`MigrationInfo`] |
 //! | `POST /v1/migrations/{id}/cancel` | | [`MigrationInfo`] |
 //!
@@ -171,7 +171,7 @@ pub struct MoveRequest {
     /// Live or quick.
     #[serde(default)]
     pub kind: MoveKind,
-    /// Transport option: `tcp` or `zstd` (default: the host's performance option).
+    /// Transport option: `tcp`, `zstd` or `zstd-always` (default: the host's performance option).
     #[serde(default)]
     pub option: Option<String>,
     /// Channels (1 ..= 16, default 2).

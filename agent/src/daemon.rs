@@ -396,9 +396,10 @@ impl Agent {
             ));
         }
         let option = req.option.clone().unwrap_or_else(|| self.cfg.default_transport().into());
-        if option != "tcp" && option != "zstd" {
-            return Err(ApiError::bad(format!("unknown option {option:?} (tcp, zstd)")));
-        }
+        let option = option
+            .parse::<ferry_transport::option::TransportOption>()
+            .map_err(|e| ApiError::bad(e.to_string()))?
+            .to_string();
         let channels = req.channels.unwrap_or(2);
         if !(1..=16).contains(&channels) {
             return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));
@@ -554,8 +555,8 @@ impl Agent {
 
     fn finish_outgoing_record(&self, id: &str, m: &MigrationReport) {
         if let Some(s) = &m.stats {
-            if let Ok(v) = serde_json::to_value(s) {
-                let _ = self.store().set_stats(id, &v);
+            if let Err(e) = self.store().set_stats(id, s) {
+                warn!("journal: {e}");
             }
         }
         let status = match m.status.as_str() {
@@ -831,7 +832,7 @@ impl Agent {
             })?;
         }
         let ws = req.working_set_bytes.unwrap_or((req.memory_bytes / 4).min(64 << 20));
-        if ws % 4096 != 0 || ws > req.memory_bytes / 2 {
+        if !ws.is_multiple_of(4096) || ws > req.memory_bytes / 2 {
             return Err(ApiError::bad("working_set_bytes must be a multiple of 4 KiB and at most half the memory"));
         }
         let rate = req.dirty_rate_bytes_per_s.unwrap_or(16 << 20);
@@ -907,7 +908,7 @@ fn check_memory(guest: GuestKind, bytes: u64) -> ApiResult<()> {
         GuestKind::Kvm => ferry_vmm_glue::kvm::GuestConfig::MAX_MEM,
         GuestKind::Synthetic => 64 << 30,
     };
-    if bytes < (2 << 20) || bytes > max || bytes % 4096 != 0 {
+    if bytes < (2 << 20) || bytes > max || !bytes.is_multiple_of(4096) {
         return Err(ApiError::bad(format!(
             "memory {bytes} bytes: a {} guest takes a multiple of 4 KiB in 2 MiB ..= {} MiB",
             guest.name(),

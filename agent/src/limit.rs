@@ -159,9 +159,8 @@ mod tests {
         let cancels: Vec<Arc<Cancel>> = (0..8).map(|_| Arc::new(Cancel::default())).collect();
         let done = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
-        for i in 0..8 {
-            let (l2, a, m, o, c, d) =
-                (l.clone(), active.clone(), max.clone(), order.clone(), cancels[i].clone(), done.clone());
+        for (i, c) in cancels.iter().enumerate() {
+            let (l2, a, m, o, c, d) = (l.clone(), active.clone(), max.clone(), order.clone(), c.clone(), done.clone());
             tasks.push(tokio::spawn(async move {
                 if let Some(slot) = l2.acquire(&format!("m{i}"), &c).await {
                     let n = a.fetch_add(1, Ordering::SeqCst) + 1;
@@ -176,7 +175,7 @@ mod tests {
             // Queue in order: wait until task i is in line (or through it).
             loop {
                 let (_, act, queued) = l.snapshot();
-                if act + queued + done.load(Ordering::SeqCst) >= i + 1 {
+                if act + queued + done.load(Ordering::SeqCst) > i {
                     break;
                 }
                 tokio::task::yield_now().await;

@@ -23,13 +23,17 @@ use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{Caps, Psk, ServerConfig};
+use ferry_transport::option::{TransportOption, UnknownOption};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
 
 use crate::api::GuestKind;
-use crate::vmmctl::{MigrateOrder, MigrationReport, StatsSummary, VmmRequest, VmmResponse, VmmState, VmmStatus};
+use crate::vmmctl::{MigrateOrder, MigrationReport, VmmRequest, VmmResponse, VmmState, VmmStatus};
+
+/// zstd level of the compressing options (the bench's default).
+const ZSTD_LEVEL: i32 = 1;
 
 /// What the VMM process is started with.
 #[derive(Debug, Clone)]
@@ -363,12 +367,13 @@ fn handle(vmm: &Arc<Vmm>, req: VmmRequest) -> Result<(), String> {
     }
 }
 
+fn stats_json(s: &ferry_migrate::stats::MigrationStats) -> serde_json::Value {
+    serde_json::to_value(s).unwrap_or_default()
+}
+
 fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
-    let opts = match order.option.as_str() {
-        "tcp" => TcpOptions::default(),
-        "zstd" => TcpOptions::zstd(),
-        o => return Err(format!("unknown transport option {o:?} (tcp, zstd)")),
-    };
+    let option: TransportOption = order.option.parse().map_err(|e: UnknownOption| e.to_string())?;
+    let opts = option.tcp_options(ZSTD_LEVEL);
     let mut g = vmm.lock();
     if g.state != VmmState::Running && g.state != VmmState::Paused {
         return Err(format!("the VM is {:?}, not running here", g.state));
@@ -407,12 +412,12 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
                 g.counter_at_exit = counter;
                 drop(vm);
                 g.state = VmmState::Released;
-                (st.status, Some(StatsSummary::from_stats(&st)), None)
+                (st.status, Some(stats_json(&st)), None)
             }
             Err(MigrateError::Uncertain(st)) => {
                 g.vm = Some(vm);
                 g.state = VmmState::Uncertain;
-                (Status::Uncertain, Some(StatsSummary::from_stats(&st)), Some(MigrateError::Uncertain(st).to_string()))
+                (Status::Uncertain, Some(stats_json(&st)), Some(MigrateError::Uncertain(st).to_string()))
             }
             Err(e) => {
                 let running = vm.source().is_running();

@@ -49,7 +49,7 @@ pub struct MigrateOrder {
     pub to: SocketAddr,
     /// Channels (TCP connections).
     pub channels: u16,
-    /// Transport option: `tcp` or `zstd`.
+    /// Transport option (`ferry_transport::option::TransportOption` by name).
     pub option: String,
     /// Downtime limit in milliseconds.
     pub downtime_ms: u64,
@@ -76,50 +76,6 @@ pub enum VmmState {
     Failed,
 }
 
-/// Statistics of a finished migration, as the source's engine measured them.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct StatsSummary {
-    /// Start to end.
-    pub total_ms: f64,
-    /// Connect and prepare.
-    pub setup_ms: f64,
-    /// Source pause to destination resume.
-    pub downtime_ms: f64,
-    /// Downtime expected at switchover.
-    pub expected_downtime_ms: f64,
-    /// Rounds, the final one included.
-    pub rounds: u32,
-    /// Guest memory.
-    pub guest_bytes: u64,
-    /// Bytes on the wire.
-    pub transferred_bytes: u64,
-    /// The destination verified the whole image against the source's digest.
-    pub verified: bool,
-    /// Channels used.
-    pub channels: usize,
-    /// Notable events (channel failures, throttling).
-    pub events: Vec<String>,
-}
-
-impl StatsSummary {
-    /// From the engine's statistics.
-    pub fn from_stats(s: &ferry_migrate::stats::MigrationStats) -> Self {
-        let ms = |d: Duration| d.as_secs_f64() * 1e3;
-        Self {
-            total_ms: ms(s.total),
-            setup_ms: ms(s.setup),
-            downtime_ms: ms(s.downtime),
-            expected_downtime_ms: ms(s.expected_downtime),
-            rounds: s.rounds,
-            guest_bytes: s.guest_bytes,
-            transferred_bytes: s.transferred_bytes,
-            verified: s.verified,
-            channels: s.channels.len(),
-            events: s.events.clone(),
-        }
-    }
-}
-
 /// An outgoing migration as the VMM sees it.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct MigrationReport {
@@ -144,8 +100,9 @@ pub struct MigrationReport {
     pub bandwidth_bytes_per_s: f64,
     /// Why it failed.
     pub error: Option<String>,
-    /// Final statistics.
-    pub stats: Option<StatsSummary>,
+    /// Final statistics: the engine's `MigrationStats` in its serde form (`total_ms`,
+    /// `downtime_ms`, `verified`, ...).
+    pub stats: Option<serde_json::Value>,
 }
 
 /// What a VMM process answers to [`VmmRequest::Status`].

@@ -254,7 +254,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
 
 #[test]
 fn a_kvm_guest_moves_and_its_counter_continues() {
-    if !ferry_vmm_glue::kvm::kvm_or_skip("a_kvm_guest_moves_and_its_counter_continues") {
+    if !ferry_test_support::kvm_or_skip("a_kvm_guest_moves_and_its_counter_continues") {
         return;
     }
     let a = Agent::start("a", KEY, "");

@@ -6,7 +6,7 @@
 //! ferry [--api SOCKET] [--json] vm create --name NAME --memory SIZE --guest synthetic|kvm
 //!                                  [--working-set SIZE] [--dirty-rate SIZE]
 //! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
-//! ferry [--api SOCKET] [--json] move NAME --to ADDR [--option tcp|zstd] [--channels N]
+//! ferry [--api SOCKET] [--json] move NAME --to ADDR [--option tcp|zstd|zstd-always] [--channels N]
 //!                                  [--downtime-ms N] [--wait]
 //! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
 //! ```
@@ -139,9 +139,9 @@ struct MoveArgs {
     /// Quick migration (not offered by the agent yet).
     #[arg(long)]
     quick: bool,
-    /// Transport option (default: the host's performance option).
+    /// Transport option: tcp, zstd, zstd-always (default: the host's performance option).
     #[arg(long)]
-    option: Option<String>,
+    option: Option<ferry_transport::option::TransportOption>,
     /// Channels.
     #[arg(long)]
     channels: Option<u16>,
@@ -303,7 +303,7 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         vm: m.vm.clone(),
         to: m.to.clone(),
         kind: if m.quick { MoveKind::Quick } else { MoveKind::Live },
-        option: m.option,
+        option: m.option.map(|o| o.to_string()),
         channels: m.channels,
         downtime_ms: m.downtime_ms,
     };
