@@ -109,6 +109,8 @@ pub struct Agent {
     live: Mutex<HashMap<String, Live>>,
     limit: Arc<Limit>,
     vmm_exe: PathBuf,
+    /// State changes and progress, for `GET /v1/events` (JSON texts).
+    events: tokio::sync::broadcast::Sender<String>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -152,6 +154,7 @@ impl Agent {
             live: Mutex::new(HashMap::new()),
             limit,
             vmm_exe,
+            events: tokio::sync::broadcast::channel(1024).0,
         });
         agent.adopt().await.map_err(|e| setup("adopting VMs", &e.message))?;
         Ok(agent)
@@ -163,6 +166,10 @@ impl Agent {
 
     fn journal(&self, id: &str, status: &str, detail: Option<&str>, started: bool) {
         info!(migration = id, status, detail, "migration state");
+        let ev = serde_json::json!({"type": "state", "id": id, "status": status, "detail": detail,
+                                    "at": crate::store::rfc3339(now_ms())});
+        // Nobody listening is fine.
+        let _ = self.events.send(ev.to_string());
         if let Err(e) = self.store().set_status(id, status, detail, started) {
             warn!(migration = id, "journal: {e}");
         }
@@ -431,6 +438,9 @@ impl Agent {
             e.row.clone()
         };
         self.store().new_migration(&id, &req.vm, "outgoing", &req.to, "queued", false)?;
+        let ev = serde_json::json!({"type": "state", "id": id, "status": "queued", "detail": null,
+                                    "at": crate::store::rfc3339(now_ms())});
+        let _ = self.events.send(ev.to_string());
         let cancel = Arc::new(Cancel::default());
         lock(&self.live).insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()) });
         let a = self.clone();
@@ -527,8 +537,17 @@ impl Agent {
                         self.journal(id, &m.status, None, false);
                         last = m.status.clone();
                     }
-                    if let Some(l) = lock(&self.live).get_mut(id) {
+                    let changed = lock(&self.live).get_mut(id).map(|l| {
+                        let c = l.report != m;
                         l.report = m.clone();
+                        c
+                    });
+                    if changed == Some(true) && !m.done {
+                        let ev = serde_json::json!({"type": "progress", "id": id, "status": m.status, "round": m.round,
+                            "transferred_bytes": m.transferred_bytes, "remaining_bytes": m.remaining_bytes,
+                            "guest_bytes": m.guest_bytes, "expected_downtime_ms": m.expected_downtime_ms,
+                            "bandwidth_bytes_per_s": m.bandwidth_bytes_per_s});
+                        let _ = self.events.send(ev.to_string());
                     }
                     if m.done {
                         return Ok(m);
@@ -1000,6 +1019,39 @@ async fn h_cancel(State(a): Ag, UrlPath(id): UrlPath<String>) -> ApiResult<Json<
     Ok(Json(a.cancel(&id).await?))
 }
 
+async fn h_events(
+    State(a): Ag,
+) -> axum::response::sse::Sse<
+    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = a.events.subscribe();
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(text) => {
+                    let kind = if text.starts_with("{\"type\":\"progress\"") { "progress" } else { "state" };
+                    return Some((Ok(Event::default().event(kind).data(text)), rx));
+                }
+                // A slow reader misses some events; it keeps the stream.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn h_metrics(State(a): Ag) -> ApiResult<Response> {
+    let (limit, active, queued) = a.limit.snapshot();
+    let now = crate::metrics::Now { active, queued, limit, vms: lock(&a.vms).values().filter(|e| e.row.owned).count() };
+    let journal = a.store().migrations(100_000)?;
+    let text = crate::metrics::render(&now, &journal);
+    Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
+        .into_response())
+}
+
 async fn h_fallback(uri: Uri) -> ApiError {
     ApiError::not_found(format!("no such resource: {}", uri.path()))
 }
@@ -1049,6 +1101,8 @@ pub fn local_router(a: Arc<Agent>) -> Router {
         .route("/v1/migrations", get(h_migrations))
         .route("/v1/migrations/{id}", get(h_migration))
         .route("/v1/migrations/{id}/cancel", post(h_cancel))
+        .route("/v1/events", get(h_events))
+        .route("/metrics", get(h_metrics))
         .fallback(h_fallback)
         .with_state(a)
 }
@@ -1058,6 +1112,7 @@ pub fn peer_router(a: Arc<Agent>) -> Router {
     Router::new()
         .route("/peer/v1/incoming", post(h_peer_incoming))
         .route("/peer/v1/vms/{name}", get(h_peer_vm))
+        .route("/metrics", get(h_metrics))
         .fallback(h_fallback)
         .with_state(a)
 }

@@ -5,6 +5,7 @@
 //! - [`api`]: the HTTP/JSON API's types and routes (local on a unix socket, peer on TCP).
 //! - [`daemon`]: the agent: VMs, moves, the host-wide limit, adoption after a restart.
 //! - [`limit`]: host-wide slots, FIFO, cancel, admission of incoming migrations.
+//! - [`metrics`]: `/metrics` in the Prometheus text format, from the slots and the journal.
 //! - [`store`]: SQLite: owned VMs with their epoch, the migration journal.
 //! - [`peer`]: signing of peer requests with the hosts' key.
 //! - [`vmmctl`]: the agent's protocol with its VMM processes; [`vmm`]: the VMM process.
@@ -20,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod limit;
+pub mod metrics;
 pub mod peer;
 pub mod store;
 pub mod vmm;

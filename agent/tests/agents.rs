@@ -283,3 +283,97 @@ fn a_kvm_guest_moves_and_its_counter_continues() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn events_stream_and_metrics_follow_a_move() {
+    use std::io::{BufRead, BufReader, Write};
+    let a = Agent::start("a", KEY, "");
+    let b = Agent::start("b", KEY, "");
+    create(&a, "ev", "32MiB", &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: ferryd\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut states = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(data).expect("event data is JSON");
+                if v["type"] == "state" {
+                    states.push(v["status"].as_str().unwrap().to_string());
+                    if v["status"] == "completed" {
+                        break;
+                    }
+                }
+            }
+        }
+        states
+    });
+    // The subscription is in place once the answer's headers came; a moment is enough here.
+    std::thread::sleep(Duration::from_millis(200));
+    let out = a.json(&["move", "ev", "--to", &b.listen.to_string(), "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}");
+    let states = reader.join().unwrap();
+    assert_eq!(states.first().map(String::as_str), Some("queued"), "{states:?}");
+    assert!(states.iter().any(|s| s == "setup"), "{states:?}");
+    assert_eq!(states.last().map(String::as_str), Some("completed"), "{states:?}");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ep = ferry_agent::client::Endpoint::Unix(a.api.clone());
+    let (st, body) =
+        rt.block_on(ferry_agent::client::request(&ep, "GET", "/metrics", None, &[], Duration::from_secs(10))).unwrap();
+    assert_eq!(st, 200);
+    let text = String::from_utf8(body).unwrap();
+    for want in [
+        "ferry_migrations_active 0",
+        "ferry_max_live_migrations 2",
+        "ferry_migrations_total{direction=\"outgoing\",status=\"completed\",reason=\"\"} 1",
+        "ferry_migration_downtime_milliseconds_count 1",
+        "# EOF",
+    ] {
+        assert!(text.contains(want), "{want:?} missing from:\n{text}");
+    }
+}
+
+/// The pid of a VMM process from its control socket.
+fn vmm_pid(state: &Path, vm: &str) -> Option<u64> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(state.join("vms").join(format!("{vm}.sock"))).ok()?;
+    s.write_all(b"{\"op\":\"status\"}\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v["status"]["pid"].as_u64()
+}
+
+#[test]
+fn killing_the_destination_vmm_mid_round_leaves_the_vm_on_the_source() {
+    let a = Agent::start("a", KEY, "");
+    let b = Agent::start("b", KEY, "");
+    // Flat-out writes and a 1 ms limit: the move stays in its rounds until something ends it.
+    create(&a, "victim", "128MiB", &["--working-set", "64MiB", "--dirty-rate", "0"]);
+    let id = a.json(&["move", "victim", "--to", &b.listen.to_string(), "--downtime-ms", "1"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let t0 = Instant::now();
+    while a.json(&["migration", &id])["status"] != "active" {
+        assert!(t0.elapsed() < Duration::from_secs(60), "never active");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = vmm_pid(&b.state_dir(), "victim").expect("the destination's VMM answers");
+    let killed = Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    let ma = a.wait_all_final(1, Duration::from_secs(120));
+    assert_eq!(ma[0]["status"], "failed", "{:#}", ma[0]);
+    assert!(ma[0]["error"].as_str().is_some_and(|e| !e.is_empty()), "no reason recorded: {:#}", ma[0]);
+    let v = a.json(&["vm", "show", "victim"]);
+    assert_eq!(v["state"], "running", "{v}");
+    let c0 = v["guest_counter"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a.json(&["vm", "show", "victim"])["guest_counter"].as_u64().unwrap() > c0, "the guest stopped on A");
+    let mb = b.wait_all_final(1, Duration::from_secs(60));
+    assert_eq!(mb[0]["status"], "failed", "{:#}", mb[0]);
+    assert!(mb[0]["error"].as_str().unwrap().contains("VMM"), "{:#}", mb[0]);
+    assert!(b.vms().is_empty());
+}

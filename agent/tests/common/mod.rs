@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -52,13 +53,19 @@ pub struct Agent {
     pub api: PathBuf,
     pub listen: SocketAddr,
     pub child: Option<Child>,
+    /// The network namespace it runs in (`None`: this one).
+    pub netns: Option<String>,
 }
 
 impl Agent {
     /// Write a config (with `extra` keys) and start the agent.
     pub fn start(name: &str, key: &str, extra: &str) -> Self {
+        Self::start_in(None, name, key, extra, free_addr())
+    }
+
+    /// [`Agent::start`] in network namespace `netns`, listening on `listen`.
+    pub fn start_in(netns: Option<String>, name: &str, key: &str, extra: &str, listen: SocketAddr) -> Self {
         let dir = Scratch::new(name);
-        let listen = free_addr();
         let key_file = dir.0.join("key");
         std::fs::write(&key_file, format!("{key}\n")).unwrap();
         let api = dir.0.join("ferryd.sock");
@@ -70,7 +77,7 @@ impl Agent {
             key_file.display()
         );
         std::fs::write(&config, text).unwrap();
-        let mut a = Self { name: name.into(), dir, config, api, listen, child: None };
+        let mut a = Self { name: name.into(), dir, config, api, listen, child: None, netns };
         a.restart();
         a
     }
@@ -79,7 +86,7 @@ impl Agent {
     pub fn restart(&mut self) {
         let log = std::fs::File::create(self.dir.0.join(format!("ferryd-{}.log", Instant::now().elapsed().as_nanos())))
             .unwrap();
-        let child = Command::new(FERRYD)
+        let child = ferry_test_support::testbed::in_netns(self.netns.as_deref(), FERRYD)
             .args(["--config", self.config.to_str().unwrap(), "--log-format", "json"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
