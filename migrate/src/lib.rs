@@ -61,15 +61,15 @@ pub enum MigrateError {
     Timeout(&'static str),
     /// The guest dirties memory faster than it can be sent.
     #[error(
-        "not converging after {rounds} rounds: dirty rate {dirty_rate_bps:.0} B/s, bandwidth {bandwidth_bps:.0} B/s"
+        "not converging after {rounds} rounds: dirty rate {dirty_rate_bytes_per_s:.0} B/s, bandwidth {bandwidth_bytes_per_s:.0} B/s"
     )]
     NotConverging {
         /// Rounds done.
         rounds: u32,
         /// Dirty rate.
-        dirty_rate_bps: f64,
+        dirty_rate_bytes_per_s: f64,
         /// Bandwidth.
-        bandwidth_bps: f64,
+        bandwidth_bytes_per_s: f64,
     },
     /// Bad configuration.
     #[error("configuration: {0}")]

@@ -92,11 +92,9 @@ pub struct Progress {
     #[cfg_attr(feature = "serde", serde(rename = "expected_downtime_ms", with = "ms"))]
     pub expected_downtime: Duration,
     /// Measured payload bandwidth, bytes/s.
-    #[cfg_attr(feature = "serde", serde(rename = "bandwidth_bytes_per_s"))]
-    pub bandwidth_bps: f64,
+    pub bandwidth_bytes_per_s: f64,
     /// Measured dirty rate, bytes/s.
-    #[cfg_attr(feature = "serde", serde(rename = "dirty_rate_bytes_per_s"))]
-    pub dirty_rate_bps: f64,
+    pub dirty_rate_bytes_per_s: f64,
     /// Throttle applied to the guest (100 = none).
     pub throttle_pct: u8,
 }
@@ -154,11 +152,9 @@ pub struct MigrationStats {
     /// Pages per round.
     pub pages_per_round: Vec<u64>,
     /// Last measured dirty rate, bytes/s.
-    #[cfg_attr(feature = "serde", serde(rename = "dirty_rate_bytes_per_s"))]
-    pub dirty_rate_bps: f64,
+    pub dirty_rate_bytes_per_s: f64,
     /// Guest bytes moved per second over the whole migration (guest_bytes / total).
-    #[cfg_attr(feature = "serde", serde(rename = "throughput_bytes_per_s"))]
-    pub throughput_bps: f64,
+    pub throughput_bytes_per_s: f64,
     /// Throttle in force at switchover.
     pub throttle_pct: u8,
     /// Per channel.
@@ -180,8 +176,8 @@ mod tests {
             total: Duration::from_micros(1_500_250),
             downtime: Duration::from_millis(12),
             rounds: 3,
-            dirty_rate_bps: 1.5e6,
-            throughput_bps: 2.0e9,
+            dirty_rate_bytes_per_s: 1.5e6,
+            throughput_bytes_per_s: 2.0e9,
             channels: vec![ChannelStats {
                 index: 1,
                 backend: "tcp".into(),

@@ -314,7 +314,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         seed: a.seed,
         image: a.image.clone(),
         working_set_bytes: if busy { a.working_set } else { 0 },
-        dirty_rate_bps: a.dirty_rate,
+        dirty_rate_bytes_per_s: a.dirty_rate,
     };
     let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
     let fill_seconds = t.elapsed().as_secs_f64();
@@ -868,7 +868,7 @@ pub fn table(records: &[LiveRecord]) -> String {
             format!("{:.1}", ms(r.migration.downtime)),
             r.migration.rounds.to_string(),
             format!("{:.2}", r.migration.transferred_bytes as f64 / 1e9),
-            format!("{:.2}", r.migration.throughput_bps * 8.0 / 1e9),
+            format!("{:.2}", r.migration.throughput_bytes_per_s * 8.0 / 1e9),
             format!("{:.2}", r.src_cpu_s),
             format!("{:.2}", r.dst_cpu_s),
             format!("{:.0}", r.extra_memory_bytes as f64 / (1 << 20) as f64),

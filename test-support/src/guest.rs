@@ -13,7 +13,7 @@ pub fn guest(id: &str, mb: u64, ws_mb: u64, rate_mib_per_s: u64, seed: u64) -> S
         memory_bytes: mb << 20,
         regions: 3,
         working_set_bytes: ws_mb << 20,
-        dirty_rate_bps: rate_mib_per_s << 20,
+        dirty_rate_bytes_per_s: rate_mib_per_s << 20,
         seed,
         ..Default::default()
     };

@@ -72,7 +72,7 @@ pub struct SyntheticConfig {
     /// Bytes of the working set the writer rewrites (0 = no writer).
     pub working_set_bytes: u64,
     /// Writer pace in bytes per second (0 = as fast as it can).
-    pub dirty_rate_bps: u64,
+    pub dirty_rate_bytes_per_s: u64,
 }
 
 impl Default for SyntheticConfig {
@@ -85,7 +85,7 @@ impl Default for SyntheticConfig {
             seed: 1,
             image: None,
             working_set_bytes: 0,
-            dirty_rate_bps: 0,
+            dirty_rate_bytes_per_s: 0,
         }
     }
 }
@@ -327,7 +327,7 @@ impl SyntheticVm {
             mem,
             WriterState { rng: cfg.seed ^ 0xabcdef, generation: 0, gens: vec![0; ws_pages as usize] },
             ws_pages,
-            cfg.dirty_rate_bps,
+            cfg.dirty_rate_bytes_per_s,
         )
     }
 
@@ -680,7 +680,7 @@ mod tests {
         let cfg = SyntheticConfig {
             memory_bytes: 8 << 20,
             working_set_bytes: 1 << 20,
-            dirty_rate_bps: 0,
+            dirty_rate_bytes_per_s: 0,
             ..Default::default()
         };
         let mut vm = SyntheticVm::new(&cfg).unwrap();

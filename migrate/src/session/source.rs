@@ -404,8 +404,8 @@ impl SourceSession {
             pages_sent: self.sent_pages,
             transferred_bytes: 0,
             expected_downtime: expected,
-            bandwidth_bps: self.stats.bandwidth_bytes_per_s,
-            dirty_rate_bps: dirty_rate,
+            bandwidth_bytes_per_s: self.stats.bandwidth_bytes_per_s,
+            dirty_rate_bytes_per_s: dirty_rate,
             throttle_pct: self.stats.throttle_pct,
         }));
     }
@@ -780,7 +780,11 @@ impl SourceSession {
             }
             Decision::NotConverging => {
                 self.actions.push_back(SourceAction::ReturnDirty(dirty));
-                self.fail(MigrateError::NotConverging { rounds: round + 1, dirty_rate_bps: dr, bandwidth_bps: rate });
+                self.fail(MigrateError::NotConverging {
+                    rounds: round + 1,
+                    dirty_rate_bytes_per_s: dr,
+                    bandwidth_bytes_per_s: rate,
+                });
             }
             Decision::Continue { throttle } => {
                 if let Some(t) = throttle {

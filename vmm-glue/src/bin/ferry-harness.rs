@@ -509,7 +509,7 @@ fn stats_json(s: &MigrationStats) -> Value {
         "zero_pages": s.zero_pages,
         "data_pages": s.data_pages,
         "pages_per_round": s.pages_per_round,
-        "dirty_rate_bps": s.dirty_rate_bps,
+        "dirty_rate_bytes_per_s": s.dirty_rate_bytes_per_s,
         "throttle_pct": s.throttle_pct,
         "verified": s.verified,
         "channels": s.channels.len(),
