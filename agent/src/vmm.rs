@@ -143,7 +143,7 @@ fn build_guest(a: &VmmArgs) -> Result<Guest, VmmError> {
                 vm_id: a.name.clone(),
                 memory_bytes: a.memory_bytes,
                 working_set_bytes: a.working_set_bytes,
-                dirty_rate_bps: a.dirty_rate_bytes_per_s,
+                dirty_rate_bytes_per_s: a.dirty_rate_bytes_per_s,
                 ..Default::default()
             };
             let mut vm = SyntheticVm::new(&cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
@@ -397,7 +397,7 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
                 m.transferred_bytes = p.transferred_bytes;
                 m.guest_bytes = p.guest_bytes;
                 m.expected_downtime_ms = p.expected_downtime.as_secs_f64() * 1e3;
-                m.bandwidth_bytes_per_s = p.bandwidth_bps;
+                m.bandwidth_bytes_per_s = p.bandwidth_bytes_per_s;
             }
         };
         let key = v.args.key.clone();
