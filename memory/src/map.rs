@@ -161,6 +161,7 @@ impl MemoryMap {
     }
 
     /// `len` bytes at `gpa` if the range lies inside one region.
+    #[inline]
     pub fn lookup(&self, gpa: u64, len: usize) -> Option<VolatileSlice<'_>> {
         let i = self.regions.partition_point(|r| r.gpa + r.len as u64 <= gpa);
         let r = self.regions.get(i)?;
@@ -177,6 +178,7 @@ impl MemoryMap {
 
 // SAFETY: slices and regions come from the map, which keeps them mapped while it is borrowed.
 unsafe impl MemorySource for MemoryMap {
+    #[inline]
     fn source_slice(&self, gpa: u64, len: usize) -> Option<VolatileSlice<'_>> {
         self.lookup(gpa, len)
     }
@@ -188,6 +190,7 @@ unsafe impl MemorySource for MemoryMap {
 
 // SAFETY: as above.
 unsafe impl MemorySink for MemoryMap {
+    #[inline]
     fn sink_slice(&self, gpa: u64, len: usize) -> Option<VolatileSlice<'_>> {
         self.lookup(gpa, len)
     }

@@ -35,11 +35,13 @@ impl<'a> VolatileSlice<'a> {
     /// # Safety
     /// `ptr..ptr + len` must be mapped, readable and writable for all of `'a`, and accessed by
     /// anyone else only under the crate's access contract (no references over it).
+    #[inline]
     pub unsafe fn new(ptr: NonNull<u8>, len: usize) -> Self {
         Self { ptr, len, _borrow: PhantomData }
     }
 
     /// Length in bytes.
+    #[inline]
     pub fn len(&self) -> usize {
         self.len
     }
@@ -51,11 +53,13 @@ impl<'a> VolatileSlice<'a> {
 
     /// Host address of the first byte. Valid for `'a`; dereferencing it (or passing it to the
     /// kernel or a device) is `unsafe` and must follow the crate's access contract.
+    #[inline]
     pub fn as_ptr(&self) -> NonNull<u8> {
         self.ptr
     }
 
     /// `len` bytes at `off`, or `None` past the end.
+    #[inline]
     pub fn subslice(&self, off: usize, len: usize) -> Option<VolatileSlice<'a>> {
         if off.checked_add(len)? > self.len {
             return None;
@@ -117,6 +121,7 @@ impl<'a> VolatileSlice<'a> {
     }
 
     /// Is this slice one page of zeros? False for a slice that is not one aligned page.
+    #[inline]
     pub fn is_zero_page(&self) -> bool {
         if self.len != PAGE_SIZE || !(self.ptr.as_ptr() as usize).is_multiple_of(8) {
             return false;
@@ -142,6 +147,7 @@ impl<'a> VolatileSlice<'a> {
 ///
 /// # Safety
 /// `p` must be 8-byte aligned and valid for reads of 4096 bytes.
+#[inline]
 pub unsafe fn page_is_zero(p: NonNull<u8>) -> bool {
     let w = p.as_ptr() as *const u64;
     let mut i = 0;
@@ -181,6 +187,7 @@ pub unsafe fn populate_write(p: NonNull<u8>, len: usize) -> bool {
 ///
 /// # Safety
 /// `src` must be 8-byte aligned and valid for reads of `dst.len()` bytes.
+#[inline]
 pub unsafe fn copy_from_guest(dst: &mut [u8], src: NonNull<u8>) {
     debug_assert!(dst.len().is_multiple_of(8));
     let s = src.as_ptr() as *const u64;
