@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ferry_migrate::server::{connect_simple, MigrationServer};
-use ferry_migrate::source::{migrate, CancelToken, MigrationConfig};
+use ferry_migrate::source::{migrate, CancelToken, ConvergeConfig, MigrationConfig};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
@@ -386,8 +386,11 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
     drop(g);
     let v = vmm.clone();
     std::thread::spawn(move || {
-        let cfg =
-            MigrationConfig { downtime_limit: Duration::from_millis(order.downtime_ms), cancel, ..Default::default() };
+        let cfg = MigrationConfig {
+            converge: ConvergeConfig { downtime_limit: Duration::from_millis(order.downtime_ms), ..Default::default() },
+            cancel,
+            ..Default::default()
+        };
         let progress = |p: &ferry_migrate::stats::Progress| {
             let mut g = v.lock();
             if let Some(m) = g.migration.as_mut() {

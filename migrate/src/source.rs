@@ -24,7 +24,7 @@ use crate::stats::{ChannelStats, MigrationStats, Progress, Status};
 use crate::vm::SourceVm;
 use crate::MigrateError;
 
-pub use crate::session::estimate::ConvergePolicy;
+pub use crate::session::estimate::{ConvergeConfig, ConvergePolicy};
 pub use crate::session::source::Scheduling;
 
 /// A cancel switch for a running migration.
@@ -59,21 +59,10 @@ impl std::fmt::Debug for Rejoin {
 /// Configuration of a live migration (source side).
 #[derive(Debug, Clone)]
 pub struct MigrationConfig {
-    /// Switch over once the remaining dirty pages fit in this pause (estimated from the rate the
-    /// live channels delivered most recently: see [`crate::session::estimate`]).
-    pub downtime_limit: Duration,
-    /// Rounds before the policy applies.
-    pub max_rounds: u32,
-    /// Time before the policy applies.
-    pub timeout: Duration,
-    /// What to do when not converging.
-    pub policy: ConvergePolicy,
-    /// Throttle the guest step by step when the dirty rate outruns the bandwidth.
-    pub auto_converge: bool,
-    /// Throttle step in percent points.
-    pub throttle_step: u8,
-    /// Lowest throttle (percent of guest speed).
-    pub throttle_min: u8,
+    /// When to switch over and what to do when the guest does not converge (downtime limit,
+    /// rounds, timeout, policy, auto-converge); the expected downtime is estimated from the rate
+    /// the live channels delivered most recently: see [`crate::session::estimate`].
+    pub converge: ConvergeConfig,
     /// Pages per batch.
     pub batch_pages: u32,
     /// Unacknowledged batches per channel.
@@ -103,13 +92,7 @@ pub struct MigrationConfig {
 impl Default for MigrationConfig {
     fn default() -> Self {
         Self {
-            downtime_limit: Duration::from_millis(300),
-            max_rounds: 30,
-            timeout: Duration::from_secs(600),
-            policy: ConvergePolicy::Abort,
-            auto_converge: true,
-            throttle_step: 20,
-            throttle_min: 10,
+            converge: ConvergeConfig::default(),
             batch_pages: 256,
             window: 16,
             verify_full: false,

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use ferry_migrate::scheduler::HostScheduler;
 use ferry_migrate::server::{connect_one, connect_session_with, connect_simple, MigrationServer, Path};
-use ferry_migrate::source::{migrate, CancelToken, ConvergePolicy, MigrationConfig, Rejoin, Scheduling};
+use ferry_migrate::source::{
+    migrate, CancelToken, ConvergeConfig, ConvergePolicy, MigrationConfig, Rejoin, Scheduling,
+};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
@@ -224,10 +226,13 @@ fn not_converging_aborts_by_policy() {
         let mut vm = guest("hot", 64, 32, 0, SEED); // writer as fast as it can
         let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig {
-            downtime_limit: Duration::from_micros(1),
-            max_rounds: 3,
-            auto_converge: false,
-            policy: ConvergePolicy::Abort,
+            converge: ConvergeConfig {
+                downtime_limit: Duration::from_micros(1),
+                max_rounds: 3,
+                auto_converge: false,
+                policy: ConvergePolicy::Abort,
+                ..Default::default()
+            },
             ..Default::default()
         };
         match migrate(&mut vm, chans, &cfg, &|_| {}) {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use ferry_memory::reserve::MemoryReserve;
 use ferry_memory::MemoryMap;
 use ferry_migrate::server::{connect_simple, MigrationServer};
-use ferry_migrate::source::{migrate, MigrationConfig, Scheduling};
+use ferry_migrate::source::{migrate, ConvergeConfig, MigrationConfig, Scheduling};
 use ferry_migrate::stats::{MigrationStats, Progress, Status};
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
@@ -351,7 +351,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         o => return Err(BenchError::Usage(format!("unknown scheduling {o:?} (adaptive, rr)"))),
     };
     let mcfg = MigrationConfig {
-        downtime_limit: Duration::from_millis(a.downtime_ms),
+        converge: ConvergeConfig { downtime_limit: Duration::from_millis(a.downtime_ms), ..Default::default() },
         verify_full: a.verify_full,
         scheduling,
         batch_pages: a.batch_pages,

@@ -188,6 +188,22 @@ pub struct ConvergeConfig {
     pub throttle_min: u8,
 }
 
+impl Default for ConvergeConfig {
+    /// 300 ms pause, 30 rounds or 10 minutes, then abort; auto-converge in steps of 20 points
+    /// down to 10 % of guest speed.
+    fn default() -> Self {
+        Self {
+            downtime_limit: Duration::from_millis(300),
+            max_rounds: 30,
+            timeout: Duration::from_secs(600),
+            policy: ConvergePolicy::Abort,
+            auto_converge: true,
+            throttle_step: 20,
+            throttle_min: 10,
+        }
+    }
+}
+
 /// What one pre-copy round measured.
 #[derive(Debug, Clone, Copy)]
 pub struct RoundMeasure {
@@ -402,15 +418,7 @@ mod tests {
 
     #[test]
     fn converge_switches_over_throttles_and_gives_up() {
-        let cfg = ConvergeConfig {
-            downtime_limit: ms(300),
-            max_rounds: 3,
-            timeout: Duration::from_secs(600),
-            policy: ConvergePolicy::Abort,
-            auto_converge: true,
-            throttle_step: 20,
-            throttle_min: 10,
-        };
+        let cfg = ConvergeConfig { downtime_limit: ms(300), max_rounds: 3, ..ConvergeConfig::default() };
         let m = |round, dirty_bytes: u64| RoundMeasure {
             round,
             dirty_pages: dirty_bytes / 4096,

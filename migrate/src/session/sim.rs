@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ferry_transport::wire::PAGE_SIZE;
 
-use super::estimate::{ConvergeConfig, ConvergePolicy};
+use super::estimate::ConvergeConfig;
 use super::source::{Batch, Outcome, Scheduling, SourceAction, SourceConfig, SourceSession};
 use super::target::{TargetAction, TargetSession, TargetState};
 use crate::protocol::Msg;
@@ -140,15 +140,7 @@ impl Pair {
         let nch = channels.clamp(1, 4);
         let shape = VmShape { vm_id: "sim".into(), regions: vec![(0, 64 * 4096), (1 << 20, 32 * 4096)] };
         let cfg = SourceConfig {
-            converge: ConvergeConfig {
-                downtime_limit: Duration::from_millis(300),
-                max_rounds: 6,
-                timeout: Duration::from_secs(600),
-                policy: ConvergePolicy::Abort,
-                auto_converge: true,
-                throttle_step: 20,
-                throttle_min: 10,
-            },
+            converge: ConvergeConfig { max_rounds: 6, ..ConvergeConfig::default() },
             batch_pages: 8,
             verify_full: false,
             failover: true,
@@ -632,15 +624,7 @@ pub fn run_links(links: &[Link], guest: Guest, compress: bool, limit: Duration) 
         regions: vec![(0, pages_per_region * 4096), (1 << 40, (guest.pages - pages_per_region) * 4096)],
     };
     let cfg = SourceConfig {
-        converge: ConvergeConfig {
-            downtime_limit: limit,
-            max_rounds: 30,
-            timeout: Duration::from_secs(600),
-            policy: ConvergePolicy::Abort,
-            auto_converge: true,
-            throttle_step: 20,
-            throttle_min: 10,
-        },
+        converge: ConvergeConfig { downtime_limit: limit, ..ConvergeConfig::default() },
         batch_pages: 256,
         verify_full: false,
         failover: true,

@@ -923,15 +923,7 @@ impl SourceSession {
 impl From<&crate::source::MigrationConfig> for SourceConfig {
     fn from(c: &crate::source::MigrationConfig) -> Self {
         Self {
-            converge: ConvergeConfig {
-                downtime_limit: c.downtime_limit,
-                max_rounds: c.max_rounds,
-                timeout: c.timeout,
-                policy: c.policy,
-                auto_converge: c.auto_converge,
-                throttle_step: c.throttle_step,
-                throttle_min: c.throttle_min,
-            },
+            converge: c.converge,
             batch_pages: c.batch_pages,
             verify_full: c.verify_full,
             failover: c.failover,

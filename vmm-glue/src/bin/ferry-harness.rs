@@ -41,7 +41,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_memory::reserve::MemoryReserve;
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, Record, SharedDir, VmRunState};
 use ferry_migrate::server::{connect_simple, MigrationServer};
-use ferry_migrate::source::{migrate, MigrationConfig};
+use ferry_migrate::source::{migrate, ConvergeConfig, MigrationConfig};
 use ferry_migrate::stats::MigrationStats;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::{SourceVm, VmError};
@@ -525,8 +525,11 @@ fn live_migrate(vm: &mut KvmVm, to: SocketAddr, x: &XportArgs, psk: &Psk) -> Res
     };
     let chans = connect_simple(to, usize::from(x.channels), &opts, psk)?;
     let cfg = MigrationConfig {
-        downtime_limit: Duration::from_millis(x.downtime_ms),
-        auto_converge: !x.no_auto_converge,
+        converge: ConvergeConfig {
+            downtime_limit: Duration::from_millis(x.downtime_ms),
+            auto_converge: !x.no_auto_converge,
+            ..Default::default()
+        },
         ..Default::default()
     };
     Ok(migrate(vm, chans, &cfg, &|_| {})?)
