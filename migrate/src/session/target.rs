@@ -449,11 +449,17 @@ mod tests {
         std::iter::from_fn(|| s.poll_action()).collect()
     }
 
-    fn ready(now: Instant) -> TargetSession {
+    /// Prepared, VM created, every channel in: receiving round 0.
+    fn receiving(now: Instant) -> TargetSession {
         let mut s = TargetSession::new(Duration::from_secs(5), now);
         s.handle_control(&prepare(MIGRATION_VERSION), now);
         s.handle_vm_created(Ok(()));
         s.handle_channels(true, now);
+        s
+    }
+
+    fn ready(now: Instant) -> TargetSession {
+        let mut s = receiving(now);
         let blob = b"state".to_vec();
         s.handle_control(&Msg::StateChunk { offset: 0, data: blob.clone() }.encode(), now);
         let crc = crc32fast::hash(&blob);
@@ -483,10 +489,7 @@ mod tests {
     #[test]
     fn commit_before_ready_fails() {
         let now = Instant::now();
-        let mut s = TargetSession::new(Duration::from_secs(5), now);
-        s.handle_control(&prepare(MIGRATION_VERSION), now);
-        s.handle_vm_created(Ok(()));
-        s.handle_channels(true, now);
+        let mut s = receiving(now);
         drain(&mut s);
         s.handle_control(&Msg::Commit.encode(), now);
         assert!(matches!(drain(&mut s)[..], [TargetAction::Fail(MigrateError::Unexpected(_))]));
@@ -496,10 +499,7 @@ mod tests {
     #[test]
     fn digest_mismatch_refuses() {
         let now = Instant::now();
-        let mut s = TargetSession::new(Duration::from_secs(5), now);
-        s.handle_control(&prepare(MIGRATION_VERSION), now);
-        s.handle_vm_created(Ok(()));
-        s.handle_channels(true, now);
+        let mut s = receiving(now);
         s.handle_control(&Msg::Complete { state_len: 0, state_crc: 0, digest: 1, pages: 8 }.encode(), now);
         s.handle_digest(2);
         let a = drain(&mut s);
@@ -519,10 +519,7 @@ mod tests {
     #[test]
     fn gate_refuses_stale_rounds_and_batches_after_complete() {
         let now = Instant::now();
-        let mut s = TargetSession::new(Duration::from_secs(5), now);
-        s.handle_control(&prepare(MIGRATION_VERSION), now);
-        s.handle_vm_created(Ok(()));
-        s.handle_channels(true, now);
+        let mut s = receiving(now);
         let g = s.gate().clone();
         assert!(g.admit(0).is_ok());
         assert!(g.admit(1).is_ok());
@@ -537,10 +534,7 @@ mod tests {
     #[test]
     fn lost_channels_are_reported_once_and_may_rejoin_while_receiving() {
         let now = Instant::now();
-        let mut s = TargetSession::new(Duration::from_secs(5), now);
-        s.handle_control(&prepare(MIGRATION_VERSION), now);
-        s.handle_vm_created(Ok(()));
-        s.handle_channels(true, now);
+        let mut s = receiving(now);
         drain(&mut s);
         s.handle_channel_lost(1, "x".into(), false);
         s.handle_channel_lost(1, "x".into(), true);
