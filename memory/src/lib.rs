@@ -76,6 +76,7 @@ pub mod digest;
 pub mod map;
 pub mod reserve;
 pub mod scan;
+pub mod size;
 pub mod volatile;
 
 pub use anon::AnonMemory;

@@ -12,35 +12,7 @@ pub const MAX_SIZE: u64 = 64 << 30;
 /// (powers of 1024) or `KB`/`MB`/`GB`/`TB` (powers of 1000). It must be a positive multiple of the
 /// page size (4 KiB) and at most [`MAX_SIZE`].
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    if num.is_empty() {
-        return Err(format!("size {s:?} does not start with a number (like 1GiB, 64MiB)"));
-    }
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kib" => 1 << 10,
-        "m" | "mib" => 1 << 20,
-        "g" | "gib" => 1 << 30,
-        "t" | "tib" => 1 << 40,
-        "kb" => 1_000,
-        "mb" => 1_000_000,
-        "gb" => 1_000_000_000,
-        "tb" => 1_000_000_000_000,
-        u => return Err(format!("unknown size unit {u:?} in {s:?} (B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
-    };
-    let bytes = if num.contains('.') {
-        let v: f64 = num.parse().map_err(|_| format!("size {s:?}: {num:?} is not a number"))?;
-        let b = v * mult as f64;
-        if !b.is_finite() || b > MAX_SIZE as f64 {
-            return Err(format!("size {s:?} is larger than {} GiB", MAX_SIZE >> 30));
-        }
-        b.round() as u64
-    } else {
-        let v: u64 = num.parse().map_err(|_| format!("size {s:?}: {num:?} is not a number"))?;
-        v.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))?
-    };
+    let bytes = ferry_memory::size::parse_bytes(s)?;
     if bytes == 0 {
         return Err(format!("size {s:?} is zero"));
     }

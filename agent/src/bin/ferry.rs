@@ -25,7 +25,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use ferry_agent::api::*;
 use ferry_agent::client::{request, Endpoint};
-use ferry_agent::parse_size;
+use ferry_memory::size::parse_bytes as parse_size;
 use serde_json::{json, Value};
 
 #[derive(Debug, Parser)]

@@ -171,10 +171,10 @@ struct XportArgs {
 #[derive(Debug, Clone, Args)]
 struct GuestArgs {
     /// Guest memory (B, KiB, MiB, GiB; a multiple of 4 KiB, 2 MiB ..= 3 GiB).
-    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "1GiB", value_parser = ferry_memory::size::parse_bytes)]
     mem: u64,
     /// Working set the guest rewrites, pass after pass (a multiple of 4 KiB).
-    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    #[arg(long, default_value = "64MiB", value_parser = ferry_memory::size::parse_bytes)]
     working_set: u64,
     /// PAUSE iterations after each page (0 = as fast as the guest can).
     #[arg(long, default_value_t = 0)]
@@ -210,11 +210,11 @@ struct ReceiveArgs {
     #[arg(long)]
     run_for_ms: Option<u64>,
     /// Largest VM accepted.
-    #[arg(long, default_value = "3GiB", value_parser = parse_size)]
+    #[arg(long, default_value = "3GiB", value_parser = ferry_memory::size::parse_bytes)]
     max_mem: u64,
     /// Keep this much guest memory faulted in ahead of incoming VMs (0: none). Filled before
     /// listening, refilled in the background at idle priority after each VM takes its share.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
+    #[arg(long, default_value = "0", value_parser = ferry_memory::size::parse_bytes)]
     reserve: u64,
     /// JSON lines instead of text.
     #[arg(long)]
@@ -292,22 +292,6 @@ struct QuickPeerArgs {
     trips: u32,
     #[arg(long, default_value_t = 200)]
     hold_ms: u64,
-}
-
-/// "64MiB", "1GiB", "4096", "512KiB" (also KB/MB/GB as binary units, and k/m/g).
-fn parse_size(s: &str) -> std::result::Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (like 64MiB or 1GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        u => return Err(format!("unknown unit {u:?} in {s:?} (B, KiB, MiB, GiB)")),
-    };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn mib(b: u64) -> f64 {
