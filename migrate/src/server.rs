@@ -8,21 +8,34 @@
 //! admitted only while that session is open. A channel naming an unknown session, or opening a
 //! session twice, is refused in the handshake.
 //!
+//! A listener nobody can hold down ([`ListenerConfig`]): an accept thread only accepts; each
+//! handshake runs on its own thread, bounded in number, under a wall-clock deadline for the
+//! whole handshake (however slowly the peer sends). At most `max_pending_per_source` handshakes
+//! are pending per source address (an IPv6 /64 counts as one) and `max_pending` in total: beyond
+//! the first a new connection is closed at once; beyond the second the oldest pending handshake
+//! is closed to make room (a genuine handshake takes a few round trips, an attacker's idles).
+//! Channel 0 must send its first message within `prepare_timeout`. Accept errors (out of file
+//! descriptors, say) back off exponentially. Stopping closes every pending handshake and every
+//! session still waiting for its first message, so [`MigrationServer::serve`] returns promptly;
+//! migrations under way run to their end. Every refusal is counted ([`ListenerStats`]) and
+//! logged (at most once a second).
+//!
 //! On the source, a [`Connector`] (the options value of the chosen transport: `TcpOptions` for
 //! `tcp`/`zstd`, `RdmaOptions` for `rdma`) opens each channel of a session on its [`Path`].
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ferry_transport::endpoint::{Acceptor, Connector};
+use ferry_transport::endpoint::{Acceptor, Connector, PendingChannel};
+use ferry_transport::error::{HandshakeError, TransportError};
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, Psk, SessionId};
-use ferry_transport::Channel;
+use ferry_transport::{Channel, Killer};
 
 use crate::target::{receive_after, TargetConfig, TargetOutcome};
 use crate::vm::TargetFactory;
@@ -78,25 +91,270 @@ pub fn connect_simple(
 
 /// Read channel 0's first message: a multichannel interface exchange is answered here (this
 /// host's interfaces and the listening port, so the source can open channels on every NIC both
-/// share), and the message after it is the migration's Prepare.
-fn first_message(mut ch: Channel, port: u16) -> Result<(Channel, Option<Vec<u8>>), MigrateError> {
+/// share), and the message after it is the migration's Prepare, which is returned.
+fn read_prepare(ch: &mut Channel, port: u16) -> Result<Vec<u8>, MigrateError> {
     use ferry_transport::Incoming;
-    match ch.rx.recv(&NoSink).map_err(|e| MigrateError::Channel(0, e.to_string()))? {
-        Incoming::Control(m) if ferry_multichannel::is_exchange(&m) => {
-            ferry_multichannel::session::answer_offer(&mut ch, &m, port)
-                .map_err(|e| MigrateError::Unexpected(format!("interface exchange: {e}")))?;
-            Ok((ch, None))
+    let mut exchanged = false;
+    loop {
+        match ch.rx.recv(&NoSink).map_err(|e| MigrateError::Channel(0, e.to_string()))? {
+            Incoming::Control(m) if !exchanged && ferry_multichannel::is_exchange(&m) => {
+                ferry_multichannel::session::answer_offer(ch, &m, port)
+                    .map_err(|e| MigrateError::Unexpected(format!("interface exchange: {e}")))?;
+                exchanged = true;
+            }
+            Incoming::Control(m) => return Ok(m),
+            _ => {
+                let _ = ch.tx.send_abort(2, "expected Prepare");
+                return Err(MigrateError::Unexpected("a non-control frame before Prepare".into()));
+            }
         }
-        Incoming::Control(m) => Ok((ch, Some(m))),
-        _ => {
-            let _ = ch.tx.send_abort(2, "expected Prepare");
-            Err(MigrateError::Unexpected("a non-control frame before Prepare".into()))
+    }
+}
+
+/// Limits that keep a listener serving whatever its peers do (see the module docs).
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Wall-clock time allowed from accepting a connection to an authenticated, set-up channel.
+    pub handshake_timeout: Duration,
+    /// Time allowed between channel 0's handshake and its first message (Prepare, or the
+    /// interface exchange before it) and between that exchange and Prepare.
+    pub prepare_timeout: Duration,
+    /// Handshakes pending at once, in total (each has its own thread); beyond it, the oldest is
+    /// closed to make room.
+    pub max_pending: usize,
+    /// Handshakes pending at once from one source address (an IPv6 /64 counts as one address);
+    /// beyond it, a new connection from there is closed at once.
+    pub max_pending_per_source: usize,
+    /// Longest pause after failing accepts (the pause starts at 5 ms and doubles).
+    pub accept_backoff_max: Duration,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            prepare_timeout: Duration::from_secs(30),
+            max_pending: 64,
+            max_pending_per_source: 8,
+            accept_backoff_max: Duration::from_secs(1),
         }
+    }
+}
+
+/// What the listeners of a [`MigrationServer`] have done, since it was made.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// Connections accepted.
+    pub accepted: u64,
+    /// Handshakes that produced a channel.
+    pub established: u64,
+    /// Handshakes that failed (wrong key, refused session, bad frames, peer gone).
+    pub failed: u64,
+    /// Handshakes closed at their deadline.
+    pub timed_out: u64,
+    /// Connections closed at once: their source had `max_pending_per_source` pending.
+    pub refused_per_source: u64,
+    /// Pending handshakes closed to make room under `max_pending`.
+    pub evicted: u64,
+    /// Channels 0 closed because their first message did not come within `prepare_timeout`.
+    pub prepare_timed_out: u64,
+    /// Pending handshakes and waits closed by stopping the server.
+    pub closed_at_stop: u64,
+    /// Failed accepts (each followed by a pause).
+    pub accept_errors: u64,
+}
+
+impl ListenerStats {
+    /// Connections the listener closed to protect itself (per-source refusals and evictions).
+    pub fn refused(&self) -> u64 {
+        self.refused_per_source + self.evicted
+    }
+}
+
+/// The live counters behind [`ListenerStats`] (shared with the serving threads).
+#[derive(Debug, Default)]
+pub struct ListenerCounters {
+    accepted: AtomicU64,
+    established: AtomicU64,
+    failed: AtomicU64,
+    timed_out: AtomicU64,
+    refused_per_source: AtomicU64,
+    evicted: AtomicU64,
+    prepare_timed_out: AtomicU64,
+    closed_at_stop: AtomicU64,
+    accept_errors: AtomicU64,
+    /// When a refusal was last logged (to log at most once a second).
+    last_log: Mutex<Option<Instant>>,
+}
+
+impl ListenerCounters {
+    /// The counts now.
+    pub fn snapshot(&self) -> ListenerStats {
+        let g = |a: &AtomicU64| a.load(Ordering::SeqCst);
+        ListenerStats {
+            accepted: g(&self.accepted),
+            established: g(&self.established),
+            failed: g(&self.failed),
+            timed_out: g(&self.timed_out),
+            refused_per_source: g(&self.refused_per_source),
+            evicted: g(&self.evicted),
+            prepare_timed_out: g(&self.prepare_timed_out),
+            closed_at_stop: g(&self.closed_at_stop),
+            accept_errors: g(&self.accept_errors),
+        }
+    }
+
+    fn bump(a: &AtomicU64) {
+        a.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Log a refusal, at most once a second, with the counts so far.
+    fn log_refusal(&self, what: &str) {
+        let now = Instant::now();
+        let mut last = lock(&self.last_log);
+        if last.is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+            return;
+        }
+        *last = Some(now);
+        drop(last);
+        let s = self.snapshot();
+        eprintln!(
+            "ferry listener: {what} (so far: {} refused per source, {} evicted, {} timed out, {} failed)",
+            s.refused_per_source, s.evicted, s.timed_out, s.failed
+        );
+    }
+}
+
+/// The unit a per-source limit counts: an IPv4 address, or an IPv6 /64.
+fn source_of(addr: Option<SocketAddr>) -> Option<IpAddr> {
+    match addr?.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => Some(IpAddr::V4(v4)),
+            None => Some(IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into())),
+        },
+        v4 => Some(v4),
+    }
+}
+
+/// Why the warden closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closed {
+    Deadline,
+    Evicted,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    Handshake,
+    Prepare,
+}
+
+struct Watched {
+    wait: Wait,
+    source: Option<IpAddr>,
+    since: Instant,
+    deadline: Instant,
+    close: Killer,
+    closed: Option<Closed>,
+}
+
+/// The waits on peers a server has under way (pending handshakes, channels 0 before their
+/// first message), each with its deadline and a handle that closes its connection.
+#[derive(Default)]
+struct Warden {
+    table: Mutex<WardenTable>,
+}
+
+#[derive(Default)]
+struct WardenTable {
+    next: u64,
+    entries: HashMap<u64, Watched>,
+}
+
+enum Admission {
+    Watched(u64),
+    RefusedPerSource,
+}
+
+impl Warden {
+    /// Register a pending handshake under the limits (closing the oldest one if the total is
+    /// reached).
+    fn admit_handshake(
+        &self,
+        source: Option<IpAddr>,
+        close: Killer,
+        limits: &ListenerConfig,
+        counters: &ListenerCounters,
+    ) -> Admission {
+        let now = Instant::now();
+        let mut t = lock(&self.table);
+        let open = |w: &&Watched| w.wait == Wait::Handshake && w.closed.is_none();
+        if source.is_some() && t.entries.values().filter(open).filter(|w| w.source == source).count()
+            >= limits.max_pending_per_source
+        {
+            return Admission::RefusedPerSource;
+        }
+        if t.entries.values().filter(open).count() >= limits.max_pending.max(1) {
+            let oldest = t.entries.iter().filter(|(_, w)| open(w)).min_by_key(|(_, w)| w.since).map(|(id, _)| *id);
+            if let Some(w) = oldest.and_then(|id| t.entries.get_mut(&id)) {
+                w.closed = Some(Closed::Evicted);
+                (w.close)();
+                ListenerCounters::bump(&counters.evicted);
+            }
+        }
+        let id = t.watch(Wait::Handshake, source, now + limits.handshake_timeout, close);
+        Admission::Watched(id)
+    }
+
+    /// Watch a wait that `close` ends, until `deadline`.
+    fn watch(&self, wait: Wait, deadline: Instant, close: Killer) -> u64 {
+        lock(&self.table).watch(wait, None, deadline, close)
+    }
+
+    /// The wait is over: whether (and why) the warden closed it meanwhile.
+    fn done(&self, id: u64) -> Option<Closed> {
+        lock(&self.table).entries.remove(&id).and_then(|w| w.closed)
+    }
+
+    /// Close every wait whose deadline passed (`stop`: every wait); returns how many it closed.
+    fn sweep(&self, stop: bool, counters: &ListenerCounters) {
+        let now = Instant::now();
+        let mut t = lock(&self.table);
+        for w in t.entries.values_mut().filter(|w| w.closed.is_none()) {
+            let why = if stop {
+                Closed::Stopped
+            } else if now >= w.deadline {
+                Closed::Deadline
+            } else {
+                continue;
+            };
+            w.closed = Some(why);
+            (w.close)();
+            if why == Closed::Stopped {
+                ListenerCounters::bump(&counters.closed_at_stop);
+            }
+        }
+    }
+}
+
+impl WardenTable {
+    fn watch(&mut self, wait: Wait, source: Option<IpAddr>, deadline: Instant, close: Killer) -> u64 {
+        self.next += 1;
+        let w = Watched { wait, source, since: Instant::now(), deadline, close, closed: None };
+        self.entries.insert(self.next, w);
+        self.next
     }
 }
 
 /// How long an accept loop waits for a connection before it looks at the stop conditions again.
 const ACCEPT_WAIT: Duration = Duration::from_millis(10);
+
+/// How often the warden looks for waits past their deadline.
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
+
+/// The first pause after a failed accept (doubling up to [`ListenerConfig::accept_backoff_max`]).
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 
 /// A session open on this server: channel 0 was admitted; its receiver has not finished.
 struct Session {
@@ -119,6 +377,8 @@ pub struct MigrationServer {
     cfg: TargetConfig,
     sessions: Arc<Sessions>,
     stop: Arc<AtomicBool>,
+    limits: ListenerConfig,
+    counters: Arc<ListenerCounters>,
 }
 
 /// Counters and outcome callback of one [`MigrationServer::serve`] call.
@@ -129,6 +389,9 @@ struct Serving {
     finished: Arc<AtomicUsize>,
     done: Arc<dyn Fn(Result<TargetOutcome, MigrateError>) + Send + Sync>,
     workers: Mutex<Vec<JoinHandle<()>>>,
+    warden: Arc<Warden>,
+    /// Accept loops still running.
+    accepting: AtomicUsize,
 }
 
 impl MigrationServer {
@@ -140,7 +403,21 @@ impl MigrationServer {
             cfg,
             sessions: Default::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            limits: ListenerConfig::default(),
+            counters: Default::default(),
         }
+    }
+
+    /// Use these listener limits instead of [`ListenerConfig::default`].
+    pub fn with_listener_config(mut self, limits: ListenerConfig) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// The listeners' counters (live: keep the handle and call
+    /// [`ListenerCounters::snapshot`]).
+    pub fn listener_counters(&self) -> Arc<ListenerCounters> {
+        self.counters.clone()
     }
 
     /// Also serve on `acceptor` (another transport, or another address): its channels join the
@@ -163,7 +440,9 @@ impl MigrationServer {
             .collect()
     }
 
-    /// A switch that makes [`MigrationServer::serve`] return after the current connection.
+    /// A switch that makes [`MigrationServer::serve`] return: the listeners stop accepting, pending
+    /// handshakes and channels 0 still waiting for their first message are closed, and
+    /// migrations under way run to their end.
     pub fn stopper(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
@@ -178,59 +457,147 @@ impl MigrationServer {
             finished: Arc::new(AtomicUsize::new(0)),
             done,
             workers: Mutex::new(Vec::new()),
+            warden: Default::default(),
+            accepting: AtomicUsize::new(self.acceptors.len()),
         };
         std::thread::scope(|sc| {
             for acc in &self.acceptors {
                 let serving = &serving;
-                sc.spawn(move || self.accept_loop(acc.as_ref(), serving));
+                sc.spawn(move || {
+                    self.accept_loop(sc, acc.as_ref(), serving);
+                    serving.accepting.fetch_sub(1, Ordering::SeqCst);
+                });
             }
+            // The warden: closes waits past their deadline; once every accept loop is over, it
+            // closes the rest (so the handshake threads of this scope end promptly).
+            let serving = &serving;
+            sc.spawn(move || loop {
+                let over = serving.accepting.load(Ordering::SeqCst) == 0;
+                serving.warden.sweep(over, &self.counters);
+                if over {
+                    return;
+                }
+                std::thread::sleep(SWEEP_EVERY);
+            });
         });
+        // Channels 0 that reached their worker after the warden's last sweep.
+        serving.warden.sweep(true, &self.counters);
         for w in lock(&serving.workers).drain(..) {
             let _ = w.join();
         }
     }
 
-    /// One listener's loop: accept, authenticate, route; until stopped or `max` finished.
+    fn stopping(&self, serving: &Serving) -> bool {
+        self.stop.load(Ordering::SeqCst) || serving.max.is_some_and(|m| serving.finished.load(Ordering::SeqCst) >= m)
+    }
+
+    /// One listener's loop: accept, and hand each connection to a handshake thread of its own
+    /// (within the limits); until stopped or `max` finished. A failed accept pauses the loop,
+    /// doubling the pause while accepts keep failing.
+    fn accept_loop<'s>(&'s self, sc: &'s std::thread::Scope<'s, '_>, acc: &'s dyn Acceptor, serving: &'s Serving) {
+        let port = acc.local_addr().map(|a| a.port()).unwrap_or(0);
+        let mut backoff = Duration::ZERO;
+        while !self.stopping(serving) {
+            match acc.accept_pending(ACCEPT_WAIT) {
+                Ok(None) => backoff = Duration::ZERO,
+                Ok(Some(p)) => {
+                    backoff = Duration::ZERO;
+                    ListenerCounters::bump(&self.counters.accepted);
+                    self.start_handshake(sc, p, port, serving);
+                }
+                Err(e) => {
+                    ListenerCounters::bump(&self.counters.accept_errors);
+                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, self.limits.accept_backoff_max.max(ACCEPT_BACKOFF_MIN));
+                    eprintln!("ferry listener: accept on {} failed: {e}; pausing {backoff:?}", acc.transport());
+                    let until = Instant::now() + backoff;
+                    while !self.stopping(serving) && Instant::now() < until {
+                        std::thread::sleep(ACCEPT_WAIT.min(until.saturating_duration_since(Instant::now())));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Run one connection's handshake on a thread of its own, under the limits and the deadline.
     ///
     /// A session is opened when its channel 0 is admitted (inside the handshake), so that its
     /// other channels are admitted at once, on whichever listener they arrive; if channel 0 then
     /// fails its handshake or setup, the session is closed again.
-    fn accept_loop(&self, acc: &dyn Acceptor, serving: &Serving) {
-        let port = acc.local_addr().map(|a| a.port()).unwrap_or(0);
-        let sessions = &self.sessions;
-        let opened = Cell::new(None);
-        let admit = |est: &Established| -> Result<(), String> {
-            let b = est.binding;
-            let mut m = lock(sessions);
-            match (b.channel, m.contains_key(&b.session)) {
-                (0, false) => {
-                    let (tx, rx) = mpsc::channel();
-                    m.insert(b.session, Session { tx, rx: Some(rx) });
-                    opened.set(Some(b.session));
-                    Ok(())
-                }
-                (0, true) => Err("session already open".into()),
-                (_, true) => Ok(()),
-                (_, false) => Err("no migration session with that id".into()),
+    fn start_handshake<'s>(
+        &'s self,
+        sc: &'s std::thread::Scope<'s, '_>,
+        p: Box<dyn PendingChannel>,
+        port: u16,
+        serving: &'s Serving,
+    ) {
+        let peer = p.peer_addr();
+        let Ok(close) = p.closer() else {
+            ListenerCounters::bump(&self.counters.failed);
+            return;
+        };
+        let deadline = Instant::now() + self.limits.handshake_timeout;
+        let id = match serving.warden.admit_handshake(source_of(peer), close, &self.limits, &self.counters) {
+            Admission::Watched(id) => id,
+            Admission::RefusedPerSource => {
+                ListenerCounters::bump(&self.counters.refused_per_source);
+                self.counters.log_refusal(&format!(
+                    "closed a connection from {}: {} handshakes pending from there",
+                    peer.map_or("?".into(), |a| a.ip().to_string()),
+                    self.limits.max_pending_per_source
+                ));
+                return; // dropping `p` closes it
             }
         };
-        loop {
-            if self.stop.load(Ordering::SeqCst)
-                || serving.max.is_some_and(|m| serving.finished.load(Ordering::SeqCst) >= m)
-            {
-                return;
-            }
-            let r = acc.accept_within(ACCEPT_WAIT, &admit);
-            let opened = opened.take();
-            match r {
-                Ok(Some(ch)) => self.route(ch, port, serving),
-                // An error concerns that connection only (refused, failed handshake or setup).
-                _ => {
-                    if let Some(session) = opened {
-                        lock(sessions).remove(&session);
+        let run = move || {
+            let sessions = &self.sessions;
+            let opened = Cell::new(None);
+            let admit = |est: &Established| -> Result<(), String> {
+                let b = est.binding;
+                let mut m = lock(sessions);
+                match (b.channel, m.contains_key(&b.session)) {
+                    (0, false) => {
+                        let (tx, rx) = mpsc::channel();
+                        m.insert(b.session, Session { tx, rx: Some(rx) });
+                        opened.set(Some(b.session));
+                        Ok(())
+                    }
+                    (0, true) => Err("session already open".into()),
+                    (_, true) => Ok(()),
+                    (_, false) => Err("no migration session with that id".into()),
+                }
+            };
+            let r = p.establish(deadline, &admit);
+            let closed = serving.warden.done(id);
+            match (r, closed) {
+                (Ok(ch), None) => {
+                    ListenerCounters::bump(&self.counters.established);
+                    self.route(ch, port, serving);
+                    return;
+                }
+                (Ok(ch), Some(_)) => (ch.killer)(),
+                (Err(e), None) => {
+                    if matches!(e, TransportError::Handshake(HandshakeError::Timeout)) {
+                        ListenerCounters::bump(&self.counters.timed_out);
+                    } else {
+                        ListenerCounters::bump(&self.counters.failed);
+                    }
+                }
+                (Err(_), Some(why)) => {
+                    if why == Closed::Deadline {
+                        ListenerCounters::bump(&self.counters.timed_out);
                     }
                 }
             }
+            if let Some(session) = opened.take() {
+                lock(sessions).remove(&session);
+            }
+        };
+        let spawned = std::thread::Builder::new().name("ferry-handshake".into()).spawn_scoped(sc, run);
+        if let Err(e) = spawned {
+            // The closure (and the connection in it) is gone with the error.
+            serving.warden.done(id);
+            ListenerCounters::bump(&self.counters.failed);
+            self.counters.log_refusal(&format!("cannot start a handshake thread: {e}"));
         }
     }
 
@@ -267,9 +634,22 @@ impl MigrationServer {
             serving.done.clone(),
             serving.finished.clone(),
         );
+        let (warden, counters, prepare_timeout) =
+            (serving.warden.clone(), self.counters.clone(), self.limits.prepare_timeout);
         let worker = std::thread::spawn(move || {
-            let r =
-                first_message(ch, port).and_then(|(ch, first)| receive_after(factory.as_ref(), ch, first, &rx, &cfg));
+            let mut ch = ch;
+            let id = warden.watch(Wait::Prepare, Instant::now() + prepare_timeout, ch.killer.clone());
+            let first = read_prepare(&mut ch, port);
+            let first = match (first, warden.done(id)) {
+                (Ok(m), None) => Ok(m),
+                (Err(e), None) => Err(e),
+                (_, Some(Closed::Deadline)) => {
+                    ListenerCounters::bump(&counters.prepare_timed_out);
+                    Err(MigrateError::Timeout("waiting for the source's Prepare"))
+                }
+                (_, Some(_)) => Err(MigrateError::Cancelled),
+            };
+            let r = first.and_then(|m| receive_after(factory.as_ref(), ch, Some(m), &rx, &cfg));
             lock(&sessions).remove(&b.session);
             done(r);
             finished.fetch_add(1, Ordering::SeqCst);

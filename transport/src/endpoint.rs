@@ -24,9 +24,9 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::channel::Channel;
+use crate::channel::{Channel, Killer};
 use crate::error::Result;
 use crate::handshake::{ClientConfig, Established};
 
@@ -46,6 +46,26 @@ pub trait Acceptor: Send + Sync {
     /// channel up. `Ok(None)`: nothing arrived in time. An error concerns that one connection
     /// (refused, failed handshake or setup) or the listener's accept; the acceptor stays usable.
     fn accept_within(&self, wait: Duration, admit: Admit<'_>) -> Result<Option<Channel>>;
+
+    /// Wait up to `wait` for the next connection and return it unauthenticated, so that the
+    /// handshake runs elsewhere (a listener's accept thread must never wait on a peer). `Ok(None)`:
+    /// nothing arrived in time. An error is the listener's accept failing (out of file
+    /// descriptors, say): the caller backs off and tries again.
+    fn accept_pending(&self, wait: Duration) -> Result<Option<Box<dyn PendingChannel>>>;
+}
+
+/// A connection accepted by an [`Acceptor`] and not yet authenticated.
+pub trait PendingChannel: Send {
+    /// Where it comes from (`None` if the socket no longer knows).
+    fn peer_addr(&self) -> Option<SocketAddr>;
+
+    /// A handle that closes the connection from any thread: a handshake in progress on it fails
+    /// at once (deadlines, eviction, shutdown).
+    fn closer(&self) -> Result<Killer>;
+
+    /// Authenticate the peer, ask `admit`, and set the channel up, giving up at `deadline` (a
+    /// wall-clock bound on the whole handshake, however slowly the peer sends).
+    fn establish(self: Box<Self>, deadline: Instant, admit: Admit<'_>) -> Result<Channel>;
 }
 
 /// Where a source opens one channel: the destination's address, and which local address or

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
-use crate::channel::{Channel, ChannelInfo};
-use crate::endpoint::{Acceptor, Admit, Connector, Path};
+use crate::channel::{Channel, ChannelInfo, Killer};
+use crate::endpoint::{Acceptor, Admit, Connector, Path, PendingChannel};
 use crate::error::{HandshakeError, Result, TransportError};
 use crate::handshake::{
     random_bytes, Caps, ClientConfig, ClientHandshake, Established, ServerConfig, ServerHandshake, Step,
@@ -87,27 +87,41 @@ fn tune(s: &SockRef<'_>, o: &TcpOptions) -> std::io::Result<()> {
 }
 
 fn read_handshake_frame(s: &mut TcpStream, deadline: Instant) -> Result<(FrameKind, Vec<u8>)> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(HandshakeError::Timeout.into());
-    }
-    s.set_read_timeout(Some(left))?;
     let mut hb = [0u8; HEADER_LEN];
-    let map = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            TransportError::Handshake(HandshakeError::Timeout)
-        }
-        std::io::ErrorKind::UnexpectedEof => TransportError::Truncated,
-        _ => TransportError::Io(e),
-    };
-    s.read_exact(&mut hb).map_err(map)?;
+    read_before(s, &mut hb, deadline)?;
     let h = FrameHeader::decode(&hb)?;
     if h.len > MAX_SMALL_LEN {
         return Err(crate::error::WireError::Unexpected(h.kind).into());
     }
     let mut p = vec![0u8; h.len as usize];
-    s.read_exact(&mut p).map_err(map)?;
+    read_before(s, &mut p, deadline)?;
     Ok((h.kind, p))
+}
+
+/// Fill `buf` from `s`, giving up at `deadline`: the socket's read timeout is set to the time
+/// left before every read, so a peer that dribbles a byte at a time cannot stretch the wait
+/// (a per-read timeout alone would restart with every byte).
+fn read_before(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<()> {
+    let mut got = 0;
+    while got < buf.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(HandshakeError::Timeout.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        match s.read(&mut buf[got..]) {
+            Ok(0) => return Err(TransportError::Truncated),
+            Ok(n) => got += n,
+            Err(e) => match e.kind() {
+                std::io::ErrorKind::Interrupted => {}
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                    return Err(HandshakeError::Timeout.into())
+                }
+                _ => return Err(TransportError::Io(e)),
+            },
+        }
+    }
+    Ok(())
 }
 
 fn finish(sock: TcpStream, est: Established, opts: &TcpOptions) -> Result<Channel> {
@@ -255,6 +269,8 @@ impl TcpAcceptor {
                     return Ok(Some(s));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted && wait.is_none() => continue,
+                // The peer gave up before we took the connection: that connection only.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
                 Err(e)
                     if wait.is_some()
                         && matches!(
@@ -285,29 +301,90 @@ impl TcpAcceptor {
     }
 
     /// Run the server handshake on an accepted socket and return the socket.
-    pub fn handshake_stream(&self, mut s: TcpStream, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
-        tune(&SockRef::from(&s), &self.opts)?;
-        let mut m = ServerHandshake::new(self.hs.clone(), random_bytes(), Instant::now());
-        loop {
-            let (k, p) = read_handshake_frame(&mut s, m.poll_timeout())?;
-            match m.handle_frame(k, &p, Instant::now())? {
-                Step::Send(f) => s.write_all(&f)?,
-                Step::Verified(est) => {
-                    return match admit(&est) {
-                        Ok(()) => {
-                            s.write_all(&m.accept()?)?;
-                            s.set_read_timeout(None)?;
-                            Ok((s, est))
-                        }
-                        Err(reason) => {
-                            let _ = s.write_all(&m.reject(&reason));
-                            Err(HandshakeError::Rejected(reason).into())
-                        }
-                    };
-                }
-                Step::Done(_) => return Err(crate::error::WireError::Unexpected(k).into()),
+    pub fn handshake_stream(&self, s: TcpStream, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
+        let deadline = Instant::now() + self.hs.timeout;
+        server_handshake(s, &self.opts, &self.hs, deadline, admit)
+    }
+
+    /// Accept one connection, waiting at most `wait`, without authenticating it: the caller runs
+    /// [`TcpPending::establish`] (on another thread, under its own deadline).
+    pub fn accept_pending_tcp(&self, wait: Duration) -> Result<Option<TcpPending>> {
+        Ok(self.accept_socket(Some(wait))?.map(|sock| TcpPending {
+            sock,
+            opts: self.opts.clone(),
+            hs: self.hs.clone(),
+        }))
+    }
+}
+
+/// The server handshake on `s`, given up at `deadline` or after `hs.timeout`, whichever is first.
+fn server_handshake(
+    mut s: TcpStream,
+    opts: &TcpOptions,
+    hs: &ServerConfig,
+    deadline: Instant,
+    admit: Admit<'_>,
+) -> Result<(TcpStream, Established)> {
+    tune(&SockRef::from(&s), opts)?;
+    let mut m = ServerHandshake::new(hs.clone(), random_bytes(), Instant::now());
+    let deadline = deadline.min(m.poll_timeout());
+    loop {
+        let (k, p) = read_handshake_frame(&mut s, deadline)?;
+        match m.handle_frame(k, &p, Instant::now())? {
+            Step::Send(f) => s.write_all(&f)?,
+            Step::Verified(est) => {
+                return match admit(&est) {
+                    Ok(()) => {
+                        s.write_all(&m.accept()?)?;
+                        s.set_read_timeout(None)?;
+                        Ok((s, est))
+                    }
+                    Err(reason) => {
+                        let _ = s.write_all(&m.reject(&reason));
+                        Err(HandshakeError::Rejected(reason).into())
+                    }
+                };
             }
+            Step::Done(_) => return Err(crate::error::WireError::Unexpected(k).into()),
         }
+    }
+}
+
+/// A TCP connection accepted and not yet authenticated.
+pub struct TcpPending {
+    sock: TcpStream,
+    opts: TcpOptions,
+    hs: ServerConfig,
+}
+
+impl TcpPending {
+    /// Run the server handshake, giving up at `deadline`; return the authenticated socket.
+    pub fn establish_stream(self, deadline: Instant, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
+        server_handshake(self.sock, &self.opts, &self.hs, deadline, admit)
+    }
+
+    /// A handle that closes the connection from any thread (a handshake in progress fails).
+    pub fn closer(&self) -> Result<Killer> {
+        let k = self.sock.try_clone()?;
+        Ok(Arc::new(move || {
+            let _ = k.shutdown(std::net::Shutdown::Both);
+        }))
+    }
+}
+
+impl PendingChannel for TcpPending {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.sock.peer_addr().ok()
+    }
+
+    fn closer(&self) -> Result<Killer> {
+        TcpPending::closer(self)
+    }
+
+    fn establish(self: Box<Self>, deadline: Instant, admit: Admit<'_>) -> Result<Channel> {
+        let opts = self.opts.clone();
+        let (s, est) = self.establish_stream(deadline, admit)?;
+        finish(s, est, &opts)
     }
 }
 
@@ -325,5 +402,9 @@ impl Acceptor for TcpAcceptor {
             Some(s) => self.handshake(s, admit).map(Some),
             None => Ok(None),
         }
+    }
+
+    fn accept_pending(&self, wait: Duration) -> Result<Option<Box<dyn PendingChannel>>> {
+        Ok(self.accept_pending_tcp(wait)?.map(|p| Box::new(p) as Box<dyn PendingChannel>))
     }
 }

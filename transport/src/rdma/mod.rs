@@ -103,12 +103,12 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use channel::{RdmaRx, RdmaTx};
 
 use crate::channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer};
-use crate::endpoint::{Acceptor, Admit, Connector, Path};
+use crate::endpoint::{Acceptor, Admit, Connector, Path, PendingChannel};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::handshake::{Caps, ClientConfig, Established, ServerConfig};
 use crate::stream::{StreamRx, StreamTx};
@@ -536,6 +536,36 @@ impl Acceptor for RdmaAcceptor {
         let Some(s) = self.tcp.accept_socket(Some(wait))? else { return Ok(None) };
         let (s, est) = self.tcp.handshake_stream(s, &|e| rdma_only(e).and_then(|()| admit(e)))?;
         Ok(Some(build(s, est, &self.opts, false)?.into_channel().channel))
+    }
+
+    fn accept_pending(&self, wait: Duration) -> Result<Option<Box<dyn PendingChannel>>> {
+        Ok(self
+            .tcp
+            .accept_pending_tcp(wait)?
+            .map(|tcp| Box::new(RdmaPending { tcp, opts: self.opts.clone() }) as Box<dyn PendingChannel>))
+    }
+}
+
+/// An RDMA control stream accepted and not yet authenticated.
+struct RdmaPending {
+    tcp: tcp::TcpPending,
+    opts: RdmaOptions,
+}
+
+impl PendingChannel for RdmaPending {
+    fn peer_addr(&self) -> Option<SocketAddr> {
+        self.tcp.peer_addr()
+    }
+
+    fn closer(&self) -> Result<Killer> {
+        self.tcp.closer()
+    }
+
+    /// The handshake gives up at `deadline`; the queue pair exchange after it has its own
+    /// `setup_timeout`.
+    fn establish(self: Box<Self>, deadline: Instant, admit: Admit<'_>) -> Result<Channel> {
+        let (s, est) = self.tcp.establish_stream(deadline, &|e| rdma_only(e).and_then(|()| admit(e)))?;
+        Ok(build(s, est, &self.opts, false)?.into_channel().channel)
     }
 }
 
