@@ -290,8 +290,8 @@ impl Warden {
         let now = Instant::now();
         let mut t = lock(&self.table);
         let open = |w: &&Watched| w.wait == Wait::Handshake && w.closed.is_none();
-        if source.is_some() && t.entries.values().filter(open).filter(|w| w.source == source).count()
-            >= limits.max_pending_per_source
+        if source.is_some()
+            && t.entries.values().filter(open).filter(|w| w.source == source).count() >= limits.max_pending_per_source
         {
             return Admission::RefusedPerSource;
         }
@@ -507,7 +507,8 @@ impl MigrationServer {
                 }
                 Err(e) => {
                     ListenerCounters::bump(&self.counters.accept_errors);
-                    backoff = (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, self.limits.accept_backoff_max.max(ACCEPT_BACKOFF_MIN));
+                    backoff =
+                        (backoff * 2).clamp(ACCEPT_BACKOFF_MIN, self.limits.accept_backoff_max.max(ACCEPT_BACKOFF_MIN));
                     eprintln!("ferry listener: accept on {} failed: {e}; pausing {backoff:?}", acc.transport());
                     let until = Instant::now() + backoff;
                     while !self.stopping(serving) && Instant::now() < until {
