@@ -533,7 +533,12 @@ impl Agent {
                     let Some(m) = st.migration.filter(|m| m.id == id) else {
                         return Err(("failed".into(), "the VMM does not know this migration".into()));
                     };
-                    if m.status != last && !m.done {
+                    // A final status is journaled only with the outcome (stats, verified), by
+                    // `finish_outgoing`: the VMM's last progress report may say `completed` a
+                    // moment before its outcome is ready, and a caller polling the journal
+                    // would take that as the end.
+                    let final_status = matches!(m.status.as_str(), "completed" | "failed" | "cancelled" | "uncertain");
+                    if m.status != last && !m.done && !final_status {
                         self.journal(id, &m.status, None, false);
                         last = m.status.clone();
                     }
@@ -591,6 +596,10 @@ impl Agent {
         match r {
             Err((status, why)) => self.end_move(id, &row.name, &status, Some(&why)),
             Ok(m) if m.status == "completed" => {
+                // The destination confirmed `Resumed`: it owns the VM. Report the move done only
+                // once its agent lists the VM too, so a caller that sees `completed` finds it
+                // there (its agent learns of the commit from its own VMM a moment later).
+                self.await_peer_adopted(id, row, peer).await;
                 self.finish_outgoing_record(id, &m);
                 self.release(row).await;
                 lock(&self.live).remove(id);
@@ -605,6 +614,22 @@ impl Agent {
                 lock(&self.live).remove(id);
             }
         }
+    }
+
+    /// Wait (at most about 10 s) until the destination agent lists the VM as its own, arrived
+    /// with migration `id`. Ownership has already passed; this only orders what callers see.
+    async fn await_peer_adopted(&self, id: &str, row: &VmRow, peer: &str) {
+        let path = format!("/peer/v1/vms/{}", row.name);
+        for _ in 0..100 {
+            if let Ok(v) = self.peer_call("GET", peer, &path, None).await {
+                let p: Option<PeerVm> = serde_json::from_value(v).ok();
+                if p.is_some_and(|p| p.owned && p.arrived_with.as_deref() == Some(id)) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        warn!("the destination agent has not listed the VM yet; reporting the move done anyway");
     }
 
     /// The VM runs on the destination now: forget it here and stop the process.

@@ -320,10 +320,20 @@ fn events_stream_and_metrics_follow_a_move() {
 
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let ep = ferry_agent::client::Endpoint::Unix(a.api.clone());
-    let (st, body) =
-        rt.block_on(ferry_agent::client::request(&ep, "GET", "/metrics", None, &[], Duration::from_secs(10))).unwrap();
-    assert_eq!(st, 200);
-    let text = String::from_utf8(body).unwrap();
+    // The slot is handed back just after the outcome is journaled (the source VMM is stopped
+    // in between): look again for a moment until the gauge shows it.
+    let t0 = Instant::now();
+    let text = loop {
+        let (st, body) = rt
+            .block_on(ferry_agent::client::request(&ep, "GET", "/metrics", None, &[], Duration::from_secs(10)))
+            .unwrap();
+        assert_eq!(st, 200);
+        let text = String::from_utf8(body).unwrap();
+        if text.contains("ferry_migrations_active 0") || t0.elapsed() > Duration::from_secs(10) {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     for want in [
         "ferry_migrations_active 0",
         "ferry_max_live_migrations 2",
