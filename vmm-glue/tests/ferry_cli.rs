@@ -128,7 +128,7 @@ fn fails_with(args: &[&str], env_key: bool, needle: &str) {
 #[test]
 fn bad_input_exits_non_zero_with_a_message() {
     // These fail before any VM exists, so they need no KVM.
-    fails_with(&["pingpong", "--mem", "1XB"], true, "unknown unit");
+    fails_with(&["pingpong", "--mem", "1XB"], true, "unknown size unit");
     fails_with(&["pingpong", "--option", "carrier-pigeon"], true, "invalid value");
     fails_with(&["pingpong", "--mem", "64MiB", "--working-set", "64MiB"], true, "does not fit");
     fails_with(&["pingpong", "--mem", "8GiB"], true, "3 GiB");
