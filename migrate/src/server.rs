@@ -394,6 +394,18 @@ struct Serving {
     accepting: AtomicUsize,
 }
 
+/// A [`MigrationServer`] serving on its own thread ([`MigrationServer::spawn`]).
+pub struct RunningServer {
+    /// The first listener's address.
+    pub addr: SocketAddr,
+    /// One item per finished migration, in the order they finished.
+    pub outcomes: mpsc::Receiver<Result<TargetOutcome, MigrateError>>,
+    /// Set to make the server return (see [`MigrationServer::stopper`]).
+    pub stop: Arc<AtomicBool>,
+    /// The serving thread; it returns after `max` migrations or once stopped.
+    pub thread: JoinHandle<()>,
+}
+
 impl MigrationServer {
     /// Serve on one listener (add more with [`MigrationServer::with_acceptor`]).
     pub fn new(acceptor: impl Acceptor + 'static, factory: Arc<dyn TargetFactory>, cfg: TargetConfig) -> Self {
@@ -445,6 +457,27 @@ impl MigrationServer {
     /// migrations under way run to their end.
     pub fn stopper(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    /// Serve on a new thread until `max` migrations have finished (`None`: until stopped);
+    /// each migration's outcome arrives on [`RunningServer::outcomes`] in the order they finish.
+    pub fn spawn(self, max: Option<usize>) -> Result<RunningServer, MigrateError> {
+        let addr = self.local_addr()?;
+        let stop = self.stopper();
+        let (tx, outcomes) = mpsc::channel();
+        let tx = Mutex::new(tx);
+        let thread = std::thread::spawn(move || {
+            self.serve(
+                max,
+                Arc::new(move |r| {
+                    // The receiver may be gone (its owner stopped listening): nothing to tell.
+                    if let Ok(t) = tx.lock() {
+                        let _ = t.send(r);
+                    }
+                }),
+            )
+        });
+        Ok(RunningServer { addr, outcomes, stop, thread })
     }
 
     /// Accept and receive migrations on every listener until `max` have finished (or forever),

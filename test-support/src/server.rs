@@ -2,45 +2,21 @@
 //! run it: each migration's outcome arrives on a channel.
 
 use std::net::SocketAddr;
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_migrate::server::MigrationServer;
-use ferry_migrate::target::{TargetConfig, TargetOutcome};
+use ferry_migrate::target::TargetConfig;
 use ferry_migrate::vm::TargetFactory;
 use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{Caps, Psk, ServerConfig};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 
-/// A server running on its own thread.
-pub struct RunningServer {
-    /// The address it listens on.
-    pub addr: SocketAddr,
-    /// One item per finished migration, in the order they finished.
-    pub outcomes: mpsc::Receiver<Result<TargetOutcome, MigrateError>>,
-    /// The serving thread; it returns after `max` migrations.
-    pub thread: JoinHandle<()>,
-}
+pub use ferry_migrate::server::RunningServer;
 
 /// Serve `srv` on a new thread until `max` migrations have finished (`None`: until stopped).
 pub fn spawn(srv: MigrationServer, max: Option<usize>) -> Result<RunningServer, MigrateError> {
-    let addr = srv.local_addr()?;
-    let (tx, outcomes) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    let thread = std::thread::spawn(move || {
-        srv.serve(
-            max,
-            Arc::new(move |r| {
-                // The receiver may be gone (a test that stopped listening): nothing to tell.
-                if let Ok(t) = tx.lock() {
-                    let _ = t.send(r);
-                }
-            }),
-        )
-    });
-    Ok(RunningServer { addr, outcomes, thread })
+    srv.spawn(max)
 }
 
 /// A server on `127.0.0.1` (a free port) with key `psk` and these TCP options, receiving into

@@ -40,7 +40,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_memory::reserve::MemoryReserve;
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, Record, SharedDir, VmRunState};
-use ferry_migrate::server::{connect_simple, MigrationServer};
+use ferry_migrate::server::{connect_simple, MigrationServer, RunningServer};
 use ferry_migrate::source::{migrate, ConvergeConfig, MigrationConfig};
 use ferry_migrate::stats::MigrationStats;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
@@ -544,21 +544,8 @@ impl Server {
         let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5) };
         let acc = TcpAcceptor::bind(listen, TcpOptions::default(), hs)
             .map_err(|e| CliError::Usage(format!("cannot listen on {listen}: {e}")))?;
-        let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default());
-        let addr = srv.local_addr()?;
-        let stop = srv.stopper();
-        let (tx, outcomes) = mpsc::channel();
-        let tx = Mutex::new(tx);
-        let thread = std::thread::spawn(move || {
-            srv.serve(
-                max,
-                Arc::new(move |r| {
-                    if let Ok(t) = tx.lock() {
-                        let _ = t.send(r);
-                    }
-                }),
-            )
-        });
+        let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default()).spawn(max)?;
+        let RunningServer { addr, outcomes, stop, thread } = srv;
         Ok(Self { addr, outcomes, stop, thread: Some(thread) })
     }
 }
