@@ -11,14 +11,15 @@
 //! | `GET /v1/vms/{name}` | | [`VmInfo`] |
 //! | `POST /v1/vms/{name}/pause`, `/resume` | | [`VmInfo`] |
 //! | `DELETE /v1/vms/{name}` | | 204 |
-//! | `POST /v1/moves` | [`MoveRequest`] | [`MoveAccepted`] (202) |
+//! | `POST /v1/moves` | [`MoveRequest`] (`kind`: `live` or `quick`) | [`MoveAccepted`] (202) |
 //! | `GET /v1/migrations` | | list of [`MigrationInfo`], newest first |
 //! | `GET /v1/migrations/{id}` | | [`MigrationInfo`] |
 //! | `POST /v1/migrations/{id}/cancel` | | [`MigrationInfo`] |
 //!
 //! Peer API (the `listen` TCP address, every request signed with the key file's key, see
 //! [`crate::peer`]): `POST /peer/v1/incoming` ([`IncomingRequest`] -> [`IncomingAccepted`]),
-//! `GET /peer/v1/vms/{name}` ([`PeerVm`]).
+//! `POST /peer/v1/incoming/{id}/abort` ([`IncomingAbort`]: a quick move the source gave up
+//! before the handover), `GET /peer/v1/vms/{name}` ([`PeerVm`]).
 //!
 //! Every error is `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]) with an HTTP
 //! status that says who is at fault (4xx: the request; 5xx: this host).
@@ -156,8 +157,19 @@ pub enum MoveKind {
     /// Live migration (pre-copy, milliseconds of pause).
     #[default]
     Live,
-    /// Quick migration (pause, save, load): not offered by the agent yet.
+    /// Quick migration: pause, save state and memory to the shared storage (`shared_storage`
+    /// in both hosts' configs), hand ownership over there, load and resume at the destination.
     Quick,
+}
+
+impl MoveKind {
+    /// Lower-case name.
+    pub fn name(self) -> &'static str {
+        match self {
+            MoveKind::Live => "live",
+            MoveKind::Quick => "quick",
+        }
+    }
 }
 
 /// `POST /v1/moves`.
@@ -211,6 +223,9 @@ pub struct MigrationInfo {
     pub vm: String,
     /// `outgoing` or `incoming`.
     pub direction: String,
+    /// `live` or `quick`.
+    #[serde(default = "live")]
+    pub kind: String,
     /// The other agent (its `listen` address, or its name for incoming).
     pub peer: String,
     /// `queued`, `setup`, `active`, `switchover`, `completed`, `failed`, `cancelled`, `uncertain`.
@@ -247,6 +262,10 @@ pub struct MigrationInfo {
     pub events: Vec<MigrationEvent>,
 }
 
+fn live() -> String {
+    "live".into()
+}
+
 impl MigrationInfo {
     /// A final status: nothing more will change.
     pub fn is_final(&self) -> bool {
@@ -270,17 +289,27 @@ pub struct IncomingRequest {
     pub epoch: u64,
     /// The source agent's name.
     pub source: String,
+    /// Live or quick.
+    #[serde(default)]
+    pub kind: MoveKind,
+    /// Quick: a file the source created in its shared directory; the destination finds it in
+    /// its own only if both share that directory.
+    #[serde(default)]
+    pub probe: Option<String>,
 }
 
 /// Peer answer: where the migration channels go.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IncomingAccepted {
-    /// The incoming VMM's migration address.
+    /// The incoming VMM's migration address (live moves).
     pub migration_addr: String,
+    /// The destination host's name (quick moves name it in the ownership record).
+    #[serde(default)]
+    pub host: String,
 }
 
 /// Peer answer: does this host own the VM?
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerVm {
     /// This host owns it and it runs here.
     pub owned: bool,
@@ -288,4 +317,19 @@ pub struct PeerVm {
     pub epoch: u64,
     /// The migration it arrived with.
     pub arrived_with: Option<String>,
+    /// After arrival: the image was verified (quick: the loaded memory's digest equals the
+    /// source's).
+    #[serde(default)]
+    pub verified: Option<bool>,
+    /// After a quick arrival: image load to resume, in milliseconds.
+    #[serde(default)]
+    pub load_ms: Option<f64>,
+}
+
+/// Peer request: the source gave up a quick move before handing the VM over.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingAbort {
+    /// Why.
+    pub reason: String,
 }

@@ -11,6 +11,7 @@
 //! max_storage_migrations = 2          # (default 2)
 //! performance_option = "tcp"          # tcp | compression (default tcp)
 //! use_any_network = false             # default: true while no network is listed
+//! shared_storage = "/srv/ferry-shared" # quick moves: a directory both hosts mount at this path
 //! [[networks]]
 //! subnet = "198.18.0.0/24"
 //! priority = 1
@@ -78,6 +79,7 @@ struct RawConfig {
     use_any_network: Option<bool>,
     #[serde(default = "tcp")]
     performance_option: String,
+    shared_storage: Option<PathBuf>,
 }
 
 fn two() -> i64 {
@@ -149,6 +151,9 @@ pub struct Config {
     pub use_any_network: bool,
     /// `tcp` or `compression`.
     pub performance_option: String,
+    /// The directory quick moves save VMs to (the same path on every host); `None`: quick moves
+    /// are refused.
+    pub shared_storage: Option<PathBuf>,
 }
 
 impl Config {
@@ -215,6 +220,14 @@ impl Config {
             }
             o => return Err(invalid("performance_option", format!("{o:?} is not tcp, compression or smb"))),
         }
+        if let Some(d) = &raw.shared_storage {
+            if !d.is_absolute() {
+                return Err(invalid("shared_storage", format!("{} is not an absolute path", d.display())));
+            }
+            if !d.is_dir() {
+                return Err(invalid("shared_storage", format!("{} is not a directory", d.display())));
+            }
+        }
         Ok(Self {
             name,
             listen,
@@ -227,6 +240,7 @@ impl Config {
             networks,
             use_any_network,
             performance_option: raw.performance_option,
+            shared_storage: raw.shared_storage,
         })
     }
 
@@ -326,6 +340,8 @@ mod tests {
             ("[[networks]]\nsubnet = \"10.0.0.300/8\"\n", "networks[0].subnet: \"10.0.0.300\" is not an IP"),
             ("performance_option = \"fast\"\n", "performance_option: \"fast\" is not"),
             ("colour = \"blue\"\n", "unknown field `colour`"),
+            ("shared_storage = \"relative/dir\"\n", "shared_storage: relative/dir is not an absolute path"),
+            ("shared_storage = \"/nonexistent/ferry\"\n", "shared_storage: /nonexistent/ferry is not a directory"),
         ];
         for (body, want) in cases {
             let (_d, t) = with_key(body);

@@ -10,6 +10,10 @@
 //! runs the engine to the destination VMM: active, switchover --> completed | failed | cancelled
 //! ```
 //!
+//! A quick move (`kind: quick`) has the same queue, slot and admission; then the source VMM
+//! saves the VM to the shared directory and hands the ownership record there to the
+//! destination, whose VMM (started waiting for that record) loads and resumes it.
+//!
 //! Ownership: until the destination's engine commits, the source owns the VM (any failure
 //! leaves it running here). After `completed` the source forgets it and stops its VMM; the
 //! destination records it with the next ownership epoch. An `uncertain` outcome (commit sent,
@@ -36,7 +40,7 @@ use crate::config::Config;
 use crate::limit::{Cancel, Limit, Slot};
 use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
-use crate::vmmctl::{self, MigrateOrder, MigrationReport, VmmRequest, VmmState, VmmStatus};
+use crate::vmmctl::{self, MigrateOrder, MigrationReport, QuickOrder, VmmRequest, VmmState, VmmStatus};
 
 /// An API error: HTTP status, code, sentence.
 #[derive(Debug)]
@@ -99,6 +103,8 @@ struct VmEntry {
 struct Live {
     report: MigrationReport,
     cancel: Option<Arc<Cancel>>,
+    /// Incoming quick move: the source gave up before the handover, and why.
+    abort: Option<String>,
 }
 
 /// The agent.
@@ -303,7 +309,8 @@ impl Agent {
             }
             if let Ok(st) = vmmctl::status(&socket).await {
                 let ready = match st.state {
-                    VmmState::Receiving => st.listen.is_some(),
+                    // A quick arrival listens on nothing: it waits for the ownership record.
+                    VmmState::Receiving => st.listen.is_some() || extra.iter().any(|a| a == "--quick-dir"),
                     _ => true,
                 };
                 if ready {
@@ -396,11 +403,21 @@ impl Agent {
 
     async fn start_move(self: &Arc<Self>, req: MoveRequest) -> ApiResult<MoveAccepted> {
         if req.kind == MoveKind::Quick {
-            return Err(ApiError::new(
-                StatusCode::NOT_IMPLEMENTED,
-                "not_supported",
-                "quick migration is not offered by the agent yet; use a live move",
-            ));
+            if self.cfg.shared_storage.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "no_shared_storage",
+                    format!(
+                        "a quick move needs shared storage: host {} has no shared_storage in its config \
+                         (a directory both hosts mount at the same path)",
+                        self.cfg.name
+                    ),
+                ));
+            }
+            for (what, n) in [("host name", &self.cfg.name), ("VM name", &req.vm)] {
+                ferry_migrate::quick::check_name(n)
+                    .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_name", format!("{what}: {e}")))?;
+            }
         }
         let option = req.option.clone().unwrap_or_else(|| self.cfg.default_transport().into());
         let option = option
@@ -437,31 +454,151 @@ impl Agent {
             e.busy = Some(id.clone());
             e.row.clone()
         };
-        self.store().new_migration(&id, &req.vm, "outgoing", &req.to, "queued", false)?;
+        self.store().new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, req.kind.name())?;
         let ev = serde_json::json!({"type": "state", "id": id, "status": "queued", "detail": null,
                                     "at": crate::store::rfc3339(now_ms())});
         let _ = self.events.send(ev.to_string());
         let cancel = Arc::new(Cancel::default());
-        lock(&self.live).insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()) });
+        lock(&self.live)
+            .insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()), abort: None });
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %id, vm = %req.vm, direction = "outgoing");
         let order = MigrateOrder { id: id.clone(), to, channels, option, downtime_ms };
         let id2 = id.clone();
-        tokio::spawn(async move { a.run_move(id2, row, order, cancel).await }.instrument(span));
+        let kind = req.kind;
+        tokio::spawn(async move { a.run_move(id2, row, order, kind, cancel).await }.instrument(span));
         Ok(MoveAccepted { id, status: "queued".into() })
     }
 
-    async fn run_move(self: Arc<Self>, id: String, row: VmRow, order: MigrateOrder, cancel: Arc<Cancel>) {
-        info!(to = %order.to, "move queued");
+    async fn run_move(
+        self: Arc<Self>,
+        id: String,
+        row: VmRow,
+        order: MigrateOrder,
+        kind: MoveKind,
+        cancel: Arc<Cancel>,
+    ) {
+        info!(to = %order.to, kind = kind.name(), "move queued");
         let peer = order.to.to_string();
         let Some(slot) = self.limit.acquire(&id, &cancel).await else {
             self.end_move(&id, &row.name, "cancelled", Some("cancelled while queued"));
             return;
         };
         self.journal(&id, "setup", None, true);
-        let r = self.move_in_slot(&id, &row, order, &cancel).await;
+        let r = match kind {
+            MoveKind::Live => self.move_in_slot(&id, &row, order, &cancel).await,
+            MoveKind::Quick => self.quick_in_slot(&id, &row, &peer, &cancel).await,
+        };
         self.finish_outgoing(&id, &row, &peer, r).await;
         drop(slot);
+    }
+
+    /// A quick move holding its slot: the destination admits it (and proves it sees the same
+    /// shared directory), the source VMM saves the VM there and hands the ownership record
+    /// over. Before that handover this host owns the VM; any failure resumes it here and tells
+    /// the destination to give up. `Ok` is the VMM's final report.
+    async fn quick_in_slot(
+        self: &Arc<Self>,
+        id: &str,
+        row: &VmRow,
+        peer: &str,
+        cancel: &Arc<Cancel>,
+    ) -> Result<MigrationReport, (String, String)> {
+        let fail = |status: &str, why: String| (status.to_string(), why);
+        let Some(dir) = self.cfg.shared_storage.clone() else {
+            return Err(fail("failed", "no shared_storage configured".into()));
+        };
+        // A file only a host sharing this directory can see.
+        let probe = format!(".ferry-probe-{id}");
+        let probe_path = dir.join(&probe);
+        std::fs::write(&probe_path, self.cfg.name.as_bytes())
+            .map_err(|e| fail("failed", format!("cannot write to shared storage {}: {e}", dir.display())))?;
+        let req = IncomingRequest {
+            id: id.to_string(),
+            vm: row.name.clone(),
+            guest: row.guest,
+            memory_bytes: row.memory_bytes,
+            epoch: row.epoch,
+            source: self.cfg.name.clone(),
+            kind: MoveKind::Quick,
+            probe: Some(probe),
+        };
+        let admitted = self.ask_admission(&req, peer, cancel).await;
+        let _ = std::fs::remove_file(&probe_path);
+        let accepted = admitted?;
+        let shared = ferry_migrate::quick::SharedDir::new(&dir);
+        let registered = match shared.register(&row.name, &self.cfg.name, ferry_migrate::quick::VmRunState::Running) {
+            Ok(_) => Ok(()),
+            // Left by an earlier attempt of this host that stopped before the handover.
+            Err(ferry_migrate::quick::QuickError::Exists(_)) => match shared.record(&row.name) {
+                Ok(r) if r.owner == self.cfg.name && r.state == ferry_migrate::quick::VmRunState::Running => Ok(()),
+                Ok(r) => Err(format!(
+                    "the shared directory already has a record of VM {:?} (owner {}, {:?}, epoch {}): \
+                     another host's VM of that name is moving, or a move was left unfinished",
+                    row.name, r.owner, r.state, r.epoch
+                )),
+                Err(e) => Err(e.to_string()),
+            },
+            Err(e) => Err(e.to_string()),
+        };
+        let order = VmmRequest::QuickSave(QuickOrder {
+            id: id.to_string(),
+            dir: dir.clone(),
+            from: self.cfg.name.clone(),
+            to: accepted.host.clone(),
+        });
+        let r = match registered {
+            Err(why) => Err(fail("failed", why)),
+            Ok(()) if cancel.is_cancelled() => Err(fail("cancelled", "cancelled before the VM was saved".into())),
+            Ok(()) => match vmmctl::call(Path::new(&row.socket), &order).await {
+                Err(e) => Err(fail("failed", format!("the VMM refused the quick migration: {e}"))),
+                Ok(_) => self.watch_outgoing(id, row, peer, None).await,
+            },
+        };
+        let handed_over = matches!(&r, Ok(m) if m.status == "completed");
+        if !handed_over {
+            // Still the owner: drop the record, and tell the destination not to wait.
+            let _ = shared.unregister(&row.name, &self.cfg.name);
+            let reason = match &r {
+                Err((_, why)) => why.clone(),
+                Ok(m) => m.error.clone().unwrap_or_else(|| m.status.clone()),
+            };
+            let body = serde_json::to_vec(&IncomingAbort { reason }).unwrap_or_default();
+            if let Err((_, why)) =
+                self.peer_call("POST", peer, &format!("/peer/v1/incoming/{id}/abort"), Some(body)).await
+            {
+                warn!("telling the destination to give up: {why}");
+            }
+        }
+        r
+    }
+
+    /// Ask the destination to admit a migration; while it is busy, ask again (up to 300 s).
+    async fn ask_admission(
+        &self,
+        req: &IncomingRequest,
+        peer: &str,
+        cancel: &Arc<Cancel>,
+    ) -> Result<IncomingAccepted, (String, String)> {
+        let fail = |status: &str, why: String| (status.to_string(), why);
+        let body = serde_json::to_vec(req).map_err(|e| fail("failed", e.to_string()))?;
+        let t0 = Instant::now();
+        loop {
+            if cancel.is_cancelled() {
+                return Err(fail("cancelled", "cancelled before the destination admitted it".into()));
+            }
+            match self.peer_call("POST", peer, "/peer/v1/incoming", Some(body.clone())).await {
+                Ok(v) => {
+                    return serde_json::from_value(v)
+                        .map_err(|e| fail("failed", format!("destination answered badly: {e}")))
+                }
+                Err((Some(503), why)) if t0.elapsed() < Duration::from_secs(300) => {
+                    info!("destination busy: {why}");
+                    cancel.wait(Duration::from_millis(200)).await;
+                }
+                Err((_, why)) => return Err(fail("failed", format!("destination {peer} refused: {why}"))),
+            }
+        }
     }
 
     /// Ask the destination, order the VMM, watch it. `Ok` is the VMM's final report.
@@ -480,27 +617,12 @@ impl Agent {
             memory_bytes: row.memory_bytes,
             epoch: row.epoch,
             source: self.cfg.name.clone(),
+            kind: MoveKind::Live,
+            probe: None,
         };
-        let body = serde_json::to_vec(&req).map_err(|e| fail("failed", e.to_string()))?;
         let peer = order.to.to_string();
-        let t0 = Instant::now();
         // The destination admits under its own limit; while it is busy, ask again.
-        let accepted: IncomingAccepted = loop {
-            if cancel.is_cancelled() {
-                return Err(fail("cancelled", "cancelled before the destination admitted it".into()));
-            }
-            match self.peer_call("POST", &peer, "/peer/v1/incoming", Some(body.clone())).await {
-                Ok(v) => {
-                    break serde_json::from_value(v)
-                        .map_err(|e| fail("failed", format!("destination answered badly: {e}")))?
-                }
-                Err((Some(503), why)) if t0.elapsed() < Duration::from_secs(300) => {
-                    info!("destination busy: {why}");
-                    cancel.wait(Duration::from_millis(200)).await;
-                }
-                Err((_, why)) => return Err(fail("failed", format!("destination {peer} refused: {why}"))),
-            }
-        };
+        let accepted = self.ask_admission(&req, &peer, cancel).await?;
         order.to = match accepted.migration_addr.parse() {
             Ok(a) => a,
             Err(_) => {
@@ -595,12 +717,36 @@ impl Agent {
     async fn finish_outgoing(&self, id: &str, row: &VmRow, peer: &str, r: Result<MigrationReport, (String, String)>) {
         match r {
             Err((status, why)) => self.end_move(id, &row.name, &status, Some(&why)),
-            Ok(m) if m.status == "completed" => {
-                // The destination confirmed `Resumed`: it owns the VM. Report the move done only
-                // once its agent lists the VM too, so a caller that sees `completed` finds it
-                // there (its agent learns of the commit from its own VMM a moment later).
-                self.await_peer_adopted(id, row, peer).await;
+            Ok(mut m) if m.status == "completed" => {
+                let quick = m.stats.as_ref().and_then(|s| s.get("kind")).and_then(|k| k.as_str()) == Some("quick");
+                if quick {
+                    // The record names the destination: it owns the VM (saved). It is done once
+                    // its agent loaded and runs it; its answer says whether the digests matched.
+                    match self.await_quick_loaded(id, row, peer).await {
+                        Ok(p) => {
+                            if let Some(s) = m.stats.as_mut().and_then(|s| s.as_object_mut()) {
+                                let save_ms = s.get("downtime_ms").and_then(|v| v.as_f64()).unwrap_or(0.0);
+                                let load_ms = p.load_ms.unwrap_or(0.0);
+                                s.insert("verified".into(), p.verified.unwrap_or(false).into());
+                                s.insert("load_ms".into(), load_ms.into());
+                                s.insert("downtime_ms".into(), (save_ms + load_ms).into());
+                            }
+                        }
+                        Err(why) => {
+                            m.status = "failed".into();
+                            m.error = Some(why);
+                        }
+                    }
+                } else {
+                    // The destination confirmed `Resumed`: it owns the VM. Report the move done
+                    // only once its agent lists the VM too, so a caller that sees `completed`
+                    // finds it there (its agent learns of the commit from its own VMM a moment
+                    // later).
+                    self.await_peer_adopted(id, row, peer).await;
+                }
                 self.finish_outgoing_record(id, &m);
+                // Either way the VM is no longer this host's (after a failed quick load the
+                // destination owns the saved image).
                 self.release(row).await;
                 lock(&self.live).remove(id);
             }
@@ -630,6 +776,36 @@ impl Agent {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         warn!("the destination agent has not listed the VM yet; reporting the move done anyway");
+    }
+
+    /// After a quick handover: wait until the destination agent runs the VM (`Ok`, with its
+    /// answer) or says its load failed (`Err`, why). It owns the VM either way.
+    async fn await_quick_loaded(&self, id: &str, row: &VmRow, peer: &str) -> Result<PeerVm, String> {
+        let path = format!("/peer/v1/vms/{}", row.name);
+        let t0 = Instant::now();
+        let mut last = String::from("no answer");
+        while t0.elapsed() < Duration::from_secs(900) {
+            match self.peer_call("GET", peer, &path, None).await {
+                Ok(v) => match serde_json::from_value::<PeerVm>(v) {
+                    Ok(p) if p.arrived_with.as_deref() == Some(id) && p.owned => return Ok(p),
+                    Ok(p) if p.arrived_with.as_deref() == Some(id) => {}
+                    Ok(_) => return Err("the destination runs another VM of that name".into()),
+                    Err(e) => last = format!("bad answer: {e}"),
+                },
+                Err((Some(404), _)) => {
+                    let why = self
+                        .peer_call("GET", peer, &format!("/peer/v1/migrations/{id}"), None)
+                        .await
+                        .ok()
+                        .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
+                        .unwrap_or_else(|| "the destination could not load the VM".into());
+                    return Err(format!("handed over, but the destination failed to load it: {why}"));
+                }
+                Err((_, why)) => last = why,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!("handed over, but the destination has not loaded the VM in 900 s ({last})"))
     }
 
     /// The VM runs on the destination now: forget it here and stop the process.
@@ -773,6 +949,10 @@ impl Agent {
                 ));
             }
         }
+        let quick = match req.kind {
+            MoveKind::Live => None,
+            MoveKind::Quick => Some(self.quick_admissible(&req)?),
+        };
         let slot = self.limit.try_admit().map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", why))?;
         let row = VmRow {
             name: req.vm.clone(),
@@ -786,7 +966,17 @@ impl Agent {
         };
         // Reserve the name before the process starts.
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
-        let extra = vec!["--receive-on".to_string(), self.cfg.listen.ip().to_string()];
+        let extra = match &quick {
+            None => vec!["--receive-on".to_string(), self.cfg.listen.ip().to_string()],
+            Some(dir) => vec![
+                "--quick-dir".to_string(),
+                dir.display().to_string(),
+                "--quick-host".into(),
+                self.cfg.name.clone(),
+                "--quick-id".into(),
+                req.id.clone(),
+            ],
+        };
         let st = match self.spawn_vmm(&req.vm, req.guest, &extra, req.memory_bytes).await {
             Ok(st) => st,
             Err(e) => {
@@ -797,7 +987,15 @@ impl Agent {
         let mut row = row;
         row.pid = st.pid;
         self.store().put_vm(&row)?;
-        self.store().new_migration(&req.id, &req.vm, "incoming", &req.source, "setup", true)?;
+        self.store().new_migration_of_kind(
+            &req.id,
+            &req.vm,
+            "incoming",
+            &req.source,
+            "setup",
+            true,
+            req.kind.name(),
+        )?;
         info!(migration = req.id, vm = req.vm, source = req.source, "incoming migration admitted");
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
         lock(&self.live).insert(req.id.clone(), Live::default());
@@ -805,7 +1003,50 @@ impl Agent {
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %req.id, vm = %req.vm, direction = "incoming");
         tokio::spawn(async move { a.watch_incoming(req.id, row, slot).await }.instrument(span));
-        Ok(IncomingAccepted { migration_addr: addr })
+        Ok(IncomingAccepted { migration_addr: addr, host: self.cfg.name.clone() })
+    }
+
+    /// May this host receive a quick move? `Ok`: the shared directory, which the source's
+    /// probe file proves both hosts see.
+    fn quick_admissible(&self, req: &IncomingRequest) -> ApiResult<PathBuf> {
+        let refuse = |code, why: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, why);
+        let Some(dir) = self.cfg.shared_storage.clone() else {
+            return Err(refuse(
+                "no_shared_storage",
+                format!("host {} has no shared_storage in its config: it cannot take quick moves", self.cfg.name),
+            ));
+        };
+        ferry_migrate::quick::check_name(&self.cfg.name)
+            .map_err(|e| refuse("bad_name", format!("destination host name: {e}")))?;
+        let probe = req.probe.as_deref().unwrap_or("");
+        let well_formed = probe.starts_with(".ferry-probe-")
+            && probe.len() <= 64
+            && probe.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !well_formed {
+            return Err(ApiError::bad("a quick move needs the source's probe file name"));
+        }
+        if !dir.join(probe).is_file() {
+            return Err(refuse(
+                "not_shared",
+                format!(
+                    "the source's probe file is not in {} on host {}: the hosts do not share that directory",
+                    dir.display(),
+                    self.cfg.name
+                ),
+            ));
+        }
+        Ok(dir)
+    }
+
+    /// The source gave up an incoming quick move before the handover.
+    fn abort_incoming(&self, id: &str, reason: String) -> ApiResult<()> {
+        match lock(&self.live).get_mut(id) {
+            Some(l) => {
+                l.abort = Some(reason);
+                Ok(())
+            }
+            None => Err(ApiError::not_found(format!("no incoming migration {id:?} in flight"))),
+        }
     }
 
     async fn watch_incoming(self: Arc<Self>, id: String, mut row: VmRow, slot: Slot) {
@@ -816,7 +1057,12 @@ impl Agent {
                 Ok(st) => {
                     misses = 0;
                     match st.state {
-                        VmmState::Receiving => {}
+                        VmmState::Receiving => {
+                            let abort = lock(&self.live).get(&id).and_then(|l| l.abort.clone());
+                            if let Some(why) = abort {
+                                break Err(format!("the source gave up before the handover: {why}"));
+                            }
+                        }
                         VmmState::Failed => {
                             break Err(st.error.unwrap_or_else(|| "the incoming migration failed".into()))
                         }
@@ -839,7 +1085,8 @@ impl Agent {
                 if let Err(e) = self.store().put_vm(&row) {
                     warn!("journal: {e}");
                 }
-                let v = serde_json::json!({"verified": st.received_verified.unwrap_or(false), "guest_check": st.guest_check});
+                let v = serde_json::json!({"verified": st.received_verified.unwrap_or(false), "guest_check": st.guest_check,
+                                           "load_ms": st.quick_load_ms});
                 let _ = self.store().set_stats(&id, &v);
                 let detail = format!(
                     "verified {}, guest check {}",
@@ -1101,6 +1348,31 @@ async fn h_peer_incoming(
     Ok(Json(a.admit(req).await?))
 }
 
+async fn h_peer_abort(
+    State(a): Ag,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    UrlPath(id): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<Json<serde_json::Value>> {
+    check_peer(&a, &headers, &method, &uri, &body)?;
+    let req: IncomingAbort = parse_json(&body)?;
+    a.abort_incoming(&id, req.reason)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn h_peer_migration(
+    State(a): Ag,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    UrlPath(id): UrlPath<String>,
+) -> ApiResult<Json<MigrationInfo>> {
+    check_peer(&a, &headers, &method, &uri, b"")?;
+    Ok(Json(a.migration_info(&id)?))
+}
+
 async fn h_peer_vm(
     State(a): Ag,
     headers: HeaderMap,
@@ -1111,7 +1383,10 @@ async fn h_peer_vm(
     check_peer(&a, &headers, &method, &uri, b"")?;
     let e =
         lock(&a.vms).get(&name).cloned().ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} here")))?;
-    Ok(Json(PeerVm { owned: e.row.owned, epoch: e.row.epoch, arrived_with: e.row.arrived_with }))
+    let stats = e.row.arrived_with.as_ref().and_then(|id| a.store().migration(id).ok().flatten()).and_then(|m| m.stats);
+    let verified = stats.as_ref().and_then(|s| s.get("verified")).and_then(|v| v.as_bool());
+    let load_ms = stats.as_ref().and_then(|s| s.get("load_ms")).and_then(|v| v.as_f64());
+    Ok(Json(PeerVm { owned: e.row.owned, epoch: e.row.epoch, arrived_with: e.row.arrived_with, verified, load_ms }))
 }
 
 /// The local API.
@@ -1136,6 +1411,8 @@ pub fn local_router(a: Arc<Agent>) -> Router {
 pub fn peer_router(a: Arc<Agent>) -> Router {
     Router::new()
         .route("/peer/v1/incoming", post(h_peer_incoming))
+        .route("/peer/v1/incoming/{id}/abort", post(h_peer_abort))
+        .route("/peer/v1/migrations/{id}", get(h_peer_migration))
         .route("/peer/v1/vms/{name}", get(h_peer_vm))
         .route("/metrics", get(h_metrics))
         .fallback(h_fallback)

@@ -70,6 +70,12 @@ impl Store {
                  id TEXT NOT NULL, status TEXT NOT NULL, at INTEGER NOT NULL, detail TEXT);
              CREATE INDEX IF NOT EXISTS migration_events_id ON migration_events(id);",
         )?;
+        // Journals written before quick moves have no kind: they were live.
+        let has_kind: i64 =
+            db.query_row("SELECT COUNT(*) FROM pragma_table_info('migrations') WHERE name = 'kind'", [], |r| r.get(0))?;
+        if has_kind == 0 {
+            db.execute_batch("ALTER TABLE migrations ADD COLUMN kind TEXT NOT NULL DEFAULT 'live';")?;
+        }
         Ok(Self { db })
     }
 
@@ -119,7 +125,7 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Journal a new migration.
+    /// Journal a new live migration.
     /// `started`: it holds a slot already (an admitted incoming migration).
     pub fn new_migration(
         &self,
@@ -130,11 +136,26 @@ impl Store {
         status: &str,
         started: bool,
     ) -> Result<(), StoreError> {
+        self.new_migration_of_kind(id, vm, direction, peer, status, started, "live")
+    }
+
+    /// Journal a new migration of `kind` (`live`, `quick`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new_migration_of_kind(
+        &self,
+        id: &str,
+        vm: &str,
+        direction: &str,
+        peer: &str,
+        status: &str,
+        started: bool,
+        kind: &str,
+    ) -> Result<(), StoreError> {
         let t = now_ms();
         self.db.execute(
-            "INSERT INTO migrations (id, vm, direction, peer, status, queued_at, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![id, vm, direction, peer, status, t, started.then_some(t)],
+            "INSERT INTO migrations (id, vm, direction, peer, status, queued_at, started_at, kind)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![id, vm, direction, peer, status, t, started.then_some(t), kind],
         )?;
         self.db.execute("INSERT INTO migration_events (id, status, at) VALUES (?1, ?2, ?3)", params![id, status, t])?;
         Ok(())
@@ -175,7 +196,7 @@ impl Store {
         let m = self
             .db
             .query_row(
-                "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats
+                "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats, kind
                  FROM migrations WHERE id = ?1",
                 params![id],
                 row_to_info,
@@ -189,7 +210,7 @@ impl Store {
     /// Every migration, newest first (at most `limit`).
     pub fn migrations(&self, limit: usize) -> Result<Vec<MigrationInfo>, StoreError> {
         let mut st = self.db.prepare(
-            "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats
+            "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats, kind
              FROM migrations ORDER BY queued_at DESC, rowid DESC LIMIT ?1",
         )?;
         let rows = st.query_map(params![limit as i64], row_to_info)?;
@@ -222,6 +243,7 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<MigrationInfo> {
         id: r.get(0)?,
         vm: r.get(1)?,
         direction: r.get(2)?,
+        kind: r.get(10)?,
         peer: r.get(3)?,
         status: r.get(4)?,
         queued_at: rfc3339(r.get(5)?),

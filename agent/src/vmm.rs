@@ -4,23 +4,30 @@
 //! agent's requests ([`crate::vmmctl`]) on a unix socket, and runs the migration engine where
 //! the memory is: an outgoing move calls `ferry_migrate::source::migrate` on a thread of this
 //! process; an incoming VMM starts with no VM and a `MigrationServer` for exactly one session,
-//! and runs the VM once the engine committed. It starts its own session (`setsid`), so it
-//! outlives the agent that spawned it.
+//! and runs the VM once the engine committed. A quick move saves the VM to the shared
+//! directory (`ferry_migrate::quick`) with the digest of its paused memory beside it; an incoming
+//! quick VMM waits for the ownership record to name its host, loads the image, and runs the VM
+//! if the digests match. It starts its own session (`setsid`), so it outlives the agent that
+//! spawned it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use ferry_memory::digest::PageTable;
+use ferry_memory::scan::{scan_slice, zero_page_hash};
+use ferry_memory::MemoryMap;
+use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, SharedDir, VmRunState};
 use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, CancelToken, ConvergeConfig, MigrationConfig};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
-use ferry_migrate::vm::SourceVm;
+use ferry_migrate::vm::{SourceVm, TargetVm};
 use ferry_migrate::MigrateError;
 use ferry_transport::handshake::{Caps, Psk, ServerConfig};
 use ferry_transport::option::{TransportOption, UnknownOption};
@@ -30,7 +37,7 @@ use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
 
 use crate::api::GuestKind;
-use crate::vmmctl::{MigrateOrder, MigrationReport, VmmRequest, VmmResponse, VmmState, VmmStatus};
+use crate::vmmctl::{MigrateOrder, MigrationReport, QuickOrder, VmmRequest, VmmResponse, VmmState, VmmStatus};
 
 /// zstd level of the compressing options (the bench's default).
 const ZSTD_LEVEL: i32 = 1;
@@ -54,6 +61,20 @@ pub struct VmmArgs {
     pub key: Psk,
     /// Incoming: listen for the migration on this IP (a free port).
     pub receive_on: Option<IpAddr>,
+    /// Incoming by quick migration: load the VM from the shared directory once its record
+    /// names this host.
+    pub quick_load: Option<QuickLoad>,
+}
+
+/// An incoming quick migration: where the image comes from.
+#[derive(Debug, Clone)]
+pub struct QuickLoad {
+    /// The shared directory.
+    pub dir: PathBuf,
+    /// This host's name in the ownership record.
+    pub host: String,
+    /// The migration id (names the source's digest file).
+    pub id: String,
 }
 
 /// Errors of the VMM process.
@@ -105,6 +126,9 @@ struct Inner {
     guest_check: Option<String>,
     error: Option<String>,
     counter_at_exit: u64,
+    quick_load_ms: Option<f64>,
+    /// A quick load is reading the image: the process must not stop now.
+    loading: bool,
 }
 
 struct Vmm {
@@ -132,6 +156,7 @@ impl Vmm {
             guest_check: g.guest_check.clone(),
             guest_counter: g.vm.as_ref().map_or(g.counter_at_exit, Guest::counter),
             error: g.error.clone(),
+            quick_load_ms: g.quick_load_ms,
         }
     }
 }
@@ -176,10 +201,10 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
     let listener = UnixListener::bind(&args.socket).map_err(io("binding the control socket"))?;
     std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
         .map_err(io("restricting the control socket"))?;
-    let receiving = args.receive_on;
+    let receiving = args.receive_on.is_some() || args.quick_load.is_some();
     let inner = Inner {
         vm: None,
-        state: if receiving.is_some() { VmmState::Receiving } else { VmmState::Paused },
+        state: if receiving { VmmState::Receiving } else { VmmState::Paused },
         listen: None,
         migration: None,
         cancel: None,
@@ -187,11 +212,14 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
         guest_check: None,
         error: None,
         counter_at_exit: 0,
+        quick_load_ms: None,
+        loading: false,
     };
     let vmm = Arc::new(Vmm { args: args.clone(), inner: Mutex::new(inner), stop: AtomicBool::new(false) });
-    match receiving {
-        Some(ip) => start_receiver(&vmm, ip)?,
-        None => {
+    match (args.receive_on, &args.quick_load) {
+        (_, Some(q)) => start_quick_load(&vmm, q.clone()),
+        (Some(ip), None) => start_receiver(&vmm, ip)?,
+        (None, None) => {
             let g = build_guest(&args)?;
             let mut i = vmm.lock();
             i.vm = Some(g);
@@ -256,34 +284,7 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr) -> Result<(), VmmError> {
 
 /// The incoming migration ended: run the committed VM, or record why nothing runs here.
 fn arrived(vmm: &Vmm, r: Result<TargetOutcome, MigrateError>) {
-    let result = r.map_err(|e| e.to_string()).and_then(|o| {
-        let verified = o.stats.verified;
-        let any: Box<dyn std::any::Any> = o.vm.into_any();
-        let any = match any.downcast::<SyntheticTarget>() {
-            Ok(t) => {
-                let mut vm = t.into_vm().map_err(|e| e.to_string())?;
-                // Paused still: prove no written page was lost or stale, then run it.
-                let check = match check_stamps(&vm) {
-                    Ok(0) => "ok".to_string(),
-                    Ok(n) => format!("{n} pages lost or stale"),
-                    Err(e) => e.to_string(),
-                };
-                vm.resume().map_err(|e| e.to_string())?;
-                return Ok((Guest::Synthetic(vm), verified, check));
-            }
-            Err(a) => a,
-        };
-        match any.downcast::<KvmVm>() {
-            Ok(k) => {
-                let check = match k.vcpu_failure() {
-                    None => "ok".to_string(),
-                    Some(w) => format!("vCPU stopped: {w}"),
-                };
-                Ok((Guest::Kvm(k), verified, check))
-            }
-            Err(_) => Err("the received VM is of an unknown kind".into()),
-        }
-    });
+    let result = r.map_err(|e| e.to_string()).and_then(|o| run_received(o.vm, o.stats.verified, false));
     let mut g = vmm.lock();
     match result {
         Ok((vm, verified, check)) => {
@@ -296,6 +297,39 @@ fn arrived(vmm: &Vmm, r: Result<TargetOutcome, MigrateError>) {
             g.state = VmmState::Failed;
             g.error = Some(e);
         }
+    }
+}
+
+/// A received VM (committed, its state restored): check it and run it. `resume`: the VM's
+/// vCPUs were not started yet (a quick load defers that until the image digest was taken).
+fn run_received(vm: Box<dyn TargetVm>, verified: bool, resume: bool) -> Result<(Guest, bool, String), String> {
+    let any: Box<dyn std::any::Any> = vm.into_any();
+    let any = match any.downcast::<SyntheticTarget>() {
+        Ok(t) => {
+            let mut vm = t.into_vm().map_err(|e| e.to_string())?;
+            // Paused still: prove no written page was lost or stale, then run it.
+            let check = match check_stamps(&vm) {
+                Ok(0) => "ok".to_string(),
+                Ok(n) => format!("{n} pages lost or stale"),
+                Err(e) => e.to_string(),
+            };
+            vm.resume().map_err(|e| e.to_string())?;
+            return Ok((Guest::Synthetic(vm), verified, check));
+        }
+        Err(a) => a,
+    };
+    match any.downcast::<KvmVm>() {
+        Ok(mut k) => {
+            if resume {
+                TargetVm::resume(k.as_mut()).map_err(|e| e.to_string())?;
+            }
+            let check = match k.vcpu_failure() {
+                None => "ok".to_string(),
+                Some(w) => format!("vCPU stopped: {w}"),
+            };
+            Ok((Guest::Kvm(k), verified, check))
+        }
+        Err(_) => Err("the received VM is of an unknown kind".into()),
     }
 }
 
@@ -347,6 +381,9 @@ fn handle(vmm: &Arc<Vmm>, req: VmmRequest) -> Result<(), String> {
             if g.state == VmmState::Migrating {
                 return Err("a migration runs: cancel it first".into());
             }
+            if g.loading {
+                return Err("a quick migration is loading the VM here (this host owns it now)".into());
+            }
             if let Some(vm) = g.vm.take() {
                 g.counter_at_exit = vm.counter();
             }
@@ -364,6 +401,7 @@ fn handle(vmm: &Arc<Vmm>, req: VmmRequest) -> Result<(), String> {
             }
         }
         VmmRequest::Migrate(order) => start_migration(vmm, order),
+        VmmRequest::QuickSave(order) => start_quick_save(vmm, order),
     }
 }
 
@@ -438,4 +476,214 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
         }
     });
     Ok(())
+}
+
+/// The image digest of a guest's memory (`ferry_memory::digest`, the one live migration
+/// compares), taken in one pass over every page. Source and destination of a quick migration
+/// compute it the same way, each over its paused guest.
+fn map_digest(map: &MemoryMap) -> u64 {
+    let pages = (map.total_bytes() / PAGE_SIZE as u64) as usize;
+    let table = PageTable::new(pages, zero_page_hash());
+    let mut base = 0usize;
+    for r in map.regions() {
+        if let Some(s) = map.lookup(r.gpa, r.len) {
+            scan_slice(s, |p, sc| table.set(base + p, sc.hash));
+        }
+        base += r.len / PAGE_SIZE;
+    }
+    table.digest()
+}
+
+/// The file in the shared directory where the source leaves its digest for the destination.
+fn digest_path(dir: &Path, vm: &str, id: &str) -> PathBuf {
+    dir.join(format!("{vm}.{id}.digest"))
+}
+
+fn write_digest(dir: &Path, vm: &str, id: &str, digest: u64) -> std::io::Result<()> {
+    let p = digest_path(dir, vm, id);
+    let tmp = p.with_extension("digest.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{digest:016x}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &p)
+}
+
+fn read_digest(dir: &Path, vm: &str, id: &str) -> Option<u64> {
+    let mut s = String::new();
+    std::fs::File::open(digest_path(dir, vm, id)).ok()?.take(64).read_to_string(&mut s).ok()?;
+    u64::from_str_radix(s.trim(), 16).ok()
+}
+
+/// Quick migration, source side: pause, take the digest, save the image and hand the record
+/// over (`ferry_migrate::quick::quick_save`). Until the record names the destination this
+/// host owns the VM: any failure resumes it here.
+fn start_quick_save(vmm: &Arc<Vmm>, order: QuickOrder) -> Result<(), String> {
+    let mut g = vmm.lock();
+    if g.state != VmmState::Running && g.state != VmmState::Paused {
+        return Err(format!("the VM is {:?}, not running here", g.state));
+    }
+    let mut vm = g.vm.take().ok_or("no VM here")?;
+    g.cancel = None;
+    g.state = VmmState::Migrating;
+    g.migration = Some(MigrationReport { id: order.id.clone(), status: "setup".into(), ..Default::default() });
+    drop(g);
+    let v = vmm.clone();
+    std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let dir = SharedDir::new(&order.dir);
+        let name = v.args.name.clone();
+        let guest_bytes = v.args.memory_bytes;
+        let was_running = vm.source().is_running();
+        if let Some(m) = v.lock().migration.as_mut() {
+            m.status = "switchover".into();
+            m.guest_bytes = guest_bytes;
+        }
+        let attempt = (|| -> Result<(ferry_migrate::quick::SaveReport, u64, Duration), String> {
+            vm.source().pause().map_err(|e| format!("pausing the VM: {e}"))?;
+            let paused = t0.elapsed();
+            let digest = map_digest(&vm.source().memory());
+            write_digest(&order.dir, &name, &order.id, digest)
+                .map_err(|e| format!("writing the digest to {}: {e}", order.dir.display()))?;
+            let s = quick_save(&dir, vm.source(), &order.from, &order.to).map_err(|e| e.to_string())?;
+            Ok((s, digest, paused))
+        })();
+        let mut g = v.lock();
+        let counter = vm.counter();
+        let (status, stats, error) = match attempt {
+            Ok((s, digest, paused)) => {
+                // The record names the destination: it owns the VM. Never resume it here.
+                g.counter_at_exit = counter;
+                drop(vm);
+                g.state = VmmState::Released;
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let stats = serde_json::json!({
+                    "kind": "quick", "status": "completed",
+                    "total_ms": ms(t0.elapsed()), "setup_ms": ms(paused),
+                    "save_ms": ms(s.total), "downtime_ms": ms(s.total),
+                    "guest_bytes": guest_bytes, "transferred_bytes": s.file_bytes,
+                    "image_bytes": s.file_bytes, "pages_stored": s.pages_stored, "pages_total": s.pages_total,
+                    "state_bytes": s.state_bytes, "digest": format!("{digest:016x}"), "verified": false,
+                });
+                (Status::Completed, Some(stats), None)
+            }
+            Err(e) => {
+                // The record did not change (a failed save never commits): still the owner.
+                let _ = std::fs::remove_file(digest_path(&order.dir, &name, &order.id));
+                if was_running {
+                    let _ = vm.source().resume();
+                }
+                let running = vm.source().is_running();
+                g.vm = Some(vm);
+                g.state = if running { VmmState::Running } else { VmmState::Paused };
+                (Status::Failed, None, Some(format!("quick save: {e}")))
+            }
+        };
+        if let Some(m) = g.migration.as_mut() {
+            m.status = status.name().into();
+            m.done = true;
+            m.stats = stats;
+            m.error = error;
+        }
+    });
+    Ok(())
+}
+
+/// A target VM whose start waits: `quick_load_into` resumes it, the VMM starts it only after
+/// the digest of the loaded memory was taken.
+struct Deferred(Box<dyn TargetVm>);
+
+impl TargetVm for Deferred {
+    fn memory(&self) -> MemoryMap {
+        self.0.memory()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), ferry_migrate::vm::VmError> {
+        self.0.restore_state(state)
+    }
+    fn resume(&mut self) -> Result<(), ferry_migrate::vm::VmError> {
+        Ok(())
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self.0.into_any()
+    }
+}
+
+/// How long an incoming quick migration waits for the source to hand the record over.
+const QUICK_WAIT: Duration = Duration::from_secs(600);
+
+/// Quick migration, destination side: wait until the record names this host (state saved),
+/// load the image, compare digests, run the VM, and remove the record (the agents' journals
+/// keep ownership from here).
+fn start_quick_load(vmm: &Arc<Vmm>, q: QuickLoad) {
+    let v = vmm.clone();
+    std::thread::spawn(move || {
+        let dir = SharedDir::new(&q.dir);
+        let name = v.args.name.clone();
+        let t0 = Instant::now();
+        let fail = |why: String| {
+            let mut g = v.lock();
+            g.state = VmmState::Failed;
+            g.loading = false;
+            g.error = Some(why);
+        };
+        loop {
+            if v.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            match dir.record(&name) {
+                Ok(r) if r.owner == q.host && r.state == VmRunState::Saved => break,
+                Ok(_) | Err(QuickError::BadRecord(_)) | Err(QuickError::Io { .. }) => {} // not yet, or mid-rename
+                Err(e) => return fail(format!("reading the ownership record: {e}")),
+            }
+            if t0.elapsed() > QUICK_WAIT {
+                return fail(format!("the VM was not handed over within {} s", QUICK_WAIT.as_secs()));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        {
+            let mut g = v.lock();
+            if v.stop.load(Ordering::SeqCst) {
+                return;
+            }
+            g.loading = true;
+        }
+        let limit = v.args.memory_bytes;
+        let factory: Box<dyn ferry_migrate::vm::TargetFactory> = match v.args.guest {
+            GuestKind::Synthetic => Box::new(SyntheticFactory::new(limit, false)),
+            GuestKind::Kvm => Box::new(KvmFactory::new(limit)),
+        };
+        let t1 = Instant::now();
+        let loaded = quick_load_into(&dir, &name, &q.host, |shape| factory.create(shape).map(Deferred));
+        let (target, _report) = match loaded {
+            Ok(x) => x,
+            Err(e) => {
+                return fail(format!(
+                    "quick load: {e}; this host owns the saved VM, its image stays in {}",
+                    q.dir.display()
+                ))
+            }
+        };
+        let digest = map_digest(&target.memory());
+        let verified = read_digest(&q.dir, &name, &q.id) == Some(digest);
+        let load_ms = t1.elapsed().as_secs_f64() * 1e3;
+        let _ = std::fs::remove_file(digest_path(&q.dir, &name, &q.id));
+        let result = run_received(target.0, verified, true);
+        if let Err(e) = dir.unregister(&name, &q.host) {
+            eprintln!("ferry-vmm: removing the ownership record: {e}");
+        }
+        let mut g = v.lock();
+        g.loading = false;
+        g.quick_load_ms = Some(load_ms);
+        match result {
+            Ok((vm, verified, check)) => {
+                g.vm = Some(vm);
+                g.state = VmmState::Running;
+                g.received_verified = Some(verified);
+                g.guest_check = Some(check);
+            }
+            Err(e) => {
+                g.state = VmmState::Failed;
+                g.error = Some(e);
+            }
+        }
+    });
 }

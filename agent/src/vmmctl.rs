@@ -38,6 +38,23 @@ pub enum VmmRequest {
     Migrate(MigrateOrder),
     /// Cancel the running migration (before commit the VM keeps running here).
     Cancel,
+    /// Quick-migrate the VM through the shared directory (returns at once; poll
+    /// [`VmmRequest::Status`]).
+    QuickSave(QuickOrder),
+}
+
+/// A quick migration the agent orders: pause, save the image to the shared directory, hand the
+/// ownership record to `to` (`ferry_migrate::quick`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct QuickOrder {
+    /// Migration id (the agent's journal key).
+    pub id: String,
+    /// The shared directory (the same path on both hosts).
+    pub dir: std::path::PathBuf,
+    /// This host's name in the ownership record.
+    pub from: String,
+    /// The destination host's name in the ownership record.
+    pub to: String,
 }
 
 /// A live migration the agent orders.
@@ -130,6 +147,9 @@ pub struct VmmStatus {
     pub guest_counter: u64,
     /// Why the VMM failed (state `failed`).
     pub error: Option<String>,
+    /// After an incoming quick migration: image load to resume, in milliseconds.
+    #[serde(default)]
+    pub quick_load_ms: Option<f64>,
 }
 
 /// One answer line.

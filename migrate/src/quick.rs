@@ -113,7 +113,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QuickError {
     move |source| QuickError::Io { what, source }
 }
 
-fn check_name(n: &str) -> Result<(), QuickError> {
+/// A name usable in the shared directory (VM ids, host names): 1..=64 of `A-Z a-z 0-9 . _ -`,
+/// not starting with `.`.
+pub fn check_name(n: &str) -> Result<(), QuickError> {
     let ok = !n.is_empty()
         && n.len() <= 64
         && !n.starts_with('.')
@@ -303,6 +305,24 @@ impl SharedDir {
         fs::rename(&tmp, self.record_path(vm)).map_err(io("rename record"))?;
         sync_dir(&self.root);
         Ok(next)
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Remove the record of a VM that `host` owns and runs (the handover is over; a host agent
+    /// keeps ownership in its own journal from here). Fails unless the record says so.
+    pub fn unregister(&self, vm: &str, host: &str) -> Result<(), QuickError> {
+        check_name(vm)?;
+        check_name(host)?;
+        let _lock = self.lock(vm, host)?;
+        self.expect_owner(vm, host, VmRunState::Running)?;
+        let p = self.record_path(vm);
+        fs::remove_file(&p).map_err(io(format!("remove {}", p.display())))?;
+        sync_dir(&self.root);
+        Ok(())
     }
 
     fn expect_owner(&self, vm: &str, host: &str, state: VmRunState) -> Result<Record, QuickError> {
@@ -749,6 +769,15 @@ mod tests {
         assert!(matches!(handover_off(&d, "vm1", "b", "a"), Err(QuickError::Locked(..))));
         fs::remove_file(d.root.join("vm1.lock")).unwrap();
         handover_off(&d, "vm1", "b", "a").unwrap();
+        // Only the owner of a running VM removes its record; then it can be registered again.
+        assert!(matches!(d.unregister("vm1", "a"), Err(QuickError::NotOwner { .. })), "off, not running");
+        let r = d.record("vm1").unwrap();
+        let run = Record { owner: "a".into(), state: VmRunState::Running, epoch: 0, image: None };
+        d.transition("vm1", "a", &r, run).unwrap();
+        assert!(matches!(d.unregister("vm1", "b"), Err(QuickError::NotOwner { .. })));
+        d.unregister("vm1", "a").unwrap();
+        assert!(d.record("vm1").is_err());
+        d.register("vm1", "b", VmRunState::Running).unwrap();
         let _ = fs::remove_dir_all(&d.root);
     }
 

@@ -4,6 +4,7 @@
 //! ```text
 //! ferry-vmm --socket S --name NAME --guest synthetic|kvm --memory-bytes N --key-file F
 //!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP]
+//!           [--quick-dir DIR --quick-host NAME --quick-id ID]
 //! ```
 
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use ferry_agent::api::GuestKind;
-use ferry_agent::vmm::{run, VmmArgs};
+use ferry_agent::vmm::{run, QuickLoad, VmmArgs};
 use ferry_transport::handshake::Psk;
 
 #[derive(Debug, Parser)]
@@ -41,6 +42,16 @@ struct Cli {
     /// Receive the VM: listen for one migration on this IP (a free port) instead of booting.
     #[arg(long)]
     receive_on: Option<std::net::IpAddr>,
+    /// Receive the VM by quick migration: load it from this shared directory once its
+    /// ownership record names `--quick-host` (with `--quick-host` and `--quick-id`).
+    #[arg(long, requires_all = ["quick_host", "quick_id"])]
+    quick_dir: Option<PathBuf>,
+    /// This host's name in the ownership record.
+    #[arg(long)]
+    quick_host: Option<String>,
+    /// The quick migration's id.
+    #[arg(long)]
+    quick_id: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +85,10 @@ fn main() -> ExitCode {
         dirty_rate_bytes_per_s: c.dirty_rate_bytes_per_s,
         key,
         receive_on: c.receive_on,
+        quick_load: match (c.quick_dir, c.quick_host, c.quick_id) {
+            (Some(dir), Some(host), Some(id)) => Some(QuickLoad { dir, host, id }),
+            _ => None,
+        },
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

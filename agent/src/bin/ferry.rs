@@ -136,7 +136,7 @@ struct MoveArgs {
     /// The destination agent's `listen` address.
     #[arg(long)]
     to: String,
-    /// Quick migration (not offered by the agent yet).
+    /// Quick migration: save to the shared storage, resume at the destination.
     #[arg(long)]
     quick: bool,
     /// Transport option: tcp, zstd, zstd-always (default: the host's performance option).
