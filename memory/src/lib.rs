@@ -65,8 +65,8 @@
 //! behaviour for Ferry because no reference exists to be invalidated, and the engine handles it:
 //! a page the guest wrote during a send is dirty again and is re-sent and re-hashed in a later
 //! round. On the destination the guest is not running and, within a round, every page arrives in
-//! at most one batch, so receivers never race one another in practice; if they did, the image
-//! digest would catch the mixed page, not the allocator.
+//! at most one batch, so receivers never race one another (the engine's `ferry_migrate::target`
+//! says why its image check can rely on that, and how it seals memory before the check).
 //!
 //! Every `unsafe` function and block in this crate and in the transport's send/receive paths
 //! refers to this contract instead of restating it.

@@ -43,6 +43,18 @@ pub unsafe trait MemorySink: Send + Sync {
     fn regions(&self) -> &[Region] {
         &[]
     }
+
+    /// May a batch of `round` be written? A stream backend asks once it has decoded a batch's
+    /// header and before it writes any of the batch's pages (or resolves their addresses), so a
+    /// refused batch leaves memory untouched; a one-sided backend (`rdma`), whose pages land
+    /// before the batch is announced, asks when the announcement arrives. A refusal (the reason)
+    /// fails the receive with `TransportError::BatchRefused`. The destination's engine uses it
+    /// for the round rule and to seal memory once the image is verified; by default every batch
+    /// is admitted.
+    fn admit_batch(&self, round: u32) -> Result<(), String> {
+        let _ = round;
+        Ok(())
+    }
 }
 
 /// One guest-physical region: a descriptor. Its host address is only dereferenced by `unsafe`

@@ -78,6 +78,14 @@ pub enum MigrateError {
     /// paused.
     #[error("commit not confirmed; the source keeps its copy paused")]
     Uncertain(Box<stats::MigrationStats>),
+    /// The destination took ownership (`Commit`) but the VM did not resume there. The
+    /// destination discards its copy and sends the source an abort, on which the source resumes
+    /// its own copy (if that abort is lost, the source keeps its copy paused and reports the
+    /// commit unconfirmed): the VM runs in at most one place, and never nowhere silently.
+    #[error(
+        "committed, but the VM did not resume here ({0}); its copy here is discarded and the source is told to resume its own"
+    )]
+    ResumeFailed(String),
     /// A bug.
     #[error("internal: {0}")]
     Internal(&'static str),

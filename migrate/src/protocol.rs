@@ -19,8 +19,11 @@ pub const MAX_ID: usize = 256;
 pub const MAX_REASON: usize = 1024;
 /// Largest state chunk.
 pub const MAX_CHUNK: usize = 512 << 10;
-/// Largest whole state blob.
-pub const MAX_STATE: u64 = 256 << 20;
+/// Largest whole state blob (vCPU and device state): what the VMMs accept (the KVM state
+/// decoder, `ferry_vmm_glue::kvm::state`, uses this constant as its cap), so a destination never
+/// buffers more state than it could restore. A source whose state is larger fails before
+/// `Complete`.
+pub const MAX_STATE: u64 = 4 << 20;
 
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,6 +154,12 @@ impl<'a> R<'a> {
 fn put_bytes(v: &mut Vec<u8>, b: &[u8]) {
     v.extend_from_slice(&(b.len() as u32).to_le_bytes());
     v.extend_from_slice(b);
+}
+
+/// Whether an encoded message is a `Complete` (by its tag alone: the receiver of channel 0
+/// seals guest memory on it before reading the next frame, whatever the rest decodes to).
+pub fn is_complete(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&7)
 }
 
 impl Msg {
@@ -302,7 +311,14 @@ mod tests {
     fn round_trip_every_message() {
         for m in all() {
             assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
+            assert_eq!(is_complete(&m.encode()), matches!(m, Msg::Complete { .. }), "{m:?}");
         }
+    }
+
+    #[test]
+    fn state_larger_than_the_cap_is_refused() {
+        let over = Msg::Complete { state_len: MAX_STATE + 1, state_crc: 0, digest: 0, pages: 1 };
+        assert_eq!(Msg::decode(&over.encode()), Err(ProtocolError::Invalid("state too large")));
     }
 
     #[test]

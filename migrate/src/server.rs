@@ -14,7 +14,9 @@
 //! are pending per source address (an IPv6 /64 counts as one) and `max_pending` in total: beyond
 //! the first a new connection is closed at once; beyond the second the oldest pending handshake
 //! is closed to make room (a genuine handshake takes a few round trips, an attacker's idles).
-//! Channel 0 must send its first message within `prepare_timeout`. Accept errors (out of file
+//! At most `max_sessions` migration sessions are open at once (beyond it, a new session is
+//! refused in its handshake, after authentication, with that reason). Channel 0 must send its
+//! first message within `prepare_timeout`. Accept errors (out of file
 //! descriptors, say) back off exponentially. Stopping closes every pending handshake and every
 //! session still waiting for its first message, so [`MigrationServer::serve`] returns promptly;
 //! migrations under way run to their end. Every refusal is counted ([`ListenerStats`]) and
@@ -127,6 +129,9 @@ pub struct ListenerConfig {
     pub max_pending_per_source: usize,
     /// Longest pause after failing accepts (the pause starts at 5 ms and doubles).
     pub accept_backoff_max: Duration,
+    /// Migration sessions open at once (from channel 0's handshake to the migration's end);
+    /// beyond it, a new session's channel 0 is refused in its handshake.
+    pub max_sessions: usize,
 }
 
 impl Default for ListenerConfig {
@@ -137,6 +142,7 @@ impl Default for ListenerConfig {
             max_pending: 64,
             max_pending_per_source: 8,
             accept_backoff_max: Duration::from_secs(1),
+            max_sessions: 16,
         }
     }
 }
@@ -162,6 +168,8 @@ pub struct ListenerStats {
     pub closed_at_stop: u64,
     /// Failed accepts (each followed by a pause).
     pub accept_errors: u64,
+    /// Sessions refused in their handshake: `max_sessions` were open.
+    pub refused_sessions: u64,
 }
 
 impl ListenerStats {
@@ -183,6 +191,7 @@ pub struct ListenerCounters {
     prepare_timed_out: AtomicU64,
     closed_at_stop: AtomicU64,
     accept_errors: AtomicU64,
+    refused_sessions: AtomicU64,
     /// When a refusal was last logged (to log at most once a second).
     last_log: Mutex<Option<Instant>>,
 }
@@ -201,6 +210,7 @@ impl ListenerCounters {
             prepare_timed_out: g(&self.prepare_timed_out),
             closed_at_stop: g(&self.closed_at_stop),
             accept_errors: g(&self.accept_errors),
+            refused_sessions: g(&self.refused_sessions),
         }
     }
 
@@ -589,6 +599,11 @@ impl MigrationServer {
                 let b = est.binding;
                 let mut m = lock(sessions);
                 match (b.channel, m.contains_key(&b.session)) {
+                    (0, false) if m.len() >= self.limits.max_sessions.max(1) => {
+                        ListenerCounters::bump(&self.counters.refused_sessions);
+                        self.counters.log_refusal(&format!("refused a session: {} open", m.len()));
+                        Err(format!("too many migration sessions open ({})", m.len()))
+                    }
                     (0, false) => {
                         let (tx, rx) = mpsc::channel();
                         m.insert(b.session, Session { tx, rx: Some(rx) });

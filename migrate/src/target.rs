@@ -1,9 +1,30 @@
 //! The destination side of a live migration, the threaded driver of
 //! [`crate::session::target::TargetSession`]: it owns the channels, their receiver threads and
 //! the new VM; it feeds the session events and carries out its actions. Pages are received on
-//! every channel straight into the new VM's memory; the receivers check the round rule with the
-//! session's [`RoundGate`] before acknowledging. The VM is taken over only at `Commit`; until
-//! then any failure discards it.
+//! every channel straight into the new VM's memory, through the session's [`RoundGate`]: a
+//! receiver asks it once it has a batch's header and before it writes any page, so a batch of a
+//! stale round, or any batch once `Complete` came, is refused unwritten (and aborts the
+//! migration). The VM is taken over only at `Commit`; until then any failure discards it.
+//!
+//! # Why the hashes taken at arrival can be trusted at the final check
+//!
+//! Each receiver hashes a batch's pages once they are written, before it acknowledges the
+//! batch; the final check compares the digest of those hashes with the source's (or re-reads
+//! every page first when `verify_full` asks for it). The hashes describe memory as it is at the
+//! check because nothing writes a page after its hash was taken and before the check:
+//! - stream channels write only inside a receive, and only for a batch the gate admitted;
+//!   `Complete` seals the gate (channel 0's receiver seals it as soon as it reads `Complete`,
+//!   before it reads the next frame), and the session fails if an admitted batch was still
+//!   being written then. A correct source sends `Complete` only after every ack, and a receiver
+//!   stops counting as a writer before it acks, so nothing is written from `Complete` on.
+//! - within a round a correct source sends each page once; a batch resent after a channel loss
+//!   goes out only once the destination reported that channel's receiver stopped. So no two
+//!   receivers write one page at once (which could leave the later hash of an earlier write).
+//!   A source that breaks this is authenticated and could send any content anyway.
+//! - rdma writes memory one-sided, outside any announced batch: a session with an rdma channel
+//!   always re-reads every page at the check. (Its memory stays registered for remote writes
+//!   until the channels close after the migration: sealing it with the queue pair at
+//!   `Complete` is not done yet.)
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
@@ -13,7 +34,8 @@ use std::time::{Duration, Instant};
 
 use ferry_memory::digest::PageTable;
 use ferry_memory::scan::{scan_slice, zero_page_hash};
-use ferry_memory::{MemoryMap, MemorySink, MemorySource, NoSink};
+use ferry_memory::{MemoryMap, MemorySink, MemorySource, NoSink, Region, VolatileSlice};
+use ferry_transport::error::TransportError;
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer};
 
@@ -181,6 +203,41 @@ fn kill(killers: &Killers, only: Option<u16>) {
     }
 }
 
+/// What a receiver writes into: the new VM's memory behind the session's round gate, so a batch
+/// is refused before any of its pages is written (stale round, or memory sealed at `Complete`).
+struct GatedSink<'a> {
+    map: &'a MemoryMap,
+    gate: &'a RoundGate,
+    /// The batch being received was admitted (it counts as a writer until it lands).
+    admitted: AtomicBool,
+}
+
+// SAFETY: every slice and region comes from the wrapped map, under its own promise.
+unsafe impl MemorySink for GatedSink<'_> {
+    fn sink_slice(&self, gpa: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        self.map.sink_slice(gpa, len)
+    }
+
+    fn regions(&self) -> &[Region] {
+        MemorySink::regions(self.map)
+    }
+
+    fn admit_batch(&self, round: u32) -> Result<(), String> {
+        self.gate.admit(round).map_err(|e| e.to_string())?;
+        self.admitted.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+impl GatedSink<'_> {
+    /// The receive is over: an admitted batch stops counting as a writer.
+    fn landed(&self) {
+        if self.admitted.swap(false, Ordering::SeqCst) {
+            self.gate.landed();
+        }
+    }
+}
+
 fn rx_loop(
     idx: u16,
     mut rx: Box<dyn ChannelRx>,
@@ -188,20 +245,25 @@ fn rx_loop(
     sh: Arc<Shared>,
     ev: mpsc::Sender<Event>,
 ) {
+    let sink = GatedSink { map: &sh.map, gate: &sh.gate, admitted: AtomicBool::new(false) };
     loop {
         if sh.dead.load(Ordering::SeqCst) {
             return;
         }
-        match rx.recv(&sh.map) {
+        let got = rx.recv(&sink);
+        if !matches!(got, Ok(Incoming::Batch(_))) {
+            sink.landed();
+        }
+        match got {
             Ok(Incoming::Batch(b)) => {
-                // The round rule: never let an older round's copy land after a newer one.
-                if let Err(e) = sh.gate.admit(b.round) {
-                    let _ = ev.send(Event::Violation(idx, e.to_string()));
-                    return;
-                }
+                // The gate admitted the batch before its pages were written (the round rule:
+                // never let an older round's copy land after a newer one). Hash what landed, then
+                // stop counting as a writer, then acknowledge: the source sends Complete only
+                // after every ack, so by then no batch is being written or hashed.
                 for r in &b.runs {
                     sh.hash_run(r);
                 }
+                sink.landed();
                 if let Some(r) = b.runs.last() {
                     sh.frontier.fetch_max(r.gpa + r.len() as u64, Ordering::Relaxed);
                 }
@@ -219,6 +281,12 @@ fn rx_loop(
                     let _ = ev.send(Event::Violation(idx, "control message on a data channel".into()));
                     return;
                 }
+                // Complete seals memory here, before the next frame of this channel is read (the
+                // session seals it too, when it handles the message: a batch queued right behind
+                // Complete must not slip in meanwhile).
+                if crate::protocol::is_complete(&m) {
+                    sh.gate.close();
+                }
                 let _ = ev.send(Event::Control(m));
             }
             Ok(Incoming::Ack(_)) => {
@@ -227,6 +295,10 @@ fn rx_loop(
             }
             Ok(Incoming::Closed) => {
                 let _ = ev.send(Event::Closed(idx));
+                return;
+            }
+            Err(TransportError::BatchRefused(why)) => {
+                let _ = ev.send(Event::Violation(idx, format!("channel {idx}: {why}")));
                 return;
             }
             Err(e) => {
@@ -262,6 +334,8 @@ struct Driver<'a> {
     ev_tx: mpsc::Sender<Event>,
     threads: Vec<JoinHandle<()>>,
     stats: TargetStats,
+    /// A channel of the session writes memory one-sided (rdma).
+    one_sided: bool,
 }
 
 impl Driver<'_> {
@@ -294,7 +368,8 @@ impl Driver<'_> {
             TargetAction::CloseChannel(c) => kill(&self.killers, Some(c)),
             TargetAction::Verify { full } => {
                 let t = Instant::now();
-                let digest = self.sh.as_ref().map_or(0, |sh| sh.digest(full));
+                // One-sided (rdma) writes land outside any announced batch: re-read everything.
+                let digest = self.sh.as_ref().map_or(0, |sh| sh.digest(full || self.one_sided));
                 self.stats.verify = t.elapsed();
                 s.handle_digest(digest);
             }
@@ -333,6 +408,7 @@ impl Driver<'_> {
                 (c.killer)();
                 continue;
             }
+            self.one_sided |= c.info.backend == "rdma";
             channels[i] = Some(c);
             have += 1;
         }
@@ -384,6 +460,7 @@ impl Driver<'_> {
             if let Ok(mut k) = self.killers.lock() {
                 k.push((b.channel, c.killer.clone()));
             }
+            self.one_sided |= c.info.backend == "rdma";
             self.spawn_rx(b.channel, c.rx, Arc::new(Mutex::new(c.tx)));
         }
     }
@@ -424,6 +501,7 @@ pub fn receive_after(
         ev_tx,
         threads: Vec::new(),
         stats: TargetStats::default(),
+        one_sided: info.backend == "rdma",
     };
     let mut s = TargetSession::new(cfg.idle_timeout, Instant::now());
     s.handle_control(&m, Instant::now());
@@ -467,6 +545,11 @@ pub fn receive_after(
         // Give the source a moment to read Resumed before the sockets go away.
         let _ = ev_rx.recv_timeout(Duration::from_millis(200));
     } else if !committed {
+        if matches!(result, Err(MigrateError::ResumeFailed(_))) {
+            // Committed but not running: the copy here goes before the source is told to
+            // resume its own, so the VM never runs twice.
+            drop(d.vm.take());
+        }
         if let Ok(mut t) = d.tx0.try_lock() {
             let _ = t.send_abort(1, &result.as_ref().err().map(|e| e.to_string()).unwrap_or_default());
         }

@@ -242,3 +242,21 @@ fn stop_returns_with_idle_connections_open() {
         assert!(closed_by_server(s), "an idle connection stayed open after stop");
     }
 }
+
+/// Sessions beyond `max_sessions` are refused in their handshake (after authentication, with
+/// that reason); once the open session ends, a legitimate migration completes.
+#[test]
+fn sessions_beyond_the_limit_are_refused() {
+    let limits = ListenerConfig { max_sessions: 1, prepare_timeout: Duration::from_secs(2), ..Default::default() };
+    let srv = start(limits);
+    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), &psk(), random_bytes(), 0).unwrap();
+    let e = connect_one(&Path::to(srv.addr), &TcpOptions::default(), &psk(), random_bytes(), 0)
+        .expect_err("a second session beyond max_sessions must be refused");
+    assert!(e.to_string().contains("too many migration sessions"), "unclear error: {e}");
+    assert_eq!(srv.counters.snapshot().refused_sessions, 1);
+    // The silent session times out waiting for Prepare; its slot is free again.
+    let r = srv.outcomes.recv_timeout(PATIENCE).expect("an outcome for the silent session");
+    assert!(matches!(r, Err(MigrateError::Timeout(_))), "{:?}", r.map(|o| o.stats));
+    srv.legit_migration("after-session-limit");
+    let _ = srv.stop();
+}

@@ -40,6 +40,10 @@ pub trait Backend: Sync {
     fn raw_pair(&self) -> Result<(Box<dyn RawPeer>, Channel), TransportError>;
     /// Does the destination accept zstd batches from the raw peer?
     fn zstd(&self) -> bool;
+    /// Do data pages land before the batch is announced (one-sided RDMA writes)?
+    fn one_sided(&self) -> bool {
+        false
+    }
 }
 
 fn mixed_memory(pages: usize, seed: u64) -> Arc<AnonMemory> {
@@ -369,6 +373,66 @@ pub fn control_and_abort(b: &dyn Backend) {
     }
 }
 
+/// A sink that admits batches of rounds before `refuse_from` and refuses the rest.
+struct RefusingSink<'a> {
+    map: &'a ferry_memory::MemoryMap,
+    refuse_from: u32,
+}
+
+// SAFETY: every slice and region comes from the wrapped map, under its own promise.
+unsafe impl ferry_memory::MemorySink for RefusingSink<'_> {
+    fn sink_slice(&self, gpa: u64, len: usize) -> Option<ferry_memory::VolatileSlice<'_>> {
+        self.map.sink_slice(gpa, len)
+    }
+    fn regions(&self) -> &[ferry_memory::Region] {
+        ferry_memory::MemorySink::regions(self.map)
+    }
+    fn admit_batch(&self, round: u32) -> Result<(), String> {
+        if round >= self.refuse_from {
+            Err(format!("round {round} refused"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A batch the receiver refuses (`MemorySink::admit_batch`: a stale round, sealed memory) fails
+/// the receive with `BatchRefused` before its pages are written: memory keeps what it held (on a
+/// one-sided backend the data pages landed before the announcement, but its zero pages are still
+/// not written); an admitted batch before it lands whole.
+pub fn refused_batch(b: &dyn Backend) {
+    const PAGES: usize = 64;
+    let src = mixed_memory(PAGES, 7);
+    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
+    dst.write_from(0, &vec![0xAAu8; PAGES * PAGE_SIZE]);
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
+    let (mut s, mut d) = b.pair().expect("pair");
+    let half = (PAGES / 2) as u32;
+    let first = [PageRun { gpa: 0, pages: half }];
+    let second = [PageRun { gpa: u64::from(half) * PAGE_SIZE as u64, pages: half }];
+    s.tx.send_batch(1, 0, 0, &first, &smap).expect("send round 0");
+    s.tx.send_batch(2, 1, 0, &second, &smap).expect("send round 1");
+    let sink = RefusingSink { map: &dmap, refuse_from: 1 };
+    match d.rx.recv(&sink) {
+        Ok(Incoming::Batch(rb)) => assert_eq!((rb.id, rb.round), (1, 0)),
+        other => panic!("{}: round 0 should be admitted, got {other:?}", b.name()),
+    }
+    match d.rx.recv(&sink) {
+        Err(TransportError::BatchRefused(why)) => assert!(why.contains("round 1"), "{why}"),
+        other => panic!("{}: round 1 should be refused, got {other:?}", b.name()),
+    }
+    let (mut x, mut y) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+    for p in 0..PAGES {
+        src.read_into(p * PAGE_SIZE, &mut x);
+        dst.read_into(p * PAGE_SIZE, &mut y);
+        if p < half as usize {
+            assert!(x == y, "{}: admitted page {p} differs", b.name());
+        } else if !b.one_sided() || x.iter().all(|&v| v == 0) {
+            assert!(y.iter().all(|&v| v == 0xAA), "{}: refused batch wrote page {p}", b.name());
+        }
+    }
+}
+
 /// Run the whole suite.
 pub fn run_all(b: &dyn Backend) {
     round_trip_mixed(b);
@@ -377,4 +441,5 @@ pub fn run_all(b: &dyn Backend) {
     malformed_frames(b);
     wrong_key(b);
     control_and_abort(b);
+    refused_batch(b);
 }

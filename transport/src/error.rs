@@ -106,6 +106,10 @@ pub enum TransportError {
         /// Length.
         len: usize,
     },
+    /// The receiving side refused a batch before writing any of its pages
+    /// ([`ferry_memory::MemorySink::admit_batch`]: an older round, or memory sealed).
+    #[error("batch refused: {0}")]
+    BatchRefused(String),
     /// A batch asked for more than the protocol allows.
     #[error("invalid batch: {0}")]
     InvalidBatch(&'static str),

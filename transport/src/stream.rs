@@ -456,6 +456,8 @@ impl StreamRx {
         if h.encoding == Encoding::Zstd && !self.zstd_allowed {
             return Err(TransportError::NotNegotiated("zstd"));
         }
+        // The receiver's word on the batch (its round) before any page is touched.
+        sink.admit_batch(h.round).map_err(TransportError::BatchRefused)?;
         let zeroed = h.flags & BATCH_DEST_ZEROED != 0;
         // Resolve every run before touching memory: a bad address fails the batch whole.
         let mut bases = Vec::with_capacity(h.runs.len());

@@ -131,6 +131,10 @@ impl Backend for Rdma {
     fn zstd(&self) -> bool {
         false
     }
+
+    fn one_sided(&self) -> bool {
+        true
+    }
 }
 
 /// The backend's raw peer, as the suite's [`RawPeer`].
@@ -164,7 +168,8 @@ suite!(
     slow_reader_backpressure,
     malformed_frames,
     wrong_key,
-    control_and_abort
+    control_and_abort,
+    refused_batch
 );
 
 fn random_memory(pages: usize, seed: u64) -> Arc<AnonMemory> {

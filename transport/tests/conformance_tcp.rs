@@ -145,6 +145,10 @@ macro_rules! suite {
             fn control_and_abort() {
                 conformance::control_and_abort(&Tcp { zstd: $zstd });
             }
+            #[test]
+            fn refused_batch() {
+                conformance::refused_batch(&Tcp { zstd: $zstd });
+            }
         }
     };
 }

@@ -40,12 +40,14 @@
 //! Round rule (overlapping rounds are never in flight): the source sends no batch of round N+1
 //! before every batch of round N is acknowledged, and the destination acknowledges a batch only
 //! once its pages are in guest memory. So no older copy of a page can land after a newer one. The
-//! destination enforces it too ([`target::RoundGate`]): a batch whose round is older than one it
-//! has already seen (or than the final round once `Switchover` came), or any batch after
-//! `Complete`, is a protocol violation and aborts the migration.
+//! destination enforces it too ([`target::RoundGate`]), before a batch's pages are written: a
+//! batch whose round is older than one it has already seen (or than the final round once
+//! `Switchover` came), or any batch after `Complete` (guest memory is sealed from then on), is
+//! refused unwritten, a protocol violation that aborts the migration.
 //!
 //! Before `Commit` reaches the destination the source owns the VM: any failure, the destination
-//! discards, the source resumes. Once the destination has `Commit` it owns the VM. If the channel
+//! discards, the source resumes. Once the destination has `Commit` it owns the VM; if it cannot
+//! resume it, it discards its copy and then aborts, and the source resumes its own. If the channel
 //! dies after `Commit` was sent but before `Resumed` arrived, the source cannot know which side
 //! holds the VM: it keeps its copy paused and reports `Uncertain` (never resumes it by itself).
 //!

@@ -512,13 +512,14 @@ impl Pair {
             return; // the receivers are gone
         }
         let Some(mem) = self.dst_mem.as_mut() else { return };
-        // Pages land before the round rule is checked (zero-copy receive); a refused batch
-        // aborts the migration, so its pages are never part of a committed image.
-        for &(i, v) in &w.pages {
-            mem[i as usize] = v;
-        }
+        // The round rule is checked before any page is written (as the receivers do); a
+        // refused batch is never written, and aborts the migration.
         match self.dst.gate().admit(w.batch.round) {
             Ok(()) => {
+                for &(i, v) in &w.pages {
+                    mem[i as usize] = v;
+                }
+                self.dst.gate().landed();
                 assert!(w.batch.round >= self.max_admitted, "a stale round's batch was accepted");
                 assert!(
                     matches!(self.dst.state(), TargetState::Receiving),

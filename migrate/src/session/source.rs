@@ -29,7 +29,7 @@ use super::estimate::{
     final_round_time, live_rate, share_by_rate, stalled_channels, ChannelMeter, ChannelView, Converge, ConvergeConfig,
     Decision, RoundMeasure, RATE_WINDOW,
 };
-use crate::protocol::{Msg, MAX_CHUNK, MIGRATION_VERSION};
+use crate::protocol::{Msg, MAX_CHUNK, MAX_STATE, MIGRATION_VERSION};
 use crate::stats::{Progress, Status};
 use crate::vm::{DirtyBitmap, RegionBitmap, VmShape};
 use crate::MigrateError;
@@ -829,6 +829,10 @@ impl SourceSession {
             Ok(s) => s,
             Err(e) => return self.fail(MigrateError::Vm(e)),
         };
+        if state.len() as u64 > MAX_STATE {
+            let e = format!("VM state of {} bytes exceeds the protocol's cap of {MAX_STATE} bytes", state.len());
+            return self.fail(MigrateError::Vm(e));
+        }
         for (i, chunk) in state.chunks(MAX_CHUNK).enumerate() {
             self.send(Msg::StateChunk { offset: (i * MAX_CHUNK) as u64, data: chunk.to_vec() });
         }

@@ -13,11 +13,12 @@
 //! | `Committed` | the VM resumed ([`TargetSession::handle_resumed`]) | `Done` (sends `Resumed`) |
 //!
 //! Any failure before `Committed` ends in `Failed` with [`TargetAction::Fail`]: the driver
-//! discards the VM and tells the source. After `Commit` the session never fails: the VM runs here
-//! whatever happens to the channels.
+//! discards the VM and tells the source. After `Commit` the session fails only if the VM cannot
+//! be resumed ([`TargetSession::handle_resumed`]); otherwise the VM runs here whatever happens to
+//! the channels.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -90,30 +91,51 @@ pub enum GateError {
         seen: u32,
     },
     /// A batch after `Complete`: the image is being (or was) verified.
-    #[error("batch of round {0} after Complete")]
+    #[error("batch of round {0} after Complete: guest memory is sealed")]
     AfterComplete(u32),
 }
 
-/// The round rule on the receive path, shared by the session and the receiver threads (one
-/// atomic per check, no lock): a batch of a round older than the newest seen, older than the final
-/// round once `Switchover` came, or arriving after `Complete`, is refused.
+/// The round rule on the receive path, shared by the session and the receiver threads (atomics,
+/// no lock). A receiver asks [`RoundGate::admit`] once it has a batch's header and before it
+/// writes any page (through `MemorySink::admit_batch`), and calls [`RoundGate::landed`] once the
+/// receive is over (pages written, or the receive failed), before acknowledging. A batch of a
+/// round older than the newest seen, older than the final round once `Switchover` came, or
+/// arriving after `Complete`, is refused unwritten.
+///
+/// `Complete` seals memory ([`RoundGate::close`]): no batch is admitted after it, and it reports
+/// how many admitted batches were still being written. A correct source sends `Complete` only
+/// once every batch is acknowledged, and a receiver calls `landed` before it acknowledges, so
+/// that count is zero; if it is not, the source broke the protocol and the session fails. So
+/// from `Complete` on, nothing writes guest memory while it is verified and resumed.
 #[derive(Debug, Default)]
 pub struct RoundGate {
     max: AtomicU32,
-    closed: AtomicBool,
+    /// Admitted batches still being written (low bits) and the sealed flag ([`SEALED`]).
+    writers: AtomicU64,
 }
 
+/// The sealed flag in [`RoundGate`]'s writer count.
+const SEALED: u64 = 1 << 63;
+
 impl RoundGate {
-    /// May a batch of `round` be acknowledged? Called once its pages landed, before the ack.
+    /// May a batch of `round` be written? On `Ok` the caller is a writer until it calls
+    /// [`RoundGate::landed`].
     pub fn admit(&self, round: u32) -> Result<(), GateError> {
-        if self.closed.load(Ordering::SeqCst) {
+        let r = self.writers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w & SEALED == 0).then_some(w + 1));
+        if r.is_err() {
             return Err(GateError::AfterComplete(round));
         }
         let seen = self.max.fetch_max(round, Ordering::SeqCst);
         if round < seen {
+            self.landed();
             return Err(GateError::Stale { round, seen });
         }
         Ok(())
+    }
+
+    /// An admitted batch's receive is over (its pages are written, or the receive failed).
+    pub fn landed(&self) {
+        let _ = self.writers.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| (w & !SEALED > 0).then(|| w - 1));
     }
 
     /// The newest round seen (or announced).
@@ -121,12 +143,18 @@ impl RoundGate {
         self.max.load(Ordering::SeqCst)
     }
 
+    /// Whether memory is sealed (`Complete` came).
+    pub fn sealed(&self) -> bool {
+        self.writers.load(Ordering::SeqCst) & SEALED != 0
+    }
+
     fn raise(&self, round: u32) {
         self.max.fetch_max(round, Ordering::SeqCst);
     }
 
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+    /// Seal: admit no batch from now on. Returns the admitted batches still being written.
+    pub(crate) fn close(&self) -> u64 {
+        self.writers.fetch_or(SEALED, Ordering::SeqCst) & !SEALED
     }
 }
 
@@ -298,7 +326,11 @@ impl TargetSession {
             }
             (S::Receiving, Msg::Complete { state_len, state_crc, digest, pages }) => {
                 // No batch may land from here on: what is verified is what runs.
-                self.gate.close();
+                let writing = self.gate.close();
+                if writing > 0 {
+                    let r = format!("Complete while {writing} batch(es) were still being written");
+                    return self.refuse(r.clone(), MigrateError::Unexpected(r));
+                }
                 if pages != self.total_pages {
                     let r = format!("source has {pages} pages, destination {}", self.total_pages);
                     return self.refuse(r.clone(), MigrateError::Verify(r));
@@ -417,17 +449,26 @@ impl TargetSession {
         }
     }
 
-    /// The VM was resumed after commit (a failure changes nothing: the VM is ours either way,
-    /// and the source must not take it back; it is not told `Resumed`).
+    /// The VM was resumed after commit, or could not be: then the session fails with
+    /// [`MigrateError::ResumeFailed`] (the only failure after `Commit`): the driver discards the
+    /// VM here first, then tells the source (an abort), which resumes its own copy, so the VM
+    /// runs in exactly one place (or, if the abort is lost, the source keeps it paused and
+    /// reports the commit unconfirmed).
     pub fn handle_resumed(&mut self, r: Result<(), String>) {
         if self.state != TargetState::Committed {
             return;
         }
-        self.state = TargetState::Done;
-        if r.is_ok() {
-            self.actions.push_back(TargetAction::Send(Msg::Resumed));
+        match r {
+            Ok(()) => {
+                self.state = TargetState::Done;
+                self.actions.push_back(TargetAction::Send(Msg::Resumed));
+                self.actions.push_back(TargetAction::Finish);
+            }
+            Err(e) => {
+                self.state = TargetState::Failed;
+                self.actions.push_back(TargetAction::Fail(MigrateError::ResumeFailed(e)));
+            }
         }
-        self.actions.push_back(TargetAction::Finish);
     }
 }
 
@@ -487,6 +528,18 @@ mod tests {
     }
 
     #[test]
+    fn a_commit_whose_resume_fails_is_a_failure() {
+        let now = Instant::now();
+        let mut s = ready(now);
+        s.handle_control(&Msg::Commit.encode(), now);
+        assert!(matches!(drain(&mut s)[..], [TargetAction::Resume]));
+        s.handle_resumed(Err("vcpu would not start".into()));
+        let a = drain(&mut s);
+        assert!(matches!(&a[..], [TargetAction::Fail(MigrateError::ResumeFailed(e))] if e.contains("vcpu")), "{a:?}");
+        assert!(!s.committed() && s.is_over());
+    }
+
+    #[test]
     fn commit_before_ready_fails() {
         let now = Instant::now();
         let mut s = receiving(now);
@@ -527,8 +580,31 @@ mod tests {
         s.handle_control(&Msg::Switchover { round: 3 }.encode(), now);
         assert!(g.admit(2).is_err());
         assert!(g.admit(3).is_ok());
+        // Every admitted batch has landed (the refused ones never counted).
+        for _ in 0..3 {
+            g.landed();
+        }
+        assert!(!g.sealed());
         s.handle_control(&Msg::Complete { state_len: 0, state_crc: 0, digest: 1, pages: 8 }.encode(), now);
+        assert!(g.sealed());
         assert_eq!(g.admit(3), Err(GateError::AfterComplete(3)));
+        assert!(matches!(drain(&mut s).last(), Some(TargetAction::Verify { .. })));
+    }
+
+    #[test]
+    fn complete_while_a_batch_is_being_written_fails() {
+        let now = Instant::now();
+        let mut s = receiving(now);
+        drain(&mut s);
+        let g = s.gate().clone();
+        assert!(g.admit(0).is_ok()); // admitted, not landed
+        s.handle_control(&Msg::Complete { state_len: 0, state_crc: 0, digest: 1, pages: 8 }.encode(), now);
+        let a = drain(&mut s);
+        assert!(matches!(a.last(), Some(TargetAction::Fail(MigrateError::Unexpected(_)))), "{a:?}");
+        // Sealed all the same: nothing more is admitted, and a late landing does not unseal.
+        g.landed();
+        assert!(g.sealed());
+        assert!(g.admit(0).is_err());
     }
 
     #[test]

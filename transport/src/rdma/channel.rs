@@ -699,6 +699,9 @@ impl RdmaRx {
         if h.data_len as usize != h.data_pages() as usize * PAGE_SIZE {
             return Err(WireError::BadBatch("data length does not match the bitmap").into());
         }
+        // The data pages landed one-sided before this announcement; the receiver's word still
+        // comes before the zero pages are written and before the batch counts as received.
+        sink.admit_batch(h.round).map_err(TransportError::BatchRefused)?;
         let mut bases = Vec::with_capacity(h.runs.len());
         for r in &h.runs {
             bases.push(

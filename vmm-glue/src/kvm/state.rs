@@ -19,8 +19,9 @@ use zerocopy::{FromBytes, IntoBytes};
 pub const MAGIC: [u8; 8] = *b"FERRYKVM";
 /// Format version written (and the only one read).
 pub const VERSION: u32 = 1;
-/// Largest blob accepted.
-pub const MAX_STATE: usize = 4 << 20;
+/// Largest blob accepted: the migration protocol's cap on state
+/// ([`ferry_migrate::protocol::MAX_STATE`]), one constant for both.
+pub const MAX_STATE: usize = ferry_migrate::protocol::MAX_STATE as usize;
 /// Largest section accepted.
 pub const MAX_SECTION: usize = 1 << 20;
 /// Most sections accepted.
