@@ -102,7 +102,7 @@ pub enum GateError {
 /// round older than the newest seen, older than the final round once `Switchover` came, or
 /// arriving after `Complete`, is refused unwritten.
 ///
-/// `Complete` seals memory ([`RoundGate::close`]): no batch is admitted after it, and it reports
+/// `Complete` seals memory: no batch is admitted after it, and it reports
 /// how many admitted batches were still being written. A correct source sends `Complete` only
 /// once every batch is acknowledged, and a receiver calls `landed` before it acknowledges, so
 /// that count is zero; if it is not, the source broke the protocol and the session fails. So
