@@ -10,16 +10,24 @@
 //! synced and renamed over the record, so a reader sees the old or the new record, never a mix;
 //! a change also checks the epoch it expects, so two hosts cannot both win.
 //!
+//! # Files
+//! Images hold guest memory and records decide ownership: every file this module creates (image,
+//! record, lock) is created mode 0600 with `O_EXCL`, temporary files under an unpredictable name
+//! (`.<final name>.<random>.tmp`, so nobody can plant a file or a symlink where one will be
+//! written), then synced and renamed into place.
+//!
 //! ```text
 //! source (owner, running)                         target
 //!   pause; save_state
-//!   write <vm>.<epoch+1>.img.tmp, fsync, rename
+//!   write .<vm>.<epoch+1>.img.<random>.tmp, fsync, rename
 //!   record := {owner: target, saved, epoch+1}   <- commit: from here the target owns the VM
 //!   (drop the VM; never resume)
 //!                                                 read record: owner == me, saved
 //!                                                 load image (CRC per chunk), restore_state
 //!                                                 record := {owner: me, running, epoch+1}
 //!                                                 resume; delete image
+//!                                                 (resume fails: record := {me, saved},
+//!                                                  image kept, the load can be retried)
 //! ```
 //! A failure before the commit resumes the source (it still owns the VM). A failure after it
 //! leaves the target owning a saved VM whose image is still in the directory: loading can be
@@ -106,6 +114,18 @@ pub enum QuickError {
     /// The VM failed.
     #[error("VM: {0}")]
     Vm(#[source] VmError),
+    /// The image was loaded but the VM did not resume. `fate` says where the VM stands: its
+    /// record is back to saved (owned by this host, image kept) so the load can be retried, or,
+    /// if even that failed, what the record says.
+    #[error("VM {vm} loaded but did not resume: {reason}; {fate}")]
+    ResumeFailed {
+        /// VM id.
+        vm: String,
+        /// Why resuming failed.
+        reason: String,
+        /// Where the VM stands now.
+        fate: String,
+    },
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> QuickError {
@@ -224,6 +244,47 @@ impl Drop for LockGuard {
     }
 }
 
+/// Create a new file mode 0600 (`O_EXCL`: never an existing file or a symlink).
+fn create_private(p: &Path) -> std::io::Result<File> {
+    OpenOptions::new().write(true).create_new(true).mode(0o600).open(p)
+}
+
+/// A file written under a temporary, unpredictable name in `dir`, renamed into place once
+/// complete and synced ([`TempFile::persist`]); removed if dropped before.
+struct TempFile {
+    path: PathBuf,
+    file: File,
+    persisted: bool,
+}
+
+impl TempFile {
+    /// A new private file for what will be `dir/name`.
+    fn new(dir: &Path, name: &str) -> Result<Self, QuickError> {
+        let r: [u8; 12] = ferry_transport::handshake::random_bytes();
+        let hex: String = r.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!(".{name}.{hex}.tmp"));
+        let file = create_private(&path).map_err(io(format!("create {}", path.display())))?;
+        Ok(Self { path, file, persisted: false })
+    }
+
+    /// Sync and rename over `to` (atomically replacing it), then sync the directory.
+    fn persist(mut self, dir: &Path, to: &Path) -> Result<(), QuickError> {
+        self.file.sync_all().map_err(io(format!("fsync {}", self.path.display())))?;
+        fs::rename(&self.path, to).map_err(io(format!("rename to {}", to.display())))?;
+        self.persisted = true;
+        sync_dir(dir);
+        Ok(())
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.persisted {
+            let _ = fs::remove_file(&self.path);
+        }
+    }
+}
+
 fn sync_dir(p: &Path) {
     if let Ok(d) = File::open(p) {
         let _ = d.sync_all();
@@ -257,7 +318,7 @@ impl SharedDir {
         let rec = Record { owner: host.into(), state, epoch: 1, image: None };
         let _lock = self.lock(vm, host)?;
         let p = self.record_path(vm);
-        let mut f = match OpenOptions::new().write(true).create_new(true).open(&p) {
+        let mut f = match create_private(&p) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(QuickError::Exists(vm.into())),
             Err(e) => return Err(io(format!("create {}", p.display()))(e)),
@@ -269,7 +330,7 @@ impl SharedDir {
 
     fn lock(&self, vm: &str, host: &str) -> Result<LockGuard, QuickError> {
         let p = self.root.join(format!("{vm}.lock"));
-        match OpenOptions::new().write(true).create_new(true).mode(0o644).open(&p) {
+        match create_private(&p) {
             Ok(mut f) => {
                 let _ = writeln!(f, "{host} pid {}", std::process::id());
                 Ok(LockGuard(p))
@@ -299,11 +360,9 @@ impl SharedDir {
             });
         }
         next.epoch = cur.epoch + 1;
-        let tmp = self.root.join(format!("{vm}.owner.tmp.{by}"));
-        let mut f = File::create(&tmp).map_err(io(format!("create {}", tmp.display())))?;
-        f.write_all(next.encode().as_bytes()).and_then(|_| f.sync_all()).map_err(io("write record"))?;
-        fs::rename(&tmp, self.record_path(vm)).map_err(io("rename record"))?;
-        sync_dir(&self.root);
+        let mut tmp = TempFile::new(&self.root, &format!("{vm}.owner"))?;
+        tmp.file.write_all(next.encode().as_bytes()).map_err(io("write record"))?;
+        tmp.persist(&self.root, &self.record_path(vm))?;
         Ok(next)
     }
 
@@ -377,9 +436,14 @@ fn put_u64(v: &mut Vec<u8>, x: u64) {
     v.extend_from_slice(&x.to_le_bytes());
 }
 
-/// Write the image of a paused VM; returns (bytes, pages stored).
-fn write_image(path: &Path, shape: &VmShape, state: &[u8], mem: &MemoryMap) -> Result<(u64, u64), QuickError> {
-    let f = File::create(path).map_err(io(format!("create {}", path.display())))?;
+/// Write the image of a paused VM into `f` (flushed, not synced); returns (bytes, pages stored).
+fn write_image(
+    f: &mut File,
+    path: &Path,
+    shape: &VmShape,
+    state: &[u8],
+    mem: &MemoryMap,
+) -> Result<(u64, u64), QuickError> {
     let mut w = BufWriter::with_capacity(4 << 20, f);
     let werr = || io(format!("write {}", path.display()));
     let mut body = Vec::new();
@@ -447,8 +511,7 @@ fn write_image(path: &Path, shape: &VmShape, state: &[u8], mem: &MemoryMap) -> R
     put_u32(&mut end, crc);
     w.write_all(&end).map_err(werr())?;
     bytes += end.len() as u64;
-    let f = w.into_inner().map_err(|e| io(format!("flush {}", path.display()))(e.into_error()))?;
-    f.sync_all().map_err(io(format!("fsync {}", path.display())))?;
+    w.flush().map_err(io(format!("flush {}", path.display())))?;
     Ok((bytes, stored))
 }
 
@@ -624,12 +687,12 @@ pub fn quick_save(dir: &SharedDir, vm: &mut dyn SourceVm, from: &str, to: &str) 
     vm.pause().map_err(QuickError::Vm)?;
     let pause = t0.elapsed();
     let image = format!("{}.{}.img", shape.vm_id, rec.epoch + 1);
-    let tmp = dir.root.join(format!("{image}.tmp"));
     let attempt = (|| {
         let state = vm.save_state().map_err(QuickError::Vm)?;
-        let (bytes, stored) = write_image(&tmp, &shape, &state, &vm.memory())?;
-        fs::rename(&tmp, dir.root.join(&image)).map_err(io("rename image"))?;
-        sync_dir(&dir.root);
+        let mut tmp = TempFile::new(&dir.root, &image)?;
+        let shown = tmp.path.clone();
+        let (bytes, stored) = write_image(&mut tmp.file, &shown, &shape, &state, &vm.memory())?;
+        tmp.persist(&dir.root, &dir.root.join(&image))?;
         let next = Record { owner: to.into(), state: VmRunState::Saved, epoch: 0, image: Some(image.clone()) };
         let record = dir.transition(&shape.vm_id, from, &rec, next)?; // commit point
         Ok((bytes, stored, state.len(), record))
@@ -645,7 +708,6 @@ pub fn quick_save(dir: &SharedDir, vm: &mut dyn SourceVm, from: &str, to: &str) 
             record,
         }),
         Err(e) => {
-            let _ = fs::remove_file(&tmp);
             let _ = fs::remove_file(dir.root.join(&image));
             if was_running {
                 // Still the owner: the record did not change.
@@ -708,8 +770,25 @@ pub fn quick_load_into<T: TargetVm>(
     let pages_loaded = read_chunks(&mut r, &img.shape, &target.memory())?;
     target.restore_state(&img.state).map_err(QuickError::Vm)?;
     let next = Record { owner: host.into(), state: VmRunState::Running, epoch: 0, image: None };
-    dir.transition(vm_id, host, &rec, next)?;
-    target.resume().map_err(QuickError::Vm)?;
+    let running = dir.transition(vm_id, host, &rec, next)?;
+    if let Err(e) = target.resume() {
+        // Not running: the VM goes back to saved (ours, image kept) so the load can be retried;
+        // the loaded copy is dropped first.
+        drop(target);
+        let back = Record { owner: host.into(), state: VmRunState::Saved, epoch: 0, image: Some(image.clone()) };
+        let fate = match dir.transition(vm_id, host, &running, back) {
+            Ok(r) => format!(
+                "it is not running anywhere: saved, owned by {host} (epoch {}), image {} kept; load it again",
+                r.epoch,
+                path.display()
+            ),
+            Err(e2) => format!(
+                "it is not running anywhere, but its record still says running on {host} ({e2}); image {} kept",
+                path.display()
+            ),
+        };
+        return Err(QuickError::ResumeFailed { vm: vm_id.into(), reason: e.to_string(), fate });
+    }
     let total = t0.elapsed();
     let _ = fs::remove_file(&path);
     Ok((target, LoadReport { total, file_bytes, pages_loaded }))
