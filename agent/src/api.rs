@@ -6,6 +6,9 @@
 //! |---|---|---|
 //! | `GET /v1/host` | | [`HostInfo`] |
 //! | `PATCH /v1/host` | [`HostPatch`] | [`HostInfo`] |
+//! | `GET /v1/host/networks` | | list of [`Network`], by priority |
+//! | `POST /v1/host/networks` | [`Network`] | list of [`Network`] (201) |
+//! | `DELETE /v1/host/networks` | [`NetworkRemove`] | list of [`Network`] |
 //! | `GET /v1/vms` | | list of [`VmInfo`] |
 //! | `POST /v1/vms` | [`CreateVm`] | [`VmInfo`] (201) |
 //! | `GET /v1/vms/{name}` | | [`VmInfo`] |
@@ -87,10 +90,13 @@ pub struct HostInfo {
     pub max_storage_migrations: usize,
     /// `tcp`, `compression` or `smb`.
     pub performance_option: String,
-    /// Migration networks in order.
+    /// Migration networks in order (`subnet priority N`).
     pub networks: Vec<String>,
     /// Any network may carry migrations.
     pub use_any_network: bool,
+    /// The shared directory of quick moves, if any.
+    #[serde(default)]
+    pub shared_storage: Option<String>,
     /// Live migrations holding a slot now.
     pub active_migrations: usize,
     /// Moves waiting for a slot.
@@ -99,12 +105,32 @@ pub struct HostInfo {
     pub vms: usize,
 }
 
-/// A change of host settings at run time.
+/// A change of host settings at run time (every field optional; all or nothing changes). The
+/// change persists (state database) and applies to the next move; a raised limit admits
+/// queued moves at once.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HostPatch {
     /// New limit (1 ..= 64).
+    #[serde(default)]
     pub max_live_migrations: Option<usize>,
+    /// `tcp`, `compression` or `smb`.
+    #[serde(default)]
+    pub performance_option: Option<String>,
+    /// Any network may carry migrations.
+    #[serde(default)]
+    pub use_any_network: Option<bool>,
+}
+
+/// A migration network (`GET`/`POST /v1/host/networks`).
+pub use crate::config::NetworkEntry as Network;
+
+/// `DELETE /v1/host/networks`: which network to remove.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkRemove {
+    /// The subnet, as listed.
+    pub subnet: String,
 }
 
 /// Create a VM.

@@ -20,7 +20,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A configuration that cannot be used: which key, and why.
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +52,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
 }
 
 /// A migration network.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NetworkEntry {
     /// `address/prefix`, IPv4 or IPv6.
@@ -126,6 +126,96 @@ impl Subnet {
     }
 }
 
+impl std::fmt::Display for Subnet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// The host settings an operator may change at run time (`PATCH /v1/host`,
+/// `/v1/host/networks`). They start as the config file says; once changed at run time the agent
+/// keeps them in its state database, and they win over the file at the next start.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Settings {
+    /// Live migrations at once, outgoing and incoming together (1 ..= 64).
+    pub max_live_migrations: usize,
+    /// `tcp`, `compression` or `smb`.
+    pub performance_option: String,
+    /// Any network may carry migrations; `None`: true while no network is listed.
+    pub use_any_network: Option<bool>,
+    /// Migration networks (kept sorted by priority).
+    pub networks: Vec<NetworkEntry>,
+}
+
+impl Settings {
+    /// Check every value; `Err` names the setting and the reason.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.max_live_migrations) {
+            return Err(invalid("max_live_migrations", format!("{} is not in 1 ..= 64", self.max_live_migrations)));
+        }
+        check_option(&self.performance_option)?;
+        let mut seen: Vec<Subnet> = Vec::new();
+        for (i, n) in self.networks.iter().enumerate() {
+            let s = Subnet::parse(&n.subnet).map_err(|r| invalid(&format!("networks[{i}].subnet"), r))?;
+            if seen.contains(&s) {
+                return Err(invalid(&format!("networks[{i}].subnet"), format!("{s} is listed twice")));
+            }
+            seen.push(s);
+        }
+        if self.networks.is_empty() && self.use_any_network == Some(false) {
+            return Err(invalid("use_any_network", "is false but no network is listed: no move could ever leave"));
+        }
+        Ok(())
+    }
+
+    /// Any network allowed: as set, or true while no network is listed.
+    pub fn any_network(&self) -> bool {
+        self.use_any_network.unwrap_or(self.networks.is_empty())
+    }
+
+    /// The networks, parsed, by priority (entries that do not parse are skipped: [`Self::check`]
+    /// refuses them before they get here).
+    pub fn subnets(&self) -> Vec<(Subnet, u32)> {
+        let mut v: Vec<(Subnet, u32)> =
+            self.networks.iter().filter_map(|n| Subnet::parse(&n.subnet).ok().map(|s| (s, n.priority))).collect();
+        v.sort_by_key(|n| n.1);
+        v
+    }
+
+    /// The transport option the performance option means.
+    pub fn default_transport(&self) -> &'static str {
+        if self.performance_option == "compression" {
+            "zstd"
+        } else {
+            "tcp"
+        }
+    }
+
+    /// May a migration go to `ip`? `Err` says why not.
+    pub fn network_allows(&self, ip: IpAddr) -> Result<(), String> {
+        let nets = self.subnets();
+        if self.any_network() || nets.iter().any(|(s, _)| s.contains(ip)) {
+            return Ok(());
+        }
+        let list: Vec<String> = nets.iter().map(|(s, _)| s.to_string()).collect();
+        if list.is_empty() {
+            return Err(format!("{ip}: no migration network is listed and use_any_network is false"));
+        }
+        Err(format!("{ip} is on none of the migration networks ({}) and use_any_network is false", list.join(", ")))
+    }
+}
+
+fn check_option(o: &str) -> Result<(), ConfigError> {
+    match o {
+        "tcp" | "compression" => Ok(()),
+        "smb" => Err(invalid(
+            "performance_option",
+            "\"smb\" (multichannel over every NIC) is not wired into the agent yet; use tcp or compression",
+        )),
+        o => Err(invalid("performance_option", format!("{o:?} is not tcp, compression or smb"))),
+    }
+}
+
 /// A usable configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -149,6 +239,8 @@ pub struct Config {
     pub networks: Vec<(Subnet, u32)>,
     /// Any network may carry migrations.
     pub use_any_network: bool,
+    /// `use_any_network` as the file says (`None`: not given).
+    pub use_any_network_key: Option<bool>,
     /// `tcp` or `compression`.
     pub performance_option: String,
     /// The directory quick moves save VMs to (the same path on every host); `None`: quick moves
@@ -210,16 +302,7 @@ impl Config {
         if networks.is_empty() && !use_any_network {
             return Err(invalid("use_any_network", "is false but no network is listed: no move could ever leave"));
         }
-        match raw.performance_option.as_str() {
-            "tcp" | "compression" => {}
-            "smb" => {
-                return Err(invalid(
-                    "performance_option",
-                    "\"smb\" (multichannel over every NIC) is not wired into the agent yet; use tcp or compression",
-                ))
-            }
-            o => return Err(invalid("performance_option", format!("{o:?} is not tcp, compression or smb"))),
-        }
+        check_option(&raw.performance_option)?;
         if let Some(d) = &raw.shared_storage {
             if !d.is_absolute() {
                 return Err(invalid("shared_storage", format!("{} is not an absolute path", d.display())));
@@ -239,9 +322,20 @@ impl Config {
             max_storage_migrations,
             networks,
             use_any_network,
+            use_any_network_key: raw.use_any_network,
             performance_option: raw.performance_option,
             shared_storage: raw.shared_storage,
         })
+    }
+
+    /// The settings as the file gives them.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            max_live_migrations: self.max_live_migrations,
+            performance_option: self.performance_option.clone(),
+            use_any_network: self.use_any_network_key,
+            networks: self.networks.iter().map(|(s, p)| NetworkEntry { subnet: s.to_string(), priority: *p }).collect(),
+        }
     }
 
     /// The transport option the performance option means.
@@ -255,11 +349,7 @@ impl Config {
 
     /// May a migration go to `ip`? `Err` says why not.
     pub fn network_allows(&self, ip: IpAddr) -> Result<(), String> {
-        if self.use_any_network || self.networks.iter().any(|(s, _)| s.contains(ip)) {
-            return Ok(());
-        }
-        let list: Vec<String> = self.networks.iter().map(|(s, _)| format!("{}/{}", s.addr, s.prefix)).collect();
-        Err(format!("{ip} is on none of the migration networks ({}) and use_any_network is false", list.join(", ")))
+        self.settings().network_allows(ip)
     }
 }
 
@@ -330,6 +420,25 @@ mod tests {
         assert!(c.network_allows("198.18.0.7".parse().unwrap()).is_ok());
         let e = c.network_allows("10.0.0.1".parse().unwrap()).unwrap_err();
         assert!(e.contains("198.18.0.0/24"), "{e}");
+    }
+
+    #[test]
+    fn settings_follow_the_file_and_check_changes() {
+        let (_d, t) = with_key("[[networks]]\nsubnet = \"198.18.0.0/24\"\npriority = 1\n");
+        let c = Config::parse(&t).unwrap();
+        let mut s = c.settings();
+        s.check().unwrap();
+        assert!(!s.any_network() && s.network_allows("198.18.0.9".parse().unwrap()).is_ok());
+        assert!(s.network_allows("198.19.0.9".parse().unwrap()).unwrap_err().contains("198.18.0.0/24"));
+        s.networks.push(NetworkEntry { subnet: "198.18.0.0/24".into(), priority: 2 });
+        assert!(s.check().unwrap_err().to_string().contains("listed twice"));
+        s.networks.pop();
+        s.networks.push(NetworkEntry { subnet: "198.19.0.0/33".into(), priority: 2 });
+        assert!(s.check().unwrap_err().to_string().starts_with("networks[1].subnet: prefix \"33\""));
+        s.networks.clear();
+        assert!(s.any_network(), "no network listed and use_any_network not given: any");
+        s.use_any_network = Some(false);
+        assert!(s.check().unwrap_err().to_string().starts_with("use_any_network"));
     }
 
     #[test]

@@ -36,7 +36,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::api::*;
 use crate::client::{self, Endpoint};
-use crate::config::Config;
+use crate::config::{Config, Settings, Subnet};
 use crate::limit::{Cancel, Limit, Slot};
 use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
@@ -110,6 +110,8 @@ struct Live {
 /// The agent.
 pub struct Agent {
     cfg: Config,
+    /// Limit, option and networks: the config's, or as changed at run time (and kept).
+    settings: Mutex<Settings>,
     store: Mutex<Store>,
     vms: Mutex<HashMap<String, VmEntry>>,
     live: Mutex<HashMap<String, Live>>,
@@ -152,9 +154,18 @@ impl Agent {
         std::fs::set_permissions(&cfg.state_dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| setup("restricting state_dir", &e))?;
         let store = Store::open(&cfg.state_dir).map_err(|e| setup("opening the journal", &e))?;
-        let limit = Limit::new(cfg.max_live_migrations);
+        let settings = match store.settings().map_err(|e| setup("reading the settings", &e))? {
+            Some(s) => {
+                s.check().map_err(|e| setup("the settings kept in the state database", &e))?;
+                info!("using the host settings changed at run time (they win over the config file)");
+                s
+            }
+            None => cfg.settings(),
+        };
+        let limit = Limit::new(settings.max_live_migrations);
         let agent = Arc::new(Self {
             cfg,
+            settings: Mutex::new(settings),
             store: Mutex::new(store),
             vms: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
@@ -367,16 +378,39 @@ impl Agent {
         }
     }
 
+    fn settings(&self) -> Settings {
+        lock(&self.settings).clone()
+    }
+
+    /// Change the settings: `f` edits a copy; the result is checked, kept in the state
+    /// database, and only then used (a refused change changes nothing).
+    fn change_settings(&self, f: impl FnOnce(&mut Settings) -> ApiResult<()>) -> ApiResult<Settings> {
+        let mut g = lock(&self.settings);
+        let mut next = g.clone();
+        f(&mut next)?;
+        next.networks.sort_by_key(|n| n.priority);
+        next.check().map_err(|e| ApiError::bad(e.to_string()))?;
+        self.store().put_settings(&next)?;
+        if next.max_live_migrations != g.max_live_migrations {
+            self.limit.set_limit(next.max_live_migrations);
+        }
+        info!(settings = ?next, "host settings changed");
+        *g = next.clone();
+        Ok(next)
+    }
+
     fn host_info(&self) -> HostInfo {
         let (limit, active, queued) = self.limit.snapshot();
+        let set = self.settings();
         HostInfo {
             name: self.cfg.name.clone(),
             listen: self.cfg.listen.to_string(),
             max_live_migrations: limit,
             max_storage_migrations: self.cfg.max_storage_migrations,
-            performance_option: self.cfg.performance_option.clone(),
-            networks: self.cfg.networks.iter().map(|(s, p)| format!("{}/{} priority {p}", s.addr, s.prefix)).collect(),
-            use_any_network: self.cfg.use_any_network,
+            performance_option: set.performance_option.clone(),
+            networks: set.subnets().iter().map(|(s, p)| format!("{s} priority {p}")).collect(),
+            use_any_network: set.any_network(),
+            shared_storage: self.cfg.shared_storage.as_ref().map(|p| p.display().to_string()),
             active_migrations: active,
             queued_migrations: queued,
             vms: lock(&self.vms).values().filter(|e| e.row.owned).count(),
@@ -419,7 +453,8 @@ impl Agent {
                     .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_name", format!("{what}: {e}")))?;
             }
         }
-        let option = req.option.clone().unwrap_or_else(|| self.cfg.default_transport().into());
+        let settings = self.settings();
+        let option = req.option.clone().unwrap_or_else(|| settings.default_transport().into());
         let option = option
             .parse::<ferry_transport::option::TransportOption>()
             .map_err(|e| ApiError::bad(e.to_string()))?
@@ -438,7 +473,7 @@ impl Agent {
         if to == self.cfg.listen {
             return Err(ApiError::bad("the destination is this host"));
         }
-        self.cfg
+        settings
             .network_allows(to.ip())
             .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_network", why))?;
         let id = new_id();
@@ -1226,14 +1261,77 @@ async fn h_host(State(a): Ag) -> Json<HostInfo> {
 
 async fn h_host_patch(State(a): Ag, body: Bytes) -> ApiResult<Json<HostInfo>> {
     let p: HostPatch = parse_json(&body)?;
-    if let Some(n) = p.max_live_migrations {
-        if !(1..=64).contains(&n) {
-            return Err(ApiError::bad(format!("max_live_migrations {n} is not in 1 ..= 64")));
-        }
-        a.limit.set_limit(n);
-        info!(max_live_migrations = n, "limit changed");
+    if p == HostPatch::default() {
+        return Err(ApiError::bad(
+            "nothing to change: give max_live_migrations, performance_option or use_any_network",
+        ));
     }
+    a.change_settings(|s| {
+        if let Some(n) = p.max_live_migrations {
+            s.max_live_migrations = n;
+        }
+        if let Some(o) = p.performance_option {
+            s.performance_option = o;
+        }
+        if let Some(u) = p.use_any_network {
+            s.use_any_network = Some(u);
+        }
+        Ok(())
+    })?;
     Ok(Json(a.host_info()))
+}
+
+fn networks_of(s: &Settings) -> Vec<Network> {
+    let mut v = s.networks.clone();
+    v.sort_by_key(|n| n.priority);
+    v
+}
+
+async fn h_networks(State(a): Ag) -> Json<Vec<Network>> {
+    Json(networks_of(&a.settings()))
+}
+
+async fn h_network_add(State(a): Ag, body: Bytes) -> ApiResult<(StatusCode, Json<Vec<Network>>)> {
+    let n: Network = parse_json(&body)?;
+    let subnet = Subnet::parse(&n.subnet).map_err(|why| ApiError::bad(format!("subnet: {why}")))?;
+    let s = a.change_settings(|s| {
+        if s.networks.iter().any(|m| Subnet::parse(&m.subnet).ok() == Some(subnet)) {
+            return Err(ApiError::conflict(format!("network {subnet} is listed already")));
+        }
+        s.networks.push(Network { subnet: subnet.to_string(), priority: n.priority });
+        Ok(())
+    })?;
+    Ok((StatusCode::CREATED, Json(networks_of(&s))))
+}
+
+async fn h_network_remove(State(a): Ag, body: Bytes) -> ApiResult<Json<Vec<Network>>> {
+    let n: NetworkRemove = parse_json(&body)?;
+    let subnet = Subnet::parse(&n.subnet).map_err(|why| ApiError::bad(format!("subnet: {why}")))?;
+    let s = a.change_settings(|s| {
+        let before = s.networks.len();
+        s.networks.retain(|m| Subnet::parse(&m.subnet).ok() != Some(subnet));
+        if s.networks.len() == before {
+            return Err(ApiError::not_found(format!("network {subnet} is not listed")));
+        }
+        match (s.networks.is_empty(), s.use_any_network) {
+            (true, Some(false)) => {
+                return Err(ApiError::conflict(format!(
+                    "{subnet} is the last migration network and use_any_network is false: no move could leave; \
+                     add another network first, or set use_any_network true"
+                )))
+            }
+            // Never widen silently: with no network left, the default would allow any.
+            (true, None) => {
+                return Err(ApiError::conflict(format!(
+                    "{subnet} is the last migration network: without it any network would carry migrations; \
+                     set use_any_network (true or false) first"
+                )))
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(Json(networks_of(&s)))
 }
 
 async fn h_vms(State(a): Ag) -> Json<Vec<VmInfo>> {
@@ -1393,6 +1491,7 @@ async fn h_peer_vm(
 pub fn local_router(a: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/host", get(h_host).patch(h_host_patch))
+        .route("/v1/host/networks", get(h_networks).post(h_network_add).delete(h_network_remove))
         .route("/v1/vms", get(h_vms).post(h_vm_create))
         .route("/v1/vms/{name}", get(h_vm).delete(h_vm_delete))
         .route("/v1/vms/{name}/pause", post(h_vm_pause))

@@ -68,7 +68,8 @@ impl Store {
                  finished_at INTEGER, error TEXT, stats TEXT);
              CREATE TABLE IF NOT EXISTS migration_events (
                  id TEXT NOT NULL, status TEXT NOT NULL, at INTEGER NOT NULL, detail TEXT);
-             CREATE INDEX IF NOT EXISTS migration_events_id ON migration_events(id);",
+             CREATE INDEX IF NOT EXISTS migration_events_id ON migration_events(id);
+             CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
         )?;
         // Journals written before quick moves have no kind: they were live.
         let has_kind: i64 =
@@ -77,6 +78,20 @@ impl Store {
             db.execute_batch("ALTER TABLE migrations ADD COLUMN kind TEXT NOT NULL DEFAULT 'live';")?;
         }
         Ok(Self { db })
+    }
+
+    /// The host settings changed at run time, if they ever were.
+    pub fn settings(&self) -> Result<Option<crate::config::Settings>, StoreError> {
+        let v: Option<String> =
+            self.db.query_row("SELECT value FROM settings WHERE key = 'host'", [], |r| r.get(0)).optional()?;
+        Ok(v.and_then(|v| serde_json::from_str(&v).ok()))
+    }
+
+    /// Keep the host settings (they win over the config file at the next start).
+    pub fn put_settings(&self, s: &crate::config::Settings) -> Result<(), StoreError> {
+        let v = serde_json::to_string(s).unwrap_or_default();
+        self.db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('host', ?1)", params![v])?;
+        Ok(())
     }
 
     /// Insert or replace a VM.

@@ -2,7 +2,11 @@
 //! socket (`--api SOCKET`, default `/run/ferry/ferryd.sock`).
 //!
 //! ```text
-//! ferry [--api SOCKET] [--json] host show | host set --max-live-migrations N
+//! ferry [--api SOCKET] [--json] host show
+//! ferry [--api SOCKET] [--json] host set [--max-live-migrations N] [--option tcp|compression|smb]
+//!                                  [--use-any-network true|false]
+//! ferry [--api SOCKET] [--json] network list | network add SUBNET [--priority N] |
+//!                                  network remove SUBNET
 //! ferry [--api SOCKET] [--json] vm create --name NAME --memory SIZE --guest synthetic|kvm
 //!                                  [--working-set SIZE] [--dirty-rate SIZE]
 //! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
@@ -48,6 +52,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: HostCmd,
     },
+    /// Migration networks (subnets moves may take, by priority).
+    Network {
+        #[command(subcommand)]
+        cmd: NetworkCmd,
+    },
     /// VMs on this host.
     Vm {
         #[command(subcommand)]
@@ -77,11 +86,36 @@ enum Cmd {
 enum HostCmd {
     /// Settings and load.
     Show,
-    /// Change settings at run time.
+    /// Change settings at run time (kept across restarts of ferryd; used by the next move).
     Set {
         /// Live migrations at once, outgoing and incoming together.
         #[arg(long)]
         max_live_migrations: Option<usize>,
+        /// Performance option: tcp, compression or smb.
+        #[arg(long)]
+        option: Option<String>,
+        /// Whether any network may carry migrations (true or false).
+        #[arg(long, action = clap::ArgAction::Set)]
+        use_any_network: Option<bool>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCmd {
+    /// The migration networks, by priority.
+    List,
+    /// Add a migration network.
+    Add {
+        /// Subnet, like 198.18.0.0/24.
+        subnet: String,
+        /// Lower is preferred.
+        #[arg(long, default_value_t = 0)]
+        priority: u32,
+    },
+    /// Remove a migration network.
+    Remove {
+        /// Subnet, as listed.
+        subnet: String,
     },
 }
 
@@ -232,9 +266,43 @@ async fn run(c: Cli) -> Result<(), Fail> {
             let v = api.call("GET", "/v1/host", None).await?;
             print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
         }
-        Cmd::Host { cmd: HostCmd::Set { max_live_migrations } } => {
-            let v = api.call("PATCH", "/v1/host", Some(json!({"max_live_migrations": max_live_migrations}))).await?;
+        Cmd::Host { cmd: HostCmd::Set { max_live_migrations, option, use_any_network } } => {
+            let patch = HostPatch { max_live_migrations, performance_option: option, use_any_network };
+            let body = serde_json::to_value(&patch).map_err(|e| Fail::Refused(e.to_string()))?;
+            let v = api.call("PATCH", "/v1/host", Some(body)).await?;
             print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
+        }
+        Cmd::Network { cmd } => {
+            let v = match cmd {
+                NetworkCmd::List => api.call("GET", "/v1/host/networks", None).await?,
+                NetworkCmd::Add { subnet, priority } => {
+                    api.call("POST", "/v1/host/networks", Some(json!({"subnet": subnet, "priority": priority}))).await?
+                }
+                NetworkCmd::Remove { subnet } => {
+                    api.call("DELETE", "/v1/host/networks", Some(json!({"subnet": subnet}))).await?
+                }
+            };
+            print(j, &v, |v| {
+                let lines: Vec<String> = v
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|n| {
+                                format!(
+                                    "{} priority {}",
+                                    n["subnet"].as_str().unwrap_or("-"),
+                                    n["priority"].as_u64().unwrap_or(0)
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if lines.is_empty() {
+                    "no migration networks (any network is allowed unless use_any_network is false)".into()
+                } else {
+                    lines.join("\n")
+                }
+            });
         }
         Cmd::Vm { cmd } => match cmd {
             VmCmd::Create { name, memory, guest, working_set, dirty_rate } => {
