@@ -15,6 +15,7 @@
 //! | `POST /v1/vms/{name}/pause`, `/resume` | | [`VmInfo`] |
 //! | `DELETE /v1/vms/{name}` | | 204 |
 //! | `POST /v1/moves` | [`MoveRequest`] (`kind`: `live` or `quick`) | [`MoveAccepted`] (202) |
+//! | `POST /v1/preflight` | [`PreflightRequest`] | [`PreflightReport`] |
 //! | `GET /v1/migrations` | | list of [`MigrationInfo`], newest first |
 //! | `GET /v1/migrations/{id}` | | [`MigrationInfo`] |
 //! | `POST /v1/migrations/{id}/cancel` | | [`MigrationInfo`] |
@@ -22,7 +23,8 @@
 //! Peer API (the `listen` TCP address, every request signed with the key file's key, see
 //! [`crate::peer`]): `POST /peer/v1/incoming` ([`IncomingRequest`] -> [`IncomingAccepted`]),
 //! `POST /peer/v1/incoming/{id}/abort` ([`IncomingAbort`]: a quick move the source gave up
-//! before the handover), `GET /peer/v1/vms/{name}` ([`PeerVm`]).
+//! before the handover), `GET /peer/v1/vms/{name}` ([`PeerVm`]), `GET /peer/v1/migrations/{id}`
+//! ([`MigrationInfo`]), `POST /peer/v1/preflight` ([`IncomingRequest`] -> [`DestinationReport`]).
 //!
 //! Every error is `{"error": {"code": "...", "message": "..."}}` ([`ErrorBody`]) with an HTTP
 //! status that says who is at fault (4xx: the request; 5xx: this host).
@@ -358,4 +360,81 @@ pub struct PeerVm {
 pub struct IncomingAbort {
     /// Why.
     pub reason: String,
+}
+
+/// `POST /v1/preflight`: could this move run now, and how (the way Hyper-V's `Compare-VM`
+/// answers before a move)?
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PreflightRequest {
+    /// The VM.
+    pub vm: String,
+    /// The destination agent's `listen` address.
+    pub to: String,
+    /// Live or quick.
+    #[serde(default)]
+    pub kind: MoveKind,
+    /// Transport option (default: the host's performance option).
+    #[serde(default)]
+    pub option: Option<String>,
+    /// Channels (1 ..= 16, default 2).
+    #[serde(default)]
+    pub channels: Option<u16>,
+}
+
+/// One reason a move cannot run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Incompatibility {
+    /// Stable code (`no_network`, `unreachable`, `key_mismatch`, `no_memory`, `no_kvm`,
+    /// `name_taken`, `no_shared_storage`, `not_shared`, `bad_name`, `refused`).
+    pub code: String,
+    /// What stands in the way, in a sentence.
+    pub message: String,
+}
+
+/// What the destination says about hosting a VM (peer answer to `POST /peer/v1/preflight`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DestinationReport {
+    /// Its name.
+    pub name: String,
+    /// Its limit.
+    pub max_live_migrations: usize,
+    /// Live migrations holding a slot there now.
+    pub active_migrations: usize,
+    /// Moves waiting there.
+    pub queued_migrations: usize,
+    /// Memory it can give (`MemAvailable` less a 256 MiB margin).
+    pub memory_available_bytes: u64,
+    /// KVM guests can run there.
+    pub kvm: bool,
+    /// It has shared storage (quick moves).
+    pub shared_storage: bool,
+    /// What stands in the way there.
+    pub incompatibilities: Vec<Incompatibility>,
+}
+
+/// The preflight report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PreflightReport {
+    /// The VM.
+    pub vm: String,
+    /// The destination address.
+    pub to: String,
+    /// Live or quick.
+    pub kind: MoveKind,
+    /// No incompatibility.
+    pub compatible: bool,
+    /// The migration network the move would take (`any network` when `use_any_network`), or
+    /// null if none pairs.
+    pub network: Option<String>,
+    /// The transport option it would use (live moves).
+    pub option: String,
+    /// The channels it would open (live moves).
+    pub channels: u16,
+    /// The move would wait for a slot here or there (not an incompatibility).
+    pub would_queue: bool,
+    /// What the destination said (null if it could not be asked).
+    pub destination: Option<DestinationReport>,
+    /// Every reason the move cannot run now.
+    pub incompatibilities: Vec<Incompatibility>,
 }

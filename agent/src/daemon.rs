@@ -1073,6 +1073,169 @@ impl Agent {
         Ok(dir)
     }
 
+    /// Could this host take `req` now? Nothing changes here (a preflight).
+    fn destination_report(&self, req: &IncomingRequest) -> DestinationReport {
+        let mut inc = Vec::new();
+        let mut add = |code: &str, message: String| inc.push(Incompatibility { code: code.into(), message });
+        if !valid_name(&req.vm) {
+            add("bad_name", format!("bad VM name {:?}", req.vm));
+        }
+        if let Err(e) = check_memory(req.guest, req.memory_bytes) {
+            add("refused", e.message);
+        }
+        if lock(&self.vms).contains_key(&req.vm) {
+            add("name_taken", format!("a VM named {:?} is already on host {}", req.vm, self.cfg.name));
+        }
+        let give = mem_available_bytes().map(|a| a.saturating_sub(256 << 20));
+        if let Some(give) = give {
+            if give < req.memory_bytes {
+                add(
+                    "no_memory",
+                    format!(
+                        "host {} can give {} MiB; the VM needs {} MiB",
+                        self.cfg.name,
+                        give >> 20,
+                        req.memory_bytes >> 20
+                    ),
+                );
+            }
+        }
+        let kvm = ferry_vmm_glue::kvm::kvm_usable();
+        if req.guest == GuestKind::Kvm {
+            if let Err(why) = &kvm {
+                add("no_kvm", format!("KVM is not usable on host {}: {why}", self.cfg.name));
+            }
+        }
+        if req.kind == MoveKind::Quick {
+            if let Err(e) = self.quick_admissible(req) {
+                add(e.code, e.message);
+            }
+        }
+        let (limit, active, queued) = self.limit.snapshot();
+        DestinationReport {
+            name: self.cfg.name.clone(),
+            max_live_migrations: limit,
+            active_migrations: active,
+            queued_migrations: queued,
+            memory_available_bytes: give.unwrap_or(0),
+            kvm: kvm.is_ok(),
+            shared_storage: self.cfg.shared_storage.is_some(),
+            incompatibilities: inc,
+        }
+    }
+
+    /// `POST /v1/preflight`: ask the destination and check this host's side; nothing moves.
+    async fn preflight(&self, req: PreflightRequest) -> ApiResult<PreflightReport> {
+        let e = self.owned(&req.vm)?;
+        let settings = self.settings();
+        let option = req.option.clone().unwrap_or_else(|| settings.default_transport().into());
+        let option = option
+            .parse::<ferry_transport::option::TransportOption>()
+            .map_err(|e| ApiError::bad(e.to_string()))?
+            .to_string();
+        let channels = req.channels.unwrap_or(2);
+        if !(1..=16).contains(&channels) {
+            return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));
+        }
+        let to: SocketAddr = req.to.parse().map_err(|_| {
+            ApiError::bad(format!("destination {:?} is not an agent address like 198.18.0.2:7700", req.to))
+        })?;
+        if to == self.cfg.listen {
+            return Err(ApiError::bad("the destination is this host"));
+        }
+        let mut inc = Vec::new();
+        let mut add = |code: &str, message: String| inc.push(Incompatibility { code: code.into(), message });
+        let network = if settings.any_network() {
+            Some("any network (use_any_network)".to_string())
+        } else {
+            settings.subnets().iter().find(|(s, _)| s.contains(to.ip())).map(|(s, _)| s.to_string())
+        };
+        if let Err(why) = settings.network_allows(to.ip()) {
+            add("no_network", why);
+        }
+        if let Some(m) = &e.busy {
+            add("moving", format!("VM {:?} is moving now (migration {m})", req.vm));
+        }
+        let mut probe = None;
+        if req.kind == MoveKind::Quick {
+            match &self.cfg.shared_storage {
+                None => add(
+                    "no_shared_storage",
+                    format!("host {} has no shared_storage in its config: it cannot make quick moves", self.cfg.name),
+                ),
+                Some(dir) => {
+                    let name = format!(".ferry-probe-{}", new_id());
+                    match std::fs::write(dir.join(&name), self.cfg.name.as_bytes()) {
+                        Ok(()) => probe = Some((dir.join(&name), name)),
+                        Err(e) => add("no_shared_storage", format!("cannot write to {}: {e}", dir.display())),
+                    }
+                }
+            }
+            for (what, n) in [("host name", &self.cfg.name), ("VM name", &req.vm)] {
+                if let Err(e) = ferry_migrate::quick::check_name(n) {
+                    add("bad_name", format!("{what}: {e}"));
+                }
+            }
+        }
+        let ask = IncomingRequest {
+            id: format!("preflight-{}", new_id()),
+            vm: e.row.name.clone(),
+            guest: e.row.guest,
+            memory_bytes: e.row.memory_bytes,
+            epoch: e.row.epoch,
+            source: self.cfg.name.clone(),
+            kind: req.kind,
+            probe: probe.as_ref().map(|p| p.1.clone()),
+        };
+        let body = serde_json::to_vec(&ask).map_err(|e| ApiError::internal(e.to_string()))?;
+        let answer = self.peer_call("POST", &req.to, "/peer/v1/preflight", Some(body)).await;
+        if let Some((path, _)) = &probe {
+            let _ = std::fs::remove_file(path);
+        }
+        let destination = match answer {
+            Ok(v) => match serde_json::from_value::<DestinationReport>(v) {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    add("refused", format!("the destination answered badly: {e}"));
+                    None
+                }
+            },
+            Err((Some(401), why)) => {
+                add("key_mismatch", format!("destination {} refused our signature: {why}", req.to));
+                None
+            }
+            Err((None, why)) => {
+                add("unreachable", format!("destination {}: {why}", req.to));
+                None
+            }
+            Err((_, why)) => {
+                add("refused", format!("destination {}: {why}", req.to));
+                None
+            }
+        };
+        if let Some(d) = &destination {
+            inc.extend(d.incompatibilities.iter().cloned());
+        }
+        let (limit, active, queued) = self.limit.snapshot();
+        let would_queue = active >= limit
+            || queued > 0
+            || destination
+                .as_ref()
+                .is_some_and(|d| d.active_migrations >= d.max_live_migrations || d.queued_migrations > 0);
+        Ok(PreflightReport {
+            vm: req.vm,
+            to: req.to,
+            kind: req.kind,
+            compatible: inc.is_empty(),
+            network,
+            option,
+            channels,
+            would_queue,
+            destination,
+            incompatibilities: inc,
+        })
+    }
+
     /// The source gave up an incoming quick move before the handover.
     fn abort_incoming(&self, id: &str, reason: String) -> ApiResult<()> {
         match lock(&self.live).get_mut(id) {
@@ -1471,6 +1634,23 @@ async fn h_peer_migration(
     Ok(Json(a.migration_info(&id)?))
 }
 
+async fn h_preflight(State(a): Ag, body: Bytes) -> ApiResult<Json<PreflightReport>> {
+    let req: PreflightRequest = parse_json(&body)?;
+    Ok(Json(a.preflight(req).await?))
+}
+
+async fn h_peer_preflight(
+    State(a): Ag,
+    headers: HeaderMap,
+    method: Method,
+    uri: Uri,
+    body: Bytes,
+) -> ApiResult<Json<DestinationReport>> {
+    check_peer(&a, &headers, &method, &uri, &body)?;
+    let req: IncomingRequest = parse_json(&body)?;
+    Ok(Json(a.destination_report(&req)))
+}
+
 async fn h_peer_vm(
     State(a): Ag,
     headers: HeaderMap,
@@ -1497,6 +1677,7 @@ pub fn local_router(a: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}/pause", post(h_vm_pause))
         .route("/v1/vms/{name}/resume", post(h_vm_resume))
         .route("/v1/moves", post(h_move))
+        .route("/v1/preflight", post(h_preflight))
         .route("/v1/migrations", get(h_migrations))
         .route("/v1/migrations/{id}", get(h_migration))
         .route("/v1/migrations/{id}/cancel", post(h_cancel))
@@ -1512,6 +1693,7 @@ pub fn peer_router(a: Arc<Agent>) -> Router {
         .route("/peer/v1/incoming", post(h_peer_incoming))
         .route("/peer/v1/incoming/{id}/abort", post(h_peer_abort))
         .route("/peer/v1/migrations/{id}", get(h_peer_migration))
+        .route("/peer/v1/preflight", post(h_peer_preflight))
         .route("/peer/v1/vms/{name}", get(h_peer_vm))
         .route("/metrics", get(h_metrics))
         .fallback(h_fallback)

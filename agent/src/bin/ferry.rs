@@ -12,6 +12,7 @@
 //! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
 //! ferry [--api SOCKET] [--json] move NAME --to ADDR [--option tcp|zstd|zstd-always] [--channels N]
 //!                                  [--downtime-ms N] [--wait]
+//! ferry [--api SOCKET] [--json] preflight NAME --to ADDR [--quick] [--option ...] [--channels N]
 //! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
 //! ```
 //!
@@ -64,6 +65,24 @@ enum Cmd {
     },
     /// Move a VM to another host (live).
     Move(MoveArgs),
+    /// Could a move of VM to HOST run now, and how? (Nothing moves.) Exit 0: compatible;
+    /// 2: not, with every reason.
+    Preflight {
+        /// The VM.
+        vm: String,
+        /// The destination agent's `listen` address.
+        #[arg(long)]
+        to: String,
+        /// Check a quick move.
+        #[arg(long)]
+        quick: bool,
+        /// Transport option.
+        #[arg(long)]
+        option: Option<ferry_transport::option::TransportOption>,
+        /// Channels.
+        #[arg(long)]
+        channels: Option<u16>,
+    },
     /// The migration journal, newest first.
     Migrations {
         /// Print it again every second (text) until interrupted.
@@ -193,6 +212,8 @@ enum Fail {
     Refused(String),
     /// The migration failed or was cancelled (exit 1).
     Failed(String),
+    /// A preflight found incompatibilities (exit 2; the report says which).
+    Incompatible,
 }
 
 struct Api {
@@ -341,6 +362,55 @@ async fn run(c: Cli) -> Result<(), Fail> {
             }
         },
         Cmd::Move(m) => return do_move(&api, j, m).await,
+        Cmd::Preflight { vm, to, quick, option, channels } => {
+            let req = PreflightRequest {
+                vm,
+                to,
+                kind: if quick { MoveKind::Quick } else { MoveKind::Live },
+                option: option.map(|o| o.to_string()),
+                channels,
+            };
+            let body = serde_json::to_value(&req).map_err(|e| Fail::Refused(e.to_string()))?;
+            let v = api.call("POST", "/v1/preflight", Some(body)).await?;
+            let r: PreflightReport =
+                serde_json::from_value(v.clone()).map_err(|e| Fail::Refused(format!("bad answer: {e}")))?;
+            print(j, &v, |_| {
+                let mut out = format!(
+                    "{} {} move of {} to {}: {}",
+                    if r.compatible { "compatible:" } else { "NOT compatible:" },
+                    r.kind.name(),
+                    r.vm,
+                    r.to,
+                    match &r.network {
+                        Some(n) => format!("network {n}, option {}, {} channels", r.option, r.channels),
+                        None => "no network pairs".into(),
+                    }
+                );
+                if let Some(d) = &r.destination {
+                    out += &format!(
+                        "\n  destination {}: {}/{} migrations active, {} queued, {} MiB to give, kvm {}, shared storage {}",
+                        d.name,
+                        d.active_migrations,
+                        d.max_live_migrations,
+                        d.queued_migrations,
+                        d.memory_available_bytes >> 20,
+                        d.kvm,
+                        d.shared_storage
+                    );
+                }
+                if r.would_queue {
+                    out += "\n  it would wait for a slot of the host-wide limit";
+                }
+                for i in &r.incompatibilities {
+                    out += &format!("\n  {}: {}", i.code, i.message);
+                }
+                out
+            });
+            if !r.compatible {
+                // The report is printed; exit 2 says "refused" without more words.
+                return Err(Fail::Incompatible);
+            }
+        }
         Cmd::Migrations { watch } => loop {
             let v = api.call("GET", "/v1/migrations", None).await?;
             print(j, &v, |v| {
@@ -459,6 +529,7 @@ fn main() -> ExitCode {
             }
             ExitCode::from(1)
         }
+        Err(Fail::Incompatible) => ExitCode::from(2),
         Err(Fail::Refused(why)) => {
             if j {
                 println!("{}", json!({"error": why}));
