@@ -42,6 +42,10 @@ use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
 use crate::vmmctl::{self, MigrateOrder, MigrationReport, QuickOrder, VmmRequest, VmmState, VmmStatus};
 
+/// Peer checks (about one a second) a live move's destination agent may miss in a row before the
+/// move is cancelled.
+const PEER_MISSES: u32 = 3;
+
 /// An API error: HTTP status, code, sentence.
 #[derive(Debug)]
 pub struct ApiError {
@@ -96,6 +100,27 @@ struct VmEntry {
     row: VmRow,
     /// The migration moving it now.
     busy: Option<String>,
+}
+
+/// What is left on this host of a migration whose end is being settled with the destination.
+#[derive(Debug, Clone, Copy)]
+enum Here {
+    /// Commit sent, confirmation lost: the VM is paused here and may resume.
+    Paused,
+    /// The VMM reported the move done while the agent was away: nothing runs here.
+    Released,
+    /// The VMM process died during the move: nothing runs here.
+    Gone,
+}
+
+impl Here {
+    fn why_uncertain(self) -> &'static str {
+        match self {
+            Here::Paused => "commit sent, its confirmation lost",
+            Here::Released => "the VMM released the VM while the agent was away",
+            Here::Gone => "the VMM process died during the move",
+        }
+    }
 }
 
 /// Live numbers of a running migration (the journal keeps the state changes).
@@ -201,6 +226,25 @@ impl Agent {
             match vmmctl::status(&socket).await {
                 Ok(st) => self.adopt_one(row, st).await,
                 Err(e) => {
+                    // An outgoing move in flight may have committed before the process died:
+                    // only the destination can say.
+                    let moving = match row.owned {
+                        true => self
+                            .store()
+                            .unfinished()?
+                            .into_iter()
+                            .find(|m| m.vm == row.name && m.direction == "outgoing"),
+                        false => None,
+                    };
+                    if let Some(m) = moving {
+                        warn!(
+                            vm = row.name,
+                            migration = m.id,
+                            "VMM process gone ({e}) during a move; asking the destination"
+                        );
+                        self.resolve_later(m.id, row, m.peer, Here::Gone);
+                        continue;
+                    }
                     warn!(vm = row.name, "VMM process gone ({e}); forgetting the VM");
                     self.store().remove_vm(&row.name)?;
                     if let Some(id) = &row.arrived_with {
@@ -229,16 +273,33 @@ impl Agent {
         info!(vm = row.name, state = ?st.state, pid = st.pid, "adopting VMM process");
         match (row.owned, st.state) {
             (true, VmmState::Released) => {
-                // It moved away while nobody watched: finish the journal, stop the process.
-                if let Some(m) = &st.migration {
-                    self.finish_outgoing_record(&m.id, m);
+                // It moved away while nobody watched. A move the journal still has in flight
+                // is settled by the destination agent (its VMM's report is kept as the
+                // statistics); one already journaled only needs its process stopped.
+                let in_flight = st.migration.as_ref().and_then(|m| {
+                    let j = self.store().migration(&m.id).ok().flatten()?;
+                    (!j.is_final()).then_some((m.clone(), j.peer))
+                });
+                match in_flight {
+                    Some((m, peer)) => {
+                        if let Some(s) = &m.stats {
+                            if let Err(e) = self.store().set_stats(&m.id, s) {
+                                warn!("journal: {e}");
+                            }
+                        }
+                        self.resolve_later(m.id, row, peer, Here::Released);
+                    }
+                    None => {
+                        let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
+                        let _ = self.store().remove_vm(&row.name);
+                    }
                 }
-                let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
-                let _ = self.store().remove_vm(&row.name);
             }
             (true, VmmState::Migrating) | (true, VmmState::Uncertain) => {
                 let id = st.migration.as_ref().map(|m| m.id.clone()).unwrap_or_default();
-                let peer = self.store().migration(&id).ok().flatten().map(|m| m.peer).unwrap_or_default();
+                let journaled = self.store().migration(&id).ok().flatten();
+                let live_move = journaled.as_ref().is_none_or(|m| m.kind != "quick");
+                let peer = journaled.map(|m| m.peer).unwrap_or_default();
                 lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
                 lock(&self.live).insert(id.clone(), Live::default());
                 let slot = self.limit.force();
@@ -246,7 +307,7 @@ impl Agent {
                 let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "outgoing");
                 tokio::spawn(
                     async move {
-                        let r = a.watch_outgoing(&id, &row, &peer, None).await;
+                        let r = a.watch_outgoing(&id, &row, &peer, None, live_move).await;
                         a.finish_outgoing(&id, &row, &peer, r).await;
                         drop(slot);
                     }
@@ -587,7 +648,7 @@ impl Agent {
             Ok(()) if cancel.is_cancelled() => Err(fail("cancelled", "cancelled before the VM was saved".into())),
             Ok(()) => match vmmctl::call(Path::new(&row.socket), &order).await {
                 Err(e) => Err(fail("failed", format!("the VMM refused the quick migration: {e}"))),
-                Ok(_) => self.watch_outgoing(id, row, peer, None).await,
+                Ok(_) => self.watch_outgoing(id, row, peer, None, false).await,
             },
         };
         let handed_over = matches!(&r, Ok(m) if m.status == "completed");
@@ -668,22 +729,33 @@ impl Agent {
         if let Err(e) = vmmctl::call(&socket, &VmmRequest::Migrate(order)).await {
             return Err(fail("failed", format!("the VMM refused the migration: {e}")));
         }
-        self.watch_outgoing(id, row, &peer, Some(cancel)).await
+        self.watch_outgoing(id, row, &peer, Some(cancel), true).await
     }
 
     /// Poll the source VMM until its migration ended; journal each state change.
+    ///
+    /// With `watch_peer` (live moves) it also asks the destination agent about once a second
+    /// whether it still expects the VM: a destination whose agent is gone (killed, restarted
+    /// and forgot it) could not supervise the VM there, so after [`PEER_MISSES`] answers
+    /// missed in a row the migration is cancelled (before commit the VM keeps running here)
+    /// and recorded as failed with that reason.
     async fn watch_outgoing(
         &self,
         id: &str,
         row: &VmRow,
-        _peer: &str,
+        peer: &str,
         cancel: Option<&Arc<Cancel>>,
+        watch_peer: bool,
     ) -> Result<MigrationReport, (String, String)> {
         let socket = PathBuf::from(&row.socket);
         let mut last = self.store().status_of(id).ok().flatten().unwrap_or_default();
         let mut cancel_sent = false;
         let mut misses = 0;
+        let mut peer_misses = 0;
+        let mut peer_lost: Option<String> = None;
+        let mut polls: u64 = 0;
         loop {
+            polls += 1;
             match vmmctl::status(&socket).await {
                 Ok(st) => {
                     misses = 0;
@@ -712,6 +784,9 @@ impl Agent {
                         let _ = self.events.send(ev.to_string());
                     }
                     if m.done {
+                        if let Some(why) = peer_lost.filter(|_| m.status == "cancelled") {
+                            return Err(("failed".into(), why));
+                        }
                         return Ok(m);
                     }
                 }
@@ -719,6 +794,23 @@ impl Agent {
                     misses += 1;
                     if misses > 20 {
                         return Err(("failed".into(), format!("lost the VMM process: {e}")));
+                    }
+                }
+            }
+            if watch_peer && peer_lost.is_none() && polls.is_multiple_of(10) {
+                match self.peer_expects(id, &row.name, peer).await {
+                    Ok(()) => peer_misses = 0,
+                    Err(why) => {
+                        peer_misses += 1;
+                        warn!(misses = peer_misses, "the destination agent: {why}");
+                        if peer_misses >= PEER_MISSES {
+                            let why = format!("the destination agent {peer} is gone ({why}): cancelled before commit");
+                            warn!("{why}");
+                            if let Err(e) = vmmctl::call(&socket, &VmmRequest::Cancel).await {
+                                warn!("cancel: {e}");
+                            }
+                            peer_lost = Some(why);
+                        }
                     }
                 }
             }
@@ -731,6 +823,19 @@ impl Agent {
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Does the destination agent answer, and expect this VM with migration `id`?
+    async fn peer_expects(&self, id: &str, vm: &str, peer: &str) -> Result<(), String> {
+        let path = format!("/peer/v1/vms/{vm}");
+        match self.peer_call_within("GET", peer, &path, None, Duration::from_secs(5)).await {
+            Ok(v) => match serde_json::from_value::<PeerVm>(v) {
+                Ok(p) if p.arrived_with.as_deref() == Some(id) => Ok(()),
+                Ok(_) => Err("it has another VM of that name".into()),
+                Err(e) => Err(format!("bad answer: {e}")),
+            },
+            Err((_, why)) => Err(why),
         }
     }
 
@@ -852,53 +957,70 @@ impl Agent {
         }
     }
 
+    /// After a restart: settle migration `id` of `row`, whose end this agent did not see, by
+    /// asking the destination (in the background; the journal says `uncertain` meanwhile).
+    fn resolve_later(self: &Arc<Self>, id: String, row: VmRow, peer: String, here: Here) {
+        info!(migration = id, vm = row.name, ?here, "the agent restarted during this move; asking the destination");
+        self.journal(&id, "uncertain", Some(here.why_uncertain()), false);
+        lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
+        lock(&self.live).insert(id.clone(), Live::default());
+        let a = self.clone();
+        let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "outgoing");
+        tokio::spawn(async move { a.resolve_by_peer(&id, &row, &peer, here).await }.instrument(span));
+    }
+
     /// Commit was sent, its confirmation lost: ask the destination who owns the VM.
     async fn resolve_uncertain(&self, id: &str, row: &VmRow, peer: &str) {
+        self.resolve_by_peer(id, row, peer, Here::Paused).await
+    }
+
+    /// Ask the destination who owns the VM of migration `id` and journal the answer: the
+    /// destination's word decides, never a guess. While it does not answer (about a minute),
+    /// the journal stays `uncertain` and the copy here (if any) stays paused.
+    async fn resolve_by_peer(&self, id: &str, row: &VmRow, peer: &str, here: Here) {
+        let path = format!("/peer/v1/vms/{}", row.name);
         for attempt in 0..60 {
-            let path = format!("/peer/v1/vms/{}", row.name);
-            match self.peer_call("GET", peer, &path, None).await {
-                Ok(v) => {
-                    let p: Option<PeerVm> = serde_json::from_value(v).ok();
-                    if p.as_ref().is_some_and(|p| !p.owned && p.arrived_with.as_deref() == Some(id)) {
-                        // Still arriving there: its outcome is not known yet.
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                        continue;
-                    }
-                    if p.as_ref().is_some_and(|p| p.owned && p.arrived_with.as_deref() == Some(id)) {
-                        self.journal(id, "completed", Some("the destination confirmed it owns the VM"), false);
-                        self.release(row).await;
-                    } else {
-                        let _ = vmmctl::call(Path::new(&row.socket), &VmmRequest::Resume).await;
-                        self.journal(
-                            id,
-                            "failed",
-                            Some("commit unconfirmed and the destination does not run the VM: resumed here"),
-                            false,
-                        );
-                        self.unbusy(&row.name);
-                    }
-                    lock(&self.live).remove(id);
-                    return;
-                }
-                Err((Some(404), _)) => {
-                    let _ = vmmctl::call(Path::new(&row.socket), &VmmRequest::Resume).await;
-                    self.journal(
-                        id,
-                        "failed",
-                        Some("commit unconfirmed and the destination does not know the VM: resumed here"),
-                        false,
-                    );
-                    self.unbusy(&row.name);
-                    lock(&self.live).remove(id);
-                    return;
-                }
+            let peer_has = match self.peer_call("GET", peer, &path, None).await {
+                Ok(v) => serde_json::from_value::<PeerVm>(v).ok(),
+                Err((Some(404), _)) => None,
                 Err((_, why)) => {
                     warn!(attempt, "asking the destination who owns the VM: {why}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let this_move = peer_has.as_ref().filter(|p| p.arrived_with.as_deref() == Some(id));
+            match this_move {
+                // Still arriving there: its outcome is not known yet.
+                Some(p) if !p.owned => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+                Some(_) => {
+                    self.journal(id, "completed", Some("the destination confirmed it owns the VM"), false);
+                    self.release(row).await;
+                }
+                None => {
+                    let knows = if peer_has.is_some() { "does not run the VM" } else { "does not know the VM" };
+                    match here {
+                        Here::Paused => {
+                            let _ = vmmctl::call(Path::new(&row.socket), &VmmRequest::Resume).await;
+                            let why = format!("commit unconfirmed and the destination {knows}: resumed here");
+                            self.journal(id, "failed", Some(&why), false);
+                            self.unbusy(&row.name);
+                        }
+                        Here::Released | Here::Gone => {
+                            let why = format!("{} and the destination {knows}: the VM is lost", here.why_uncertain());
+                            self.journal(id, "failed", Some(&why), false);
+                            self.release(row).await;
+                        }
+                    }
                 }
             }
+            lock(&self.live).remove(id);
+            return;
         }
-        warn!("the destination did not answer; the VM stays paused here, status uncertain");
+        warn!("the destination did not answer; status uncertain");
     }
 
     fn unbusy(&self, name: &str) {
@@ -944,13 +1066,24 @@ impl Agent {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<serde_json::Value, (Option<u16>, String)> {
+        self.peer_call_within(method, peer, path, body, Duration::from_secs(90)).await
+    }
+
+    /// [`Agent::peer_call`] with its own time limit.
+    async fn peer_call_within(
+        &self,
+        method: &str,
+        peer: &str,
+        path: &str,
+        body: Option<Vec<u8>>,
+        within: Duration,
+    ) -> Result<serde_json::Value, (Option<u16>, String)> {
         let b = body.clone().unwrap_or_default();
         let auth = peer::sign(&self.cfg.key, now_ms(), method, path, &b);
         let ep = Endpoint::Tcp(peer.to_string());
-        let (status, out) =
-            client::request(&ep, method, path, body, &[(peer::AUTH_HEADER, auth)], Duration::from_secs(90))
-                .await
-                .map_err(|e| (None, e.to_string()))?;
+        let (status, out) = client::request(&ep, method, path, body, &[(peer::AUTH_HEADER, auth)], within)
+            .await
+            .map_err(|e| (None, e.to_string()))?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&out).map_err(|e| (Some(status), format!("bad answer: {e}")));
         }

@@ -444,6 +444,7 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
         let key = v.args.key.clone();
         let r = connect_simple(order.to, usize::from(order.channels.max(1)), &opts, &key)
             .and_then(|chans| migrate(vm.source(), chans, &cfg, &progress));
+        hold_outcome_for_tests();
         let mut g = v.lock();
         g.cancel = None;
         let counter = vm.counter();
@@ -686,4 +687,17 @@ fn start_quick_load(vmm: &Arc<Vmm>, q: QuickLoad) {
             }
         }
     });
+}
+
+/// Test hook, for the agent's fault tests only: with `FERRY_VMM_TEST_HOLD_OUTCOME_UNTIL=PATH` in
+/// its environment, a source VMM whose engine returned keeps reporting the migration as running
+/// until `PATH` exists (at most 120 s), so a test can kill its agent at a known point after the
+/// commit. Production never sets it; nothing else reads it.
+fn hold_outcome_for_tests() {
+    let Some(path) = std::env::var_os("FERRY_VMM_TEST_HOLD_OUTCOME_UNTIL") else { return };
+    let path = PathBuf::from(path);
+    let t0 = std::time::Instant::now();
+    while !path.exists() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

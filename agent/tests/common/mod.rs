@@ -55,6 +55,8 @@ pub struct Agent {
     pub child: Option<Child>,
     /// The network namespace it runs in (`None`: this one).
     pub netns: Option<String>,
+    /// Extra environment of the agent (and so of its VMM processes).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -65,6 +67,18 @@ impl Agent {
 
     /// [`Agent::start`] in network namespace `netns`, listening on `listen`.
     pub fn start_in(netns: Option<String>, name: &str, key: &str, extra: &str, listen: SocketAddr) -> Self {
+        Self::start_with_env(netns, name, key, extra, listen, Vec::new())
+    }
+
+    /// [`Agent::start_in`] with extra environment variables (kept for restarts).
+    pub fn start_with_env(
+        netns: Option<String>,
+        name: &str,
+        key: &str,
+        extra: &str,
+        listen: SocketAddr,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let dir = Scratch::new(name);
         let key_file = dir.0.join("key");
         std::fs::write(&key_file, format!("{key}\n")).unwrap();
@@ -77,7 +91,7 @@ impl Agent {
             key_file.display()
         );
         std::fs::write(&config, text).unwrap();
-        let mut a = Self { name: name.into(), dir, config, api, listen, child: None, netns };
+        let mut a = Self { name: name.into(), dir, config, api, listen, child: None, netns, env };
         a.restart();
         a
     }
@@ -88,6 +102,7 @@ impl Agent {
             .unwrap();
         let child = ferry_test_support::testbed::in_netns(self.netns.as_deref(), FERRYD)
             .args(["--config", self.config.to_str().unwrap(), "--log-format", "json"])
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -217,4 +232,47 @@ pub fn max_concurrent(ms: &[Value]) -> usize {
         max = max.max(now);
     }
     max as usize
+}
+
+/// A VMM process's status, straight from its control socket (`None`: it does not answer).
+pub fn vmm_status(state: &Path, vm: &str) -> Option<Value> {
+    use std::io::Read;
+    let mut s = std::os::unix::net::UnixStream::connect(state.join("vms").join(format!("{vm}.sock"))).ok()?;
+    s.write_all(b"{\"op\":\"status\"}\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    Some(v["status"].clone())
+}
+
+/// Is process `pid` alive (a zombie is not)?
+pub fn alive(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the field after the parenthesised command name.
+        Ok(s) => s.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).is_some_and(|st| st != "Z"),
+        Err(_) => false,
+    }
+}
+
+/// Wait until process `pid` has ended.
+pub fn wait_gone(pid: u64, within: Duration) {
+    let t0 = Instant::now();
+    while alive(pid) {
+        assert!(t0.elapsed() < within, "process {pid} still runs after {within:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until migration `id` on `a` is active with bytes on the wire (its pre-copy rounds).
+pub fn wait_bytes_flowing(a: &Agent, id: &str) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let m = a.json(&["migration", id]);
+        if m["status"] == "active" && m["transferred_bytes"].as_u64().unwrap_or(0) > 0 {
+            return m;
+        }
+        assert!(!m.is_null() && m["finished_at"].is_null(), "the migration ended before its rounds: {m:#}");
+        assert!(t0.elapsed() < Duration::from_secs(120), "never active with bytes flowing: {m:#}\n{}", a.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
