@@ -43,11 +43,11 @@ fn make_image(path: &Path, size: u64, seed: u64) -> Vec<u8> {
     for b in 0..size.div_ceil(BLOCK_BYTES) {
         let off = b * BLOCK_BYTES;
         let len = BLOCK_BYTES.min(size - off) as usize;
-        if b % 3 == 0 {
+        if b.is_multiple_of(3) {
             let data: Vec<u8> = (0..len).map(|_| splitmix(&mut s) as u8 | 1).collect();
             f.write_all_at(&data, off).unwrap();
             want[off as usize..off as usize + len].copy_from_slice(&data);
-        } else if b % 7 == 0 {
+        } else if b.is_multiple_of(7) {
             f.write_all_at(&vec![0u8; len], off).unwrap();
         }
     }
@@ -103,7 +103,7 @@ impl Guest {
                     // Odd offsets and lengths that cross block edges; one write in 8 is zeros.
                     let len = (1 + splitmix(&mut s) % buf.len() as u64).min(ws);
                     let off = splitmix(&mut s) % (ws - len + 1);
-                    let zero = splitmix(&mut s) % 8 == 0;
+                    let zero = splitmix(&mut s).is_multiple_of(8);
                     for x in &mut buf[..len as usize] {
                         *x = if zero { 0 } else { splitmix(&mut s) as u8 };
                     }
