@@ -315,6 +315,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         image: a.image.clone(),
         working_set_bytes: if busy { a.working_set } else { 0 },
         dirty_rate_bytes_per_s: a.dirty_rate,
+        ..Default::default()
     };
     let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
     let fill_seconds = t.elapsed().as_secs_f64();

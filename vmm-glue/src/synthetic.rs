@@ -15,7 +15,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::guestdisk::{self, DiskSpec, DiskWriterCounters, DiskWriterState, SECTOR_BYTES};
 use crate::pagemix::{fill_page, splitmix, Mix, PageKind};
+use ferry_disk::Disk;
 use ferry_memory::reserve::MemoryReserve;
 use ferry_memory::{AnonMemory, MemoryMap};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
@@ -52,6 +54,9 @@ pub enum SyntheticError {
     /// Invalid shape.
     #[error("invalid VM shape: {0}")]
     BadShape(&'static str),
+    /// A disk could not be opened or read.
+    #[error(transparent)]
+    Disk(#[from] ferry_disk::DiskError),
 }
 
 /// How to build a synthetic guest.
@@ -73,6 +78,12 @@ pub struct SyntheticConfig {
     pub working_set_bytes: u64,
     /// Writer pace in bytes per second (0 = as fast as it can).
     pub dirty_rate_bytes_per_s: u64,
+    /// Disks (images that exist: see [`crate::guestdisk::create_image`]).
+    pub disks: Vec<DiskSpec>,
+    /// Bytes at the start of each disk that the disk writer rewrites (0 = no disk writer).
+    pub disk_working_set_bytes: u64,
+    /// Disk writer pace in bytes per second over all disks (0 = as fast as it can).
+    pub disk_write_rate_bytes_per_s: u64,
 }
 
 impl Default for SyntheticConfig {
@@ -86,6 +97,9 @@ impl Default for SyntheticConfig {
             image: None,
             working_set_bytes: 0,
             dirty_rate_bytes_per_s: 0,
+            disks: Vec::new(),
+            disk_working_set_bytes: 0,
+            disk_write_rate_bytes_per_s: 0,
         }
     }
 }
@@ -133,8 +147,8 @@ struct Shared {
     dirty: Vec<Vec<AtomicU64>>, // per region, per 64 pages
     logging: AtomicBool,
     throttle: AtomicU8,
-    /// (paused asked, writer parked), under one lock with one condvar.
-    run: Mutex<(bool, bool)>,
+    /// (paused asked, writers parked), under one lock with one condvar.
+    run: Mutex<(bool, u32)>,
     cv: Condvar,
     stop: AtomicBool,
     writes: AtomicU64,
@@ -161,6 +175,11 @@ pub struct SyntheticVm {
     ws_pages: u64,
     rate: u64,
     running: bool,
+    disks: Vec<Arc<Disk>>,
+    disk_specs: Vec<DiskSpec>,
+    disk_state: Arc<Mutex<DiskWriterState>>,
+    disk_counters: Arc<DiskWriterCounters>,
+    disk_writer: Option<JoinHandle<()>>,
 }
 
 /// The map of a guest's regions; it holds each region's memory, so it stays valid after the VM.
@@ -177,7 +196,7 @@ fn shared_for(shape: &VmShape) -> Arc<Shared> {
             .collect(),
         logging: AtomicBool::new(false),
         throttle: AtomicU8::new(100),
-        run: Mutex::new((true, false)),
+        run: Mutex::new((true, 0)),
         cv: Condvar::new(),
         stop: AtomicBool::new(false),
         writes: AtomicU64::new(0),
@@ -228,26 +247,12 @@ fn writer_loop(
     };
     loop {
         // Pause point: park and publish state.
-        {
-            let mut run = sh.run.lock().unwrap_or_else(|e| e.into_inner());
-            if run.0 {
-                if let Ok(mut g) = st.lock() {
-                    *g = st_local.clone();
-                }
-                run.1 = true;
-                sh.cv.notify_all();
-                while run.0 && !sh.stop.load(Ordering::SeqCst) {
-                    run = sh.cv.wait(run).unwrap_or_else(|e| e.into_inner());
-                }
-                if let Ok(g) = st.lock() {
-                    st_local = g.clone();
-                }
-                run.1 = false;
-                next = Instant::now();
-            }
-        }
-        if sh.stop.load(Ordering::SeqCst) {
+        let was_paused = sh.run.lock().map(|r| r.0).unwrap_or(false);
+        if !park_point(&sh, &st, &mut st_local) {
             return;
+        }
+        if was_paused {
+            next = Instant::now();
         }
         // Pages this tick: rate * tick * throttle.
         let thr = u64::from(sh.throttle.load(Ordering::Relaxed).max(1));
@@ -278,6 +283,77 @@ fn writer_loop(
                 std::thread::sleep(next - now);
             } else if now - next > Duration::from_millis(100) {
                 next = now; // fell behind: do not burst
+            }
+        }
+    }
+}
+
+/// Park while a pause is asked (publishing the writer's state first); returns false on stop.
+fn park_point<T: Clone>(sh: &Shared, st: &Mutex<T>, local: &mut T) -> bool {
+    let mut run = sh.run.lock().unwrap_or_else(|e| e.into_inner());
+    if run.0 {
+        if let Ok(mut g) = st.lock() {
+            *g = local.clone();
+        }
+        run.1 += 1;
+        sh.cv.notify_all();
+        while run.0 && !sh.stop.load(Ordering::SeqCst) {
+            run = sh.cv.wait(run).unwrap_or_else(|e| e.into_inner());
+        }
+        if let Ok(g) = st.lock() {
+            *local = g.clone();
+        }
+        run.1 -= 1;
+    }
+    !sh.stop.load(Ordering::SeqCst)
+}
+
+fn disk_writer_loop(
+    disks: Vec<Arc<Disk>>,
+    sh: Arc<Shared>,
+    st: Arc<Mutex<DiskWriterState>>,
+    counters: Arc<DiskWriterCounters>,
+    rate: u64,
+) {
+    let mut buf = vec![0u8; SECTOR_BYTES as usize];
+    let tick = Duration::from_millis(5);
+    let mut next = Instant::now();
+    let mut local = match st.lock() {
+        Ok(g) => g.clone(),
+        Err(_) => return,
+    };
+    let mut failed = false;
+    loop {
+        let was_parked = sh.run.lock().map(|r| r.0).unwrap_or(false);
+        if !park_point(&sh, &st, &mut local) {
+            return;
+        }
+        if was_parked {
+            next = Instant::now();
+        }
+        let budget = if rate == 0 { 64 * SECTOR_BYTES } else { ((rate as f64 * tick.as_secs_f64()) as u64).max(1) };
+        let mut done = 0;
+        while done < budget && !failed {
+            match local.write_one(&disks, &mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    done += n;
+                    counters.writes.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    counters.errors.fetch_add(1, Ordering::Relaxed);
+                    failed = true; // a disk that fails stops the writer (as a guest would see EIO)
+                }
+            }
+        }
+        if rate != 0 || failed {
+            next += tick;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            } else if now - next > Duration::from_millis(100) {
+                next = now;
             }
         }
     }
@@ -322,13 +398,62 @@ impl SyntheticVm {
             }
         }
         let ws_pages = (cfg.working_set_bytes / PAGE_SIZE as u64).min(pages);
-        Self::assemble(
+        let mut vm = Self::assemble(
             shape,
             mem,
             WriterState { rng: cfg.seed ^ 0xabcdef, generation: 0, gens: vec![0; ws_pages as usize] },
             ws_pages,
             cfg.dirty_rate_bytes_per_s,
-        )
+        )?;
+        if !cfg.disks.is_empty() {
+            vm.attach_disks(cfg)?;
+        }
+        Ok(vm)
+    }
+
+    fn attach_disks(&mut self, cfg: &SyntheticConfig) -> Result<(), SyntheticError> {
+        self.disks = guestdisk::open_disks(&cfg.disks)?;
+        self.disk_specs = cfg.disks.clone();
+        let sectors = guestdisk::working_set_sectors(&cfg.disks, cfg.disk_working_set_bytes);
+        self.disk_state = Arc::new(Mutex::new(DiskWriterState::new(cfg.seed, &sectors)));
+        if cfg.disk_working_set_bytes > 0 {
+            let (d, sh, st, c) =
+                (self.disks.clone(), self.shared.clone(), self.disk_state.clone(), self.disk_counters.clone());
+            let rate = cfg.disk_write_rate_bytes_per_s;
+            self.disk_writer = Some(std::thread::spawn(move || disk_writer_loop(d, sh, st, c, rate)));
+        }
+        Ok(())
+    }
+
+    /// Threads that write guest state (each parks on pause).
+    fn writers(&self) -> u32 {
+        u32::from(self.writer.is_some()) + u32::from(self.disk_writer.is_some())
+    }
+
+    /// The guest's disks.
+    pub fn disks(&self) -> &[Arc<Disk>] {
+        &self.disks
+    }
+
+    /// Sectors the disk writer has written (and bytes).
+    pub fn disk_writes(&self) -> (u64, u64) {
+        (self.disk_counters.writes.load(Ordering::Relaxed), self.disk_counters.bytes.load(Ordering::Relaxed))
+    }
+
+    /// Disk writes that failed (the writer stops at the first).
+    pub fn disk_write_errors(&self) -> u64 {
+        self.disk_counters.errors.load(Ordering::Relaxed)
+    }
+
+    /// Check every sector of every disk against what the guest wrote (see
+    /// [`guestdisk::check_disk`]); returns the sectors that differ, per disk. Call while paused.
+    pub fn check_disks(&self) -> Result<Vec<u64>, SyntheticError> {
+        let st = self.disk_state.lock().map_err(|_| SyntheticError::BadState("disk writer state poisoned"))?.clone();
+        let mut out = Vec::new();
+        for (i, (d, spec)) in self.disks.iter().zip(&self.disk_specs).enumerate() {
+            out.push(guestdisk::check_disk(d, i as u64, spec, &st.gens[i])?);
+        }
+        Ok(out)
     }
 
     fn assemble(
@@ -348,7 +473,22 @@ impl SyntheticVm {
         } else {
             None
         };
-        Ok(Self { shape, mem, map, shared, writer, state, ws_pages, rate, running: false })
+        Ok(Self {
+            shape,
+            mem,
+            map,
+            shared,
+            writer,
+            state,
+            ws_pages,
+            rate,
+            running: false,
+            disks: Vec::new(),
+            disk_specs: Vec::new(),
+            disk_state: Default::default(),
+            disk_counters: Default::default(),
+            disk_writer: None,
+        })
     }
 
     /// Pages written by the writer so far.
@@ -404,6 +544,19 @@ impl Drop for SyntheticVm {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
+        if let Some(w) = self.disk_writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl ferry_disk::Quiesce for SyntheticVm {
+    fn pause(&mut self) -> Result<(), VmError> {
+        SourceVm::pause(self)
+    }
+
+    fn resume(&mut self) -> Result<(), VmError> {
+        SourceVm::resume(self)
     }
 }
 
@@ -495,9 +648,9 @@ impl SourceVm for SyntheticVm {
         let mut run = self.shared.run.lock().map_err(|_| "poisoned")?;
         run.0 = true;
         self.shared.cv.notify_all();
-        if self.writer.is_some() {
-            // Wait until the writer has parked: after this no guest write happens.
-            while !run.1 {
+        {
+            // Wait until every writer has parked: after this no guest write happens.
+            while run.1 < self.writers() {
                 run = self.shared.cv.wait(run).map_err(|_| "poisoned")?;
             }
         }
