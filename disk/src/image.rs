@@ -84,6 +84,20 @@ pub fn punch_hole(f: &File, off: u64, len: u64) -> io::Result<()> {
     Ok(())
 }
 
+/// Start writing the dirty pages of `[off, off + len)` back without waiting for them
+/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`).
+pub fn start_writeback(f: &File, off: u64, len: u64) -> io::Result<()> {
+    let (Ok(o), Ok(l)) = (libc::off64_t::try_from(off), libc::off64_t::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: sync_file_range on a descriptor the `File` owns; no memory is passed.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), o, l, libc::SYNC_FILE_RANGE_WRITE) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Is every byte zero? (64 bytes per step, which the compiler vectorizes.)
 pub fn is_zero(b: &[u8]) -> bool {
     let mut chunks = b.chunks_exact(64);

@@ -6,7 +6,8 @@
 //!  create DIR/.NAME.ferry-partial (sparse), attach it as the mirror target, start the dirty log
 //!  copy allocated extents (zero blocks skipped)   guest runs; its writes mark blocks dirty
 //!  dirty passes until the dirty bytes <= switch   auto: write-blocking once passes stop shrinking
-//!  fdatasync the copies                           (so the pause only syncs the last blocks)
+//!  fdatasync the copies once, then passes again   (writeback of every chunk is started as it is
+//!                                                  written, so these syncs find little to do)
 //!  PAUSE  copy the last dirty blocks, fdatasync, link DIR/NAME -> copy (never replacing), fsync DIR
 //!         switch each disk to its copy; detach mirrors                      <- commit point
 //!  RESUME remove the old files (unless retained)
@@ -25,6 +26,7 @@
 //! as soon as a pass leaves more dirty bytes than it started with. From then on the dirty set
 //! only shrinks.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -167,16 +169,18 @@ pub struct DiskMoveStats {
     pub to: PathBuf,
     /// Disk size.
     pub size_bytes: u64,
-    /// Bytes the old file occupied.
+    /// Bytes the old file occupied when the move started.
     pub allocated_bytes: u64,
-    /// Bytes the new file occupies.
+    /// Bytes the old file occupied at the switch (the guest may have filled holes meanwhile).
+    pub final_allocated_bytes: u64,
+    /// Bytes the new file occupies at the switch.
     pub new_allocated_bytes: u64,
     /// Bytes read from the old file and written to the new one (all passes).
     pub read_bytes: u64,
     /// Bytes written to the new file by the copier (mirrored guest writes not counted).
     pub written_bytes: u64,
-    /// Zero blocks left as holes.
-    pub zero_blocks: u64,
+    /// Zero bytes left as holes.
+    pub zero_bytes: u64,
     /// The old file was removed.
     pub source_removed: bool,
 }
@@ -291,10 +295,11 @@ impl Job<'_> {
                 to: self.dir.join(d.name()),
                 size_bytes: d.size_bytes(),
                 allocated_bytes: d.allocated_bytes()?,
+                final_allocated_bytes: 0,
                 new_allocated_bytes: 0,
                 read_bytes: 0,
                 written_bytes: 0,
-                zero_blocks: 0,
+                zero_bytes: 0,
                 source_removed: false,
             });
         }
@@ -313,7 +318,7 @@ impl Job<'_> {
         progress(Phase::Copy);
         check(&CopyCounts::default()).map_err(cancelled)?;
         for (d, s) in self.disks.iter().zip(&mut stats) {
-            let c = copy_allocated(d, &mut buf, &mut { check }).map_err(cancelled)?;
+            let c = copy_allocated(d, &mut buf, opts.sync, &mut { check }).map_err(cancelled)?;
             add(s, c);
         }
         // Dirty passes until the rest fits in the pause.
@@ -328,6 +333,8 @@ impl Job<'_> {
                 if !opts.sync || synced {
                     break;
                 }
+                // Once, the first time the rest fits: what the pause then syncs is only what
+                // the passes wrote since (its writeback already started).
                 progress(Phase::Sync);
                 for (d, s) in self.disks.iter().zip(&mut self.sinks) {
                     s.file().sync_data().map_err(|err| DiskError::Target { disk: d.name().to_string(), err })?;
@@ -349,14 +356,13 @@ impl Job<'_> {
             progress(Phase::DirtyPass(passes));
             check(&CopyCounts::default()).map_err(cancelled)?;
             for (d, s) in self.disks.iter().zip(&mut stats) {
-                add(s, copy_dirty(d, &mut buf, &mut { check }).map_err(cancelled)?);
+                add(s, copy_dirty(d, &mut buf, opts.sync, &mut { check }).map_err(cancelled)?);
             }
             if opts.mode == MirrorMode::Auto && !write_blocking && dirty_bytes(self.disks) >= before {
                 progress(Phase::WriteBlocking);
                 self.disks.iter().for_each(|d| d.set_write_blocking());
                 write_blocking = true;
             }
-            synced = false;
         }
         // The pause.
         progress(Phase::Paused);
@@ -365,7 +371,7 @@ impl Job<'_> {
         self.paused = true;
         let mut paused_bytes = 0;
         for (d, s) in self.disks.iter().zip(&mut stats) {
-            let c = copy_dirty(d, &mut buf, &mut { check }).map_err(cancelled)?;
+            let c = copy_dirty(d, &mut buf, opts.sync, &mut { check }).map_err(cancelled)?;
             paused_bytes += c.read_bytes;
             add(s, c);
         }
@@ -396,10 +402,11 @@ impl Job<'_> {
             }
         }
         // Past the commit point: switch, detach, resume.
-        for (d, s) in self.disks.iter().zip(&self.sinks) {
+        for ((d, s), ds) in self.disks.iter().zip(&self.sinks).zip(&mut stats) {
             d.switch_to(s.file(), self.dir.join(d.name()));
             d.detach_mirror();
             d.dirty_log().stop();
+            ds.new_allocated_bytes = d.allocated_bytes().unwrap_or(0);
         }
         self.linked.clear();
         self.sinks.clear();
@@ -408,8 +415,9 @@ impl Job<'_> {
         let resumed = vm.resume();
         let downtime = pause_start.elapsed();
         let total = start.elapsed();
-        for (d, s) in self.disks.iter().zip(&mut stats) {
-            s.new_allocated_bytes = d.allocated_bytes().unwrap_or(0);
+        for s in &mut stats {
+            // The old file no longer changes: what it occupies at the switch.
+            s.final_allocated_bytes = std::fs::metadata(&s.from).map_or(0, |m| m.blocks() * 512);
             if !opts.retain_source {
                 s.source_removed = std::fs::remove_file(&s.from).is_ok();
             }
@@ -440,5 +448,5 @@ impl Job<'_> {
 fn add(s: &mut DiskMoveStats, c: CopyCounts) {
     s.read_bytes += c.read_bytes;
     s.written_bytes += c.written_bytes;
-    s.zero_blocks += c.zero_blocks;
+    s.zero_bytes += c.zero_bytes;
 }

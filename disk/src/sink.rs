@@ -20,6 +20,11 @@ pub trait BlockSink: Send {
     fn zero(&mut self, off: u64, len: u64) -> io::Result<()>;
     /// Make everything written so far durable.
     fn sync(&mut self) -> io::Result<()>;
+    /// Start writing `[off, off + len)` back to storage without waiting (so the final
+    /// [`BlockSink::sync`] has little left to do). A hint: the default does nothing.
+    fn start_writeback(&mut self, _off: u64, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A new image file at a temporary path (`DIR/.NAME.ferry-partial`), created sparse at the
@@ -101,5 +106,9 @@ impl BlockSink for FileWriter {
 
     fn sync(&mut self) -> io::Result<()> {
         self.file.sync_data()
+    }
+
+    fn start_writeback(&mut self, off: u64, len: u64) -> io::Result<()> {
+        image::start_writeback(&self.file, off, len)
     }
 }

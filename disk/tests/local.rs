@@ -139,6 +139,9 @@ impl Guest {
     }
 
     fn wait_writes(&self, n: u64) {
+        if self.writer.is_none() {
+            return;
+        }
         let w0 = self.writes.load(Ordering::Relaxed);
         while self.writes.load(Ordering::Relaxed) < w0 + n {
             std::thread::sleep(Duration::from_millis(1));
@@ -214,7 +217,7 @@ fn moves_every_disk_while_the_guest_writes_and_keeps_holes() {
     for (s, a) in st.disks.iter().zip(&alloc_before) {
         // disk0 has written-zero blocks past the writer's 1 MiB working set.
         if s.name == "disk0.img" {
-            assert!(s.zero_blocks > 0, "{}: allocated zero blocks are detected", s.name);
+            assert!(s.zero_bytes > 0, "{}: allocated zero blocks are detected", s.name);
         }
         // Every seventh block of the original is allocated zeros: the copy leaves those as holes.
         assert!(s.new_allocated_bytes < *a + (2 << 20), "{}: {} -> {}", s.name, a, s.new_allocated_bytes);
@@ -250,8 +253,8 @@ fn sparse_files_stay_sparse() {
     assert!(new.blocks() * 512 <= 4 * BLOCK_BYTES, "the copy occupies {} bytes", new.blocks() * 512);
     assert_eq!(
         st.disks[0].written_bytes,
-        BLOCK_BYTES + 999,
-        "only the two data blocks (one the short tail) were written"
+        2 * 4096 + 999,
+        "only the 4 KiB units holding data were written (5000 bytes at offset 3 span two; the tail is 999 bytes)"
     );
     let mut b = vec![0u8; 5000];
     d.read_at(10 * BLOCK_BYTES + 3, &mut b).unwrap();
@@ -263,7 +266,7 @@ fn sparse_files_stay_sparse() {
 }
 
 #[test]
-fn a_guest_writing_flat_out_converges_in_write_blocking_mode() {
+fn a_guest_writing_flat_out_converges() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
     let mut g = Guest::new(src.path(), &SIZES, 4 << 20, 0);
@@ -271,9 +274,81 @@ fn a_guest_writing_flat_out_converges_in_write_blocking_mode() {
     g.wait_writes(100);
     let disks = g.disks.clone();
     let opts = MoveOptions { switch_bytes: 0, max_background_passes: 2, ..Default::default() };
-    let st = move_storage(&disks, dst.path(), &mut g, &opts, &CancelToken::new(), &mut |_| {}).unwrap();
-    assert!(st.write_blocking, "flat-out writes over a small disk need write-blocking mode");
+    move_storage(&disks, dst.path(), &mut g, &opts, &CancelToken::new(), &mut |_| {}).unwrap();
     g.check();
+}
+
+/// A guest faster than any copy, without timing: every write of the copier makes the guest (on
+/// the copier's thread) write 32 sectors across the disk while the mirror is in background mode.
+/// Needs a `Guest` without a writer thread (no one else writes or holds the shadow).
+struct Dirtier {
+    inner: Box<dyn BlockSink>,
+    disk: Arc<Disk>,
+    index: usize,
+    shadow: Arc<Mutex<Vec<Vec<u8>>>>,
+    rng: u64,
+}
+
+impl BlockSink for Dirtier {
+    fn write_at(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write_at(off, data)?;
+        if !self.disk.is_write_blocking() {
+            let mut sh = self.shadow.lock().unwrap();
+            for _ in 0..32 {
+                let len = 4096.min(self.disk.size_bytes());
+                let at = splitmix(&mut self.rng) % (self.disk.size_bytes() - len + 1);
+                let v = vec![splitmix(&mut self.rng) as u8 | 1; len as usize];
+                self.disk.write_at(at, &v).unwrap();
+                sh[self.index][at as usize..(at + len) as usize].copy_from_slice(&v);
+            }
+        }
+        Ok(())
+    }
+    fn zero(&mut self, off: u64, len: u64) -> io::Result<()> {
+        self.inner.zero(off, len)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.inner.sync()
+    }
+}
+
+fn dirtier(g: &Guest) -> impl Fn(&Disk, Box<dyn BlockSink>) -> Box<dyn BlockSink> + '_ {
+    move |d, inner| {
+        let index = g.disks.iter().position(|x| x.name() == d.name()).unwrap();
+        Box::new(Dirtier { inner, disk: g.disks[index].clone(), index, shadow: g.shadow.clone(), rng: index as u64 })
+    }
+}
+
+#[test]
+fn auto_mode_turns_write_blocking_when_passes_stop_shrinking() {
+    let src = tempfile::tempdir().unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let mut g = Guest::new(src.path(), &SIZES, 0, 0);
+    g.resume().unwrap();
+    let disks = g.disks.clone();
+    let mut phases = Vec::new();
+    let opts = MoveOptions { switch_bytes: 0, ..Default::default() };
+    let wrap = dirtier(&g);
+    let mut q = NoPause;
+    let st = move_storage_with(&disks, dst.path(), &mut q, &opts, &CancelToken::new(), &mut |p| phases.push(p), &wrap)
+        .unwrap();
+    drop(wrap);
+    assert!(st.write_blocking, "{phases:?}");
+    assert!(phases.contains(&Phase::WriteBlocking));
+    assert!(st.passes >= 2);
+    g.check();
+}
+
+/// The guest of the [`Dirtier`] tests writes only from the copier's thread: nothing to pause.
+struct NoPause;
+
+impl Quiesce for NoPause {
+    fn pause(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        Ok(())
+    }
 }
 
 #[test]
@@ -319,21 +394,33 @@ fn cancel_at_every_step_leaves_the_vm_on_its_files() {
     for step in steps {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
-        let mut g = Guest::new(src.path(), &SIZES, 2 << 20, 0);
+        // The guest writes from the copier's thread (see `Dirtier`), so every step is reached
+        // whatever the machine's load.
+        let mut g = Guest::new(src.path(), &SIZES, 0, 0);
         g.resume().unwrap();
-        g.wait_writes(50);
         let disks = g.disks.clone();
         let cancel = CancelToken::new();
         let mut seen = false;
         let opts = MoveOptions { switch_bytes: 0, max_background_passes: 1, ..Default::default() };
-        let r = move_storage(&disks, dst.path(), &mut g, &opts, &cancel, &mut |p| {
-            if p == step {
-                seen = true;
-                cancel.cancel();
-            }
-        });
+        let paused = std::cell::Cell::new(false);
+        let mut q = Watch(&paused);
+        let r = move_storage_with(
+            &disks,
+            dst.path(),
+            &mut q,
+            &opts,
+            &cancel,
+            &mut |p| {
+                if p == step {
+                    seen = true;
+                    cancel.cancel();
+                }
+            },
+            &dirtier(&g),
+        );
         assert!(seen, "{step:?} was reached");
         assert!(matches!(r, Err(MoveError::Cancelled)), "cancel at {step:?}: {r:?}");
+        assert!(!paused.get(), "cancel at {step:?}: the guest was resumed");
         assert_untouched(&mut g, src.path(), dst.path());
         // The disks are free again: a second move succeeds.
         let st = move_storage(&disks, dst.path(), &mut g, &MoveOptions::default(), &CancelToken::new(), &mut |_| {});
@@ -342,18 +429,47 @@ fn cancel_at_every_step_leaves_the_vm_on_its_files() {
     }
 }
 
-/// A sink that fails with EIO from its `fail_at`th write on (counted over all disks), or on sync.
+/// Records whether the guest is paused.
+struct Watch<'a>(&'a std::cell::Cell<bool>);
+
+impl Quiesce for Watch<'_> {
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.0.set(true);
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.0.set(false);
+        Ok(())
+    }
+}
+
+/// When a [`Failing`] sink fails (with EIO).
+#[derive(Debug, Clone, Copy)]
+enum FailWhen {
+    /// From the n-th write on (counted over all disks).
+    AtWrite(u64),
+    /// Every write made while its disk is write-blocking.
+    WriteBlocking,
+    /// The sync.
+    Sync,
+}
+
 struct Failing {
     inner: Box<dyn BlockSink>,
+    disk: Arc<Disk>,
     writes: Arc<AtomicU64>,
-    fail_at: u64,
-    fail_sync: bool,
+    when: FailWhen,
 }
+
+const EIO: i32 = 5;
 
 impl BlockSink for Failing {
     fn write_at(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
-        if self.writes.fetch_add(1, Ordering::SeqCst) >= self.fail_at {
-            return Err(io::Error::from_raw_os_error(libc_eio()));
+        let n = self.writes.fetch_add(1, Ordering::SeqCst);
+        match self.when {
+            FailWhen::AtWrite(k) if n >= k => return Err(io::Error::from_raw_os_error(EIO)),
+            FailWhen::WriteBlocking if self.disk.is_write_blocking() => return Err(io::Error::from_raw_os_error(EIO)),
+            _ => {}
         }
         self.inner.write_at(off, data)
     }
@@ -361,46 +477,69 @@ impl BlockSink for Failing {
         self.inner.zero(off, len)
     }
     fn sync(&mut self) -> io::Result<()> {
-        if self.fail_sync {
-            return Err(io::Error::from_raw_os_error(libc_eio()));
+        if matches!(self.when, FailWhen::Sync) {
+            return Err(io::Error::from_raw_os_error(EIO));
         }
         self.inner.sync()
     }
 }
 
-fn libc_eio() -> i32 {
-    5
-}
-
 #[test]
 fn an_io_error_at_every_step_leaves_the_vm_on_its_files() {
-    // (fail at this write, fail the sync, mode): first write of the copy; later in the copy;
-    // in the dirty passes (write-blocking from the start, so mirrored guest writes fail too);
-    // the sync in the pause.
+    // The first write of the copy; a later one; the copier's first write in write-blocking
+    // mode (a dirty pass); a mirrored guest write (made between two passes); the sync.
     let cases = [
-        (0, false, MirrorMode::Auto),
-        (5, false, MirrorMode::Auto),
-        (40, false, MirrorMode::WriteBlocking),
-        (u64::MAX, true, MirrorMode::Auto),
+        ("first copy write", FailWhen::AtWrite(0), MirrorMode::Auto, false),
+        ("a later copy write", FailWhen::AtWrite(5), MirrorMode::Auto, false),
+        ("a dirty pass's write", FailWhen::WriteBlocking, MirrorMode::WriteBlocking, false),
+        ("a mirrored guest write", FailWhen::WriteBlocking, MirrorMode::WriteBlocking, true),
+        ("the sync", FailWhen::Sync, MirrorMode::Auto, false),
     ];
-    for (fail_at, fail_sync, mode) in cases {
+    for (what, when, mode, guest_write) in cases {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
-        let mut g = Guest::new(src.path(), &SIZES, 2 << 20, 0);
+        // Deterministic: the guest writes from the copier's thread (`Dirtier`, while the copy
+        // is in background mode) and, for the mirrored case, from the progress callback.
+        let mut g = Guest::new(src.path(), &SIZES, 0, 0);
         g.resume().unwrap();
-        g.wait_writes(50);
         let disks = g.disks.clone();
         let writes = Arc::new(AtomicU64::new(0));
         let opts = MoveOptions { switch_bytes: 0, mode, ..Default::default() };
-        let r = move_storage_with(&disks, dst.path(), &mut g, &opts, &CancelToken::new(), &mut |_| {}, &|_, s| {
-            Box::new(Failing { inner: s, writes: writes.clone(), fail_at, fail_sync })
-        });
+        let dirty = dirtier(&g);
+        let shadow = g.shadow.clone();
+        let mut q = NoPause;
+        let mut guest_write_ok = None;
+        let r = move_storage_with(
+            &disks,
+            dst.path(),
+            &mut q,
+            &opts,
+            &CancelToken::new(),
+            &mut |p| {
+                if guest_write && p == Phase::DirtyPass(1) && guest_write_ok.is_none() {
+                    let d = &disks[0];
+                    assert!(d.is_write_blocking());
+                    let v = vec![0x5a; 3000];
+                    guest_write_ok = Some(d.write_at(70_000, &v).is_ok());
+                    shadow.lock().unwrap()[0][70_000..73_000].copy_from_slice(&v);
+                }
+            },
+            &|d, inner| {
+                let inner = dirty(d, inner);
+                let disk = disks.iter().find(|x| x.name() == d.name()).unwrap().clone();
+                Box::new(Failing { inner, disk, writes: writes.clone(), when })
+            },
+        );
         match r {
             Err(MoveError::Disk(ferry_disk::DiskError::Target { err, .. })) => {
-                assert_eq!(err.raw_os_error(), Some(5), "case {fail_at}/{fail_sync}")
+                assert_eq!(err.raw_os_error(), Some(EIO), "{what}")
             }
-            other => panic!("case {fail_at}/{fail_sync}/{mode:?}: {other:?}"),
+            other => panic!("{what}: {other:?}"),
         }
+        if guest_write {
+            assert_eq!(guest_write_ok, Some(true), "a failing mirror never fails the guest's write");
+        }
+        drop(dirty);
         assert_untouched(&mut g, src.path(), dst.path());
     }
 }

@@ -5,6 +5,8 @@
 //!   between two processes with the real engine, per workload and transport option.
 //! - [`stream`]: `migration-bench stream`, a page set streamed from a source process to a
 //!   destination process over one channel (`tcp` or `zstd`), compared with iperf3.
+//! - [`storage`]: `migration-bench storage`, storage live migration of a synthetic guest's disks
+//!   (kind `local`), compared with `cp --sparse=always` in the same run.
 //! - [`driver`]: the child-process driver both benchmarks share (spawn the destination and the
 //!   source, talk to them in lines, watchdog, reap).
 //! - [`iperf`]: the iperf3 reference, measured between the same endpoints in the same run.
@@ -23,6 +25,7 @@ pub mod iperf;
 pub mod live;
 pub mod procstat;
 pub mod report;
+pub mod storage;
 pub mod stream;
 pub mod units;
 

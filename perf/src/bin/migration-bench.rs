@@ -5,6 +5,8 @@
 //! migration-bench live [--size 2GiB | --image FILE] [--workload idle|busy|both]
 //!                      [--options tcp,zstd,tcp:2,tcp:4] [--working-set 256MiB] [--dirty-rate 100MiB]
 //!                      [--downtime-ms 300] [--json]
+//! migration-bench storage [--kind local] [--disk-size 4GiB] [--allocated 50] [--disks 1]
+//!                         [--workload idle|busy|both] [--disk-rate 20MiB] [--dir DIR] [--json]
 //! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp,zstd]
 //!                        [--zstd-level 1] [--link-rate 1gbit] [--json]
 //! ```
@@ -18,6 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ferry_perf::iperf::{self, IperfResult};
 use ferry_perf::live::{self, DstMemory, LiveChildArgs};
 use ferry_perf::report::{emit, stream_table, StreamRecord};
+use ferry_perf::storage::{self, StorageArgs};
 use ferry_perf::stream::{self, ChildArgs, Placement, StreamConfig};
 use ferry_perf::testbed::{self, Side, Testbed};
 use ferry_perf::units::{format_size, parse_rate, parse_size, Rate, MAX_SIZE};
@@ -60,6 +63,9 @@ enum Cmd {
     /// (internal) The source process of `stream`.
     #[command(hide = true)]
     StreamSrc(ChildArgs),
+    /// Storage live migration: a synthetic guest's disks moved while it runs (idle, then writing),
+    /// compared with `cp --sparse=always` of the same files in the same run.
+    Storage(StorageArgs),
     /// (internal) The destination process of `stream`.
     #[command(hide = true)]
     StreamDst {
@@ -155,6 +161,14 @@ fn reference(a: &StreamArgs, place: Placement<'_>) -> Result<Option<IperfResult>
         }
     };
     Ok(Some(r))
+}
+
+fn storage_cmd(a: &StorageArgs) -> Result<bool> {
+    let records = storage::run(a)?;
+    if !a.json {
+        emit(storage::table(&records).trim_end());
+    }
+    Ok(records.iter().all(|r| r.verified))
 }
 
 fn stream_cmd(a: StreamArgs) -> Result<bool> {
@@ -608,6 +622,7 @@ fn main() -> ExitCode {
         Cmd::LiveSrc(a) => ("migration-bench live-src", live::src_main(&a).map(|()| true)),
         Cmd::LiveDst { args, listen } => ("migration-bench live-dst", live::dst_main(&args, listen).map(|()| true)),
         Cmd::Stream(a) => ("migration-bench", stream_cmd(a)),
+        Cmd::Storage(a) => ("migration-bench storage", storage_cmd(&a)),
         Cmd::StreamSrc(a) => ("migration-bench stream-src", stream::src_main(&a).map(|()| true)),
         Cmd::StreamDst { args, listen } => {
             ("migration-bench stream-dst", stream::dst_main(&args, listen).map(|()| true))
