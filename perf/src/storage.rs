@@ -191,7 +191,7 @@ impl Drop for WorkDir {
 }
 
 fn mkdir(p: &Path) -> Result<()> {
-    std::fs::create_dir_all(p).map_err(|e| BenchError::io(&format!("creating {}", p.display()), e))
+    std::fs::create_dir_all(p).map_err(|e| BenchError::io(format!("creating {}", p.display()), e))
 }
 
 fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
@@ -235,7 +235,7 @@ pub fn run(a: &StorageArgs) -> Result<Vec<StorageRecord>> {
                 })
                 .collect();
             for s in &specs {
-                create_image(s).map_err(|e| BenchError::io(&format!("creating {}", s.path.display()), e))?;
+                create_image(s).map_err(|e| BenchError::io(format!("creating {}", s.path.display()), e))?;
                 let f = std::fs::File::open(&s.path).map_err(|e| BenchError::io("opening an image", e))?;
                 f.sync_all().map_err(|e| BenchError::io("syncing an image", e))?;
             }
