@@ -175,11 +175,18 @@ pub struct SyntheticVm {
     ws_pages: u64,
     rate: u64,
     running: bool,
+    /// Disks and their writer (boxed: most guests have none and the VM stays small).
+    disk: Box<GuestDisks>,
+}
+
+/// A synthetic guest's disks and disk writer.
+#[derive(Default)]
+struct GuestDisks {
     disks: Vec<Arc<Disk>>,
-    disk_specs: Vec<DiskSpec>,
-    disk_state: Arc<Mutex<DiskWriterState>>,
-    disk_counters: Arc<DiskWriterCounters>,
-    disk_writer: Option<JoinHandle<()>>,
+    specs: Vec<DiskSpec>,
+    state: Arc<Mutex<DiskWriterState>>,
+    counters: Arc<DiskWriterCounters>,
+    writer: Option<JoinHandle<()>>,
 }
 
 /// The map of a guest's regions; it holds each region's memory, so it stays valid after the VM.
@@ -412,45 +419,45 @@ impl SyntheticVm {
     }
 
     fn attach_disks(&mut self, cfg: &SyntheticConfig) -> Result<(), SyntheticError> {
-        self.disks = guestdisk::open_disks(&cfg.disks)?;
-        self.disk_specs = cfg.disks.clone();
+        let g = &mut self.disk;
+        g.disks = guestdisk::open_disks(&cfg.disks)?;
+        g.specs = cfg.disks.clone();
         let sectors = guestdisk::working_set_sectors(&cfg.disks, cfg.disk_working_set_bytes);
-        self.disk_state = Arc::new(Mutex::new(DiskWriterState::new(cfg.seed, &sectors)));
+        g.state = Arc::new(Mutex::new(DiskWriterState::new(cfg.seed, &sectors)));
         if cfg.disk_working_set_bytes > 0 {
-            let (d, sh, st, c) =
-                (self.disks.clone(), self.shared.clone(), self.disk_state.clone(), self.disk_counters.clone());
+            let (d, sh, st, c) = (g.disks.clone(), self.shared.clone(), g.state.clone(), g.counters.clone());
             let rate = cfg.disk_write_rate_bytes_per_s;
-            self.disk_writer = Some(std::thread::spawn(move || disk_writer_loop(d, sh, st, c, rate)));
+            g.writer = Some(std::thread::spawn(move || disk_writer_loop(d, sh, st, c, rate)));
         }
         Ok(())
     }
 
     /// Threads that write guest state (each parks on pause).
     fn writers(&self) -> u32 {
-        u32::from(self.writer.is_some()) + u32::from(self.disk_writer.is_some())
+        u32::from(self.writer.is_some()) + u32::from(self.disk.writer.is_some())
     }
 
     /// The guest's disks.
     pub fn disks(&self) -> &[Arc<Disk>] {
-        &self.disks
+        &self.disk.disks
     }
 
     /// Sectors the disk writer has written (and bytes).
     pub fn disk_writes(&self) -> (u64, u64) {
-        (self.disk_counters.writes.load(Ordering::Relaxed), self.disk_counters.bytes.load(Ordering::Relaxed))
+        (self.disk.counters.writes.load(Ordering::Relaxed), self.disk.counters.bytes.load(Ordering::Relaxed))
     }
 
     /// Disk writes that failed (the writer stops at the first).
     pub fn disk_write_errors(&self) -> u64 {
-        self.disk_counters.errors.load(Ordering::Relaxed)
+        self.disk.counters.errors.load(Ordering::Relaxed)
     }
 
     /// Check every sector of every disk against what the guest wrote (see
     /// [`guestdisk::check_disk`]); returns the sectors that differ, per disk. Call while paused.
     pub fn check_disks(&self) -> Result<Vec<u64>, SyntheticError> {
-        let st = self.disk_state.lock().map_err(|_| SyntheticError::BadState("disk writer state poisoned"))?.clone();
+        let st = self.disk.state.lock().map_err(|_| SyntheticError::BadState("disk writer state poisoned"))?.clone();
         let mut out = Vec::new();
-        for (i, (d, spec)) in self.disks.iter().zip(&self.disk_specs).enumerate() {
+        for (i, (d, spec)) in self.disk.disks.iter().zip(&self.disk.specs).enumerate() {
             out.push(guestdisk::check_disk(d, i as u64, spec, &st.gens[i])?);
         }
         Ok(out)
@@ -473,22 +480,7 @@ impl SyntheticVm {
         } else {
             None
         };
-        Ok(Self {
-            shape,
-            mem,
-            map,
-            shared,
-            writer,
-            state,
-            ws_pages,
-            rate,
-            running: false,
-            disks: Vec::new(),
-            disk_specs: Vec::new(),
-            disk_state: Default::default(),
-            disk_counters: Default::default(),
-            disk_writer: None,
-        })
+        Ok(Self { shape, mem, map, shared, writer, state, ws_pages, rate, running: false, disk: Box::default() })
     }
 
     /// Pages written by the writer so far.
@@ -544,7 +536,7 @@ impl Drop for SyntheticVm {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        if let Some(w) = self.disk_writer.take() {
+        if let Some(w) = self.disk.writer.take() {
             let _ = w.join();
         }
     }
