@@ -11,6 +11,11 @@
 //! - [`mirror`]: the copier (allocated extents, dirty passes; zero blocks left as holes).
 //! - [`local`]: storage live migration on one host ([`move_storage`]): copy, mirror, converge,
 //!   switch in a pause of milliseconds, remove the old files.
+//! - [`digest`]: a disk's digest (a hash per block, holes hash as zeros), for the
+//!   destination of a shared-nothing move to verify each disk before it commits.
+//! - [`remote`]: shared-nothing building blocks, not yet carried by the migration session: the
+//!   destination's [`remote::DiskReceiver`] (partial copies, names from the peer checked, digest,
+//!   commit by name) and the source's [`remote::DiskSender`] (extents, then dirty blocks).
 //!
 //! # Why a crate of its own
 //!
@@ -18,7 +23,8 @@
 //! owns, the engine reads, and that has its own rules (holes stay holes, a copy is not a disk
 //! until committed). The VMMs in `ferry-vmm-glue` write through [`Disk`]; the engine in
 //! `ferry-migrate` will send its blocks in a shared-nothing move; neither should own the other's
-//! code, and the local move needs no network at all. It depends on nothing of Ferry's.
+//! code, and the local move needs no network at all. It depends only on `ferry-memory` (whose
+//! digest table it reuses).
 //!
 //! # Blocks
 //!
@@ -35,11 +41,13 @@
 //! its final name (never replacing a file), and only after the VM runs on the copies are the
 //! old files removed.
 
+pub mod digest;
 pub mod dirty;
 pub mod disk;
 pub mod image;
 pub mod local;
 pub mod mirror;
+pub mod remote;
 pub mod sink;
 
 use std::path::PathBuf;
