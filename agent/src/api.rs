@@ -324,6 +324,9 @@ pub struct IncomingRequest {
     /// its own only if both share that directory.
     #[serde(default)]
     pub probe: Option<String>,
+    /// Multichannel (`smb`): channels arrive on every NIC of the destination.
+    #[serde(default)]
+    pub multichannel: bool,
 }
 
 /// Peer answer: where the migration channels go.

@@ -9,7 +9,7 @@
 //! key_file = "/etc/ferry/key"         # the same key on every host (at least 16 bytes)
 //! max_live_migrations = 2             # outgoing and incoming together (default 2)
 //! max_storage_migrations = 2          # (default 2)
-//! performance_option = "tcp"          # tcp | compression (default tcp)
+//! performance_option = "tcp"          # tcp | compression | smb (default tcp)
 //! use_any_network = false             # default: true while no network is listed
 //! shared_storage = "/srv/ferry-shared" # quick moves: a directory both hosts mount at this path
 //! [[networks]]
@@ -126,6 +126,23 @@ impl Subnet {
     }
 }
 
+impl Subnet {
+    /// The subnet with its host bits cleared.
+    pub fn network(&self) -> Subnet {
+        let addr = match self.addr {
+            IpAddr::V4(a) => {
+                let m = if self.prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(self.prefix)) };
+                IpAddr::V4((u32::from(a) & m).into())
+            }
+            IpAddr::V6(a) => {
+                let m = if self.prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(self.prefix)) };
+                IpAddr::V6((u128::from(a) & m).into())
+            }
+        };
+        Subnet { addr, prefix: self.prefix }
+    }
+}
+
 impl std::fmt::Display for Subnet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -191,6 +208,21 @@ impl Settings {
         }
     }
 
+    /// `smb`: multichannel over every NIC both hosts share.
+    pub fn multichannel(&self) -> bool {
+        self.performance_option == "smb"
+    }
+
+    /// The migration networks as a `ferry_multichannel::NetworkPolicy` string (`subnet:priority`,
+    /// host bits cleared); empty when any network may carry migrations.
+    pub fn policy_string(&self) -> String {
+        if self.any_network() {
+            return String::new();
+        }
+        let list: Vec<String> = self.subnets().iter().map(|(s, p)| format!("{}:{p}", s.network())).collect();
+        list.join(",")
+    }
+
     /// May a migration go to `ip`? `Err` says why not.
     pub fn network_allows(&self, ip: IpAddr) -> Result<(), String> {
         let nets = self.subnets();
@@ -207,11 +239,7 @@ impl Settings {
 
 fn check_option(o: &str) -> Result<(), ConfigError> {
     match o {
-        "tcp" | "compression" => Ok(()),
-        "smb" => Err(invalid(
-            "performance_option",
-            "\"smb\" (multichannel over every NIC) is not wired into the agent yet; use tcp or compression",
-        )),
+        "tcp" | "compression" | "smb" => Ok(()),
         o => Err(invalid("performance_option", format!("{o:?} is not tcp, compression or smb"))),
     }
 }

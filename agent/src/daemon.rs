@@ -559,7 +559,11 @@ impl Agent {
             .insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()), abort: None });
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %id, vm = %req.vm, direction = "outgoing");
-        let order = MigrateOrder { id: id.clone(), to, channels, option, downtime_ms };
+        let multichannel = settings.multichannel().then(|| crate::vmmctl::MultichannelOrder {
+            policy: settings.policy_string(),
+            channels_per_path: channels,
+        });
+        let order = MigrateOrder { id: id.clone(), to, channels, option, downtime_ms, multichannel };
         let id2 = id.clone();
         let kind = req.kind;
         tokio::spawn(async move { a.run_move(id2, row, order, kind, cancel).await }.instrument(span));
@@ -618,6 +622,7 @@ impl Agent {
             source: self.cfg.name.clone(),
             kind: MoveKind::Quick,
             probe: Some(probe),
+            multichannel: false,
         };
         let admitted = self.ask_admission(&req, peer, cancel).await;
         let _ = std::fs::remove_file(&probe_path);
@@ -715,6 +720,7 @@ impl Agent {
             source: self.cfg.name.clone(),
             kind: MoveKind::Live,
             probe: None,
+            multichannel: order.multichannel.is_some(),
         };
         let peer = order.to.to_string();
         // The destination admits under its own limit; while it is busy, ask again.
@@ -1135,6 +1141,15 @@ impl Agent {
         // Reserve the name before the process starts.
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
         let extra = match &quick {
+            // Multichannel: channels arrive on every NIC, so listen on all of them.
+            None if req.multichannel => {
+                let any: std::net::IpAddr = if self.cfg.listen.is_ipv4() {
+                    std::net::Ipv4Addr::UNSPECIFIED.into()
+                } else {
+                    std::net::Ipv6Addr::UNSPECIFIED.into()
+                };
+                vec!["--receive-on".to_string(), any.to_string()]
+            }
             None => vec!["--receive-on".to_string(), self.cfg.listen.ip().to_string()],
             Some(dir) => vec![
                 "--quick-dir".to_string(),
@@ -1167,7 +1182,8 @@ impl Agent {
         info!(migration = req.id, vm = req.vm, source = req.source, "incoming migration admitted");
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
         lock(&self.live).insert(req.id.clone(), Live::default());
-        let addr = st.listen.map(|a| a.to_string()).unwrap_or_default();
+        // Channel 0 goes to the address the source reached this agent at.
+        let addr = st.listen.map(|a| SocketAddr::new(self.cfg.listen.ip(), a.port()).to_string()).unwrap_or_default();
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %req.id, vm = %req.vm, direction = "incoming");
         tokio::spawn(async move { a.watch_incoming(req.id, row, slot).await }.instrument(span));
@@ -1319,6 +1335,7 @@ impl Agent {
             source: self.cfg.name.clone(),
             kind: req.kind,
             probe: probe.as_ref().map(|p| p.1.clone()),
+            multichannel: settings.multichannel(),
         };
         let body = serde_json::to_vec(&ask).map_err(|e| ApiError::internal(e.to_string()))?;
         let answer = self.peer_call("POST", &req.to, "/peer/v1/preflight", Some(body)).await;

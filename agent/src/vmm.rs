@@ -3,7 +3,8 @@
 //! It runs the guest (the synthetic guest or the KVM VMM of `ferry-vmm-glue`), serves the
 //! agent's requests ([`crate::vmmctl`]) on a unix socket, and runs the migration engine where
 //! the memory is: an outgoing move calls `ferry_migrate::source::migrate` on a thread of this
-//! process; an incoming VMM starts with no VM and a `MigrationServer` for exactly one session,
+//! process (with `smb`, over a `ferry_multichannel` session: channels on every paired NIC);
+//! an incoming VMM starts with no VM and a `MigrationServer` for exactly one session,
 //! and runs the VM once the engine committed. A quick move saves the VM to the shared
 //! directory (`ferry_migrate::quick`) with the digest of its paused memory beside it; an incoming
 //! quick VMM waits for the ownership record to name its host, loads the image, and runs the VM
@@ -442,8 +443,15 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
             }
         };
         let key = v.args.key.clone();
-        let r = connect_simple(order.to, usize::from(order.channels.max(1)), &opts, &key)
-            .and_then(|chans| migrate(vm.source(), chans, &cfg, &progress));
+        let mut plan_json = None;
+        let r = match &order.multichannel {
+            None => connect_simple(order.to, usize::from(order.channels.max(1)), &opts, &key),
+            Some(mc) => open_multichannel(order.to, mc, &opts, &key).map(|(chans, plan)| {
+                plan_json = Some(plan);
+                chans
+            }),
+        }
+        .and_then(|chans| migrate(vm.source(), chans, &cfg, &progress));
         hold_outcome_for_tests();
         let mut g = v.lock();
         g.cancel = None;
@@ -454,7 +462,11 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
                 g.counter_at_exit = counter;
                 drop(vm);
                 g.state = VmmState::Released;
-                (st.status, Some(stats_json(&st)), None)
+                let mut stats = stats_json(&st);
+                if let (Some(p), Some(o)) = (plan_json.take(), stats.as_object_mut()) {
+                    o.insert("multichannel".into(), p);
+                }
+                (st.status, Some(stats), None)
             }
             Err(MigrateError::Uncertain(st)) => {
                 g.vm = Some(vm);
@@ -700,4 +712,42 @@ fn hold_outcome_for_tests() {
     while !path.exists() && t0.elapsed() < Duration::from_secs(120) {
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Open a multichannel session (`smb`): channel 0 to `first`, the interface exchange, then
+/// channels on every NIC pair the policy allows. Returns the channels and, as JSON, which NICs
+/// were paired and which transport each channel uses (TCP: the VMM opens no RDMA channels; a
+/// path whose both ends report an RDMA device says so in `rdma_capable`).
+fn open_multichannel(
+    first: SocketAddr,
+    mc: &crate::vmmctl::MultichannelOrder,
+    opts: &TcpOptions,
+    key: &Psk,
+) -> Result<(Vec<ferry_transport::Channel>, serde_json::Value), MigrateError> {
+    let policy: ferry_multichannel::NetworkPolicy = mc
+        .policy
+        .parse::<ferry_multichannel::NetworkPolicy>()
+        .and_then(|p| p.with_channels_per_path(mc.channels_per_path.max(1)))
+        .map_err(|e| MigrateError::Unexpected(format!("network policy: {e}")))?;
+    let (chans, plan) = ferry_multichannel::open_session(first, key, opts, &policy)
+        .map_err(|e| MigrateError::Connect(0, format!("multichannel: {e}")))?;
+    let paths: Vec<serde_json::Value> = plan
+        .paths
+        .iter()
+        .map(|p| {
+            serde_json::json!({"local_if": p.local_if, "local": p.local.to_string(), "remote_if": p.remote_if,
+                "remote": p.remote.to_string(), "channels": p.channels, "rdma_capable": p.rdma,
+                "speed_mbps": p.speed_mbps})
+        })
+        .collect();
+    let channels: Vec<serde_json::Value> = plan
+        .channels
+        .iter()
+        .map(|c| {
+            serde_json::json!({"index": c.index, "path": c.path, "remote": c.remote.to_string(),
+                "local": c.local.map(|l| l.ip().to_string()), "transport": "tcp"})
+        })
+        .collect();
+    let unusable: Vec<String> = plan.unusable.iter().map(|u| format!("{}: {:?}", u.network, u.reason)).collect();
+    Ok((chans, serde_json::json!({"paths": paths, "channels": channels, "unusable": unusable})))
 }

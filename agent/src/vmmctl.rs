@@ -70,6 +70,20 @@ pub struct MigrateOrder {
     pub option: String,
     /// Downtime limit in milliseconds.
     pub downtime_ms: u64,
+    /// Multichannel (`smb`): the interface exchange on channel 0, then channels on every NIC
+    /// the hosts share under this policy; `None`: `channels` connections to `to`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multichannel: Option<MultichannelOrder>,
+}
+
+/// How a multichannel session pairs NICs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MultichannelOrder {
+    /// The migration networks as a `ferry_multichannel::NetworkPolicy` string (empty: any
+    /// network both hosts share).
+    pub policy: String,
+    /// Channels per paired NIC.
+    pub channels_per_path: u16,
 }
 
 /// Where a VMM process's VM is.
@@ -227,6 +241,7 @@ mod tests {
             channels: 2,
             option: "tcp".into(),
             downtime_ms: 300,
+            multichannel: None,
         });
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"migrate","id":"m1","to":"127.0.0.1:9","channels":2,"option":"tcp","downtime_ms":300}"#);

@@ -1,0 +1,52 @@
+//! `performance_option = "smb"`: two agents in two namespaces joined by two veth NICs
+//! (`scripts/testbed.sh`); a move opens channels on both NICs (the interface exchange on
+//! channel 0 pairs them under the migration networks) and moves bytes over each.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::*;
+use ferry_test_support::testbed::{testbed_or_skip, Side, Testbed};
+
+#[test]
+fn an_smb_move_uses_both_nics_and_reports_its_channels() {
+    let Some(tb) = testbed_or_skip("an_smb_move_uses_both_nics_and_reports_its_channels", 2) else {
+        return;
+    };
+    let cfg = "performance_option = \"smb\"\n[[networks]]\nsubnet = \"198.18.0.0/24\"\npriority = 1\n\
+               [[networks]]\nsubnet = \"198.18.1.0/24\"\npriority = 2\n";
+    let a_addr = std::net::SocketAddr::new(Testbed::addr(Side::Src, 0).into(), 7700);
+    let b_addr = std::net::SocketAddr::new(Testbed::addr(Side::Dst, 0).into(), 7700);
+    let a = Agent::start_in(Some(tb.netns(Side::Src)), "a", KEY, cfg, a_addr);
+    let b = Agent::start_in(Some(tb.netns(Side::Dst)), "b", KEY, cfg, b_addr);
+    assert_eq!(a.json(&["host", "show"])["performance_option"], "smb");
+    a.json(&["vm", "create", "--name", "mc", "--memory", "64MiB", "--guest", "synthetic"]);
+    let out = a.json(&["move", "mc", "--to", &b_addr.to_string(), "--wait", "--channels", "1"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!(out["verified"], true, "{out}");
+    let m = a.json(&["migration", out["id"].as_str().unwrap()]);
+    let st = &m["stats"];
+    let planned = st["multichannel"]["channels"].as_array().unwrap_or_else(|| panic!("no channels: {m:#}"));
+    // Bytes per destination NIC, from the engine's per-channel statistics.
+    let mut per_nic: BTreeMap<String, u64> = BTreeMap::new();
+    for c in planned {
+        assert_eq!(c["transport"], "tcp", "no RDMA device here: {c}");
+        let i = c["index"].as_u64().unwrap() as usize;
+        let remote: std::net::SocketAddr = c["remote"].as_str().unwrap().parse().unwrap();
+        let bytes = st["channels"][i]["wire_bytes"].as_u64().unwrap_or_else(|| panic!("channel {i}: {st:#}"));
+        *per_nic.entry(remote.ip().to_string()).or_default() += bytes;
+    }
+    let want = [Testbed::addr(Side::Dst, 0).to_string(), Testbed::addr(Side::Dst, 1).to_string()];
+    for nic in &want {
+        assert!(per_nic.get(nic).is_some_and(|b| *b > 1 << 20), "NIC {nic} carried too little: {per_nic:?}\n{st:#}");
+    }
+    assert_eq!(st["multichannel"]["paths"].as_array().unwrap().len(), 2, "{st:#}");
+    let on_b = b.json(&["vm", "show", "mc"]);
+    assert_eq!((on_b["state"].as_str(), on_b["guest_check"].as_str()), (Some("running"), Some("ok")), "{on_b}");
+    let _ = b.wait_all_final(1, Duration::from_secs(60));
+    drop(a);
+    drop(b);
+    drop(tb);
+}
