@@ -3,6 +3,8 @@
 //! The binary is `migration-bench`; its subcommands share the helpers here:
 //! - [`live`]: `migration-bench` / `migration-bench live`, live migration of a synthetic guest
 //!   between two processes with the real engine, per workload and transport option.
+//! - [`agent`]: `migration-bench agent`, moves through two host agents (`ferryd` on loopback)
+//!   beside the library path, and N VMs under each `max_live_migrations`.
 //! - [`stream`]: `migration-bench stream`, a page set streamed from a source process to a
 //!   destination process over one channel (`tcp` or `zstd`), compared with iperf3.
 //! - [`storage`]: `migration-bench storage`, storage live migration of a synthetic guest's disks
@@ -19,6 +21,7 @@
 //! Convention: every rate in the JSON output and the tables says its unit (`*_bytes_per_s`,
 //! `*_bits_per_s`, `Gbit/s`); README.md lists each bench's JSON fields.
 
+pub mod agent;
 pub mod driver;
 pub mod error;
 pub mod iperf;

@@ -9,6 +9,8 @@
 //!                         [--workload idle|busy|both] [--disk-rate 20MiB] [--dir DIR] [--json]
 //! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp,zstd]
 //!                        [--zstd-level 1] [--link-rate 1gbit] [--json]
+//! migration-bench agent [--part single|many|both] [--size 2GiB] [--vms 8] [--vm-size 512MiB]
+//!                       [--limits 1,2,4] [--channels 2] [--repeat 1] [--json]
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -57,6 +59,9 @@ enum Cmd {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// Moves through two host agents (`ferryd` on loopback): one idle guest beside the library
+    /// path (`live`) in the same run, and N VMs at once under each `max_live_migrations`.
+    Agent(AgentArgs),
     /// Stream a page set from a source process to a destination process over one channel and
     /// compare with a single-stream iperf3 between the same endpoints, measured in the same run.
     Stream(StreamArgs),
@@ -275,6 +280,43 @@ enum WorkloadArg {
     Idle,
     Busy,
     Both,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AgentPart {
+    Single,
+    Many,
+    Both,
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// Which part: `single` (one idle guest through the agents beside the library path), `many`
+    /// (N VMs under each limit), or both.
+    #[arg(long, value_enum, default_value = "both")]
+    part: AgentPart,
+    /// Guest memory of `single` (a multiple of 4 KiB).
+    #[arg(long, default_value = "2GiB", value_parser = parse_size)]
+    size: u64,
+    /// VMs of `many`.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=64))]
+    vms: u32,
+    /// Memory of each VM of `many` (the agent's default working set and dirty rate).
+    #[arg(long, default_value = "512MiB", value_parser = parse_size)]
+    vm_size: u64,
+    /// `max_live_migrations` values of `many`, comma-separated.
+    #[arg(long, default_value = "1,2,4", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    limits: Vec<u32>,
+    /// TCP channels of every move (and of the library path).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+    channels: u16,
+    /// Run everything this many times (`single` alternates library and agent).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+    repeat: u32,
+    /// One JSON object per run instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -614,6 +656,113 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
     Ok(records.iter().all(|r| r.ok()))
 }
 
+fn agent_cmd(a: AgentArgs) -> Result<bool> {
+    use ferry_perf::agent;
+    for (what, size) in [("--size", a.size), ("--vm-size", a.vm_size)] {
+        if size < (2 << 20) || size % PAGE_SIZE as u64 != 0 {
+            return Err(BenchError::Usage(format!("{what} must be a multiple of 4 KiB, at least 2 MiB")));
+        }
+    }
+    let single = a.part != AgentPart::Many;
+    let many = a.part != AgentPart::Single;
+    if single {
+        check_memory(a.size)?;
+    }
+    if many {
+        check_memory(a.vm_size.saturating_mul(u64::from(a.vms)))?;
+    }
+    testbed::install_interrupt_cleanup();
+    let bins = agent::find_or_build()?;
+    let exe = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
+    let mut ok = true;
+    let mut singles = Vec::new();
+    let mut manys = Vec::new();
+    for run in 0..a.repeat {
+        if single {
+            let args = LiveChildArgs {
+                size: a.size,
+                mix: Mix::default(),
+                image: None,
+                seed: 1,
+                workload: live::Workload::Idle,
+                working_set: 0,
+                dirty_rate: 0,
+                option: TransportOption::Tcp,
+                channels: usize::from(a.channels),
+                downtime_ms: 300,
+                verify_full: false,
+                // The agent's destination VMM maps its memory cold too.
+                dst_memory: DstMemory::Cold,
+                zstd_level: 1,
+                batch_pages: 256,
+                multichannel: false,
+                scheduling: "adaptive".into(),
+                policy: None,
+            };
+            let (s, d) = live::run(&exe, &args, Duration::from_secs(1800), "library", live::Place::Loopback)?;
+            if let Some(e) = s.error.as_ref().or(d.error.as_ref()) {
+                return Err(BenchError::Child { role: "library path", detail: e.clone() });
+            }
+            let lib_ms = s.migration.total.as_secs_f64() * 1e3;
+            let (ag_ms, eng_ms, ag_down, ag_verified) = agent::agent_single(&bins, a.size, a.channels)?;
+            let r = agent::AgentSingleRecord {
+                bench: "agent".into(),
+                part: "single".into(),
+                run,
+                guest_bytes: a.size,
+                channels: a.channels,
+                library_total_ms: lib_ms,
+                library_downtime_ms: s.migration.downtime.as_secs_f64() * 1e3,
+                agent_total_ms: ag_ms,
+                agent_engine_total_ms: eng_ms,
+                agent_downtime_ms: ag_down,
+                overhead_ratio: ag_ms / lib_ms,
+                engine_ratio: eng_ms / lib_ms,
+                verified: d.verified && ag_verified,
+            };
+            ok &= r.verified;
+            if a.json {
+                emit(&serde_json::to_string(&r).unwrap_or_default());
+            }
+            singles.push(r);
+        }
+        if many {
+            for &limit in &a.limits {
+                let mut r = agent::agent_many(&bins, a.vms, a.vm_size, limit, a.channels)?;
+                r.run = run;
+                ok &= r.verified;
+                if a.json {
+                    emit(&serde_json::to_string(&r).unwrap_or_default());
+                }
+                manys.push(r);
+            }
+        }
+    }
+    if !a.json {
+        if !singles.is_empty() {
+            println!(
+                "One idle synthetic guest, tcp:{}: library path (engine total) vs. through two agents (POST move to \
+                 running on B); overhead = agent / library (target <= 1.05x)",
+                a.channels
+            );
+            print!("{}", agent::single_table(&singles));
+        }
+        if !manys.is_empty() {
+            if !singles.is_empty() {
+                println!();
+            }
+            println!(
+                "{} VMs of {} moved at once through two agents, tcp:{}, under max_live_migrations = limit",
+                a.vms,
+                format_size(a.vm_size),
+                a.channels
+            );
+            print!("{}", agent::many_table(&manys));
+        }
+    }
+    Ok(ok)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let cmd = cli.cmd.unwrap_or_else(|| Cmd::Live(LiveArgs::default()));
@@ -623,6 +772,7 @@ fn main() -> ExitCode {
         Cmd::LiveDst { args, listen } => ("migration-bench live-dst", live::dst_main(&args, listen).map(|()| true)),
         Cmd::Stream(a) => ("migration-bench", stream_cmd(a)),
         Cmd::Storage(a) => ("migration-bench storage", storage_cmd(&a)),
+        Cmd::Agent(a) => ("migration-bench agent", agent_cmd(a)),
         Cmd::StreamSrc(a) => ("migration-bench stream-src", stream::src_main(&a).map(|()| true)),
         Cmd::StreamDst { args, listen } => {
             ("migration-bench stream-dst", stream::dst_main(&args, listen).map(|()| true))
