@@ -685,8 +685,9 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 image: None,
                 seed: 1,
                 workload: live::Workload::Idle,
-                working_set: 0,
-                dirty_rate: 0,
+                // Unused by an idle guest (the child's parser wants sizes above zero).
+                working_set: PAGE_SIZE as u64,
+                dirty_rate: PAGE_SIZE as u64,
                 option: TransportOption::Tcp,
                 channels: usize::from(a.channels),
                 downtime_ms: 300,
