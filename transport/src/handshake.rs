@@ -81,6 +81,13 @@ impl Psk {
         }
         m
     }
+
+    /// A key bound to `context`: HMAC-SHA256(key, `label` | `context`). The `quic` backend runs
+    /// this handshake under the key bound to its TLS session's exporter secret, so the proofs
+    /// hold only on that one TLS session (see `quic`'s module docs).
+    pub fn derive(&self, label: &[u8], context: &[u8]) -> Psk {
+        Psk(self.mac(label, &[context]).finalize().into_bytes().to_vec())
+    }
 }
 
 impl std::fmt::Debug for Psk {

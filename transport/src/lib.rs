@@ -11,9 +11,11 @@
 //! - [`channel`]: the channel traits every backend implements.
 //! - [`endpoint`]: how channels are opened: an `Acceptor` per listening transport (yields
 //!   authenticated channels with their session binding), a `Connector` per transport option.
-//! - [`option`]: the transport options by name (`tcp`, `zstd`, `zstd-always`), as every command
+//! - [`option`]: the transport options by name (`tcp`, `zstd`, `zstd-always`, `quic`), as every command
 //!   line spells them.
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
+//! - `quic` (cargo feature `quic`, on by default): channels as QUIC streams (quinn, TLS 1.3 with
+//!   rustls and `ring`), Ferry's handshake bound to the TLS session.
 //! - `rdma` (cargo feature `rdma`): the RDMA verbs backend, one-sided RDMA WRITE into the
 //!   destination's registered guest memory.
 //!
@@ -37,6 +39,8 @@ pub mod endpoint;
 pub mod error;
 pub mod handshake;
 pub mod option;
+#[cfg(feature = "quic")]
+pub mod quic;
 #[cfg(feature = "rdma")]
 pub mod rdma;
 pub mod stream;
