@@ -11,10 +11,14 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::handshake::Caps;
-use crate::tcp::TcpOptions;
+use std::net::SocketAddr;
 
-/// A transport option over TCP.
+use crate::endpoint::{Acceptor, Connector};
+use crate::error::Result;
+use crate::handshake::{Caps, ServerConfig};
+use crate::tcp::{TcpAcceptor, TcpOptions};
+
+/// A transport option.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TransportOption {
     /// One TCP stream per channel, pages raw.
@@ -24,11 +28,18 @@ pub enum TransportOption {
     Zstd,
     /// zstd on every batch (raw only where compressing saves less than 1/8).
     ZstdAlways,
+    /// QUIC (quinn, TLS 1.3): a connection per channel, pages raw (cargo feature `quic`).
+    #[cfg(feature = "quic")]
+    Quic,
 }
 
 impl TransportOption {
     /// Every option, in the order help texts list them.
+    #[cfg(not(feature = "quic"))]
     pub const ALL: [TransportOption; 3] = [Self::Tcp, Self::Zstd, Self::ZstdAlways];
+    /// Every option, in the order help texts list them.
+    #[cfg(feature = "quic")]
+    pub const ALL: [TransportOption; 4] = [Self::Tcp, Self::Zstd, Self::ZstdAlways, Self::Quic];
 
     /// The option's name, as parsed and printed.
     pub fn as_str(self) -> &'static str {
@@ -36,18 +47,49 @@ impl TransportOption {
             Self::Tcp => "tcp",
             Self::Zstd => "zstd",
             Self::ZstdAlways => "zstd-always",
+            #[cfg(feature = "quic")]
+            Self::Quic => "quic",
         }
     }
 
     /// Whether batches may go compressed.
     pub fn compresses(self) -> bool {
-        self != Self::Tcp
+        matches!(self, Self::Zstd | Self::ZstdAlways)
     }
 
-    /// The TCP options of this transport option (`zstd_level` for the zstd ones).
+    /// Whether the option runs over TCP (`tcp`, `zstd`, `zstd-always`): [`Self::tcp_options`]
+    /// are its settings. Other options have their own connector and acceptor.
+    pub fn is_tcp(self) -> bool {
+        self.compresses() || self == Self::Tcp
+    }
+
+    /// The connector (source side) of this option.
+    pub fn connector(self, zstd_level: i32) -> Box<dyn Connector> {
+        match self {
+            #[cfg(feature = "quic")]
+            Self::Quic => Box::new(crate::quic::QuicOptions::default()),
+            _ => Box::new(self.tcp_options(zstd_level)),
+        }
+    }
+
+    /// A listener (destination side) of this option on `addr`, with handshake settings `hs`
+    /// (its capabilities narrowed to [`Self::caps`]).
+    pub fn bind(self, addr: SocketAddr, zstd_level: i32, mut hs: ServerConfig) -> Result<Box<dyn Acceptor>> {
+        hs.caps = hs.caps.intersect(self.caps());
+        Ok(match self {
+            #[cfg(feature = "quic")]
+            Self::Quic => Box::new(crate::quic::QuicAcceptor::bind(addr, Default::default(), hs)?),
+            _ => Box::new(TcpAcceptor::bind(addr, self.tcp_options(zstd_level), hs)?),
+        })
+    }
+
+    /// The TCP options of this transport option (`zstd_level` for the zstd ones; the defaults for
+    /// an option that does not run over TCP, see [`Self::is_tcp`]).
     pub fn tcp_options(self, zstd_level: i32) -> TcpOptions {
         match self {
             Self::Tcp => TcpOptions::default(),
+            #[cfg(feature = "quic")]
+            Self::Quic => TcpOptions::default(),
             Self::Zstd => TcpOptions { zstd_level: Some(zstd_level), ..TcpOptions::default() },
             Self::ZstdAlways => TcpOptions { zstd_level: Some(zstd_level), adaptive: false, ..TcpOptions::default() },
         }
@@ -71,13 +113,13 @@ impl fmt::Display for TransportOption {
 
 /// A name that is not a transport option.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown transport option {0:?} (tcp, zstd, zstd-always)")]
+#[error("unknown transport option {0:?} (tcp, zstd, zstd-always, quic)")]
 pub struct UnknownOption(pub String);
 
 impl FromStr for TransportOption {
     type Err = UnknownOption;
 
-    fn from_str(s: &str) -> Result<Self, UnknownOption> {
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownOption> {
         Self::ALL.into_iter().find(|o| o.as_str() == s.trim()).ok_or_else(|| UnknownOption(s.to_string()))
     }
 }
@@ -107,5 +149,17 @@ mod tests {
         assert_eq!((a.zstd_level, a.adaptive), (Some(-1), false));
         assert_eq!(TransportOption::Tcp.caps(), Caps(0));
         assert_eq!(TransportOption::Zstd.caps(), Caps::ALL);
+        assert!(TransportOption::Tcp.is_tcp() && TransportOption::ZstdAlways.is_tcp());
+    }
+
+    #[cfg(feature = "quic")]
+    #[test]
+    fn quic_is_an_option_of_its_own() {
+        let q: TransportOption = "quic".parse().unwrap();
+        assert_eq!(q, TransportOption::Quic);
+        assert!(!q.is_tcp() && !q.compresses());
+        assert_eq!(q.caps(), Caps(0));
+        assert_eq!(q.connector(3).transport(), "quic");
+        assert_eq!(TransportOption::Zstd.connector(3).transport(), "zstd");
     }
 }

@@ -97,7 +97,6 @@ const EXPORTER_LABEL: &[u8] = b"EXPORTER-ferry/1 channel";
 /// Label of the key derived from the pre-shared key and the exporter.
 const KEY_LABEL: &[u8] = b"ferry/1 quic";
 /// Application error codes on streams and connections.
-const CODE_CLOSED: u32 = 0;
 const CODE_CUT: u32 = 1;
 /// Received chunks taken per wake-up of a reading thread.
 const CHUNKS_PER_READ: usize = 64;
@@ -353,7 +352,7 @@ fn bound_key(psk: &Psk, conn: &Connection) -> Result<Psk> {
 /// when the last channel lets go).
 struct Conn {
     conn: Connection,
-    /// The client's endpoint (one per connection), kept alive with it.
+    /// The endpoint it lives on, kept alive with it.
     _endpoint: Option<Endpoint>,
 }
 
@@ -580,7 +579,11 @@ impl QuicOptions {
             }
         }
         let ep = self.endpoint_for(path)?;
-        let connecting = ep.connect(path.remote, "ferry").map_err(|e| quic_error("connect", e))?;
+        let connecting = {
+            // quinn spawns the connection's driver task here: inside the runtime.
+            let _g = runtime().enter();
+            ep.connect(path.remote, "ferry").map_err(|e| quic_error("connect", e))?
+        };
         let deadline = Instant::now() + self.connect_timeout;
         let conn = bridge.wait(Some(deadline), connecting)?.map_err(|e| quic_error("connect", e))?;
         let c = Arc::new(Conn { conn, _endpoint: Some(ep) });
@@ -641,6 +644,7 @@ pub struct QuicAcceptor {
     endpoint: Endpoint,
     incoming: Mutex<mpsc::Receiver<Incomer>>,
     hs: ServerConfig,
+    stop: Arc<Notify>,
 }
 
 impl QuicAcceptor {
@@ -653,8 +657,9 @@ impl QuicAcceptor {
         let endpoint =
             Endpoint::new(EndpointConfig::default(), Some(server_config(&opts)?), sock, Arc::new(quinn::TokioRuntime))?;
         let (tx, rx) = mpsc::sync_channel(64);
-        runtime().spawn(serve(endpoint.clone(), tx, hs.timeout));
-        Ok(Self { endpoint, incoming: Mutex::new(rx), hs })
+        let stop = Arc::new(Notify::new());
+        runtime().spawn(serve(endpoint.clone(), tx, hs.timeout, stop.clone()));
+        Ok(Self { endpoint, incoming: Mutex::new(rx), hs, stop })
     }
 
     /// The address listened on.
@@ -674,17 +679,28 @@ impl QuicAcceptor {
 
 impl Drop for QuicAcceptor {
     fn drop(&mut self) {
-        self.endpoint.close(VarInt::from_u32(CODE_CLOSED), b"listener closed");
+        // Stop taking connections; the channels already accepted live on (as a TCP socket
+        // outlives its listener), and the port is released when the last of them closes.
+        self.endpoint.set_server_config(None);
+        self.stop.notify_one();
     }
 }
 
 /// The acceptor's task: take connections, then their streams, and queue the streams.
-async fn serve(endpoint: Endpoint, tx: mpsc::SyncSender<Incomer>, handshake: Duration) {
-    while let Some(incoming) = endpoint.accept().await {
+async fn serve(endpoint: Endpoint, tx: mpsc::SyncSender<Incomer>, handshake: Duration, stop: Arc<Notify>) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            _ = stop.notified() => return,
+        };
         let tx = tx.clone();
+        let ep = endpoint.clone();
         tokio::spawn(async move {
             let Ok(Ok(conn)) = tokio::time::timeout(handshake, incoming).await else { return };
-            let c = Arc::new(Conn { conn: conn.clone(), _endpoint: None });
+            let c = Arc::new(Conn { conn: conn.clone(), _endpoint: Some(ep) });
             while let Ok((send, recv)) = conn.accept_bi().await {
                 match tx.try_send(Incomer { conn: c.clone(), send, recv }) {
                     Ok(()) => {}
