@@ -516,10 +516,12 @@ impl Agent {
         }
         let settings = self.settings();
         let option = req.option.clone().unwrap_or_else(|| settings.default_transport().into());
-        let option = option
-            .parse::<ferry_transport::option::TransportOption>()
-            .map_err(|e| ApiError::bad(e.to_string()))?
-            .to_string();
+        let option = option.parse::<ferry_transport::option::TransportOption>().map_err(|e| ApiError::bad(e.to_string()))?;
+        if !option.is_tcp() {
+            // The agents listen on TCP only; quic runs in migration-bench and the library.
+            return Err(ApiError::bad(format!("option {option} is not served by the agent yet (tcp, zstd, zstd-always)")));
+        }
+        let option = option.to_string();
         let channels = req.channels.unwrap_or(2);
         if !(1..=16).contains(&channels) {
             return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));

@@ -412,6 +412,9 @@ fn stats_json(s: &ferry_migrate::stats::MigrationStats) -> serde_json::Value {
 
 fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
     let option: TransportOption = order.option.parse().map_err(|e: UnknownOption| e.to_string())?;
+    if !option.is_tcp() {
+        return Err(format!("option {option} is not served by the agent yet"));
+    }
     let opts = option.tcp_options(ZSTD_LEVEL);
     let mut g = vmm.lock();
     if g.state != VmmState::Running && g.state != VmmState::Paused {

@@ -31,6 +31,7 @@ use ferry_migrate::stats::{MigrationStats, Progress, Status};
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_multichannel::policy::NetworkPolicy;
+use ferry_transport::endpoint::Acceptor;
 use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
 use ferry_transport::option::TransportOption;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
@@ -303,7 +304,7 @@ fn nonzero_bytes(vm: &SyntheticVm, a: &LiveChildArgs) -> u64 {
 pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
-    let opts = a.option.tcp_options(a.zstd_level);
+    let opts = a.option.connector(a.zstd_level);
     let t = Instant::now();
     let busy = a.workload == Workload::Busy;
     let cfg = SyntheticConfig {
@@ -364,7 +365,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
             Some(p) => p.parse().map_err(|e| BenchError::Usage(format!("--policy: {e}")))?,
             None => NetworkPolicy::default(),
         };
-        ferry_multichannel::session::open_session(addr, &psk, &opts, &policy)
+        ferry_multichannel::session::open_session(addr, &psk, &*opts, &policy)
             .map(|(c, plan)| {
                 for p in &plan.paths {
                     plan_lines.push(format!(
@@ -384,7 +385,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
             })
             .map_err(|e| e.to_string())
     } else {
-        connect_simple(addr, a.channels, &opts, &psk).map_err(|e| e.to_string())
+        connect_simple(addr, a.channels, &*opts, &psk).map_err(|e| e.to_string())
     };
     let r = chans.and_then(|ch| migrate(&mut vm, ch, &mcfg, &progress).map_err(|e| e.to_string()));
     let u = Usage::current()?.since(&u0);
@@ -403,7 +404,12 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
     let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(10) };
-    let acc = TcpAcceptor::bind(listen, TcpOptions::default(), hs)?;
+    // A tcp listener takes every tcp option (zstd negotiated per channel); quic listens on UDP.
+    let acc: Box<dyn Acceptor> = if a.option.is_tcp() {
+        Box::new(TcpAcceptor::bind(listen, TcpOptions::default(), hs)?)
+    } else {
+        a.option.bind(listen, a.zstd_level, hs)?
+    };
     let mut factory = SyntheticFactory::new(a.size.saturating_mul(2).max(1 << 20), a.dst_memory == DstMemory::Prefault);
     let mut reserve_fill_s = 0.0;
     let reserve = (a.dst_memory == DstMemory::Reserve).then(|| {

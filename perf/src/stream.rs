@@ -31,9 +31,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_memory::{AnonMemory, MemoryMap};
-use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, ServerConfig, SessionId};
+use ferry_transport::endpoint::Path as ChannelPath;
+use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, ServerConfig, SessionId};
 use ferry_transport::option::TransportOption;
-use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
 use ferry_transport::{Channel, Incoming};
 use ferry_vmm_glue::pagemix::{expected_page, fill_page, Mix, PageKind};
@@ -138,10 +138,6 @@ impl StreamConfig {
             "--session".into(),
             hex(session),
         ]
-    }
-
-    fn tcp_options(&self) -> TcpOptions {
-        self.option.tcp_options(self.zstd_level)
     }
 
     fn pages(&self) -> u64 {
@@ -417,8 +413,9 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
     };
-    let ch = tcp::connect(addr, &cfg.tcp_options(), hs)?;
-    if ch.info.backend != cfg.option.as_str() {
+    let connector = cfg.option.connector(cfg.zstd_level);
+    let ch = connector.connect(&ChannelPath::to(addr), hs)?;
+    if ch.info.backend != connector.transport() {
         return Err(BenchError::Child {
             role: "source",
             detail: format!("asked for {} but the channel is {}", cfg.option, ch.info.backend),
@@ -451,15 +448,21 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     mem.prefault();
     let map = mem.map_at(0)?;
     let caps = cfg.option.caps();
-    let acc = TcpAcceptor::bind(listen, cfg.tcp_options(), ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
+    let acc = cfg.option.bind(listen, cfg.zstd_level, ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
-    let ch = acc.accept(&|est| {
+    let admit = |est: &Established| {
         if est.binding.session == session {
             Ok(())
         } else {
             Err("not this benchmark's session".into())
         }
-    })?;
+    };
+    // The driver kills this process if the source never comes.
+    let ch = loop {
+        if let Some(ch) = acc.accept_within(Duration::from_secs(1), &admit)? {
+            break ch;
+        }
+    };
     let Channel { mut tx, mut rx, .. } = ch;
     let u0 = Usage::current()?;
     let mut t0 = None;

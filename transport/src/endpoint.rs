@@ -2,7 +2,8 @@
 //! authenticated channels with their session binding; a [`Connector`] on the source opens one.
 //!
 //! Every backend implements both: [`crate::tcp::TcpAcceptor`] and [`crate::tcp::TcpOptions`]
-//! (`tcp`, `zstd`), `rdma::RdmaAcceptor` and `rdma::RdmaOptions` (cargo feature `rdma`). The
+//! (`tcp`, `zstd`), `quic::QuicAcceptor` and `quic::QuicOptions` (cargo feature `quic`),
+//! `rdma::RdmaAcceptor` and `rdma::RdmaOptions` (cargo feature `rdma`). The
 //! layer above (the migration server) routes channels by their binding only, so one service can
 //! listen on several transports at once and a session's channels are found wherever they arrive.
 //!
@@ -52,6 +53,24 @@ pub trait Acceptor: Send + Sync {
     /// nothing arrived in time. An error is the listener's accept failing (out of file
     /// descriptors, say): the caller backs off and tries again.
     fn accept_pending(&self, wait: Duration) -> Result<Option<Box<dyn PendingChannel>>>;
+}
+
+impl<A: Acceptor + ?Sized> Acceptor for Box<A> {
+    fn transport(&self) -> &'static str {
+        (**self).transport()
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr> {
+        (**self).local_addr()
+    }
+
+    fn accept_within(&self, wait: Duration, admit: Admit<'_>) -> Result<Option<Channel>> {
+        (**self).accept_within(wait, admit)
+    }
+
+    fn accept_pending(&self, wait: Duration) -> Result<Option<Box<dyn PendingChannel>>> {
+        (**self).accept_pending(wait)
+    }
 }
 
 /// A connection accepted by an [`Acceptor`] and not yet authenticated.

@@ -1,5 +1,8 @@
 //! The transport options a user picks by name on every command line (`migration-bench`, `ferry`):
-//! one type, parsed with [`FromStr`] and printed with [`Display`](fmt::Display) in the same spelling.
+//! one type, parsed with [`FromStr`] and printed with [`Display`](fmt::Display) in the same spelling,
+//! and the connector and listener each stands for ([`TransportOption::connector`],
+//! [`TransportOption::bind`]). `quic` opens a QUIC connection per channel; `quic-streams` carries
+//! a session's channels as streams of one connection (measured slower on 2 cores, kept to compare).
 //!
 //! ```
 //! use ferry_transport::option::TransportOption;
@@ -31,6 +34,10 @@ pub enum TransportOption {
     /// QUIC (quinn, TLS 1.3): a connection per channel, pages raw (cargo feature `quic`).
     #[cfg(feature = "quic")]
     Quic,
+    /// QUIC with every channel of a session as a stream of one connection (to compare with
+    /// [`Self::Quic`]: `quic:4` against `quic-streams:4`).
+    #[cfg(feature = "quic")]
+    QuicStreams,
 }
 
 impl TransportOption {
@@ -39,7 +46,7 @@ impl TransportOption {
     pub const ALL: [TransportOption; 3] = [Self::Tcp, Self::Zstd, Self::ZstdAlways];
     /// Every option, in the order help texts list them.
     #[cfg(feature = "quic")]
-    pub const ALL: [TransportOption; 4] = [Self::Tcp, Self::Zstd, Self::ZstdAlways, Self::Quic];
+    pub const ALL: [TransportOption; 5] = [Self::Tcp, Self::Zstd, Self::ZstdAlways, Self::Quic, Self::QuicStreams];
 
     /// The option's name, as parsed and printed.
     pub fn as_str(self) -> &'static str {
@@ -49,6 +56,8 @@ impl TransportOption {
             Self::ZstdAlways => "zstd-always",
             #[cfg(feature = "quic")]
             Self::Quic => "quic",
+            #[cfg(feature = "quic")]
+            Self::QuicStreams => "quic-streams",
         }
     }
 
@@ -68,6 +77,8 @@ impl TransportOption {
         match self {
             #[cfg(feature = "quic")]
             Self::Quic => Box::new(crate::quic::QuicOptions::default()),
+            #[cfg(feature = "quic")]
+            Self::QuicStreams => Box::new(crate::quic::QuicOptions::shared()),
             _ => Box::new(self.tcp_options(zstd_level)),
         }
     }
@@ -78,7 +89,9 @@ impl TransportOption {
         hs.caps = hs.caps.intersect(self.caps());
         Ok(match self {
             #[cfg(feature = "quic")]
-            Self::Quic => Box::new(crate::quic::QuicAcceptor::bind(addr, Default::default(), hs)?),
+            Self::Quic | Self::QuicStreams => {
+                Box::new(crate::quic::QuicAcceptor::bind(addr, Default::default(), hs)?)
+            }
             _ => Box::new(TcpAcceptor::bind(addr, self.tcp_options(zstd_level), hs)?),
         })
     }
@@ -89,7 +102,7 @@ impl TransportOption {
         match self {
             Self::Tcp => TcpOptions::default(),
             #[cfg(feature = "quic")]
-            Self::Quic => TcpOptions::default(),
+            Self::Quic | Self::QuicStreams => TcpOptions::default(),
             Self::Zstd => TcpOptions { zstd_level: Some(zstd_level), ..TcpOptions::default() },
             Self::ZstdAlways => TcpOptions { zstd_level: Some(zstd_level), adaptive: false, ..TcpOptions::default() },
         }
@@ -113,7 +126,7 @@ impl fmt::Display for TransportOption {
 
 /// A name that is not a transport option.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown transport option {0:?} (tcp, zstd, zstd-always, quic)")]
+#[error("unknown transport option {0:?} (tcp, zstd, zstd-always, quic, quic-streams)")]
 pub struct UnknownOption(pub String);
 
 impl FromStr for TransportOption {
@@ -161,5 +174,6 @@ mod tests {
         assert_eq!(q.caps(), Caps(0));
         assert_eq!(q.connector(3).transport(), "quic");
         assert_eq!(TransportOption::Zstd.connector(3).transport(), "zstd");
+        assert_eq!("quic-streams".parse(), Ok(TransportOption::QuicStreams));
     }
 }

@@ -90,7 +90,8 @@ struct StreamArgs {
     /// Page mixture in percent (kinds: zero, text, random; they add up to 100).
     #[arg(long, default_value = "zero=40,text=30,random=30")]
     mix: Mix,
-    /// Transport options to measure, one after the other (tcp, zstd, zstd-always; comma-separated).
+    /// Transport options to measure, one after the other (tcp, zstd, zstd-always, quic,
+    /// quic-streams; comma-separated).
     #[arg(long, default_value = "tcp,zstd", value_delimiter = ',')]
     option: Vec<TransportOption>,
     /// zstd compression level (negative levels are faster).
@@ -340,8 +341,9 @@ struct LiveArgs {
     /// Dirty rate of the busy guest per second (like 100MiB).
     #[arg(long, default_value = "100MiB", value_parser = parse_size)]
     dirty_rate: u64,
-    /// Transport options with channel counts: `tcp`, `zstd`, `tcp:4` (4 channels), comma-separated.
-    #[arg(long, default_value = "tcp,zstd,tcp:2,tcp:4")]
+    /// Transport options with channel counts: `tcp`, `zstd`, `tcp:4` (4 channels), `quic:4` (4 QUIC
+    /// connections), `quic-streams:4` (4 streams of one QUIC connection), comma-separated.
+    #[arg(long, visible_alias = "option", default_value = "tcp,zstd,tcp:2,tcp:4")]
     options: String,
     /// Downtime limit in milliseconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
