@@ -519,7 +519,9 @@ impl Agent {
         let option = option.parse::<ferry_transport::option::TransportOption>().map_err(|e| ApiError::bad(e.to_string()))?;
         if !option.is_tcp() {
             // The agents listen on TCP only; quic runs in migration-bench and the library.
-            return Err(ApiError::bad(format!("option {option} is not served by the agent yet (tcp, zstd, zstd-always)")));
+            return Err(ApiError::bad(format!(
+                "option {option} is not served by the agent yet (tcp, zstd, zstd-always)"
+            )));
         }
         let option = option.to_string();
         let channels = req.channels.unwrap_or(2);

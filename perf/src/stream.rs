@@ -32,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use ferry_memory::{AnonMemory, MemoryMap};
 use ferry_transport::endpoint::Path as ChannelPath;
-use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, ServerConfig, SessionId};
+use ferry_transport::handshake::{
+    random_bytes, Caps, ChannelBinding, ClientConfig, Established, ServerConfig, SessionId,
+};
 use ferry_transport::option::TransportOption;
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
 use ferry_transport::{Channel, Incoming};

@@ -89,9 +89,7 @@ impl TransportOption {
         hs.caps = hs.caps.intersect(self.caps());
         Ok(match self {
             #[cfg(feature = "quic")]
-            Self::Quic | Self::QuicStreams => {
-                Box::new(crate::quic::QuicAcceptor::bind(addr, Default::default(), hs)?)
-            }
+            Self::Quic | Self::QuicStreams => Box::new(crate::quic::QuicAcceptor::bind(addr, Default::default(), hs)?),
             _ => Box::new(TcpAcceptor::bind(addr, self.tcp_options(zstd_level), hs)?),
         })
     }

@@ -69,7 +69,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use quinn::{Connection, Endpoint, EndpointConfig, MtuDiscoveryConfig, RecvStream, SendStream, TransportConfig, VarInt};
+use quinn::{
+    Connection, Endpoint, EndpointConfig, MtuDiscoveryConfig, RecvStream, SendStream, TransportConfig, VarInt,
+};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use socket2::{Domain, Protocol, Socket, Type};

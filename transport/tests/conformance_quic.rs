@@ -219,7 +219,12 @@ fn endpoint_traits_open_bound_channels() {
                 break ch;
             }
         });
-        let cfg = ClientConfig { psk: Psk::new(TEST_KEY).unwrap(), binding, caps: Caps::ALL, timeout: Duration::from_secs(5) };
+        let cfg = ClientConfig {
+            psk: Psk::new(TEST_KEY).unwrap(),
+            binding,
+            caps: Caps::ALL,
+            timeout: Duration::from_secs(5),
+        };
         let c = connector.connect(&path, cfg).unwrap();
         let s = srv.join().unwrap();
         for ch in [&c, &s] {
