@@ -516,7 +516,8 @@ impl Agent {
         }
         let settings = self.settings();
         let option = req.option.clone().unwrap_or_else(|| settings.default_transport().into());
-        let option = option.parse::<ferry_transport::option::TransportOption>().map_err(|e| ApiError::bad(e.to_string()))?;
+        let option =
+            option.parse::<ferry_transport::option::TransportOption>().map_err(|e| ApiError::bad(e.to_string()))?;
         if !option.is_tcp() {
             // The agents listen on TCP only; quic runs in migration-bench and the library.
             return Err(ApiError::bad(format!(
