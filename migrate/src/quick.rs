@@ -445,7 +445,23 @@ fn write_image(
     mem: &MemoryMap,
 ) -> Result<(u64, u64), QuickError> {
     let mut w = BufWriter::with_capacity(4 << 20, f);
-    let werr = || io(format!("write {}", path.display()));
+    let r = write_image_to(&mut w, shape, state, mem).map_err(|e| match e {
+        QuickError::Io { source, .. } => io(format!("write {}", path.display()))(source),
+        e => e,
+    })?;
+    w.flush().map_err(io(format!("flush {}", path.display())))?;
+    Ok(r)
+}
+
+/// Write the image of a paused VM (the format in the module docs) to `w`; returns (bytes,
+/// pages stored). (What `quick_save` writes; public for the image reader's fuzz target.)
+pub fn write_image_to(
+    w: &mut impl Write,
+    shape: &VmShape,
+    state: &[u8],
+    mem: &MemoryMap,
+) -> Result<(u64, u64), QuickError> {
+    let werr = || io("write image");
     let mut body = Vec::new();
     body.extend_from_slice(&(shape.vm_id.len() as u16).to_le_bytes());
     body.extend_from_slice(shape.vm_id.as_bytes());
@@ -511,7 +527,6 @@ fn write_image(
     put_u32(&mut end, crc);
     w.write_all(&end).map_err(werr())?;
     bytes += end.len() as u64;
-    w.flush().map_err(io(format!("flush {}", path.display())))?;
     Ok((bytes, stored))
 }
 
@@ -603,6 +618,20 @@ fn read_header(r: &mut impl Read) -> Result<Image, QuickError> {
         return Err(bad("trailing bytes in header".into()));
     }
     Ok(Image { shape: VmShape { vm_id, regions }, state })
+}
+
+/// Read an image: its header, then the guest memory `memory` gives for the image's shape (the
+/// target's, not running), then every chunk into it. Returns the shape, the VM state and the
+/// pages loaded. Every length is capped and every CRC checked before use; garbage is an error,
+/// never a panic. (What `quick_load` runs on the file; public for its fuzz target.)
+pub fn read_image(
+    r: &mut impl Read,
+    memory: impl FnOnce(&VmShape) -> Result<MemoryMap, QuickError>,
+) -> Result<(VmShape, Vec<u8>, u64), QuickError> {
+    let img = read_header(r)?;
+    let mem = memory(&img.shape)?;
+    let pages = read_chunks(r, &img.shape, &mem)?;
+    Ok((img.shape, img.state, pages))
 }
 
 /// Read the chunks into `mem` (the target, not running). Returns pages loaded.
@@ -762,13 +791,18 @@ pub fn quick_load_into<T: TargetVm>(
     let f = File::open(&path).map_err(io(format!("open {}", path.display())))?;
     let file_bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
     let mut r = BufReader::with_capacity(4 << 20, f);
-    let img = read_header(&mut r)?;
-    if img.shape.vm_id != vm_id {
-        return Err(QuickError::BadImage(format!("image is of VM {:?}", img.shape.vm_id)));
-    }
-    let mut target = create(&img.shape).map_err(QuickError::Vm)?;
-    let pages_loaded = read_chunks(&mut r, &img.shape, &target.memory())?;
-    target.restore_state(&img.state).map_err(QuickError::Vm)?;
+    let mut made = None;
+    let (_, state, pages_loaded) = read_image(&mut r, |shape| {
+        if shape.vm_id != vm_id {
+            return Err(QuickError::BadImage(format!("image is of VM {:?}", shape.vm_id)));
+        }
+        let t = create(shape).map_err(QuickError::Vm)?;
+        let mem = t.memory();
+        made = Some(t);
+        Ok(mem)
+    })?;
+    let mut target = made.ok_or(QuickError::BadImage("no guest memory was made".into()))?;
+    target.restore_state(&state).map_err(QuickError::Vm)?;
     let next = Record { owner: host.into(), state: VmRunState::Running, epoch: 0, image: None };
     let running = dir.transition(vm_id, host, &rec, next)?;
     if let Err(e) = target.resume() {

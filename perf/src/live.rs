@@ -217,6 +217,13 @@ pub struct LiveSrcReport {
     pub nonzero_guest_bytes: u64,
     /// Seconds filling guest memory before the run.
     pub fill_seconds: f64,
+    /// The source's guest runs at the end (a failed migration resumed it).
+    #[serde(default)]
+    pub source_running: bool,
+    /// With a failed migration of an idle guest of the page mixture: every page of the source's
+    /// guest still holds what it was filled with.
+    #[serde(default)]
+    pub source_intact: Option<bool>,
 }
 
 /// What the destination process reports.
@@ -282,6 +289,21 @@ fn src_report(r: std::result::Result<MigrationStats, String>) -> LiveSrcReport {
             ..LiveSrcReport::default()
         },
     }
+}
+
+/// Every page of an idle guest of the mixture holds what it was filled with.
+fn holds_the_mixture(vm: &SyntheticVm, a: &LiveChildArgs) -> bool {
+    let (mut got, mut want) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
+    (0..vm.pages()).all(|i| {
+        vm.read_page(i, &mut got);
+        match a.mix.kind(a.seed, i) {
+            PageKind::Zero => got.iter().all(|&b| b == 0),
+            k => {
+                ferry_vmm_glue::pagemix::fill_page(&mut want, k, a.seed, i);
+                got == want
+            }
+        }
+    })
 }
 
 /// Non-zero bytes of the guest (what must cross the wire at least once).
@@ -396,6 +418,10 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     rep.guest_resident_bytes = resident_in(&vm.memory());
     rep.nonzero_guest_bytes = nonzero;
     rep.fill_seconds = fill_seconds;
+    rep.source_running = vm.is_running();
+    if rep.error.is_some() && !busy && a.image.is_none() {
+        rep.source_intact = Some(holds_the_mixture(&vm, a));
+    }
     say_result(&rep)
 }
 
@@ -585,6 +611,21 @@ pub fn run(
     label: &str,
     place: Place<'_>,
 ) -> Result<(LiveSrcReport, LiveDstReport)> {
+    run_with(exe, a, timeout, label, place, &mut Ok)
+}
+
+/// [`run`], with `interpose` called once the destination listens, before the source is told
+/// where to connect: it gets the destination's address and returns the address the source
+/// should use (itself, or a relay's). Attacks on the listener start there (`--flood`, the
+/// hostile-client tests), and a man in the middle puts itself between the two.
+pub fn run_with(
+    exe: &Path,
+    a: &LiveChildArgs,
+    timeout: Duration,
+    label: &str,
+    place: Place<'_>,
+    interpose: &mut dyn FnMut(SocketAddr) -> Result<SocketAddr>,
+) -> Result<(LiveSrcReport, LiveDstReport)> {
     use crate::testbed::{Side, Testbed};
     let args = a.to_args();
     let (src_ns, dst_ns, listen) = match place {
@@ -600,6 +641,8 @@ pub fn run(
             addr = format!("{}:{port}", Testbed::addr(Side::Dst, 0));
         }
         read_line(&mut io.sout, "READY", "source")?;
+        let to: SocketAddr = addr.parse().map_err(|_| BenchError::Usage(format!("destination address {addr:?}")))?;
+        let addr = interpose(to)?;
         writeln!(io.sin, "GO {addr}").map_err(|e| BenchError::io("telling the source to go", e))?;
         if let Place::Testbed(tb, events) = place {
             apply_link_events(tb.name().to_string(), events.to_vec());
@@ -723,6 +766,17 @@ pub struct LiveRecord {
     pub wire_throughput_bytes_per_s: f64,
     /// `wire_throughput_bytes_per_s / aggregate_reference_bytes_per_s`.
     pub ratio_to_aggregate: Option<f64>,
+    /// Idle connections held against the destination's listener during the migration
+    /// (`--flood`; 0: quiet).
+    #[serde(default)]
+    pub flood_connections: usize,
+    /// With `--flood`: connections the flood opened (first opens and reopens of what the
+    /// listener closed).
+    #[serde(default)]
+    pub flood_opened: u64,
+    /// With `--flood`, on the flooded run: its `total_ms` over the quiet run's just before.
+    #[serde(default)]
+    pub flood_vs_quiet: Option<f64>,
 }
 
 impl LiveRecord {
@@ -790,6 +844,9 @@ pub fn record(
         aggregate_reference_bytes_per_s: None,
         wire_throughput_bytes_per_s: if moving_s > 0.0 { m.transferred_bytes as f64 / moving_s } else { 0.0 },
         ratio_to_aggregate: None,
+        flood_connections: 0,
+        flood_opened: 0,
+        flood_vs_quiet: None,
     }
 }
 
@@ -802,15 +859,24 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
         "sched",
         "ch",
         "dst mem",
+        "flood",
         "runs",
         "total ms",
         "vs iperf3",
         "downtime ms",
         "all verified",
     ]);
-    let mut keys: Vec<(String, String, String, usize, String)> = Vec::new();
+    type Key = (String, String, String, usize, String, usize);
+    let mut keys: Vec<Key> = Vec::new();
     for r in records {
-        let k = (r.workload.clone(), r.option.clone(), r.scheduling.clone(), r.channels, r.dst_memory.clone());
+        let k = (
+            r.workload.clone(),
+            r.option.clone(),
+            r.scheduling.clone(),
+            r.channels,
+            r.dst_memory.clone(),
+            r.flood_connections,
+        );
         if !keys.contains(&k) {
             keys.push(k);
         }
@@ -819,7 +885,8 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
         let of: Vec<&LiveRecord> = records
             .iter()
             .filter(|r| {
-                (&r.workload, &r.option, &r.scheduling, r.channels, &r.dst_memory) == (&k.0, &k.1, &k.2, k.3, &k.4)
+                (&r.workload, &r.option, &r.scheduling, r.channels, &r.dst_memory, r.flood_connections)
+                    == (&k.0, &k.1, &k.2, k.3, &k.4, k.5)
             })
             .collect();
         let med = |f: &dyn Fn(&LiveRecord) -> Option<f64>| median(of.iter().filter_map(|r| f(r)).collect());
@@ -829,6 +896,7 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
             k.2.clone(),
             k.3.to_string(),
             k.4.clone(),
+            k.5.to_string(),
             of.len().to_string(),
             med(&|r| Some(ms(r.migration.total))).map_or("-".into(), |v| format!("{v:.0}")),
             med(&|r| r.total_vs_reference).map_or("-".into(), |v| format!("{v:.2}x")),

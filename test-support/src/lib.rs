@@ -5,6 +5,9 @@
 //! - [`guest`]: synthetic guests for migration tests, and checks that two images match.
 //! - [`fault`]: the source's channels wrapped to fail on cue at a protocol step (a cut, a
 //!   cancel, a corrupt message, a hung path, pages lost on the way, a lost confirmation).
+//! - [`flood`]: a flood of idle connections against a listener (reopening what it closes).
+//! - [`mitm`]: a man in the middle relaying Ferry's frames that flips, drops, injects or replays
+//!   one in a chosen phase of a migration.
 //! - [`server`]: a [`MigrationServer`](ferry_migrate::server::MigrationServer) on its own thread
 //!   whose outcomes arrive on a channel.
 //! - [`sessions`]: multichannel sessions without the engine (a destination answering the
@@ -18,7 +21,9 @@
 
 pub mod conformance;
 pub mod fault;
+pub mod flood;
 pub mod guest;
+pub mod mitm;
 pub mod server;
 pub mod sessions;
 pub mod testbed;

@@ -27,6 +27,7 @@ use ferry_perf::stream::{self, ChildArgs, Placement, StreamConfig};
 use ferry_perf::testbed::{self, Side, Testbed};
 use ferry_perf::units::{format_size, parse_rate, parse_size, Rate, MAX_SIZE};
 use ferry_perf::{BenchError, Result};
+use ferry_test_support::flood::{loopback_sources, IdleFlood};
 use ferry_transport::option::TransportOption;
 use ferry_transport::wire::{MAX_BATCH_PAGES, PAGE_SIZE};
 use ferry_vmm_glue::pagemix::Mix;
@@ -396,6 +397,12 @@ struct LiveArgs {
     /// Multichannel network policy (testbed only), like `198.18.1.0/24:1,198.18.2.0/24:2`.
     #[arg(long)]
     policy: Option<String>,
+    /// Run every migration twice, quiet and then while this many idle connections (an attacker
+    /// without a key, from 64 loopback addresses, reopening what the listener closes) are held
+    /// against the destination's listener; the flooded run reports `flood_vs_quiet` (loopback
+    /// only).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
+    flood: u64,
 }
 
 fn parse_link_event(s: &str) -> std::result::Result<live::LinkEvent, String> {
@@ -606,26 +613,55 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
                         refs.push(r.bytes_per_s);
                         reference = Some(r);
                     }
-                    let label = format!("{} {}:{} {}", w.as_str(), o, n, sched);
-                    let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label, place)?;
-                    let mut rec = live::record(&args, &s, &d, reference.as_ref());
-                    rec.run = run;
-                    if let Some(tb) = &tb {
-                        rec.testbed = "netns".into();
-                        rec.nics = tb.nics();
-                        rec.link_rates_bits_per_s = rates.iter().map(|r| r.bits_per_s).collect();
-                        rec.aggregate_reference_bytes_per_s = aggregate;
-                        rec.ratio_to_aggregate =
-                            aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bytes_per_s / x);
-                        rec.total_vs_reference = None;
-                        for e in &a.link_events {
-                            rec.migration.events.push(format!("link event {e}"));
+                    let floods: &[usize] = if a.flood > 0 { &[0, a.flood as usize] } else { &[0] };
+                    let mut quiet_ms = None;
+                    for &flood in floods {
+                        let label =
+                            format!("{} {}:{} {}{}", w.as_str(), o, n, sched, if flood > 0 { " flood" } else { "" });
+                        if flood > 0 && tb.is_some() {
+                            return Err(BenchError::Usage("--flood runs on loopback only".into()));
                         }
+                        let mut flooding = None;
+                        let (s, d) =
+                            live::run_with(&exe, &args, Duration::from_secs(a.timeout), &label, place, &mut |to| {
+                                if flood > 0 {
+                                    let f = IdleFlood::start(to, flood, loopback_sources(64), Duration::from_secs(1));
+                                    // The legitimate source connects once the flood holds its connections.
+                                    if !f.wait_opened(flood as u64, Duration::from_secs(60)) {
+                                        eprintln!("migration-bench: the flood opened fewer than {flood} connections");
+                                    }
+                                    flooding = Some(f);
+                                }
+                                Ok(to)
+                            })?;
+                        let fs = flooding.map(IdleFlood::stop);
+                        let mut rec = live::record(&args, &s, &d, reference.as_ref());
+                        rec.run = run;
+                        let total_ms = rec.migration.total.as_secs_f64() * 1e3;
+                        if let Some(fs) = fs {
+                            rec.flood_connections = fs.connections;
+                            rec.flood_opened = fs.opened;
+                            rec.flood_vs_quiet = quiet_ms.filter(|q: &f64| *q > 0.0).map(|q| total_ms / q);
+                        } else {
+                            quiet_ms = Some(total_ms);
+                        }
+                        if let Some(tb) = &tb {
+                            rec.testbed = "netns".into();
+                            rec.nics = tb.nics();
+                            rec.link_rates_bits_per_s = rates.iter().map(|r| r.bits_per_s).collect();
+                            rec.aggregate_reference_bytes_per_s = aggregate;
+                            rec.ratio_to_aggregate =
+                                aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bytes_per_s / x);
+                            rec.total_vs_reference = None;
+                            for e in &a.link_events {
+                                rec.migration.events.push(format!("link event {e}"));
+                            }
+                        }
+                        if a.json {
+                            emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+                        }
+                        records.push(rec);
                     }
-                    if a.json {
-                        emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
-                    }
-                    records.push(rec);
                 }
             }
         }
@@ -654,6 +690,17 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
             ));
         }
         emit(live::table(&records).trim_end());
+        if a.flood > 0 {
+            let ratios: Vec<f64> = records.iter().filter_map(|r| r.flood_vs_quiet).collect();
+            let opened: u64 = records.iter().map(|r| r.flood_opened).sum();
+            emit(&format!(
+                "flood: {} idle connections held during each flooded migration ({} opened in all); total time flooded / quiet, per pair: {} (median {})",
+                a.flood,
+                opened,
+                ratios.iter().map(|x| format!("{x:.2}x")).collect::<Vec<_>>().join(" "),
+                ferry_perf::report::median(ratios.clone()).map_or("-".into(), |m| format!("{m:.2}x"))
+            ));
+        }
     }
     Ok(records.iter().all(|r| r.ok()))
 }
