@@ -25,10 +25,11 @@ grep -q "test result" /tmp/ferry-test.log
 
 step "fuzz targets (build + short run)"
 if command -v cargo-fuzz >/dev/null 2>&1; then
-    (cd fuzz && for t in wire_decode handshake_sequence control_decode exchange_decode session_sequence; do
+    (cd fuzz && for t in wire_decode handshake_sequence control_decode exchange_decode session_sequence \
+            recv_batch kvm_state_decode quick_image; do
         log="/tmp/ferry-fuzz-$t.log"
         if RUSTC_BOOTSTRAP=1 cargo fuzz run -O "$t" -- -runs=200000 -max_len=4096 >"$log" 2>&1; then
-            echo "$t: $(grep -E '^Done' "$log" || tail -1 "$log")"
+            echo "$t: $(grep -E '^Done' "$log" || tail -1 "$log"), $(grep -oE 'cov: [0-9]+' "$log" | tail -1) edges"
         else
             echo "FUZZ FAILED: $t (full log $log); last lines:"
             tail -60 "$log"
