@@ -983,6 +983,8 @@ impl QuicRx {
         if h.encoding != Encoding::Raw {
             return Err(TransportError::NotNegotiated("zstd"));
         }
+        // The receiver's word on the batch (its round) before any page is touched.
+        sink.admit_batch(h.round).map_err(TransportError::BatchRefused)?;
         let zeroed = h.flags & BATCH_DEST_ZEROED != 0;
         // Resolve every run before touching memory: a bad address fails the batch whole.
         let mut bases = Vec::with_capacity(h.runs.len());

@@ -149,6 +149,10 @@ macro_rules! suite {
             fn control_and_abort() {
                 conformance::control_and_abort(&Quic::new($streams));
             }
+            #[test]
+            fn refused_batch() {
+                conformance::refused_batch(&Quic::new($streams));
+            }
         }
     };
 }
