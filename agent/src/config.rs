@@ -6,7 +6,7 @@
 //! listen = "198.18.0.1:7700"          # peer API and migrations arrive here
 //! api_socket = "/run/ferry/ferryd.sock"
 //! state_dir = "/var/lib/ferry"
-//! key_file = "/etc/ferry/key"         # the same key on every host (at least 16 bytes)
+//! key_file = "/etc/ferry/key"         # the same key on every host: 32+ random bytes, hex or base64, mode 0600
 //! max_live_migrations = 2             # outgoing and incoming together (default 2)
 //! max_storage_migrations = 2          # (default 2)
 //! performance_option = "tcp"          # tcp | compression | smb (default tcp)
@@ -20,6 +20,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
+use ferry_transport::handshake::Psk;
 use serde::{Deserialize, Serialize};
 
 /// A configuration that cannot be used: which key, and why.
@@ -257,8 +258,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The key file.
     pub key_file: PathBuf,
-    /// The key (at least 16 bytes).
-    pub key: Vec<u8>,
+    /// The key (at least 32 random bytes; zeroed when dropped).
+    pub key: Psk,
     /// Live migrations at once, outgoing and incoming together.
     pub max_live_migrations: usize,
     /// Storage migrations at once.
@@ -302,15 +303,7 @@ impl Config {
         if raw.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "is empty"));
         }
-        let key = std::fs::read(&raw.key_file)
-            .map_err(|e| invalid("key_file", format!("cannot read {}: {e}", raw.key_file.display())))?;
-        let mut key = key;
-        while key.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-            key.pop();
-        }
-        if key.len() < 16 {
-            return Err(invalid("key_file", format!("the key is {} bytes; at least 16 are needed", key.len())));
-        }
+        let key = Psk::from_file(&raw.key_file).map_err(|e| invalid("key_file", e.to_string()))?;
         let limit = |k: &str, v: i64| -> Result<usize, ConfigError> {
             if (1..=64).contains(&v) {
                 Ok(v as usize)
@@ -398,7 +391,8 @@ mod tests {
     fn with_key(body: &str) -> (tempdir::Dir, String) {
         let d = tempdir::Dir::new();
         let key = d.0.join("key");
-        std::fs::write(&key, "0123456789abcdef-key\n").unwrap();
+        std::fs::write(&key, "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let text = format!(
             "name = \"a\"\nlisten = \"127.0.0.1:7700\"\napi_socket = \"{0}/api.sock\"\nstate_dir = \"{0}\"\nkey_file = \"{1}\"\n{body}",
             d.0.display(),
@@ -437,7 +431,7 @@ mod tests {
         assert_eq!(c.max_storage_migrations, 2);
         assert_eq!(c.default_transport(), "tcp");
         assert!(c.use_any_network, "no network listed: any allowed");
-        assert_eq!(c.key, b"0123456789abcdef-key");
+        assert_eq!(c.key.bytes(), (0..32u8).collect::<Vec<u8>>());
     }
 
     #[test]

@@ -1090,7 +1090,7 @@ impl Agent {
         within: Duration,
     ) -> Result<serde_json::Value, (Option<u16>, String)> {
         let b = body.clone().unwrap_or_default();
-        let auth = peer::sign(&self.cfg.key, now_ms(), method, path, &b);
+        let auth = peer::sign(self.cfg.key.bytes(), now_ms(), method, path, &b);
         let ep = Endpoint::Tcp(peer.to_string());
         let (status, out) = client::request(&ep, method, path, body, &[(peer::AUTH_HEADER, auth)], within)
             .await
@@ -1746,7 +1746,7 @@ async fn h_fallback(uri: Uri) -> ApiError {
 
 fn check_peer(a: &Agent, headers: &HeaderMap, method: &Method, uri: &Uri, body: &[u8]) -> ApiResult<()> {
     let h = headers.get(peer::AUTH_HEADER).and_then(|v| v.to_str().ok());
-    peer::verify(&a.cfg.key, h, now_ms(), method.as_str(), uri.path(), body).map_err(|why| {
+    peer::verify(a.cfg.key.bytes(), h, now_ms(), method.as_str(), uri.path(), body).map_err(|why| {
         warn!("refused a peer request: {why}");
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
     })

@@ -244,7 +244,12 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
 
 fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr) -> Result<(), VmmError> {
     let a = &vmm.args;
-    let hs = ServerConfig { psk: a.key.clone(), caps: Caps::ALL, timeout: Duration::from_secs(10) };
+    let hs = ServerConfig {
+        psk: a.key.clone(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(10),
+        encryption: Default::default(),
+    };
     let acc = TcpAcceptor::bind(SocketAddr::new(ip, 0), TcpOptions::default(), hs).map_err(|e| VmmError::Io {
         what: format!("listening on {ip}"),
         source: std::io::Error::other(e.to_string()),

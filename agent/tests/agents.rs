@@ -237,6 +237,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         let dir = Scratch::new("badcfg");
         let key = dir.0.join("key");
         std::fs::write(&key, KEY).unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let cfg = dir.0.join("c.toml");
         std::fs::write(
             &cfg,

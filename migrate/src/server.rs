@@ -60,6 +60,7 @@ pub fn connect_one(
         binding: ChannelBinding { session, channel: index },
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
+        encryption: Default::default(),
     };
     connector.connect(path, cfg).map_err(|e| MigrateError::Connect(index, e.to_string()))
 }

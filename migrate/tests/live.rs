@@ -432,7 +432,12 @@ fn round_robin_spreads_evenly_and_survives_a_loss() {
 /// either listener.
 #[test]
 fn session_channels_join_across_listeners() {
-    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig {
+        psk: Psk::new(KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let a = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs.clone()).unwrap();
     let b = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
     let srv = MigrationServer::new(a, Arc::new(SyntheticFactory::new(1 << 30, false)), TargetConfig::default())
@@ -457,4 +462,73 @@ fn session_channels_join_across_listeners() {
     let t = into_synthetic(running.outcomes.recv().unwrap().unwrap());
     same_memory(&vm, &t);
     running.thread.join().unwrap();
+}
+
+/// A loopback relay between the source and the server that flips one bit of the `conn`-th
+/// connection's source-to-destination stream at byte `at` (well past its handshake), as a man in
+/// the middle would. Returns the address to connect to.
+fn tampering_relay(to: SocketAddr, conn: usize, at: u64) -> SocketAddr {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for (i, c) in l.incoming().enumerate() {
+            let Ok(c) = c else { return };
+            let Ok(s) = std::net::TcpStream::connect(to) else { return };
+            let (mut c2, mut s2) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+            // Destination to source, untouched.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s2, &mut c2);
+                let _ = c2.shutdown(std::net::Shutdown::Both);
+            });
+            let (mut c, mut s) = (c, s);
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 64 << 10];
+                let mut seen = 0u64;
+                loop {
+                    let n = match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if i == conn && seen <= at && at < seen + n as u64 {
+                        buf[(at - seen) as usize] ^= 0x01;
+                    }
+                    seen += n as u64;
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_tampered_frame_aborts_the_migration_and_the_source_keeps_running() {
+    // Channel 1 carries pages from round 0 on; one bit flipped 1 MiB into its stream lands in a
+    // sealed batch (data or header): its tag fails, the destination aborts, the source resumes.
+    for conn in [1usize, 0] {
+        let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
+        let relay = tampering_relay(addr, conn, 1 << 20);
+        let mut vm = guest("tampered", 32, 4, 32, SEED);
+        let cfg = MigrationConfig { failover: false, reply_timeout: Duration::from_secs(10), ..Default::default() };
+        let chans = connect_simple(relay, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+        let err = migrate(&mut vm, chans, &cfg, &|_| {}).expect_err("a tampered stream must not complete");
+        assert!(vm.is_running(), "source VM not running after {err}");
+        let dst = outcomes.recv_timeout(Duration::from_secs(20)).unwrap();
+        let derr = dst.err().expect("the destination must discard the VM").to_string();
+        assert!(
+            [&derr, &err.to_string()].iter().any(|m| m.contains("authentication") || m.contains("checksum")),
+            "neither side names the tampered frame: source {err}, destination {derr}"
+        );
+        let g = vm.generation();
+        while vm.generation() < g + 50 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        vm.pause().unwrap();
+        assert_intact(&vm, (4 << 20) / PAGE_SIZE as u64);
+        h.join().unwrap();
+    }
 }

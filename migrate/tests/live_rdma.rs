@@ -49,7 +49,12 @@ struct Destination {
 }
 
 fn destination(o: &RdmaOptions, max: usize) -> Destination {
-    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig {
+        psk: Psk::new(KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let rdma = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs.clone()).unwrap();
     let tcp = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
     let srv = MigrationServer::new(rdma, Arc::new(SyntheticFactory::new(1 << 30, false)), TargetConfig::default())
@@ -70,6 +75,7 @@ fn connect_with_faults(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Chan
             binding: ChannelBinding { session, channel: i as u16 },
             caps: Caps::RDMA,
             timeout: Duration::from_secs(5),
+            encryption: Default::default(),
         };
         let c = rdma::connect(addr, o, cfg).expect("rdma connect");
         chans.push(c.channel);

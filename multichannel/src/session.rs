@@ -199,6 +199,7 @@ pub fn open_session_with(
         binding: ChannelBinding { session, channel },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
+        encryption: Default::default(),
     };
     let mut ch0 = opts.connect(&Path::to(first), cfg(0)).map_err(|source| McError::Connect {
         index: 0,
@@ -321,7 +322,12 @@ mod tests {
     use ferry_transport::handshake::ChannelBinding;
 
     fn est(session: u8, channel: u16) -> Established {
-        Established { version: 1, caps: Caps(0), binding: ChannelBinding { session: [session; 16], channel } }
+        Established {
+            version: 2,
+            caps: Caps(0),
+            binding: ChannelBinding { session: [session; 16], channel },
+            encryption: Default::default(),
+        }
     }
 
     #[test]

@@ -34,6 +34,7 @@ fn client(session: [u8; 16], channel: u16, key: &Psk) -> ClientConfig {
         binding: ChannelBinding { session, channel },
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
+        encryption: Default::default(),
     }
 }
 
@@ -52,8 +53,12 @@ fn exchange_over_a_real_channel() {
 fn garbage_is_refused_with_a_reason() {
     // A migration message (Prepare's tag 1) where the offer should be.
     let (addr, h) = std::thread::spawn(|| {
-        let cfg =
-            ferry_transport::handshake::ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+        let cfg = ferry_transport::handshake::ServerConfig {
+            psk: psk(),
+            caps: Caps::ALL,
+            timeout: Duration::from_secs(5),
+            encryption: Default::default(),
+        };
         let acc = tcp::TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), cfg).unwrap();
         let a = acc.local_addr().unwrap();
         (
@@ -141,7 +146,12 @@ fn without_shared_networks_channel_zeros_route_carries_the_session() {
 
 #[test]
 fn a_silent_peer_times_out() {
-    let cfg = ferry_transport::handshake::ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let cfg = ferry_transport::handshake::ServerConfig {
+        psk: psk(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let acc = tcp::TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), cfg).unwrap();
     let a = acc.local_addr().unwrap();
     let h = std::thread::spawn(move || {

@@ -110,6 +110,7 @@ fn open_session_across_namespaces() {
             binding: ChannelBinding { session, channel },
             caps: Caps::ALL,
             timeout: std::time::Duration::from_secs(5),
+            encryption: Default::default(),
         };
         // A channel claiming an unknown session, on nic2.
         let o = TcpOptions { bind: Some(SocketAddr::new(ip("198.18.2.1"), 0)), ..TcpOptions::default() };

@@ -414,6 +414,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
         binding: ChannelBinding { session, channel: 0 },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
+        encryption: Default::default(),
     };
     let connector = cfg.option.connector(cfg.zstd_level);
     let ch = connector.connect(&ChannelPath::to(addr), hs)?;
@@ -450,7 +451,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     mem.prefault();
     let map = mem.map_at(0)?;
     let caps = cfg.option.caps();
-    let acc = cfg.option.bind(listen, cfg.zstd_level, ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT })?;
+    let acc = cfg.option.bind(listen, cfg.zstd_level, ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT, encryption: Default::default() })?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let admit = |est: &Established| {
         if est.binding.session == session {

@@ -14,17 +14,29 @@ use ferry_transport::wire::{
     encode_batch_frame, encode_frame, BatchHeader, Encoding, FrameKind, PageRun, BATCH_DEST_ZEROED, HEADER_LEN,
     PAGE_SIZE,
 };
+use ferry_transport::Encryption;
 use ferry_vmm_glue::pagemix::{fill_page, Mix, PageKind};
 
 /// The key the suite's pairs use.
 pub const TEST_KEY: &[u8] = b"ferry-conformance-key-0123456789";
 
-/// A peer that has completed a genuine handshake and then writes raw bytes.
+/// A peer that has completed a genuine handshake and then writes raw frames.
 pub trait RawPeer: Send {
-    /// Write bytes as they are.
+    /// Write a frame encoded in clear, sealed as the channel's own frames are (a frame cut
+    /// short, or bytes that are no frame, go as they are: see
+    /// `ferry_transport::crypto::Sealer::seal_encoded`).
     fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()>;
     /// Close the connection.
     fn close(&mut self);
+    /// Seal a frame encoded in clear as this channel would, taking its sequence number, without
+    /// sending it (`None`: the backend's raw peer cannot; the tamper tests then say SKIP).
+    fn seal(&mut self, _frame: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+    /// Write bytes exactly as given (a sealed frame from [`RawPeer::seal`], altered or not).
+    fn write_wire(&mut self, _b: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
 }
 
 /// How to make channels of one backend.
@@ -43,6 +55,10 @@ pub trait Backend: Sync {
     /// Do data pages land before the batch is announced (one-sided RDMA writes)?
     fn one_sided(&self) -> bool {
         false
+    }
+    /// The encryption mode both ends of the pairs run.
+    fn encryption(&self) -> Encryption {
+        Encryption::Aead
     }
 }
 
@@ -352,7 +368,7 @@ pub fn malformed_frames(b: &dyn Backend) {
 /// A wrong key fails the handshake on both sides with an authentication error.
 pub fn wrong_key(b: &dyn Backend) {
     let (c, s) =
-        b.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(b"another-key-entirely-0123456789".to_vec()).unwrap());
+        b.pair_keys(Psk::new(TEST_KEY).unwrap(), Psk::new(b"another-key-entirely-0123456789!".to_vec()).unwrap());
     let ce = c.expect_err("client with the wrong key");
     assert!(matches!(ce, TransportError::Handshake(HandshakeError::BadMac)), "client: {ce}");
     assert!(s.is_err(), "server accepted a client with the wrong key");
@@ -433,6 +449,126 @@ pub fn refused_batch(b: &dyn Backend) {
     }
 }
 
+/// Sealed channels (`aead`, `integrity`): a frame that is altered (payload, tag, header or a
+/// batch's runs), replayed, reordered, dropped, injected in clear or moved from another channel
+/// is refused as [`TransportError::Unauthenticated`]; an altered batch header is refused before
+/// any guest memory is written.
+pub fn tampered_frames(b: &dyn Backend) {
+    if b.encryption() == Encryption::Off {
+        println!("SKIP: tampered_frames on {}: encryption off authenticates nothing", b.name());
+        return;
+    }
+    let unauth = |e: &TransportError| matches!(e, TransportError::Unauthenticated);
+    let dst = Arc::new(AnonMemory::new(16 * PAGE_SIZE, true).unwrap());
+    let dmap = dst.map_at(0x10_0000).unwrap();
+    let zero = |what: &str| {
+        for off in (0..dst.len()).step_by(8) {
+            assert_eq!(dst.read_byte(off), 0, "{what}: memory written by a refused frame");
+        }
+    };
+    let control = |m: &[u8]| encode_frame(FrameKind::Control, m);
+    let batch = {
+        let h = BatchHeader {
+            id: 1,
+            round: 0,
+            encoding: Encoding::Raw,
+            flags: 0,
+            runs: vec![PageRun { gpa: 0x10_0000, pages: 3 }],
+            data_map: vec![0b101],
+            data_len: 2 * PAGE_SIZE as u32,
+        };
+        encode_batch_frame(&h, &vec![0x5au8; 2 * PAGE_SIZE])
+    };
+    // Each case: frames sealed in order on a fresh channel, what goes on the wire, and whether
+    // the first frame is expected through before the refusal.
+    type Case = (&'static str, Box<dyn Fn(&[Vec<u8>]) -> (Vec<u8>, usize)>);
+    let cases: Vec<Case> = vec![
+        ("flipped payload byte", Box::new(|f| (flip(&f[0], HEADER_LEN + 2), 0))),
+        ("flipped tag byte", Box::new(|f| (flip(&f[0], f[0].len() - 1), 0))),
+        ("flipped header length bit", Box::new(|f| (fix_crc(flip(&f[0], 8)), 0))),
+        ("replayed frame", Box::new(|f| ([f[0].clone(), f[0].clone()].concat(), 1))),
+        ("reordered frames", Box::new(|f| ([f[1].clone(), f[0].clone()].concat(), 0))),
+        ("dropped frame", Box::new(|f| (f[1].clone(), 0))),
+    ];
+    for (what, make) in cases {
+        let Some((mut raw, mut d)) = sealing_pair(b, what) else { return };
+        let sealed: Vec<Vec<u8>> = [control(b"one"), control(b"two")].iter().map(|f| raw.seal(f).unwrap()).collect();
+        let (wire, ok_first) = make(&sealed);
+        raw.write_wire(&wire).unwrap();
+        for _ in 0..ok_first {
+            assert_eq!(d.rx.recv(&dmap).expect(what), Incoming::Control(b"one".to_vec()), "{what}");
+        }
+        let e = d.rx.recv(&dmap).expect_err(what);
+        assert!(unauth(&e) || (what.contains("length") && matches!(e, TransportError::Wire(_))), "{what}: {e}");
+        raw.close();
+    }
+    // A frame injected in clear.
+    let Some((mut raw, mut d)) = sealing_pair(b, "injected") else { return };
+    raw.write_wire(&control(b"let me in")).unwrap();
+    let e = d.rx.recv(&dmap).expect_err("injected frame");
+    assert!(unauth(&e), "injected frame: {e}");
+    raw.close();
+    // A frame sealed for another channel (same key, same session id: other nonces, other keys).
+    let (Some((mut a, _da)), Some((mut other, mut d))) = (sealing_pair(b, "cross"), sealing_pair(b, "cross")) else {
+        return;
+    };
+    let f = a.seal(&control(b"for channel a")).unwrap(); // sequence 0, as `other`'s receiver expects
+    other.write_wire(&f).unwrap();
+    let e = d.rx.recv(&dmap).expect_err("frame from another channel");
+    assert!(unauth(&e), "frame from another channel: {e}");
+    a.close();
+    other.close();
+    // An altered batch: in its runs (refused before memory is touched), in its data (refused).
+    let Some((mut raw, mut d)) = sealing_pair(b, "batch") else { return };
+    let s = raw.seal(&batch).unwrap();
+    raw.write_wire(&flip(&s, HEADER_LEN + 24 + 16 + 1)).unwrap(); // a byte of the run's GPA
+    let e = d.rx.recv(&dmap).expect_err("altered batch header");
+    assert!(unauth(&e), "altered batch header: {e}");
+    zero("altered batch header");
+    raw.close();
+    let Some((mut raw, mut d)) = sealing_pair(b, "batch data") else { return };
+    let s = raw.seal(&batch).unwrap();
+    let at = s.len() - 100;
+    raw.write_wire(&flip(&s, at)).unwrap();
+    let e = d.rx.recv(&dmap).expect_err("altered batch data");
+    assert!(unauth(&e), "altered batch data: {e}");
+    raw.close();
+    // The same batch unaltered arrives whole.
+    let Some((mut raw, mut d)) = sealing_pair(b, "batch") else { return };
+    let s = raw.seal(&batch).unwrap();
+    raw.write_wire(&s).unwrap();
+    assert!(matches!(d.rx.recv(&dmap).expect("intact batch"), Incoming::Batch(_)));
+    assert_eq!(dst.read_byte(0), 0x5a);
+    assert_eq!(dst.read_byte(PAGE_SIZE), 0);
+    assert_eq!(dst.read_byte(2 * PAGE_SIZE + 7), 0x5a);
+    raw.close();
+}
+
+fn sealing_pair(b: &dyn Backend, what: &str) -> Option<(Box<dyn RawPeer>, Channel)> {
+    let (mut raw, d) = b.raw_pair().expect("raw pair");
+    if raw.seal(&encode_frame(FrameKind::Goodbye, &[])).is_none() {
+        println!("SKIP: tampered_frames ({what}) on {}: its raw peer cannot seal frames", b.name());
+        return None;
+    }
+    // That Goodbye was sealed and never sent: start over on a channel whose sequence is unused.
+    raw.close();
+    drop(d);
+    Some(b.raw_pair().expect("raw pair"))
+}
+
+fn flip(f: &[u8], at: usize) -> Vec<u8> {
+    let mut v = f.to_vec();
+    v[at] ^= 0x10;
+    v
+}
+
+/// Recompute a header's CRC after an edit (so the change reaches the tag check).
+fn fix_crc(mut f: Vec<u8>) -> Vec<u8> {
+    let crc = crc32fast::hash(&f[0..12]);
+    f[12..16].copy_from_slice(&crc.to_le_bytes());
+    f
+}
+
 /// Run the whole suite.
 pub fn run_all(b: &dyn Backend) {
     round_trip_mixed(b);
@@ -442,4 +578,5 @@ pub fn run_all(b: &dyn Backend) {
     wrong_key(b);
     control_and_abort(b);
     refused_batch(b);
+    tampered_frames(b);
 }

@@ -29,7 +29,7 @@ pub fn loopback(
     cfg: TargetConfig,
     max: Option<usize>,
 ) -> RunningServer {
-    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
     let acc = TcpAcceptor::bind(SocketAddr::from(([127, 0, 0, 1], 0)), tcp, hs).expect("listening on loopback");
     spawn(MigrationServer::new(acc, factory, cfg), max).expect("the server's address")
 }

@@ -40,7 +40,12 @@ pub fn serve(
         if let Some(ns) = enter {
             crate::testbed::enter_netns(&ns).expect("entering the namespace");
         }
-        let cfg = ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+        let cfg = ServerConfig {
+            psk: psk(),
+            caps: Caps::ALL,
+            timeout: Duration::from_secs(5),
+            encryption: Default::default(),
+        };
         let acc = TcpAcceptor::bind("0.0.0.0:0".parse().unwrap(), TcpOptions::default(), cfg).unwrap();
         let port = acc.local_addr().unwrap().port();
         tx.send(port).unwrap();

@@ -42,11 +42,11 @@ fn main() {
     let dst = Arc::new(AnonMemory::new(total_pages * PAGE_SIZE, true).expect("mmap"));
     let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
     let opts = RdmaOptions::from_env().expect("FERRY_RDMA_DEVICE");
-    let psk = || Psk::new(b"rdma-bw-key-0123456789abcdef".to_vec()).unwrap();
+    let psk = || Psk::new(b"rdma-bw-key-0123456789abcdefghijk".to_vec()).unwrap();
     let acc = RdmaAcceptor::bind(
         "127.0.0.1:0".parse().unwrap(),
         opts.clone(),
-        ServerConfig { psk: psk(), caps: Caps::RDMA, timeout: Duration::from_secs(5) },
+        ServerConfig { psk: psk(), caps: Caps::RDMA, timeout: Duration::from_secs(5), encryption: Default::default() },
     )
     .expect("bind");
     let addr = acc.local_addr().unwrap();
@@ -70,6 +70,7 @@ fn main() {
             binding: ChannelBinding { session: [7; 16], channel: 0 },
             caps: Caps::RDMA,
             timeout: Duration::from_secs(5),
+            encryption: Default::default(),
         };
         let mut s = rdma::connect(addr, &opts, cfg).expect("connect").channel;
         // Warm up: registration and the region table.

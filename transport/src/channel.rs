@@ -153,6 +153,8 @@ pub struct ChannelInfo {
     pub local: Option<std::net::SocketAddr>,
     /// Peer address, where there is one.
     pub peer: Option<std::net::SocketAddr>,
+    /// The channel's image key from the handshake (channel 0's keys a migration's image digest).
+    pub image_key: crate::crypto::ImageKey,
 }
 
 /// Cuts a channel from outside (cancel, fault injection): both halves fail promptly.

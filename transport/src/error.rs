@@ -67,12 +67,50 @@ pub enum HandshakeError {
     /// The handshake took too long.
     #[error("handshake timed out")]
     Timeout,
-    /// The pre-shared key is too short.
-    #[error("pre-shared key too short ({0} bytes, need at least 16)")]
-    WeakKey(usize),
+    /// The pre-shared key is too short or not random.
+    #[error("weak pre-shared key: {0}")]
+    WeakKey(String),
+    /// The client asked for an encryption mode this build does not know.
+    #[error("unknown encryption mode {0} in the hello")]
+    UnknownMode(u8),
+    /// The two ends are configured for different encryption modes.
+    #[error("encryption mode mismatch: the source asks for {client}, this destination requires {server}")]
+    ModeMismatch {
+        /// What the client asked for.
+        client: crate::crypto::Encryption,
+        /// What the server requires.
+        server: crate::crypto::Encryption,
+    },
     /// Malformed handshake message.
     #[error(transparent)]
     Wire(#[from] WireError),
+}
+
+/// Why a key could not be loaded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The key file cannot be read.
+    #[error("key file {path}: {reason}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What the system said.
+        reason: String,
+    },
+    /// Others may read or write the key file.
+    #[error("key file {path} has mode {mode:04o}: it must be readable by its owner only (chmod 600 {path})")]
+    Permissions {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// Neither hex nor base64.
+    #[error("the key is neither hex nor base64 (make one with: head -c 32 /dev/urandom | base64)")]
+    Encoding,
+    /// Decoded, but too short or not random.
+    #[error("{0} (make one with: head -c 32 /dev/urandom | base64)")]
+    Weak(HandshakeError),
 }
 
 /// Errors of a channel.
@@ -87,6 +125,10 @@ pub enum TransportError {
     /// The handshake failed.
     #[error("handshake: {0}")]
     Handshake(#[from] HandshakeError),
+    /// A sealed frame failed its authentication tag: altered, injected, replayed, reordered or
+    /// moved from another channel. The channel is dead.
+    #[error("frame failed authentication (altered, injected, replayed, reordered or from another channel)")]
+    Unauthenticated,
     /// The peer closed the channel in the middle of a frame.
     #[error("peer closed the channel in the middle of a frame")]
     Truncated,

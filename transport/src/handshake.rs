@@ -3,12 +3,18 @@
 //! machines take frames and the current time and return frames to send; backends do the I/O.
 //!
 //! ```text
-//! hello     = min_ver u8 | max_ver u8 | caps u32 | session [16] | channel u16 | nonce_c [32]
+//! hello     = min_ver u8 | max_ver u8 | caps u32 | session [16] | channel u16 | mode u8 | nonce_c [32]
 //! challenge = version u8 | caps u32 | nonce_s [32] | MAC_s [32]
 //! proof     = MAC_c [32]
-//! MAC_s = HMAC-SHA256(psk, "ferry/1 server" | hello | challenge without MAC_s)
-//! MAC_c = HMAC-SHA256(psk, "ferry/1 client" | hello | challenge without MAC_s)
+//! MAC_s = HMAC-SHA256(psk, "ferry/2 server" | hello | challenge without MAC_s)
+//! MAC_c = HMAC-SHA256(psk, "ferry/2 client" | hello | challenge without MAC_s)
 //! ```
+//!
+//! `mode` is the [`Encryption`] the client asks for; the server refuses a mode other than its own
+//! (with a `Reject` that names both), and since the hello is inside both MACs a man in the middle
+//! cannot change it. Once both sides are authenticated each derives the channel's traffic keys
+//! from the key, both nonces, the session and the channel index ([`crate::crypto`]); every frame
+//! after the handshake is sealed with them. Keys are at least 32 bytes ([`Psk`]).
 //!
 //! Each side proves the key over a transcript that holds a nonce the *other* side just chose, so
 //! a recorded handshake replayed to either side fails. The labels differ, so one side's MAC can
@@ -21,7 +27,10 @@ use std::time::{Duration, Instant};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::error::{HandshakeError, WireError};
+use zeroize::Zeroizing;
+
+use crate::crypto::{ChannelKeys, Encryption, KeyInput};
+use crate::error::{HandshakeError, KeyError, WireError};
 use crate::wire::{encode_frame, AbortMsg, FrameKind, VERSION_MAX, VERSION_MIN};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -31,7 +40,7 @@ pub type SessionId = [u8; 16];
 
 /// Length of nonces and MACs.
 pub const NONCE_LEN: usize = 32;
-const HELLO_LEN: usize = 1 + 1 + 4 + 16 + 2 + NONCE_LEN;
+const HELLO_LEN: usize = 1 + 1 + 4 + 16 + 2 + 1 + NONCE_LEN;
 const CHALLENGE_BODY_LEN: usize = 1 + 4 + NONCE_LEN;
 const CHALLENGE_LEN: usize = CHALLENGE_BODY_LEN + 32;
 
@@ -58,18 +67,83 @@ impl Caps {
     }
 }
 
-/// A pre-shared key (at least 16 bytes).
+/// A pre-shared key: at least [`Psk::MIN_LEN`] random bytes, zeroed when dropped.
+///
+/// Key files hold the key as hex or base64 text (`head -c 32 /dev/urandom | base64`) and must
+/// be readable by their owner only ([`Psk::from_file`]).
 #[derive(Clone)]
-pub struct Psk(Vec<u8>);
+pub struct Psk(Zeroizing<Vec<u8>>);
 
 impl Psk {
-    /// Wrap key bytes.
+    /// Fewest key bytes accepted.
+    pub const MIN_LEN: usize = 32;
+
+    /// Wrap raw key bytes: at least [`Psk::MIN_LEN`] of them, and not a pattern (a random
+    /// 32-byte key has about 30 distinct byte values; fewer than 16 means it was not drawn at
+    /// random).
     pub fn new(key: impl Into<Vec<u8>>) -> Result<Self, HandshakeError> {
-        let key = key.into();
-        if key.len() < 16 {
-            return Err(HandshakeError::WeakKey(key.len()));
+        let key = Zeroizing::new(key.into());
+        if key.len() < Self::MIN_LEN {
+            return Err(HandshakeError::WeakKey(format!("{} bytes, need at least {}", key.len(), Self::MIN_LEN)));
+        }
+        let mut seen = [false; 256];
+        key.iter().for_each(|b| seen[*b as usize] = true);
+        let distinct = seen.iter().filter(|s| **s).count();
+        if distinct < 16 {
+            return Err(HandshakeError::WeakKey(format!(
+                "only {distinct} distinct byte values in {} bytes: not random",
+                key.len()
+            )));
         }
         Ok(Self(key))
+    }
+
+    /// Parse a key written as hex or base64 (standard or URL-safe alphabet, padded or not);
+    /// surrounding whitespace is ignored.
+    pub fn parse(text: &[u8]) -> Result<Self, KeyError> {
+        use base64::Engine;
+        let t = text.trim_ascii();
+        let hex = t.len() % 2 == 0 && !t.is_empty() && t.iter().all(u8::is_ascii_hexdigit);
+        let bytes = if hex {
+            Zeroizing::new(
+                t.chunks_exact(2)
+                    .map(|c| {
+                        let d = |x: u8| (x as char).to_digit(16).unwrap_or(0) as u8;
+                        d(c[0]) << 4 | d(c[1])
+                    })
+                    .collect::<Vec<u8>>(),
+            )
+        } else {
+            let engines = [
+                base64::engine::general_purpose::STANDARD,
+                base64::engine::general_purpose::STANDARD_NO_PAD,
+                base64::engine::general_purpose::URL_SAFE,
+                base64::engine::general_purpose::URL_SAFE_NO_PAD,
+            ];
+            Zeroizing::new(engines.iter().find_map(|e| e.decode(t).ok()).ok_or(KeyError::Encoding)?)
+        };
+        Self::new(bytes.to_vec()).map_err(KeyError::Weak)
+    }
+
+    /// Read a key file: refused unless only its owner may read or write it (mode 0600 or
+    /// stricter), then parsed with [`Psk::parse`].
+    pub fn from_file(path: &std::path::Path) -> Result<Self, KeyError> {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let io = |e: std::io::Error| KeyError::Io { path: path.display().to_string(), reason: e.to_string() };
+        let f = std::fs::File::open(path).map_err(io)?;
+        let mode = f.metadata().map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(KeyError::Permissions { path: path.display().to_string(), mode });
+        }
+        let mut text = Zeroizing::new(Vec::new());
+        f.take(4096).read_to_end(&mut text).map_err(io)?;
+        Self::parse(&text)
+    }
+
+    /// The key bytes (for signing with the same key elsewhere; never print them).
+    pub fn bytes(&self) -> &[u8] {
+        &self.0
     }
 
     fn mac(&self, label: &[u8], parts: &[&[u8]]) -> HmacSha256 {
@@ -86,7 +160,13 @@ impl Psk {
     /// this handshake under the key bound to its TLS session's exporter secret, so the proofs
     /// hold only on that one TLS session (see `quic`'s module docs).
     pub fn derive(&self, label: &[u8], context: &[u8]) -> Psk {
-        Psk(self.mac(label, &[context]).finalize().into_bytes().to_vec())
+        Psk(Zeroizing::new(self.mac(label, &[context]).finalize().into_bytes().to_vec()))
+    }
+
+    /// HMAC-SHA256 of `parts` under the key, with a label that keeps uses apart (peer requests
+    /// signed by the host agent, say).
+    pub fn sign(&self, label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+        self.mac(label, parts).finalize().into_bytes().into()
     }
 }
 
@@ -122,6 +202,8 @@ pub struct Established {
     pub caps: Caps,
     /// Session and channel this channel belongs to.
     pub binding: ChannelBinding,
+    /// How frames after the handshake are protected (both sides asked for this mode).
+    pub encryption: Encryption,
 }
 
 /// Client (source side) configuration.
@@ -135,6 +217,8 @@ pub struct ClientConfig {
     pub caps: Caps,
     /// Time allowed for the whole handshake.
     pub timeout: Duration,
+    /// Protection of the channel's frames; the server must be configured the same.
+    pub encryption: Encryption,
 }
 
 /// Server (destination side) configuration.
@@ -146,6 +230,8 @@ pub struct ServerConfig {
     pub caps: Caps,
     /// Time allowed for the whole handshake.
     pub timeout: Duration,
+    /// The only protection accepted for channels (a client asking for another is refused).
+    pub encryption: Encryption,
 }
 
 /// What the caller must do next.
@@ -170,8 +256,10 @@ enum ClientState {
 pub struct ClientHandshake {
     cfg: ClientConfig,
     hello: Vec<u8>,
+    nonce: [u8; NONCE_LEN],
     state: ClientState,
     deadline: Instant,
+    keys: Option<ChannelKeys>,
 }
 
 impl ClientHandshake {
@@ -183,10 +271,19 @@ impl ClientHandshake {
         hello.extend_from_slice(&cfg.caps.0.to_le_bytes());
         hello.extend_from_slice(&cfg.binding.session);
         hello.extend_from_slice(&cfg.binding.channel.to_le_bytes());
+        hello.push(cfg.encryption.to_u8());
         hello.extend_from_slice(&nonce);
         let frame = encode_frame(FrameKind::ClientHello, &hello);
         let deadline = now + cfg.timeout;
-        (Self { cfg, hello, state: ClientState::SentHello, deadline }, frame)
+        (Self { cfg, hello, nonce, state: ClientState::SentHello, deadline, keys: None }, frame)
+    }
+
+    /// The channel's keys, once the handshake is done (taken once).
+    pub fn take_keys(&mut self) -> Option<ChannelKeys> {
+        match self.state {
+            ClientState::Done => self.keys.take(),
+            _ => None,
+        }
     }
 
     /// When the handshake gives up.
@@ -217,7 +314,7 @@ impl ClientHandshake {
                 let mac = &payload[CHALLENGE_BODY_LEN..];
                 self.cfg
                     .psk
-                    .mac(b"ferry/1 server", &[&self.hello, body])
+                    .mac(b"ferry/2 server", &[&self.hello, body])
                     .verify_slice(mac)
                     .map_err(|_| HandshakeError::BadMac)?;
                 let version = body[0];
@@ -225,8 +322,24 @@ impl ClientHandshake {
                     return Err(HandshakeError::BadChoice(version));
                 }
                 let caps = Caps(u32::from_le_bytes([body[1], body[2], body[3], body[4]]));
-                let proof = self.cfg.psk.mac(b"ferry/1 client", &[&self.hello, body]).finalize().into_bytes();
-                let est = Established { version, caps: caps.intersect(self.cfg.caps), binding: self.cfg.binding };
+                let proof = self.cfg.psk.mac(b"ferry/2 client", &[&self.hello, body]).finalize().into_bytes();
+                let est = Established {
+                    version,
+                    caps: caps.intersect(self.cfg.caps),
+                    binding: self.cfg.binding,
+                    encryption: self.cfg.encryption,
+                };
+                self.keys = Some(ChannelKeys::derive(
+                    &KeyInput {
+                        psk: self.cfg.psk.bytes(),
+                        nonce_client: &self.nonce,
+                        nonce_server: &body[5..5 + NONCE_LEN],
+                        session: &est.binding.session,
+                        channel: est.binding.channel,
+                        mode: est.encryption,
+                    },
+                    true,
+                ));
                 self.state = ClientState::SentProof(est);
                 Ok(Step::Send(encode_frame(FrameKind::ClientProof, &proof)))
             }
@@ -242,7 +355,7 @@ impl ClientHandshake {
 
 enum ServerState {
     WaitHello,
-    WaitProof { hello: Vec<u8>, body: Vec<u8>, est: Established },
+    WaitProof { hello: Vec<u8>, body: Vec<u8>, est: Established, nonce_c: [u8; NONCE_LEN] },
     Verified,
     Done,
 }
@@ -253,13 +366,22 @@ pub struct ServerHandshake {
     nonce: [u8; NONCE_LEN],
     state: ServerState,
     deadline: Instant,
+    keys: Option<ChannelKeys>,
 }
 
 impl ServerHandshake {
     /// Start waiting for a hello.
     pub fn new(cfg: ServerConfig, nonce: [u8; NONCE_LEN], now: Instant) -> Self {
         let deadline = now + cfg.timeout;
-        Self { cfg, nonce, state: ServerState::WaitHello, deadline }
+        Self { cfg, nonce, state: ServerState::WaitHello, deadline, keys: None }
+    }
+
+    /// The channel's keys, once the client is verified (taken once).
+    pub fn take_keys(&mut self) -> Option<ChannelKeys> {
+        match self.state {
+            ServerState::Verified | ServerState::Done => self.keys.take(),
+            _ => None,
+        }
     }
 
     /// When the handshake gives up.
@@ -293,24 +415,41 @@ impl ServerHandshake {
                 let mut session = [0u8; 16];
                 session.copy_from_slice(&payload[6..22]);
                 let channel = u16::from_le_bytes([payload[22], payload[23]]);
+                let mode = Encryption::from_u8(payload[24]).ok_or(HandshakeError::UnknownMode(payload[24]))?;
+                if mode != self.cfg.encryption {
+                    return Err(HandshakeError::ModeMismatch { client: mode, server: self.cfg.encryption });
+                }
+                let mut nonce_c = [0u8; NONCE_LEN];
+                nonce_c.copy_from_slice(&payload[25..25 + NONCE_LEN]);
                 let mut body = Vec::with_capacity(CHALLENGE_BODY_LEN);
                 body.push(version);
                 body.extend_from_slice(&caps.0.to_le_bytes());
                 body.extend_from_slice(&self.nonce);
-                let mac = self.cfg.psk.mac(b"ferry/1 server", &[payload, &body]).finalize().into_bytes();
+                let mac = self.cfg.psk.mac(b"ferry/2 server", &[payload, &body]).finalize().into_bytes();
                 let mut challenge = body.clone();
                 challenge.extend_from_slice(&mac);
-                let est = Established { version, caps, binding: ChannelBinding { session, channel } };
-                self.state = ServerState::WaitProof { hello: payload.to_vec(), body, est };
+                let est = Established { version, caps, binding: ChannelBinding { session, channel }, encryption: mode };
+                self.state = ServerState::WaitProof { hello: payload.to_vec(), body, est, nonce_c };
                 Ok(Step::Send(encode_frame(FrameKind::ServerChallenge, &challenge)))
             }
-            (ServerState::WaitProof { hello, body, est }, FrameKind::ClientProof) => {
+            (ServerState::WaitProof { hello, body, est, nonce_c }, FrameKind::ClientProof) => {
                 self.cfg
                     .psk
-                    .mac(b"ferry/1 client", &[hello, body])
+                    .mac(b"ferry/2 client", &[hello, body])
                     .verify_slice(payload)
                     .map_err(|_| HandshakeError::BadMac)?;
                 let est = *est;
+                self.keys = Some(ChannelKeys::derive(
+                    &KeyInput {
+                        psk: self.cfg.psk.bytes(),
+                        nonce_client: nonce_c,
+                        nonce_server: &self.nonce,
+                        session: &est.binding.session,
+                        channel: est.binding.channel,
+                        mode: est.encryption,
+                    },
+                    false,
+                ));
                 self.state = ServerState::Verified;
                 Ok(Step::Verified(est))
             }
@@ -341,6 +480,9 @@ mod tests {
     use super::*;
     use crate::wire::{decode_frame, Frame};
 
+    const K1: &[u8] = b"0123456789abcdef-handshake-test-key";
+    const K2: &[u8] = b"0123456789abcdef-handshake-test-kez";
+
     fn split(f: &[u8]) -> (FrameKind, Vec<u8>) {
         match decode_frame(f).unwrap().unwrap().0 {
             Frame::Handshake(k, p) => (k, p.to_vec()),
@@ -351,8 +493,19 @@ mod tests {
     fn cfgs(ck: &[u8], sk: &[u8]) -> (ClientConfig, ServerConfig) {
         let binding = ChannelBinding { session: [7; 16], channel: 3 };
         (
-            ClientConfig { psk: Psk::new(ck).unwrap(), binding, caps: Caps::ALL, timeout: Duration::from_secs(5) },
-            ServerConfig { psk: Psk::new(sk).unwrap(), caps: Caps::ZSTD, timeout: Duration::from_secs(5) },
+            ClientConfig {
+                psk: Psk::new(ck).unwrap(),
+                binding,
+                caps: Caps::ALL,
+                timeout: Duration::from_secs(5),
+                encryption: Encryption::Aead,
+            },
+            ServerConfig {
+                psk: Psk::new(sk).unwrap(),
+                caps: Caps::ZSTD,
+                timeout: Duration::from_secs(5),
+                encryption: Encryption::Aead,
+            },
         )
     }
 
@@ -386,7 +539,7 @@ mod tests {
 
     #[test]
     fn same_key_agrees_on_binding_and_caps() {
-        let (c, s) = cfgs(b"0123456789abcdef", b"0123456789abcdef");
+        let (c, s) = cfgs(K1, K1);
         let (a, b) = run(c, s);
         let (a, b) = (a.unwrap(), b.unwrap());
         assert_eq!(a, b);
@@ -396,7 +549,7 @@ mod tests {
 
     #[test]
     fn wrong_key_fails_on_both_sides() {
-        let (c, s) = cfgs(b"0123456789abcdef", b"0123456789abcdeX");
+        let (c, s) = cfgs(K1, K2);
         let (a, _) = run(c, s);
         assert_eq!(a.unwrap_err(), HandshakeError::BadMac);
     }
@@ -404,7 +557,7 @@ mod tests {
     #[test]
     fn replayed_proof_is_refused() {
         let now = Instant::now();
-        let (c, s) = cfgs(b"0123456789abcdef", b"0123456789abcdef");
+        let (c, s) = cfgs(K1, K1);
         let nonce_c = random_bytes();
         // Record one good handshake.
         let (mut cl, hello) = ClientHandshake::start(c.clone(), nonce_c, now);
@@ -428,7 +581,7 @@ mod tests {
     #[test]
     fn tampered_binding_is_refused() {
         let now = Instant::now();
-        let (c, s) = cfgs(b"0123456789abcdef", b"0123456789abcdef");
+        let (c, s) = cfgs(K1, K1);
         let (mut cl, hello) = ClientHandshake::start(c, random_bytes(), now);
         let mut sv = ServerHandshake::new(s, random_bytes(), now);
         let (k, mut p) = split(&hello);
@@ -441,7 +594,7 @@ mod tests {
     #[test]
     fn timeout_and_out_of_order_frames() {
         let now = Instant::now();
-        let (c, s) = cfgs(b"0123456789abcdef", b"0123456789abcdef");
+        let (c, s) = cfgs(K1, K1);
         let mut sv = ServerHandshake::new(s, random_bytes(), now);
         assert!(matches!(sv.handle_frame(FrameKind::ClientProof, &[0; 32], now), Err(HandshakeError::Wire(_))));
         let mut sv = ServerHandshake::new(
@@ -456,9 +609,100 @@ mod tests {
     }
 
     #[test]
+    fn both_sides_derive_the_same_keys_and_a_mode_mismatch_is_refused() {
+        let now = Instant::now();
+        let (c, s) = cfgs(K1, K1);
+        let (mut cl, hello) = ClientHandshake::start(c.clone(), random_bytes(), now);
+        let mut sv = ServerHandshake::new(s.clone(), random_bytes(), now);
+        let (k, p) = split(&hello);
+        let Step::Send(ch) = sv.handle_frame(k, &p, now).unwrap() else { panic!() };
+        let (k, p) = split(&ch);
+        let Step::Send(proof) = cl.handle_frame(k, &p, now).unwrap() else { panic!() };
+        assert!(cl.take_keys().is_none(), "no keys before the server accepted");
+        let (k, p) = split(&proof);
+        let Step::Verified(est) = sv.handle_frame(k, &p, now).unwrap() else { panic!() };
+        assert_eq!(est.encryption, Encryption::Aead);
+        let (k, p) = split(&sv.accept().unwrap());
+        cl.handle_frame(k, &p, now).unwrap();
+        let (ck, sk) = (cl.take_keys().unwrap(), sv.take_keys().unwrap());
+        assert_eq!((*ck.send, *ck.recv), (*sk.recv, *sk.send));
+        assert_ne!(*ck.send, *ck.recv, "each direction has its own key");
+        assert_eq!(ck.image, sk.image);
+        // A second handshake with the same key and binding gets other keys (fresh nonces).
+        let (a, b) = run(c.clone(), s.clone());
+        assert_eq!(a.unwrap(), b.unwrap());
+        // Modes must match; the server says which.
+        for (cm, sm) in [(Encryption::Off, Encryption::Aead), (Encryption::Aead, Encryption::Integrity)] {
+            let (mut cl, hello) =
+                ClientHandshake::start(ClientConfig { encryption: cm, ..c.clone() }, random_bytes(), now);
+            let mut sv = ServerHandshake::new(ServerConfig { encryption: sm, ..s.clone() }, random_bytes(), now);
+            let (k, p) = split(&hello);
+            let e = sv.handle_frame(k, &p, now).unwrap_err();
+            assert_eq!(e, HandshakeError::ModeMismatch { client: cm, server: sm });
+            assert!(e.to_string().contains(cm.as_str()) && e.to_string().contains(sm.as_str()), "{e}");
+            let (k, p) = split(&sv.reject(&e.to_string()));
+            let ce = cl.handle_frame(k, &p, now).unwrap_err();
+            assert!(ce.to_string().contains("encryption mode mismatch"), "{ce}");
+        }
+        // A man in the middle who rewrites the mode in the hello breaks the server's MAC.
+        let (mut cl, hello) = ClientHandshake::start(c.clone(), random_bytes(), now);
+        let mut sv = ServerHandshake::new(ServerConfig { encryption: Encryption::Off, ..s }, random_bytes(), now);
+        let (k, mut p) = split(&hello);
+        p[24] = Encryption::Off.to_u8();
+        let Step::Send(ch) = sv.handle_frame(k, &p, now).unwrap() else { panic!() };
+        let (k, p) = split(&ch);
+        assert_eq!(cl.handle_frame(k, &p, now).unwrap_err(), HandshakeError::BadMac);
+    }
+
+    #[test]
+    fn weak_and_badly_written_keys_are_refused() {
+        assert!(matches!(Psk::new(vec![7u8; 16]), Err(HandshakeError::WeakKey(_))), "16 bytes");
+        assert!(matches!(Psk::new(vec![7u8; 64]), Err(HandshakeError::WeakKey(_))), "a pattern");
+        let key: [u8; 32] = random_bytes();
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+        for text in [hex.clone(), hex.to_uppercase(), b64.clone(), format!("{b64}\n"), b64.trim_end_matches('=').into()]
+        {
+            let p = Psk::parse(text.as_bytes()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(p.bytes(), &key[..], "{text:?}");
+        }
+        // The old style: a passphrase used as the key itself.
+        assert!(matches!(Psk::parse(b"correct horse battery staple!!"), Err(KeyError::Encoding)));
+        // 16 random bytes, well written, are still too few.
+        let short = base64::engine::general_purpose::STANDARD.encode(&key[..16]);
+        assert!(matches!(Psk::parse(short.as_bytes()), Err(KeyError::Weak(_))));
+        let e = Psk::parse(short.as_bytes()).unwrap_err().to_string();
+        assert!(e.contains("/dev/urandom"), "{e}");
+    }
+
+    #[test]
+    fn key_files_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("ferry-key-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        let key: [u8; 32] = random_bytes();
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        std::fs::write(&path, format!("{hex}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Psk::from_file(&path).unwrap_err();
+        assert!(matches!(e, KeyError::Permissions { mode: 0o644, .. }), "{e}");
+        assert!(e.to_string().contains("0644") && e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert!(matches!(Psk::from_file(&path), Err(KeyError::Permissions { .. })));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(Psk::from_file(&path).unwrap().bytes(), &key[..]);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o400)).unwrap();
+        assert!(Psk::from_file(&path).is_ok());
+        assert!(matches!(Psk::from_file(&dir.join("missing")), Err(KeyError::Io { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn version_negotiation() {
         let now = Instant::now();
-        let (_, s) = cfgs(b"0123456789abcdef", b"0123456789abcdef");
+        let (_, s) = cfgs(K1, K1);
         let mut sv = ServerHandshake::new(s, random_bytes(), now);
         let mut hello = vec![0u8; HELLO_LEN];
         hello[0] = 7;

@@ -7,7 +7,10 @@
 //!
 //! - [`wire`]: frames, page batches, control messages; pure and fuzzed; every length capped.
 //! - [`handshake`]: sans-IO mutual authentication (HMAC-SHA256 over fresh nonces) binding a
-//!   channel to a session and channel index, with version and capability negotiation.
+//!   channel to a session and channel index, with version, capability and encryption-mode
+//!   negotiation; keys of at least 32 random bytes ([`handshake::Psk`]).
+//! - [`crypto`]: per-channel traffic keys (HKDF-SHA256) and the sealing of every frame after the
+//!   handshake (AES-256-GCM: `aead` by default, `integrity`, or `off` on trusted networks).
 //! - [`channel`]: the channel traits every backend implements.
 //! - [`endpoint`]: how channels are opened: an `Acceptor` per listening transport (yields
 //!   authenticated channels with their session binding), a `Connector` per transport option.
@@ -24,9 +27,15 @@
 //! use ferry_memory::AnonMemory;
 //! use ferry_transport::{handshake::*, tcp, wire::{PageRun, BATCH_DEST_ZEROED}};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let psk = Psk::new(b"a key of at least sixteen bytes".to_vec())?;
+//! let psk = Psk::new(random_bytes::<32>().to_vec())?; // the same key on both hosts
 //! let binding = ChannelBinding { session: random_bytes(), channel: 0 };
-//! let cfg = ClientConfig { psk, binding, caps: Caps::ALL, timeout: std::time::Duration::from_secs(5) };
+//! let cfg = ClientConfig {
+//!     psk,
+//!     binding,
+//!     caps: Caps::ALL,
+//!     timeout: std::time::Duration::from_secs(5),
+//!     encryption: ferry_transport::Encryption::Aead,
+//! };
 //! let mut ch = tcp::connect("127.0.0.1:7700".parse()?, &tcp::TcpOptions::zstd(), cfg)?;
 //! let mem = Arc::new(AnonMemory::new(1 << 20, false)?);
 //! let map = mem.map_at(0)?; // holds the memory mapped while it lives
@@ -35,6 +44,7 @@
 //! ```
 
 pub mod channel;
+pub mod crypto;
 pub mod endpoint;
 pub mod error;
 pub mod handshake;
@@ -48,4 +58,5 @@ pub mod tcp;
 pub mod wire;
 
 pub use channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer, ReceivedBatch, SentBatch};
-pub use error::{HandshakeError, RdmaError, Result, TransportError, WireError};
+pub use crypto::{Encryption, ImageKey};
+pub use error::{HandshakeError, KeyError, RdmaError, Result, TransportError, WireError};

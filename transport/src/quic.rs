@@ -532,11 +532,14 @@ fn build_channel(
     shared: bool,
     send: SendStream,
     reader: Reader,
-    est: Established,
+    (est, image_key): (Established, crate::crypto::ImageKey),
     local: Option<SocketAddr>,
 ) -> Channel {
     let bridge = reader.bridge.clone();
-    let info = ChannelInfo { established: est, backend: "quic", local, peer: Some(conn.conn.remote_address()) };
+    // Frames on a quic stream are protected by its TLS 1.3 session, not sealed again; the
+    // handshake still yields the image key that keys the migration's digest.
+    let info =
+        ChannelInfo { established: est, backend: "quic", local, peer: Some(conn.conn.remote_address()), image_key };
     let cut = bridge.cut.clone();
     let whole = (!shared).then(|| conn.conn.clone());
     let killer: Killer = Arc::new(move || {
@@ -610,7 +613,12 @@ impl Connector for QuicOptions {
 
 impl QuicOptions {
     /// Open a stream on `path` (a new connection, or the session's) and run the client handshake.
-    fn connect_stream(&self, path: &Path, mut hs: ClientConfig) -> Result<(Arc<Conn>, Writer, Reader, Established)> {
+    #[allow(clippy::type_complexity)]
+    fn connect_stream(
+        &self,
+        path: &Path,
+        mut hs: ClientConfig,
+    ) -> Result<(Arc<Conn>, Writer, Reader, (Established, crate::crypto::ImageKey))> {
         // Pages go raw: no zstd, no rdma on this backend.
         hs.caps = Caps(0);
         let bridge = Bridge::new();
@@ -627,7 +635,10 @@ impl QuicOptions {
             let (k, p) = read_handshake_frame(&mut reader, m.poll_timeout())?;
             match m.handle_frame(k, &p, Instant::now())? {
                 Step::Send(f) => w.write(Bytes::from(f))?,
-                Step::Done(est) => return Ok((conn, w, reader, est)),
+                Step::Done(est) => {
+                    let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;
+                    return Ok((conn, w, reader, (est, keys.image)));
+                }
                 Step::Verified(_) => return Err(WireError::Unexpected(k).into()),
             }
         }
@@ -748,7 +759,8 @@ impl PendingChannel for QuicPending {
                 Step::Verified(est) => match admit(&est) {
                     Ok(()) => {
                         w.write(Bytes::from(m.accept()?))?;
-                        break est;
+                        let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;
+                        break (est, keys.image);
                     }
                     Err(reason) => {
                         let _ = w.write(Bytes::from(m.reject(&reason)));

@@ -6,6 +6,14 @@
 //! With zstd the data pages are copied (volatile) into a staging buffer, compressed as one frame,
 //! and sent compressed only if that saves at least 1/8; the receiver decompresses into staging
 //! and scatters. Memory per channel is bounded by a few batch-sized buffers.
+//!
+//! Sealed channels (`aead`, `integrity`; [`crate::crypto`]) seal every frame. Sending, the data
+//! pages are copied (volatile) into the staging buffer, sealed there segment by segment (zstd:
+//! compressed first, then sealed) and written with the header and tags in one `writev`.
+//! Receiving, the batch header is opened before any memory is touched; raw segments are read
+//! straight into the guest pages they belong to and opened (decrypted) there in place, so the
+//! receive path stays copy-free. A failed tag fails the receive with
+//! [`TransportError::Unauthenticated`].
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -13,9 +21,10 @@ use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
 
 use crate::channel::{check_data_map, check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
+use crate::crypto::Sealer;
 use crate::error::{Result, TransportError, WireError};
 use crate::wire::{
-    encode_frame, zstd_bound, AbortMsg, Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun,
+    data_segments, zstd_bound, AbortMsg, Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun,
     BATCH_DEST_ZEROED, BATCH_FIXED_LEN, HEADER_LEN, MAX_CONTROL_LEN, PAGE_SIZE,
 };
 use ferry_memory::volatile::{copy_from_guest, page_is_zero};
@@ -230,12 +239,15 @@ pub struct StreamTx {
     spans: Vec<(usize, usize)>,
     /// With zstd: per-batch choice between compressed and raw (`None`: always try compressing).
     chooser: Option<CompressChooser>,
+    seal: Sealer,
+    /// Fixed part and runs + bitmap of a sealed batch, encoded before they are sealed.
+    clear: Vec<u8>,
 }
 
 impl StreamTx {
     /// Wrap a connected socket. `zstd_level`: compress batches at this level (the capability must
-    /// have been negotiated).
-    pub fn new(sock: TcpStream, zstd_level: Option<i32>) -> Result<Self> {
+    /// have been negotiated). `seal`: the sending direction's keys (from the handshake).
+    pub fn new(sock: TcpStream, zstd_level: Option<i32>, seal: Sealer) -> Result<Self> {
         let compressor = match zstd_level {
             Some(l) => Some(zstd::bulk::Compressor::new(l).map_err(TransportError::Io)?),
             None => None,
@@ -248,7 +260,15 @@ impl StreamTx {
             cbuf: Vec::new(),
             spans: Vec::new(),
             chooser: None,
+            seal,
+            clear: Vec::new(),
         })
+    }
+
+    /// The frame sealing state (for test peers that write raw frames).
+    #[doc(hidden)]
+    pub fn sealer_mut(&mut self) -> &mut Sealer {
+        &mut self.seal
     }
 
     /// With zstd, choose per batch whether compressing pays ([`CompressChooser`]).
@@ -258,7 +278,7 @@ impl StreamTx {
     }
 
     fn send_small(&mut self, kind: FrameKind, payload: &[u8]) -> Result<()> {
-        let f = encode_frame(kind, payload);
+        let f = self.seal.seal_frame(kind, payload);
         let mut v = [iov(f.as_ptr(), f.len())];
         writev_all(self.sock.as_raw_fd(), &mut v)?;
         Ok(())
@@ -329,17 +349,22 @@ impl StreamTx {
         };
         let mut compressed = false;
         let mut use_staging = false;
+        let sealed = self.seal.tag_len() > 0;
         let try_zstd = raw_len > 0 && self.chooser.as_mut().is_none_or(CompressChooser::compress_next);
-        if let (Some(c), true) = (self.compressor.as_mut(), try_zstd) {
+        if sealed || (self.compressor.is_some() && try_zstd) {
+            // Sealing needs the pages in our own buffer (never seal over live guest memory), and
+            // so does the compressor.
             self.staging.resize(raw_len, 0);
             let mut off = 0;
             for &(p, len) in &self.spans {
-                // SAFETY: the span was resolved above through the MemorySource, valid for len bytes while
-                // `src` is borrowed,
-                // page aligned.
+                // SAFETY: the span was resolved above through the MemorySource, valid for len
+                // bytes while `src` is borrowed, page aligned.
                 unsafe { copy_from_guest(&mut self.staging[off..off + len], NonNull::new_unchecked(p as *mut u8)) };
                 off += len;
             }
+            use_staging = true;
+        }
+        if let (Some(c), true) = (self.compressor.as_mut(), try_zstd) {
             self.cbuf.resize(zstd_bound(raw_len), 0);
             let t = std::time::Instant::now();
             let n = c.compress_to_buffer(&self.staging, &mut self.cbuf[..]).map_err(TransportError::Io)?;
@@ -351,14 +376,42 @@ impl StreamTx {
                 header.encoding = Encoding::Zstd;
                 header.data_len = n as u32;
                 compressed = true;
-            } else {
-                use_staging = true;
+                use_staging = false;
             }
         }
         self.hdr.clear();
-        let payload_len = header.encoded_len() + header.data_len as usize;
-        self.hdr.extend_from_slice(&FrameHeader::new(FrameKind::PageBatch, payload_len).encode());
-        header.encode_into(&mut self.hdr);
+        if sealed {
+            let t = self.seal.tag_len();
+            let segments = if compressed { 1 } else { self.spans.len() };
+            let payload_len = header.encoded_len() + 2 * t + segments * t + header.data_len as usize;
+            let fh = FrameHeader::new(FrameKind::PageBatch, payload_len).encode();
+            self.hdr.extend_from_slice(&fh);
+            self.clear.clear();
+            header.encode_into(&mut self.clear);
+            let (fixed, var) = self.clear.split_at_mut(BATCH_FIXED_LEN);
+            let t0 = self.seal.seal(&fh, 0, fixed);
+            let t1 = self.seal.seal(&fh, 1, var);
+            self.hdr.extend_from_slice(fixed);
+            self.hdr.extend_from_slice(&t0);
+            self.hdr.extend_from_slice(var);
+            self.hdr.extend_from_slice(&t1);
+            if compressed {
+                let tag = self.seal.seal(&fh, 2, &mut self.cbuf);
+                self.hdr.extend_from_slice(&tag);
+            } else {
+                let mut off = 0;
+                for (i, &(_, len)) in self.spans.iter().enumerate() {
+                    let tag = self.seal.seal(&fh, 2 + i as u32, &mut self.staging[off..off + len]);
+                    self.hdr.extend_from_slice(&tag);
+                    off += len;
+                }
+            }
+            self.seal.next_frame();
+        } else {
+            let payload_len = header.encoded_len() + header.data_len as usize;
+            self.hdr.extend_from_slice(&FrameHeader::new(FrameKind::PageBatch, payload_len).encode());
+            header.encode_into(&mut self.hdr);
+        }
         let mut v: Vec<libc::iovec> = Vec::with_capacity(self.spans.len() + 1);
         v.push(iov(self.hdr.as_ptr(), self.hdr.len()));
         if compressed {
@@ -429,30 +482,57 @@ pub struct StreamRx {
     decompressor: zstd::bulk::Decompressor<'static>,
     buf: Vec<u8>,
     staging: Vec<u8>,
+    open: Sealer,
+    tags: Vec<u8>,
 }
 
 impl StreamRx {
-    /// Wrap a connected socket; `zstd_allowed` if the capability was negotiated.
-    pub fn new(sock: TcpStream, zstd_allowed: bool) -> Result<Self> {
+    /// Wrap a connected socket; `zstd_allowed` if the capability was negotiated; `open`: the
+    /// receiving direction's keys (from the handshake).
+    pub fn new(sock: TcpStream, zstd_allowed: bool, open: Sealer) -> Result<Self> {
         Ok(Self {
             sock,
             zstd_allowed,
             decompressor: zstd::bulk::Decompressor::new().map_err(TransportError::Io)?,
             buf: Vec::new(),
             staging: Vec::new(),
+            open,
+            tags: Vec::new(),
         })
     }
 
-    fn recv_batch(&mut self, len: usize, sink: &dyn MemorySink) -> Result<ReceivedBatch> {
-        let mut fixed = [0u8; BATCH_FIXED_LEN];
-        read_exact(&mut self.sock, &mut fixed)?;
-        let f = BatchFixed::decode(&fixed)?;
-        if f.frame_len() != len {
+    /// Read the batch header (fixed part, runs and bitmap), opened if the channel is sealed.
+    fn read_batch_header(&mut self, fh: &[u8; HEADER_LEN], len: usize) -> Result<BatchHeader> {
+        let t = self.open.tag_len();
+        let mut fixed = [0u8; BATCH_FIXED_LEN + crate::wire::TAG_LEN];
+        if len < BATCH_FIXED_LEN + 2 * t {
+            return Err(WireError::BadBatch("frame shorter than a batch header").into());
+        }
+        read_exact(&mut self.sock, &mut fixed[..BATCH_FIXED_LEN + t])?;
+        let (fx, tag) = fixed.split_at_mut(BATCH_FIXED_LEN);
+        self.open.open(fh, 0, fx, &tag[..t])?;
+        let f = BatchFixed::decode(fx)?;
+        self.buf.resize(f.var_len() + t, 0);
+        read_exact(&mut self.sock, &mut self.buf)?;
+        let (var, tag) = self.buf.split_at_mut(f.var_len());
+        self.open.open(fh, 1, var, tag)?;
+        let h = BatchHeader::decode_var(&f, var)?;
+        let segments = if t == 0 {
+            0
+        } else if h.encoding == Encoding::Zstd {
+            1
+        } else {
+            data_segments(&h).len()
+        };
+        if f.frame_len() + (2 + segments) * t != len {
             return Err(WireError::BadBatch("frame length does not match the batch").into());
         }
-        self.buf.resize(f.var_len(), 0);
-        read_exact(&mut self.sock, &mut self.buf)?;
-        let h = BatchHeader::decode_var(&f, &self.buf)?;
+        self.tags.resize(segments * t, 0);
+        Ok(h)
+    }
+
+    fn recv_batch(&mut self, fh: &[u8; HEADER_LEN], len: usize, sink: &dyn MemorySink) -> Result<ReceivedBatch> {
+        let h = self.read_batch_header(fh, len)?;
         if h.encoding == Encoding::Zstd && !self.zstd_allowed {
             return Err(TransportError::NotNegotiated("zstd"));
         }
@@ -468,12 +548,41 @@ impl StreamRx {
                     .as_ptr(),
             );
         }
+        // The segments' tags come before the data.
+        let mut tags = std::mem::take(&mut self.tags);
+        let read = read_exact(&mut self.sock, &mut tags);
+        let res = read.and_then(|()| self.recv_data(fh, &h, &bases, zeroed, &tags, sink));
+        self.tags = tags;
+        res?;
+        self.open.next_frame();
+        let pages = h.total_pages();
+        Ok(ReceivedBatch {
+            id: h.id,
+            round: h.round,
+            pages,
+            data_pages: h.data_pages(),
+            wire_bytes: (HEADER_LEN + len) as u64,
+            runs: h.runs,
+        })
+    }
+
+    /// Read (and open) a batch's data section into the sink.
+    fn recv_data(
+        &mut self,
+        fh: &[u8; HEADER_LEN],
+        h: &BatchHeader,
+        bases: &[NonNull<u8>],
+        zeroed: bool,
+        tags: &[u8],
+        _sink: &dyn MemorySink,
+    ) -> Result<()> {
+        let t = self.open.tag_len();
         let raw_len = h.raw_len();
         match h.encoding {
             Encoding::Raw => {
                 let mut v: Vec<libc::iovec> = Vec::new();
                 let mut i = 0;
-                for (r, base) in h.runs.iter().zip(&bases) {
+                for (r, base) in h.runs.iter().zip(bases) {
                     for p in 0..r.pages as usize {
                         // SAFETY: p < pages: inside the run the sink vouched for.
                         let page = unsafe { base.as_ptr().add(p * PAGE_SIZE) };
@@ -493,10 +602,29 @@ impl StreamRx {
                     }
                 }
                 readv_all(self.sock.as_raw_fd(), &mut v)?;
+                if t > 0 {
+                    for (k, &(ri, first, n)) in data_segments(h).iter().enumerate() {
+                        // SAFETY: the segment's pages lie inside run `ri`, which the sink vouched
+                        // for (first + n <= pages); this receiver is the only writer of a batch's
+                        // pages while it receives them (the destination's guest is not running
+                        // and the round barrier keeps other channels off these pages), so a
+                        // slice over them for the in-place open is not observed by anyone else.
+                        let seg = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                bases[ri].as_ptr().add(first as usize * PAGE_SIZE),
+                                n as usize * PAGE_SIZE,
+                            )
+                        };
+                        self.open.open(fh, 2 + k as u32, seg, &tags[k * t..(k + 1) * t])?;
+                    }
+                }
             }
             Encoding::Zstd => {
                 self.buf.resize(h.data_len as usize, 0);
                 read_exact(&mut self.sock, &mut self.buf)?;
+                if t > 0 {
+                    self.open.open(fh, 2, &mut self.buf, &tags[..t])?;
+                }
                 self.staging.resize(raw_len, 0);
                 let n = self
                     .decompressor
@@ -507,7 +635,7 @@ impl StreamRx {
                 }
                 let mut i = 0;
                 let mut off = 0;
-                for (r, base) in h.runs.iter().zip(&bases) {
+                for (r, base) in h.runs.iter().zip(bases) {
                     for p in 0..r.pages as usize {
                         // SAFETY: p < pages: inside the run the sink vouched for.
                         let page = unsafe { base.as_ptr().add(p * PAGE_SIZE) };
@@ -526,15 +654,16 @@ impl StreamRx {
                 }
             }
         }
-        let pages = h.total_pages();
-        Ok(ReceivedBatch {
-            id: h.id,
-            round: h.round,
-            pages,
-            data_pages: h.data_pages(),
-            wire_bytes: (HEADER_LEN + len) as u64,
-            runs: h.runs,
-        })
+        Ok(())
+    }
+
+    /// Read a small frame's payload (`len` bytes on the wire) and open it.
+    fn read_small(&mut self, fh: &[u8; HEADER_LEN], len: usize) -> Result<Vec<u8>> {
+        let mut p = vec![0u8; len];
+        read_exact(&mut self.sock, &mut p)?;
+        let n = self.open.open_frame(fh, &mut p)?;
+        p.truncate(n);
+        Ok(p)
     }
 }
 
@@ -555,26 +684,25 @@ impl ChannelRx for StreamRx {
         read_exact(&mut self.sock, &mut hb[n..])?;
         let h = FrameHeader::decode(&hb)?;
         let len = h.len as usize;
+        let t = self.open.tag_len();
         match h.kind {
-            FrameKind::PageBatch => Ok(Incoming::Batch(self.recv_batch(len, sink)?)),
-            FrameKind::Control => {
-                let mut p = vec![0u8; len];
-                read_exact(&mut self.sock, &mut p)?;
-                Ok(Incoming::Control(p))
-            }
+            FrameKind::PageBatch => Ok(Incoming::Batch(self.recv_batch(&hb, len, sink)?)),
+            FrameKind::Control => Ok(Incoming::Control(self.read_small(&hb, len)?)),
             FrameKind::BatchAck => {
-                let mut p = [0u8; crate::wire::ACK_LEN];
-                if len != p.len() {
+                if len != crate::wire::ACK_LEN + t {
                     return Err(WireError::Truncated.into());
                 }
-                read_exact(&mut self.sock, &mut p)?;
-                Ok(Incoming::Ack(Ack::decode(&p)?))
+                Ok(Incoming::Ack(Ack::decode(&self.read_small(&hb, len)?)?))
             }
-            FrameKind::Goodbye => Ok(Incoming::Closed),
+            FrameKind::Goodbye => {
+                if len != t {
+                    return Err(WireError::Truncated.into());
+                }
+                self.read_small(&hb, len)?;
+                Ok(Incoming::Closed)
+            }
             FrameKind::Abort => {
-                let mut p = vec![0u8; len];
-                read_exact(&mut self.sock, &mut p)?;
-                let m = AbortMsg::decode(&p)?;
+                let m = AbortMsg::decode(&self.read_small(&hb, len)?)?;
                 Err(TransportError::PeerAborted { code: m.code, reason: m.reason })
             }
             k => Err(WireError::Unexpected(k).into()),

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::channel::{Channel, ChannelInfo, Killer};
+use crate::crypto::ChannelKeys;
 use crate::endpoint::{Acceptor, Admit, Connector, Path, PendingChannel};
 use crate::error::{HandshakeError, Result, TransportError};
 use crate::handshake::{
@@ -124,7 +125,7 @@ fn read_before(s: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> Result<(
     Ok(())
 }
 
-fn finish(sock: TcpStream, est: Established, opts: &TcpOptions) -> Result<Channel> {
+fn finish(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &TcpOptions) -> Result<Channel> {
     let zstd_level = opts.zstd_level;
     sock.set_read_timeout(None)?;
     let zstd = est.caps.contains(Caps::ZSTD);
@@ -134,14 +135,15 @@ fn finish(sock: TcpStream, est: Established, opts: &TcpOptions) -> Result<Channe
         backend: if level.is_some() { "zstd" } else { "tcp" },
         local: sock.local_addr().ok(),
         peer: sock.peer_addr().ok(),
+        image_key: keys.image.clone(),
     };
     let k = sock.try_clone()?;
     let killer = Arc::new(move || {
         let _ = k.shutdown(std::net::Shutdown::Both);
     });
     Ok(Channel {
-        tx: Box::new(StreamTx::new(sock.try_clone()?, level)?.adaptive(opts.adaptive)),
-        rx: Box::new(StreamRx::new(sock, zstd)?),
+        tx: Box::new(StreamTx::new(sock.try_clone()?, level, keys.sealer())?.adaptive(opts.adaptive)),
+        rx: Box::new(StreamRx::new(sock, zstd, keys.opener())?),
         info,
         killer,
     })
@@ -151,8 +153,8 @@ fn finish(sock: TcpStream, est: Established, opts: &TcpOptions) -> Result<Channe
 /// offered: this channel carries its pages on the stream).
 pub fn connect(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Result<Channel> {
     hs.caps = Caps(hs.caps.0 & !Caps::RDMA.0);
-    let (s, est) = connect_stream(addr, opts, hs)?;
-    finish(s, est, opts)
+    let (s, est, keys) = connect_stream(addr, opts, hs)?;
+    finish(s, est, keys, opts)
 }
 
 impl Connector for TcpOptions {
@@ -175,8 +177,12 @@ impl Connector for TcpOptions {
 }
 
 /// Connect to `addr` and run the client handshake; return the authenticated socket itself (for
-/// backends that carry their control path on it, such as `rdma`).
-pub fn connect_stream(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig) -> Result<(TcpStream, Established)> {
+/// backends that carry their control path on it, such as `rdma`) with the channel's keys.
+pub fn connect_stream(
+    addr: SocketAddr,
+    opts: &TcpOptions,
+    mut hs: ClientConfig,
+) -> Result<(TcpStream, Established, ChannelKeys)> {
     let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if let Some(dev) = &opts.device {
         sock.bind_device(Some(dev.as_bytes()))?;
@@ -198,7 +204,8 @@ pub fn connect_stream(addr: SocketAddr, opts: &TcpOptions, mut hs: ClientConfig)
             Step::Send(f) => s.write_all(&f)?,
             Step::Done(est) => {
                 s.set_read_timeout(None)?;
-                return Ok((s, est));
+                let keys = m.take_keys().ok_or(crate::error::WireError::Unexpected(k))?;
+                return Ok((s, est, keys));
             }
             Step::Verified(_) => return Err(crate::error::WireError::Unexpected(k).into()),
         }
@@ -289,19 +296,19 @@ impl TcpAcceptor {
 
     /// Run the server handshake on an accepted socket.
     pub fn handshake(&self, s: TcpStream, admit: Admit<'_>) -> Result<Channel> {
-        let (s, est) = self.handshake_stream(s, admit)?;
-        finish(s, est, &self.opts)
+        let (s, est, keys) = self.handshake_stream(s, admit)?;
+        finish(s, est, keys, &self.opts)
     }
 
     /// Accept one connection and run the server handshake; return the authenticated socket
     /// itself (for backends that carry their control path on it, such as `rdma`).
-    pub fn accept_stream(&self, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
+    pub fn accept_stream(&self, admit: Admit<'_>) -> Result<(TcpStream, Established, ChannelKeys)> {
         let s = self.accept_socket(None)?.ok_or(TransportError::Closed)?;
         self.handshake_stream(s, admit)
     }
 
     /// Run the server handshake on an accepted socket and return the socket.
-    pub fn handshake_stream(&self, s: TcpStream, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
+    pub fn handshake_stream(&self, s: TcpStream, admit: Admit<'_>) -> Result<(TcpStream, Established, ChannelKeys)> {
         let deadline = Instant::now() + self.hs.timeout;
         server_handshake(s, &self.opts, &self.hs, deadline, admit)
     }
@@ -324,20 +331,30 @@ fn server_handshake(
     hs: &ServerConfig,
     deadline: Instant,
     admit: Admit<'_>,
-) -> Result<(TcpStream, Established)> {
+) -> Result<(TcpStream, Established, ChannelKeys)> {
     tune(&SockRef::from(&s), opts)?;
     let mut m = ServerHandshake::new(hs.clone(), random_bytes(), Instant::now());
     let deadline = deadline.min(m.poll_timeout());
     loop {
         let (k, p) = read_handshake_frame(&mut s, deadline)?;
-        match m.handle_frame(k, &p, Instant::now())? {
+        let step = match m.handle_frame(k, &p, Instant::now()) {
+            Ok(step) => step,
+            Err(e @ HandshakeError::ModeMismatch { .. }) => {
+                // Say why: the operator on the other side must see which modes disagree.
+                let _ = s.write_all(&m.reject(&e.to_string()));
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match step {
             Step::Send(f) => s.write_all(&f)?,
             Step::Verified(est) => {
                 return match admit(&est) {
                     Ok(()) => {
                         s.write_all(&m.accept()?)?;
                         s.set_read_timeout(None)?;
-                        Ok((s, est))
+                        let keys = m.take_keys().ok_or(crate::error::WireError::Unexpected(k))?;
+                        Ok((s, est, keys))
                     }
                     Err(reason) => {
                         let _ = s.write_all(&m.reject(&reason));
@@ -359,7 +376,11 @@ pub struct TcpPending {
 
 impl TcpPending {
     /// Run the server handshake, giving up at `deadline`; return the authenticated socket.
-    pub fn establish_stream(self, deadline: Instant, admit: Admit<'_>) -> Result<(TcpStream, Established)> {
+    pub fn establish_stream(
+        self,
+        deadline: Instant,
+        admit: Admit<'_>,
+    ) -> Result<(TcpStream, Established, ChannelKeys)> {
         server_handshake(self.sock, &self.opts, &self.hs, deadline, admit)
     }
 
@@ -383,8 +404,8 @@ impl PendingChannel for TcpPending {
 
     fn establish(self: Box<Self>, deadline: Instant, admit: Admit<'_>) -> Result<Channel> {
         let opts = self.opts.clone();
-        let (s, est) = self.establish_stream(deadline, admit)?;
-        finish(s, est, &opts)
+        let (s, est, keys) = self.establish_stream(deadline, admit)?;
+        finish(s, est, keys, &opts)
     }
 }
 

@@ -41,6 +41,25 @@
 //!  data: data len bytes
 //! ```
 //!
+//! # Sealed frames (protocol version 2)
+//!
+//! After the handshake every frame is sealed with the channel's keys ([`crate::crypto`]) unless
+//! both ends run with encryption `off`, where frames are exactly as described above. A sealed
+//! frame keeps the header in clear (it is the associated data of every part, and its length
+//! counts the tags); its payload is split into parts, each sealed under its own nonce
+//! (sequence number of the frame, part index) and each with a 16-byte tag `T`:
+//!
+//! ```text
+//!  Control / BatchAck / Abort / Goodbye:  payload | T0
+//!  PageBatch:  fixed (24) | T0 | runs + bitmap | T1 | T2 ... T(n+1) | data segment 1 ... n
+//! ```
+//!
+//! A batch's data segments are its data pages grouped as they lie in memory: within each run,
+//! every maximal stretch of consecutive data pages is one segment ([`data_segments`]); a zstd
+//! batch has one segment, its compressed data. The receiver opens the fixed part and then the
+//! runs and bitmap before it touches memory, reads each raw segment straight into the guest
+//! pages it belongs to and opens it there, in place.
+//!
 //! # Sequence on one channel
 //!
 //! ```text
@@ -64,10 +83,11 @@ use crate::error::WireError;
 
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"FERY";
-/// Oldest protocol version this build speaks.
-pub const VERSION_MIN: u8 = 1;
+/// Oldest protocol version this build speaks (2: sealed frames, encryption mode in the hello,
+/// keyed page hashes; version 1 authenticated the handshake only and is refused).
+pub const VERSION_MIN: u8 = 2;
 /// Newest protocol version this build speaks.
-pub const VERSION_MAX: u8 = 1;
+pub const VERSION_MAX: u8 = 2;
 /// Length of a frame header.
 pub const HEADER_LEN: usize = 16;
 /// Guest page size carried by the protocol.
@@ -86,6 +106,37 @@ pub const BATCH_FIXED_LEN: usize = 24;
 pub const RUN_LEN: usize = 12;
 /// Length of an encoded [`Ack`].
 pub const ACK_LEN: usize = 16;
+
+/// Length of a sealed part's authentication tag.
+pub const TAG_LEN: usize = 16;
+
+/// Most tag bytes a sealed page batch carries: fixed part, runs and bitmap, and a segment per page.
+pub const MAX_BATCH_TAGS_LEN: u32 = ((MAX_BATCH_PAGES as usize + 2) * TAG_LEN) as u32;
+
+/// The data segments of a batch, as (run index, first page in the run, pages): within each run,
+/// every maximal stretch of consecutive data pages. A sealed raw batch seals each on its own.
+pub fn data_segments(h: &BatchHeader) -> Vec<(usize, u32, u32)> {
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    for (ri, r) in h.runs.iter().enumerate() {
+        let mut open: Option<(u32, u32)> = None;
+        for p in 0..r.pages {
+            if h.is_data(i) {
+                match &mut open {
+                    Some((_, n)) => *n += 1,
+                    None => open = Some((p, 1)),
+                }
+            } else if let Some((f, n)) = open.take() {
+                out.push((ri, f, n));
+            }
+            i += 1;
+        }
+        if let Some((f, n)) = open.take() {
+            out.push((ri, f, n));
+        }
+    }
+    out
+}
 
 /// Most bytes a zstd data section may take for `raw` bytes of pages (zstd's own bound, rounded up).
 pub fn zstd_bound(raw: usize) -> usize {
@@ -143,19 +194,20 @@ impl FrameKind {
     }
 }
 
-/// The most payload bytes a frame of this kind may announce.
+/// The most payload bytes a frame of this kind may announce (tags of a sealed frame included).
 pub fn max_payload_len(kind: FrameKind) -> u32 {
+    let tag = TAG_LEN as u32;
     match kind {
         FrameKind::ClientHello
         | FrameKind::ServerChallenge
         | FrameKind::ClientProof
         | FrameKind::Accept
-        | FrameKind::Reject
-        | FrameKind::Abort => MAX_SMALL_LEN,
-        FrameKind::Control => MAX_CONTROL_LEN,
-        FrameKind::PageBatch => max_batch_payload(),
-        FrameKind::BatchAck => ACK_LEN as u32,
-        FrameKind::Goodbye => 0,
+        | FrameKind::Reject => MAX_SMALL_LEN,
+        FrameKind::Abort => MAX_SMALL_LEN + tag,
+        FrameKind::Control => MAX_CONTROL_LEN + tag,
+        FrameKind::PageBatch => max_batch_payload() + MAX_BATCH_TAGS_LEN,
+        FrameKind::BatchAck => ACK_LEN as u32 + tag,
+        FrameKind::Goodbye => tag,
     }
 }
 
@@ -173,7 +225,7 @@ pub struct FrameHeader {
 }
 
 impl FrameHeader {
-    /// A version-1 header.
+    /// A header of this build's version.
     pub fn new(kind: FrameKind, len: usize) -> Self {
         Self { version: VERSION_MAX, kind, flags: 0, len: len as u32 }
     }
@@ -662,7 +714,7 @@ mod tests {
     #[test]
     fn length_caps_are_enforced_before_use() {
         let mut h = FrameHeader::new(FrameKind::Control, 0).encode();
-        h[8..12].copy_from_slice(&(MAX_CONTROL_LEN + 1).to_le_bytes());
+        h[8..12].copy_from_slice(&(max_payload_len(FrameKind::Control) + 1).to_le_bytes());
         let crc = crc32fast::hash(&h[0..12]);
         h[12..16].copy_from_slice(&crc.to_le_bytes());
         assert!(matches!(FrameHeader::decode(&h), Err(WireError::TooLong { .. })));

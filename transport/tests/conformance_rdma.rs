@@ -73,12 +73,14 @@ fn client_cfg(psk: Psk) -> ClientConfig {
         binding: ChannelBinding { session: [5; 16], channel: 0 },
         caps: Caps::RDMA,
         timeout: Duration::from_secs(5),
+        encryption: Default::default(),
     }
 }
 
 impl Rdma {
     fn acceptor(&self, psk: Psk) -> RdmaAcceptor {
-        let hs = ServerConfig { psk, caps: Caps::RDMA, timeout: Duration::from_secs(5) };
+        let hs =
+            ServerConfig { psk, caps: Caps::RDMA, timeout: Duration::from_secs(5), encryption: Default::default() };
         RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), self.opts.clone(), hs).unwrap()
     }
 
@@ -293,7 +295,12 @@ fn killer_unblocks_a_waiting_sender() {
 #[test]
 fn transports_that_do_not_match_are_refused() {
     let opts = RdmaOptions::new("no-such-device");
-    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig {
+        psk: Psk::new(TEST_KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let racc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), opts.clone(), hs.clone()).unwrap();
     let tacc = ferry_transport::tcp::TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), Default::default(), hs).unwrap();
     assert_eq!(Acceptor::transport(&racc), "rdma");

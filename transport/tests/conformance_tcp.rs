@@ -5,16 +5,18 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
+use ferry_transport::crypto::Sealer;
 use ferry_transport::endpoint::{Acceptor, Connector, Path};
 use ferry_transport::handshake::{
     random_bytes, Caps, ChannelBinding, ClientConfig, ClientHandshake, Established, Psk, ServerConfig, Step,
 };
 use ferry_transport::tcp::{self, TcpAcceptor, TcpOptions};
 use ferry_transport::wire::{FrameHeader, HEADER_LEN};
-use ferry_transport::{Channel, TransportError};
+use ferry_transport::{Channel, Encryption, TransportError};
 
 struct Tcp {
     zstd: bool,
+    mode: Encryption,
 }
 
 fn binding() -> ChannelBinding {
@@ -22,7 +24,19 @@ fn binding() -> ChannelBinding {
 }
 
 fn client_cfg(psk: Psk) -> ClientConfig {
-    ClientConfig { psk, binding: binding(), caps: Caps::ALL, timeout: Duration::from_secs(5) }
+    ClientConfig {
+        psk,
+        binding: binding(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    }
+}
+
+impl Tcp {
+    fn client(&self, psk: Psk) -> ClientConfig {
+        ClientConfig { encryption: self.mode, ..client_cfg(psk) }
+    }
 }
 
 impl Tcp {
@@ -36,15 +50,22 @@ impl Tcp {
 
     fn acceptor(&self, psk: Psk) -> TcpAcceptor {
         let caps = if self.zstd { Caps::ALL } else { Caps(0) };
-        let hs = ServerConfig { psk, caps, timeout: Duration::from_secs(5) };
+        let hs = ServerConfig { psk, caps, timeout: Duration::from_secs(5), encryption: self.mode };
         TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), self.opts(), hs).unwrap()
     }
 }
 
-struct Raw(TcpStream);
+struct Raw(TcpStream, Sealer);
 
 impl RawPeer for Raw {
     fn write_raw(&mut self, b: &[u8]) -> std::io::Result<()> {
+        let sealed = self.1.seal_encoded(b);
+        self.0.write_all(&sealed)
+    }
+    fn seal(&mut self, frame: &[u8]) -> Option<Vec<u8>> {
+        Some(self.1.seal_encoded(frame))
+    }
+    fn write_wire(&mut self, b: &[u8]) -> std::io::Result<()> {
         self.0.write_all(b)
     }
     fn close(&mut self) {
@@ -84,7 +105,7 @@ impl Backend for Tcp {
         let addr = acc.local_addr().unwrap();
         std::thread::scope(|sc| {
             let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
-            let c = tcp::connect(addr, &self.opts(), client_cfg(client));
+            let c = tcp::connect(addr, &self.opts(), self.client(client));
             // a failed client closes its socket, so the server's handshake ends too
             (c, srv.join().unwrap())
         })
@@ -97,7 +118,7 @@ impl Backend for Tcp {
             let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
             let mut s = TcpStream::connect(addr).unwrap();
             let now = Instant::now();
-            let (mut m, hello) = ClientHandshake::start(client_cfg(Psk::new(TEST_KEY).unwrap()), random_bytes(), now);
+            let (mut m, hello) = ClientHandshake::start(self.client(Psk::new(TEST_KEY).unwrap()), random_bytes(), now);
             s.write_all(&hello).unwrap();
             loop {
                 let (k, p) = read_frame(&mut s);
@@ -108,12 +129,17 @@ impl Backend for Tcp {
                 }
             }
             let ch = srv.join().unwrap()?;
-            Ok((Box::new(Raw(s)) as Box<dyn RawPeer>, ch))
+            let sealer = m.take_keys().expect("keys after the handshake").sealer();
+            Ok((Box::new(Raw(s, sealer)) as Box<dyn RawPeer>, ch))
         })
     }
 
     fn zstd(&self) -> bool {
         self.zstd
+    }
+
+    fn encryption(&self) -> Encryption {
+        self.mode
     }
 }
 
@@ -121,35 +147,56 @@ macro_rules! suite {
     ($m:ident, $zstd:expr) => {
         mod $m {
             use super::*;
+            suite!(@modes $zstd);
+        }
+    };
+    (@modes $zstd:expr) => {
+        mod aead {
+            use super::*;
+            suite!(@tests $zstd, Encryption::Aead);
+        }
+        mod integrity {
+            use super::*;
+            suite!(@tests $zstd, Encryption::Integrity);
+        }
+        mod off {
+            use super::*;
+            suite!(@tests $zstd, Encryption::Off);
+        }
+    };
+    (@tests $zstd:expr, $mode:expr) => {
             #[test]
             fn round_trip_mixed() {
-                conformance::round_trip_mixed(&Tcp { zstd: $zstd });
+                conformance::round_trip_mixed(&Tcp { zstd: $zstd, mode: $mode });
             }
             #[test]
             fn peer_closes_mid_batch() {
-                conformance::peer_closes_mid_batch(&Tcp { zstd: $zstd });
+                conformance::peer_closes_mid_batch(&Tcp { zstd: $zstd, mode: $mode });
             }
             #[test]
             fn slow_reader_backpressure() {
-                conformance::slow_reader_backpressure(&Tcp { zstd: $zstd });
+                conformance::slow_reader_backpressure(&Tcp { zstd: $zstd, mode: $mode });
             }
             #[test]
             fn malformed_frames() {
-                conformance::malformed_frames(&Tcp { zstd: $zstd });
+                conformance::malformed_frames(&Tcp { zstd: $zstd, mode: $mode });
             }
             #[test]
             fn wrong_key() {
-                conformance::wrong_key(&Tcp { zstd: $zstd });
+                conformance::wrong_key(&Tcp { zstd: $zstd, mode: $mode });
             }
             #[test]
             fn control_and_abort() {
-                conformance::control_and_abort(&Tcp { zstd: $zstd });
+                conformance::control_and_abort(&Tcp { zstd: $zstd, mode: $mode });
+            }
+            #[test]
+            fn tampered_frames() {
+                conformance::tampered_frames(&Tcp { zstd: $zstd, mode: $mode });
             }
             #[test]
             fn refused_batch() {
-                conformance::refused_batch(&Tcp { zstd: $zstd });
+                conformance::refused_batch(&Tcp { zstd: $zstd, mode: $mode });
             }
-        }
     };
 }
 
@@ -158,7 +205,7 @@ suite!(zstd_backend, true);
 
 #[test]
 fn rejected_session_gets_a_reason() {
-    let t = Tcp { zstd: false };
+    let t = Tcp { zstd: false, mode: Encryption::Aead };
     let acc = t.acceptor(Psk::new(TEST_KEY).unwrap());
     let addr = acc.local_addr().unwrap();
     std::thread::scope(|sc| {
@@ -171,8 +218,13 @@ fn rejected_session_gets_a_reason() {
 
 #[test]
 fn silent_client_times_out_and_acceptor_survives() {
-    let t = Tcp { zstd: false };
-    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps(0), timeout: Duration::from_millis(300) };
+    let t = Tcp { zstd: false, mode: Encryption::Aead };
+    let hs = ServerConfig {
+        psk: Psk::new(TEST_KEY).unwrap(),
+        caps: Caps(0),
+        timeout: Duration::from_millis(300),
+        encryption: Default::default(),
+    };
     let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), t.opts(), hs).unwrap();
     let addr = acc.local_addr().unwrap();
     let _silent = TcpStream::connect(addr).unwrap();
@@ -192,7 +244,12 @@ fn silent_client_times_out_and_acceptor_survives() {
 /// list it.
 #[test]
 fn endpoint_traits_open_bound_channels_without_rdma() {
-    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig {
+        psk: Psk::new(TEST_KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let acc: Box<dyn Acceptor> =
         Box::new(TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::zstd(), hs).unwrap());
     assert_eq!(acc.transport(), "tcp");
@@ -216,6 +273,7 @@ fn endpoint_traits_open_bound_channels_without_rdma() {
             binding,
             caps: Caps::ALL,
             timeout: Duration::from_secs(5),
+            encryption: Default::default(),
         };
         let c = connector.connect(&path, cfg).unwrap();
         let s = srv.join().unwrap();
@@ -227,4 +285,24 @@ fn endpoint_traits_open_bound_channels_without_rdma() {
         }
         assert_eq!(s.info.peer.map(|a| a.ip()), Some(from.ip()), "the channel left from the path's local address");
     });
+}
+
+/// Both ends must run the same encryption mode: the destination refuses another one in the
+/// handshake, and the source's error names both.
+#[test]
+fn encryption_mode_mismatch_is_refused_with_both_modes_named() {
+    for (client, server) in [(Encryption::Off, Encryption::Aead), (Encryption::Aead, Encryption::Integrity)] {
+        let t = Tcp { zstd: false, mode: server };
+        let acc = t.acceptor(Psk::new(TEST_KEY).unwrap());
+        let addr = acc.local_addr().unwrap();
+        std::thread::scope(|sc| {
+            let srv = sc.spawn(|| acc.accept(&|_| Ok(())));
+            let cfg = ClientConfig { encryption: client, ..client_cfg(Psk::new(TEST_KEY).unwrap()) };
+            let e = tcp::connect(addr, &t.opts(), cfg).unwrap_err().to_string();
+            assert!(e.contains("encryption mode mismatch"), "{e}");
+            assert!(e.contains(client.as_str()) && e.contains(server.as_str()), "{e}");
+            let se = srv.join().unwrap().unwrap_err().to_string();
+            assert!(se.contains("encryption mode mismatch"), "{se}");
+        });
+    }
 }

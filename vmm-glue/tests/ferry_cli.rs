@@ -8,9 +8,11 @@ use ferry_test_support::kvm_or_skip;
 use serde_json::Value;
 
 const FERRY: &str = env!("CARGO_BIN_EXE_ferry-harness");
+/// The key both ends use (hex of 32 random bytes).
+const KEY: &str = "b2f8767205854390488a34baaac71d9be7b9d4dc29b905a9b95ffd74931d42b2";
 
 fn run(args: &[&str]) -> Output {
-    Command::new(FERRY).args(args).env("FERRY_PSK", "ferry-cli-test-key-0123456789").output().expect("run ferry")
+    Command::new(FERRY).args(args).env("FERRY_PSK", KEY).output().expect("run ferry")
 }
 
 fn json_of(out: &Output) -> Value {
@@ -114,7 +116,7 @@ fn fails_with(args: &[&str], env_key: bool, needle: &str) {
     let mut c = Command::new(FERRY);
     c.args(args);
     if env_key {
-        c.env("FERRY_PSK", "ferry-cli-test-key-0123456789");
+        c.env("FERRY_PSK", KEY);
     } else {
         c.env_remove("FERRY_PSK");
     }
@@ -190,7 +192,7 @@ fn run_and_migrate_to_a_separate_receive_process() {
         return;
     }
     use std::io::Read;
-    let key = "ferry-cli-test-key-0123456789";
+    let key = KEY;
     // The receiver keeps a memory reserve: the guest's memory is carved from it.
     let (mut child, mut out, addr) =
         spawn_receiver(key, &["--count", "1", "--run-for-ms", "300", "--hold-ms", "50", "--reserve", "40MiB"]);
@@ -233,7 +235,8 @@ fn a_destination_with_another_key_is_refused_and_the_vm_stays_running() {
     if !kvm_or_skip("a_destination_with_another_key_is_refused_and_the_vm_stays_running") {
         return;
     }
-    let (mut child, _out, addr) = spawn_receiver("some-other-key-for-the-receiver", &[]);
+    let (mut child, _out, addr) =
+        spawn_receiver("4f3a1c9e0b7d26e85a1f3c4b9d0e2a7c6b5d8e1f0a3c2b4d6e8f7a9c1b3d5e7f", &[]);
     let out = run(&["run-and-migrate", "--mem", "16MiB", "--working-set", "1MiB", "--warmup-ms", "50", "--to", &addr]);
     let _ = child.kill();
     let _ = child.wait();

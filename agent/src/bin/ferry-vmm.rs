@@ -58,21 +58,10 @@ fn main() -> ExitCode {
     let c = Cli::parse();
     // Its own session: the VM outlives the agent that started it.
     let _ = nix::unistd::setsid();
-    let key = match std::fs::read(&c.key_file) {
-        Ok(mut k) => {
-            while k.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                k.pop();
-            }
-            match Psk::new(k) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("ferry-vmm: key file {}: {e}", c.key_file.display());
-                    return ExitCode::from(2);
-                }
-            }
-        }
+    let key = match Psk::from_file(&c.key_file) {
+        Ok(p) => p,
         Err(e) => {
-            eprintln!("ferry-vmm: key file {}: {e}", c.key_file.display());
+            eprintln!("ferry-vmm: {e}");
             return ExitCode::from(2);
         }
     };

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 pub const FERRYD: &str = env!("CARGO_BIN_EXE_ferryd");
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
-pub const KEY: &str = "ferry-agent-test-key-0123456789";
+/// The agents' key file (base64 of 32 random bytes).
+pub const KEY: &str = "DXk21ivN7CQ9tESbSNQOC2v0snc8Pt3Sb2GfmuCGxkA=";
 
 /// A free loopback port (bound and released).
 pub fn free_addr() -> SocketAddr {
@@ -82,6 +83,7 @@ impl Agent {
         let dir = Scratch::new(name);
         let key_file = dir.0.join("key");
         std::fs::write(&key_file, format!("{key}\n")).unwrap();
+        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let api = dir.0.join("ferryd.sock");
         let config = dir.0.join("ferryd.toml");
         let text = format!(

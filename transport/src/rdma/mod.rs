@@ -61,6 +61,15 @@
 //!   `send_control` first waits for every batch posted before it to complete, so the peer sees
 //!   control messages after the batches sent before them, as on a stream. Batches flow from the
 //!   connecting side to the accepting side; acks and control flow both ways.
+//! - **Protection.** The TCP control stream is sealed like any stream channel (the handshake's
+//!   keys and mode; [`crate::crypto`]): region tables, credits, acks and control messages are
+//!   authenticated (and encrypted with `aead`). The pages themselves cannot be: a one-sided RDMA
+//!   WRITE lands in guest memory with no receive-side step to open a tag, and the announcement
+//!   SEND goes on the queue pair in clear. They are authenticated instead by the image digest,
+//!   keyed with the session's image key: the destination hashes every page from its own memory
+//!   with the keyed page hash, so a page an attacker wrote (in a batch or outside any) changes
+//!   the digest and the destination refuses to commit. RDMA pages are not encrypted; use
+//!   `tcp` with `aead` where the link is not trusted.
 //! - **Failures.** A work completion with an error status (remote access error, retry exceeded,
 //!   flush after the QP entered the error state), a verbs call that fails, or a broken control
 //!   stream becomes a [`TransportError`] (`Rdma(..)`, `Closed`, ...), never a panic. The
@@ -108,6 +117,7 @@ use std::time::{Duration, Instant};
 pub use channel::{RdmaRx, RdmaTx};
 
 use crate::channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer};
+use crate::crypto::ChannelKeys;
 use crate::endpoint::{Acceptor, Admit, Connector, Path, PendingChannel};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::handshake::{Caps, ClientConfig, Established, ServerConfig};
@@ -399,14 +409,14 @@ impl Parts {
     }
 }
 
-fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) -> Result<Parts> {
+fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOptions, source: bool) -> Result<Parts> {
     if !est.caps.contains(Caps::RDMA) {
         return Err(TransportError::NotNegotiated("rdma"));
     }
     let local = sock.local_addr().ok();
     let peer = sock.peer_addr().ok();
-    let mut ctl_tx = StreamTx::new(sock.try_clone()?, None)?;
-    let mut ctl_rx = StreamRx::new(sock.try_clone()?, false)?;
+    let mut ctl_tx = StreamTx::new(sock.try_clone()?, None, keys.sealer())?;
+    let mut ctl_rx = StreamRx::new(sock.try_clone()?, false, keys.opener())?;
     let dev = verbs::open(&opts.device, opts.port, opts.gid_index)?;
     let sq_depth = opts.sq_depth.clamp(2, dev.max_qp_wr);
     let rq_depth = opts.rq_depth.clamp(2, dev.max_qp_wr);
@@ -458,7 +468,7 @@ fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) ->
     });
     let fault_qp = Arc::clone(&qp);
     let qp_fault: Killer = Arc::new(move || verbs::lock(&fault_qp).set_error());
-    let info = ChannelInfo { established: est, backend: "rdma", local, peer };
+    let info = ChannelInfo { established: est, backend: "rdma", local, peer, image_key: keys.image.clone() };
     Ok(Parts { tx, rx, info, killer, qp_fault })
 }
 
@@ -466,8 +476,8 @@ fn build(sock: TcpStream, est: Established, opts: &RdmaOptions, source: bool) ->
 /// the queue pair exchange. The connecting side sends batches.
 pub fn connect(addr: SocketAddr, opts: &RdmaOptions, mut hs: ClientConfig) -> Result<RdmaChannel> {
     hs.caps = Caps(hs.caps.0 | Caps::RDMA.0);
-    let (s, est) = tcp::connect_stream(addr, &opts.tcp, hs)?;
-    Ok(build(s, est, opts, true)?.into_channel())
+    let (s, est, keys) = tcp::connect_stream(addr, &opts.tcp, hs)?;
+    Ok(build(s, est, keys, opts, true)?.into_channel())
 }
 
 impl Connector for RdmaOptions {
@@ -509,8 +519,8 @@ impl RdmaAcceptor {
 
     /// Accept one channel (see [`TcpAcceptor::accept`] for `admit`).
     pub fn accept(&self, admit: Admit<'_>) -> Result<RdmaChannel> {
-        let (s, est) = self.tcp.accept_stream(&|e| rdma_only(e).and_then(|()| admit(e)))?;
-        Ok(build(s, est, &self.opts, false)?.into_channel())
+        let (s, est, keys) = self.tcp.accept_stream(&|e| rdma_only(e).and_then(|()| admit(e)))?;
+        Ok(build(s, est, keys, &self.opts, false)?.into_channel())
     }
 }
 
@@ -534,8 +544,8 @@ impl Acceptor for RdmaAcceptor {
 
     fn accept_within(&self, wait: Duration, admit: Admit<'_>) -> Result<Option<Channel>> {
         let Some(s) = self.tcp.accept_socket(Some(wait))? else { return Ok(None) };
-        let (s, est) = self.tcp.handshake_stream(s, &|e| rdma_only(e).and_then(|()| admit(e)))?;
-        Ok(Some(build(s, est, &self.opts, false)?.into_channel().channel))
+        let (s, est, keys) = self.tcp.handshake_stream(s, &|e| rdma_only(e).and_then(|()| admit(e)))?;
+        Ok(Some(build(s, est, keys, &self.opts, false)?.into_channel().channel))
     }
 
     fn accept_pending(&self, wait: Duration) -> Result<Option<Box<dyn PendingChannel>>> {
@@ -564,8 +574,8 @@ impl PendingChannel for RdmaPending {
     /// The handshake gives up at `deadline`; the queue pair exchange after it has its own
     /// `setup_timeout`.
     fn establish(self: Box<Self>, deadline: Instant, admit: Admit<'_>) -> Result<Channel> {
-        let (s, est) = self.tcp.establish_stream(deadline, &|e| rdma_only(e).and_then(|()| admit(e)))?;
-        Ok(build(s, est, &self.opts, false)?.into_channel().channel)
+        let (s, est, keys) = self.tcp.establish_stream(deadline, &|e| rdma_only(e).and_then(|()| admit(e)))?;
+        Ok(build(s, est, keys, &self.opts, false)?.into_channel().channel)
     }
 }
 
@@ -579,16 +589,18 @@ pub struct RawRdmaPeer {
     tx: RdmaTx,
     sock: TcpStream,
     _rx: RdmaRx,
+    ctl: Arc<Mutex<StreamTx>>,
 }
 
 impl RawRdmaPeer {
     /// Connect like [`connect`], keeping raw access.
     pub fn connect(addr: SocketAddr, opts: &RdmaOptions, mut hs: ClientConfig) -> Result<Self> {
         hs.caps = Caps(hs.caps.0 | Caps::RDMA.0);
-        let (s, est) = tcp::connect_stream(addr, &opts.tcp, hs)?;
+        let (s, est, keys) = tcp::connect_stream(addr, &opts.tcp, hs)?;
         let sock = s.try_clone()?;
-        let p = build(s, est, opts, true)?;
-        Ok(Self { tx: p.tx, sock, _rx: p.rx })
+        let p = build(s, est, keys, opts, true)?;
+        let ctl = Arc::clone(&p.tx.ctl);
+        Ok(Self { tx: p.tx, sock, _rx: p.rx, ctl })
     }
 }
 
@@ -609,7 +621,9 @@ impl RawRdmaPeer {
             };
             return self.tx.send_raw_announcement(ann).map_err(std::io::Error::other);
         }
-        self.sock.write_all(b)
+        // Frames on the control stream are sealed like the channel's own.
+        let sealed = verbs::lock(&self.ctl).sealer_mut().seal_encoded(b);
+        self.sock.write_all(&sealed)
     }
 
     /// Close the control stream.

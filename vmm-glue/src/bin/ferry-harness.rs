@@ -8,7 +8,8 @@
 //! ferry-harness pingpong [--mem 1GiB] [--working-set 64MiB] [--trips 10] [--option tcp|zstd] [--json]
 //! ferry-harness quick --dir D [--mem 1GiB] [--working-set 64MiB] [--trips 2] [--json]
 //! ```
-//! Keys: `--psk-file F` or the environment variable `FERRY_PSK` (at least 16 bytes) on both hosts.
+//! Keys: `--psk-file F` (mode 0600) or the environment variable `FERRY_PSK` on both hosts: 32 or more random
+//! bytes as hex or base64 (`head -c 32 /dev/urandom | base64`).
 //!
 //! # How the hosts talk
 //! Live migration uses the engine (`ferry_migrate::source::migrate`) over authenticated channels
@@ -28,7 +29,7 @@
 //! Bad input exits non-zero with a message. A migration that fails before commit leaves the VM
 //! running where it was (the engine resumes it); the command says so and exits non-zero.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdout, Command, ExitCode, Stdio};
@@ -327,22 +328,13 @@ fn die_with_parent() {
 }
 
 fn load_key(k: &KeyArgs) -> Result<Psk> {
-    let bytes = match &k.psk_file {
-        Some(p) => {
-            let f = std::fs::File::open(p).map_err(io(format!("open key file {}", p.display())))?;
-            let mut v = Vec::new();
-            f.take(4096).read_to_end(&mut v).map_err(io(format!("read key file {}", p.display())))?;
-            while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
-                v.pop();
-            }
-            v
-        }
+    match &k.psk_file {
+        Some(p) => Psk::from_file(p).map_err(|e| CliError::Key(e.to_string())),
         None => match std::env::var_os("FERRY_PSK") {
-            Some(v) => v.into_encoded_bytes(),
-            None => return Err(CliError::Key("no key: give --psk-file FILE or set FERRY_PSK".into())),
+            Some(v) => Psk::parse(v.as_encoded_bytes()).map_err(|e| CliError::Key(format!("FERRY_PSK: {e}"))),
+            None => Err(CliError::Key("no key: give --psk-file FILE or set FERRY_PSK".into())),
         },
-    };
-    Psk::new(bytes).map_err(|e| CliError::Key(e.to_string()))
+    }
 }
 
 fn guest_config(g: &GuestArgs) -> Result<GuestConfig> {
@@ -541,7 +533,7 @@ struct Server {
 
 impl Server {
     fn start(listen: SocketAddr, psk: Psk, factory: KvmFactory, max: Option<usize>) -> Result<Self> {
-        let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5) };
+        let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
         let acc = TcpAcceptor::bind(listen, TcpOptions::default(), hs)
             .map_err(|e| CliError::Usage(format!("cannot listen on {listen}: {e}")))?;
         let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default()).spawn(max)?;
@@ -948,7 +940,7 @@ fn pingpong(a: PingArgs) -> Result<()> {
     let cfg = guest_config(&a.guest)?;
     let key: [u8; 32] = random_bytes();
     let key_hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-    let psk = Psk::new(key_hex.as_bytes()).map_err(|e| CliError::Key(e.to_string()))?;
+    let psk = Psk::parse(key_hex.as_bytes()).map_err(|e| CliError::Key(e.to_string()))?;
     let back = (a.trips / 2) as usize; // VMs that come back here
     let factory = KvmFactory::new(cfg.mem_bytes);
     let srv =
