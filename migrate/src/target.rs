@@ -301,6 +301,13 @@ fn rx_loop(
                 let _ = ev.send(Event::Violation(idx, format!("channel {idx}: {why}")));
                 return;
             }
+            // A frame that fails its tag was altered, injected, replayed or reordered on the
+            // way: that is an attack on the session, not a lost path, so the migration aborts
+            // (no failover).
+            Err(e @ TransportError::Unauthenticated) => {
+                let _ = ev.send(Event::Violation(idx, format!("channel {idx}: {e}")));
+                return;
+            }
             Err(e) => {
                 let _ = ev.send(Event::Failed(idx, e.to_string()));
                 return;
