@@ -68,6 +68,13 @@
 //! at most one batch, so receivers never race one another (the engine's `ferry_migrate::target`
 //! says why its image check can rely on that, and how it seals memory before the check).
 //!
+//! One exception, on the destination only: a sealed channel (`ferry_transport::crypto`) reads a
+//! batch's encrypted pages straight into the guest pages they belong to and decrypts (or
+//! authenticates) them there, in place, which the AES-GCM implementation does through a
+//! `&mut [u8]` over those pages for the length of the call. That is sound for the reason above:
+//! the destination's guest is not running and no other receiver writes the pages of a batch
+//! while it is being received, so nothing else reads or writes them while the slice exists.
+//!
 //! Every `unsafe` function and block in this crate and in the transport's send/receive paths
 //! refers to this contract instead of restating it.
 

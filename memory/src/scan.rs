@@ -9,7 +9,7 @@
 //! The hash is an XXH3-style accumulation: eight 64-bit lanes, each 8-byte word `d` at a position
 //! with key `k` adds `lo32(d ^ k) * hi32(d ^ k)` to its lane and the word itself to the neighbour
 //! lane; keys change with the position, so moved words change the hash; a final fold mixes the
-//! lanes. It detects corruption; it is not a MAC (channels are authenticated separately).
+//! lanes. It detects corruption; it is not a MAC (frames are authenticated by the channels' AEAD).
 //!
 //! Guest memory is only read with volatile loads: the source guest may be writing the page. A torn
 //! read only makes the page dirty again, and it is re-sent and re-scanned in a later round.

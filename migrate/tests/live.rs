@@ -518,7 +518,7 @@ fn a_tampered_frame_aborts_the_migration_and_the_source_keeps_running() {
         let err = migrate(&mut vm, chans, &cfg, &|_| {}).expect_err("a tampered stream must not complete");
         assert!(vm.is_running(), "source VM not running after {err}");
         let dst = outcomes.recv_timeout(Duration::from_secs(20)).unwrap();
-        let derr = dst.err().expect("the destination must discard the VM").to_string();
+        let derr = dst.expect_err("the destination must discard the VM").to_string();
         assert!(
             [&derr, &err.to_string()].iter().any(|m| m.contains("authentication") || m.contains("checksum")),
             "neither side names the tampered frame: source {err}, destination {derr}"

@@ -509,11 +509,9 @@ mod tests {
             // The reverse direction's key does not open it.
             let (mut tx2, _) = pair(mode);
             let f = tx2.seal_frame(FrameKind::Control, &[0; 40]);
-            let (_, rx_c) = pair(mode);
             let mut wrong =
                 ChannelKeys::derive(&KeyInput { mode, ..input(&[9u8; 32], &[1u8; 32], &[1u8; 32], &[0; 16], 0) }, true)
                     .opener();
-            drop(rx_c);
             assert!(open(&mut wrong, &f).is_err(), "{mode}: opened with the other direction's key");
         }
     }

@@ -103,7 +103,7 @@ impl Psk {
     pub fn parse(text: &[u8]) -> Result<Self, KeyError> {
         use base64::Engine;
         let t = text.trim_ascii();
-        let hex = t.len() % 2 == 0 && !t.is_empty() && t.iter().all(u8::is_ascii_hexdigit);
+        let hex = t.len().is_multiple_of(2) && !t.is_empty() && t.iter().all(u8::is_ascii_hexdigit);
         let bytes = if hex {
             Zeroizing::new(
                 t.chunks_exact(2)

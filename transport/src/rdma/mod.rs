@@ -65,11 +65,10 @@
 //!   keys and mode; [`crate::crypto`]): region tables, credits, acks and control messages are
 //!   authenticated (and encrypted with `aead`). The pages themselves cannot be: a one-sided RDMA
 //!   WRITE lands in guest memory with no receive-side step to open a tag, and the announcement
-//!   SEND goes on the queue pair in clear. They are authenticated instead by the image digest,
-//!   keyed with the session's image key: the destination hashes every page from its own memory
-//!   with the keyed page hash, so a page an attacker wrote (in a batch or outside any) changes
-//!   the digest and the destination refuses to commit. RDMA pages are not encrypted; use
-//!   `tcp` with `aead` where the link is not trusted.
+//!   SEND goes on the queue pair in clear. They are checked instead by the image digest that
+//!   decides commit (sessions with an rdma channel re-read all memory for it), so a page an
+//!   attacker wrote changes the digest and the destination refuses to commit. RDMA pages are not
+//!   encrypted; use `tcp` with `aead` where the link is not trusted.
 //! - **Failures.** A work completion with an error status (remote access error, retry exceeded,
 //!   flush after the QP entered the error state), a verbs call that fails, or a broken control
 //!   stream becomes a [`TransportError`] (`Rdma(..)`, `Closed`, ...), never a panic. The
