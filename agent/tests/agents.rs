@@ -166,7 +166,7 @@ use std::path::Path;
 #[test]
 fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let a = Agent::start("a", KEY, "");
-    let other = Agent::start("other", "a-different-key-0123456789", "");
+    let other = Agent::start("other", "q0KjJ5mXwz8N0p1LbQ7tYcVrE2sHdUaF9gIiOkMnB3w=", "");
     create(&a, "app", "32MiB", &[]);
     // The API socket is the owner's only.
     let mode = std::fs::metadata(&a.api).unwrap().permissions().mode() & 0o777;
