@@ -7,8 +7,9 @@
 //! entries change: replacing an entry adds the difference of its two terms. Reading it at
 //! switchover is O(1), so the downtime does not grow with guest memory (folding a table of 2 M
 //! entries took ~4 ms per side at 8 GiB). A changed page changes its term pseudo-randomly; two
-//! changes cancel with probability 2^-64 (this detects corruption; channels are authenticated
-//! separately).
+//! changes cancel with probability 2^-64. A migration keys both the page hashes and the final
+//! step ([`PageTable::with_key`]), so the digest that decides commit cannot be recomputed by
+//! anyone without the session's key.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +24,7 @@ fn term(i: usize, h: u64) -> u64 {
 pub struct PageTable {
     hashes: Vec<AtomicU64>,
     sum: AtomicU64,
+    fin: u64,
 }
 
 impl std::fmt::Debug for PageTable {
@@ -35,7 +37,13 @@ impl PageTable {
     /// `pages` entries, all `init`.
     pub fn new(pages: usize, init: u64) -> Self {
         let sum = (0..pages).fold(0u64, |s, i| s.wrapping_add(term(i, init)));
-        Self { hashes: (0..pages).map(|_| AtomicU64::new(init)).collect(), sum: AtomicU64::new(sum) }
+        Self { hashes: (0..pages).map(|_| AtomicU64::new(init)).collect(), sum: AtomicU64::new(sum), fin: 0 }
+    }
+
+    /// [`PageTable::new`] whose digest is finished with `key` (the key the page hashes are
+    /// taken with, [`crate::scan::HashKey`]).
+    pub fn with_key(pages: usize, init: u64, key: &crate::scan::HashKey) -> Self {
+        Self { fin: key.fin, ..Self::new(pages, init) }
     }
 
     /// Pages.
@@ -66,14 +74,14 @@ impl PageTable {
 
     /// The image digest (O(1)).
     pub fn digest(&self) -> u64 {
-        finish(self.sum.load(Ordering::Acquire), self.hashes.len())
+        finish(self.sum.load(Ordering::Acquire) ^ self.fin, self.hashes.len())
     }
 
     /// The digest computed from every entry again (O(pages); checks the running sum).
     pub fn recompute(&self) -> u64 {
         let sum =
             self.hashes.iter().enumerate().fold(0u64, |s, (i, e)| s.wrapping_add(term(i, e.load(Ordering::Acquire))));
-        finish(sum, self.hashes.len())
+        finish(sum ^ self.fin, self.hashes.len())
     }
 }
 
@@ -108,6 +116,15 @@ mod tests {
         }
         assert_eq!(x.digest(), base);
         assert_eq!(x.recompute(), base);
+    }
+
+    #[test]
+    fn a_keyed_table_has_another_digest() {
+        let k = crate::scan::HashKey::from_secret(&[9; 32]);
+        let (a, b) = (PageTable::new(8, 1), PageTable::with_key(8, 1, &k));
+        assert_ne!(a.digest(), b.digest());
+        b.set(3, 77);
+        assert_eq!(b.digest(), b.recompute());
     }
 
     #[test]

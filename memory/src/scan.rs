@@ -9,7 +9,11 @@
 //! The hash is an XXH3-style accumulation: eight 64-bit lanes, each 8-byte word `d` at a position
 //! with key `k` adds `lo32(d ^ k) * hi32(d ^ k)` to its lane and the word itself to the neighbour
 //! lane; keys change with the position, so moved words change the hash; a final fold mixes the
-//! lanes. It detects corruption; it is not a MAC (frames are authenticated by the channels' AEAD).
+//! lanes. It detects corruption. A migration keys it ([`HashKey`], from a secret both ends derive
+//! in the handshake and nobody else can): the lanes' and keys' starting values are secret, so
+//! someone who sees or writes pages (one-sided RDMA writes are not sealed) cannot compute a page's
+//! hash, nor the image digest, and cannot choose other contents that hash alike. It is a keyed
+//! hash in UMAC's NH family, not a proven MAC; frames are authenticated by the channels' AEAD.
 //!
 //! Guest memory is only read with volatile loads: the source guest may be writing the page. A torn
 //! read only makes the page dirty again, and it is re-sent and re-scanned in a later round.
@@ -44,6 +48,53 @@ const KEY_STEP: u64 = 0x6A09_E667_F3BC_C909;
 /// 32-byte chunks per page.
 const CHUNKS: usize = PAGE_SIZE / 32;
 
+/// The starting values of the page hash: public constants ([`HashKey::UNKEYED`]) or drawn from
+/// a secret ([`HashKey::from_secret`]). Two hosts agree on a page's hash only with the same key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashKey {
+    lanes: [u64; 8],
+    keys: [u64; 4],
+    /// Mixed into the image digest's final step (see `crate::digest::PageTable::with_key`).
+    pub(crate) fin: u64,
+}
+
+impl std::fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if *self == Self::UNKEYED { "HashKey(unkeyed)" } else { "HashKey(<secret>)" })
+    }
+}
+
+impl HashKey {
+    /// The public constants (quick migration's image files, tests).
+    pub const UNKEYED: HashKey = HashKey { lanes: LANE_INIT, keys: KEY_INIT, fin: 0 };
+
+    /// A key from a 32-byte secret (a migration's image key): every starting value is a
+    /// different mix of the whole secret.
+    pub fn from_secret(secret: &[u8; 32]) -> Self {
+        let mut w = [0u64; 4];
+        for (i, c) in secret.chunks_exact(8).enumerate() {
+            w[i] = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+        }
+        let mut n = 0u64;
+        let mut next = || {
+            // splitmix64 over the secret's words, each output depending on all four.
+            n = n.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = n ^ w[0] ^ w[1].rotate_left(17) ^ w[2].rotate_left(31) ^ w[3].rotate_left(47);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            let out = z ^ (z >> 31);
+            w.rotate_left(1);
+            w[3] ^= out;
+            out
+        };
+        let mut k = Self::UNKEYED;
+        k.lanes.iter_mut().for_each(|l| *l = next());
+        k.keys.iter_mut().for_each(|l| *l = next());
+        k.fin = next();
+        k
+    }
+}
+
 fn fold(acc: &[u64; 8]) -> u64 {
     let mut h = 0x243F_6A88_85A3_08D3u64;
     for &a in acc {
@@ -58,10 +109,10 @@ fn fold(acc: &[u64; 8]) -> u64 {
 ///
 /// # Safety
 /// `p` must be 32-byte aligned and valid for reads of 4096 bytes.
-unsafe fn scan_scalar(p: *const u8) -> PageScan {
+unsafe fn scan_scalar(p: *const u8, k: &HashKey) -> PageScan {
     let w = p as *const u64;
-    let mut acc = LANE_INIT;
-    let mut key = KEY_INIT;
+    let mut acc = k.lanes;
+    let mut key = k.keys;
     let mut or = 0u64;
     for j in 0..CHUNKS {
         let mut d = [0u64; 4];
@@ -88,15 +139,15 @@ unsafe fn scan_scalar(p: *const u8) -> PageScan {
 /// The CPU must support AVX2; `p` must be 32-byte aligned and valid for reads of 4096 bytes.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn scan_avx2(p: *const u8, next: *const u8) -> PageScan {
+unsafe fn scan_avx2(p: *const u8, next: *const u8, k: &HashKey) -> PageScan {
     use std::arch::x86_64::*;
     let v = p as *const __m256i;
-    // SAFETY: LANE_INIT and KEY_INIT hold 8 and 4 u64; unaligned loads of 32 bytes from them.
+    // SAFETY: the key's lanes and keys hold 8 and 4 u64; unaligned loads of 32 bytes from them.
     let (mut acc0, mut acc1, mut key) = unsafe {
         (
-            _mm256_loadu_si256(LANE_INIT.as_ptr() as *const __m256i),
-            _mm256_loadu_si256(LANE_INIT.as_ptr().add(4) as *const __m256i),
-            _mm256_loadu_si256(KEY_INIT.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(k.lanes.as_ptr() as *const __m256i),
+            _mm256_loadu_si256(k.lanes.as_ptr().add(4) as *const __m256i),
+            _mm256_loadu_si256(k.keys.as_ptr() as *const __m256i),
         )
     };
     let step = _mm256_set1_epi64x(KEY_STEP as i64);
@@ -138,10 +189,10 @@ pub unsafe fn scan_page(p: NonNull<u8>) -> PageScan {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: AVX2 was detected; the caller vouches for the page.
-        return unsafe { scan_avx2(p.as_ptr(), std::ptr::null()) };
+        return unsafe { scan_avx2(p.as_ptr(), std::ptr::null(), &HashKey::UNKEYED) };
     }
     // SAFETY: the caller vouches for the page.
-    unsafe { scan_scalar(p.as_ptr()) }
+    unsafe { scan_scalar(p.as_ptr(), &HashKey::UNKEYED) }
 }
 
 /// Scan the `pages` contiguous pages at `base` in order, calling `each(i, scan)` for page `i`.
@@ -150,39 +201,58 @@ pub unsafe fn scan_page(p: NonNull<u8>) -> PageScan {
 ///
 /// # Safety
 /// `base` must be page aligned and valid for reads of `pages * 4096` bytes (others may write them).
-pub unsafe fn scan_run(base: NonNull<u8>, pages: usize, mut each: impl FnMut(usize, PageScan)) {
+pub unsafe fn scan_run(base: NonNull<u8>, pages: usize, each: impl FnMut(usize, PageScan)) {
+    // SAFETY: the caller's promise, passed on.
+    unsafe { scan_run_keyed(base, pages, &HashKey::UNKEYED, each) }
+}
+
+/// [`scan_run`] with the hash keyed by `key`.
+///
+/// # Safety
+/// As [`scan_run`].
+pub unsafe fn scan_run_keyed(base: NonNull<u8>, pages: usize, key: &HashKey, mut each: impl FnMut(usize, PageScan)) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         for i in 0..pages {
             let p = base.as_ptr().wrapping_add(i * PAGE_SIZE);
             let next = if i + 1 < pages { p.wrapping_add(PAGE_SIZE) } else { std::ptr::null() };
             // SAFETY: AVX2 was detected; page i < pages is inside the caller's run.
-            each(i, unsafe { scan_avx2(p, next) });
+            each(i, unsafe { scan_avx2(p, next, key) });
         }
         return;
     }
     for i in 0..pages {
         // SAFETY: page i < pages is inside the caller's run.
-        each(i, unsafe { scan_scalar(base.as_ptr().add(i * PAGE_SIZE)) });
+        each(i, unsafe { scan_scalar(base.as_ptr().add(i * PAGE_SIZE), key) });
     }
 }
 
 /// Scan the whole pages of `s` in order, calling `each(i, scan)` for page `i` (see [`scan_run`]).
 /// False, and nothing scanned, unless `s` starts page aligned and holds whole pages.
 pub fn scan_slice(s: VolatileSlice<'_>, each: impl FnMut(usize, PageScan)) -> bool {
+    scan_slice_keyed(s, &HashKey::UNKEYED, each)
+}
+
+/// [`scan_slice`] with the hash keyed by `key`.
+pub fn scan_slice_keyed(s: VolatileSlice<'_>, key: &HashKey, each: impl FnMut(usize, PageScan)) -> bool {
     if !(s.as_ptr().as_ptr() as usize).is_multiple_of(PAGE_SIZE) || !s.len().is_multiple_of(PAGE_SIZE) {
         return false;
     }
     // SAFETY: page aligned whole pages, valid while `s` borrows its map; volatile reads only.
-    unsafe { scan_run(s.as_ptr(), s.len() / PAGE_SIZE, each) };
+    unsafe { scan_run_keyed(s.as_ptr(), s.len() / PAGE_SIZE, key, each) };
     true
 }
 
 /// The hash every zero page has.
 pub fn zero_page_hash() -> u64 {
+    zero_page_hash_keyed(&HashKey::UNKEYED)
+}
+
+/// The hash every zero page has under `key`.
+pub fn zero_page_hash_keyed(key: &HashKey) -> u64 {
     static ZERO: Page = Page([0; PAGE_SIZE]);
     // SAFETY: ZERO is a static, page aligned, 4096 bytes.
-    unsafe { scan_scalar(ZERO.0.as_ptr()) }.hash
+    unsafe { scan_scalar(ZERO.0.as_ptr(), key) }.hash
 }
 
 #[repr(align(4096))]
@@ -273,14 +343,38 @@ mod tests {
                 }
             });
             // SAFETY: a Page is 4096 aligned bytes.
-            let s = unsafe { scan_scalar(p.0.as_ptr()) };
+            let s = unsafe { scan_scalar(p.0.as_ptr(), &HashKey::UNKEYED) };
             assert_eq!(scan(&p), s);
+            let key = HashKey::from_secret(&[n as u8; 32]);
+            // SAFETY: a Page is 4096 aligned bytes.
+            let ks = unsafe { scan_scalar(p.0.as_ptr(), &key) };
+            assert_ne!(ks.hash, s.hash, "keyed and unkeyed agree on page {n}");
             #[cfg(target_arch = "x86_64")]
             if std::arch::is_x86_feature_detected!("avx2") {
                 // SAFETY: AVX2 detected; a Page is 4096 aligned bytes.
-                assert_eq!(unsafe { scan_avx2(p.0.as_ptr(), std::ptr::null()) }, s);
+                assert_eq!(unsafe { scan_avx2(p.0.as_ptr(), std::ptr::null(), &HashKey::UNKEYED) }, s);
+                // SAFETY: as above.
+                assert_eq!(unsafe { scan_avx2(p.0.as_ptr(), std::ptr::null(), &key) }, ks);
             }
         }
+    }
+
+    #[test]
+    fn keys_change_every_hash_and_the_zero_page_hash() {
+        let (a, b) = (HashKey::from_secret(&[1; 32]), HashKey::from_secret(&[2; 32]));
+        assert_ne!(a, b);
+        assert_eq!(a, HashKey::from_secret(&[1; 32]), "deterministic: both ends derive the same");
+        let mut one = [1u8; 32];
+        one[31] = 3;
+        assert_ne!(a, HashKey::from_secret(&one), "the last byte of the secret counts");
+        let hz: std::collections::HashSet<u64> =
+            [zero_page_hash(), zero_page_hash_keyed(&a), zero_page_hash_keyed(&b)].into_iter().collect();
+        assert_eq!(hz.len(), 3);
+        let p = page(|w| w as u64 * 3);
+        // SAFETY: a Page is 4096 aligned bytes.
+        let (x, y) = unsafe { (scan_scalar(p.0.as_ptr(), &a), scan_scalar(p.0.as_ptr(), &b)) };
+        assert_ne!(x.hash, y.hash);
+        assert_eq!(format!("{a:?}"), "HashKey(<secret>)");
     }
 
     #[test]

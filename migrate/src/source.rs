@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_memory::digest::PageTable;
-use ferry_memory::scan::scan_slice;
+use ferry_memory::scan::{scan_slice_keyed, HashKey};
 use ferry_memory::{MemoryMap, MemorySource, NoSink};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, TransportError};
 
@@ -153,6 +153,9 @@ struct Shared {
     queue: Mutex<Queue>,
     cv: Condvar,
     table: PageTable,
+    /// Keys the page hashes (from channel 0's image key): nobody without the pre-shared key can
+    /// compute them, so nobody can forge pages that hash alike.
+    hash_key: HashKey,
     mem: MemoryMap,
     window: usize,
     /// Pins are preferences (adaptive scheduling), not rules (round-robin).
@@ -278,7 +281,7 @@ fn scan_work(sh: &Shared, w: &Batch) -> Vec<u8> {
         // A run outside our own regions is unreachable for a run planned from them; the
         // transport refuses it.
         if let Some(run) = sh.mem.source_slice(r.gpa, r.len()) {
-            scan_slice(run, |p, s| {
+            scan_slice_keyed(run, &sh.hash_key, |p, s| {
                 let k = i + p;
                 if !s.zero {
                     map[k / 8] |= 1 << (k % 8);
@@ -530,10 +533,13 @@ pub fn migrate(
         return Err(MigrateError::Config("no channels"));
     }
     let total_pages: u64 = shape.regions.iter().map(|r| r.1 / ferry_transport::wire::PAGE_SIZE as u64).sum();
+    let encryption = channels[0].info.established.encryption.to_string();
+    let hash_key = HashKey::from_secret(channels[0].info.image_key.bytes());
     let sh = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         cv: Condvar::new(),
-        table: PageTable::new(total_pages as usize, 0),
+        table: PageTable::with_key(total_pages as usize, 0, &hash_key),
+        hash_key,
         mem: vm.memory(),
         window: cfg.window.max(1),
         steal: cfg.scheduling == Scheduling::Adaptive,
@@ -615,6 +621,7 @@ pub fn migrate(
         throttle_pct: ss.throttle_pct,
         channels: Vec::new(),
         verified: ss.verified,
+        encryption,
         events: ss.events,
     };
     stats.channels = eng

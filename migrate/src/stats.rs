@@ -161,6 +161,9 @@ pub struct MigrationStats {
     pub channels: Vec<ChannelStats>,
     /// The destination verified the image against the source's digest.
     pub verified: bool,
+    /// How the channels' frames were protected: `aead`, `integrity` or `off`.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub encryption: String,
     /// Notable events (channel failures, throttling, ...).
     pub events: Vec<String>,
 }

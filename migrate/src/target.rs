@@ -33,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_memory::digest::PageTable;
-use ferry_memory::scan::{scan_slice, zero_page_hash};
+use ferry_memory::scan::{scan_slice_keyed, zero_page_hash_keyed, HashKey};
 use ferry_memory::{MemoryMap, MemorySink, MemorySource, NoSink, Region, VolatileSlice};
 use ferry_transport::error::TransportError;
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
@@ -117,6 +117,8 @@ struct Shared {
     map: MemoryMap,
     regions: Vec<(u64, u64, u64)>, // gpa, len, first page index
     table: PageTable,
+    /// Keys the page hashes (channel 0's image key, as on the source).
+    hash_key: HashKey,
     gate: Arc<RoundGate>,
     pages: AtomicU64,
     batches: AtomicU64,
@@ -136,7 +138,7 @@ impl Shared {
     /// Hash the pages of one received run into the table (one lookup per run, not per page).
     fn hash_run(&self, r: &PageRun) {
         let (Some(first), Some(run)) = (self.index_of(r.gpa), self.map.source_slice(r.gpa, r.len())) else { return };
-        scan_slice(run, |p, s| self.table.set(first as usize + p, s.hash));
+        scan_slice_keyed(run, &self.hash_key, |p, s| self.table.set(first as usize + p, s.hash));
     }
 
     /// The image digest; `full`: re-read every page first rather than trust the hashes taken
@@ -343,6 +345,8 @@ struct Driver<'a> {
     stats: TargetStats,
     /// A channel of the session writes memory one-sided (rdma).
     one_sided: bool,
+    /// Channel 0's image key, which keys the page hashes and the digest.
+    hash_key: HashKey,
 }
 
 impl Driver<'_> {
@@ -428,7 +432,8 @@ impl Driver<'_> {
         let sh = Arc::new(Shared {
             map: vm.memory(),
             regions,
-            table: PageTable::new(acc as usize, zero_page_hash()),
+            table: PageTable::with_key(acc as usize, zero_page_hash_keyed(&self.hash_key), &self.hash_key),
+            hash_key: self.hash_key.clone(),
             gate: s.gate().clone(),
             pages: AtomicU64::new(0),
             batches: AtomicU64::new(0),
@@ -509,6 +514,7 @@ pub fn receive_after(
         threads: Vec::new(),
         stats: TargetStats::default(),
         one_sided: info.backend == "rdma",
+        hash_key: HashKey::from_secret(info.image_key.bytes()),
     };
     let mut s = TargetSession::new(cfg.idle_timeout, Instant::now());
     s.handle_control(&m, Instant::now());

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_memory::digest::PageTable;
-use ferry_memory::scan::{scan_slice, zero_page_hash};
+use ferry_memory::scan::{scan_slice_keyed, zero_page_hash_keyed, HashKey};
 use ferry_memory::{MemoryMap, NoSink};
 use ferry_migrate::protocol::{Msg, MIGRATION_VERSION};
 use ferry_migrate::server::connect_simple;
@@ -155,13 +155,15 @@ impl Hand {
     fn complete(&mut self) {
         let shape = self.vm.shape();
         let pages = (shape.memory_bytes() / PAGE_SIZE as u64) as usize;
-        let table = PageTable::new(pages, zero_page_hash());
+        // Keyed with channel 0's image key, as the engine's source does.
+        let key = HashKey::from_secret(self.ch[0].info.image_key.bytes());
+        let table = PageTable::with_key(pages, zero_page_hash_keyed(&key), &key);
         let mut first = 0usize;
         for &(gpa, len) in &shape.regions {
             let n = (len / PAGE_SIZE as u64) as u32;
             self.send(0, 0, &[PageRun { gpa, pages: n }]).unwrap();
             self.ack(0);
-            scan_slice(self.map.lookup(gpa, len as usize).unwrap(), |p, s| table.set(first + p, s.hash));
+            scan_slice_keyed(self.map.lookup(gpa, len as usize).unwrap(), &key, |p, s| table.set(first + p, s.hash));
             first += n as usize;
         }
         let state = self.vm.save_state().unwrap();

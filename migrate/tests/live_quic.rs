@@ -22,7 +22,12 @@ const SEED: u64 = 11;
 const KEY: &[u8] = b"quic-live-migration-test-key-0123";
 
 fn server(max: usize) -> RunningServer {
-    let hs = ServerConfig { psk: Psk::new(KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig {
+        psk: Psk::new(KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let acc = QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap();
     let factory = Arc::new(SyntheticFactory::new(1 << 30, false));
     MigrationServer::new(acc, factory, TargetConfig::default()).spawn(Some(max)).unwrap()

@@ -451,7 +451,11 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     mem.prefault();
     let map = mem.map_at(0)?;
     let caps = cfg.option.caps();
-    let acc = cfg.option.bind(listen, cfg.zstd_level, ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT, encryption: Default::default() })?;
+    let acc = cfg.option.bind(
+        listen,
+        cfg.zstd_level,
+        ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT, encryption: Default::default() },
+    )?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let admit = |est: &Established| {
         if est.binding.session == session {

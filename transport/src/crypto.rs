@@ -23,8 +23,11 @@
 //!
 //! - `aead`: a part is encrypted in place and followed by (or, for page data, listed with) its
 //!   16-byte tag.
-//! - `integrity`: nothing is encrypted; a part's tag is AES-GCM over the part as associated data
-//!   and the frame header as the (discarded) plaintext: the same key, nonce and tag size.
+//! - `integrity`: nothing is sent encrypted; a part's tag is the AES-GCM tag of the part (frame
+//!   header as associated data), computed by encrypting a scratch copy that is then thrown away:
+//!   the same key, nonce and tag size, and AES-GCM's fast path (ring's GHASH over associated
+//!   data alone, the GMAC way, measured 2-3x slower than sealing here). The receiver computes
+//!   the same over its copy and compares the tags in constant time.
 //! - `off`: frames as in protocol version 1, no tag (trusted networks only).
 //!
 //! How a page batch is split into parts is in [`crate::wire`].
@@ -235,6 +238,8 @@ pub struct Sealer {
     mode: Encryption,
     key: Option<LessSafeKey>,
     seq: u64,
+    /// `integrity`: where a part is copied to be encrypted for its tag.
+    scratch: Vec<u8>,
 }
 
 impl fmt::Debug for Sealer {
@@ -253,12 +258,21 @@ impl Sealer {
             // A 32-byte key is what AES-256-GCM takes: this cannot fail.
             LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).expect("AES-256 takes a 32-byte key"))
         });
-        Self { mode, key, seq: 0 }
+        Self { mode, key, seq: 0, scratch: Vec::new() }
     }
 
     /// A sealer that does nothing (`off`).
     pub fn off() -> Self {
-        Self { mode: Encryption::Off, key: None, seq: 0 }
+        Self { mode: Encryption::Off, key: None, seq: 0, scratch: Vec::new() }
+    }
+
+    /// `integrity`: the AES-GCM tag of `data` (header as associated data), from a scratch copy.
+    fn tag_of_copy(&mut self, hdr: &[u8; HEADER_LEN], part: u32, data: &[u8]) -> Option<Tag> {
+        let nonce = self.nonce(part);
+        let key = self.key.as_ref()?;
+        self.scratch.clear();
+        self.scratch.extend_from_slice(data);
+        key.seal_in_place_separate_tag(nonce, Aad::from(hdr), &mut self.scratch).ok()
     }
 
     /// The mode.
@@ -289,14 +303,13 @@ impl Sealer {
 
     /// Seal part `part` of the current frame in place (encrypted with `aead`, untouched with
     /// `integrity`) and return its tag (empty with `off`).
-    pub fn seal(&self, hdr: &[u8; HEADER_LEN], part: u32, data: &mut [u8]) -> [u8; TAG_LEN] {
+    pub fn seal(&mut self, hdr: &[u8; HEADER_LEN], part: u32, data: &mut [u8]) -> [u8; TAG_LEN] {
         let Some(key) = &self.key else { return [0; TAG_LEN] };
         // AES-GCM fails only past 2^36 bytes per message; parts are at most a few MiB.
         let tag = if self.mode == Encryption::Aead {
-            key.seal_in_place_separate_tag(self.nonce(part), Aad::from(hdr), data)
+            key.seal_in_place_separate_tag(self.nonce(part), Aad::from(hdr), data).ok()
         } else {
-            let mut h = *hdr;
-            key.seal_in_place_separate_tag(self.nonce(part), Aad::from(&*data), &mut h)
+            self.tag_of_copy(hdr, part, data)
         }
         .expect("a part is far below AES-GCM's message limit");
         let mut t = [0u8; TAG_LEN];
@@ -305,7 +318,7 @@ impl Sealer {
     }
 
     /// Open part `part` of the current frame in place (decrypted with `aead`) against `tag`.
-    pub fn open(&self, hdr: &[u8; HEADER_LEN], part: u32, data: &mut [u8], tag: &[u8]) -> Result<()> {
+    pub fn open(&mut self, hdr: &[u8; HEADER_LEN], part: u32, data: &mut [u8], tag: &[u8]) -> Result<()> {
         let Some(key) = &self.key else { return Ok(()) };
         let tag: [u8; TAG_LEN] = tag.try_into().map_err(|_| TransportError::Unauthenticated)?;
         if self.mode == Encryption::Aead {
@@ -313,10 +326,7 @@ impl Sealer {
                 .map(|_| ())
                 .map_err(|_| TransportError::Unauthenticated)
         } else {
-            let mut h = *hdr;
-            let t = key
-                .seal_in_place_separate_tag(self.nonce(part), Aad::from(&*data), &mut h)
-                .map_err(|_| TransportError::Unauthenticated)?;
+            let t = self.tag_of_copy(hdr, part, data).ok_or(TransportError::Unauthenticated)?;
             if tags_equal(t.as_ref(), &tag) {
                 Ok(())
             } else {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 use crate::channel::{Channel, ChannelInfo, Killer};
-use crate::crypto::ChannelKeys;
+use crate::crypto::{ChannelKeys, Encryption};
 use crate::endpoint::{Acceptor, Admit, Connector, Path, PendingChannel};
 use crate::error::{HandshakeError, Result, TransportError};
 use crate::handshake::{
@@ -47,6 +47,10 @@ pub struct TcpOptions {
     /// faster ([`crate::stream::CompressChooser`]): compression pays only where the link is slower
     /// than the compressor. `false` compresses every batch (still raw when it saves < 1/8).
     pub adaptive: bool,
+    /// Protection of the channels these options open: overrides the client configuration's
+    /// mode, so an operator's choice made with the transport option reaches every channel a
+    /// session opens (`None`: the configuration's).
+    pub encryption: Option<Encryption>,
 }
 
 impl Default for TcpOptions {
@@ -60,6 +64,7 @@ impl Default for TcpOptions {
             connect_timeout: Duration::from_secs(5),
             zstd_level: None,
             adaptive: true,
+            encryption: None,
         }
     }
 }
@@ -193,6 +198,9 @@ pub fn connect_stream(
     tune(&SockRef::from(&sock), opts)?;
     sock.connect_timeout(&addr.into(), opts.connect_timeout)?;
     let mut s: TcpStream = sock.into();
+    if let Some(m) = opts.encryption {
+        hs.encryption = m;
+    }
     if opts.zstd_level.is_none() {
         hs.caps = Caps(hs.caps.0 & !Caps::ZSTD.0);
     }

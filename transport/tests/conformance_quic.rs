@@ -36,11 +36,17 @@ impl Quic {
 }
 
 fn client_cfg(psk: Psk, session: [u8; 16], channel: u16) -> ClientConfig {
-    ClientConfig { psk, binding: ChannelBinding { session, channel }, caps: Caps::ALL, timeout: Duration::from_secs(5) }
+    ClientConfig {
+        psk,
+        binding: ChannelBinding { session, channel },
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    }
 }
 
 fn acceptor(psk: Psk) -> QuicAcceptor {
-    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
     QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap()
 }
 
@@ -183,7 +189,12 @@ fn rejected_session_gets_a_reason() {
 /// channel afterwards. An idle listener yields nothing within the wait.
 #[test]
 fn stranger_is_refused_and_acceptor_survives() {
-    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_millis(300) };
+    let hs = ServerConfig {
+        psk: Psk::new(TEST_KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_millis(300),
+        encryption: Default::default(),
+    };
     let acc = QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap();
     assert!(acc.accept_within(Duration::from_millis(20), &|_| Ok(())).unwrap().is_none());
     let addr = acc.local_addr().unwrap();
@@ -206,7 +217,12 @@ fn stranger_is_refused_and_acceptor_survives() {
 /// on QUIC), from the path's local address, and the backend says `quic`.
 #[test]
 fn endpoint_traits_open_bound_channels() {
-    let hs = ServerConfig { psk: Psk::new(TEST_KEY).unwrap(), caps: Caps::ALL, timeout: Duration::from_secs(5) };
+    let hs = ServerConfig {
+        psk: Psk::new(TEST_KEY).unwrap(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let acc: Box<dyn Acceptor> =
         Box::new(QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap());
     assert_eq!(acc.transport(), "quic");
@@ -228,6 +244,7 @@ fn endpoint_traits_open_bound_channels() {
             binding,
             caps: Caps::ALL,
             timeout: Duration::from_secs(5),
+            encryption: Default::default(),
         };
         let c = connector.connect(&path, cfg).unwrap();
         let s = srv.join().unwrap();
