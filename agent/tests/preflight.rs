@@ -54,7 +54,7 @@ fn incompatibilities_are_listed_with_a_code_and_a_reason() {
     let shared = Scratch::new("pf-shared");
     let a = Agent::start("a", KEY, &format!("shared_storage = \"{}\"\n", shared.0.display()));
     let b = Agent::start("b", KEY, "");
-    let stranger = Agent::start("c", "a-different-key-0123456789", "");
+    let stranger = Agent::start("c", "q0KjJ5mXwz8N0p1LbQ7tYcVrE2sHdUaF9gIiOkMnB3w=", "");
     a.json(&["vm", "create", "--name", "dup", "--memory", "32MiB", "--guest", "synthetic"]);
     b.json(&["vm", "create", "--name", "dup", "--memory", "32MiB", "--guest", "synthetic"]);
     let to_b = b.listen.to_string();
