@@ -60,7 +60,7 @@ fn busy_guest_moves_over_quic_and_verifies() {
 fn a_source_without_the_key_is_refused_and_keeps_running() {
     let s = server(1);
     let mut vm = guest("stranger", 16, 0, 0, SEED);
-    let wrong = Psk::new(b"some-other-key-of-thirty-two-byte".to_vec()).unwrap();
+    let wrong = Psk::new(b"some-other-key-0123456789abcdefghij".to_vec()).unwrap();
     let e = connect_simple(s.addr, 1, &QuicOptions::default(), &wrong).unwrap_err();
     assert!(e.to_string().contains("authentication failed"), "{e}");
     assert!(vm.is_running());

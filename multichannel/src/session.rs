@@ -4,9 +4,9 @@
 //! Source:
 //! ```no_run
 //! # use ferry_multichannel::*;
-//! # use ferry_transport::{handshake::Psk, tcp::TcpOptions};
+//! # use ferry_transport::{handshake::{random_bytes, Psk}, tcp::TcpOptions};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let psk = Psk::new(b"a key of at least sixteen bytes".to_vec())?;
+//! let psk = Psk::new(random_bytes::<32>().to_vec())?; // the same key on every host
 //! let policy: NetworkPolicy = "198.18.1.0/24:1,198.18.2.0/24:2".parse()?;
 //! let (channels, plan) = open_session("198.18.1.2:7700".parse()?, &psk, &TcpOptions::default(), &policy)?;
 //! for u in &plan.unusable {

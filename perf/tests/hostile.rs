@@ -170,7 +170,7 @@ fn a_wrong_key_is_refused_and_a_migration_completes() {
     let mut refused = None;
     let (s, d) = migrate(&tb, "wrong key", &mut |to| {
         refused = Some(in_src(&tb, move || {
-            let wrong = Psk::new(b"not-the-key-not-the-key-not-the-key".to_vec()).unwrap();
+            let wrong = Psk::new(b"not-the-key-0123456789abcdefghijklmn".to_vec()).unwrap();
             ferry_migrate::server::connect_simple(to, 1, &TcpOptions::default(), &wrong).map(drop)
         }));
         Ok(to)
