@@ -606,9 +606,14 @@ fn read_header(r: &mut impl Read) -> Result<Image, QuickError> {
         let len = le_u64(c.take(8)?);
         if !gpa.is_multiple_of(PAGE_SIZE as u64)
             || !len.is_multiple_of(PAGE_SIZE as u64)
+            || len == 0
             || gpa.checked_add(len).is_none()
         {
             return Err(bad(format!("region {gpa:#x}+{len:#x}")));
+        }
+        // Regions overlapping one another would map one guest address twice.
+        if let Some(&(g, l)) = regions.iter().find(|&&(g, l): &&(u64, u64)| gpa < g + l && g < gpa + len) {
+            return Err(bad(format!("region {gpa:#x}+{len:#x} overlaps {g:#x}+{l:#x}")));
         }
         regions.push((gpa, len));
     }
@@ -903,6 +908,42 @@ mod tests {
         cases.push(h);
         for c in cases {
             assert!(read_header(&mut &c[..]).is_err());
+        }
+    }
+
+    /// A header with a valid CRC around `regions`.
+    fn header_with(regions: &[(u64, u64)]) -> Vec<u8> {
+        let mut body = Vec::new();
+        body.extend_from_slice(&2u16.to_le_bytes());
+        body.extend_from_slice(b"vm");
+        put_u32(&mut body, regions.len() as u32);
+        for &(gpa, len) in regions {
+            put_u64(&mut body, gpa);
+            put_u64(&mut body, len);
+        }
+        put_u32(&mut body, 0);
+        let mut head = IMAGE_MAGIC.to_vec();
+        put_u32(&mut head, IMAGE_VERSION);
+        put_u32(&mut head, body.len() as u32);
+        head.extend_from_slice(&body);
+        let crc = crc32fast::hash(&head);
+        put_u32(&mut head, crc);
+        head
+    }
+
+    /// Found by the quick_image fuzz target: a zero-length region (and overlapping ones) reached
+    /// the memory map, which refused it with a panic in the caller.
+    #[test]
+    fn empty_and_overlapping_regions_are_bad_images() {
+        let p = PAGE_SIZE as u64;
+        let ok = read_header(&mut &header_with(&[(0, p), (p, 2 * p)])[..]).expect("adjacent regions");
+        assert_eq!(ok.shape.regions.len(), 2);
+        for regions in [vec![(0, 0)], vec![(0, 2 * p), (p, p)], vec![(4 * p, p), (0, 8 * p)]] {
+            match read_header(&mut &header_with(&regions)[..]) {
+                Err(QuickError::BadImage(_)) => {}
+                Err(e) => panic!("{regions:?}: {e}"),
+                Ok(_) => panic!("{regions:?} accepted"),
+            }
         }
     }
 }
