@@ -210,8 +210,10 @@ fn kill(killers: &Killers, only: Option<u16>) {
 struct GatedSink<'a> {
     map: &'a MemoryMap,
     gate: &'a RoundGate,
-    /// The batch being received was admitted (it counts as a writer until it lands).
-    admitted: AtomicBool,
+    /// Batches admitted and not yet handed to the receive loop (each counts as a writer until it
+    /// lands). A stream backend admits one batch per receive; rdma may admit several announcements
+    /// in one poll and hand them over one receive at a time.
+    admitted: AtomicU64,
 }
 
 // SAFETY: every slice and region comes from the wrapped map, under its own promise.
@@ -226,15 +228,16 @@ unsafe impl MemorySink for GatedSink<'_> {
 
     fn admit_batch(&self, round: u32) -> Result<(), String> {
         self.gate.admit(round).map_err(|e| e.to_string())?;
-        self.admitted.store(true, Ordering::SeqCst);
+        self.admitted.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 }
 
 impl GatedSink<'_> {
-    /// The receive is over: an admitted batch stops counting as a writer.
+    /// One receive is over: the batch it handed over (or the one it failed on) stops counting as
+    /// a writer.
     fn landed(&self) {
-        if self.admitted.swap(false, Ordering::SeqCst) {
+        if self.admitted.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
             self.gate.landed();
         }
     }
@@ -247,7 +250,7 @@ fn rx_loop(
     sh: Arc<Shared>,
     ev: mpsc::Sender<Event>,
 ) {
-    let sink = GatedSink { map: &sh.map, gate: &sh.gate, admitted: AtomicBool::new(false) };
+    let sink = GatedSink { map: &sh.map, gate: &sh.gate, admitted: AtomicU64::new(0) };
     loop {
         if sh.dead.load(Ordering::SeqCst) {
             return;

@@ -426,17 +426,26 @@ pub fn refused_batch(b: &dyn Backend) {
     let half = (PAGES / 2) as u32;
     let first = [PageRun { gpa: 0, pages: half }];
     let second = [PageRun { gpa: u64::from(half) * PAGE_SIZE as u64, pages: half }];
-    s.tx.send_batch(1, 0, 0, &first, &smap).expect("send round 0");
-    s.tx.send_batch(2, 1, 0, &second, &smap).expect("send round 1");
     let sink = RefusingSink { map: &dmap, refuse_from: 1 };
-    match d.rx.recv(&sink) {
-        Ok(Incoming::Batch(rb)) => assert_eq!((rb.id, rb.round), (1, 0)),
-        other => panic!("{}: round 0 should be admitted, got {other:?}", b.name()),
-    }
-    match d.rx.recv(&sink) {
-        Err(TransportError::BatchRefused(why)) => assert!(why.contains("round 1"), "{why}"),
-        other => panic!("{}: round 1 should be refused, got {other:?}", b.name()),
-    }
+    // The sender runs on its own thread: a one-sided backend's first send waits for the region
+    // table, which the receiver sends on its first receive.
+    std::thread::scope(|sc| {
+        let smap = &smap;
+        let tx = &mut s.tx;
+        let sender = sc.spawn(move || {
+            tx.send_batch(1, 0, 0, &first, smap).expect("send round 0");
+            tx.send_batch(2, 1, 0, &second, smap).expect("send round 1");
+        });
+        match d.rx.recv(&sink) {
+            Ok(Incoming::Batch(rb)) => assert_eq!((rb.id, rb.round), (1, 0)),
+            other => panic!("{}: round 0 should be admitted, got {other:?}", b.name()),
+        }
+        match d.rx.recv(&sink) {
+            Err(TransportError::BatchRefused(why)) => assert!(why.contains("round 1"), "{why}"),
+            other => panic!("{}: round 1 should be refused, got {other:?}", b.name()),
+        }
+        sender.join().expect("sender");
+    });
     let (mut x, mut y) = (vec![0u8; PAGE_SIZE], vec![0u8; PAGE_SIZE]);
     for p in 0..PAGES {
         src.read_into(p * PAGE_SIZE, &mut x);
