@@ -515,29 +515,10 @@ impl Agent {
             }
         }
         let settings = self.settings();
-        let option = req.option.clone().unwrap_or_else(|| settings.default_transport().into());
-        let option =
-            option.parse::<ferry_transport::option::TransportOption>().map_err(|e| ApiError::bad(e.to_string()))?;
-        if !option.is_tcp() {
-            // The agents listen on TCP only; quic runs in migration-bench and the library.
-            return Err(ApiError::bad(format!(
-                "option {option} is not served by the agent yet (tcp, zstd, zstd-always)"
-            )));
-        }
-        let option = option.to_string();
-        let channels = req.channels.unwrap_or(2);
-        if !(1..=16).contains(&channels) {
-            return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));
-        }
+        let (option, channels, to) = self.route(&settings, req.option.as_deref(), req.channels, &req.to)?;
         let downtime_ms = req.downtime_ms.unwrap_or(300);
         if !(1..=60_000).contains(&downtime_ms) {
             return Err(ApiError::bad(format!("downtime_ms {downtime_ms} is not in 1 ..= 60000")));
-        }
-        let to: SocketAddr = req.to.parse().map_err(|_| {
-            ApiError::bad(format!("destination {:?} is not an agent address like 198.18.0.2:7700", req.to))
-        })?;
-        if to == self.cfg.listen {
-            return Err(ApiError::bad("the destination is this host"));
         }
         settings
             .network_allows(to.ip())
@@ -1278,25 +1259,43 @@ impl Agent {
         }
     }
 
+    /// The option, channel count and destination of a move, checked the same way for a move and
+    /// for its preflight (a preflight must not call compatible what the move would refuse).
+    fn route(
+        &self,
+        settings: &Settings,
+        option: Option<&str>,
+        channels: Option<u16>,
+        to: &str,
+    ) -> ApiResult<(String, u16, SocketAddr)> {
+        let option = option
+            .unwrap_or(settings.default_transport())
+            .parse::<ferry_transport::option::TransportOption>()
+            .map_err(|e| ApiError::bad(e.to_string()))?;
+        if !option.is_tcp() {
+            // The agents listen on TCP only; quic runs in migration-bench and the library.
+            return Err(ApiError::bad(format!(
+                "option {option} is not served by the agent yet (tcp, zstd, zstd-always)"
+            )));
+        }
+        let channels = channels.unwrap_or(2);
+        if !(1..=16).contains(&channels) {
+            return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));
+        }
+        let to: SocketAddr = to
+            .parse()
+            .map_err(|_| ApiError::bad(format!("destination {to:?} is not an agent address like 198.18.0.2:7700")))?;
+        if to == self.cfg.listen {
+            return Err(ApiError::bad("the destination is this host"));
+        }
+        Ok((option.to_string(), channels, to))
+    }
+
     /// `POST /v1/preflight`: ask the destination and check this host's side; nothing moves.
     async fn preflight(&self, req: PreflightRequest) -> ApiResult<PreflightReport> {
         let e = self.owned(&req.vm)?;
         let settings = self.settings();
-        let option = req.option.clone().unwrap_or_else(|| settings.default_transport().into());
-        let option = option
-            .parse::<ferry_transport::option::TransportOption>()
-            .map_err(|e| ApiError::bad(e.to_string()))?
-            .to_string();
-        let channels = req.channels.unwrap_or(2);
-        if !(1..=16).contains(&channels) {
-            return Err(ApiError::bad(format!("channels {channels} is not in 1 ..= 16")));
-        }
-        let to: SocketAddr = req.to.parse().map_err(|_| {
-            ApiError::bad(format!("destination {:?} is not an agent address like 198.18.0.2:7700", req.to))
-        })?;
-        if to == self.cfg.listen {
-            return Err(ApiError::bad("the destination is this host"));
-        }
+        let (option, channels, to) = self.route(&settings, req.option.as_deref(), req.channels, &req.to)?;
         let mut inc = Vec::new();
         let mut add = |code: &str, message: String| inc.push(Incompatibility { code: code.into(), message });
         let network = if settings.any_network() {
