@@ -132,6 +132,24 @@ struct Inner {
     loading: bool,
 }
 
+impl Inner {
+    /// A received VM (live or quick) runs here, or why nothing runs.
+    fn arrived(&mut self, result: Result<(Guest, bool, String), String>) {
+        match result {
+            Ok((vm, verified, check)) => {
+                self.vm = Some(vm);
+                self.state = VmmState::Running;
+                self.received_verified = Some(verified);
+                self.guest_check = Some(check);
+            }
+            Err(e) => {
+                self.state = VmmState::Failed;
+                self.error = Some(e);
+            }
+        }
+    }
+}
+
 struct Vmm {
     args: VmmArgs,
     inner: Mutex<Inner>,
@@ -292,18 +310,7 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr) -> Result<(), VmmError> {
 fn arrived(vmm: &Vmm, r: Result<TargetOutcome, MigrateError>) {
     let result = r.map_err(|e| e.to_string()).and_then(|o| run_received(o.vm, o.stats.verified, false));
     let mut g = vmm.lock();
-    match result {
-        Ok((vm, verified, check)) => {
-            g.vm = Some(vm);
-            g.state = VmmState::Running;
-            g.received_verified = Some(verified);
-            g.guest_check = Some(check);
-        }
-        Err(e) => {
-            g.state = VmmState::Failed;
-            g.error = Some(e);
-        }
-    }
+    g.arrived(result);
 }
 
 /// A received VM (committed, its state restored): check it and run it. `resume`: the VM's
@@ -694,18 +701,7 @@ fn start_quick_load(vmm: &Arc<Vmm>, q: QuickLoad) {
         let mut g = v.lock();
         g.loading = false;
         g.quick_load_ms = Some(load_ms);
-        match result {
-            Ok((vm, verified, check)) => {
-                g.vm = Some(vm);
-                g.state = VmmState::Running;
-                g.received_verified = Some(verified);
-                g.guest_check = Some(check);
-            }
-            Err(e) => {
-                g.state = VmmState::Failed;
-                g.error = Some(e);
-            }
-        }
+        g.arrived(result);
     });
 }
 
