@@ -67,22 +67,7 @@ enum Cmd {
     Move(MoveArgs),
     /// Could a move of VM to HOST run now, and how? (Nothing moves.) Exit 0: compatible;
     /// 2: not, with every reason.
-    Preflight {
-        /// The VM.
-        vm: String,
-        /// The destination agent's `listen` address.
-        #[arg(long)]
-        to: String,
-        /// Check a quick move.
-        #[arg(long)]
-        quick: bool,
-        /// Transport option.
-        #[arg(long)]
-        option: Option<ferry_transport::option::TransportOption>,
-        /// Channels.
-        #[arg(long)]
-        channels: Option<u16>,
-    },
+    Preflight(Route),
     /// The migration journal, newest first.
     Migrations {
         /// Print it again every second (text) until interrupted.
@@ -182,8 +167,9 @@ enum VmCmd {
     },
 }
 
+/// What a move (and its preflight) takes: the VM, where to, how.
 #[derive(Debug, clap::Args)]
-struct MoveArgs {
+struct Route {
     /// The VM.
     vm: String,
     /// The destination agent's `listen` address.
@@ -198,6 +184,22 @@ struct MoveArgs {
     /// Channels.
     #[arg(long)]
     channels: Option<u16>,
+}
+
+impl Route {
+    fn kind(&self) -> MoveKind {
+        if self.quick {
+            MoveKind::Quick
+        } else {
+            MoveKind::Live
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+struct MoveArgs {
+    #[command(flatten)]
+    route: Route,
     /// Downtime limit in milliseconds.
     #[arg(long)]
     downtime_ms: Option<u64>,
@@ -362,13 +364,13 @@ async fn run(c: Cli) -> Result<(), Fail> {
             }
         },
         Cmd::Move(m) => return do_move(&api, j, m).await,
-        Cmd::Preflight { vm, to, quick, option, channels } => {
+        Cmd::Preflight(r) => {
             let req = PreflightRequest {
-                vm,
-                to,
-                kind: if quick { MoveKind::Quick } else { MoveKind::Live },
-                option: option.map(|o| o.to_string()),
-                channels,
+                kind: r.kind(),
+                option: r.option.map(|o| o.to_string()),
+                channels: r.channels,
+                vm: r.vm,
+                to: r.to,
             };
             let body = serde_json::to_value(&req).map_err(|e| Fail::Refused(e.to_string()))?;
             let v = api.call("POST", "/v1/preflight", Some(body)).await?;
@@ -438,18 +440,18 @@ async fn run(c: Cli) -> Result<(), Fail> {
 
 async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
     let req = MoveRequest {
-        vm: m.vm.clone(),
-        to: m.to.clone(),
-        kind: if m.quick { MoveKind::Quick } else { MoveKind::Live },
-        option: m.option.map(|o| o.to_string()),
-        channels: m.channels,
+        vm: m.route.vm.clone(),
+        to: m.route.to.clone(),
+        kind: m.route.kind(),
+        option: m.route.option.map(|o| o.to_string()),
+        channels: m.route.channels,
         downtime_ms: m.downtime_ms,
     };
     let body = serde_json::to_value(&req).map_err(|e| Fail::Refused(e.to_string()))?;
     let acc = api.call("POST", "/v1/moves", Some(body)).await?;
     let id = acc.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
     if !m.wait {
-        print(j, &acc, |_| format!("moving {} to {}: migration {id}", m.vm, m.to));
+        print(j, &acc, |_| format!("moving {} to {}: migration {id}", m.route.vm, m.route.to));
         return Ok(());
     }
     let bar = (!j && std::io::stdout().is_terminal()).then(|| {
@@ -481,7 +483,7 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
     let out = json!({
         "id": m_info.id,
         "vm": m_info.vm,
-        "to": m.to,
+        "to": m.route.to,
         "status": m_info.status,
         "verified": m_info.verified,
         "total_ms": m_info.total_ms,
@@ -493,7 +495,7 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         "completed" => format!(
             "moved {} to {}: total {:.0} ms, downtime {:.1} ms, verified {}",
             m_info.vm,
-            m.to,
+            m.route.to,
             m_info.total_ms.unwrap_or(0.0),
             m_info.downtime_ms.unwrap_or(0.0),
             m_info.verified
