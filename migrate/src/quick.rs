@@ -453,15 +453,9 @@ fn write_image(
     Ok(r)
 }
 
-/// Write the image of a paused VM (the format in the module docs) to `w`; returns (bytes,
-/// pages stored). (What `quick_save` writes; public for the image reader's fuzz target.)
-pub fn write_image_to(
-    w: &mut impl Write,
-    shape: &VmShape,
-    state: &[u8],
-    mem: &MemoryMap,
-) -> Result<(u64, u64), QuickError> {
-    let werr = || io("write image");
+/// An image's header (magic, version, length, the VM's shape and state, CRC), as
+/// [`read_header`] reads it.
+fn encode_header(shape: &VmShape, state: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&(shape.vm_id.len() as u16).to_le_bytes());
     body.extend_from_slice(shape.vm_id.as_bytes());
@@ -478,6 +472,19 @@ pub fn write_image_to(
     head.extend_from_slice(&body);
     let crc = crc32fast::hash(&head);
     put_u32(&mut head, crc);
+    head
+}
+
+/// Write the image of a paused VM (the format in the module docs) to `w`; returns (bytes,
+/// pages stored). (What `quick_save` writes; public for the image reader's fuzz target.)
+pub fn write_image_to(
+    w: &mut impl Write,
+    shape: &VmShape,
+    state: &[u8],
+    mem: &MemoryMap,
+) -> Result<(u64, u64), QuickError> {
+    let werr = || io("write image");
+    let head = encode_header(shape, state);
     w.write_all(&head).map_err(werr())?;
     let mut bytes = head.len() as u64;
     let mut chunks = 0u64;
@@ -913,22 +920,7 @@ mod tests {
 
     /// A header with a valid CRC around `regions`.
     fn header_with(regions: &[(u64, u64)]) -> Vec<u8> {
-        let mut body = Vec::new();
-        body.extend_from_slice(&2u16.to_le_bytes());
-        body.extend_from_slice(b"vm");
-        put_u32(&mut body, regions.len() as u32);
-        for &(gpa, len) in regions {
-            put_u64(&mut body, gpa);
-            put_u64(&mut body, len);
-        }
-        put_u32(&mut body, 0);
-        let mut head = IMAGE_MAGIC.to_vec();
-        put_u32(&mut head, IMAGE_VERSION);
-        put_u32(&mut head, body.len() as u32);
-        head.extend_from_slice(&body);
-        let crc = crc32fast::hash(&head);
-        put_u32(&mut head, crc);
-        head
+        encode_header(&VmShape { vm_id: "vm".into(), regions: regions.to_vec() }, &[])
     }
 
     /// Found by the quick_image fuzz target: a zero-length region (and overlapping ones) reached
