@@ -18,7 +18,7 @@ use ferry_migrate::source::{migrate, MigrationConfig};
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::{SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_migrate::MigrateError;
-use ferry_test_support::guest::{guest, into_synthetic};
+use ferry_test_support::guest::{guest, into_synthetic, NoResume};
 use ferry_test_support::server;
 use ferry_transport::handshake::Psk;
 use ferry_transport::tcp::TcpOptions;
@@ -41,23 +41,6 @@ struct Spy {
     maps: Mutex<Vec<MemoryMap>>,
     /// Make every VM's resume fail.
     resume_fails: bool,
-}
-
-struct NoResume(Box<dyn TargetVm>);
-
-impl TargetVm for NoResume {
-    fn memory(&self) -> MemoryMap {
-        self.0.memory()
-    }
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
-        self.0.restore_state(state)
-    }
-    fn resume(&mut self) -> Result<(), VmError> {
-        Err("the vCPUs would not start".into())
-    }
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self.0.into_any()
-    }
 }
 
 impl TargetFactory for Spy {

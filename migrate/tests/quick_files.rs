@@ -7,10 +7,9 @@ use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ferry_memory::MemoryMap;
 use ferry_migrate::quick::{quick_load, quick_save, QuickError, SharedDir, VmRunState};
 use ferry_migrate::vm::{TargetFactory, TargetVm, VmError, VmShape};
-use ferry_test_support::guest::{guest, same_memory};
+use ferry_test_support::guest::{guest, same_memory, NoResume};
 use ferry_vmm_glue::synthetic::{SyntheticFactory, SyntheticTarget};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -34,23 +33,6 @@ fn names(dir: &Path) -> Vec<String> {
 
 /// A factory whose VMs load but never resume.
 struct NoResumeFactory(SyntheticFactory);
-
-struct NoResume(Box<dyn TargetVm>);
-
-impl TargetVm for NoResume {
-    fn memory(&self) -> MemoryMap {
-        self.0.memory()
-    }
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
-        self.0.restore_state(state)
-    }
-    fn resume(&mut self) -> Result<(), VmError> {
-        Err("the vCPUs would not start".into())
-    }
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self.0.into_any()
-    }
-}
 
 impl TargetFactory for NoResumeFactory {
     fn create(&self, shape: &VmShape) -> Result<Box<dyn TargetVm>, VmError> {

@@ -328,23 +328,9 @@ impl Drop for Pair {
     }
 }
 
-/// Most journal intervals `[started_at, finished_at)` open at once (RFC 3339 strings of one
-/// format sort as times; at equal times an end comes first).
-pub fn max_concurrent(journal: &Value) -> u32 {
-    let mut ev: Vec<(String, i32)> = Vec::new();
-    for m in journal.as_array().into_iter().flatten() {
-        if let (Some(s), Some(f)) = (m["started_at"].as_str(), m["finished_at"].as_str()) {
-            ev.push((s.to_string(), 1));
-            ev.push((f.to_string(), -1));
-        }
-    }
-    ev.sort();
-    let (mut now, mut max) = (0i32, 0i32);
-    for (_, d) in ev {
-        now += d;
-        max = max.max(now);
-    }
-    max.max(0) as u32
+/// Most migrations of an agent's journal (a JSON array) open at once.
+fn max_concurrent(journal: &Value) -> u32 {
+    ferry_test_support::journal::max_concurrent(journal.as_array().map_or(&[][..], Vec::as_slice)) as u32
 }
 
 /// `single`: one guest through the agents beside the library path.

@@ -1,7 +1,8 @@
 //! Synthetic guests for migration tests, and checks on what arrived.
 
+use ferry_memory::MemoryMap;
 use ferry_migrate::target::TargetOutcome;
-use ferry_migrate::vm::SourceVm;
+use ferry_migrate::vm::{SourceVm, TargetVm, VmError};
 use ferry_transport::wire::PAGE_SIZE;
 use ferry_vmm_glue::synthetic::{SyntheticConfig, SyntheticTarget, SyntheticVm};
 
@@ -38,4 +39,23 @@ pub fn same_memory(src: &SyntheticVm, dst: &SyntheticTarget) {
 pub fn into_synthetic(o: TargetOutcome) -> SyntheticTarget {
     let any: Box<dyn std::any::Any> = o.vm.into_any();
     *any.downcast::<SyntheticTarget>().expect("a synthetic target")
+}
+
+/// A destination VM that loads and verifies like the one it wraps but whose vCPUs never start:
+/// for the failure of a resume after commit.
+pub struct NoResume(pub Box<dyn TargetVm>);
+
+impl TargetVm for NoResume {
+    fn memory(&self) -> MemoryMap {
+        self.0.memory()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        self.0.restore_state(state)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        Err("the vCPUs would not start".into())
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self.0.into_any()
+    }
 }

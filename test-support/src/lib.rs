@@ -5,6 +5,7 @@
 //! - [`guest`]: synthetic guests for migration tests, and checks that two images match.
 //! - [`fault`]: the source's channels wrapped to fail on cue at a protocol step (a cut, a
 //!   cancel, a corrupt message, a hung path, pages lost on the way, a lost confirmation).
+//! - [`journal`]: reading an agent's migration journal (most migrations open at once).
 //! - [`flood`]: a flood of idle connections against a listener (reopening what it closes).
 //! - [`mitm`]: a man in the middle relaying Ferry's frames that flips, drops, injects or replays
 //!   one in a chosen phase of a migration.
@@ -23,6 +24,7 @@ pub mod conformance;
 pub mod fault;
 pub mod flood;
 pub mod guest;
+pub mod journal;
 pub mod mitm;
 pub mod server;
 pub mod sessions;

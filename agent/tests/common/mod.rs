@@ -217,24 +217,8 @@ impl Drop for Agent {
     }
 }
 
-/// Most intervals `[started_at, finished_at)` open at once (RFC 3339 UTC strings of one format
-/// sort as times).
-pub fn max_concurrent(ms: &[Value]) -> usize {
-    let mut ev: Vec<(String, i32)> = Vec::new();
-    for m in ms {
-        let (Some(s), Some(f)) = (m["started_at"].as_str(), m["finished_at"].as_str()) else { continue };
-        ev.push((s.to_string(), 1));
-        ev.push((f.to_string(), -1));
-    }
-    // At equal times an end comes before a start.
-    ev.sort();
-    let (mut now, mut max) = (0i32, 0i32);
-    for (_, d) in ev {
-        now += d;
-        max = max.max(now);
-    }
-    max as usize
-}
+#[allow(unused_imports)] // not every test binary counts overlaps
+pub use ferry_test_support::journal::max_concurrent;
 
 /// A VMM process's status, straight from its control socket (`None`: it does not answer).
 pub fn vmm_status(state: &Path, vm: &str) -> Option<Value> {
