@@ -47,6 +47,13 @@ fn a_compatible_destination_says_how_the_move_would_run_and_nothing_moves() {
     let o = a.ferry(&["preflight", "nope", "--to", &b.listen.to_string()]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("no VM named \"nope\""));
+    // An option the agent does not serve is refused by the preflight as by the move.
+    for cmd in ["preflight", "move"] {
+        let o = a.ferry(&[cmd, "p1", "--to", &b.listen.to_string(), "--option", "quic"]);
+        assert_eq!(o.status.code(), Some(2), "{cmd}");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not served by the agent"), "{cmd}: {o:?}");
+    }
+    assert!(a.migrations().is_empty() && b.vms().is_empty());
 }
 
 #[test]
