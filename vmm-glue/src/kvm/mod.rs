@@ -11,12 +11,18 @@
 //! - One vCPU on its own thread (module `vcpu`); pause kicks it out of `KVM_RUN` with a signal and
 //!   waits until it is parked.
 //! - State: registers, special registers, XSAVE (or FPU), XCRs, debug registers, the MSRs KVM
-//!   lists that are readable, vCPU events, MP state, the port device, and, with an in-kernel
+//!   lists that are readable, vCPU events, MP state, the port device, the block device's
+//!   registers, and, with an in-kernel
 //!   irqchip ([`GuestConfig::irqchip`], [`KvmFactory::with_irqchip`]), the LAPIC, both PICs and
 //!   the IOAPIC ([`state`]). The guest program uses no interrupts; the irqchip is there so that
 //!   its state is carried like a real VM's.
+//! - Disks: a paravirtual block device on I/O ports ([`block`]) over the VM's
+//!   [`ferry_disk::Disk`]s ([`KvmVm::attach_disks`]; a destination gets them from its factory,
+//!   [`KvmFactory::with_disks`]), which the guest program writes and verifies when
+//!   [`GuestConfig::disk_slots`] is set.
 //! - The guest program and its layout: [`guest`].
 
+pub mod block;
 pub mod guest;
 pub mod state;
 mod vcpu;
@@ -25,6 +31,7 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use ferry_disk::Disk;
 use ferry_memory::reserve::MemoryReserve;
 use ferry_memory::{AnonMemory, MemoryError, MemoryMap, VolatileSlice};
 use ferry_migrate::vm::{DirtyBitmap, RegionBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
@@ -200,6 +207,12 @@ pub struct GuestConfig {
     /// Create an in-kernel irqchip (LAPIC, PICs, IOAPIC), whose state then travels too. The
     /// destination's factory must be set the same way ([`KvmFactory::with_irqchip`]).
     pub irqchip: bool,
+    /// Disk requests the guest program cycles over on disk 0 after each pass (0: no disk I/O).
+    /// Pass `g` reads request slot `(g - 1) % disk_slots`, checks it holds what generation
+    /// `g - disk_slots` wrote (zeros before), and writes it stamped with `g` ([`guest`]).
+    pub disk_slots: u64,
+    /// Sectors (512 bytes) per disk request (1 ..= [`block::MAX_REQUEST_SECTORS`]).
+    pub disk_request_sectors: u32,
 }
 
 impl Default for GuestConfig {
@@ -214,6 +227,8 @@ impl Default for GuestConfig {
             delay: 0,
             user_mode: true,
             irqchip: true,
+            disk_slots: 0,
+            disk_request_sectors: 8,
         }
     }
 }
@@ -245,6 +260,14 @@ impl GuestConfig {
         if !self.stride.is_multiple_of(8) || self.stride == 0 || self.stride > page {
             return bad(format!("stride {}", self.stride));
         }
+        if self.disk_slots > 0 {
+            if !(1..=block::MAX_REQUEST_SECTORS).contains(&self.disk_request_sectors) {
+                return bad(format!("{} sectors per disk request", self.disk_request_sectors));
+            }
+            if self.disk_slots.checked_mul(u64::from(self.disk_request_sectors) * block::SECTOR_BYTES).is_none() {
+                return bad(format!("{} disk slots", self.disk_slots));
+            }
+        }
         Ok(())
     }
 
@@ -274,6 +297,16 @@ pub struct GuestReport {
     pub errors: u64,
     /// The first failures: (address, value found, generation found).
     pub error_records: Vec<(u64, u64, u64)>,
+    /// Disk words the guest found wrong (reported through the block device).
+    pub disk_errors: u64,
+    /// The first of them: (disk offset, value found).
+    pub disk_error_records: Vec<(u64, u64)>,
+    /// Disk requests done by the block device: reads, writes.
+    pub disk_reads: u64,
+    /// Disk writes done.
+    pub disk_writes: u64,
+    /// Disk commands the device refused or that failed.
+    pub disk_failed: u64,
 }
 
 struct Slot {
@@ -311,7 +344,8 @@ pub struct KvmVm {
     msrs: Vec<u32>,
     irqchip: bool,
     logging: bool,
-    vmm_dirty: Mutex<DirtyBitmap>,
+    /// Pages the VMM wrote (boot, the block device's reads): shared with the vCPU thread.
+    vmm_dirty: Arc<Mutex<DirtyBitmap>>,
     returned: Option<DirtyBitmap>,
     registry: Option<Arc<Mutex<HashSet<String>>>>,
 }
@@ -382,8 +416,10 @@ impl KvmVm {
         }
         let shape_regions: Vec<RegionBitmap> =
             regions.iter().map(|&(gpa, len)| RegionBitmap::new(gpa, len / PAGE_SIZE as u64)).collect();
+        let vmm_dirty = Arc::new(Mutex::new(DirtyBitmap { regions: shape_regions }));
+        let mem = MemoryMap::from_anon(this_slots.iter().map(|s| (s.gpa, s.mem.clone())))?;
         Ok(Self {
-            runner: Runner::new(vcpu)?,
+            runner: Runner::new(vcpu, block::BlockDevice::new(mem, vmm_dirty.clone()))?,
             vm,
             slots: this_slots,
             id: vm_id.to_string(),
@@ -391,7 +427,7 @@ impl KvmVm {
             msrs,
             irqchip,
             logging: false,
-            vmm_dirty: Mutex::new(DirtyBitmap { regions: shape_regions }),
+            vmm_dirty,
             returned: None,
             registry: None,
         })
@@ -414,6 +450,9 @@ impl KvmVm {
         vm.write_u64(p + guest::P_WS_PAGES, cfg.ws_pages)?;
         vm.write_u64(p + guest::P_STRIDE, cfg.stride)?;
         vm.write_u64(p + guest::P_DELAY, cfg.delay)?;
+        vm.write_u64(p + guest::P_DISK_BUF, guest::DISK_BUF)?;
+        vm.write_u64(p + guest::P_DISK_SLOTS, cfg.disk_slots)?;
+        vm.write_u64(p + guest::P_DISK_COUNT, u64::from(cfg.disk_request_sectors))?;
         vm.write_bytes(guest::CODE, guest::PROGRAM)?;
         let vcpu = vcpu::lock(&vm.runner.vcpu);
         let mut s = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
@@ -517,14 +556,37 @@ impl KvmVm {
 
     /// What the guest has reported.
     pub fn report(&self) -> GuestReport {
-        let d = vcpu::lock(&self.runner.shared.device);
+        let d = vcpu::lock(&self.runner.shared.device).clone();
+        let b = vcpu::lock(&self.runner.shared.block).state.clone();
         GuestReport {
             passes: d.passes,
             checksum: d.checksum,
             reports: d.reports,
             errors: d.errors,
             error_records: d.error_records.iter().map(|&(a, f)| (a, f, guest::generation_of(a, f))).collect(),
+            disk_errors: b.disk_errors,
+            disk_error_records: b.error_records,
+            disk_reads: b.reads,
+            disk_writes: b.writes,
+            disk_failed: b.failed,
         }
+    }
+
+    /// Give the VM its disks (index `i` is the block device's disk `i`; the guest program uses
+    /// disk 0). Replaces the disks it had; a request in flight finishes on the old ones.
+    pub fn attach_disks(&self, disks: Vec<Arc<Disk>>) {
+        vcpu::lock(&self.runner.shared.block).disks = disks;
+    }
+
+    /// The VM's disks.
+    pub fn disks(&self) -> Vec<Arc<Disk>> {
+        vcpu::lock(&self.runner.shared.block).disks.clone()
+    }
+
+    /// The last disk generation the guest program published as written (see
+    /// [`block::check_guest_disk`]).
+    pub fn guest_disk_generation(&self) -> Result<u64, KvmError> {
+        self.read_u64(guest::PARAMS + guest::P_DISK_GEN)
     }
 
     /// `len` bytes of guest memory at `gpa`, inside one slot.
@@ -537,19 +599,7 @@ impl KvmVm {
     }
 
     fn mark_vmm_dirty(&self, gpa: u64, len: u64) {
-        if len == 0 {
-            return;
-        }
-        let mut d = vcpu::lock(&self.vmm_dirty);
-        for r in d.regions.iter_mut() {
-            let end = r.gpa + r.pages * PAGE_SIZE as u64;
-            let (lo, hi) = (gpa.max(r.gpa), (gpa + len).min(end));
-            if lo < hi {
-                for p in (lo - r.gpa) / PAGE_SIZE as u64..=(hi - 1 - r.gpa) / PAGE_SIZE as u64 {
-                    r.set(p);
-                }
-            }
-        }
+        mark_dirty(&self.vmm_dirty, gpa, len);
     }
 
     fn clear_vmm_dirty(&self) {
@@ -679,6 +729,7 @@ impl KvmVm {
             st.irqchips = Some(chips);
         }
         st.device = vcpu::lock(&self.runner.shared.device).clone();
+        st.block = vcpu::lock(&self.runner.shared.block).state.clone();
         Ok(st)
     }
 
@@ -747,6 +798,7 @@ impl KvmVm {
             v.set_mp_state(*x).map_err(ioctl("KVM_SET_MP_STATE"))?;
         }
         *vcpu::lock(&self.runner.shared.device) = st.device.clone();
+        vcpu::lock(&self.runner.shared.block).state = st.block.clone();
         Ok(())
     }
 
@@ -762,6 +814,23 @@ impl Drop for KvmVm {
     fn drop(&mut self) {
         if let Some(r) = &self.registry {
             vcpu::lock(r).remove(&self.id);
+        }
+    }
+}
+
+/// Mark the pages of `[gpa, gpa + len)` in `dirty` (the VMM wrote them).
+fn mark_dirty(dirty: &Mutex<DirtyBitmap>, gpa: u64, len: u64) {
+    let Some(end) = gpa.checked_add(len).filter(|_| len > 0) else {
+        return;
+    };
+    let mut d = vcpu::lock(dirty);
+    for r in d.regions.iter_mut() {
+        let rend = r.gpa + r.pages * PAGE_SIZE as u64;
+        let (lo, hi) = (gpa.max(r.gpa), end.min(rend));
+        if lo < hi {
+            for p in (lo - r.gpa) / PAGE_SIZE as u64..=(hi - 1 - r.gpa) / PAGE_SIZE as u64 {
+                r.set(p);
+            }
         }
     }
 }
@@ -867,6 +936,16 @@ impl SourceVm for KvmVm {
     }
 }
 
+impl ferry_disk::Quiesce for KvmVm {
+    fn pause(&mut self) -> Result<(), ferry_disk::local::VmError> {
+        self.runner.pause().map_err(|e| Box::new(e) as ferry_disk::local::VmError)
+    }
+
+    fn resume(&mut self) -> Result<(), ferry_disk::local::VmError> {
+        self.runner.resume().map_err(|e| Box::new(e) as ferry_disk::local::VmError)
+    }
+}
+
 impl TargetVm for KvmVm {
     fn memory(&self) -> MemoryMap {
         self.memory_map()
@@ -886,6 +965,19 @@ impl TargetVm for KvmVm {
     }
 }
 
+/// Opens the disks of an incoming VM (by its shape: its id), for its block device: the files
+/// the source uses, on storage both hosts share (a live migration moves no disk).
+pub type DiskOpener = Arc<dyn Fn(&VmShape) -> Result<Vec<Arc<Disk>>, String> + Send + Sync>;
+
+#[derive(Clone)]
+struct Opener(DiskOpener);
+
+impl std::fmt::Debug for Opener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DiskOpener")
+    }
+}
+
 /// Creates paused, zeroed KVM VMs on the destination host.
 #[derive(Debug, Clone)]
 pub struct KvmFactory {
@@ -893,6 +985,7 @@ pub struct KvmFactory {
     max_bytes: u64,
     irqchip: bool,
     reserve: Option<Arc<MemoryReserve>>,
+    disks: Option<Opener>,
 }
 
 impl KvmFactory {
@@ -903,7 +996,14 @@ impl KvmFactory {
             max_bytes,
             irqchip: GuestConfig::default().irqchip,
             reserve: None,
+            disks: None,
         }
+    }
+
+    /// Give each incoming VM the disks `open` returns for it (attached before it resumes).
+    pub fn with_disks(mut self, open: DiskOpener) -> Self {
+        self.disks = Some(Opener(open));
+        self
     }
 
     /// Take guest memory of incoming VMs from `reserve` (faulted in ahead of time) when it holds
@@ -932,9 +1032,20 @@ impl KvmFactory {
         if !vcpu::lock(&self.live).insert(shape.vm_id.clone()) {
             return Err(KvmError::Duplicate(shape.vm_id.clone()));
         }
+        let disks = match &self.disks {
+            Some(Opener(open)) => match open(shape) {
+                Ok(d) => d,
+                Err(e) => {
+                    vcpu::lock(&self.live).remove(&shape.vm_id);
+                    return Err(KvmError::Config(format!("disks of {}: {e}", shape.vm_id)));
+                }
+            },
+            None => Vec::new(),
+        };
         match KvmVm::new_empty_from(&shape.vm_id, &shape.regions, self.irqchip, self.reserve.as_deref()) {
             Ok(mut vm) => {
                 vm.registry = Some(self.live.clone());
+                vm.attach_disks(disks);
                 Ok(vm)
             }
             Err(e) => {

@@ -9,11 +9,15 @@
 //! plain integers and arrays, so any bytes decode; KVM itself refuses values it does not like).
 //! Decoding checks the size cap, the CRC, the magic, the version, every length and that each
 //! section's size is exactly its structure's; garbage gives a [`StateError`], never a panic.
+//! The block device's section (registers and counters) is optional: a blob without it (from a
+//! build before the device) loads with the device reset.
 
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
 };
 use zerocopy::{FromBytes, IntoBytes};
+
+use super::block::BlockState;
 
 /// Magic at the start of a state blob.
 pub const MAGIC: [u8; 8] = *b"FERRYKVM";
@@ -45,6 +49,7 @@ const T_DEVICE: u32 = 11;
 const T_PIC_MASTER: u32 = 12;
 const T_PIC_SLAVE: u32 = 13;
 const T_IOAPIC: u32 = 14;
+const T_BLOCK: u32 = 15;
 
 /// Why a state blob cannot be decoded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -146,6 +151,8 @@ pub struct VmState {
     pub irqchips: Option<Box<[kvm_irqchip; 3]>>,
     /// The port device.
     pub device: DeviceState,
+    /// The block device's registers and counters.
+    pub block: BlockState,
 }
 
 fn fpu_bytes(f: &kvm_fpu) -> Vec<u8> {
@@ -225,6 +232,53 @@ fn device_from(b: &[u8]) -> Option<DeviceState> {
     (r.pos == b.len()).then_some(d)
 }
 
+fn block_bytes(b: &BlockState) -> Vec<u8> {
+    let mut v = Vec::new();
+    for x in [b.sector, b.buffer, b.reads, b.writes, b.failed, b.disk_errors] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    for x in [b.count, b.disk, b.status] {
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    for l in b.error_latch {
+        v.extend_from_slice(&l.to_le_bytes());
+    }
+    let n = b.error_records.len().min(MAX_ERROR_RECORDS);
+    v.extend_from_slice(&(n as u32).to_le_bytes());
+    for (o, f) in &b.error_records[..n] {
+        v.extend_from_slice(&o.to_le_bytes());
+        v.extend_from_slice(&f.to_le_bytes());
+    }
+    v
+}
+
+fn block_from(bytes: &[u8]) -> Option<BlockState> {
+    let mut r = Reader { b: bytes, pos: 0 };
+    let mut b = BlockState {
+        sector: r.u64()?,
+        buffer: r.u64()?,
+        reads: r.u64()?,
+        writes: r.u64()?,
+        failed: r.u64()?,
+        disk_errors: r.u64()?,
+        count: r.u32()?,
+        disk: r.u32()?,
+        status: r.u32()?,
+        ..Default::default()
+    };
+    for l in b.error_latch.iter_mut() {
+        *l = r.u32()?;
+    }
+    let n = r.u32()? as usize;
+    if n > MAX_ERROR_RECORDS {
+        return None;
+    }
+    for _ in 0..n {
+        b.error_records.push((r.u64()?, r.u64()?));
+    }
+    (r.pos == bytes.len()).then_some(b)
+}
+
 struct Reader<'a> {
     b: &'a [u8],
     pos: usize,
@@ -300,6 +354,7 @@ pub fn encode(s: &VmState) -> Vec<u8> {
         }
     }
     push_section(&mut out, &mut n, T_DEVICE, &device_bytes(&s.device));
+    push_section(&mut out, &mut n, T_BLOCK, &block_bytes(&s.block));
     out[12..16].copy_from_slice(&n.to_le_bytes());
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -391,6 +446,7 @@ pub fn decode(blob: &[u8]) -> Result<VmState, StateError> {
                 s.device = device_from(b).ok_or(StateError::Section(i))?;
                 device = true;
             }
+            T_BLOCK => s.block = block_from(b).ok_or(StateError::Section(i))?,
             T_PIC_MASTER | T_PIC_SLAVE | T_IOAPIC => {
                 let chip: kvm_irqchip = exact(tag, b)?;
                 let chips = s.irqchips.get_or_insert_with(|| Box::new([kvm_irqchip::default(); 3]));
@@ -433,6 +489,16 @@ mod tests {
         s.vcpu.events = Some(kvm_vcpu_events::default());
         s.device.passes = 17;
         s.device.error_records = vec![(0x10_0000, 5)];
+        s.block = BlockState {
+            sector: 1 << 33,
+            count: 8,
+            buffer: 0x2_0000,
+            status: 2,
+            writes: 9,
+            disk_errors: 1,
+            error_records: vec![(4096, 77)],
+            ..Default::default()
+        };
         s
     }
 
@@ -448,6 +514,16 @@ mod tests {
         assert_eq!(d.vcpu.xsave.unwrap()[5], 0xdead);
         assert_eq!(d.vcpu.msrs, s.vcpu.msrs);
         assert_eq!(d.device, s.device);
+        assert_eq!(d.block, s.block, "the block device's registers travel");
+        // A blob from before the block device (no such section) loads with the device reset.
+        let old = VmState { block: BlockState::default(), ..s.clone() };
+        let mut b = encode(&old);
+        let block_len = block_bytes(&old.block).len() + 8;
+        b.truncate(b.len() - 4 - block_len);
+        let n = u32::from_le_bytes(b[12..16].try_into().unwrap()) - 1;
+        b[12..16].copy_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&[0; 4]);
+        assert_eq!(decode(&reseal(b)).unwrap().block, BlockState::default());
     }
 
     #[test]

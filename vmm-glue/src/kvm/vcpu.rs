@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
+use super::block::{is_block_port, BlockDevice};
 use super::guest::*;
 use super::state::{DeviceState, MAX_ERROR_RECORDS};
 use super::KvmError;
@@ -41,6 +42,8 @@ pub(crate) struct Shared {
     cv: Condvar,
     /// The port device.
     pub device: Mutex<DeviceState>,
+    /// The block device.
+    pub block: Mutex<BlockDevice>,
     /// Throttle, percent of full speed (1..=100).
     pub throttle: AtomicU8,
     /// Exits served (all kinds).
@@ -78,13 +81,14 @@ pub(crate) struct Runner {
 }
 
 impl Runner {
-    pub fn new(vcpu: VcpuFd) -> Result<Self, KvmError> {
+    pub fn new(vcpu: VcpuFd, block: BlockDevice) -> Result<Self, KvmError> {
         install_kick_handler()?;
         Ok(Self {
             shared: Arc::new(Shared {
                 ctl: Mutex::new(Ctl { want: Want::Pause, parked: true, dead: None }),
                 cv: Condvar::new(),
                 device: Mutex::new(DeviceState::default()),
+                block: Mutex::new(block),
                 throttle: AtomicU8::new(100),
                 exits: Default::default(),
             }),
@@ -182,12 +186,17 @@ impl Drop for Runner {
     }
 }
 
-/// Serve a port write. Returns nothing: unknown ports are counted, not fatal.
-fn port_out(dev: &mut DeviceState, port: u16, data: &[u8]) {
+/// The value of a port write (1, 2 or 4 bytes), zero-extended.
+fn word(data: &[u8]) -> u32 {
     let mut w = [0u8; 4];
     let n = data.len().min(4);
     w[..n].copy_from_slice(&data[..n]);
-    let v = u32::from_le_bytes(w);
+    u32::from_le_bytes(w)
+}
+
+/// Serve a port write. Returns nothing: unknown ports are counted, not fatal.
+fn port_out(dev: &mut DeviceState, port: u16, data: &[u8]) {
+    let v = word(data);
     match port {
         PORT_COUNT_LO..=PORT_ERR_VAL_HI if port.is_multiple_of(4) => {
             dev.latch[usize::from((port - PORT_COUNT_LO) / 4)] = v;
@@ -252,12 +261,20 @@ fn vcpu_loop(shared: &Shared, vcpu: &Mutex<VcpuFd>) {
             let mut v = lock(vcpu);
             match v.run() {
                 Ok(exit) => match exit {
+                    VcpuExit::IoOut(port, data) if is_block_port(port) => {
+                        lock(&shared.block).port_out(port, word(data));
+                        None
+                    }
                     VcpuExit::IoOut(port, data) => {
                         port_out(&mut lock(&shared.device), port, data);
                         None
                     }
-                    VcpuExit::IoIn(_, data) => {
+                    VcpuExit::IoIn(port, data) => {
+                        let v = if is_block_port(port) { lock(&shared.block).port_in(port) } else { 0 };
+                        let b = v.to_le_bytes();
+                        let n = data.len().min(4);
                         data.fill(0);
+                        data[..n].copy_from_slice(&b[..n]);
                         None
                     }
                     VcpuExit::MmioRead(_, data) => {
