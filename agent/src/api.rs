@@ -88,7 +88,7 @@ pub struct HostInfo {
     pub listen: String,
     /// Live migrations allowed at once (outgoing and incoming together).
     pub max_live_migrations: usize,
-    /// Storage migrations allowed at once (kept for the storage issue; not used yet).
+    /// Storage migrations allowed at once (`ferry vm move-storage`; a separate limit).
     pub max_storage_migrations: usize,
     /// `tcp`, `compression` or `smb`.
     pub performance_option: String,
@@ -105,6 +105,12 @@ pub struct HostInfo {
     pub queued_migrations: usize,
     /// VMs owned by this host.
     pub vms: usize,
+    /// Storage migrations running now.
+    #[serde(default)]
+    pub active_storage_migrations: usize,
+    /// Storage migrations waiting for a slot.
+    #[serde(default)]
+    pub queued_storage_migrations: usize,
 }
 
 /// A change of host settings at run time (every field optional; all or nothing changes). The
@@ -151,6 +157,48 @@ pub struct CreateVm {
     /// Synthetic guest: how fast it rewrites its working set (default 16 MiB/s; 0: flat out).
     #[serde(default)]
     pub dirty_rate_bytes_per_s: Option<u64>,
+    /// Virtual disks: raw sparse images created (empty) in the VM's storage directory.
+    #[serde(default)]
+    pub disks: Vec<DiskRequest>,
+    /// Bytes at the start of each disk the guest rewrites (synthetic: its disk writer; KVM: the
+    /// guest program's request slots of 4 KiB; default 1 MiB, at most the disk; 0: no writes).
+    #[serde(default)]
+    pub disk_working_set_bytes: Option<u64>,
+    /// Synthetic guest: disk bytes written per second over all disks (default 1 MiB/s; 0:
+    /// flat out).
+    #[serde(default)]
+    pub disk_write_rate_bytes_per_s: Option<u64>,
+}
+
+/// A disk of a new VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    /// Name, unique in the VM (as VM names); the image file is `NAME.img`.
+    pub name: String,
+    /// Size in bytes (64 KiB ..= 16 TiB; any size, not only multiples of 64 KiB or 512).
+    pub size_bytes: u64,
+}
+
+/// A disk of a VM as the agent reports it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskInfo {
+    /// Name (the image's file name).
+    pub name: String,
+    /// The image file the VM uses now.
+    pub path: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Bytes the image occupies (it is sparse).
+    pub allocated_bytes: u64,
+}
+
+/// `POST /v1/vms/{name}/move-storage`: move every disk of the VM to `path` while it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MoveStorageRequest {
+    /// An existing directory on this host (absolute path).
+    pub path: String,
 }
 
 /// A VM as the agent reports it.
@@ -176,6 +224,9 @@ pub struct VmInfo {
     pub arrived_verified: Option<bool>,
     /// After arrival: the guest check (`ok` or the problem).
     pub guest_check: Option<String>,
+    /// Its disks.
+    #[serde(default)]
+    pub disks: Vec<DiskInfo>,
 }
 
 /// Kind of move.

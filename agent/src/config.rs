@@ -8,7 +8,7 @@
 //! state_dir = "/var/lib/ferry"
 //! key_file = "/etc/ferry/key"         # the same key on every host: 32+ random bytes, hex or base64, mode 0600
 //! max_live_migrations = 2             # outgoing and incoming together (default 2)
-//! max_storage_migrations = 2          # (default 2)
+//! max_storage_migrations = 2          # storage moves (ferry vm move-storage) at once (default 2)
 //! performance_option = "tcp"          # tcp | compression | smb (default tcp)
 //! use_any_network = false             # default: true while no network is listed
 //! shared_storage = "/srv/ferry-shared" # quick moves: a directory both hosts mount at this path

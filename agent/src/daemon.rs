@@ -14,6 +14,12 @@
 //! saves the VM to the shared directory and hands the ownership record there to the
 //! destination, whose VMM (started waiting for that record) loads and resumes it.
 //!
+//! A storage move (`kind: storage`, direction `local`, `POST /v1/vms/NAME/move-storage`) waits
+//! for a slot of its own limit (`max_storage_migrations`), then the VM's VMM copies its disks
+//! to the new directory while the guest runs (`ferry_disk::move_storage`): setup, copy,
+//! dirty_pass, (write_blocking,) sync, switchover, committed --> completed | failed |
+//! cancelled. Before the switch any failure or a cancel leaves the VM on its original files.
+//!
 //! Ownership: until the destination's engine commits, the source owns the VM (any failure
 //! leaves it running here). After `completed` the source forgets it and stops its VMM; the
 //! destination records it with the next ownership epoch. An `uncertain` outcome (commit sent,
@@ -40,7 +46,7 @@ use crate::config::{Config, Settings, Subnet};
 use crate::limit::{Cancel, Limit, Slot};
 use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
-use crate::vmmctl::{self, MigrateOrder, MigrationReport, QuickOrder, VmmRequest, VmmState, VmmStatus};
+use crate::vmmctl::{self, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmRequest, VmmState, VmmStatus};
 
 /// Peer checks (about one a second) a live move's destination agent may miss in a row before the
 /// move is cancelled.
@@ -141,6 +147,8 @@ pub struct Agent {
     vms: Mutex<HashMap<String, VmEntry>>,
     live: Mutex<HashMap<String, Live>>,
     limit: Arc<Limit>,
+    /// Storage moves (`max_storage_migrations`): a limit of their own, FIFO, cancelable.
+    storage_limit: Arc<Limit>,
     vmm_exe: PathBuf,
     /// State changes and progress, for `GET /v1/events` (JSON texts).
     events: tokio::sync::broadcast::Sender<String>,
@@ -188,6 +196,7 @@ impl Agent {
             None => cfg.settings(),
         };
         let limit = Limit::new(settings.max_live_migrations);
+        let storage_limit = Limit::new(cfg.max_storage_migrations);
         let agent = Arc::new(Self {
             cfg,
             settings: Mutex::new(settings),
@@ -195,6 +204,7 @@ impl Agent {
             vms: Mutex::new(HashMap::new()),
             live: Mutex::new(HashMap::new()),
             limit,
+            storage_limit,
             vmm_exe,
             events: tokio::sync::broadcast::channel(1024).0,
         });
@@ -295,6 +305,25 @@ impl Agent {
                     }
                 }
             }
+            (true, VmmState::Migrating)
+                if st.migration.as_ref().is_some_and(|m| self.journaled_kind(&m.id).as_deref() == Some("storage")) =>
+            {
+                // A storage move in flight: watch it to its end under a storage slot.
+                let id = st.migration.as_ref().map(|m| m.id.clone()).unwrap_or_default();
+                lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
+                lock(&self.live).insert(id.clone(), Live::default());
+                let slot = self.storage_limit.force();
+                let a = self.clone();
+                let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "local");
+                tokio::spawn(
+                    async move {
+                        let r = a.watch_outgoing(&id, &row, "", None, false).await;
+                        a.finish_storage(&id, &row, r);
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
+            }
             (true, VmmState::Migrating) | (true, VmmState::Uncertain) => {
                 let id = st.migration.as_ref().map(|m| m.id.clone()).unwrap_or_default();
                 let journaled = self.store().migration(&id).ok().flatten();
@@ -315,6 +344,13 @@ impl Agent {
                 );
             }
             (true, _) => {
+                // A storage move that ended while nobody watched: journal its outcome.
+                if let Some(m) = st.migration.as_ref().filter(|m| m.done) {
+                    let open = self.store().migration(&m.id).ok().flatten().filter(|j| !j.is_final());
+                    if open.is_some_and(|j| j.kind == "storage") {
+                        self.finish_outgoing_record(&m.id, m);
+                    }
+                }
                 lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: None });
                 let _ = self.store().put_vm(&row);
             }
@@ -328,6 +364,10 @@ impl Agent {
                 tokio::spawn(async move { a.watch_incoming(id, row, slot).await }.instrument(span));
             }
         }
+    }
+
+    fn journaled_kind(&self, id: &str) -> Option<String> {
+        self.store().migration(id).ok().flatten().map(|m| m.kind)
     }
 
     fn vm_socket(&self, name: &str) -> PathBuf {
@@ -403,6 +443,20 @@ impl Agent {
 
     async fn vm_info(&self, e: &VmEntry) -> VmInfo {
         let st = vmmctl::status(Path::new(&e.row.socket)).await;
+        let disks = st
+            .as_ref()
+            .map(|s| {
+                s.disks
+                    .iter()
+                    .map(|d| DiskInfo {
+                        name: d.name.clone(),
+                        path: d.path.clone(),
+                        size_bytes: d.size_bytes,
+                        allocated_bytes: d.allocated_bytes,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
         let (state, pid, counter, verified, check) = match st {
             Ok(s) => {
                 let state = match s.state {
@@ -429,6 +483,7 @@ impl Agent {
             arrived_with: e.row.arrived_with.clone(),
             arrived_verified: verified,
             guest_check: check,
+            disks,
         }
     }
 
@@ -462,6 +517,7 @@ impl Agent {
 
     fn host_info(&self) -> HostInfo {
         let (limit, active, queued) = self.limit.snapshot();
+        let (_, storage_active, storage_queued) = self.storage_limit.snapshot();
         let set = self.settings();
         HostInfo {
             name: self.cfg.name.clone(),
@@ -475,6 +531,8 @@ impl Agent {
             active_migrations: active,
             queued_migrations: queued,
             vms: lock(&self.vms).values().filter(|e| e.row.owned).count(),
+            active_storage_migrations: storage_active,
+            queued_storage_migrations: storage_queued,
         }
     }
 
@@ -523,6 +581,23 @@ impl Agent {
         settings
             .network_allows(to.ip())
             .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_network", why))?;
+        // Its disks would not follow it: the destination has no copy of them.
+        if let Ok(e) = self.owned(&req.vm) {
+            if let Ok(st) = vmmctl::status(Path::new(&e.row.socket)).await {
+                if !st.disks.is_empty() {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "has_disks",
+                        format!(
+                            "VM {:?} has {} disks, which a {} move does not carry to another host",
+                            req.vm,
+                            st.disks.len(),
+                            req.kind.name()
+                        ),
+                    ));
+                }
+            }
+        }
         let id = new_id();
         let row = {
             let mut vms = lock(&self.vms);
@@ -554,6 +629,94 @@ impl Agent {
         let kind = req.kind;
         tokio::spawn(async move { a.run_move(id2, row, order, kind, cancel).await }.instrument(span));
         Ok(MoveAccepted { id, status: "queued".into() })
+    }
+
+    // ---- storage moves (this host) ----
+
+    async fn start_storage_move(self: &Arc<Self>, name: &str, req: MoveStorageRequest) -> ApiResult<MoveAccepted> {
+        let dir = PathBuf::from(&req.path);
+        let unprocessable = |code: &'static str, m: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, m);
+        if !dir.is_absolute() {
+            return Err(ApiError::bad(format!("path {:?} is not absolute", req.path)));
+        }
+        if !dir.is_dir() {
+            return Err(unprocessable("bad_path", format!("{} is not a directory on this host", dir.display())));
+        }
+        let e = self.owned(name)?;
+        let st = vmmctl::status(Path::new(&e.row.socket))
+            .await
+            .map_err(|err| ApiError::internal(format!("asking the VMM of {name}: {err}")))?;
+        if st.disks.is_empty() {
+            return Err(unprocessable("no_disks", format!("VM {name:?} has no disks")));
+        }
+        let canon = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        for d in &st.disks {
+            let here = Path::new(&d.path).parent().and_then(|p| p.canonicalize().ok());
+            if here.as_deref() == Some(canon.as_path()) {
+                return Err(unprocessable("same_path", format!("disk {} is already in {}", d.name, dir.display())));
+            }
+            if dir.join(&d.name).exists() {
+                return Err(ApiError::conflict(format!("{} exists already", dir.join(&d.name).display())));
+            }
+        }
+        let id = new_id();
+        let row = {
+            let mut vms = lock(&self.vms);
+            let e = match vms.get_mut(name) {
+                Some(e) if e.row.owned => e,
+                _ => return Err(ApiError::not_found(format!("no VM named {name:?} on this host"))),
+            };
+            if let Some(m) = &e.busy {
+                return Err(ApiError::conflict(format!("VM {name:?} is already moving (migration {m})")));
+            }
+            e.busy = Some(id.clone());
+            e.row.clone()
+        };
+        let dir_text = dir.display().to_string();
+        if let Err(err) = self.store().new_migration_of_kind(&id, name, "local", &dir_text, "queued", false, "storage")
+        {
+            self.unbusy(name);
+            return Err(err.into());
+        }
+        let ev = serde_json::json!({"type": "state", "id": id, "status": "queued", "detail": null,
+                                    "at": crate::store::rfc3339(now_ms())});
+        let _ = self.events.send(ev.to_string());
+        let cancel = Arc::new(Cancel::default());
+        lock(&self.live)
+            .insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()), abort: None });
+        let a = self.clone();
+        let span = tracing::info_span!("migration", id = %id, vm = %name, direction = "local");
+        let id2 = id.clone();
+        tokio::spawn(async move { a.run_storage_move(id2, row, dir, cancel).await }.instrument(span));
+        Ok(MoveAccepted { id, status: "queued".into() })
+    }
+
+    async fn run_storage_move(self: Arc<Self>, id: String, row: VmRow, dir: PathBuf, cancel: Arc<Cancel>) {
+        info!(to = %dir.display(), "storage move queued");
+        let Some(slot) = self.storage_limit.acquire(&id, &cancel).await else {
+            self.end_move(&id, &row.name, "cancelled", Some("cancelled while queued"));
+            return;
+        };
+        self.journal(&id, "setup", None, true);
+        let order = StorageOrder { id: id.clone(), dir };
+        let r = match vmmctl::call(Path::new(&row.socket), &VmmRequest::MoveStorage(order)).await {
+            Err(e) => Err(("failed".to_string(), format!("the VMM refused the storage move: {e}"))),
+            Ok(_) => self.watch_outgoing(&id, &row, "", Some(&cancel), false).await,
+        };
+        self.finish_storage(&id, &row, r);
+        drop(slot);
+    }
+
+    /// Journal a storage move's outcome (the VM stays here whatever it was).
+    fn finish_storage(&self, id: &str, row: &VmRow, r: Result<MigrationReport, (String, String)>) {
+        match r {
+            Err((status, why)) => self.end_move(id, &row.name, &status, Some(&why)),
+            Ok(m) => {
+                self.finish_outgoing_record(id, &m);
+                self.unbusy(&row.name);
+                lock(&self.live).remove(id);
+            }
+        }
     }
 
     async fn run_move(
@@ -1032,7 +1195,7 @@ impl Agent {
         if m.is_final() {
             return Err(ApiError::conflict(format!("migration {id} already ended ({})", m.status)));
         }
-        if m.direction != "outgoing" {
+        if m.direction == "incoming" {
             return Err(ApiError::conflict("cancel an incoming migration at its source host"));
         }
         match lock(&self.live).get(id).and_then(|l| l.cancel.clone()) {
@@ -1479,6 +1642,9 @@ impl Agent {
             return Err(ApiError::bad("working_set_bytes must be a multiple of 4 KiB and at most half the memory"));
         }
         let rate = req.dirty_rate_bytes_per_s.unwrap_or(16 << 20);
+        check_disks(&req.disks)?;
+        let disk_ws = req.disk_working_set_bytes.unwrap_or(1 << 20);
+        let disk_rate = req.disk_write_rate_bytes_per_s.unwrap_or(1 << 20);
         let row = VmRow {
             name: req.name.clone(),
             guest: req.guest,
@@ -1496,16 +1662,38 @@ impl Agent {
             }
             vms.insert(req.name.clone(), VmEntry { row: row.clone(), busy: Some("creating".into()) });
         }
-        let extra = vec![
+        let mut extra = vec![
             "--working-set-bytes".to_string(),
             ws.to_string(),
             "--dirty-rate-bytes-per-s".into(),
             rate.to_string(),
         ];
+        let images = match self.create_images(&req.name, &req.disks) {
+            Ok(p) => p,
+            Err(e) => {
+                lock(&self.vms).remove(&req.name);
+                return Err(e);
+            }
+        };
+        if !images.is_empty() {
+            for p in &images {
+                extra.push("--disk".into());
+                extra.push(p.display().to_string());
+            }
+            extra.extend([
+                "--disk-working-set-bytes".into(),
+                disk_ws.to_string(),
+                "--disk-write-rate-bytes-per-s".into(),
+                disk_rate.to_string(),
+            ]);
+        }
         let st = match self.spawn_vmm(&req.name, req.guest, &extra, req.memory_bytes).await {
             Ok(st) => st,
             Err(e) => {
                 lock(&self.vms).remove(&req.name);
+                for p in &images {
+                    let _ = std::fs::remove_file(p);
+                }
                 return Err(e);
             }
         };
@@ -1516,6 +1704,32 @@ impl Agent {
         lock(&self.vms).insert(req.name.clone(), e.clone());
         info!(vm = req.name, pid = st.pid, guest = req.guest.name(), "VM created");
         Ok(self.vm_info(&e).await)
+    }
+
+    /// Create the VM's disk images (sparse, empty) in its storage directory
+    /// (`state_dir/disks/NAME/DISK.img`); none is replaced.
+    fn create_images(&self, vm: &str, disks: &[DiskRequest]) -> ApiResult<Vec<PathBuf>> {
+        if disks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self.cfg.state_dir.join("disks").join(vm);
+        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
+        let mut made = Vec::new();
+        for d in disks {
+            let path = dir.join(format!("{}.img", d.name));
+            if let Err(e) = ferry_disk::image::create_sparse(&path, d.size_bytes) {
+                for p in &made {
+                    let _ = std::fs::remove_file(p);
+                }
+                return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    ApiError::conflict(format!("disk image {} exists already", path.display()))
+                } else {
+                    ApiError::internal(format!("creating {}: {e}", path.display()))
+                });
+            }
+            made.push(path);
+        }
+        Ok(made)
     }
 
     async fn vm_op(&self, name: &str, op: VmmRequest) -> ApiResult<VmInfo> {
@@ -1544,6 +1758,30 @@ impl Agent {
         info!(vm = name, "VM deleted");
         Ok(())
     }
+}
+
+/// Most disks per VM.
+const MAX_DISKS: usize = 16;
+
+fn check_disks(disks: &[DiskRequest]) -> ApiResult<()> {
+    if disks.len() > MAX_DISKS {
+        return Err(ApiError::bad(format!("{} disks: at most {MAX_DISKS}", disks.len())));
+    }
+    for (i, d) in disks.iter().enumerate() {
+        if !valid_name(&d.name) {
+            return Err(ApiError::bad(format!(
+                "bad disk name {:?}: 1 ..= 64 letters, digits, '-', '_', '.', not starting with '.'",
+                d.name
+            )));
+        }
+        if disks[..i].iter().any(|o| o.name == d.name) {
+            return Err(ApiError::bad(format!("two disks named {:?}", d.name)));
+        }
+        if !(64 << 10..=16 << 40).contains(&d.size_bytes) {
+            return Err(ApiError::bad(format!("disk {}: {} bytes, not in 64 KiB ..= 16 TiB", d.name, d.size_bytes)));
+        }
+    }
+    Ok(())
 }
 
 fn check_memory(guest: GuestKind, bytes: u64) -> ApiResult<()> {
@@ -1689,6 +1927,15 @@ async fn h_move(State(a): Ag, body: Bytes) -> ApiResult<(StatusCode, Json<MoveAc
     Ok((StatusCode::ACCEPTED, Json(a.start_move(req).await?)))
 }
 
+async fn h_vm_move_storage(
+    State(a): Ag,
+    UrlPath(name): UrlPath<String>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<MoveAccepted>)> {
+    let req: MoveStorageRequest = parse_json(&body)?;
+    Ok((StatusCode::ACCEPTED, Json(a.start_storage_move(&name, req).await?)))
+}
+
 async fn h_migrations(State(a): Ag) -> ApiResult<Json<Vec<MigrationInfo>>> {
     let ids: Vec<String> = a.store().migrations(1000)?.into_iter().map(|m| m.id).collect();
     let mut out = Vec::new();
@@ -1732,7 +1979,16 @@ async fn h_events(
 
 async fn h_metrics(State(a): Ag) -> ApiResult<Response> {
     let (limit, active, queued) = a.limit.snapshot();
-    let now = crate::metrics::Now { active, queued, limit, vms: lock(&a.vms).values().filter(|e| e.row.owned).count() };
+    let (storage_limit, storage_active, storage_queued) = a.storage_limit.snapshot();
+    let now = crate::metrics::Now {
+        active,
+        queued,
+        limit,
+        vms: lock(&a.vms).values().filter(|e| e.row.owned).count(),
+        storage_active,
+        storage_queued,
+        storage_limit,
+    };
     let journal = a.store().migrations(100_000)?;
     let text = crate::metrics::render(&now, &journal);
     Ok(([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text)
@@ -1830,6 +2086,7 @@ pub fn local_router(a: Arc<Agent>) -> Router {
         .route("/v1/vms/{name}", get(h_vm).delete(h_vm_delete))
         .route("/v1/vms/{name}/pause", post(h_vm_pause))
         .route("/v1/vms/{name}/resume", post(h_vm_resume))
+        .route("/v1/vms/{name}/move-storage", post(h_vm_move_storage))
         .route("/v1/moves", post(h_move))
         .route("/v1/preflight", post(h_preflight))
         .route("/v1/migrations", get(h_migrations))

@@ -7,7 +7,9 @@
 //! | `ferry_migrations_queued` | gauge | |
 //! | `ferry_max_live_migrations` | gauge | |
 //! | `ferry_vms` | gauge | |
-//! | `ferry_migrations_total` | counter | `direction`, `status`, `reason` (failed ones: `unreachable`, `refused`, `busy`, `cancelled`, `verify`, `engine`, `agent_restart`, `other`) |
+//! | `ferry_storage_migrations_active`, `ferry_storage_migrations_queued`, `ferry_max_storage_migrations` | gauge | |
+//! | `ferry_migrations_total` | counter | `direction` (`outgoing`, `incoming`, `local`: storage moves), `status`, `reason` (failed ones: `unreachable`, `refused`, `busy`, `cancelled`, `verify`, `engine`, `agent_restart`, `other`) |
+//! | `ferry_storage_migration_downtime_milliseconds` | histogram | (completed storage moves) |
 //! | `ferry_migration_downtime_milliseconds` | histogram | (completed outgoing) |
 //! | `ferry_migration_total_milliseconds` | histogram | (completed outgoing) |
 //! | `ferry_channel_wire_bytes_total` | counter | `channel` |
@@ -61,6 +63,12 @@ pub struct Now {
     pub limit: usize,
     /// VMs owned.
     pub vms: usize,
+    /// Storage moves running.
+    pub storage_active: usize,
+    /// Storage moves waiting.
+    pub storage_queued: usize,
+    /// `max_storage_migrations`.
+    pub storage_limit: usize,
 }
 
 /// The exposition text.
@@ -75,9 +83,13 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
     gauge(&mut reg, "ferry_migrations_queued", "Moves waiting for a slot", now.queued);
     gauge(&mut reg, "ferry_max_live_migrations", "The host-wide limit", now.limit);
     gauge(&mut reg, "ferry_vms", "VMs this host owns", now.vms);
+    gauge(&mut reg, "ferry_storage_migrations_active", "Storage moves holding a slot", now.storage_active);
+    gauge(&mut reg, "ferry_storage_migrations_queued", "Storage moves waiting for a slot", now.storage_queued);
+    gauge(&mut reg, "ferry_max_storage_migrations", "The storage move limit", now.storage_limit);
     let by = Family::<MigrationLabels, Counter>::default();
     let downtime = Histogram::new(exponential_buckets(1.0, 2.0, 16));
     let total = Histogram::new(exponential_buckets(10.0, 2.0, 16));
+    let storage_downtime = Histogram::new(exponential_buckets(0.125, 2.0, 16));
     let chan = Family::<ChannelLabels, Counter>::default();
     let chan_failures: Counter = Counter::default();
     for m in journal.iter().filter(|m| m.is_final()) {
@@ -87,6 +99,11 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
             reason: reason(m).into(),
         })
         .inc();
+        if m.status == "completed" && m.kind == "storage" {
+            if let Some(d) = m.downtime_ms {
+                storage_downtime.observe(d);
+            }
+        }
         if m.status == "completed" && m.direction == "outgoing" {
             if let Some(d) = m.downtime_ms {
                 downtime.observe(d);
@@ -108,6 +125,7 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
     reg.register("ferry_migrations", "Migrations that ended, by direction, status and reason", by);
     reg.register("ferry_migration_downtime_milliseconds", "Downtime of completed outgoing migrations", downtime);
     reg.register("ferry_migration_total_milliseconds", "Total time of completed outgoing migrations", total);
+    reg.register("ferry_storage_migration_downtime_milliseconds", "Pause of completed storage moves", storage_downtime);
     reg.register("ferry_channel_wire_bytes", "Bytes on the wire per channel index (outgoing)", chan);
     reg.register("ferry_channel_failures", "Channels that failed during a migration", chan_failures);
     let mut out = String::new();

@@ -8,8 +8,10 @@
 //! and runs the VM once the engine committed. A quick move saves the VM to the shared
 //! directory (`ferry_migrate::quick`) with the digest of its paused memory beside it; an incoming
 //! quick VMM waits for the ownership record to name its host, loads the image, and runs the VM
-//! if the digests match. It starts its own session (`setsid`), so it outlives the agent that
-//! spawned it.
+//! if the digests match. A storage move (`ferry_disk::move_storage`) copies the VM's disks to
+//! another directory on a thread of this process while the guest runs, and switches the VM to
+//! the copies in a pause of milliseconds. It starts its own session (`setsid`), so it outlives
+//! the agent that spawned it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -38,7 +40,12 @@ use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
 
 use crate::api::GuestKind;
-use crate::vmmctl::{MigrateOrder, MigrationReport, QuickOrder, VmmRequest, VmmResponse, VmmState, VmmStatus};
+use crate::vmmctl::{
+    DiskStatus, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmRequest, VmmResponse, VmmState, VmmStatus,
+};
+use ferry_disk::Disk;
+use ferry_vmm_glue::guestdisk::DiskSpec;
+use ferry_vmm_glue::kvm::block::{check_guest_disk, SECTOR_BYTES};
 
 /// zstd level of the compressing options (the bench's default).
 const ZSTD_LEVEL: i32 = 1;
@@ -65,7 +72,16 @@ pub struct VmmArgs {
     /// Incoming by quick migration: load the VM from the shared directory once its record
     /// names this host.
     pub quick_load: Option<QuickLoad>,
+    /// The VM's disks (image files that exist).
+    pub disks: Vec<PathBuf>,
+    /// Bytes at the start of each disk the guest rewrites (0: none).
+    pub disk_working_set_bytes: u64,
+    /// Synthetic guest: disk bytes written per second (0: flat out).
+    pub disk_write_rate_bytes_per_s: u64,
 }
+
+/// Sectors per request of the KVM guest program's disk writes (4 KiB).
+const KVM_DISK_REQUEST_SECTORS: u32 = 8;
 
 /// An incoming quick migration: where the image comes from.
 #[derive(Debug, Clone)]
@@ -101,7 +117,85 @@ enum Guest {
     Kvm(Box<KvmVm>),
 }
 
+/// What a storage move pauses and resumes.
+struct GuestQuiesce<'a>(&'a mut Guest);
+
+impl ferry_disk::Quiesce for GuestQuiesce<'_> {
+    fn pause(&mut self) -> Result<(), ferry_disk::local::VmError> {
+        self.0.source().pause()
+    }
+
+    fn resume(&mut self) -> Result<(), ferry_disk::local::VmError> {
+        self.0.source().resume()
+    }
+}
+
+/// The running migration's cancel switch.
+enum Canceller {
+    Live(CancelToken),
+    Storage(ferry_disk::CancelToken),
+}
+
+impl Canceller {
+    fn cancel(&self) {
+        match self {
+            Canceller::Live(c) => c.cancel(),
+            Canceller::Storage(c) => c.cancel(),
+        }
+    }
+}
+
 impl Guest {
+    fn disks(&self) -> Vec<Arc<Disk>> {
+        match self {
+            Guest::Synthetic(v) => v.disks().to_vec(),
+            Guest::Kvm(v) => v.disks(),
+        }
+    }
+
+    /// Disk errors the guest saw.
+    fn disk_errors(&self) -> u64 {
+        match self {
+            Guest::Synthetic(v) => v.disk_write_errors(),
+            Guest::Kvm(v) => {
+                let r = v.report();
+                r.disk_errors + r.disk_failed
+            }
+        }
+    }
+
+    /// Pause, check every disk against what the guest wrote, resume if it ran.
+    fn check_disks(&mut self) -> Result<Vec<u64>, String> {
+        let running = self.source().is_running();
+        self.source().pause().map_err(|e| e.to_string())?;
+        let r = match self {
+            Guest::Synthetic(v) => v.check_disks().map_err(|e| e.to_string()),
+            Guest::Kvm(v) => {
+                let gen = v.guest_disk_generation().map_err(|e| e.to_string());
+                let slots = v
+                    .read_u64(ferry_vmm_glue::kvm::guest::PARAMS + ferry_vmm_glue::kvm::guest::P_DISK_SLOTS)
+                    .map_err(|e| e.to_string());
+                match (gen, slots) {
+                    (Ok(gen), Ok(slots)) => v
+                        .disks()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, d)| {
+                            // The guest program writes disk 0 only; the others stay zero.
+                            let (s, g) = if i == 0 { (slots, gen) } else { (0, 0) };
+                            check_guest_disk(d, s, KVM_DISK_REQUEST_SECTORS, g).map_err(|e| e.to_string())
+                        })
+                        .collect(),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
+            }
+        };
+        if running {
+            self.source().resume().map_err(|e| e.to_string())?;
+        }
+        r
+    }
+
     fn source(&mut self) -> &mut dyn SourceVm {
         match self {
             Guest::Synthetic(v) => v,
@@ -122,7 +216,10 @@ struct Inner {
     state: VmmState,
     listen: Option<SocketAddr>,
     migration: Option<MigrationReport>,
-    cancel: Option<CancelToken>,
+    cancel: Option<Canceller>,
+    /// The VM's disks (the same handles the VM writes through; they follow a storage move).
+    disks: Vec<Arc<Disk>>,
+    disk_check: Option<Vec<u64>>,
     received_verified: Option<bool>,
     guest_check: Option<String>,
     error: Option<String>,
@@ -176,6 +273,18 @@ impl Vmm {
             guest_counter: g.vm.as_ref().map_or(g.counter_at_exit, Guest::counter),
             error: g.error.clone(),
             quick_load_ms: g.quick_load_ms,
+            disks: g
+                .disks
+                .iter()
+                .map(|d| DiskStatus {
+                    name: d.name().to_string(),
+                    path: d.path().display().to_string(),
+                    size_bytes: d.size_bytes(),
+                    allocated_bytes: d.allocated_bytes().unwrap_or(0),
+                })
+                .collect(),
+            disk_guest_errors: g.vm.as_ref().map(Guest::disk_errors),
+            disk_check: g.disk_check.clone(),
         }
     }
 }
@@ -183,11 +292,22 @@ impl Vmm {
 fn build_guest(a: &VmmArgs) -> Result<Guest, VmmError> {
     match a.guest {
         GuestKind::Synthetic => {
+            let mut disks = Vec::new();
+            for (i, path) in a.disks.iter().enumerate() {
+                let size_bytes = std::fs::metadata(path)
+                    .map_err(|e| VmmError::Guest(format!("disk {}: {e}", path.display())))?
+                    .len();
+                // Created empty: the pattern with nothing allocated is all zeros.
+                disks.push(DiskSpec { path: path.clone(), size_bytes, allocated_pct: 0, seed: i as u64 });
+            }
             let cfg = SyntheticConfig {
                 vm_id: a.name.clone(),
                 memory_bytes: a.memory_bytes,
                 working_set_bytes: a.working_set_bytes,
                 dirty_rate_bytes_per_s: a.dirty_rate_bytes_per_s,
+                disks,
+                disk_working_set_bytes: a.disk_working_set_bytes,
+                disk_write_rate_bytes_per_s: a.disk_write_rate_bytes_per_s,
                 ..Default::default()
             };
             let mut vm = SyntheticVm::new(&cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
@@ -195,14 +315,25 @@ fn build_guest(a: &VmmArgs) -> Result<Guest, VmmError> {
             Ok(Guest::Synthetic(vm))
         }
         GuestKind::Kvm => {
+            let disks = a
+                .disks
+                .iter()
+                .map(|p| Disk::open(p).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| VmmError::Guest(e.to_string()))?;
+            let req_bytes = u64::from(KVM_DISK_REQUEST_SECTORS) * SECTOR_BYTES;
+            let disk_slots = disks.first().map_or(0, |d| a.disk_working_set_bytes.min(d.size_bytes()) / req_bytes);
             let cfg = GuestConfig {
                 vm_id: a.name.clone(),
                 mem_bytes: a.memory_bytes,
                 slot_bytes: 256 << 20,
                 ws_pages: (a.working_set_bytes / PAGE_SIZE as u64).max(1),
+                disk_slots,
+                disk_request_sectors: KVM_DISK_REQUEST_SECTORS,
                 ..Default::default()
             };
             let mut vm = KvmVm::boot(&cfg).map_err(|e| VmmError::Guest(e.to_string()))?;
+            vm.attach_disks(disks);
             vm.start().map_err(|e| VmmError::Guest(e.to_string()))?;
             Ok(Guest::Kvm(Box::new(vm)))
         }
@@ -227,6 +358,8 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
         listen: None,
         migration: None,
         cancel: None,
+        disks: Vec::new(),
+        disk_check: None,
         received_verified: None,
         guest_check: None,
         error: None,
@@ -241,6 +374,7 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
         (None, None) => {
             let g = build_guest(&args)?;
             let mut i = vmm.lock();
+            i.disks = g.disks();
             i.vm = Some(g);
             i.state = VmmState::Running;
         }
@@ -415,6 +549,126 @@ fn handle(vmm: &Arc<Vmm>, req: VmmRequest) -> Result<(), String> {
         }
         VmmRequest::Migrate(order) => start_migration(vmm, order),
         VmmRequest::QuickSave(order) => start_quick_save(vmm, order),
+        VmmRequest::MoveStorage(order) => start_storage_move(vmm, order),
+        VmmRequest::CheckDisks => {
+            let mut g = vmm.lock();
+            if !matches!(g.state, VmmState::Running | VmmState::Paused) {
+                return Err(format!("the VM is {:?}", g.state));
+            }
+            let vm = g.vm.as_mut().ok_or("no VM here")?;
+            let r = vm.check_disks()?;
+            g.disk_check = Some(r);
+            Ok(())
+        }
+    }
+}
+
+/// The name a storage move's phase has in the VMM's report (and the agent's journal).
+fn phase_status(p: ferry_disk::Phase) -> &'static str {
+    use ferry_disk::Phase;
+    match p {
+        Phase::Prepared => "setup",
+        Phase::Copy => "copy",
+        Phase::DirtyPass(_) => "dirty_pass",
+        Phase::WriteBlocking => "write_blocking",
+        Phase::Sync => "sync",
+        Phase::Paused => "switchover",
+        Phase::Committed => "committed",
+    }
+}
+
+/// Storage live migration: every disk to `order.dir` while the guest runs. Before the commit
+/// point any failure or a cancel leaves the VM on its original files and removes the partial
+/// copies (`ferry_disk::local`).
+fn start_storage_move(vmm: &Arc<Vmm>, order: StorageOrder) -> Result<(), String> {
+    let mut g = vmm.lock();
+    if g.state != VmmState::Running && g.state != VmmState::Paused {
+        return Err(format!("the VM is {:?}, not running here", g.state));
+    }
+    if g.disks.is_empty() {
+        return Err("the VM has no disks".into());
+    }
+    let disks = g.disks.clone();
+    let mut vm = g.vm.take().ok_or("no VM here")?;
+    let cancel = ferry_disk::CancelToken::new();
+    g.cancel = Some(Canceller::Storage(cancel.clone()));
+    g.state = VmmState::Migrating;
+    let disk_bytes: u64 = disks.iter().map(|d| d.size_bytes()).sum();
+    g.migration = Some(MigrationReport {
+        id: order.id.clone(),
+        status: "setup".into(),
+        guest_bytes: disk_bytes,
+        ..Default::default()
+    });
+    drop(g);
+    let v = vmm.clone();
+    std::thread::spawn(move || {
+        let mut progress = |p: ferry_disk::Phase| {
+            if let Some(m) = v.lock().migration.as_mut() {
+                m.status = phase_status(p).into();
+                if let ferry_disk::Phase::DirtyPass(n) = p {
+                    m.round = n;
+                }
+            }
+            if p == ferry_disk::Phase::Copy {
+                hold_storage_copy_for_tests(&cancel);
+            }
+        };
+        let opts = ferry_disk::MoveOptions::default();
+        let r = ferry_disk::move_storage(&disks, &order.dir, &mut GuestQuiesce(&mut vm), &opts, &cancel, &mut progress);
+        let mut g = v.lock();
+        g.cancel = None;
+        let (status, stats, error) = match r {
+            Ok(st) => {
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let per_disk: Vec<serde_json::Value> = st
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        serde_json::json!({"name": d.name, "from": d.from, "to": d.to, "size_bytes": d.size_bytes,
+                            "allocated_bytes": d.allocated_bytes, "final_allocated_bytes": d.final_allocated_bytes,
+                            "new_allocated_bytes": d.new_allocated_bytes, "read_bytes": d.read_bytes,
+                            "written_bytes": d.written_bytes, "zero_bytes": d.zero_bytes,
+                            "source_removed": d.source_removed})
+                    })
+                    .collect();
+                let stats = serde_json::json!({
+                    "kind": "storage", "status": "completed", "dir": order.dir,
+                    "total_ms": ms(st.total), "downtime_ms": ms(st.downtime),
+                    "passes": st.passes, "write_blocking": st.write_blocking, "paused_bytes": st.paused_bytes,
+                    "guest_bytes": disk_bytes,
+                    "transferred_bytes": st.disks.iter().map(|d| d.written_bytes).sum::<u64>(),
+                    "read_bytes": st.disks.iter().map(|d| d.read_bytes).sum::<u64>(),
+                    "post_switch_error": st.post_switch_error, "disks": per_disk,
+                });
+                (Status::Completed, Some(stats), None)
+            }
+            Err(ferry_disk::MoveError::Cancelled) => (Status::Cancelled, None, Some("storage move cancelled".into())),
+            Err(e) => (Status::Failed, None, Some(format!("storage move: {e}"))),
+        };
+        let running = vm.source().is_running();
+        g.vm = Some(vm);
+        g.state = if running { VmmState::Running } else { VmmState::Paused };
+        if let Some(m) = g.migration.as_mut() {
+            m.status = status.name().into();
+            m.done = true;
+            m.stats = stats;
+            m.error = error;
+        }
+    });
+    Ok(())
+}
+
+/// Test hook, for the agent's storage tests only: with `FERRY_VMM_TEST_HOLD_STORAGE_COPY_UNTIL=PATH`
+/// in its environment, a storage move that starts copying (its partial copies exist) waits
+/// until `PATH` exists (at most 120 s), so a test can cancel it or queue another behind it at a
+/// known point (a cancel ends the wait). Production never sets it; nothing else reads it.
+fn hold_storage_copy_for_tests(cancel: &ferry_disk::CancelToken) {
+    let Some(path) = std::env::var_os("FERRY_VMM_TEST_HOLD_STORAGE_COPY_UNTIL") else { return };
+    let path = PathBuf::from(path);
+    let t0 = Instant::now();
+    while !path.exists() && !cancel.is_cancelled() && t0.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -434,7 +688,7 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
     }
     let mut vm = g.vm.take().ok_or("no VM here")?;
     let cancel = CancelToken::new();
-    g.cancel = Some(cancel.clone());
+    g.cancel = Some(Canceller::Live(cancel.clone()));
     g.state = VmmState::Migrating;
     g.migration = Some(MigrationReport { id: order.id.clone(), status: "setup".into(), ..Default::default() });
     drop(g);

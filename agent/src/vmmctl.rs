@@ -41,6 +41,34 @@ pub enum VmmRequest {
     /// Quick-migrate the VM through the shared directory (returns at once; poll
     /// [`VmmRequest::Status`]).
     QuickSave(QuickOrder),
+    /// Move every disk of the running VM to another directory (`ferry_disk::move_storage`;
+    /// returns at once; poll [`VmmRequest::Status`]; [`VmmRequest::Cancel`] cancels it).
+    MoveStorage(StorageOrder),
+    /// Pause the guest, check every disk against what the guest wrote, resume it if it ran
+    /// (the result is the status's `disk_check`).
+    CheckDisks,
+}
+
+/// A storage live migration the agent orders.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StorageOrder {
+    /// Migration id (the agent's journal key).
+    pub id: String,
+    /// The directory the disks move to.
+    pub dir: std::path::PathBuf,
+}
+
+/// A disk of the VMM's VM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DiskStatus {
+    /// Name (the image's file name).
+    pub name: String,
+    /// The image file in use.
+    pub path: String,
+    /// Size.
+    pub size_bytes: u64,
+    /// Bytes the image occupies.
+    pub allocated_bytes: u64,
 }
 
 /// A quick migration the agent orders: pause, save the image to the shared directory, hand the
@@ -164,6 +192,17 @@ pub struct VmmStatus {
     /// After an incoming quick migration: image load to resume, in milliseconds.
     #[serde(default)]
     pub quick_load_ms: Option<f64>,
+    /// The VM's disks.
+    #[serde(default)]
+    pub disks: Vec<DiskStatus>,
+    /// Disk errors the guest saw so far (synthetic: failed writes; KVM: words it found wrong
+    /// and requests that failed), while the VM is here.
+    #[serde(default)]
+    pub disk_guest_errors: Option<u64>,
+    /// The last [`VmmRequest::CheckDisks`]: per disk, sectors that differ from what the guest
+    /// wrote (`None`: not checked).
+    #[serde(default)]
+    pub disk_check: Option<Vec<u64>>,
 }
 
 /// One answer line.

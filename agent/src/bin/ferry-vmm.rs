@@ -5,6 +5,7 @@
 //! ferry-vmm --socket S --name NAME --guest synthetic|kvm --memory-bytes N --key-file F
 //!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP]
 //!           [--quick-dir DIR --quick-host NAME --quick-id ID]
+//!           [--disk PATH]... [--disk-working-set-bytes N] [--disk-write-rate-bytes-per-s N]
 //! ```
 
 use std::path::PathBuf;
@@ -52,6 +53,15 @@ struct Cli {
     /// The quick migration's id.
     #[arg(long)]
     quick_id: Option<String>,
+    /// A disk image (repeat for more disks).
+    #[arg(long)]
+    disk: Vec<PathBuf>,
+    /// Bytes at the start of each disk the guest rewrites (0: none).
+    #[arg(long, default_value_t = 0)]
+    disk_working_set_bytes: u64,
+    /// Synthetic guest: disk bytes written per second (0: flat out).
+    #[arg(long, default_value_t = 0)]
+    disk_write_rate_bytes_per_s: u64,
 }
 
 fn main() -> ExitCode {
@@ -78,6 +88,9 @@ fn main() -> ExitCode {
             (Some(dir), Some(host), Some(id)) => Some(QuickLoad { dir, host, id }),
             _ => None,
         },
+        disks: c.disk,
+        disk_working_set_bytes: c.disk_working_set_bytes,
+        disk_write_rate_bytes_per_s: c.disk_write_rate_bytes_per_s,
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

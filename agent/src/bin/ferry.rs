@@ -8,8 +8,10 @@
 //! ferry [--api SOCKET] [--json] network list | network add SUBNET [--priority N] |
 //!                                  network remove SUBNET
 //! ferry [--api SOCKET] [--json] vm create --name NAME --memory SIZE --guest synthetic|kvm
-//!                                  [--working-set SIZE] [--dirty-rate SIZE]
+//!                                  [--working-set SIZE] [--dirty-rate SIZE] [--disk NAME:SIZE]...
+//!                                  [--disk-working-set SIZE] [--disk-write-rate SIZE]
 //! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
+//! ferry [--api SOCKET] [--json] vm move-storage NAME --path DIR [--wait]
 //! ferry [--api SOCKET] [--json] move NAME --to ADDR [--option tcp|zstd|zstd-always] [--channels N]
 //!                                  [--downtime-ms N] [--wait]
 //! ferry [--api SOCKET] [--json] preflight NAME --to ADDR [--quick] [--option ...] [--channels N]
@@ -17,7 +19,8 @@
 //! ```
 //!
 //! With `--json` every command prints JSON (`move --wait`: one object with `status`,
-//! `verified`, `total_ms`, `downtime_ms`; `migrations`: an array whose items have `id`, `vm`,
+//! `verified`, `total_ms`, `downtime_ms`; `vm move-storage --wait`: one object with `status`,
+//! `total_ms`, `downtime_ms`, `transferred_bytes`, `disks`; `migrations`: an array whose items have `id`, `vm`,
 //! `direction`, `status`, `started_at`, `finished_at`). On a terminal `move --wait` shows a
 //! progress bar. Exit codes: 0 success, 1 the migration failed or was cancelled, 2 the request
 //! was refused (bad input, unknown VM, destination refused) or the agent cannot be reached.
@@ -142,6 +145,28 @@ enum VmCmd {
         /// Synthetic guest: bytes rewritten per second (default 16MiB).
         #[arg(long, value_parser = parse_size)]
         dirty_rate: Option<u64>,
+        /// A disk: NAME:SIZE (like root:1GiB; any size from 64 KiB), an empty sparse image
+        /// in the VM's storage directory (repeat for more disks).
+        #[arg(long, value_parser = parse_disk)]
+        disk: Vec<DiskRequest>,
+        /// Bytes at the start of each disk the guest rewrites (default 1MiB; 0: none).
+        #[arg(long, value_parser = parse_size)]
+        disk_working_set: Option<u64>,
+        /// Synthetic guest: disk bytes written per second (default 1MiB).
+        #[arg(long, value_parser = parse_size)]
+        disk_write_rate: Option<u64>,
+    },
+    /// Move every disk of a running VM to another directory on this host (storage live
+    /// migration); the old files are removed after the switch.
+    MoveStorage {
+        /// Name.
+        name: String,
+        /// The directory (absolute) the disks move to.
+        #[arg(long)]
+        path: PathBuf,
+        /// Wait until the move ended and print its outcome.
+        #[arg(long)]
+        wait: bool,
     },
     /// Every VM.
     List,
@@ -165,6 +190,11 @@ enum VmCmd {
         /// Name.
         name: String,
     },
+}
+
+fn parse_disk(s: &str) -> Result<DiskRequest, String> {
+    let (name, size) = s.rsplit_once(':').ok_or_else(|| format!("{s:?}: want NAME:SIZE, like root:1GiB"))?;
+    Ok(DiskRequest { name: name.to_string(), size_bytes: parse_size(size)? })
 }
 
 /// What a move (and its preflight) takes: the VM, where to, how.
@@ -328,13 +358,16 @@ async fn run(c: Cli) -> Result<(), Fail> {
             });
         }
         Cmd::Vm { cmd } => match cmd {
-            VmCmd::Create { name, memory, guest, working_set, dirty_rate } => {
+            VmCmd::Create { name, memory, guest, working_set, dirty_rate, disk, disk_working_set, disk_write_rate } => {
                 let body = serde_json::to_value(CreateVm {
                     name,
                     memory_bytes: memory,
                     guest,
                     working_set_bytes: working_set,
                     dirty_rate_bytes_per_s: dirty_rate,
+                    disks: disk,
+                    disk_working_set_bytes: disk_working_set,
+                    disk_write_rate_bytes_per_s: disk_write_rate,
                 })
                 .map_err(|e| Fail::Refused(e.to_string()))?;
                 let v = api.call("POST", "/v1/vms", Some(body)).await?;
@@ -362,6 +395,7 @@ async fn run(c: Cli) -> Result<(), Fail> {
                 api.call("DELETE", &format!("/v1/vms/{name}"), None).await?;
                 print(j, &json!({"deleted": name}), |_| format!("deleted {name}"));
             }
+            VmCmd::MoveStorage { name, path, wait } => return do_move_storage(&api, j, &name, &path, wait).await,
         },
         Cmd::Move(m) => return do_move(&api, j, m).await,
         Cmd::Preflight(r) => {
@@ -507,6 +541,51 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         ),
     });
     if m_info.status == "completed" {
+        Ok(())
+    } else {
+        Err(Fail::Failed(String::new()))
+    }
+}
+
+async fn do_move_storage(api: &Api, j: bool, vm: &str, path: &std::path::Path, wait: bool) -> Result<(), Fail> {
+    // A relative path means the caller's directory, not the agent's.
+    let dir = std::path::absolute(path).map_err(|e| Fail::Refused(format!("{}: {e}", path.display())))?;
+    let body = serde_json::to_value(MoveStorageRequest { path: dir.display().to_string() })
+        .map_err(|e| Fail::Refused(e.to_string()))?;
+    let acc = api.call("POST", &format!("/v1/vms/{vm}/move-storage"), Some(body)).await?;
+    let id = acc.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+    if !wait {
+        print(j, &acc, |_| format!("moving the disks of {vm} to {}: migration {id}", dir.display()));
+        return Ok(());
+    }
+    let info: MigrationInfo = loop {
+        let v = api.call("GET", &format!("/v1/migrations/{id}"), None).await?;
+        let info: MigrationInfo = serde_json::from_value(v).map_err(|e| Fail::Refused(format!("bad answer: {e}")))?;
+        if info.is_final() {
+            break info;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let disks = info.stats.as_ref().and_then(|s| s.get("disks")).cloned().unwrap_or(Value::Null);
+    let out = json!({
+        "id": info.id, "vm": info.vm, "path": dir, "status": info.status, "total_ms": info.total_ms,
+        "downtime_ms": info.downtime_ms, "transferred_bytes": info.transferred_bytes, "disks": disks,
+        "error": info.error,
+    });
+    print(j, &out, |_| match info.status.as_str() {
+        "completed" => format!(
+            "moved the disks of {vm} to {}: total {:.0} ms, pause {:.2} ms, {:.1} MiB copied",
+            dir.display(),
+            info.total_ms.unwrap_or(0.0),
+            info.downtime_ms.unwrap_or(0.0),
+            mib(info.transferred_bytes)
+        ),
+        s => format!(
+            "disks of {vm} not moved ({s}): {}; it keeps its original files",
+            info.error.clone().unwrap_or_default()
+        ),
+    });
+    if info.status == "completed" {
         Ok(())
     } else {
         Err(Fail::Failed(String::new()))
