@@ -311,13 +311,14 @@ impl Agent {
                 // A storage move in flight: watch it to its end under a storage slot.
                 let id = st.migration.as_ref().map(|m| m.id.clone()).unwrap_or_default();
                 lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
-                lock(&self.live).insert(id.clone(), Live::default());
+                let cancel = Arc::new(Cancel::default());
+                lock(&self.live).insert(id.clone(), Live { cancel: Some(cancel.clone()), ..Live::default() });
                 let slot = self.storage_limit.force();
                 let a = self.clone();
                 let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "local");
                 tokio::spawn(
                     async move {
-                        let r = a.watch_outgoing(&id, &row, "", None, false).await;
+                        let r = a.watch_outgoing(&id, &row, "", Some(&cancel), false).await;
                         a.finish_storage(&id, &row, r);
                         drop(slot);
                     }

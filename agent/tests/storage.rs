@@ -370,3 +370,43 @@ fn a_cancel_mid_copy_leaves_the_original_and_the_limit_holds() {
         "{text}"
     );
 }
+
+#[test]
+fn a_restarted_agent_adopts_a_storage_move_in_flight() {
+    let release = Scratch::new("release-r");
+    let go = release.0.join("go");
+    let env = vec![("FERRY_VMM_TEST_HOLD_STORAGE_COPY_UNTIL".to_string(), go.display().to_string())];
+    let mut a = Agent::start_with_env(None, "a", KEY, "", free_addr(), env);
+    a.json(&[
+        "vm",
+        "create",
+        "--name",
+        "r",
+        "--memory",
+        "16MiB",
+        "--guest",
+        "synthetic",
+        "--disk",
+        "root:4MiB",
+        "--disk-working-set",
+        "1MiB",
+        "--disk-write-rate",
+        "4MiB",
+    ]);
+    let dest = Scratch::new("to-r");
+    let id =
+        a.json(&["vm", "move-storage", "r", "--path", dest.0.to_str().unwrap()])["id"].as_str().unwrap().to_string();
+    wait_status(&a, &id, "copy");
+    a.kill();
+    a.restart();
+    // Adopted: still in flight, holding a storage slot, and cancelable.
+    assert_eq!(a.json(&["migration", &id])["status"], "copy");
+    assert_eq!(a.json(&["host", "show"])["active_storage_migrations"], 1);
+    a.json(&["cancel", &id]);
+    wait_status(&a, &id, "cancelled");
+    assert_eq!(std::fs::read_dir(&dest.0).unwrap().count(), 0, "partial copies removed");
+    std::fs::write(&go, b"").unwrap();
+    let out = a.json(&["vm", "move-storage", "r", "--path", dest.0.to_str().unwrap(), "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}");
+    assert_eq!(check_disks(&a, "r"), (vec![0], 0));
+}
