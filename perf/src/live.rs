@@ -31,11 +31,12 @@ use ferry_migrate::stats::{MigrationStats, Progress, Status};
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::SourceVm;
 use ferry_multichannel::policy::NetworkPolicy;
-use ferry_transport::endpoint::Acceptor;
+use ferry_transport::endpoint::{Acceptor, Connector};
 use ferry_transport::handshake::{random_bytes, Caps, ServerConfig};
 use ferry_transport::option::TransportOption;
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
+use ferry_transport::Encryption;
 use ferry_vmm_glue::pagemix::{Mix, PageKind};
 use ferry_vmm_glue::synthetic::{read_image_page, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
 use serde::{Deserialize, Serialize};
@@ -122,6 +123,9 @@ pub struct LiveChildArgs {
     /// Transport option.
     #[arg(long)]
     pub option: TransportOption,
+    /// Protection of every frame after the handshake (`aead`, `integrity`, `off`; both sides).
+    #[arg(long, default_value = "aead")]
+    pub encryption: Encryption,
     /// Channels.
     #[arg(long)]
     pub channels: usize,
@@ -169,6 +173,8 @@ impl LiveChildArgs {
             self.dirty_rate.to_string(),
             "--option".into(),
             self.option.to_string(),
+            "--encryption".into(),
+            self.encryption.to_string(),
             "--channels".into(),
             self.channels.to_string(),
             "--downtime-ms".into(),
@@ -322,11 +328,32 @@ fn nonzero_bytes(vm: &SyntheticVm, a: &LiveChildArgs) -> u64 {
     pages as u64 * PAGE_SIZE as u64
 }
 
+/// The connector of `option` with frames protected by `encryption`. The tcp options seal (or
+/// not) as asked; quic is always encrypted by its TLS 1.3, so it takes `aead` only (see
+/// [`encryption_applies`]).
+pub fn connector(option: TransportOption, zstd_level: i32, encryption: Encryption) -> Result<Box<dyn Connector>> {
+    if option.is_tcp() {
+        Ok(Box::new(TcpOptions { encryption: Some(encryption), ..option.tcp_options(zstd_level) }))
+    } else if encryption_applies(option, encryption) {
+        Ok(option.connector(zstd_level))
+    } else {
+        Err(BenchError::Usage(format!(
+            "{option} is always encrypted (TLS 1.3): --encryption {encryption} applies to tcp, zstd and zstd-always"
+        )))
+    }
+}
+
+/// Whether `option` can run with `encryption`: every mode on the tcp options, `aead` only on
+/// quic (TLS 1.3 seals every packet whatever Ferry's frames do).
+pub fn encryption_applies(option: TransportOption, encryption: Encryption) -> bool {
+    option.is_tcp() || encryption == Encryption::Aead
+}
+
 /// The source process.
 pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
-    let opts = a.option.connector(a.zstd_level);
+    let opts = connector(a.option, a.zstd_level, a.encryption)?;
     let t = Instant::now();
     let busy = a.workload == Workload::Busy;
     let cfg = SyntheticConfig {
@@ -429,7 +456,7 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
 pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
-    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: Default::default() };
+    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
     // A tcp listener takes every tcp option (zstd negotiated per channel); quic listens on UDP.
     let acc: Box<dyn Acceptor> = if a.option.is_tcp() {
         Box::new(TcpAcceptor::bind(listen, TcpOptions::default(), hs)?)
@@ -710,6 +737,8 @@ pub struct LiveRecord {
     pub run: u32,
     /// Transport option.
     pub option: String,
+    /// Protection of the frames: `aead`, `integrity` or `off` (quic: `aead`, by TLS 1.3).
+    pub encryption: String,
     /// Channels asked for (on a testbed: the channels the session opened).
     pub channels: usize,
     /// `idle` or `busy`.
@@ -815,6 +844,7 @@ pub fn record(
         bench: "live".into(),
         run: 0,
         option: a.option.to_string(),
+        encryption: a.encryption.to_string(),
         channels: if m.channels.is_empty() { a.channels } else { m.channels.len() },
         workload: a.workload.as_str().into(),
         image: a.image.as_ref().map(|p| p.display().to_string()),
@@ -850,12 +880,14 @@ pub fn record(
     }
 }
 
-/// Median total, ratio and downtime of each (workload, option, channels, scheduling, memory).
+/// Median total, ratio and downtime of each (workload, option, encryption, channels,
+/// scheduling, memory, flood).
 fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
     use crate::report::median;
     let mut t = crate::report::Table::new(&[
         "workload",
         "option",
+        "enc",
         "sched",
         "ch",
         "dst mem",
@@ -866,37 +898,34 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
         "downtime ms",
         "all verified",
     ]);
-    type Key = (String, String, String, usize, String, usize);
-    let mut keys: Vec<Key> = Vec::new();
-    for r in records {
-        let k = (
+    let key = |r: &LiveRecord| {
+        (
             r.workload.clone(),
             r.option.clone(),
+            r.encryption.clone(),
             r.scheduling.clone(),
             r.channels,
             r.dst_memory.clone(),
             r.flood_connections,
-        );
-        if !keys.contains(&k) {
-            keys.push(k);
+        )
+    };
+    let mut keys = Vec::new();
+    for r in records {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
         }
     }
     for k in keys {
-        let of: Vec<&LiveRecord> = records
-            .iter()
-            .filter(|r| {
-                (&r.workload, &r.option, &r.scheduling, r.channels, &r.dst_memory, r.flood_connections)
-                    == (&k.0, &k.1, &k.2, k.3, &k.4, k.5)
-            })
-            .collect();
+        let of: Vec<&LiveRecord> = records.iter().filter(|r| key(r) == k).collect();
         let med = |f: &dyn Fn(&LiveRecord) -> Option<f64>| median(of.iter().filter_map(|r| f(r)).collect());
         t.row(vec![
             k.0.clone(),
             k.1.clone(),
             k.2.clone(),
-            k.3.to_string(),
-            k.4.clone(),
-            k.5.to_string(),
+            k.3.clone(),
+            k.4.to_string(),
+            k.5.clone(),
+            k.6.to_string(),
             of.len().to_string(),
             med(&|r| Some(ms(r.migration.total))).map_or("-".into(), |v| format!("{v:.0}")),
             med(&|r| r.total_vs_reference).map_or("-".into(), |v| format!("{v:.2}x")),
@@ -907,11 +936,55 @@ fn medians_table(records: &[LiveRecord]) -> crate::report::Table {
     t
 }
 
+/// What protection costs: each run's total time over the run with encryption `off` of the same
+/// repetition, workload, option, channels, scheduling and flood (measured in the same command),
+/// with both sides' CPU seconds. `None` when no run pairs with an `off` one.
+pub fn encryption_cost(records: &[LiveRecord]) -> Option<crate::report::Table> {
+    let mut t = crate::report::Table::new(&[
+        "workload",
+        "option",
+        "ch",
+        "run",
+        "enc",
+        "total ms",
+        "off ms",
+        "enc / off",
+        "src+dst cpu s",
+        "off cpu s",
+    ]);
+    let mut any = false;
+    for r in records.iter().filter(|r| r.encryption != "off") {
+        let Some(off) = records.iter().find(|o| {
+            o.encryption == "off"
+                && (o.run, &o.workload, &o.option, o.channels, &o.scheduling, o.flood_connections)
+                    == (r.run, &r.workload, &r.option, r.channels, &r.scheduling, r.flood_connections)
+        }) else {
+            continue;
+        };
+        any = true;
+        let (a, b) = (ms(r.migration.total), ms(off.migration.total));
+        t.row(vec![
+            r.workload.clone(),
+            r.option.clone(),
+            r.channels.to_string(),
+            r.run.to_string(),
+            r.encryption.clone(),
+            format!("{a:.0}"),
+            format!("{b:.0}"),
+            if b > 0.0 { format!("{:.2}x", a / b) } else { "-".into() },
+            format!("{:.2}", r.src_cpu_s + r.dst_cpu_s),
+            format!("{:.2}", off.src_cpu_s + off.dst_cpu_s),
+        ]);
+    }
+    any.then_some(t)
+}
+
 /// The table of a live run.
 pub fn table(records: &[LiveRecord]) -> String {
     let mut t = crate::report::Table::new(&[
         "workload",
         "option",
+        "enc",
         "sched",
         "ch",
         "dst mem",
@@ -931,6 +1004,7 @@ pub fn table(records: &[LiveRecord]) -> String {
         t.row(vec![
             r.workload.clone(),
             r.option.clone(),
+            r.encryption.clone(),
             r.scheduling.clone(),
             r.channels.to_string(),
             match r.dst_reserve_hit {
@@ -956,13 +1030,14 @@ pub fn table(records: &[LiveRecord]) -> String {
     }
     let mut out = t.render();
     let mut lt = crate::report::Table::new(&[
-        "workload", "option", "ch", "channel", "batches", "MB wire", "p50 us", "p90 us", "p99 us", "max us",
+        "workload", "option", "enc", "ch", "channel", "batches", "MB wire", "p50 us", "p90 us", "p99 us", "max us",
     ]);
     for r in records {
         for c in &r.migration.channels {
             lt.row(vec![
                 r.workload.clone(),
                 r.option.clone(),
+                r.encryption.clone(),
                 r.channels.to_string(),
                 c.index.to_string(),
                 c.batches.to_string(),
@@ -978,10 +1053,17 @@ pub fn table(records: &[LiveRecord]) -> String {
         out.push_str("\nmedians over the repetitions:\n");
         out.push_str(&medians_table(records).render());
     }
+    if let Some(c) = encryption_cost(records) {
+        out.push_str("\nwhat protection costs (total time over the same run with encryption off, same command):\n");
+        out.push_str(&c.render());
+    }
     out.push_str("\nbatch latency per channel (send to ack):\n");
     out.push_str(&lt.render());
     for r in records.iter().filter(|r| !r.migration.events.is_empty()) {
-        out.push_str(&format!("\nevents ({} {} {} {}):\n", r.workload, r.option, r.scheduling, r.channels));
+        out.push_str(&format!(
+            "\nevents ({} {} {} {} {}):\n",
+            r.workload, r.option, r.encryption, r.scheduling, r.channels
+        ));
         for e in &r.migration.events {
             out.push_str(&format!("  {e}\n"));
         }

@@ -20,6 +20,8 @@ pub struct StreamRecord {
     pub option: String,
     /// zstd level (zstd only).
     pub zstd_level: Option<i32>,
+    /// Protection of the frames: `aead`, `integrity` or `off` (quic: `aead`, by TLS 1.3).
+    pub encryption: String,
     /// Page mixture, `zero=40,text=30,random=30`.
     pub mix: String,
     /// Seed of the page contents.
@@ -130,6 +132,7 @@ impl Table {
 pub fn stream_table(records: &[StreamRecord]) -> String {
     let mut t = Table::new(&[
         "option",
+        "enc",
         "size",
         "wire",
         "seconds",
@@ -147,6 +150,7 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
         };
         t.row(vec![
             opt,
+            r.encryption.clone(),
             format_size(r.bytes),
             format_size(r.wire_bytes),
             format!("{:.3}", r.seconds),
@@ -158,19 +162,22 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
             if r.verified { "yes".into() } else { "NO".into() },
         ]);
     }
-    let mut options: Vec<(&str, Option<i32>)> = Vec::new();
+    let mut options: Vec<(&str, Option<i32>, &str)> = Vec::new();
     for r in records {
-        if !options.contains(&(r.option.as_str(), r.zstd_level)) {
-            options.push((r.option.as_str(), r.zstd_level));
+        let k = (r.option.as_str(), r.zstd_level, r.encryption.as_str());
+        if !options.contains(&k) {
+            options.push(k);
         }
     }
     let runs = records.iter().map(|r| r.run).max().map_or(0, |m| m + 1);
     if runs > 1 {
-        for (o, l) in options {
-            let of: Vec<&StreamRecord> = records.iter().filter(|r| r.option == o && r.zstd_level == l).collect();
+        for (o, l, e) in options {
+            let of: Vec<&StreamRecord> =
+                records.iter().filter(|r| r.option == o && r.zstd_level == l && r.encryption == e).collect();
             let med = |f: &dyn Fn(&StreamRecord) -> Option<f64>| median(of.iter().filter_map(|r| f(r)).collect());
             t.row(vec![
                 format!("{o} median of {}", of.len()),
+                e.to_string(),
                 String::new(),
                 String::new(),
                 med(&|r| Some(r.seconds)).map_or("-".into(), |x| format!("{x:.3}")),
@@ -195,6 +202,32 @@ pub fn stream_table(records: &[StreamRecord]) -> String {
         }
     }
     out.push_str(&t.render());
+    let mut cost =
+        Table::new(&["option", "run", "enc", "Gbit/s", "off Gbit/s", "enc / off time", "cpu s", "off cpu s"]);
+    let mut any = false;
+    for r in records.iter().filter(|r| r.encryption != "off") {
+        let Some(off) = records
+            .iter()
+            .find(|o| o.encryption == "off" && (o.run, &o.option, o.zstd_level) == (r.run, &r.option, r.zstd_level))
+        else {
+            continue;
+        };
+        any = true;
+        cost.row(vec![
+            r.option.clone(),
+            r.run.to_string(),
+            r.encryption.clone(),
+            format!("{:.2}", gbit(r.throughput_bytes_per_s)),
+            format!("{:.2}", gbit(off.throughput_bytes_per_s)),
+            if off.seconds > 0.0 { format!("{:.2}x", r.seconds / off.seconds) } else { "-".into() },
+            format!("{:.2}", r.src_cpu_s + r.dst_cpu_s),
+            format!("{:.2}", off.src_cpu_s + off.dst_cpu_s),
+        ]);
+    }
+    if any {
+        out.push_str("\nwhat protection costs (time over the same run with encryption off, same command):\n");
+        out.push_str(&cost.render());
+    }
     out
 }
 

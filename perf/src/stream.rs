@@ -37,7 +37,7 @@ use ferry_transport::handshake::{
 };
 use ferry_transport::option::TransportOption;
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, MAX_BATCH_PAGES, PAGE_SIZE};
-use ferry_transport::{Channel, Incoming};
+use ferry_transport::{Channel, Encryption, Incoming};
 use ferry_vmm_glue::pagemix::{expected_page, fill_page, Mix, PageKind};
 use serde::{Deserialize, Serialize};
 
@@ -70,6 +70,9 @@ pub struct ChildArgs {
     /// zstd level.
     #[arg(long, allow_negative_numbers = true)]
     pub zstd_level: i32,
+    /// Protection of the frames (`aead`, `integrity`, `off`).
+    #[arg(long, default_value = "aead")]
+    pub encryption: Encryption,
     /// Pages per batch.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BATCH_PAGES)))]
     pub batch_pages: u32,
@@ -94,6 +97,8 @@ pub struct StreamConfig {
     pub option: TransportOption,
     /// zstd level (zstd only).
     pub zstd_level: i32,
+    /// Protection of the frames (quic: `aead` only, its TLS).
+    pub encryption: Encryption,
     /// Pages per batch (1..=1024).
     pub batch_pages: u32,
     /// Most batches sent and not yet acknowledged.
@@ -115,6 +120,12 @@ impl StreamConfig {
         if self.window == 0 {
             return Err(BenchError::Usage("window must be at least 1".into()));
         }
+        if !crate::live::encryption_applies(self.option, self.encryption) {
+            return Err(BenchError::Usage(format!(
+                "{} is always encrypted (TLS 1.3): encryption {} applies to tcp options only",
+                self.option, self.encryption
+            )));
+        }
         if !(-131_072..=22).contains(&self.zstd_level) {
             return Err(BenchError::Usage(format!("zstd level {} is outside -131072..=22", self.zstd_level)));
         }
@@ -133,6 +144,8 @@ impl StreamConfig {
             self.option.to_string(),
             "--zstd-level".into(),
             self.zstd_level.to_string(),
+            "--encryption".into(),
+            self.encryption.to_string(),
             "--batch-pages".into(),
             self.batch_pages.to_string(),
             "--window".into(),
@@ -155,6 +168,7 @@ impl ChildArgs {
             seed: self.seed,
             option: self.option,
             zstd_level: self.zstd_level,
+            encryption: self.encryption,
             batch_pages: self.batch_pages,
             window: self.window,
         };
@@ -414,9 +428,9 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
         binding: ChannelBinding { session, channel: 0 },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
-        encryption: Default::default(),
+        encryption: cfg.encryption,
     };
-    let connector = cfg.option.connector(cfg.zstd_level);
+    let connector = crate::live::connector(cfg.option, cfg.zstd_level, cfg.encryption)?;
     let ch = connector.connect(&ChannelPath::to(addr), hs)?;
     if ch.info.backend != connector.transport() {
         return Err(BenchError::Child {
@@ -454,7 +468,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     let acc = cfg.option.bind(
         listen,
         cfg.zstd_level,
-        ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT, encryption: Default::default() },
+        ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT, encryption: cfg.encryption },
     )?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let admit = |est: &Established| {

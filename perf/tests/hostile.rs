@@ -45,6 +45,7 @@ fn args() -> LiveChildArgs {
         working_set: 4 << 20, // unused: the guest is idle
         dirty_rate: 1 << 20,
         option: "tcp".parse::<TransportOption>().unwrap(),
+        encryption: Default::default(),
         channels: 1,
         downtime_ms: 300,
         verify_full: false,

@@ -48,6 +48,9 @@ fn live_json_is_verified_for_every_workload_and_option() {
     for v in &lines {
         assert_eq!(v["bench"], "live");
         assert_eq!(v["verified"], true, "{v}");
+        // Encrypted by default, and the channels said so.
+        assert_eq!(v["encryption"], "aead", "{v}");
+        assert_eq!(v["migration"]["encryption"], "aead", "{v}");
         assert_eq!(v["guest_bytes"].as_u64(), Some(32 << 20));
         assert_eq!(v["reference"], "iperf3");
         // iperf3 wrote in Ferry's batches (256 pages by default).
@@ -110,6 +113,56 @@ fn repeat_and_destination_memory_modes() {
     assert!(text.contains("prefault"), "{text}");
 }
 
+/// `--encryption` runs each mode in turn, the channels negotiate the mode asked for (the
+/// engine's own `encryption`), and the table adds what each mode costs against `off`.
+#[test]
+fn each_encryption_mode_is_run_and_reported() {
+    let o = bench(&[
+        "live",
+        "--size",
+        "16MiB",
+        "--workload",
+        "idle",
+        "--working-set",
+        "4MiB",
+        "--options",
+        "tcp,tcp:2",
+        "--encryption",
+        "aead,integrity,off",
+        "--repeat",
+        "2",
+        "--no-reference",
+        "--json",
+    ]);
+    assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    let got: Vec<(u64, String, u64, String, String)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["run"].as_u64().unwrap_or(9),
+                v["option"].as_str().unwrap_or("").into(),
+                v["channels"].as_u64().unwrap_or(0),
+                v["encryption"].as_str().unwrap_or("").into(),
+                v["migration"]["encryption"].as_str().unwrap_or("").into(),
+            )
+        })
+        .collect();
+    let want: Vec<(u64, String, u64, String, String)> = (0..2)
+        .flat_map(|run| {
+            [1, 2].into_iter().flat_map(move |ch| {
+                ["aead", "integrity", "off"].map(|e| (run, "tcp".to_string(), ch, e.to_string(), e.to_string()))
+            })
+        })
+        .collect();
+    assert_eq!(got, want, "{text}");
+    assert!(lines.iter().all(|v| v["verified"] == true), "{text}");
+    let table = twice("reserve", &["--encryption", "aead,off"]);
+    assert!(table.contains("what protection costs"), "{table}");
+    assert!(table.lines().any(|l| l.contains("aead") && l.contains('x')), "{table}");
+}
+
 #[test]
 fn bad_live_input_is_a_clear_error() {
     for args in [
@@ -121,6 +174,8 @@ fn bad_live_input_is_a_clear_error() {
         &["live", "--repeat", "0"],
         &["live", "--dst-memory", "lukewarm"],
         &["live", "--batch-pages", "2048"],
+        &["live", "--encryption", "rot13"],
+        &["live", "--options", "quic", "--encryption", "off"],
     ] {
         let o = bench(args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));

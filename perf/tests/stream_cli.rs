@@ -30,6 +30,7 @@ fn stream_json_on_loopback_is_verified_and_complete() {
         assert_eq!(v["bytes"].as_u64(), Some(SIZE), "{v}");
         assert_eq!(v["mix"], "zero=40,text=30,random=30");
         assert_eq!(v["testbed"], "loopback");
+        assert_eq!(v["encryption"], "aead", "{v}");
         for k in ["wire_bytes", "seconds", "throughput_bytes_per_s", "reference_bytes_per_s", "ratio"] {
             assert!(num(k) > 0.0, "{k} not positive: {v}");
         }
@@ -46,6 +47,45 @@ fn stream_json_on_loopback_is_verified_and_complete() {
     let zstd = &lines[1];
     assert!(zstd["compressed_batches"].as_u64().unwrap() > 0, "{zstd}");
     assert!(zstd["wire_bytes"].as_u64() < lines[0]["wire_bytes"].as_u64(), "zstd sent more than tcp");
+}
+
+#[test]
+fn each_encryption_mode_streams_and_verifies() {
+    let o = bench(&[
+        "stream",
+        "--size",
+        "8MiB",
+        "--option",
+        "tcp,zstd",
+        "--encryption",
+        "integrity,off,aead",
+        "--no-reference",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    let got: Vec<(&str, &str)> =
+        lines.iter().map(|v| (v["option"].as_str().unwrap_or(""), v["encryption"].as_str().unwrap_or(""))).collect();
+    assert_eq!(
+        got,
+        [
+            ("tcp", "integrity"),
+            ("tcp", "off"),
+            ("tcp", "aead"),
+            ("zstd", "integrity"),
+            ("zstd", "off"),
+            ("zstd", "aead")
+        ],
+        "{text}"
+    );
+    assert!(lines.iter().all(|v| v["verified"] == true), "{text}");
+    // A sealed batch carries a tag per part: more wire bytes than the same batches unsealed.
+    let wire = |i: usize| lines[i]["wire_bytes"].as_u64().unwrap_or(0);
+    assert!(wire(0) > wire(1) && wire(2) > wire(1), "{text}");
+    let o = bench(&["stream", "--size", "8MiB", "--option", "tcp", "--encryption", "aead,off", "--no-reference"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("what protection costs"));
 }
 
 #[test]
@@ -70,6 +110,8 @@ fn bad_input_is_a_clear_error_not_a_panic() {
         (&["stream", "--option", "carrier-pigeon"], "carrier-pigeon"),
         (&["stream", "--zstd-level", "99"], "99"),
         (&["stream", "--batch-pages", "5000"], "5000"),
+        (&["stream", "--encryption", "rot13"], "rot13"),
+        (&["stream", "--option", "quic", "--encryption", "integrity"], "always encrypted"),
     ];
     for (args, want) in cases {
         let o = bench(args);

@@ -4,11 +4,11 @@
 //! migration-bench                      (the default job: `live` with its defaults)
 //! migration-bench live [--size 2GiB | --image FILE] [--workload idle|busy|both]
 //!                      [--options tcp,zstd,tcp:2,tcp:4] [--working-set 256MiB] [--dirty-rate 100MiB]
-//!                      [--downtime-ms 300] [--json]
+//!                      [--downtime-ms 300] [--encryption aead,integrity,off] [--flood 500] [--json]
 //! migration-bench storage [--kind local] [--disk-size 4GiB] [--allocated 50] [--disks 1]
 //!                         [--workload idle|busy|both] [--disk-rate 20MiB] [--dir DIR] [--json]
 //! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp,zstd]
-//!                        [--zstd-level 1] [--link-rate 1gbit] [--json]
+//!                        [--zstd-level 1] [--encryption aead,off] [--link-rate 1gbit] [--json]
 //! migration-bench agent [--part single|many|both] [--size 2GiB] [--vms 8] [--vm-size 512MiB]
 //!                       [--limits 1,2,4] [--channels 2] [--repeat 1] [--json]
 //! ```
@@ -30,6 +30,7 @@ use ferry_perf::{BenchError, Result};
 use ferry_test_support::flood::{loopback_sources, IdleFlood};
 use ferry_transport::option::TransportOption;
 use ferry_transport::wire::{MAX_BATCH_PAGES, PAGE_SIZE};
+use ferry_transport::Encryption;
 use ferry_vmm_glue::pagemix::Mix;
 
 #[derive(Debug, Parser)]
@@ -95,6 +96,10 @@ struct StreamArgs {
     /// quic-streams; comma-separated).
     #[arg(long, default_value = "tcp,zstd", value_delimiter = ',')]
     option: Vec<TransportOption>,
+    /// Protection of the frames, one run per mode to compare (comma-separated): `aead` (the
+    /// default), `integrity`, `off`. quic runs `aead` only (TLS 1.3).
+    #[arg(long, default_value = "aead", value_delimiter = ',')]
+    encryption: Vec<Encryption>,
     /// zstd compression level (negative levels are faster).
     #[arg(long, default_value_t = 1, allow_negative_numbers = true,
           value_parser = clap::value_parser!(i32).range(-131_072..=22))]
@@ -188,16 +193,28 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
     if options.is_empty() {
         return Err(BenchError::Usage("--option is empty".into()));
     }
+    let encryptions = dedup(&a.encryption);
+    if encryptions.is_empty() {
+        return Err(BenchError::Usage("--encryption is empty".into()));
+    }
     let base = StreamConfig {
         size: a.size,
         mix: a.mix,
         seed: a.seed,
         option: options[0],
         zstd_level: a.zstd_level,
+        encryption: Encryption::Aead,
         batch_pages: a.batch_pages,
         window: a.window,
     };
     base.validate()?;
+    if let [e] = encryptions[..] {
+        if let Some(o) = options.iter().find(|o| !live::encryption_applies(**o, e)) {
+            return Err(BenchError::Usage(format!(
+                "{o} is always encrypted (TLS 1.3): --encryption {e} applies to tcp, zstd and zstd-always"
+            )));
+        }
+    }
     check_memory(a.size)?;
     let exe = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
     testbed::install_interrupt_cleanup();
@@ -218,8 +235,14 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
     for run in 0..a.repeat {
         // The reference right before the runs it is compared with: the machine is shared.
         let reference = reference(&a, place)?;
-        for &opt in &options {
-            let cfg = StreamConfig { option: opt, ..base };
+        for (opt, enc) in options.iter().flat_map(|o| encryptions.iter().map(move |e| (*o, *e))) {
+            if !live::encryption_applies(opt, enc) {
+                if run == 0 {
+                    eprintln!("migration-bench: {opt} is always encrypted (TLS 1.3): --encryption {enc} skipped");
+                }
+                continue;
+            }
+            let cfg = StreamConfig { option: opt, encryption: enc, ..base };
             let (s, d) = stream::run(&exe, &cfg, place, timeout)?;
             let throughput = if s.seconds > 0.0 { a.size as f64 / s.seconds } else { 0.0 };
             let reference_bytes_per_s = reference.as_ref().map(|r| r.bytes_per_s);
@@ -227,6 +250,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
                 bench: "stream".into(),
                 option: opt.to_string(),
                 zstd_level: opt.compresses().then_some(a.zstd_level),
+                encryption: enc.to_string(),
                 mix: a.mix.to_string(),
                 seed: a.seed,
                 run,
@@ -254,8 +278,9 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
             };
             if !d.verified {
                 eprintln!(
-                    "migration-bench: {}: the destination's image does not match: {} pages received of {}, {} pages differ (first: {:?})",
+                    "migration-bench: {} {}: the destination's image does not match: {} pages received of {}, {} pages differ (first: {:?})",
                     opt,
+                    enc,
                     d.pages,
                     a.size / PAGE_SIZE as u64,
                     d.mismatched_pages,
@@ -346,6 +371,12 @@ struct LiveArgs {
     /// connections), `quic-streams:4` (4 streams of one QUIC connection), comma-separated.
     #[arg(long, visible_alias = "option", default_value = "tcp,zstd,tcp:2,tcp:4")]
     options: String,
+    /// Protection of every frame after the handshake, one run per mode to compare
+    /// (comma-separated): `aead` (AES-256-GCM, the default), `integrity` (authenticated, not
+    /// encrypted), `off` (trusted networks only). quic is always TLS-encrypted: it runs `aead`
+    /// only. With `off` among them the table adds each mode's cost (time over `off`'s).
+    #[arg(long, default_value = "aead", value_delimiter = ',')]
+    encryption: Vec<Encryption>,
     /// Downtime limit in milliseconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     downtime_ms: u64,
@@ -403,6 +434,17 @@ struct LiveArgs {
     /// only).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     flood: u64,
+}
+
+/// `v` without repeats, in order.
+fn dedup<T: PartialEq + Copy>(v: &[T]) -> Vec<T> {
+    let mut out: Vec<T> = Vec::new();
+    for x in v {
+        if !out.contains(x) {
+            out.push(*x);
+        }
+    }
+    out
 }
 
 fn parse_link_event(s: &str) -> std::result::Result<live::LinkEvent, String> {
@@ -566,101 +608,134 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
         WorkloadArg::Busy => vec![live::Workload::Busy],
         WorkloadArg::Both => vec![live::Workload::Idle, live::Workload::Busy],
     };
+    let encryptions = dedup(&a.encryption);
+    if encryptions.is_empty() {
+        return Err(BenchError::Usage("--encryption is empty".into()));
+    }
+    for (o, _) in &options {
+        if let Some(e) = encryptions.iter().find(|e| !live::encryption_applies(*o, **e)) {
+            if encryptions.len() == 1 {
+                return Err(BenchError::Usage(format!(
+                    "{o} is always encrypted (TLS 1.3): --encryption {e} applies to tcp, zstd and zstd-always"
+                )));
+            }
+            eprintln!("migration-bench: {o} is always encrypted (TLS 1.3): it runs with aead only");
+        }
+    }
     let mut records = Vec::new();
     for run in 0..a.repeat {
         for &w in &workloads {
             for (o, n) in &options {
                 for &sched in &schedulings {
-                    let args = LiveChildArgs {
-                        size: a.size,
-                        mix: a.mix,
-                        image: a.image.clone(),
-                        seed: a.seed,
-                        workload: w,
-                        working_set: a.working_set,
-                        dirty_rate: a.dirty_rate,
-                        option: *o,
-                        channels: *n,
-                        downtime_ms: a.downtime_ms,
-                        verify_full: a.verify_full,
-                        dst_memory: a.dst_memory,
-                        zstd_level: a.zstd_level,
-                        batch_pages: a.batch_pages,
-                        multichannel: tb.is_some(),
-                        scheduling: sched.to_string(),
-                        policy: a.policy.clone(),
-                    };
-                    if let Some(tb) = &tb {
-                        // Every run starts from the configured rates with every link up.
-                        for (nic, r) in rates.iter().enumerate() {
-                            let nic = nic.to_string();
-                            let _ = testbed::run_script(&["link-up", "--name", tb.name(), "--nic", &nic]);
-                            testbed::run_script(&[
-                                "set-rate",
-                                "--name",
-                                tb.name(),
-                                "--nic",
-                                &nic,
-                                "--rate",
-                                &r.to_string(),
-                            ])?;
-                        }
-                    }
-                    // On loopback the reference is measured right before each migration: on a shared
-                    // machine iperf3 itself drifts by 1.5x within a minute.
-                    if tb.is_none() && !a.no_reference {
-                        let r = iperf::measure_loopback(a.reference_seconds, write)?;
-                        refs.push(r.bytes_per_s);
-                        reference = Some(r);
-                    }
-                    let floods: &[usize] = if a.flood > 0 { &[0, a.flood as usize] } else { &[0] };
-                    let mut quiet_ms = None;
-                    for &flood in floods {
-                        let label =
-                            format!("{} {}:{} {}{}", w.as_str(), o, n, sched, if flood > 0 { " flood" } else { "" });
-                        if flood > 0 && tb.is_some() {
-                            return Err(BenchError::Usage("--flood runs on loopback only".into()));
-                        }
-                        let mut flooding = None;
-                        let (s, d) =
-                            live::run_with(&exe, &args, Duration::from_secs(a.timeout), &label, place, &mut |to| {
-                                if flood > 0 {
-                                    let f = IdleFlood::start(to, flood, loopback_sources(64), Duration::from_secs(1));
-                                    // The legitimate source connects once the flood holds its connections.
-                                    if !f.wait_opened(flood as u64, Duration::from_secs(60)) {
-                                        eprintln!("migration-bench: the flood opened fewer than {flood} connections");
-                                    }
-                                    flooding = Some(f);
-                                }
-                                Ok(to)
-                            })?;
-                        let fs = flooding.map(IdleFlood::stop);
-                        let mut rec = live::record(&args, &s, &d, reference.as_ref());
-                        rec.run = run;
-                        let total_ms = rec.migration.total.as_secs_f64() * 1e3;
-                        if let Some(fs) = fs {
-                            rec.flood_connections = fs.connections;
-                            rec.flood_opened = fs.opened;
-                            rec.flood_vs_quiet = quiet_ms.filter(|q: &f64| *q > 0.0).map(|q| total_ms / q);
-                        } else {
-                            quiet_ms = Some(total_ms);
-                        }
+                    for &enc in encryptions.iter().filter(|e| live::encryption_applies(*o, **e)) {
+                        let args = LiveChildArgs {
+                            size: a.size,
+                            mix: a.mix,
+                            image: a.image.clone(),
+                            seed: a.seed,
+                            workload: w,
+                            working_set: a.working_set,
+                            dirty_rate: a.dirty_rate,
+                            option: *o,
+                            encryption: enc,
+                            channels: *n,
+                            downtime_ms: a.downtime_ms,
+                            verify_full: a.verify_full,
+                            dst_memory: a.dst_memory,
+                            zstd_level: a.zstd_level,
+                            batch_pages: a.batch_pages,
+                            multichannel: tb.is_some(),
+                            scheduling: sched.to_string(),
+                            policy: a.policy.clone(),
+                        };
                         if let Some(tb) = &tb {
-                            rec.testbed = "netns".into();
-                            rec.nics = tb.nics();
-                            rec.link_rates_bits_per_s = rates.iter().map(|r| r.bits_per_s).collect();
-                            rec.aggregate_reference_bytes_per_s = aggregate;
-                            rec.ratio_to_aggregate =
-                                aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bytes_per_s / x);
-                            rec.total_vs_reference = None;
-                            for e in &a.link_events {
-                                rec.migration.events.push(format!("link event {e}"));
+                            // Every run starts from the configured rates with every link up.
+                            for (nic, r) in rates.iter().enumerate() {
+                                let nic = nic.to_string();
+                                let _ = testbed::run_script(&["link-up", "--name", tb.name(), "--nic", &nic]);
+                                testbed::run_script(&[
+                                    "set-rate",
+                                    "--name",
+                                    tb.name(),
+                                    "--nic",
+                                    &nic,
+                                    "--rate",
+                                    &r.to_string(),
+                                ])?;
                             }
                         }
-                        if a.json {
-                            emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+                        // On loopback the reference is measured right before each migration: on a shared
+                        // machine iperf3 itself drifts by 1.5x within a minute.
+                        if tb.is_none() && !a.no_reference {
+                            let r = iperf::measure_loopback(a.reference_seconds, write)?;
+                            refs.push(r.bytes_per_s);
+                            reference = Some(r);
                         }
-                        records.push(rec);
+                        let floods: &[usize] = if a.flood > 0 { &[0, a.flood as usize] } else { &[0] };
+                        let mut quiet_ms = None;
+                        for &flood in floods {
+                            let label = format!(
+                                "{} {}:{} {} {}{}",
+                                w.as_str(),
+                                o,
+                                n,
+                                enc,
+                                sched,
+                                if flood > 0 { " flood" } else { "" }
+                            );
+                            if flood > 0 && tb.is_some() {
+                                return Err(BenchError::Usage("--flood runs on loopback only".into()));
+                            }
+                            let mut flooding = None;
+                            let (s, d) = live::run_with(
+                                &exe,
+                                &args,
+                                Duration::from_secs(a.timeout),
+                                &label,
+                                place,
+                                &mut |to| {
+                                    if flood > 0 {
+                                        let f =
+                                            IdleFlood::start(to, flood, loopback_sources(64), Duration::from_secs(1));
+                                        // The legitimate source connects once the flood holds its connections.
+                                        if !f.wait_opened(flood as u64, Duration::from_secs(60)) {
+                                            eprintln!(
+                                                "migration-bench: the flood opened fewer than {flood} connections"
+                                            );
+                                        }
+                                        flooding = Some(f);
+                                    }
+                                    Ok(to)
+                                },
+                            )?;
+                            let fs = flooding.map(IdleFlood::stop);
+                            let mut rec = live::record(&args, &s, &d, reference.as_ref());
+                            rec.run = run;
+                            let total_ms = rec.migration.total.as_secs_f64() * 1e3;
+                            if let Some(fs) = fs {
+                                rec.flood_connections = fs.connections;
+                                rec.flood_opened = fs.opened;
+                                rec.flood_vs_quiet = quiet_ms.filter(|q: &f64| *q > 0.0).map(|q| total_ms / q);
+                            } else {
+                                quiet_ms = Some(total_ms);
+                            }
+                            if let Some(tb) = &tb {
+                                rec.testbed = "netns".into();
+                                rec.nics = tb.nics();
+                                rec.link_rates_bits_per_s = rates.iter().map(|r| r.bits_per_s).collect();
+                                rec.aggregate_reference_bytes_per_s = aggregate;
+                                rec.ratio_to_aggregate =
+                                    aggregate.filter(|x| *x > 0.0).map(|x| rec.wire_throughput_bytes_per_s / x);
+                                rec.total_vs_reference = None;
+                                for e in &a.link_events {
+                                    rec.migration.events.push(format!("link event {e}"));
+                                }
+                            }
+                            if a.json {
+                                emit(&serde_json::to_string(&rec).map_err(|e| BenchError::Usage(e.to_string()))?);
+                            }
+                            records.push(rec);
+                        }
                     }
                 }
             }
@@ -738,6 +813,8 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 working_set: PAGE_SIZE as u64,
                 dirty_rate: PAGE_SIZE as u64,
                 option: TransportOption::Tcp,
+                // The agents' default.
+                encryption: Encryption::Aead,
                 channels: usize::from(a.channels),
                 downtime_ms: 300,
                 verify_full: false,
