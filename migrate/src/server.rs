@@ -13,7 +13,10 @@
 //! whole handshake (however slowly the peer sends). At most `max_pending_per_source` handshakes
 //! are pending per source address (an IPv6 /64 counts as one) and `max_pending` in total: beyond
 //! the first a new connection is closed at once; beyond the second the oldest pending handshake
-//! is closed to make room (a genuine handshake takes a few round trips, an attacker's idles).
+//! of the source holding the most is closed to make room (a genuine handshake takes a few round
+//! trips, an attacker's idles; a lone source is not evicted for a flood from others). The
+//! listening socket's backlog is 4096 (capped by `net.core.somaxconn`): a burst of connections
+//! must not overflow it, or the kernel drops a genuine source's SYN and it retries a second later.
 //! At most `max_sessions` migration sessions are open at once (beyond it, a new session is
 //! refused in its handshake, after authentication, with that reason). Channel 0 must send its
 //! first message within `prepare_timeout`. Accept errors (out of file
@@ -122,8 +125,8 @@ pub struct ListenerConfig {
     /// Time allowed between channel 0's handshake and its first message (Prepare, or the
     /// interface exchange before it) and between that exchange and Prepare.
     pub prepare_timeout: Duration,
-    /// Handshakes pending at once, in total (each has its own thread); beyond it, the oldest is
-    /// closed to make room.
+    /// Handshakes pending at once, in total (each has its own thread); beyond it, the oldest of
+    /// the source with the most pending is closed to make room.
     pub max_pending: usize,
     /// Handshakes pending at once from one source address (an IPv6 /64 counts as one address);
     /// beyond it, a new connection from there is closed at once.
@@ -289,8 +292,8 @@ enum Admission {
 }
 
 impl Warden {
-    /// Register a pending handshake under the limits (closing the oldest one if the total is
-    /// reached).
+    /// Register a pending handshake under the limits (if the total is reached, closing the
+    /// oldest pending handshake of the source that has the most).
     fn admit_handshake(
         &self,
         source: Option<IpAddr>,
@@ -307,8 +310,20 @@ impl Warden {
             return Admission::RefusedPerSource;
         }
         if t.entries.values().filter(open).count() >= limits.max_pending.max(1) {
-            let oldest = t.entries.iter().filter(|(_, w)| open(w)).min_by_key(|(_, w)| w.since).map(|(id, _)| *id);
-            if let Some(w) = oldest.and_then(|id| t.entries.get_mut(&id)) {
+            // Room is made at the expense of whoever holds the most: the oldest pending handshake
+            // of the source with the most pending (a flood's), not a lone peer's that happens
+            // to be older (a genuine source opens its few channels and is done in milliseconds).
+            let mut per_source: HashMap<Option<IpAddr>, usize> = HashMap::new();
+            for w in t.entries.values().filter(open) {
+                *per_source.entry(w.source).or_default() += 1;
+            }
+            let victim = t
+                .entries
+                .iter()
+                .filter(|(_, w)| open(w))
+                .min_by_key(|(_, w)| (std::cmp::Reverse(per_source.get(&w.source).copied().unwrap_or(0)), w.since))
+                .map(|(id, _)| *id);
+            if let Some(w) = victim.and_then(|id| t.entries.get_mut(&id)) {
                 w.closed = Some(Closed::Evicted);
                 (w.close)();
                 ListenerCounters::bump(&counters.evicted);
@@ -705,5 +720,49 @@ impl MigrationServer {
             finished.fetch_add(1, Ordering::SeqCst);
         });
         lock(&serving.workers).push(worker);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+
+    fn closer() -> (Killer, Arc<AtomicBool>) {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        (Arc::new(move || f.store(true, Ordering::SeqCst)), flag)
+    }
+
+    /// A full table makes room at the flood's expense: the lone peer's handshake, older than
+    /// every flood connection, stays; the flood's oldest goes.
+    #[test]
+    fn eviction_takes_from_the_source_with_the_most_pending() {
+        let limits = ListenerConfig { max_pending: 4, max_pending_per_source: 8, ..Default::default() };
+        let counters = ListenerCounters::default();
+        let w = Warden::default();
+        let lone: Option<IpAddr> = Some([198, 18, 0, 1].into());
+        let flood: Option<IpAddr> = Some([198, 18, 0, 66].into());
+        let (c, lone_closed) = closer();
+        assert!(matches!(w.admit_handshake(lone, c, &limits, &counters), Admission::Watched(_)));
+        let mut flood_closed = Vec::new();
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(2));
+            let (c, f) = closer();
+            assert!(matches!(w.admit_handshake(flood, c, &limits, &counters), Admission::Watched(_)));
+            flood_closed.push(f);
+        }
+        // The table is full (4): the next flood connection evicts the flood's oldest.
+        let (c, _) = closer();
+        assert!(matches!(w.admit_handshake(flood, c, &limits, &counters), Admission::Watched(_)));
+        assert!(!lone_closed.load(Ordering::SeqCst), "the lone peer was evicted for the flood");
+        assert!(flood_closed[0].load(Ordering::SeqCst), "the flood's oldest stayed");
+        assert!(!flood_closed[1].load(Ordering::SeqCst) && !flood_closed[2].load(Ordering::SeqCst));
+        assert_eq!(counters.snapshot().evicted, 1);
+        // A source that holds as many as any other loses its oldest: ties go by age.
+        let (c, _) = closer();
+        assert!(matches!(w.admit_handshake(lone, c, &limits, &counters), Admission::Watched(_)));
+        assert!(flood_closed[1].load(Ordering::SeqCst));
+        assert!(!lone_closed.load(Ordering::SeqCst));
     }
 }

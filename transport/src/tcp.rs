@@ -220,6 +220,12 @@ pub fn connect_stream(
     }
 }
 
+/// Connections the kernel queues before they are accepted (it caps this at
+/// `net.core.somaxconn`, 4096 by default). A flood that reconnects hundreds of connections at once
+/// must not overflow the queue: the kernel then drops a genuine source's SYN and its connect
+/// retries only after a second (the initial retransmission timeout).
+pub const LISTEN_BACKLOG: i32 = 4096;
+
 /// Accepts channels on a listening socket.
 pub struct TcpAcceptor {
     listener: TcpListener,
@@ -248,7 +254,7 @@ impl TcpAcceptor {
             sock.set_send_buffer_size(b)?;
         }
         sock.bind(&addr.into())?;
-        sock.listen(64)?;
+        sock.listen(LISTEN_BACKLOG)?;
         Ok(Self { listener: sock.into(), opts, hs })
     }
 
