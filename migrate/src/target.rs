@@ -55,11 +55,19 @@ pub struct TargetConfig {
     /// land, so the receive path does not take the page faults of cold memory itself (cheap when
     /// the memory is already present, as with a reserve).
     pub fault_ahead: bool,
+    /// Longest wait for `Commit` after `Ready`; then the VM is discarded here and the source
+    /// told to resume its own (see [`crate::session::target::DEFAULT_COMMIT_TIMEOUT`]).
+    pub commit_timeout: Duration,
 }
 
 impl Default for TargetConfig {
     fn default() -> Self {
-        Self { channel_wait: Duration::from_secs(10), idle_timeout: Duration::from_secs(60), fault_ahead: true }
+        Self {
+            channel_wait: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            fault_ahead: true,
+            commit_timeout: crate::session::target::DEFAULT_COMMIT_TIMEOUT,
+        }
     }
 }
 
@@ -89,6 +97,9 @@ pub struct TargetStats {
     pub lost_channels: Vec<u16>,
     /// Channels that came back after a loss.
     pub rejoined_channels: Vec<u16>,
+    /// What happened on the channels after `Commit`, when the VM was already ours and nothing
+    /// could change that (a frame that failed its tag: altered, injected or replayed on the way).
+    pub events: Vec<String>,
 }
 
 /// A VM received and committed: it runs here now.
@@ -392,7 +403,7 @@ impl Driver<'_> {
                     Some(vm) => vm.restore_state(&blob).map_err(|e| e.to_string()),
                     None => Err("no VM".into()),
                 };
-                s.handle_restored(r);
+                s.handle_restored(r, Instant::now());
             }
             TargetAction::Resume => {
                 let r = match self.vm.as_mut() {
@@ -519,7 +530,7 @@ pub fn receive_after(
         one_sided: info.backend == "rdma",
         hash_key: HashKey::from_secret(info.image_key.bytes()),
     };
-    let mut s = TargetSession::new(cfg.idle_timeout, Instant::now());
+    let mut s = TargetSession::new(cfg.idle_timeout, Instant::now()).with_commit_timeout(cfg.commit_timeout);
     s.handle_control(&m, Instant::now());
     let mut batches_seen = 0u64;
     let result = loop {
@@ -539,7 +550,12 @@ pub fn receive_after(
             Ok(Event::Control(m)) => s.handle_control(&m, now),
             Ok(Event::Failed(i, why)) => s.handle_channel_lost(i, why, false),
             Ok(Event::Closed(i)) => s.handle_channel_lost(i, "closed by the source".into(), true),
-            Ok(Event::Violation(i, why)) => s.handle_violation(i, why),
+            Ok(Event::Violation(i, why)) => {
+                if s.committed() {
+                    d.stats.events.push(after_commit(&why));
+                }
+                s.handle_violation(i, why)
+            }
             Err(_) => {}
         }
         // Pages landing count as hearing from the source.
@@ -551,15 +567,31 @@ pub fn receive_after(
         s.handle_timeout(Instant::now());
     };
     let committed = s.committed();
-    if let Some(sh) = &d.sh {
-        sh.dead.store(true, Ordering::SeqCst);
+    let stop_receivers = |d: &Driver<'_>| {
+        if let Some(sh) = &d.sh {
+            sh.dead.store(true, Ordering::SeqCst);
+        }
+    };
+    if result.is_err() {
+        stop_receivers(&d);
     }
     if result.is_ok() {
         if let Ok(mut t) = d.tx0.lock() {
             let _ = t.close();
         }
-        // Give the source a moment to read Resumed before the sockets go away.
-        let _ = ev_rx.recv_timeout(Duration::from_millis(200));
+        // Give the source a moment to read Resumed before the sockets go away; what the
+        // receivers saw meanwhile is recorded (the VM is ours whatever it was).
+        let until = Instant::now() + Duration::from_millis(200);
+        while let Ok(e) = ev_rx.recv_timeout(until.saturating_duration_since(Instant::now())) {
+            match e {
+                Event::Violation(_, why) => d.stats.events.push(after_commit(&why)),
+                // The source has read Resumed and closed its end.
+                Event::Closed(0) | Event::Failed(0, _) => break,
+                _ => {}
+            }
+        }
+        // (Channel 0's receiver ran until here, so what followed Commit on it was read.)
+        stop_receivers(&d);
     } else if !committed {
         if matches!(result, Err(MigrateError::ResumeFailed(_))) {
             // Committed but not running: the copy here goes before the source is told to
@@ -594,6 +626,11 @@ pub fn receive_after(
         (Err(e), _) => Err(e),
         (Ok(()), _) => Err(MigrateError::Internal("finished without a VM")),
     }
+}
+
+/// An event after `Commit`, as [`TargetStats::events`] records it.
+fn after_commit(why: &str) -> String {
+    format!("after Commit (the VM is ours, the migration stands): {why}")
 }
 
 /// The shape carried by a prepare (for callers that want to look before receiving).

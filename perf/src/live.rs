@@ -233,7 +233,7 @@ pub struct LiveSrcReport {
 }
 
 /// What the destination process reports.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
 pub struct LiveDstReport {
     /// Received and committed.
     pub ok: bool,
@@ -259,6 +259,9 @@ pub struct LiveDstReport {
     pub reserve_hit: Option<bool>,
     /// With `--image` and an idle guest: every received page equals the image file's page.
     pub image_matches: Option<bool>,
+    /// What the destination saw on its channels after `Commit` (frames that failed their tag).
+    #[serde(default)]
+    pub events: Vec<String>,
 }
 
 /// Bytes of this process's resident memory inside the given regions (from /proc/self/smaps).
@@ -496,6 +499,7 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
         reserve_fill_s,
         reserve_hit,
         image_matches: None,
+        events: Vec::new(),
     };
     let rep = match outcome {
         Ok(Ok(o)) => {
@@ -518,6 +522,7 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
                 reserve_fill_s,
                 reserve_hit,
                 image_matches,
+                events: stats.events,
             }
         }
         Ok(Err(e)) => failed(e.to_string()),

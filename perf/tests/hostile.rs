@@ -245,8 +245,20 @@ fn a_replayed_handshake_is_refused_and_a_migration_completes() {
 /// One man-in-the-middle case: the relay strikes once; the migration aborts, the source's
 /// guest runs again with its memory intact, and the destination discarded its copy.
 fn mitm_case(phase: Phase, attack: Attack) {
+    let (name, struck, s, d) = mitm_run(phase, attack);
+    let Some(struck) = struck else { return };
+    assert!(s.error.is_some(), "{name}: {struck}: the migration completed anyway (undetected)");
+    assert!(!d.ok, "{name}: {struck}: the destination committed");
+    assert!(s.source_running, "{name}: {struck}: the source's guest is not running ({:?})", s.error);
+    assert_eq!(s.source_intact, Some(true), "{name}: {struck}: the source's memory changed");
+}
+
+/// A migration through a relay that strikes once; `None` for `struck` when the test skips.
+fn mitm_run(phase: Phase, attack: Attack) -> (String, Option<String>, LiveSrcReport, LiveDstReport) {
     let name = format!("mitm_{phase:?}_{attack:?}");
-    let Some((_g, tb)) = testbed(&name) else { return };
+    let Some((_g, tb)) = testbed(&name) else {
+        return (name, None, LiveSrcReport::default(), LiveDstReport::default());
+    };
     let src_ip = IpAddr::V4(Testbed::addr(Side::Src, 0));
     let relay: Arc<Mutex<Option<Mitm>>> = Arc::default();
     let r2 = relay.clone();
@@ -260,10 +272,29 @@ fn mitm_case(phase: Phase, attack: Attack) {
     drop(relay);
     tb.down().unwrap();
     let struck = struck.unwrap_or_else(|| panic!("{name}: the relay never struck"));
-    assert!(s.error.is_some(), "{name}: {struck}: the migration completed anyway (undetected)");
-    assert!(!d.ok, "{name}: {struck}: the destination committed");
-    assert!(s.source_running, "{name}: {struck}: the source's guest is not running ({:?})", s.error);
-    assert_eq!(s.source_intact, Some(true), "{name}: {struck}: the source's memory changed");
+    (name, Some(struck), s, d)
+}
+
+/// A frame injected or replayed right behind the genuine `Commit`: the destination already owns
+/// the VM when the forgery arrives (ownership passed with the authentic `Commit`), so aborting
+/// then would make two running copies. The forgery fails its tag and is recorded; the migration
+/// stands, with the VM running at the destination only.
+fn mitm_after_commit_case(attack: Attack) {
+    let (name, struck, s, d) = mitm_run(Phase::Commit, attack);
+    let Some(struck) = struck else { return };
+    assert!(
+        d.ok && s.error.is_none(),
+        "{name}: {struck}: the genuine Commit did not stand: {:?} / {:?}",
+        s.error,
+        d.error
+    );
+    assert!(s.migration.verified && d.verified, "{name}: not verified");
+    assert!(!s.source_running, "{name}: {struck}: the source's guest runs too");
+    assert!(
+        d.events.iter().any(|e| e.contains("after Commit") && e.contains("authentic")),
+        "{name}: {struck}: the forged frame went unnoticed: {:?}",
+        d.events
+    );
 }
 
 macro_rules! mitm {
@@ -278,26 +309,30 @@ macro_rules! mitm {
     };
 }
 
-// Without sealed frames (per-frame AEAD with sequence numbers: the `aead` work of issue 13)
-// some cases cannot be detected: a replayed batch rewrites the same bytes and verifies; a
-// Commit replayed or followed by a forged one changes nothing the destination checks; a
-// dropped Commit leaves the source unable to know who owns the VM (it keeps its copy paused,
-// `uncertain`, and is not running). Those are ignored here until frames are sealed.
+// Every frame is sealed (AES-256-GCM with a per-direction frame count as the nonce): a flipped,
+// injected, replayed or dropped frame fails the tag of the frame the receiver opens next. A
+// dropped `Commit` has no next frame: the destination gives up waiting for it (its commit
+// timeout, 10 s, under the source's 30 s wait for `Resumed`) and aborts, which the source
+// trusts (sealed), and resumes.
 mitm! {
     mitm_flips_a_byte_in_pre_copy: PreCopy Flip;
     mitm_drops_a_frame_in_pre_copy: PreCopy Drop;
     mitm_injects_a_frame_in_pre_copy: PreCopy Inject;
-    #[ignore = "needs sealed frames: a replayed batch verifies"]
     mitm_replays_a_frame_in_pre_copy: PreCopy Replay;
     mitm_flips_a_byte_at_switchover: Switchover Flip;
     mitm_drops_a_frame_at_switchover: Switchover Drop;
     mitm_injects_a_frame_at_switchover: Switchover Inject;
     mitm_replays_a_frame_at_switchover: Switchover Replay;
     mitm_flips_a_byte_at_commit: Commit Flip;
-    #[ignore = "needs sealed frames and a destination that aborts when Commit does not follow Ready: the source stays paused (uncertain)"]
     mitm_drops_a_frame_at_commit: Commit Drop;
-    #[ignore = "needs sealed frames: a forged message after Commit goes unnoticed"]
-    mitm_injects_a_frame_at_commit: Commit Inject;
-    #[ignore = "needs sealed frames: a replayed Commit goes unnoticed"]
-    mitm_replays_a_frame_at_commit: Commit Replay;
+}
+
+#[test]
+fn mitm_injects_a_frame_at_commit() {
+    mitm_after_commit_case(Attack::Inject);
+}
+
+#[test]
+fn mitm_replays_a_frame_at_commit() {
+    mitm_after_commit_case(Attack::Replay);
 }

@@ -345,7 +345,7 @@ impl Pair {
             }
             TargetAction::Restore(_) => {
                 let r = self.vm_ok();
-                self.dst.handle_restored(r);
+                self.dst.handle_restored(r, now);
             }
             TargetAction::Resume => {
                 // Ownership passed: the image must be exactly the paused source's.

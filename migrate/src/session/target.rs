@@ -117,6 +117,13 @@ pub struct RoundGate {
 /// The sealed flag in [`RoundGate`]'s writer count.
 const SEALED: u64 = 1 << 63;
 
+/// How long the destination waits in `Ready` for `Commit` by default: well under the source's
+/// wait for the answer to `Commit` (30 s), so a `Commit` lost on the way ends in the
+/// destination's abort, which the source trusts (sealed frames), and the source resumes its VM
+/// instead of keeping it paused as `uncertain`. The source sends `Commit` the moment `Ready`
+/// arrives: one trip on a live channel.
+pub const DEFAULT_COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl RoundGate {
     /// May a batch of `round` be written? On `Ok` the caller is a writer until it calls
     /// [`RoundGate::landed`].
@@ -166,6 +173,10 @@ pub struct TargetSession {
     gate: Arc<RoundGate>,
     idle_timeout: Duration,
     last_heard: Instant,
+    /// Longest wait in `Ready` for `Commit`.
+    commit_timeout: Duration,
+    /// When `Ready` was sent.
+    ready_at: Option<Instant>,
     shape: Option<VmShape>,
     channels: usize,
     verify_full: bool,
@@ -178,7 +189,8 @@ pub struct TargetSession {
 }
 
 impl TargetSession {
-    /// A session waiting for `Prepare`; silence from the source longer than `idle_timeout` fails it.
+    /// A session waiting for `Prepare`; silence from the source longer than `idle_timeout` fails it,
+    /// and so does a `Commit` that does not come within the commit timeout of `Ready`.
     pub fn new(idle_timeout: Duration, now: Instant) -> Self {
         Self {
             state: TargetState::AwaitPrepare,
@@ -186,6 +198,8 @@ impl TargetSession {
             gate: Arc::new(RoundGate::default()),
             idle_timeout,
             last_heard: now,
+            commit_timeout: DEFAULT_COMMIT_TIMEOUT,
+            ready_at: None,
             shape: None,
             channels: 0,
             verify_full: false,
@@ -196,6 +210,12 @@ impl TargetSession {
             rejoined: Vec::new(),
             verified: false,
         }
+    }
+
+    /// Wait at most `t` in `Ready` for `Commit` (default [`DEFAULT_COMMIT_TIMEOUT`]).
+    pub fn with_commit_timeout(mut self, t: Duration) -> Self {
+        self.commit_timeout = t;
+        self
     }
 
     /// The next action, if any.
@@ -250,7 +270,14 @@ impl TargetSession {
 
     /// When [`TargetSession::handle_timeout`] should be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.is_over() && !self.committed()).then(|| self.last_heard + self.idle_timeout)
+        if self.is_over() || self.committed() {
+            return None;
+        }
+        let idle = self.last_heard + self.idle_timeout;
+        Some(match (self.state, self.ready_at) {
+            (TargetState::Ready, Some(r)) => idle.min(r + self.commit_timeout),
+            _ => idle,
+        })
     }
 
     fn fail(&mut self, e: MigrateError) {
@@ -274,6 +301,12 @@ impl TargetSession {
     /// Time passed: fail if the source has been silent too long.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.poll_timeout().is_some_and(|t| now >= t) {
+            if self.state == TargetState::Ready {
+                // The VM is still the source's: no Commit came (dropped on the way, say). We
+                // discard ours and the driver tells the source, whose copy then resumes; a
+                // Commit arriving later changes nothing (the session is over).
+                return self.fail(MigrateError::Timeout("Commit did not follow Ready"));
+            }
             self.fail(MigrateError::Timeout("source went silent"));
         }
     }
@@ -432,7 +465,7 @@ impl TargetSession {
     }
 
     /// The VM state was restored (or not).
-    pub fn handle_restored(&mut self, r: Result<(), String>) {
+    pub fn handle_restored(&mut self, r: Result<(), String>, now: Instant) {
         if self.state != TargetState::Restoring {
             return;
         }
@@ -440,6 +473,7 @@ impl TargetSession {
             Ok(()) => {
                 self.verified = true;
                 self.state = TargetState::Ready;
+                self.ready_at = Some(now);
                 self.actions.push_back(TargetAction::Send(Msg::Ready));
             }
             Err(e) => {
@@ -506,9 +540,32 @@ mod tests {
         let crc = crc32fast::hash(&blob);
         s.handle_control(&Msg::Complete { state_len: 5, state_crc: crc, digest: 42, pages: 8 }.encode(), now);
         s.handle_digest(42);
-        s.handle_restored(Ok(()));
+        s.handle_restored(Ok(()), now);
         drain(&mut s);
         s
+    }
+
+    /// A Commit that never comes (dropped on the way): the destination gives up at the commit
+    /// timeout, before it owns anything, and fails (the driver discards and aborts, the source
+    /// resumes); a Commit arriving after that changes nothing.
+    #[test]
+    fn no_commit_within_the_commit_timeout_fails_before_owning() {
+        let now = Instant::now();
+        let mut s = ready(now).with_commit_timeout(Duration::from_secs(2));
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(2)));
+        s.handle_timeout(now + Duration::from_millis(1999));
+        assert!(drain(&mut s).is_empty());
+        s.handle_timeout(now + Duration::from_secs(2));
+        let a = drain(&mut s);
+        assert!(matches!(&a[..], [TargetAction::Fail(MigrateError::Timeout(w))] if w.contains("Commit")), "{a:?}");
+        assert!(!s.committed() && s.is_over());
+        s.handle_control(&Msg::Commit.encode(), now + Duration::from_secs(3));
+        assert!(drain(&mut s).is_empty() && !s.committed());
+        // Activity while in Ready does not stretch the wait for Commit.
+        let mut s = ready(now).with_commit_timeout(Duration::from_secs(2));
+        s.handle_activity(now + Duration::from_secs(1));
+        s.handle_timeout(now + Duration::from_secs(2));
+        assert!(matches!(drain(&mut s)[..], [TargetAction::Fail(_)]));
     }
 
     #[test]
