@@ -359,6 +359,8 @@ struct Driver<'a> {
     stats: TargetStats,
     /// A channel of the session writes memory one-sided (rdma).
     one_sided: bool,
+    /// Memory sealers of the channels that have them (rdma): called before the final check.
+    sealers: Vec<Killer>,
     /// Channel 0's image key, which keys the page hashes and the digest.
     hash_key: HashKey,
 }
@@ -392,6 +394,11 @@ impl Driver<'_> {
             }
             TargetAction::CloseChannel(c) => kill(&self.killers, Some(c)),
             TargetAction::Verify { full } => {
+                // Complete came: no one-sided write may land from now on (rdma deregisters the
+                // memory it registered for them), so the check below reads what will run.
+                for seal in &self.sealers {
+                    seal();
+                }
                 let t = Instant::now();
                 // One-sided (rdma) writes land outside any announced batch: re-read everything.
                 let digest = self.sh.as_ref().map_or(0, |sh| sh.digest(full || self.one_sided));
@@ -471,6 +478,9 @@ impl Driver<'_> {
 
     fn spawn_rx(&mut self, i: u16, rx: Box<dyn ChannelRx>, tx: Arc<Mutex<Box<dyn ChannelTx>>>) {
         let Some(sh) = self.sh.clone() else { return };
+        if let Some(seal) = rx.memory_sealer() {
+            self.sealers.push(seal);
+        }
         let ev = self.ev_tx.clone();
         self.threads.push(std::thread::spawn(move || rx_loop(i, rx, tx, sh, ev)));
     }
@@ -528,6 +538,7 @@ pub fn receive_after(
         threads: Vec::new(),
         stats: TargetStats::default(),
         one_sided: info.backend == "rdma",
+        sealers: Vec::new(),
         hash_key: HashKey::from_secret(info.image_key.bytes()),
     };
     let mut s = TargetSession::new(cfg.idle_timeout, Instant::now()).with_commit_timeout(cfg.commit_timeout);

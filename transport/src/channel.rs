@@ -140,6 +140,15 @@ pub trait ChannelTx: Send {
 pub trait ChannelRx: Send {
     /// Receive the next frame; batches are written into `sink` before this returns.
     fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming>;
+
+    /// A handle that, once called (from any thread), lets the peer write no more memory on its
+    /// own: `rdma` deregisters the guest memory it registered for remote writes (a later
+    /// one-sided write fails with a remote access error and lands nowhere) and registers none
+    /// again. `None` for backends whose pages all pass through [`ChannelRx::recv`], where the
+    /// sink's [`MemorySink::admit_batch`] already refuses them.
+    fn memory_sealer(&self) -> Option<Killer> {
+        None
+    }
 }
 
 /// Facts about an established channel.

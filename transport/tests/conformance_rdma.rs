@@ -264,6 +264,63 @@ fn qp_error_on_destination_mid_transfer() {
     qp_error_mid_transfer(Side::Destination);
 }
 
+/// The destination seals its memory (as it does at `Complete`): a batch sent before lands, a
+/// one-sided write after fails at the source with a transport error, and the destination's
+/// memory of that batch stays as it was (zero); no panic, no hang.
+#[test]
+fn sealed_memory_refuses_remote_writes() {
+    let Some(b) = backend("sealed_memory_refuses_remote_writes") else { return };
+    const PAGES: usize = 512;
+    let src = random_memory(PAGES, 5);
+    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
+    let (s, d) = b.rdma_pair();
+    let (mut s, mut d) = (s.channel, d.channel);
+    let seal = d.rx.memory_sealer().expect("rdma has a memory sealer");
+    std::thread::scope(|sc| {
+        let dmap = &dmap;
+        let (to_recv, received) = std::sync::mpsc::channel();
+        let recv = sc.spawn(move || loop {
+            let r = d.rx.recv(dmap);
+            let end = !matches!(r, Ok(Incoming::Batch(_)));
+            let _ = to_recv.send(r);
+            if end {
+                return;
+            }
+        });
+        let first = [PageRun { gpa: 0, pages: 256 }];
+        s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &first, &smap).expect("a batch before the seal");
+        let got = received.recv_timeout(Duration::from_secs(30)).expect("the first batch");
+        assert!(matches!(got, Ok(Incoming::Batch(_))), "{got:?}");
+        seal();
+        let second = [PageRun { gpa: (256 * PAGE_SIZE) as u64, pages: 256 }];
+        let err = match s.tx.send_batch(1, 0, BATCH_DEST_ZEROED, &second, &smap) {
+            Ok(_) => s.tx.close().expect_err("a write into sealed memory cannot complete"),
+            Err(e) => e,
+        };
+        eprintln!("source after the seal: {err}");
+        assert!(matches!(err, TransportError::Rdma(_)), "source: unexpected error kind {err}");
+        let _ = s.tx.send_abort(9, "sealed");
+        (s.killer)();
+        let _ = recv.join();
+        // The first batch landed; not one byte of the second did.
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut want = vec![0u8; PAGE_SIZE];
+        for i in 0..PAGES {
+            dst.read_into(i * PAGE_SIZE, &mut page);
+            if i < 256 {
+                src.read_into(i * PAGE_SIZE, &mut want);
+                assert_eq!(page, want, "page {i} of the batch before the seal");
+            } else {
+                assert!(page.iter().all(|&x| x == 0), "page {i} was written after the seal");
+            }
+        }
+        while let Ok(r) = received.try_recv() {
+            assert!(!matches!(r, Ok(Incoming::Batch(_))), "a batch was received after the seal");
+        }
+    });
+}
+
 /// The killer cuts a channel while the source is blocked on a destination that never reads:
 /// send_batch returns an error promptly.
 #[test]

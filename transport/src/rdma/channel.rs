@@ -537,11 +537,19 @@ impl ChannelTx for RdmaTx {
     }
 }
 
-/// The sink registered on the first receive: (host, len) per region, and the regions (kept
-/// registered until the channel drops).
+/// The sink registered on the first receive: (host, len) per region (its regions are in
+/// [`SinkRegions`]).
 struct RegisteredSink {
     key: Vec<(usize, usize)>,
-    _mrs: Vec<Arc<MemoryRegion>>,
+}
+
+/// The sink's memory regions registered for remote writes, shared with the memory sealer
+/// ([`ChannelRx::memory_sealer`]): registered until the channel drops or the sealer runs,
+/// whichever is first; once sealed, nothing is registered again.
+#[derive(Default)]
+pub(crate) struct SinkRegions {
+    sealed: bool,
+    mrs: Vec<Arc<MemoryRegion>>,
 }
 
 /// Receiving half.
@@ -556,8 +564,10 @@ pub struct RdmaRx {
     // (Fields drop in order: the region is deregistered before its memory is unmapped.)
     pub(crate) recvbuf_mr: Arc<MemoryRegion>,
     pub(crate) recvbuf: AnonMemory,
-    /// The registered sink: (host, len) per region, and the regions.
+    /// The registered sink: (host, len) per region.
     sink: Option<RegisteredSink>,
+    /// Its regions, registered for remote writes until sealed.
+    regions: Arc<Mutex<SinkRegions>>,
     pending: Option<Result<Incoming>>,
     ready: VecDeque<Result<Incoming>>,
     /// Receives reposted whose credit has not been returned yet.
@@ -594,6 +604,7 @@ impl RdmaRx {
             recvbuf,
             recvbuf_mr,
             sink: None,
+            regions: Arc::default(),
             pending: None,
             ready: VecDeque::new(),
             unreturned: 0,
@@ -642,6 +653,13 @@ impl RdmaRx {
             }
             return Ok(());
         }
+        let shared = self.regions.clone();
+        let mut held = lock(&shared);
+        if held.sealed {
+            // Sealed before any batch came: nothing is registered, and a batch announcement
+            // finds no registered sink and is refused.
+            return Ok(());
+        }
         if regions.len() > super::MAX_REGIONS {
             return Err(RdmaError::Memory("more guest memory regions than the region table holds").into());
         }
@@ -661,7 +679,8 @@ impl RdmaRx {
         }
         let msg = super::encode_table(&table);
         lock(&self.ctl).send_control(&msg)?;
-        self.sink = Some(RegisteredSink { key, _mrs: mrs });
+        held.mrs = mrs;
+        self.sink = Some(RegisteredSink { key });
         Ok(())
     }
 
@@ -774,6 +793,17 @@ impl RdmaRx {
 }
 
 impl ChannelRx for RdmaRx {
+    fn memory_sealer(&self) -> Option<crate::channel::Killer> {
+        let regions = self.regions.clone();
+        Some(Arc::new(move || {
+            let mut r = lock(&regions);
+            r.sealed = true;
+            // Dropping the last reference deregisters each region: the device refuses the
+            // rkeys from here on (a remote write fails with a remote access error).
+            r.mrs.clear();
+        }))
+    }
+
     fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming> {
         if self.ended {
             return Err(TransportError::Closed);

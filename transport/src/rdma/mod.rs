@@ -28,7 +28,11 @@
 //!   on its first `recv` (all of them, once: `MemorySink::regions`) and sends their
 //!   (gpa, address, length, rkey) over the authenticated control stream; keys are valid only for
 //!   this channel (its protection domain and queue pair) and are deregistered when the channel
-//!   drops. A later `recv` with a different sink is refused. The source's `send_batch` waits for
+//!   drops, or earlier by the receiving half's memory sealer
+//!   ([`crate::channel::ChannelRx::memory_sealer`]): the destination calls it on every channel
+//!   when `Complete` arrives, before its final check, so no page lands one-sided after that
+//!   (a write with a dead rkey fails with a remote access error) and nothing is registered
+//!   again. A later `recv` with a different sink is refused. The source's `send_batch` waits for
 //!   the table (that wait is also the backpressure before the destination starts reading).
 //!   Registering up front at accept time would need the guest memory before the channel exists;
 //!   the first receive is the moment the layer above hands it over, so that is where it happens.
