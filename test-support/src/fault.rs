@@ -176,6 +176,11 @@ struct FaultRx {
 }
 
 impl ChannelRx for FaultRx {
+    fn memory_sealer(&self) -> Option<Killer> {
+        // A wrapped rdma channel still stops one-sided writes at Complete.
+        self.inner.memory_sealer()
+    }
+
     fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming> {
         loop {
             if let Misbehave::Stall { channel, after_acks } = self.misbehave {
