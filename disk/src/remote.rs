@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::digest::DiskDigest;
+use crate::digest::{DigestKey, DiskDigest};
 use crate::dirty::BlockSet;
 use crate::disk::Disk;
 use crate::sink::{BlockSink, FileSink, FileWriter};
@@ -86,6 +86,11 @@ impl DiskReceiver {
     /// Prepare to receive `disks` (name, size) into `dir`: checks every name and size, refuses
     /// a name that exists in `dir`, creates the sparse partial copies.
     pub fn prepare(dir: &Path, disks: &[(String, u64)]) -> Result<Self, RemoteError> {
+        Self::prepare_keyed(dir, disks, &DigestKey::UNKEYED)
+    }
+
+    /// [`DiskReceiver::prepare`] with the digests keyed by `key` (a migration's session key).
+    pub fn prepare_keyed(dir: &Path, disks: &[(String, u64)], key: &DigestKey) -> Result<Self, RemoteError> {
         if disks.len() > MAX_DISKS {
             return Err(RemoteError::Bad(format!("{} disks (at most {MAX_DISKS})", disks.len())));
         }
@@ -112,7 +117,7 @@ impl DiskReceiver {
                 size_bytes: *size,
                 sink,
                 writer,
-                digest: DiskDigest::new(size.div_ceil(BLOCK_BYTES)),
+                digest: DiskDigest::keyed(size.div_ceil(BLOCK_BYTES), key),
             });
         }
         Ok(r)
@@ -141,6 +146,8 @@ impl DiskReceiver {
             inc.digest.set_zero(b);
         } else {
             inc.writer.write_at(b * BLOCK_BYTES, data).map_err(target)?;
+            // Writeback starts now, so the sync before commit has little left to do.
+            inc.writer.start_writeback(b * BLOCK_BYTES, len).map_err(target)?;
             inc.digest.set(b, data);
         }
         Ok(())
@@ -156,6 +163,21 @@ impl DiskReceiver {
         inc.writer.zero(b * BLOCK_BYTES, len).map_err(|err| DiskError::Target { disk: inc.name.clone(), err })?;
         inc.digest.set_zero(b);
         Ok(())
+    }
+
+    /// Every disk's digest as received so far (in disk order).
+    pub fn digests(&self) -> Vec<u64> {
+        self.disks.iter().map(|d| d.digest.digest()).collect()
+    }
+
+    /// Disks being received.
+    pub fn len(&self) -> usize {
+        self.disks.len()
+    }
+
+    /// No disk.
+    pub fn is_empty(&self) -> bool {
+        self.disks.is_empty()
     }
 
     /// Compare every disk's digest with the source's (in disk order).
@@ -228,12 +250,26 @@ pub struct OutBlock {
 impl DiskSender {
     /// Start: the dirty log starts now and the allocated extents are the backlog.
     pub fn start(disk: Arc<Disk>) -> Result<Self, DiskError> {
-        disk.dirty_log().start();
+        Self::start_keyed(disk, &DigestKey::UNKEYED)
+    }
+
+    /// [`DiskSender::start`] with the digest keyed by `key` (a migration's session key). The
+    /// sender owns the disk's dirty log (one move at a time: [`DiskError::Busy`] otherwise)
+    /// until it is stopped or dropped.
+    pub fn start_keyed(disk: Arc<Disk>, key: &DigestKey) -> Result<Self, DiskError> {
+        disk.claim()?;
         let extents = {
             let b = disk.backing();
-            image::allocated_extents(&b.file, disk.size_bytes())
-                .map_err(|err| DiskError::Io { path: b.path.clone(), err })?
+            image::allocated_extents(&b.file, disk.size_bytes()).map_err(|err| DiskError::Io { path: b.path.clone(), err })
         };
+        let extents = match extents {
+            Ok(e) => e,
+            Err(e) => {
+                disk.release();
+                return Err(e);
+            }
+        };
+        disk.dirty_log().start();
         let mut backlog: Vec<(u64, u64)> = Vec::new();
         for (s, l) in extents {
             let (first, end) = (s / BLOCK_BYTES, (s + l).div_ceil(BLOCK_BYTES));
@@ -244,7 +280,7 @@ impl DiskSender {
         }
         backlog.reverse(); // popped from the end, in order
         let blocks = disk.blocks();
-        Ok(Self { disk, backlog, in_flight: BlockSet::new(blocks), digest: DiskDigest::new(blocks) })
+        Ok(Self { disk, backlog, in_flight: BlockSet::new(blocks), digest: DiskDigest::keyed(blocks, key) })
     }
 
     /// Blocks still to send from the extents, and dirty blocks pending.
@@ -252,7 +288,20 @@ impl DiskSender {
         self.backlog.iter().map(|r| r.1).sum::<u64>() + self.disk.dirty_log().pending()
     }
 
-    /// Up to `max` blocks to send next (the backlog first, then the dirty log).
+    /// The disk.
+    pub fn disk(&self) -> &Arc<Disk> {
+        &self.disk
+    }
+
+    /// Blocks sent and not yet acknowledged (nor lost).
+    pub fn in_flight_blocks(&self) -> u64 {
+        self.in_flight.count()
+    }
+
+    /// Up to `max` blocks to send next (the backlog first, then the dirty log). A dirty block
+    /// whose previous copy is still in flight stays dirty until that copy is acknowledged: one
+    /// block is never in flight twice, so an older copy can never land after a newer one
+    /// whatever channels they take.
     pub fn next(&mut self, max: u64) -> Result<Vec<OutBlock>, DiskError> {
         let mut picks: Vec<u64> = Vec::new();
         while (picks.len() as u64) < max {
@@ -269,7 +318,9 @@ impl DiskSender {
             let mut back = BlockSet::new(self.disk.blocks());
             for (first, n) in take.set().runs() {
                 for b in first..first + n {
-                    if (picks.len() as u64) < max && !picks.contains(&b) {
+                    if self.in_flight.contains(b) {
+                        back.insert(b);
+                    } else if (picks.len() as u64) < max && !picks.contains(&b) {
                         picks.push(b);
                     } else if !picks.contains(&b) {
                         back.insert(b);
@@ -320,9 +371,15 @@ impl DiskSender {
         self.digest.digest()
     }
 
-    /// Stop the dirty log (after the switch, or on abort).
-    pub fn stop(self) {
+    /// Stop the dirty log and give the disk back (after the switch, or on abort; dropping the
+    /// sender does the same).
+    pub fn stop(self) {}
+}
+
+impl Drop for DiskSender {
+    fn drop(&mut self) {
         self.disk.dirty_log().stop();
+        self.disk.release();
     }
 }
 
