@@ -260,7 +260,8 @@ impl DiskSender {
         disk.claim()?;
         let extents = {
             let b = disk.backing();
-            image::allocated_extents(&b.file, disk.size_bytes()).map_err(|err| DiskError::Io { path: b.path.clone(), err })
+            image::allocated_extents(&b.file, disk.size_bytes())
+                .map_err(|err| DiskError::Io { path: b.path.clone(), err })
         };
         let extents = match extents {
             Ok(e) => e,

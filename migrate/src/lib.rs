@@ -12,8 +12,11 @@
 //!   their sessions; the source's session connector, over any transport.
 //! - [`scheduler`]: the host-wide concurrency limit.
 //! - [`stats`]: query-migrate style statistics and progress events.
+//! - [`disks`]: the disks of a shared-nothing move in the drivers (the source's disk pump, the
+//!   destination's partial copies); blocks ride on every channel of the session.
 //! - [`quick`]: quick migration (pause, save to a shared directory, hand ownership over, load).
 
+pub mod disks;
 pub mod protocol;
 pub mod quick;
 pub mod scheduler;
@@ -86,6 +89,10 @@ pub enum MigrateError {
         "committed, but the VM did not resume here ({0}); its copy here is discarded and the source is told to resume its own"
     )]
     ResumeFailed(String),
+    /// A disk of a shared-nothing move could not be read, sent, written or verified (the
+    /// destination's file system full, a disk that did not keep up, an I/O error).
+    #[error("disk: {0}")]
+    Disk(String),
     /// A bug.
     #[error("internal: {0}")]
     Internal(&'static str),

@@ -25,6 +25,31 @@ pub const MAX_CHUNK: usize = 512 << 10;
 /// `Complete`.
 pub const MAX_STATE: u64 = 4 << 20;
 
+/// Most blocks in one [`Msg::DiskBlocks`] (8 x 64 KiB: a message stays well under the transport's
+/// 1 MiB control frame, rdma's included).
+pub const MAX_DISK_BLOCKS: usize = 8;
+/// Longest disk name.
+pub const MAX_DISK_NAME: usize = 200;
+
+/// A disk a shared-nothing move brings: its name (a plain file name, checked again by the
+/// destination) and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskDesc {
+    /// File name.
+    pub name: String,
+    /// Size in bytes (any size; the last block is short).
+    pub size_bytes: u64,
+}
+
+/// One block of a [`Msg::DiskBlocks`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBlock {
+    /// Block index (64 KiB blocks).
+    pub block: u64,
+    /// The block's bytes (its exact length), or `None`: zeros (left a hole).
+    pub data: Option<Vec<u8>>,
+}
+
 /// A control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
@@ -90,6 +115,33 @@ pub enum Msg {
     ChannelDrop {
         /// Channel index.
         channel: u16,
+    },
+    /// Source (shared-nothing, after `PrepareOk`, before any page batch): the VM's disks.
+    Disks {
+        /// In the VM's order (their index is the `disk` of [`Msg::DiskBlocks`]).
+        disks: Vec<DiskDesc>,
+    },
+    /// Destination: partial copies of every disk created; blocks may come.
+    DisksOk,
+    /// Source, on any channel: blocks of one disk. Answered by `DiskAck` on the same channel once
+    /// they are written.
+    DiskBlocks {
+        /// Message number (unique in the migration).
+        seq: u64,
+        /// Disk index.
+        disk: u16,
+        /// The blocks.
+        blocks: Vec<DiskBlock>,
+    },
+    /// Destination: the blocks of `DiskBlocks` `seq` are written.
+    DiskAck {
+        /// The message acknowledged.
+        seq: u64,
+    },
+    /// Source, right before `Complete`: each disk's keyed digest.
+    DiskDigests {
+        /// One per disk, in order.
+        digests: Vec<u64>,
     },
 }
 
@@ -162,6 +214,18 @@ pub fn is_complete(bytes: &[u8]) -> bool {
     bytes.first() == Some(&7)
 }
 
+/// Whether an encoded message is a `DiskAck` (the source's readers hand those to the disk
+/// pump, not to the session).
+pub fn is_disk_ack(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&16)
+}
+
+/// Whether an encoded message is `DiskBlocks` (the destination's receivers write those
+/// themselves, on whatever channel they come).
+pub fn is_disk_blocks(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&15)
+}
+
 impl Msg {
     /// Encode.
     pub fn encode(&self) -> Vec<u8> {
@@ -220,6 +284,42 @@ impl Msg {
                 v.push(12);
                 v.extend_from_slice(&channel.to_le_bytes());
             }
+            Msg::Disks { disks } => {
+                v.push(13);
+                v.extend_from_slice(&(disks.len() as u32).to_le_bytes());
+                for d in disks {
+                    put_bytes(&mut v, d.name.as_bytes());
+                    v.extend_from_slice(&d.size_bytes.to_le_bytes());
+                }
+            }
+            Msg::DisksOk => v.push(14),
+            Msg::DiskBlocks { seq, disk, blocks } => {
+                v.push(15);
+                v.extend_from_slice(&seq.to_le_bytes());
+                v.extend_from_slice(&disk.to_le_bytes());
+                v.extend_from_slice(&(blocks.len() as u16).to_le_bytes());
+                for b in blocks {
+                    v.extend_from_slice(&b.block.to_le_bytes());
+                    match &b.data {
+                        None => v.push(0),
+                        Some(d) => {
+                            v.push(1);
+                            put_bytes(&mut v, d);
+                        }
+                    }
+                }
+            }
+            Msg::DiskAck { seq } => {
+                v.push(16);
+                v.extend_from_slice(&seq.to_le_bytes());
+            }
+            Msg::DiskDigests { digests } => {
+                v.push(17);
+                v.extend_from_slice(&(digests.len() as u32).to_le_bytes());
+                for d in digests {
+                    v.extend_from_slice(&d.to_le_bytes());
+                }
+            }
         }
         v
     }
@@ -271,6 +371,52 @@ impl Msg {
             10 => Msg::Resumed,
             11 => Msg::ChannelLost { channel: r.u16()? },
             12 => Msg::ChannelDrop { channel: r.u16()? },
+            13 => {
+                let n = r.u32()? as usize;
+                if n == 0 || n > ferry_disk::remote::MAX_DISKS {
+                    return Err(ProtocolError::Invalid("disk count"));
+                }
+                let mut disks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let name = r.string(MAX_DISK_NAME)?;
+                    let size_bytes = r.u64()?;
+                    if size_bytes > ferry_disk::remote::MAX_DISK_BYTES {
+                        return Err(ProtocolError::Invalid("disk too large"));
+                    }
+                    disks.push(DiskDesc { name, size_bytes });
+                }
+                Msg::Disks { disks }
+            }
+            14 => Msg::DisksOk,
+            15 => {
+                let (seq, disk, n) = (r.u64()?, r.u16()?, r.u16()? as usize);
+                if n == 0 || n > MAX_DISK_BLOCKS {
+                    return Err(ProtocolError::Invalid("disk block count"));
+                }
+                let mut blocks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let block = r.u64()?;
+                    let data = match r.u8()? {
+                        0 => None,
+                        1 => Some(r.bytes(ferry_disk::BLOCK_BYTES as usize)?.to_vec()),
+                        _ => return Err(ProtocolError::Invalid("flag")),
+                    };
+                    blocks.push(DiskBlock { block, data });
+                }
+                Msg::DiskBlocks { seq, disk, blocks }
+            }
+            16 => Msg::DiskAck { seq: r.u64()? },
+            17 => {
+                let n = r.u32()? as usize;
+                if n > ferry_disk::remote::MAX_DISKS {
+                    return Err(ProtocolError::Invalid("disk count"));
+                }
+                let mut digests = Vec::with_capacity(n);
+                for _ in 0..n {
+                    digests.push(r.u64()?);
+                }
+                Msg::DiskDigests { digests }
+            }
             t => return Err(ProtocolError::UnknownTag(t)),
         };
         if !r.0.is_empty() {
@@ -304,7 +450,52 @@ mod tests {
             Msg::Resumed,
             Msg::ChannelLost { channel: 3 },
             Msg::ChannelDrop { channel: 2 },
+            Msg::Disks {
+                disks: vec![
+                    DiskDesc { name: "root.img".into(), size_bytes: 12345 },
+                    DiskDesc { name: "data".into(), size_bytes: 1 << 40 },
+                ],
+            },
+            Msg::DisksOk,
+            Msg::DiskBlocks {
+                seq: 9,
+                disk: 1,
+                blocks: vec![DiskBlock { block: 3, data: None }, DiskBlock { block: 4, data: Some(vec![5; 100]) }],
+            },
+            Msg::DiskAck { seq: 9 },
+            Msg::DiskDigests { digests: vec![1, 2] },
         ]
+    }
+
+    #[test]
+    fn disk_messages_are_capped() {
+        let blocks = |n: usize, len: usize| Msg::DiskBlocks {
+            seq: 1,
+            disk: 0,
+            blocks: (0..n).map(|b| DiskBlock { block: b as u64, data: Some(vec![1; len]) }).collect(),
+        };
+        assert!(Msg::decode(&blocks(MAX_DISK_BLOCKS, ferry_disk::BLOCK_BYTES as usize).encode()).is_ok());
+        assert!(blocks(MAX_DISK_BLOCKS, ferry_disk::BLOCK_BYTES as usize).encode().len() < (1 << 20) - 1);
+        assert_eq!(
+            Msg::decode(&blocks(MAX_DISK_BLOCKS + 1, 1).encode()),
+            Err(ProtocolError::Invalid("disk block count"))
+        );
+        assert_eq!(Msg::decode(&blocks(0, 1).encode()), Err(ProtocolError::Invalid("disk block count")));
+        assert_eq!(
+            Msg::decode(&blocks(1, ferry_disk::BLOCK_BYTES as usize + 1).encode()),
+            Err(ProtocolError::Invalid("length over its cap"))
+        );
+        let disks = |n: usize, size_bytes: u64| Msg::Disks {
+            disks: (0..n).map(|i| DiskDesc { name: format!("d{i}"), size_bytes }).collect(),
+        };
+        assert_eq!(Msg::decode(&disks(0, 1).encode()), Err(ProtocolError::Invalid("disk count")));
+        assert_eq!(Msg::decode(&disks(65, 1).encode()), Err(ProtocolError::Invalid("disk count")));
+        assert_eq!(
+            Msg::decode(&disks(1, ferry_disk::remote::MAX_DISK_BYTES + 1).encode()),
+            Err(ProtocolError::Invalid("disk too large"))
+        );
+        let long = Msg::Disks { disks: vec![DiskDesc { name: "x".repeat(MAX_DISK_NAME + 1), size_bytes: 1 }] };
+        assert_eq!(Msg::decode(&long.encode()), Err(ProtocolError::Invalid("length over its cap")));
     }
 
     #[test]
@@ -312,6 +503,8 @@ mod tests {
         for m in all() {
             assert_eq!(Msg::decode(&m.encode()).unwrap(), m);
             assert_eq!(is_complete(&m.encode()), matches!(m, Msg::Complete { .. }), "{m:?}");
+            assert_eq!(is_disk_ack(&m.encode()), matches!(m, Msg::DiskAck { .. }), "{m:?}");
+            assert_eq!(is_disk_blocks(&m.encode()), matches!(m, Msg::DiskBlocks { .. }), "{m:?}");
         }
     }
 
@@ -341,7 +534,7 @@ mod tests {
         }
 
         #[test]
-        fn truncation_is_an_error(i in 0usize..11, cut in 0usize..40) {
+        fn truncation_is_an_error(i in 0usize..17, cut in 0usize..40) {
             let e = all()[i].encode();
             if cut < e.len() {
                 prop_assert!(Msg::decode(&e[..cut]).is_err());

@@ -19,7 +19,8 @@ use ferry_memory::scan::{scan_slice_keyed, HashKey};
 use ferry_memory::{MemoryMap, MemorySource, NoSink};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer, TransportError};
 
-use crate::session::source::{Batch, Outcome, SourceAction, SourceConfig, SourceSession};
+use crate::disks::DiskPump;
+use crate::session::source::{Batch, Outcome, SourceAction, SourceConfig, SourceSession, SourceState};
 use crate::stats::{ChannelStats, MigrationStats, Progress, Status};
 use crate::vm::SourceVm;
 use crate::MigrateError;
@@ -87,6 +88,10 @@ pub struct MigrationConfig {
     /// hung path is noticed in about this time instead of a TCP timeout (or never, if the peer
     /// stopped reading but its kernel still acknowledges). `None`: rely on TCP.
     pub stall_timeout: Option<Duration>,
+    /// Shared-nothing moves (a VM with disks, [`SourceVm::disks`]): keep the source's disk
+    /// files after the destination committed (Hyper-V's `-RetainVhdCopiesOnSource`); by default
+    /// they are removed once the destination runs the VM.
+    pub retain_source_disks: bool,
 }
 
 impl Default for MigrationConfig {
@@ -103,6 +108,7 @@ impl Default for MigrationConfig {
             rejoin: None,
             rejoin_interval: Duration::from_millis(500),
             stall_timeout: Some(Duration::from_secs(1)),
+            retain_source_disks: false,
         }
     }
 }
@@ -129,6 +135,10 @@ enum Event {
     Aborted(String),
     /// A lost channel was re-opened.
     Rejoined(u16, Channel),
+    /// Disk blocks were acknowledged (the engine looks whether the disks are in sync or flushed).
+    DiskAcked,
+    /// The disk copy failed (a read error, a destination that broke the disk protocol).
+    DiskFailed(String),
 }
 
 #[derive(Default)]
@@ -160,6 +170,8 @@ struct Shared {
     window: usize,
     /// Pins are preferences (adaptive scheduling), not rules (round-robin).
     steal: bool,
+    /// The VM's disks (shared-nothing), sent by a disk thread per channel.
+    pump: Option<Arc<DiskPump>>,
 }
 
 struct Chan {
@@ -294,7 +306,13 @@ fn scan_work(sh: &Shared, w: &Batch) -> Vec<u8> {
     map
 }
 
-fn reader_loop(idx: u16, mut rx: Box<dyn ChannelRx>, cs: Arc<ChanShared>, ev: mpsc::Sender<Event>) {
+fn reader_loop(
+    idx: u16,
+    mut rx: Box<dyn ChannelRx>,
+    cs: Arc<ChanShared>,
+    pump: Option<Arc<DiskPump>>,
+    ev: mpsc::Sender<Event>,
+) {
     loop {
         match rx.recv(&NoSink) {
             Ok(Incoming::Ack(a)) => {
@@ -307,6 +325,18 @@ fn reader_loop(idx: u16, mut rx: Box<dyn ChannelRx>, cs: Arc<ChanShared>, ev: mp
                     }
                     let _ = ev.send(Event::Acked { ch: idx, id: a.id });
                 }
+            }
+            Ok(Incoming::Control(m)) if crate::protocol::is_disk_ack(&m) => {
+                let r = match (&pump, crate::protocol::Msg::decode(&m)) {
+                    (Some(p), Ok(crate::protocol::Msg::DiskAck { seq })) => p.acked(idx, seq),
+                    (None, _) => Err("DiskAck without disks".into()),
+                    (_, Err(e)) => Err(e.to_string()),
+                    (_, Ok(_)) => Err("not a DiskAck".into()),
+                };
+                let _ = ev.send(match r {
+                    Ok(()) => Event::DiskAcked,
+                    Err(e) => Event::DiskFailed(format!("channel {idx}: {e}")),
+                });
             }
             Ok(Incoming::Control(m)) => {
                 let _ = ev.send(Event::Control(m));
@@ -346,6 +376,12 @@ struct Engine<'a> {
     ending: Arc<AtomicBool>,
     /// Resuming the source after a failure failed too.
     resume_failed: Option<String>,
+    /// The disks are being flushed in the pause.
+    flushing: bool,
+    /// The source's disk files were removed after the commit (per disk).
+    removed: Vec<bool>,
+    /// Events of the disk driver (added to the session's).
+    disk_events: Vec<String>,
 }
 
 impl Engine<'_> {
@@ -384,13 +420,37 @@ impl Engine<'_> {
                     return Outcome::Failed(MigrateError::Internal("event channel"));
                 }
             }
+            self.check_disks();
             self.session.handle_timeout(Instant::now());
+        }
+    }
+
+    /// Tell the session when the disks are in sync or flushed, or stuck.
+    fn check_disks(&mut self) {
+        let Some(p) = self.sh.pump.clone() else { return };
+        let now = Instant::now();
+        if self.session.state() == SourceState::CopyingDisks && p.in_sync() {
+            self.session.handle_disks_synced(Ok(()), now);
+        }
+        if self.flushing {
+            if let Some(d) = p.flushed() {
+                self.flushing = false;
+                self.session.handle_disks_flushed(Ok(d), now);
+            }
+        }
+        if p.oldest_unacked(now).is_some_and(|age| age > self.cfg.reply_timeout) {
+            self.session.handle_disk_failed(format!(
+                "disk blocks unacknowledged for more than {} s",
+                self.cfg.reply_timeout.as_secs()
+            ));
         }
     }
 
     fn feed(&mut self, ev: Event) {
         let now = Instant::now();
         match ev {
+            Event::DiskAcked => {}
+            Event::DiskFailed(why) => self.session.handle_disk_failed(why),
             Event::Sent { ch, id, data_pages } => self.session.handle_sent(ch, id, data_pages, now),
             Event::Wire { id, wire_bytes } => self.session.handle_wire(id, wire_bytes),
             Event::Acked { ch, id } => self.session.handle_acked(ch, id, now),
@@ -453,7 +513,39 @@ impl Engine<'_> {
                 c.shared.slots.notify_all();
                 (c.killer)();
             }
-            SourceAction::Requeue { channel, alive } => self.requeue(channel, &alive),
+            SourceAction::Requeue { channel, alive } => {
+                if let Some(p) = &self.sh.pump {
+                    p.channel_lost(channel);
+                }
+                self.requeue(channel, &alive);
+            }
+            SourceAction::StartDisks => {
+                let r = self.sh.pump.as_ref().map_or(Err("no disks".to_string()), |p| p.start());
+                if let Err(e) = r {
+                    self.session.handle_disks_synced(Err(e), Instant::now());
+                }
+            }
+            SourceAction::FlushDisks => {
+                if let Some(p) = &self.sh.pump {
+                    p.flush();
+                    self.flushing = true;
+                }
+            }
+            SourceAction::RemoveSourceDisks => {
+                // The destination runs the VM on its copies (Resumed): the files here go. A
+                // file that cannot be removed is reported, not a failure: the VM moved.
+                let disks = self.sh.pump.as_ref().map(|p| p.disks()).unwrap_or_default();
+                self.removed = disks
+                    .iter()
+                    .map(|d| match std::fs::remove_file(d.path()) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            self.session_event(format!("source disk {} not removed: {e}", d.path().display()));
+                            false
+                        }
+                    })
+                    .collect();
+            }
             SourceAction::Rejoin(ch) => self.start_rejoin(ch),
             SourceAction::Progress(mut p) => {
                 p.transferred_bytes = self.transferred();
@@ -468,6 +560,10 @@ impl Engine<'_> {
             SourceAction::Finish(out) => return Some(out),
         }
         None
+    }
+
+    fn session_event(&mut self, e: String) {
+        self.disk_events.push(e);
     }
 
     /// Put a lost channel's unacknowledged batches back on the queue (the destination has
@@ -535,6 +631,10 @@ pub fn migrate(
     let total_pages: u64 = shape.regions.iter().map(|r| r.1 / ferry_transport::wire::PAGE_SIZE as u64).sum();
     let encryption = channels[0].info.established.encryption.to_string();
     let hash_key = HashKey::from_secret(channels[0].info.image_key.bytes());
+    let disks = vm.disks();
+    let pump = (!disks.is_empty()).then(|| {
+        Arc::new(DiskPump::new(disks, ferry_disk::digest::DigestKey::from_secret(channels[0].info.image_key.bytes())))
+    });
     let sh = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         cv: Condvar::new(),
@@ -543,6 +643,7 @@ pub fn migrate(
         mem: vm.memory(),
         window: cfg.window.max(1),
         steal: cfg.scheduling == Scheduling::Adaptive,
+        pump: pump.clone(),
     });
     let (ev_tx, ev_rx) = mpsc::channel();
     let nch = channels.len();
@@ -550,7 +651,10 @@ pub fn migrate(
     for (i, ch) in channels.into_iter().enumerate() {
         chans.push(spawn_chan(i as u16, ch, &sh, &ev_tx));
     }
-    let session = SourceSession::new(SourceConfig::from(cfg), shape, nch, was_running, started);
+    let mut session = SourceSession::new(SourceConfig::from(cfg), shape, nch, was_running, started);
+    if let Some(p) = &pump {
+        session = session.with_disks(p.descs(), cfg.retain_source_disks);
+    }
     let mut eng = Engine {
         cfg,
         session,
@@ -561,6 +665,9 @@ pub fn migrate(
         progress,
         ending: Arc::new(AtomicBool::new(false)),
         resume_failed: None,
+        flushing: false,
+        removed: Vec::new(),
+        disk_events: Vec::new(),
     };
     let outcome = eng.drive(vm);
     // Tear down: stop senders and rejoin attempts, cut channels, join threads.
@@ -573,6 +680,11 @@ pub fn migrate(
     if let Ok(mut q) = eng.sh.queue.lock() {
         q.closed = true;
         q.items.clear();
+    }
+    // The disks' dirty logs stop and the disks are released; on any failure their files are
+    // exactly as the guest left them (the move only read them).
+    if let Some(p) = &eng.sh.pump {
+        p.stop();
     }
     eng.sh.cv.notify_all();
     if let Outcome::Failed(e) = &outcome {
@@ -596,7 +708,8 @@ pub fn migrate(
         }
     }
     vm.set_throttle(100);
-    let ss = eng.session.stats().clone();
+    let mut ss = eng.session.stats().clone();
+    ss.events.append(&mut eng.disk_events);
     let failed = eng.session.failed_channels();
     let counter = |f: fn(&ChanShared) -> &AtomicU64| -> u64 {
         eng.chans.iter().map(|c| f(&c.shared).load(Ordering::Relaxed)).sum()
@@ -623,7 +736,12 @@ pub fn migrate(
         verified: ss.verified,
         encryption,
         events: ss.events,
+        disks: Vec::new(),
     };
+    if let Some(p) = &eng.sh.pump {
+        p.mark(ss.verified, &eng.removed);
+        stats.disks = p.stats();
+    }
     stats.channels = eng
         .chans
         .iter()
@@ -654,6 +772,36 @@ pub fn migrate(
     }
 }
 
+/// A channel's disk thread: sends what the pump gives it (between the page batches of its
+/// channel's sender), until the pump stops or the channel dies.
+fn disk_loop(idx: u16, pump: &DiskPump, cs: &ChanShared, tx: &Mutex<Box<dyn ChannelTx>>, ev: &mpsc::Sender<Event>) {
+    loop {
+        match pump.next_for(idx, &|| cs.dead.load(Ordering::SeqCst)) {
+            Ok(Some(m)) => {
+                let r = match tx.lock() {
+                    Ok(mut t) => t.send_control(&m),
+                    Err(_) => return,
+                };
+                match r {
+                    Ok(()) => {
+                        cs.wire.fetch_add(m.len() as u64, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        cs.dead.store(true, Ordering::SeqCst);
+                        let _ = ev.send(Event::Failed(idx, format!("send disk blocks: {e}")));
+                        return;
+                    }
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                let _ = ev.send(Event::DiskFailed(e));
+                return;
+            }
+        }
+    }
+}
+
 fn spawn_chan(i: u16, ch: Channel, sh: &Arc<Shared>, ev_tx: &mpsc::Sender<Event>) -> Chan {
     let cs = Arc::new(ChanShared {
         inflight: Mutex::new(HashMap::new()),
@@ -675,8 +823,12 @@ fn spawn_chan(i: u16, ch: Channel, sh: &Arc<Shared>, ev_tx: &mpsc::Sender<Event>
         threads.push(std::thread::spawn(move || sender_loop(i, sh, cs, tx, ev)));
     }
     {
-        let (cs, ev, rx) = (cs.clone(), ev_tx.clone(), ch.rx);
-        threads.push(std::thread::spawn(move || reader_loop(i, rx, cs, ev)));
+        let (cs, ev, rx, pump) = (cs.clone(), ev_tx.clone(), ch.rx, sh.pump.clone());
+        threads.push(std::thread::spawn(move || reader_loop(i, rx, cs, pump, ev)));
+    }
+    if let Some(pump) = sh.pump.clone() {
+        let (cs, ev, tx) = (cs.clone(), ev_tx.clone(), tx.clone());
+        threads.push(std::thread::spawn(move || disk_loop(i, &pump, &cs, &tx, &ev)));
     }
     Chan { tx, killer: ch.killer, shared: cs, backend: ch.info.backend.to_string(), threads }
 }

@@ -166,6 +166,9 @@ pub struct MigrationStats {
     pub encryption: String,
     /// Notable events (channel failures, throttling, ...).
     pub events: Vec<String>,
+    /// Disks of a shared-nothing move, one per disk (empty for memory only).
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Vec::is_empty"))]
+    pub disks: Vec<crate::disks::DiskStats>,
 }
 
 #[cfg(all(test, feature = "serde"))]

@@ -39,6 +39,7 @@ use ferry_transport::error::TransportError;
 use ferry_transport::wire::{PageRun, PAGE_SIZE};
 use ferry_transport::{Channel, ChannelRx, ChannelTx, Incoming, Killer};
 
+use crate::disks::DiskSide;
 use crate::protocol::Msg;
 use crate::session::target::{RoundGate, TargetAction, TargetSession};
 use crate::vm::{TargetFactory, TargetVm, VmShape};
@@ -58,6 +59,9 @@ pub struct TargetConfig {
     /// Longest wait for `Commit` after `Ready`; then the VM is discarded here and the source
     /// told to resume its own (see [`crate::session::target::DEFAULT_COMMIT_TIMEOUT`]).
     pub commit_timeout: Duration,
+    /// Where the disks of a shared-nothing move go (partial copies `.NAME.ferry-partial` until
+    /// the commit names them). `None`: a source that brings disks is refused.
+    pub disk_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for TargetConfig {
@@ -67,6 +71,7 @@ impl Default for TargetConfig {
             idle_timeout: Duration::from_secs(60),
             fault_ahead: true,
             commit_timeout: crate::session::target::DEFAULT_COMMIT_TIMEOUT,
+            disk_dir: None,
         }
     }
 }
@@ -100,12 +105,18 @@ pub struct TargetStats {
     /// What happened on the channels after `Commit`, when the VM was already ours and nothing
     /// could change that (a frame that failed its tag: altered, injected or replayed on the way).
     pub events: Vec<String>,
+    /// Disk blocks written (shared-nothing), all passes.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub disk_blocks: u64,
 }
 
 /// A VM received and committed: it runs here now.
 pub struct TargetOutcome {
     /// The VM (resumed).
     pub vm: Box<dyn TargetVm>,
+    /// Its disks (shared-nothing), committed under their names in
+    /// [`TargetConfig::disk_dir`], in the source's order.
+    pub disks: Vec<std::path::PathBuf>,
     /// Numbers.
     pub stats: TargetStats,
 }
@@ -122,6 +133,8 @@ enum Event {
     Closed(u16),
     /// A receiver saw a protocol violation.
     Violation(u16, String),
+    /// Writing disk blocks failed here (a full file system, an I/O error).
+    DiskFailed(String),
 }
 
 struct Shared {
@@ -137,6 +150,10 @@ struct Shared {
     dead: AtomicBool,
     /// Highest guest-physical end address a batch has written (round 0 goes up through memory).
     frontier: AtomicU64,
+    /// The disks' partial copies (shared-nothing).
+    disks: Arc<DiskSide>,
+    /// Disk blocks written.
+    disk_blocks: AtomicU64,
 }
 
 impl Shared {
@@ -292,6 +309,38 @@ fn rx_loop(
                     return;
                 }
             }
+            Ok(Incoming::Control(m)) if crate::protocol::is_disk_blocks(&m) => {
+                // Disk blocks ride on any channel, until Complete seals the session.
+                let (seq, r) = match Msg::decode(&m) {
+                    Ok(Msg::DiskBlocks { seq, disk, blocks }) if !sh.gate.sealed() => {
+                        let n = blocks.len() as u64;
+                        let r = sh.disks.write(disk, &blocks);
+                        if matches!(r, Ok(Ok(()))) {
+                            sh.disk_blocks.fetch_add(n, Ordering::Relaxed);
+                        }
+                        (seq, r)
+                    }
+                    Ok(_) => (0, Err("disk blocks after Complete".to_string())),
+                    Err(e) => (0, Err(e.to_string())),
+                };
+                match r {
+                    Ok(Ok(())) => {
+                        let r = tx.lock().map(|mut t| t.send_control(&Msg::DiskAck { seq }.encode()));
+                        if let Ok(Err(e)) = r {
+                            let _ = ev.send(Event::Failed(idx, format!("disk ack: {e}")));
+                            return;
+                        }
+                    }
+                    Ok(Err(ours)) => {
+                        let _ = ev.send(Event::DiskFailed(ours));
+                        return;
+                    }
+                    Err(theirs) => {
+                        let _ = ev.send(Event::Violation(idx, format!("channel {idx}: {theirs}")));
+                        return;
+                    }
+                }
+            }
             Ok(Incoming::Control(m)) => {
                 if idx != 0 {
                     let _ = ev.send(Event::Violation(idx, "control message on a data channel".into()));
@@ -363,6 +412,12 @@ struct Driver<'a> {
     sealers: Vec<Killer>,
     /// Channel 0's image key, which keys the page hashes and the digest.
     hash_key: HashKey,
+    /// The same key for the disks' digests.
+    disk_key: ferry_disk::digest::DigestKey,
+    /// The disks' partial copies (shared with the receivers once they run).
+    disks: Arc<DiskSide>,
+    /// The disks committed.
+    disk_paths: Vec<std::path::PathBuf>,
 }
 
 impl Driver<'_> {
@@ -400,6 +455,10 @@ impl Driver<'_> {
                     seal();
                 }
                 let t = Instant::now();
+                if !s.disks().is_empty() {
+                    // Sealed first: no disk block is written after its digest is taken.
+                    s.handle_disk_digests(self.disks.sync_and_digests());
+                }
                 // One-sided (rdma) writes land outside any announced batch: re-read everything.
                 let digest = self.sh.as_ref().map_or(0, |sh| sh.digest(full || self.one_sided));
                 self.stats.verify = t.elapsed();
@@ -418,6 +477,14 @@ impl Driver<'_> {
                     None => Err("no VM".into()),
                 };
                 s.handle_resumed(r);
+            }
+            TargetAction::PrepareDisks(d) => {
+                let r = self.disks.prepare(self.cfg.disk_dir.as_deref(), &d, &self.disk_key);
+                s.handle_disks_prepared(r);
+            }
+            TargetAction::CommitDisks => {
+                let r = self.disks.commit().map(|p| self.disk_paths = p);
+                s.handle_disks_committed(r);
             }
             TargetAction::Fail(e) => return Some(Err(e)),
             TargetAction::Finish => return Some(Ok(())),
@@ -461,6 +528,8 @@ impl Driver<'_> {
             wire: AtomicU64::new(0),
             dead: AtomicBool::new(false),
             frontier: AtomicU64::new(0),
+            disks: self.disks.clone(),
+            disk_blocks: AtomicU64::new(0),
         });
         self.sh = Some(sh.clone());
         self.spawn_rx(0, rx0, self.tx0.clone());
@@ -540,6 +609,9 @@ pub fn receive_after(
         one_sided: info.backend == "rdma",
         sealers: Vec::new(),
         hash_key: HashKey::from_secret(info.image_key.bytes()),
+        disk_key: ferry_disk::digest::DigestKey::from_secret(info.image_key.bytes()),
+        disks: Arc::new(DiskSide::default()),
+        disk_paths: Vec::new(),
     };
     let mut s = TargetSession::new(cfg.idle_timeout, Instant::now()).with_commit_timeout(cfg.commit_timeout);
     s.handle_control(&m, Instant::now());
@@ -567,10 +639,12 @@ pub fn receive_after(
                 }
                 s.handle_violation(i, why)
             }
+            Ok(Event::DiskFailed(why)) => s.handle_disk_failed(why),
             Err(_) => {}
         }
         // Pages landing count as hearing from the source.
-        let b = d.sh.as_ref().map_or(0, |sh| sh.batches.load(Ordering::Relaxed));
+        let b =
+            d.sh.as_ref().map_or(0, |sh| sh.batches.load(Ordering::Relaxed) + sh.disk_blocks.load(Ordering::Relaxed));
         if b != batches_seen {
             batches_seen = b;
             s.handle_activity(Instant::now());
@@ -617,6 +691,18 @@ pub fn receive_after(
     for t in d.threads.drain(..) {
         let _ = t.join();
     }
+    if matches!(result, Err(MigrateError::ResumeFailed(_))) {
+        // Committed but not running here: the source resumes on its own disks, so these copies
+        // must not pass as disks either.
+        for p in d.disk_paths.drain(..) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    if !committed {
+        // Nothing half-written passes as a disk: the partial copies go (named ones too, if
+        // naming them failed halfway: the commit is all or none).
+        d.disks.discard();
+    }
     let mut stats = std::mem::take(&mut d.stats);
     if let Some(shape) = s.shape() {
         stats.vm_id = shape.vm_id.clone();
@@ -630,10 +716,11 @@ pub fn receive_after(
         stats.pages = sh.pages.load(Ordering::Relaxed);
         stats.batches = sh.batches.load(Ordering::Relaxed);
         stats.wire_bytes = sh.wire.load(Ordering::Relaxed);
+        stats.disk_blocks = sh.disk_blocks.load(Ordering::Relaxed);
     }
     match (result, d.vm.take()) {
         // Committed: the VM is ours even if the confirmation failed.
-        (_, Some(vm)) if committed => Ok(TargetOutcome { vm, stats }),
+        (_, Some(vm)) if committed => Ok(TargetOutcome { vm, disks: std::mem::take(&mut d.disk_paths), stats }),
         (Err(e), _) => Err(e),
         (Ok(()), _) => Err(MigrateError::Internal("finished without a VM")),
     }

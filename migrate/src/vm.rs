@@ -125,6 +125,11 @@ pub trait SourceVm: Send {
     fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
     /// Slow the guest down to `percent` of its speed (100 = no throttle) for auto-converge.
     fn set_throttle(&mut self, percent: u8);
+    /// The VM's disks, for a shared-nothing move (every guest write goes through them; their
+    /// files are the disks until the destination committed). None by default: memory only.
+    fn disks(&self) -> Vec<std::sync::Arc<ferry_disk::Disk>> {
+        Vec::new()
+    }
 }
 
 /// A VM being received on the destination host. It does not run until [`TargetVm::resume`].

@@ -672,6 +672,10 @@ impl SourceVm for SyntheticVm {
     fn set_throttle(&mut self, percent: u8) {
         self.shared.throttle.store(percent.clamp(1, 100), Ordering::Relaxed);
     }
+
+    fn disks(&self) -> Vec<Arc<Disk>> {
+        self.disk.disks.clone()
+    }
 }
 
 /// A synthetic VM being received.

@@ -5,6 +5,11 @@
 //!   duplicate or reorder control messages, batches and acknowledgements, lose and rejoin
 //!   channels, let the guest write, let time pass, cancel, fail VM operations. After every step
 //!   it checks the ownership invariants ([`Pair::check`]).
+//!   [`Pair::with_disks`] adds a model disk (a shared-nothing move): the driver's disk copy is
+//!   modelled at the session's level (copied and in sync, flushed in the pause, verified,
+//!   named at commit), and the checks add: the source's disk files are removed only once the
+//!   destination runs the VM, a destination disk is named only with a verified image, and the
+//!   disk committed equals the paused source's.
 //! - [`LinkSim`]: the source session over simulated links of given rates that may slow down or
 //!   die at a given time, with compressed batches and a guest dirtying a working set, to check
 //!   the expected downtime against the pause that actually follows.
@@ -17,7 +22,7 @@ use ferry_transport::wire::PAGE_SIZE;
 use super::estimate::ConvergeConfig;
 use super::source::{Batch, Outcome, Scheduling, SourceAction, SourceConfig, SourceSession};
 use super::target::{TargetAction, TargetSession, TargetState};
-use crate::protocol::Msg;
+use crate::protocol::{DiskDesc, Msg};
 use crate::vm::{DirtyBitmap, RegionBitmap, VmShape};
 use ferry_memory::digest::PageTable;
 
@@ -129,6 +134,13 @@ pub struct Pair {
     pub src_outcome: Option<Outcome>,
     /// How the destination ended (`true`: it runs the VM).
     pub dst_outcome: Option<bool>,
+    /// Model disk (shared-nothing): one version per block at the source; `None`: no disks.
+    disk: Option<Vec<u64>>,
+    /// The destination's partial copy, and whether it has its name.
+    dst_disk: Option<Vec<u64>>,
+    dst_disk_named: bool,
+    /// The source's disk file still exists.
+    src_disk_file: bool,
 }
 
 const PAGES: u64 = 96;
@@ -136,6 +148,10 @@ const PAGES: u64 = 96;
 impl Pair {
     /// A guest of 96 pages in two regions, over `channels` channels (1 to 4).
     pub fn new(channels: usize) -> Pair {
+        Self::build(channels, None)
+    }
+
+    fn build(channels: usize, disk: Option<bool>) -> Pair {
         let now = Instant::now();
         let nch = channels.clamp(1, 4);
         let shape = VmShape { vm_id: "sim".into(), regions: vec![(0, 64 * 4096), (1 << 20, 32 * 4096)] };
@@ -149,9 +165,13 @@ impl Pair {
             rejoin: true,
             stall_timeout: Some(Duration::from_secs(1)),
         };
+        let mut src = SourceSession::new(cfg, shape, nch, true, now);
+        if let Some(retain) = disk {
+            src = src.with_disks(vec![DiskDesc { name: "root.img".into(), size_bytes: 16 * 65536 - 5 }], retain);
+        }
         let mut p = Pair {
             now,
-            src: SourceSession::new(cfg, shape, nch, true, now),
+            src,
             dst: TargetSession::new(Duration::from_secs(10), now),
             nch,
             mem: (0..PAGES).map(|i| i + 1).collect(),
@@ -173,9 +193,27 @@ impl Pair {
             max_admitted: 0,
             src_outcome: None,
             dst_outcome: None,
+            disk: disk.map(|_| (0..16).map(|i| i * 3 + 1).collect()),
+            dst_disk: None,
+            dst_disk_named: false,
+            src_disk_file: true,
         };
         p.pump();
         p
+    }
+
+    /// [`Pair::new`] for a VM with one disk of 16 blocks (a shared-nothing move); `retain`: keep
+    /// the source's file after the commit.
+    pub fn with_disks(channels: usize, retain: bool) -> Pair {
+        Self::build(channels, Some(retain))
+    }
+
+    fn disk_digest(d: &[u64]) -> u64 {
+        let t = PageTable::new(d.len(), 0);
+        for (i, v) in d.iter().enumerate() {
+            t.set(i, *v);
+        }
+        t.digest()
     }
 
     fn vm_ok(&mut self) -> Result<(), String> {
@@ -296,6 +334,35 @@ impl Pair {
             }
             SourceAction::Rejoin(c) => self.rejoin_asked[c as usize] = true,
             SourceAction::StopDirtyLog => self.dirty_log = false,
+            SourceAction::StartDisks => {
+                // The driver's copy: every block lands at the destination's partial copy.
+                let r = self.vm_ok().and_then(|()| match (&self.disk, self.dst_disk.as_mut()) {
+                    (Some(d), Some(dst)) => {
+                        dst.clone_from(d);
+                        Ok(())
+                    }
+                    _ => Err("no partial copy at the destination".into()),
+                });
+                self.src.handle_disks_synced(r, now);
+            }
+            SourceAction::FlushDisks => {
+                assert!(!self.src_running, "disks flushed while the guest runs");
+                let r = self.vm_ok().and_then(|()| match (&self.disk, self.dst_disk.as_mut()) {
+                    (Some(d), Some(dst)) if !self.dst.is_over() => {
+                        dst.clone_from(d);
+                        Ok(vec![Self::disk_digest(d)])
+                    }
+                    _ => Err("the destination's copy is gone".into()),
+                });
+                self.src.handle_disks_flushed(r, now);
+            }
+            SourceAction::RemoveSourceDisks => {
+                assert!(
+                    self.dst_running && self.dst_disk_named,
+                    "source disks removed before the destination ran the VM"
+                );
+                self.src_disk_file = false;
+            }
             SourceAction::Resume => {
                 assert!(!self.dst.committed(), "the source resumed a VM the destination committed");
                 assert!(!self.src.commit_sent() || self.dst_outcome.is_some(), "resumed after commit went out");
@@ -336,7 +403,27 @@ impl Pair {
                 self.dst.handle_channels(all, now);
             }
             TargetAction::CloseChannel(c) => self.cut(c as usize),
+            TargetAction::PrepareDisks(d) => {
+                assert_eq!(d.len(), 1);
+                let r = self.vm_ok();
+                if r.is_ok() {
+                    self.dst_disk = Some(vec![0; 16]);
+                }
+                self.dst.handle_disks_prepared(r);
+            }
+            TargetAction::CommitDisks => {
+                assert!(self.dst.verified(), "disks named without a verified image");
+                assert!(!self.src_running, "disks named while the source runs");
+                assert_eq!(self.dst_disk, self.disk, "committed a disk that differs from the source's");
+                let r = self.vm_ok();
+                self.dst_disk_named = r.is_ok();
+                self.dst.handle_disks_committed(r);
+            }
             TargetAction::Verify { .. } => {
+                if self.disk.is_some() {
+                    let d = self.dst_disk.as_deref().map(Self::disk_digest);
+                    self.dst.handle_disk_digests(d.map(|d| vec![d]).ok_or_else(|| "no disks".to_string()));
+                }
                 let t = PageTable::new(PAGES as usize, 0);
                 for (i, v) in self.dst_mem.iter().flatten().enumerate() {
                     t.set(i, *v);
@@ -357,6 +444,9 @@ impl Pair {
             }
             TargetAction::Fail(_) => {
                 self.dst_mem = None;
+                // The driver removes the partial copies (and named ones of a failed resume).
+                self.dst_disk = None;
+                self.dst_disk_named = false;
                 if self.alive[0] && !self.src.is_over() {
                     self.src.handle_aborted("destination gave up".into());
                 }
@@ -369,6 +459,10 @@ impl Pair {
     /// The ownership invariants, checked after every step.
     pub fn check(&self) {
         assert!(!(self.src_running && self.dst_running), "two running copies");
+        if self.disk.is_some() {
+            assert!(self.src_disk_file || self.dst_disk_named, "no disk left anywhere");
+            assert!(!self.dst_disk_named || self.dst.committed(), "a disk named at an uncommitted destination");
+        }
         if self.dst_running {
             assert!(self.dst.verified() && self.dst.committed(), "the destination runs without a verified commit");
         }
@@ -488,6 +582,14 @@ impl Pair {
             Op::GuestWrite(p) => {
                 let p = u64::from(p) % PAGES;
                 if self.src_running {
+                    if let Some(d) = self.disk.as_mut() {
+                        // The disk's writes are mirrored by the driver's pump while it copies.
+                        let b = (p % 16) as usize;
+                        d[b] += 1000;
+                        if let Some(dst) = self.dst_disk.as_mut().filter(|_| !self.dst.is_over()) {
+                            dst[b] = d[b];
+                        }
+                    }
                     self.mem[p as usize] += 1000;
                     if self.dirty_log {
                         self.dirty[p as usize] = true;
@@ -699,6 +801,8 @@ pub fn run_links(links: &[Link], guest: Guest, compress: bool, limit: Duration) 
                 | SourceAction::Progress(_)
                 | SourceAction::StopDirtyLog
                 | SourceAction::Rejoin(_) => {}
+                // The link simulation moves memory only (no disks).
+                SourceAction::StartDisks | SourceAction::FlushDisks | SourceAction::RemoveSourceDisks => {}
                 SourceAction::SetThrottle(p) => throttle = p,
                 SourceAction::Pause => {
                     running = false;
@@ -841,6 +945,58 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_with_disks_moves_them_first_and_removes_the_source_files_last() {
+        for retain in [false, true] {
+            for n in 1..=3 {
+                let mut p = Pair::with_disks(n, retain);
+                p.step(Op::DeliverToTarget); // Prepare
+                p.step(Op::DeliverToSource); // PrepareOk
+                assert_eq!(p.src.state(), super::super::source::SourceState::PreparingDisks);
+                for _ in 0..3 {
+                    p.step(Op::GuestWrite(3));
+                }
+                p.run_to_end(2000);
+                assert!(matches!(p.src_outcome, Some(Outcome::Completed)), "{n} channels: {:?}", p.src_outcome);
+                assert!(p.target_running() && p.dst_disk_named);
+                assert_eq!(p.src_disk_file, retain, "retain {retain}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_disk_failure_anywhere_keeps_the_vm_and_its_disk_on_the_source() {
+        // A VM operation failing at each step of a move with disks (disk copy, prepare, flush,
+        // commit of the disks included): the source keeps the VM and its file, or the
+        // destination runs it on a named disk; never neither.
+        for k in 0..40 {
+            let mut p = Pair::with_disks(2, false);
+            let mut i = 0;
+            for step in 0..4000 {
+                if p.src.is_over() && p.dst.is_over() {
+                    break;
+                }
+                if step % 3 == 0 {
+                    i += 1;
+                    if i == k {
+                        p.step(Op::FailVmOp);
+                    }
+                }
+                let c = (step % 2) as u8;
+                for op in
+                    [Op::Send(c), Op::DeliverBatch(c), Op::DeliverAck(c), Op::DeliverToTarget, Op::DeliverToSource]
+                {
+                    p.step(op);
+                }
+            }
+            match p.src_outcome {
+                Some(Outcome::Completed) => assert!(p.target_running() && p.dst_disk_named && !p.src_disk_file),
+                Some(Outcome::Failed(_)) => assert!(p.source_running() && p.src_disk_file && !p.dst_disk_named),
+                ref o => panic!("step {k}: {o:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn a_guest_writing_during_precopy_still_moves_exactly() {
         let mut p = Pair::new(2);
         for i in 0..40u16 {
@@ -957,9 +1113,10 @@ mod tests {
         #[test]
         fn arbitrary_sequences_keep_the_invariants(
             nch in 1usize..4,
+            disks in 0u8..3,
             ops in proptest::collection::vec((any::<u8>(), any::<u8>()), 0..400),
         ) {
-            let mut p = Pair::new(nch);
+            let mut p = if disks == 0 { Pair::new(nch) } else { Pair::with_disks(nch, disks == 2) };
             for (a, b) in ops {
                 p.step(Op::from_bytes(a, b));
             }

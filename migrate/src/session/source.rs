@@ -3,11 +3,13 @@
 //!
 //! | state | waits for | next |
 //! |---|---|---|
-//! | `Preparing` | `PrepareOk` | `Round(0)` (after the dirty log started) |
+//! | `Preparing` | `PrepareOk` | `Round(0)` (after the dirty log started), or `PreparingDisks` |
+//! | `PreparingDisks` | `DisksOk` (sends `Disks` first) | `CopyingDisks` |
+//! | `CopyingDisks` | every disk copied and in sync ([`SourceSession::handle_disks_synced`]) | `Round(0)` |
 //! | `Round(n)` | every batch of round n acknowledged, lost channels confirmed | `Converging` |
 //! | `Converging` | the dirty pages ([`SourceSession::handle_dirty`]) | `Round(n+1)`, `Switchover`, or not converging |
 //! | `Switchover` | the VM paused, the last dirty pages | `FinalRound` |
-//! | `FinalRound` | every batch of the final round acknowledged | `SavingState` |
+//! | `FinalRound` | every batch of the final round acknowledged, the disks flushed | `SavingState` |
 //! | `SavingState` | the VM state and image digest ([`SourceSession::handle_state`]) | `AwaitReady` (sends state, `Complete`) |
 //! | `AwaitReady` | `Ready` | `Committing` (sends `Commit`) |
 //! | `Committing` | `Resumed` | `Done` |
@@ -15,6 +17,17 @@
 //! Any failure before `Commit` was sent ends in `Failed`: [`SourceAction::Resume`] (if the VM was
 //! paused), then [`SourceAction::Finish`]. A failure after `Commit` was sent ends in `Uncertain`:
 //! the VM stays paused, never resumed here.
+//!
+//! A shared-nothing move ([`SourceSession::with_disks`]) copies the disks first, as libvirt's
+//! `--copy-storage-all` does: `Disks` after `PrepareOk`, then [`SourceAction::StartDisks`] (the
+//! driver sends every allocated block and then dirty blocks as `DiskBlocks` on every channel,
+//! and keeps mirroring guest writes while memory moves); memory pre-copy starts only once every
+//! disk is in sync. In the switchover pause [`SourceAction::FlushDisks`] sends the last dirty
+//! blocks beside the final memory round; `DiskDigests` goes right before `Complete`. The
+//! source's disk files are the disks until the destination confirms it runs the VM
+//! (`Resumed`): only then [`SourceAction::RemoveSourceDisks`] (unless they are retained). A
+//! disk failure at any step before `Commit` ([`SourceSession::handle_disk_failed`]) aborts like
+//! any other: the VM keeps running on its source disks, which the move only ever read.
 //!
 //! The session plans the batches of each round ([`plan_batches`]) and hands them to the driver
 //! ([`SourceAction::Queue`]); the driver's sender threads pull them, report each one sent
@@ -29,7 +42,7 @@ use super::estimate::{
     final_round_time, live_rate, share_by_rate, stalled_channels, ChannelMeter, ChannelView, Converge, ConvergeConfig,
     Decision, RoundMeasure, RATE_WINDOW,
 };
-use crate::protocol::{Msg, MAX_CHUNK, MAX_STATE, MIGRATION_VERSION};
+use crate::protocol::{DiskDesc, Msg, MAX_CHUNK, MAX_STATE, MIGRATION_VERSION};
 use crate::stats::{Progress, Status};
 use crate::vm::{DirtyBitmap, RegionBitmap, VmShape};
 use crate::MigrateError;
@@ -147,6 +160,10 @@ pub fn plan_batches(
 pub enum SourceState {
     /// `Prepare` sent, waiting for `PrepareOk` (then the dirty log starts).
     Preparing,
+    /// `Disks` sent, waiting for `DisksOk`.
+    PreparingDisks,
+    /// The disks are copied (and mirrored) until they are in sync.
+    CopyingDisks,
     /// A pre-copy round is in flight.
     Round(u32),
     /// Round done, `RoundEnd` sent: waiting for the dirty pages.
@@ -218,6 +235,14 @@ pub enum SourceAction {
     StopDirtyLog,
     /// Let the VM run again on the source (only ever before `Commit` was sent).
     Resume,
+    /// Start copying every disk (allocated blocks, then dirty blocks, mirrored from then on);
+    /// answer with [`SourceSession::handle_disks_synced`] once every disk is in sync.
+    StartDisks,
+    /// The VM is paused: send the disks' last dirty blocks and wait for every acknowledgement;
+    /// answer with [`SourceSession::handle_disks_flushed`] (each disk's digest).
+    FlushDisks,
+    /// The destination runs the VM on its copies: remove the source's disk files.
+    RemoveSourceDisks,
     /// The migration is over.
     Finish(Outcome),
 }
@@ -293,6 +318,12 @@ pub struct SourceSession {
     reply_deadline: Option<Instant>,
     stalls_checked: Instant,
     stats: SessionStats,
+    // Disks (shared-nothing).
+    disks: Vec<DiskDesc>,
+    retain_source_disks: bool,
+    /// The disks' digests once flushed in the pause (`None`: not yet).
+    disk_digests: Option<Vec<u64>>,
+    disks_synced: bool,
 }
 
 impl SourceSession {
@@ -336,6 +367,10 @@ impl SourceSession {
             stalls_checked: now,
             stats: SessionStats { throttle_pct: 100, ..Default::default() },
             shape,
+            disks: Vec::new(),
+            retain_source_disks: false,
+            disk_digests: None,
+            disks_synced: false,
         };
         if channels == 0 {
             s.fail(MigrateError::Config("no channels"));
@@ -350,6 +385,21 @@ impl SourceSession {
         });
         s.reply_deadline = Some(now + cfg.reply_timeout);
         s
+    }
+
+    /// A shared-nothing move: the VM's `disks` travel too (copied and in sync before memory
+    /// pre-copy, last blocks in the pause, verified with the image). `retain`: keep the source's
+    /// files after the destination committed (Hyper-V's `-RetainVhdCopiesOnSource`). Call right
+    /// after [`SourceSession::new`], before any event.
+    pub fn with_disks(mut self, disks: Vec<DiskDesc>, retain: bool) -> Self {
+        self.disks = disks;
+        self.retain_source_disks = retain;
+        self
+    }
+
+    /// Disks the move brings.
+    pub fn disks(&self) -> &[DiskDesc] {
+        &self.disks
     }
 
     /// The next action, if any.
@@ -514,11 +564,23 @@ impl SourceSession {
                     self.requeue_lost(channel, now);
                 }
             }
+            (S::Preparing, Msg::PrepareOk) if !self.disks.is_empty() => {
+                self.state = S::PreparingDisks;
+                self.send(Msg::Disks { disks: self.disks.clone() });
+                self.reply_deadline = Some(now + self.cfg.reply_timeout);
+            }
             (S::Preparing, Msg::PrepareOk) => {
                 self.reply_deadline = None;
                 self.actions.push_back(SourceAction::StartDirtyLog);
             }
             (S::Preparing, other) => self.fail(MigrateError::Unexpected(format!("{other:?} instead of PrepareOk"))),
+            (S::PreparingDisks, Msg::DisksOk) => {
+                // The disk copy answers for itself (acknowledgements with their own deadline).
+                self.reply_deadline = None;
+                self.state = S::CopyingDisks;
+                self.actions.push_back(SourceAction::StartDisks);
+            }
+            (S::PreparingDisks, other) => self.fail(MigrateError::Unexpected(format!("{other:?} instead of DisksOk"))),
             (S::AwaitReady, Msg::Ready) => {
                 self.stats.verified = true;
                 // Point of no return for the source. A failed send means the kernel took none
@@ -545,6 +607,10 @@ impl SourceSession {
                 );
                 self.progress(Status::Completed, round, 0, exp, dr);
                 self.actions.push_back(SourceAction::StopDirtyLog);
+                // The destination runs the VM on its copies: only now may the source's go.
+                if !self.disks.is_empty() && !self.retain_source_disks {
+                    self.actions.push_back(SourceAction::RemoveSourceDisks);
+                }
                 self.actions.push_back(SourceAction::Finish(Outcome::Completed));
             }
             (S::Committing, other) => self.fail(MigrateError::Unexpected(format!("{other:?} instead of Resumed"))),
@@ -566,9 +632,51 @@ impl SourceSession {
         self.fail(MigrateError::DestinationAborted(why));
     }
 
+    /// Every disk is copied and in sync (`Ok`), or the copy failed: memory pre-copy starts now.
+    pub fn handle_disks_synced(&mut self, r: Result<(), String>, now: Instant) {
+        if self.state != SourceState::CopyingDisks || self.disks_synced || self.is_over() {
+            return;
+        }
+        if let Err(e) = r {
+            return self.fail(MigrateError::Disk(e));
+        }
+        self.stats.events.push(format!(
+            "{} disk(s) in sync after {:.1} s; memory pre-copy starts",
+            self.disks.len(),
+            now.saturating_duration_since(self.started).as_secs_f64()
+        ));
+        self.disks_synced = true;
+        self.actions.push_back(SourceAction::StartDirtyLog);
+    }
+
+    /// The disks' last blocks are acknowledged (with each disk's digest, in order), or the
+    /// flush failed.
+    pub fn handle_disks_flushed(&mut self, r: Result<Vec<u64>, String>, now: Instant) {
+        if !matches!(self.state, SourceState::FinalRound(_)) || self.disk_digests.is_some() {
+            return;
+        }
+        match r {
+            Ok(d) if d.len() == self.disks.len() => {
+                self.disk_digests = Some(d);
+                self.check_round_done(now);
+            }
+            Ok(d) => self.fail(MigrateError::Internal(if d.is_empty() { "no disk digests" } else { "disk digests" })),
+            Err(e) => self.fail(MigrateError::Disk(e)),
+        }
+    }
+
+    /// A disk could not be read or sent, or the destination did not acknowledge its blocks in
+    /// time: the move aborts (before `Commit`; the source's disks were only read).
+    pub fn handle_disk_failed(&mut self, why: String) {
+        if !self.commit_sent {
+            self.fail(MigrateError::Disk(why));
+        }
+    }
+
     /// The dirty log started (or not).
     pub fn handle_dirty_log(&mut self, r: Result<(), String>, now: Instant) {
-        if self.state != SourceState::Preparing || self.is_over() {
+        let synced = self.state == SourceState::CopyingDisks && self.disks_synced;
+        if !(self.state == SourceState::Preparing || synced) || self.is_over() {
             return;
         }
         if let Err(e) = r {
@@ -688,6 +796,7 @@ impl SourceSession {
                 self.reply_deadline = None;
                 self.actions.push_back(SourceAction::TakeDirty);
             }
+            SourceState::FinalRound(_) if !self.disks.is_empty() && self.disk_digests.is_none() => {}
             SourceState::FinalRound(round) => {
                 self.sent_pages += self.round_pages;
                 self.stats.pages_per_round.push(self.round_pages);
@@ -746,6 +855,9 @@ impl SourceSession {
                 let (exp, dr) = (self.stats.expected_downtime, self.stats.dirty_rate_bytes_per_s);
                 self.progress(Status::Switchover, round, bm.bytes(), exp, dr);
                 self.send(Msg::Switchover { round });
+                if !self.disks.is_empty() {
+                    self.actions.push_back(SourceAction::FlushDisks);
+                }
                 self.start_round(&bm, round, now);
             }
             _ => {}
@@ -835,6 +947,9 @@ impl SourceSession {
         }
         for (i, chunk) in state.chunks(MAX_CHUNK).enumerate() {
             self.send(Msg::StateChunk { offset: (i * MAX_CHUNK) as u64, data: chunk.to_vec() });
+        }
+        if let Some(digests) = self.disk_digests.clone() {
+            self.send(Msg::DiskDigests { digests });
         }
         self.send(Msg::Complete {
             state_len: state.len() as u64,

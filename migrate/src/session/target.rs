@@ -6,11 +6,20 @@
 //! | `AwaitPrepare` | `Prepare` | `CreatingVm`, or refused |
 //! | `CreatingVm` | the VM created ([`TargetSession::handle_vm_created`]) | `AwaitChannels`, or refused |
 //! | `AwaitChannels` | the session's other channels ([`TargetSession::handle_channels`]) | `Receiving` (sends `PrepareOk`) |
-//! | `Receiving` | batches, `RoundEnd`, `Switchover`, `StateChunk`, `ChannelDrop`, `Complete` | `Verifying` |
-//! | `Verifying` | the image digest ([`TargetSession::handle_digest`]) | `Restoring`, or refused |
+//! | `Receiving` | batches, `RoundEnd`, `Switchover`, `StateChunk`, `ChannelDrop`, `Disks`, `DiskDigests`, `Complete` | `Verifying` |
+//! | `Verifying` | the disks' digests ([`TargetSession::handle_disk_digests`], with disks) and the image digest ([`TargetSession::handle_digest`]) | `Restoring`, or refused |
 //! | `Restoring` | the state restored ([`TargetSession::handle_restored`]) | `Ready` (sends `Ready`) |
 //! | `Ready` | `Commit` | `Committed`: the VM is ours |
-//! | `Committed` | the VM resumed ([`TargetSession::handle_resumed`]) | `Done` (sends `Resumed`) |
+//! | `Committed` | the disks committed ([`TargetSession::handle_disks_committed`], with disks), the VM resumed ([`TargetSession::handle_resumed`]) | `Done` (sends `Resumed`) |
+//!
+//! Disks (shared-nothing): `Disks` (in `Receiving`, once, before any round but 0 began) makes the
+//! driver create a partial copy of each ([`TargetAction::PrepareDisks`]; `DisksOk`, or refused);
+//! the driver's receivers write `DiskBlocks` from any channel into them until `Complete` seals
+//! the session (a block after it is a protocol violation). `Complete` of a move with disks must
+//! follow `DiskDigests`; the disks' keyed digests must match before the image's is even looked
+//! at; at `Commit` the partial copies get their names ([`TargetAction::CommitDisks`]) before the
+//! VM resumes, and a failure there is handled as a resume failure (the copies go, the source is
+//! told to resume its own, on its own disks).
 //!
 //! Any failure before `Committed` ends in `Failed` with [`TargetAction::Fail`]: the driver
 //! discards the VM and tells the source. After `Commit` the session fails only if the VM cannot
@@ -22,7 +31,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{Msg, MAX_STATE, MIGRATION_VERSION};
+use crate::protocol::{DiskDesc, Msg, MAX_STATE, MIGRATION_VERSION};
 use crate::vm::VmShape;
 use crate::MigrateError;
 
@@ -69,6 +78,12 @@ pub enum TargetAction {
         /// Re-read all guest memory rather than trust the hashes taken at receipt.
         full: bool,
     },
+    /// Create a partial copy of each disk (hidden names, nothing a disk yet); answer with
+    /// [`TargetSession::handle_disks_prepared`].
+    PrepareDisks(Vec<DiskDesc>),
+    /// Give every partial copy its disk name (all or none); answer with
+    /// [`TargetSession::handle_disks_committed`].
+    CommitDisks,
     /// Load the VM state; answer with [`TargetSession::handle_restored`].
     Restore(Vec<u8>),
     /// Ownership is ours: resume the VM; answer with [`TargetSession::handle_resumed`].
@@ -186,6 +201,10 @@ pub struct TargetSession {
     lost: Vec<u16>,
     rejoined: Vec<u16>,
     verified: bool,
+    disks: Vec<DiskDesc>,
+    disks_ready: bool,
+    want_disk_digests: Option<Vec<u64>>,
+    disks_verified: bool,
 }
 
 impl TargetSession {
@@ -209,6 +228,10 @@ impl TargetSession {
             lost: Vec::new(),
             rejoined: Vec::new(),
             verified: false,
+            disks: Vec::new(),
+            disks_ready: false,
+            want_disk_digests: None,
+            disks_verified: false,
         }
     }
 
@@ -236,6 +259,11 @@ impl TargetSession {
     /// The VM's shape (from `Prepare`).
     pub fn shape(&self) -> Option<&VmShape> {
         self.shape.as_ref()
+    }
+
+    /// Disks the source announced.
+    pub fn disks(&self) -> &[DiskDesc] {
+        &self.disks
     }
 
     /// Channels the session uses.
@@ -357,9 +385,27 @@ impl TargetSession {
                 }
                 self.blob.extend_from_slice(&data);
             }
+            (S::Receiving, Msg::Disks { disks }) => {
+                if !self.disks.is_empty() || self.gate.round() > 0 {
+                    return self.fail(MigrateError::Unexpected("Disks twice, or after pre-copy began".into()));
+                }
+                self.disks = disks.clone();
+                self.actions.push_back(TargetAction::PrepareDisks(disks));
+            }
+            (S::Receiving, Msg::DiskDigests { digests }) => {
+                if !self.disks_ready || digests.len() != self.disks.len() || self.want_disk_digests.is_some() {
+                    let r = format!("{} disk digests for {} disks", digests.len(), self.disks.len());
+                    return self.refuse(r.clone(), MigrateError::Unexpected(r));
+                }
+                self.want_disk_digests = Some(digests);
+            }
             (S::Receiving, Msg::Complete { state_len, state_crc, digest, pages }) => {
                 // No batch may land from here on: what is verified is what runs.
                 let writing = self.gate.close();
+                if !self.disks.is_empty() && self.want_disk_digests.is_none() {
+                    let r = "Complete without the disks' digests".to_string();
+                    return self.refuse(r.clone(), MigrateError::Verify(r));
+                }
                 if writing > 0 {
                     let r = format!("Complete while {writing} batch(es) were still being written");
                     return self.refuse(r.clone(), MigrateError::Unexpected(r));
@@ -379,10 +425,79 @@ impl TargetSession {
             (S::Ready, Msg::Commit) => {
                 // Ownership is ours from here on: never fail after this point.
                 self.state = S::Committed;
-                self.actions.push_back(TargetAction::Resume);
+                if self.disks.is_empty() {
+                    self.actions.push_back(TargetAction::Resume);
+                } else {
+                    self.actions.push_back(TargetAction::CommitDisks);
+                }
             }
             (S::Committed | S::Done, _) => {} // ours: a late or repeated message changes nothing
             (_, other) => self.fail(MigrateError::Unexpected(format!("{other:?} at the destination"))),
+        }
+    }
+
+    /// The partial copies of the disks exist (answer `DisksOk`), or not (refused).
+    pub fn handle_disks_prepared(&mut self, r: Result<(), String>) {
+        if self.state != TargetState::Receiving || self.disks_ready || self.disks.is_empty() {
+            return;
+        }
+        match r {
+            Ok(()) => {
+                self.disks_ready = true;
+                self.actions.push_back(TargetAction::Send(Msg::DisksOk));
+            }
+            Err(e) => {
+                let r = format!("cannot receive the disks: {e}");
+                self.refuse(r.clone(), MigrateError::Disk(r));
+            }
+        }
+    }
+
+    /// Writing a disk's blocks failed (the file system full, an I/O error): refused, the
+    /// partial copies go.
+    pub fn handle_disk_failed(&mut self, why: String) {
+        if self.committed() {
+            return;
+        }
+        let r = format!("disk: {why}");
+        self.refuse(r, MigrateError::Disk(why));
+    }
+
+    /// The disks' digests at the check (after their blocks were made durable), or why they
+    /// could not be taken. With disks, the driver answers this before
+    /// [`TargetSession::handle_digest`].
+    pub fn handle_disk_digests(&mut self, r: Result<Vec<u64>, String>) {
+        if self.state != TargetState::Verifying || self.disks.is_empty() {
+            return;
+        }
+        let got = match r {
+            Ok(g) => g,
+            Err(e) => return self.refuse(format!("disk: {e}"), MigrateError::Disk(e)),
+        };
+        let want = self.want_disk_digests.clone().unwrap_or_default();
+        if let Some(i) = (0..self.disks.len()).find(|&i| got.get(i) != want.get(i)) {
+            let r = format!(
+                "disk {} digest mismatch: the destination's copy differs from the source's",
+                self.disks[i].name
+            );
+            return self.refuse(r.clone(), MigrateError::Verify(r));
+        }
+        self.disks_verified = true;
+    }
+
+    /// The disks have their names (the VM may resume on them), or naming them failed: then the
+    /// copies are gone and the session fails as if the VM did not resume (the source resumes
+    /// its own, on its own disks).
+    pub fn handle_disks_committed(&mut self, r: Result<(), String>) {
+        if self.state != TargetState::Committed {
+            return;
+        }
+        match r {
+            Ok(()) => self.actions.push_back(TargetAction::Resume),
+            Err(e) => {
+                self.state = TargetState::Failed;
+                self.actions.push_back(TargetAction::Fail(MigrateError::ResumeFailed(format!("disks: {e}"))));
+            }
         }
     }
 
@@ -455,6 +570,10 @@ impl TargetSession {
     pub fn handle_digest(&mut self, got: u64) {
         if self.state != TargetState::Verifying {
             return;
+        }
+        if !self.disks.is_empty() && !self.disks_verified {
+            let r = "the disks were not verified".to_string();
+            return self.refuse(r.clone(), MigrateError::Verify(r));
         }
         if got != self.want_digest {
             let r = "image digest mismatch: the destination's memory differs from the source's".to_string();
