@@ -161,6 +161,17 @@ fn the_source_files_go_once_the_destination_runs_the_vm() {
     }
 }
 
+/// The destination's disks hold exactly the bytes of the source VM's disks (read through the
+/// VM's open disks, so also after their files were removed).
+fn assert_same_as_source(g: &Guest, paths: &[PathBuf]) {
+    assert_eq!(paths.len(), g.vm.disks().len());
+    for (d, p) in g.vm.disks().iter().zip(paths) {
+        let mut want = vec![0u8; d.size_bytes() as usize];
+        d.read_at(0, &mut want).unwrap();
+        assert!(std::fs::read(p).unwrap() == want, "{} differs from the source", p.display());
+    }
+}
+
 /// The VM still runs on the source, its disks are what the guest wrote, and the destination
 /// holds nothing that passes as a disk.
 fn assert_on_source(g: &mut Guest, dst: &Path) {
@@ -248,4 +259,130 @@ fn cancel_during_memory_precopy_leaves_the_vm_on_its_disks() {
     assert!(settle(&outcomes, h).is_err());
     assert_on_source(&mut g, dst.path());
     assert!(listing(dst.path()).is_empty(), "partial copies left: {:?}", listing(dst.path()));
+}
+
+/// A fault during a move: `when` decides the moment (`Disk`: once the destination has disk
+/// blocks; `Memory`: once memory pre-copy reports its start), `kill` which channels are cut.
+#[derive(Clone, Copy, Debug)]
+enum When {
+    Disk,
+    Memory,
+}
+
+fn move_with_fault(
+    g: &mut Guest,
+    dst: &Path,
+    channels: usize,
+    when: When,
+    kill: &[usize],
+) -> (Result<ferry_migrate::stats::MigrationStats, MigrateError>, Result<TargetOutcome, MigrateError>) {
+    let (addr, outcomes, h) = destination(Some(dst), TcpOptions::default());
+    let chans = connect_simple(addr, channels, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let killers: Vec<_> = kill.iter().map(|&i| chans[i].killer.clone()).collect();
+    let fire = {
+        let killers = killers.clone();
+        let fired = Arc::new(AtomicBool::new(false));
+        move || {
+            if !fired.swap(true, Ordering::SeqCst) {
+                killers.iter().for_each(|k| k());
+            }
+        }
+    };
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (dst, done, fire) = (dst.to_path_buf(), done.clone(), fire.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                if matches!(when, When::Disk)
+                    && std::fs::read_dir(&dst).map(|r| r.flatten().any(|e| allocated(&e.path()) > 0)).unwrap_or(false)
+                {
+                    fire();
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        })
+    };
+    let r = migrate(&mut g.vm, chans, &MigrationConfig::default(), &|p: &Progress| {
+        if matches!(when, When::Memory) && p.status == Status::Active && p.pages_sent == 0 && p.round == 0 {
+            fire();
+        }
+    });
+    done.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    (r, settle(&outcomes, h))
+}
+
+#[test]
+fn channel_zero_killed_during_the_disk_copy_or_memory_precopy_leaves_the_vm_on_its_disks() {
+    for when in [When::Disk, When::Memory] {
+        let mut g = guest("kill0", 4, 8);
+        let dst = tempfile::tempdir().unwrap();
+        let (r, t) = move_with_fault(&mut g, dst.path(), 2, when, &[0]);
+        assert!(matches!(r, Err(MigrateError::Channel(0, _))), "{when:?}: {r:?}");
+        assert!(t.is_err());
+        assert_on_source(&mut g, dst.path());
+        assert!(listing(dst.path()).is_empty(), "{when:?}: partial copies left: {:?}", listing(dst.path()));
+    }
+}
+
+#[test]
+fn the_destination_gone_during_the_disk_copy_leaves_the_vm_on_its_disks() {
+    // Every channel cut at once, as when the destination's process dies: both halves fail.
+    let mut g = guest("gone", 4, 8);
+    let dst = tempfile::tempdir().unwrap();
+    let (r, t) = move_with_fault(&mut g, dst.path(), 3, When::Disk, &[0, 1, 2]);
+    assert!(r.is_err(), "{r:?}");
+    assert!(t.is_err());
+    assert_on_source(&mut g, dst.path());
+    assert!(listing(dst.path()).is_empty(), "partial copies left: {:?}", listing(dst.path()));
+}
+
+#[test]
+fn a_data_channel_killed_during_the_disk_copy_fails_over_and_the_disks_arrive_whole() {
+    // Its unacknowledged disk blocks are sent again on the others once the destination
+    // confirms the channel stopped; the move completes byte-identical.
+    let mut g = guest("failover", 4, 8);
+    let dst = tempfile::tempdir().unwrap();
+    let (r, t) = move_with_fault(&mut g, dst.path(), 3, When::Disk, &[1]);
+    // The source's files are removed on success: compare with what the guest must hold.
+    let st = r.unwrap();
+    let out = t.unwrap();
+    assert!(st.verified && st.disks.iter().all(|d| d.verified), "{st:?}");
+    assert!(st.channels[1].failed, "{:?}", st.channels);
+    assert!(g.specs.iter().all(|s| !s.path.exists()), "the source files go after the commit");
+    // The paused source still holds its (unlinked) files open: the guest's check on them, and
+    // the destination's copies byte for byte against them.
+    assert_eq!(g.vm.check_disks().unwrap(), vec![0, 0]);
+    assert_same_as_source(&g, &out.disks);
+    same_memory(&g.vm, &into_synthetic(out));
+}
+
+#[test]
+fn a_full_destination_file_system_leaves_the_vm_on_its_disks() {
+    let dst = tempfile::tempdir().unwrap();
+    let mnt = dst.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status();
+    if !ok.is_ok_and(|s| s.success()) {
+        println!("SKIP: a_full_destination_file_system_leaves_the_vm_on_its_disks: cannot mount a small tmpfs (needs root / CAP_SYS_ADMIN)");
+        return;
+    }
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let mut g = guest("full", 4, 8);
+    let (addr, outcomes, h) = destination(Some(&mnt), TcpOptions::default());
+    let chans = connect_simple(addr, 2, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let r = migrate(&mut g.vm, chans, &MigrationConfig::default(), &|_| {});
+    // The source hears the refusal, or a channel the refusing destination already closed.
+    assert!(r.is_err(), "{r:?}");
+    let t = settle(&outcomes, h);
+    assert!(matches!(&t, Err(MigrateError::Disk(why)) if why.contains("No space left")), "{t:?}");
+    assert_on_source(&mut g, &mnt);
+    assert!(listing(&mnt).is_empty(), "partial copies left: {:?}", listing(&mnt));
 }
