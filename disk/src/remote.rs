@@ -284,6 +284,11 @@ impl DiskSender {
         Ok(Self { disk, backlog, in_flight: BlockSet::new(blocks), digest: DiskDigest::keyed(blocks, key) })
     }
 
+    /// Blocks of the first copy (the allocated extents) not sent yet.
+    pub fn backlog_blocks(&self) -> u64 {
+        self.backlog.iter().map(|r| r.1).sum()
+    }
+
     /// Blocks still to send from the extents, and dirty blocks pending.
     pub fn remaining_blocks(&self) -> u64 {
         self.backlog.iter().map(|r| r.1).sum::<u64>() + self.disk.dirty_log().pending()

@@ -29,6 +29,11 @@ pub const DISK_WINDOW: usize = 8;
 /// Dirty blocks (all disks) at or under which the disks count as in sync and memory pre-copy
 /// may start (2 MiB: what a guest writing 20 MiB/s dirties in 100 ms).
 pub const SYNC_BLOCKS: u64 = 32;
+/// Once the first copy is done, how long the dirty blocks may stay over [`SYNC_BLOCKS`]
+/// before the disks count as in sync anyway (a guest rewriting a working set faster than the
+/// link carries it never gets under; its dirty blocks then go on being mirrored while memory
+/// moves, and what is left goes in the pause).
+pub const SYNC_WAIT: Duration = Duration::from_secs(3);
 
 /// One disk's numbers after a move.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -78,6 +83,8 @@ struct Pump {
     next_seq: u64,
     cursor: usize,
     stats: Vec<DiskStats>,
+    /// When the first copy of every disk was done.
+    copied_at: Option<Instant>,
 }
 
 /// The source's disks while they move.
@@ -115,6 +122,7 @@ impl DiskPump {
                 next_seq: 1,
                 cursor: 0,
                 stats,
+                copied_at: None,
             }),
             cv: Condvar::new(),
             key,
@@ -160,10 +168,23 @@ impl DiskPump {
         self.cv.notify_all();
     }
 
-    /// Every disk copied once and at most [`SYNC_BLOCKS`] dirty: memory may start.
-    pub fn in_sync(&self) -> bool {
-        let st = self.lock();
-        st.mode == Mode::Copy && st.senders.iter().map(DiskSender::remaining_blocks).sum::<u64>() <= SYNC_BLOCKS
+    /// Every disk copied once and at most [`SYNC_BLOCKS`] dirty (`Some(true)`), or copied once
+    /// and still over it [`SYNC_WAIT`] later (`Some(false)`): memory may start. `None`: not yet.
+    pub fn in_sync(&self, now: Instant) -> Option<bool> {
+        let mut st = self.lock();
+        if st.mode != Mode::Copy || st.senders.iter().any(|s| s.backlog_blocks() > 0) {
+            return None;
+        }
+        if st.senders.iter().map(DiskSender::remaining_blocks).sum::<u64>() <= SYNC_BLOCKS {
+            return Some(true);
+        }
+        let since = *st.copied_at.get_or_insert(now);
+        (now.saturating_duration_since(since) >= SYNC_WAIT).then_some(false)
+    }
+
+    /// Dirty blocks pending over all disks.
+    pub fn dirty_blocks(&self) -> u64 {
+        self.lock().senders.iter().map(DiskSender::remaining_blocks).sum()
     }
 
     /// In the pause, every block sent and acknowledged: each disk's digest.

@@ -429,8 +429,20 @@ impl Engine<'_> {
     fn check_disks(&mut self) {
         let Some(p) = self.sh.pump.clone() else { return };
         let now = Instant::now();
-        if self.session.state() == SourceState::CopyingDisks && p.in_sync() {
-            self.session.handle_disks_synced(Ok(()), now);
+        if self.session.state() == SourceState::CopyingDisks {
+            match p.in_sync(now) {
+                Some(true) => self.session.handle_disks_synced(Ok(()), now),
+                Some(false) => {
+                    self.disk_events.push(format!(
+                        "disks copied; {} dirty blocks did not get under {} in {} s (the guest rewrites them faster than the link carries them): memory starts, the disks stay mirrored",
+                        p.dirty_blocks(),
+                        crate::disks::SYNC_BLOCKS,
+                        crate::disks::SYNC_WAIT.as_secs()
+                    ));
+                    self.session.handle_disks_synced(Ok(()), now);
+                }
+                None => {}
+            }
         }
         if self.flushing {
             if let Some(d) = p.flushed() {

@@ -154,6 +154,87 @@ pub struct LiveChildArgs {
     /// Multichannel network policy (like `198.18.1.0/24:1,198.18.2.0/24:2`).
     #[arg(long)]
     pub policy: Option<String>,
+    /// Disks of a shared-nothing move (none by default).
+    #[command(flatten)]
+    pub disks: DiskChildArgs,
+}
+
+/// The guest's disks in a shared-nothing run (`migration-bench storage --kind shared-nothing`):
+/// the source creates them in `DIR/src`, the destination receives them into `DIR/dst` (one
+/// machine, so the source can compare both when the move is over).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct DiskChildArgs {
+    /// Size of each disk (0: no disks).
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub disk_size: u64,
+    /// Disks.
+    #[arg(long, default_value_t = 1)]
+    pub disk_count: u32,
+    /// Percent of each disk allocated (1 MiB groups).
+    #[arg(long, default_value_t = 50)]
+    pub disk_allocated: u8,
+    /// The busy guest's disk write rate over all disks, bytes per second.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub disk_rate: u64,
+    /// Bytes at the start of each disk the busy guest rewrites.
+    #[arg(long, default_value = "0", value_parser = parse_size)]
+    pub disk_working_set: u64,
+    /// Directory of the disks (`src` and `dst` under it).
+    #[arg(long)]
+    pub disk_dir: Option<PathBuf>,
+}
+
+impl DiskChildArgs {
+    fn to_args(&self) -> Vec<String> {
+        if self.disk_size == 0 {
+            return Vec::new();
+        }
+        let mut v: Vec<String> = vec![
+            "--disk-size".into(),
+            self.disk_size.to_string(),
+            "--disk-count".into(),
+            self.disk_count.to_string(),
+            "--disk-allocated".into(),
+            self.disk_allocated.to_string(),
+            "--disk-rate".into(),
+            self.disk_rate.to_string(),
+            "--disk-working-set".into(),
+            self.disk_working_set.to_string(),
+        ];
+        if let Some(d) = &self.disk_dir {
+            v.push("--disk-dir".into());
+            v.push(d.display().to_string());
+        }
+        v
+    }
+
+    /// The disks the source creates.
+    fn specs(&self) -> Result<Vec<ferry_vmm_glue::guestdisk::DiskSpec>> {
+        if self.disk_size == 0 {
+            return Ok(Vec::new());
+        }
+        let Some(dir) = &self.disk_dir else { return Err(BenchError::Usage("--disk-size needs --disk-dir".into())) };
+        Ok((0..self.disk_count)
+            .map(|i| ferry_vmm_glue::guestdisk::DiskSpec {
+                path: dir.join("src").join(format!("disk{i}.img")),
+                size_bytes: self.disk_size,
+                allocated_pct: self.disk_allocated,
+                seed: u64::from(i) + 1,
+            })
+            .collect())
+    }
+}
+
+/// One disk of a shared-nothing run, as the source found it after the move.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct DiskCheck {
+    /// Disk name.
+    pub name: String,
+    /// The destination's copy holds exactly the source's bytes (read through the paused VM's
+    /// open disk, also after its file was removed), and every sector is what the guest wrote.
+    pub identical: bool,
+    /// Bytes the destination's copy occupies.
+    pub dst_allocated_bytes: u64,
 }
 
 impl LiveChildArgs {
@@ -202,6 +283,7 @@ impl LiveChildArgs {
             v.push("--policy".into());
             v.push(p.clone());
         }
+        v.extend(self.disks.to_args());
         v
     }
 }
@@ -230,6 +312,9 @@ pub struct LiveSrcReport {
     /// guest still holds what it was filled with.
     #[serde(default)]
     pub source_intact: Option<bool>,
+    /// Shared-nothing: each disk compared with the destination's copy after the move.
+    #[serde(default)]
+    pub disks: Vec<DiskCheck>,
 }
 
 /// What the destination process reports.
@@ -359,6 +444,16 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     let opts = connector(a.option, a.zstd_level, a.encryption)?;
     let t = Instant::now();
     let busy = a.workload == Workload::Busy;
+    let specs = a.disks.specs()?;
+    for s in &specs {
+        if let Some(d) = s.path.parent() {
+            std::fs::create_dir_all(d).map_err(|e| BenchError::io(format!("creating {}", d.display()), e))?;
+        }
+        ferry_vmm_glue::guestdisk::create_image(s)
+            .map_err(|e| BenchError::io(format!("creating {}", s.path.display()), e))?;
+        let f = std::fs::File::open(&s.path).map_err(|e| BenchError::io("opening an image", e))?;
+        f.sync_all().map_err(|e| BenchError::io("syncing an image", e))?;
+    }
     let cfg = SyntheticConfig {
         vm_id: format!("bench-{}", hex(&random_bytes::<4>())),
         memory_bytes: a.size,
@@ -368,6 +463,9 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         image: a.image.clone(),
         working_set_bytes: if busy { a.working_set } else { 0 },
         dirty_rate_bytes_per_s: a.dirty_rate,
+        disks: specs.clone(),
+        disk_working_set_bytes: if busy { a.disks.disk_working_set } else { 0 },
+        disk_write_rate_bytes_per_s: a.disks.disk_rate,
         ..Default::default()
     };
     let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
@@ -452,7 +550,43 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     if rep.error.is_some() && !busy && a.image.is_none() {
         rep.source_intact = Some(holds_the_mixture(&vm, a));
     }
+    if rep.error.is_none() && !specs.is_empty() {
+        rep.disks = check_moved_disks(&vm, a.disks.disk_dir.as_deref().unwrap_or(Path::new(".")));
+    }
     say_result(&rep)
+}
+
+/// After a shared-nothing move (the source paused): each destination copy against the source
+/// VM's disk, byte for byte, and the guest's own sector check.
+fn check_moved_disks(vm: &SyntheticVm, dir: &Path) -> Vec<DiskCheck> {
+    let bad = vm.check_disks().unwrap_or_default();
+    vm.disks()
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            let p = dir.join("dst").join(d.name());
+            let mut identical = bad.get(i) == Some(&0);
+            let mut dst_allocated_bytes = 0;
+            match std::fs::File::open(&p) {
+                Ok(f) => {
+                    use std::os::unix::fs::FileExt;
+                    dst_allocated_bytes = ferry_disk::image::allocated_bytes(&f).unwrap_or(0);
+                    let (mut a, mut b) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+                    let mut off = 0u64;
+                    identical &= f.metadata().map(|m| m.len()).ok() == Some(d.size_bytes());
+                    while identical && off < d.size_bytes() {
+                        let n = (d.size_bytes() - off).min(1 << 20) as usize;
+                        identical = d.read_at(off, &mut a[..n]).is_ok()
+                            && f.read_exact_at(&mut b[..n], off).is_ok()
+                            && a[..n] == b[..n];
+                        off += n as u64;
+                    }
+                }
+                Err(_) => identical = false,
+            }
+            DiskCheck { name: d.name().to_string(), identical, dst_allocated_bytes }
+        })
+        .collect()
 }
 
 /// The destination process.
@@ -478,7 +612,11 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
         reserve_fill_s = t.elapsed().as_secs_f64();
         factory = factory.with_reserve(r.clone());
     }
-    let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default());
+    let disk_dir = a.disks.disk_dir.as_ref().filter(|_| a.disks.disk_size > 0).map(|d| d.join("dst"));
+    if let Some(d) = &disk_dir {
+        std::fs::create_dir_all(d).map_err(|e| BenchError::io(format!("creating {}", d.display()), e))?;
+    }
+    let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig { disk_dir, ..TargetConfig::default() });
     let srv = ferry_test_support::server::spawn(srv, Some(1)).map_err(|e| BenchError::Usage(e.to_string()))?;
     say(&format!("LISTENING {}", srv.addr))?;
     let u0 = Usage::current()?;

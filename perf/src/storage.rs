@@ -11,6 +11,15 @@
 //! what the guest wrote (`verified`), and the copy must be no more allocated than the original
 //! (`sparse`). The source images are written and synced before anything is timed, so both the
 //! move and `cp` read them from the page cache.
+//!
+//! Kind `shared-nothing` (another host: disks and memory on one migration session): on the
+//! namespace testbed (`--links`, by default one 1 Gbit link, then 4 x 500 Mbit with
+//! multichannel), the same disks and a guest of `--memory` move between two processes
+//! (`migration-bench live-src`/`live-dst` with disks), idle and busy (disk writes at
+//! `--disk-rate` and memory dirtied at `--dirty-rate`). The reference is iperf3 on every link of
+//! the same testbed, one stream per link, summed: `reference_ms` is (allocated disk bytes +
+//! non-zero memory bytes) at that rate. Each disk is compared byte for byte with the
+//! destination's copy and checked sector by sector against what the guest wrote (`verified`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +41,8 @@ use crate::{BenchError, Result};
 pub enum Kind {
     /// Same host, another directory.
     Local,
+    /// Another host (the namespace testbed): disks and memory on one session.
+    SharedNothing,
 }
 
 /// Guest activity during the move.
@@ -99,6 +110,24 @@ pub struct StorageArgs {
     /// One JSON object per move instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Shared-nothing: the testbeds, each `NxRATE` (NICs x rate per NIC), comma separated.
+    #[arg(long, default_value = "1x1gbit,4x500mbit")]
+    pub links: String,
+    /// Shared-nothing: memory dirty rate of the busy guest per second.
+    #[arg(long, default_value = "100MiB", value_parser = parse_size)]
+    pub dirty_rate: u64,
+    /// Shared-nothing: memory working set of the busy guest.
+    #[arg(long, default_value = "64MiB", value_parser = parse_size)]
+    pub memory_working_set: u64,
+    /// Shared-nothing: downtime limit, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub downtime_ms: u64,
+    /// Shared-nothing: seconds of each iperf3 reference.
+    #[arg(long, default_value_t = 5)]
+    pub reference_seconds: u32,
+    /// Shared-nothing: give up on a migration after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout: u64,
 }
 
 /// One disk of a move, as reported.
@@ -394,5 +423,268 @@ pub fn table(records: &[StorageRecord]) -> String {
     if let Some(r) = records.first() {
         out.push_str(&format!("reference: {}\n", r.reference_args));
     }
+    out
+}
+
+/// One disk of a shared-nothing move.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnDiskRecord {
+    /// Disk name.
+    pub name: String,
+    /// Size.
+    pub disk_bytes: u64,
+    /// Bytes the source occupied when the move started.
+    pub allocated_bytes: u64,
+    /// Bytes the destination's copy occupies.
+    pub dst_allocated_bytes: u64,
+    /// Blocks sent with data, and as zeros (holes at the destination).
+    pub data_blocks: u64,
+    /// Blocks sent as zeros.
+    pub zero_blocks: u64,
+    /// The destination verified its keyed digest, its copy is byte-identical to the source's,
+    /// and every sector is what the guest wrote.
+    pub verified: bool,
+    /// The source's file was removed after the commit.
+    pub source_removed: bool,
+}
+
+/// One shared-nothing move (`--json` prints one per line).
+#[derive(Debug, Clone, Serialize)]
+pub struct SnRecord {
+    /// `"storage"`.
+    pub bench: String,
+    /// `"shared-nothing"`.
+    pub kind: String,
+    /// Repetition.
+    pub run: u32,
+    /// `idle` or `busy`.
+    pub workload: String,
+    /// The testbed: NICs x rate.
+    pub links: String,
+    /// Channels the session opened.
+    pub channels: usize,
+    /// Disk write rate of the guest (0 idle).
+    pub disk_write_rate_bytes_per_s: u64,
+    /// Memory dirty rate of the guest (0 idle).
+    pub dirty_rate_bytes_per_s: u64,
+    /// Sum of the disk sizes.
+    pub disk_bytes: u64,
+    /// Sum of the bytes the source disks occupied.
+    pub allocated_bytes: u64,
+    /// Guest memory.
+    pub guest_bytes: u64,
+    /// Non-zero guest memory.
+    pub nonzero_guest_bytes: u64,
+    /// Start to the destination running the VM.
+    pub total_ms: f64,
+    /// The guest's pause.
+    pub downtime_ms: f64,
+    /// Rounds of memory pre-copy.
+    pub rounds: u32,
+    /// `"iperf3"`.
+    pub reference: String,
+    /// iperf3, one stream per link, summed: TCP payload bytes per second.
+    pub reference_bytes_per_s: f64,
+    /// (allocated + non-zero memory bytes) at the reference rate.
+    pub reference_ms: f64,
+    /// `total_ms / reference_ms`.
+    pub total_vs_reference: f64,
+    /// Per disk.
+    pub disks: Vec<SnDiskRecord>,
+    /// Memory and every disk verified.
+    pub verified: bool,
+    /// Error of the move, if it failed.
+    pub error: Option<String>,
+}
+
+fn parse_links(s: &str) -> Result<Vec<(u32, String)>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, rate) = p
+                .split_once('x')
+                .ok_or_else(|| BenchError::Usage(format!("--links {p:?}: want NxRATE, like 4x500mbit")))?;
+            let n: u32 = n.parse().map_err(|_| BenchError::Usage(format!("--links {p:?}: NICs must be a number")))?;
+            if !(1..=8).contains(&n) {
+                return Err(BenchError::Usage(format!("--links {p:?}: 1 to 8 NICs")));
+            }
+            Ok((n, rate.to_string()))
+        })
+        .collect()
+}
+
+/// Run the shared-nothing bench.
+pub fn run_shared_nothing(a: &StorageArgs) -> Result<Vec<SnRecord>> {
+    use crate::live::{self, DiskChildArgs, DstMemory, LiveChildArgs, Place, Workload as LiveWorkload};
+    use crate::testbed::{self, Side, Testbed};
+    use std::net::IpAddr;
+    let links = parse_links(&a.links)?;
+    testbed::check_permitted()
+        .map_err(|why| BenchError::Usage(format!("shared-nothing needs network namespaces: {why}")))?;
+    crate::iperf::ensure_iperf3()?;
+    testbed::install_interrupt_cleanup();
+    let exe = std::env::current_exe().map_err(|e| BenchError::io("finding this program", e))?;
+    let base = a.dir.clone().unwrap_or_else(std::env::temp_dir);
+    let work = WorkDir(base.join(format!("ferry-sn-bench-{}", std::process::id())));
+    let workloads: &[LiveWorkload] = match a.workload {
+        Workload::Idle => &[LiveWorkload::Idle],
+        Workload::Busy => &[LiveWorkload::Busy],
+        Workload::Both => &[LiveWorkload::Idle, LiveWorkload::Busy],
+    };
+    const WRITE: usize = 256 * 4096;
+    let mut records = Vec::new();
+    for (nics, rate) in &links {
+        let rates = vec![rate.clone(); *nics as usize];
+        let tb = Testbed::up(&testbed::unique_name("fs"), &rates)?;
+        for run in 0..a.repeat {
+            for &wl in workloads {
+                // The reference, in the same run: iperf3 on each link, one at a time, summed.
+                let mut reference_bytes_per_s = 0.0;
+                for nic in 0..tb.nics() {
+                    let dst = IpAddr::V4(Testbed::addr(Side::Dst, nic));
+                    let (d, s) = (tb.netns(Side::Dst), tb.netns(Side::Src));
+                    let r =
+                        crate::iperf::measure(Some(&d), Some(&s), dst, 5201 + nic as u16, a.reference_seconds, WRITE)?;
+                    reference_bytes_per_s += r.bytes_per_s;
+                }
+                let dir = work.0.join(format!("{nics}x{rate}-{}-{run}", wl.as_str()));
+                mkdir(&dir)?;
+                let busy = wl == LiveWorkload::Busy;
+                let args = LiveChildArgs {
+                    size: a.memory,
+                    mix: Default::default(),
+                    image: None,
+                    seed: 7 + u64::from(run),
+                    workload: wl,
+                    working_set: a.memory_working_set.min(a.memory),
+                    dirty_rate: a.dirty_rate,
+                    option: "tcp".parse().map_err(|e| BenchError::Usage(format!("{e}")))?,
+                    channels: 1,
+                    downtime_ms: a.downtime_ms,
+                    verify_full: false,
+                    dst_memory: DstMemory::Prefault,
+                    zstd_level: 1,
+                    batch_pages: 256,
+                    multichannel: true,
+                    scheduling: "adaptive".into(),
+                    policy: None,
+                    disks: DiskChildArgs {
+                        disk_size: a.disk_size,
+                        disk_count: a.disks,
+                        disk_allocated: a.allocated,
+                        disk_rate: a.disk_rate,
+                        disk_working_set: a.working_set.min(a.disk_size),
+                        disk_dir: Some(dir.clone()),
+                    },
+                };
+                let label = format!("shared-nothing {} {nics}x{rate}", wl.as_str());
+                let (s, d) = live::run(&exe, &args, Duration::from_secs(a.timeout), &label, Place::Testbed(&tb, &[]))?;
+                let m = &s.migration;
+                let allocated_bytes: u64 = m.disks.iter().map(|d| d.allocated_bytes).sum();
+                let ideal_s = (allocated_bytes + s.nonzero_guest_bytes) as f64 / reference_bytes_per_s.max(1.0);
+                let total_ms = ms(m.total);
+                let disks: Vec<SnDiskRecord> = m
+                    .disks
+                    .iter()
+                    .map(|ds| {
+                        let c = s.disks.iter().find(|c| c.name == ds.name);
+                        SnDiskRecord {
+                            name: ds.name.clone(),
+                            disk_bytes: ds.size_bytes,
+                            allocated_bytes: ds.allocated_bytes,
+                            dst_allocated_bytes: c.map_or(0, |c| c.dst_allocated_bytes),
+                            data_blocks: ds.data_blocks,
+                            zero_blocks: ds.zero_blocks,
+                            verified: ds.verified && c.is_some_and(|c| c.identical),
+                            source_removed: ds.source_removed,
+                        }
+                    })
+                    .collect();
+                let error = s.error.clone().or_else(|| d.error.clone());
+                let rec = SnRecord {
+                    bench: "storage".into(),
+                    kind: "shared-nothing".into(),
+                    run,
+                    workload: wl.as_str().into(),
+                    links: format!("{nics} x {rate}"),
+                    channels: m.channels.len(),
+                    disk_write_rate_bytes_per_s: if busy { a.disk_rate } else { 0 },
+                    dirty_rate_bytes_per_s: if busy { a.dirty_rate } else { 0 },
+                    disk_bytes: u64::from(a.disks) * a.disk_size,
+                    allocated_bytes,
+                    guest_bytes: a.memory,
+                    nonzero_guest_bytes: s.nonzero_guest_bytes,
+                    total_ms,
+                    downtime_ms: ms(m.downtime),
+                    rounds: m.rounds,
+                    reference: "iperf3".into(),
+                    reference_bytes_per_s,
+                    reference_ms: ideal_s * 1e3,
+                    total_vs_reference: total_ms / (ideal_s * 1e3).max(1e-3),
+                    verified: error.is_none()
+                        && m.verified
+                        && d.verified
+                        && disks.len() == a.disks as usize
+                        && disks.iter().all(|d| d.verified),
+                    disks,
+                    error,
+                };
+                let _ = std::fs::remove_dir_all(&dir);
+                if a.json {
+                    crate::report::emit(&serde_json::to_string(&rec).unwrap_or_default());
+                }
+                records.push(rec);
+            }
+        }
+        tb.down()?;
+    }
+    Ok(records)
+}
+
+/// The table of shared-nothing moves.
+pub fn sn_table(records: &[SnRecord]) -> String {
+    let mut t = Table::new(&[
+        "links",
+        "workload",
+        "ch",
+        "disks",
+        "allocated",
+        "memory (non-zero)",
+        "total ms",
+        "iperf3 MB/s",
+        "ref ms",
+        "x ref",
+        "downtime ms",
+        "rounds",
+        "verified",
+    ]);
+    for r in records {
+        t.row(vec![
+            r.links.clone(),
+            if r.workload == "busy" {
+                format!(
+                    "busy {}/s disk, {}/s mem",
+                    format_size(r.disk_write_rate_bytes_per_s),
+                    format_size(r.dirty_rate_bytes_per_s)
+                )
+            } else {
+                r.workload.clone()
+            },
+            r.channels.to_string(),
+            format!("{} x {}", r.disks.len(), format_size(r.disk_bytes / (r.disks.len().max(1) as u64))),
+            format_size(r.allocated_bytes),
+            format!("{} ({})", format_size(r.guest_bytes), format_size(r.nonzero_guest_bytes)),
+            format!("{:.0}", r.total_ms),
+            format!("{:.0}", r.reference_bytes_per_s / 1e6),
+            format!("{:.0}", r.reference_ms),
+            format!("{:.2}", r.total_vs_reference),
+            format!("{:.1}", r.downtime_ms),
+            r.rounds.to_string(),
+            if r.verified { "yes".into() } else { r.error.clone().unwrap_or_else(|| "NO".into()) },
+        ]);
+    }
+    let mut out = t.render();
+    out.push_str("reference: iperf3 -c ADDR -l 1MiB, one stream per link of the testbed, summed; ref ms = (allocated disk + non-zero memory bytes) at that rate\n");
     out
 }

@@ -55,6 +55,7 @@ fn args() -> LiveChildArgs {
         multichannel: false,
         scheduling: "adaptive".into(),
         policy: None,
+        disks: Default::default(),
     }
 }
 

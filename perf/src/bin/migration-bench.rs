@@ -176,6 +176,13 @@ fn reference(a: &StreamArgs, place: Placement<'_>) -> Result<Option<IperfResult>
 }
 
 fn storage_cmd(a: &StorageArgs) -> Result<bool> {
+    if a.kind == storage::Kind::SharedNothing {
+        let records = storage::run_shared_nothing(a)?;
+        if !a.json {
+            emit(storage::sn_table(&records).trim_end());
+        }
+        return Ok(records.iter().all(|r| r.verified));
+    }
     let records = storage::run(a)?;
     if !a.json {
         emit(storage::table(&records).trim_end());
@@ -647,6 +654,7 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
                             multichannel: tb.is_some(),
                             scheduling: sched.to_string(),
                             policy: a.policy.clone(),
+                            disks: Default::default(),
                         };
                         if let Some(tb) = &tb {
                             // Every run starts from the configured rates with every link up.
@@ -825,6 +833,7 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 multichannel: false,
                 scheduling: "adaptive".into(),
                 policy: None,
+                disks: Default::default(),
             };
             let (s, d) = live::run(&exe, &args, Duration::from_secs(1800), "library", live::Place::Loopback)?;
             if let Some(e) = s.error.as_ref().or(d.error.as_ref()) {
