@@ -11,9 +11,10 @@
 //! - [`mirror`]: the copier (allocated extents, dirty passes; zero blocks left as holes).
 //! - [`local`]: storage live migration on one host ([`move_storage`]): copy, mirror, converge,
 //!   switch in a pause of milliseconds, remove the old files.
-//! - [`digest`]: a disk's digest (a hash per block, holes hash as zeros), for the
-//!   destination of a shared-nothing move to verify each disk before it commits.
-//! - [`remote`]: shared-nothing building blocks, not yet carried by the migration session: the
+//! - [`digest`]: a disk's digest (a hash per block, holes hash as zeros; keyed with the
+//!   session's key in a migration), for the destination of a shared-nothing move to verify each
+//!   disk before it commits.
+//! - [`remote`]: shared-nothing building blocks, carried by `ferry-migrate`'s session: the
 //!   destination's [`remote::DiskReceiver`] (partial copies, names from the peer checked, digest,
 //!   commit by name) and the source's [`remote::DiskSender`] (extents, then dirty blocks).
 //!
@@ -22,7 +23,7 @@
 //! Disks are to storage migration what `ferry-memory` is to live migration: a resource the VMM
 //! owns, the engine reads, and that has its own rules (holes stay holes, a copy is not a disk
 //! until committed). The VMMs in `ferry-vmm-glue` write through [`Disk`]; the engine in
-//! `ferry-migrate` will send its blocks in a shared-nothing move; neither should own the other's
+//! `ferry-migrate` sends its blocks in a shared-nothing move; neither should own the other's
 //! code, and the local move needs no network at all. It depends only on `ferry-memory` (whose
 //! digest table it reuses).
 //!

@@ -3,14 +3,16 @@
 //! otherwise) and the source's ([`DiskSender`]: what to send next, from the allocated extents
 //! and then the dirty-block log, each batch a transaction until the peer has it).
 //!
-//! Not wired to the migration session yet (issue 12): the plan is that the session carries
-//! `DiskBatch`es on its data channels beside page batches, every disk in sync (the sender's
-//! backlog empty, the dirty log small) before memory pre-copy starts, the last dirty blocks in the
-//! switchover pause, and the disks' digests with the memory digest in the verify step; the
-//! destination commits the disks ([`DiskReceiver::commit`]) when it commits the VM, and the
-//! source removes (or retains) its files once the commit is confirmed. These types keep the
-//! rules that do not depend on the wire: names from the peer are checked, lengths are exact,
-//! holes stay holes, a partial copy never has a disk's name, a digest mismatch commits nothing.
+//! `ferry-migrate` carries them on the migration session (its `disks` module and the sessions'
+//! rules): the source's blocks go as `DiskBlocks` on every channel beside page batches, every
+//! disk in sync before memory pre-copy starts, the last dirty blocks in the switchover pause, and
+//! the disks' keyed digests ([`DiskSender::start_keyed`], [`DiskReceiver::prepare_keyed`]) are
+//! verified with the memory image; the destination commits the disks
+//! ([`DiskReceiver::commit`]) when it commits the VM, and the source removes (or retains) its
+//! files once the destination runs it. These types keep the rules that do not depend on the
+//! wire: names from the peer are checked, lengths are exact, holes stay holes, a partial copy
+//! never has a disk's name, a digest mismatch commits nothing, one block is never in flight
+//! twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

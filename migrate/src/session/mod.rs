@@ -18,6 +18,15 @@
 //!    |                                                     |  CreatingVm, AwaitChannels
 //!    |                         PrepareOk  |  Refuse(reason)|
 //!    |<----------------------------------------------------|  Receiving
+//!  (shared-nothing: a VM with disks)                       |
+//!  PreparingDisks: Disks(names, sizes)                     |  partial copies created
+//!    |---------------------------------------------------->|  (.NAME.ferry-partial)
+//!    |                         DisksOk  |  Refuse(reason)  |
+//!    |<----------------------------------------------------|
+//!  CopyingDisks: DiskBlocks(seq, disk, blocks) on every    |  written, then DiskAck(seq)
+//!    channel: allocated blocks, then dirty ones, until in  |  on the same channel
+//!    sync; mirrored on through pre-copy and the pause      |
+//!    |====================================================>|
 //!  Round(0): every page (batches over all channels)        |
 //!    |====================================================>|  ack per batch once written
 //!    | RoundEnd(0) ... all acked (barrier) ... Round(1) ...|
@@ -26,15 +35,17 @@
 //!  Switchover: [pause source] Switchover(final round)      |  no older round accepted now
 //!    | final round batches, all acked                      |
 //!  SavingState: StateChunk(offset, bytes)...               |
+//!    (shared-nothing: all disk blocks acked) DiskDigests   |
 //!    | Complete(state len, state crc, image digest, pages) |  no batch accepted any more;
 //!    |---------------------------------------------------->|  Verifying, Restoring
 //!  AwaitReady                Ready  |  Refuse(reason)    |
 //!    |<----------------------------------------------------|  Ready
 //!  Committing: Commit                                      |  ownership passes here:
-//!    |---------------------------------------------------->|  Committed: resume the VM
+//!    |---------------------------------------------------->|  Committed: (name the disks,)
+//!    |                                                     |  resume the VM
 //!    |                                   Resumed           |
 //!    |<----------------------------------------------------|
-//!  Done: [source releases the VM]                          |  Done
+//!  Done: [source releases the VM; removes its disk files]  |  Done
 //! ```
 //!
 //! Round rule (overlapping rounds are never in flight): the source sends no batch of round N+1
