@@ -466,7 +466,6 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         disks: specs.clone(),
         disk_working_set_bytes: if busy { a.disks.disk_working_set } else { 0 },
         disk_write_rate_bytes_per_s: a.disks.disk_rate,
-        ..Default::default()
     };
     let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
     let fill_seconds = t.elapsed().as_secs_f64();
