@@ -20,6 +20,8 @@
 //! the same testbed, one stream per link, summed: `reference_ms` is (allocated disk bytes +
 //! non-zero memory bytes) at that rate. Each disk is compared byte for byte with the
 //! destination's copy and checked sector by sector against what the guest wrote (`verified`).
+//! As in `migration-bench live`, the destination takes guest memory from a reserve faulted in
+//! before the migration is asked for.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -563,7 +565,7 @@ pub fn run_shared_nothing(a: &StorageArgs) -> Result<Vec<SnRecord>> {
                     channels: 1,
                     downtime_ms: a.downtime_ms,
                     verify_full: false,
-                    dst_memory: DstMemory::Prefault,
+                    dst_memory: DstMemory::Reserve,
                     zstd_level: 1,
                     batch_pages: 256,
                     multichannel: true,
