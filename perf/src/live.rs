@@ -164,21 +164,22 @@ pub struct LiveChildArgs {
 /// machine, so the source can compare both when the move is over).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct DiskChildArgs {
-    /// Size of each disk (0: no disks).
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    pub disk_size: u64,
+    /// Size of each disk (none: no disks).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_size: Option<u64>,
     /// Disks.
     #[arg(long, default_value_t = 1)]
     pub disk_count: u32,
     /// Percent of each disk allocated (1 MiB groups).
     #[arg(long, default_value_t = 50)]
     pub disk_allocated: u8,
-    /// The busy guest's disk write rate over all disks, bytes per second.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    pub disk_rate: u64,
-    /// Bytes at the start of each disk the busy guest rewrites.
-    #[arg(long, default_value = "0", value_parser = parse_size)]
-    pub disk_working_set: u64,
+    /// The busy guest's disk write rate over all disks, bytes per second (none: as fast as it
+    /// can).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_rate: Option<u64>,
+    /// Bytes at the start of each disk the busy guest rewrites (none: no disk writes).
+    #[arg(long, value_parser = parse_size)]
+    pub disk_working_set: Option<u64>,
     /// Directory of the disks (`src` and `dst` under it).
     #[arg(long)]
     pub disk_dir: Option<PathBuf>,
@@ -186,21 +187,23 @@ pub struct DiskChildArgs {
 
 impl DiskChildArgs {
     fn to_args(&self) -> Vec<String> {
-        if self.disk_size == 0 {
-            return Vec::new();
-        }
+        let Some(size) = self.disk_size else { return Vec::new() };
         let mut v: Vec<String> = vec![
             "--disk-size".into(),
-            self.disk_size.to_string(),
+            size.to_string(),
             "--disk-count".into(),
             self.disk_count.to_string(),
             "--disk-allocated".into(),
             self.disk_allocated.to_string(),
-            "--disk-rate".into(),
-            self.disk_rate.to_string(),
-            "--disk-working-set".into(),
-            self.disk_working_set.to_string(),
         ];
+        if let Some(r) = self.disk_rate {
+            v.push("--disk-rate".into());
+            v.push(r.to_string());
+        }
+        if let Some(w) = self.disk_working_set {
+            v.push("--disk-working-set".into());
+            v.push(w.to_string());
+        }
         if let Some(d) = &self.disk_dir {
             v.push("--disk-dir".into());
             v.push(d.display().to_string());
@@ -210,14 +213,12 @@ impl DiskChildArgs {
 
     /// The disks the source creates.
     fn specs(&self) -> Result<Vec<ferry_vmm_glue::guestdisk::DiskSpec>> {
-        if self.disk_size == 0 {
-            return Ok(Vec::new());
-        }
+        let Some(size_bytes) = self.disk_size else { return Ok(Vec::new()) };
         let Some(dir) = &self.disk_dir else { return Err(BenchError::Usage("--disk-size needs --disk-dir".into())) };
         Ok((0..self.disk_count)
             .map(|i| ferry_vmm_glue::guestdisk::DiskSpec {
                 path: dir.join("src").join(format!("disk{i}.img")),
-                size_bytes: self.disk_size,
+                size_bytes,
                 allocated_pct: self.disk_allocated,
                 seed: u64::from(i) + 1,
             })
@@ -464,8 +465,8 @@ pub fn src_main(a: &LiveChildArgs) -> Result<()> {
         working_set_bytes: if busy { a.working_set } else { 0 },
         dirty_rate_bytes_per_s: a.dirty_rate,
         disks: specs.clone(),
-        disk_working_set_bytes: if busy { a.disks.disk_working_set } else { 0 },
-        disk_write_rate_bytes_per_s: a.disks.disk_rate,
+        disk_working_set_bytes: if busy { a.disks.disk_working_set.unwrap_or(0) } else { 0 },
+        disk_write_rate_bytes_per_s: a.disks.disk_rate.unwrap_or(0),
     };
     let mut vm = SyntheticVm::new(&cfg).map_err(|e| BenchError::Usage(format!("building the guest: {e}")))?;
     let fill_seconds = t.elapsed().as_secs_f64();
@@ -611,7 +612,7 @@ pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
         reserve_fill_s = t.elapsed().as_secs_f64();
         factory = factory.with_reserve(r.clone());
     }
-    let disk_dir = a.disks.disk_dir.as_ref().filter(|_| a.disks.disk_size > 0).map(|d| d.join("dst"));
+    let disk_dir = a.disks.disk_dir.as_ref().filter(|_| a.disks.disk_size.is_some()).map(|d| d.join("dst"));
     if let Some(d) = &disk_dir {
         std::fs::create_dir_all(d).map_err(|e| BenchError::io(format!("creating {}", d.display()), e))?;
     }

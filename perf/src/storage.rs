@@ -572,11 +572,11 @@ pub fn run_shared_nothing(a: &StorageArgs) -> Result<Vec<SnRecord>> {
                     scheduling: "adaptive".into(),
                     policy: None,
                     disks: DiskChildArgs {
-                        disk_size: a.disk_size,
+                        disk_size: Some(a.disk_size),
                         disk_count: a.disks,
                         disk_allocated: a.allocated,
-                        disk_rate: a.disk_rate,
-                        disk_working_set: a.working_set.min(a.disk_size),
+                        disk_rate: Some(a.disk_rate),
+                        disk_working_set: Some(a.working_set.min(a.disk_size)),
                         disk_dir: Some(dir.clone()),
                     },
                 };
