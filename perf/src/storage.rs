@@ -562,6 +562,7 @@ pub fn run_shared_nothing(a: &StorageArgs) -> Result<Vec<SnRecord>> {
                     working_set: a.memory_working_set.min(a.memory),
                     dirty_rate: a.dirty_rate,
                     option: "tcp".parse().map_err(|e| BenchError::Usage(format!("{e}")))?,
+                    encryption: Default::default(),
                     channels: 1,
                     downtime_ms: a.downtime_ms,
                     verify_full: false,
