@@ -25,6 +25,15 @@
 //!   always re-reads every page at the check. (Its memory stays registered for remote writes
 //!   until the channels close after the migration: sealing it with the queue pair at
 //!   `Complete` is not done yet.)
+//!
+//! # Disks (shared-nothing)
+//!
+//! `DiskBlocks` may come on any channel: the receiver that reads one writes its blocks into
+//! the partial copies ([`crate::disks::DiskSide`]) and answers `DiskAck` on the same channel.
+//! Blocks are refused (a protocol violation) before `Disks` was accepted, once `Complete` sealed
+//! the session, and once the disks' digests were taken; a write that fails here (a full file
+//! system) refuses the migration and the partial copies are removed. At `Commit` the copies get
+//! their names before the VM resumes; if the VM then does not resume, they are removed too.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
