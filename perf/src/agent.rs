@@ -250,7 +250,13 @@ impl Pair {
         std::fs::create_dir_all(&dir).map_err(|e| BenchError::io("creating the bench directory", e))?;
         let key: [u8; 32] = ferry_transport::handshake::random_bytes();
         let key: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        std::fs::write(dir.join("key"), format!("{key}\n")).map_err(|e| BenchError::io("writing the key", e))?;
+        // ferryd refuses a key file others can read.
+        let write_key = || -> std::io::Result<()> {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join("key"))?;
+            f.write_all(format!("{key}\n").as_bytes())
+        };
+        write_key().map_err(|e| BenchError::io("writing the key", e))?;
         let a = Host::start(bins, &dir, "a", limit)?;
         let b = match Host::start(bins, &dir, "b", limit) {
             Ok(b) => b,
