@@ -111,6 +111,13 @@ pub struct HostInfo {
     /// Storage migrations waiting for a slot.
     #[serde(default)]
     pub queued_storage_migrations: usize,
+    /// `memory_reserve_bytes` of the config: memory a standby VMM keeps faulted in for the next
+    /// incoming live migration (0: none).
+    #[serde(default)]
+    pub memory_reserve_bytes: u64,
+    /// Of it, faulted in and ready now.
+    #[serde(default)]
+    pub memory_reserve_ready_bytes: u64,
 }
 
 /// A change of host settings at run time (every field optional; all or nothing changes). The
@@ -227,6 +234,10 @@ pub struct VmInfo {
     /// Its disks.
     #[serde(default)]
     pub disks: Vec<DiskInfo>,
+    /// After a live arrival: its memory came from the standby VMM's reserve, faulted in ahead
+    /// (`None`: no reserve was used).
+    #[serde(default)]
+    pub arrived_from_reserve: Option<bool>,
 }
 
 /// Kind of move.

@@ -12,6 +12,7 @@
 //! performance_option = "tcp"          # tcp | compression | smb (default tcp)
 //! use_any_network = false             # default: true while no network is listed
 //! shared_storage = "/srv/ferry-shared" # quick moves: a directory both hosts mount at this path
+//! memory_reserve_bytes = 4294967296   # guest memory kept faulted in for the next incoming VM (default 0: off)
 //! [[networks]]
 //! subnet = "198.18.0.0/24"
 //! priority = 1
@@ -81,7 +82,12 @@ struct RawConfig {
     #[serde(default = "tcp")]
     performance_option: String,
     shared_storage: Option<PathBuf>,
+    #[serde(default)]
+    memory_reserve_bytes: u64,
 }
+
+/// Largest `memory_reserve_bytes` (1 TiB).
+const MAX_RESERVE_BYTES: u64 = 1 << 40;
 
 fn two() -> i64 {
     2
@@ -275,6 +281,10 @@ pub struct Config {
     /// The directory quick moves save VMs to (the same path on every host); `None`: quick moves
     /// are refused.
     pub shared_storage: Option<PathBuf>,
+    /// Guest memory a standby VMM process keeps faulted in for the next incoming live migration
+    /// (0: none; every incoming VM then maps cold memory and takes its page faults while
+    /// receiving).
+    pub memory_reserve_bytes: u64,
 }
 
 impl Config {
@@ -332,6 +342,12 @@ impl Config {
                 return Err(invalid("shared_storage", format!("{} is not a directory", d.display())));
             }
         }
+        if raw.memory_reserve_bytes > MAX_RESERVE_BYTES {
+            return Err(invalid(
+                "memory_reserve_bytes",
+                format!("{} is more than 1 TiB ({MAX_RESERVE_BYTES})", raw.memory_reserve_bytes),
+            ));
+        }
         Ok(Self {
             name,
             listen,
@@ -346,6 +362,7 @@ impl Config {
             use_any_network_key: raw.use_any_network,
             performance_option: raw.performance_option,
             shared_storage: raw.shared_storage,
+            memory_reserve_bytes: raw.memory_reserve_bytes,
         })
     }
 
@@ -473,6 +490,8 @@ mod tests {
             ("colour = \"blue\"\n", "unknown field `colour`"),
             ("shared_storage = \"relative/dir\"\n", "shared_storage: relative/dir is not an absolute path"),
             ("shared_storage = \"/nonexistent/ferry\"\n", "shared_storage: /nonexistent/ferry is not a directory"),
+            ("memory_reserve_bytes = 2199023255552\n", "memory_reserve_bytes: 2199023255552 is more than 1 TiB"),
+            ("memory_reserve_bytes = -1\n", "memory_reserve_bytes"),
         ];
         for (body, want) in cases {
             let (_d, t) = with_key(body);

@@ -46,7 +46,9 @@ use crate::config::{Config, Settings, Subnet};
 use crate::limit::{Cancel, Limit, Slot};
 use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
-use crate::vmmctl::{self, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmRequest, VmmState, VmmStatus};
+use crate::vmmctl::{
+    self, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmCtlError, VmmRequest, VmmState, VmmStatus,
+};
 
 /// Peer checks (about one a second) a live move's destination agent may miss in a row before the
 /// move is cancelled.
@@ -152,6 +154,11 @@ pub struct Agent {
     vmm_exe: PathBuf,
     /// State changes and progress, for `GET /v1/events` (JSON texts).
     events: tokio::sync::broadcast::Sender<String>,
+    /// The standby VMM's control socket (`memory_reserve_bytes` > 0): the next incoming live
+    /// migration is received into its reserve.
+    standby: Mutex<Option<PathBuf>>,
+    /// A standby VMM is being started.
+    standby_starting: std::sync::atomic::AtomicBool,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -207,8 +214,12 @@ impl Agent {
             storage_limit,
             vmm_exe,
             events: tokio::sync::broadcast::channel(1024).0,
+            standby: Mutex::new(None),
+            standby_starting: Default::default(),
         });
         agent.adopt().await.map_err(|e| setup("adopting VMs", &e.message))?;
+        agent.stop_old_standbys().await;
+        agent.clone().refill_standby();
         Ok(agent)
     }
 
@@ -385,24 +396,45 @@ impl Agent {
     ) -> ApiResult<VmmStatus> {
         let socket = self.vm_socket(name);
         let log = self.cfg.state_dir.join("vms").join(format!("{name}.log"));
+        let mut args = vec![
+            "--name".to_string(),
+            name.to_string(),
+            "--guest".into(),
+            guest.name().into(),
+            "--memory-bytes".into(),
+            memory_bytes.to_string(),
+        ];
+        args.extend_from_slice(extra);
+        // A quick arrival listens on nothing: it waits for the ownership record.
+        let quick = extra.iter().any(|a| a == "--quick-dir");
+        self.spawn_process(&socket, &log, &args, |st| match st.state {
+            VmmState::Receiving => st.listen.is_some() || quick,
+            _ => true,
+        })
+        .await
+    }
+
+    /// Start a VMM process (`ferry-vmm --socket S --key-file K ARGS`, output appended to `log`)
+    /// and wait until its status is `ready`.
+    async fn spawn_process(
+        &self,
+        socket: &Path,
+        log: &Path,
+        args: &[String],
+        ready: impl Fn(&VmmStatus) -> bool,
+    ) -> ApiResult<VmmStatus> {
         let logf = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&log)
+            .open(log)
             .map_err(|e| ApiError::internal(format!("VMM log {}: {e}", log.display())))?;
         let logf2 = logf.try_clone().map_err(|e| ApiError::internal(e.to_string()))?;
         let mut cmd = tokio::process::Command::new(&self.vmm_exe);
         cmd.arg("--socket")
-            .arg(&socket)
-            .arg("--name")
-            .arg(name)
-            .arg("--guest")
-            .arg(guest.name())
-            .arg("--memory-bytes")
-            .arg(memory_bytes.to_string())
+            .arg(socket)
             .arg("--key-file")
             .arg(&self.cfg.key_file)
-            .args(extra)
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(logf)
             .stderr(logf2)
@@ -412,7 +444,7 @@ impl Agent {
         let t0 = Instant::now();
         loop {
             if let Ok(Some(code)) = child.try_wait() {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail = std::fs::read_to_string(log).unwrap_or_default();
                 let last = tail.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -420,13 +452,8 @@ impl Agent {
                     format!("the VMM process exited ({code}): {last}"),
                 ));
             }
-            if let Ok(st) = vmmctl::status(&socket).await {
-                let ready = match st.state {
-                    // A quick arrival listens on nothing: it waits for the ownership record.
-                    VmmState::Receiving => st.listen.is_some() || extra.iter().any(|a| a == "--quick-dir"),
-                    _ => true,
-                };
-                if ready {
+            if let Ok(st) = vmmctl::status(socket).await {
+                if ready(&st) {
                     // Reap it whenever it exits (it outlives us if we go first).
                     tokio::spawn(async move {
                         let _ = child.wait().await;
@@ -440,6 +467,90 @@ impl Agent {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Stop the standby VMMs a previous agent left (their reserves are not ours to count).
+    async fn stop_old_standbys(&self) {
+        let Ok(rd) = std::fs::read_dir(self.cfg.state_dir.join("vms")) else { return };
+        for e in rd.flatten() {
+            let p = e.path();
+            let standby = p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(".standby-"));
+            if standby && p.extension().is_some_and(|x| x == "sock") {
+                let _ = vmmctl::call(&p, &VmmRequest::Stop).await;
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+
+    /// With `memory_reserve_bytes`, start a standby VMM (in the background) unless one is kept.
+    fn refill_standby(self: Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        let bytes = self.cfg.memory_reserve_bytes;
+        if bytes == 0 || lock(&self.standby).is_some() || self.standby_starting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        tokio::spawn(async move {
+            let id = new_id();
+            let socket = self.cfg.state_dir.join("vms").join(format!(".standby-{id}.sock"));
+            let log = self.cfg.state_dir.join("vms").join(format!(".standby-{id}.log"));
+            let extra = ["--standby".to_string(), "--reserve-bytes".into(), bytes.to_string()];
+            match self.spawn_process(&socket, &log, &extra, |_| true).await {
+                Ok(_) => {
+                    info!(reserve_bytes = bytes, socket = %socket.display(), "standby VMM started");
+                    *lock(&self.standby) = Some(socket);
+                }
+                Err(e) => warn!(error = %e.message, "the standby VMM did not start; incoming VMs map cold memory"),
+            }
+            self.standby_starting.store(false, Ordering::SeqCst);
+        });
+    }
+
+    /// Take the standby VMM for an incoming VM of `memory_bytes` if its reserve is filled and
+    /// holds the VM; `None`: spawn a fresh (cold) VMM.
+    async fn take_standby(&self, memory_bytes: u64) -> Option<PathBuf> {
+        let socket = lock(&self.standby).take()?;
+        match vmmctl::status(&socket).await {
+            Ok(st) if st.state == VmmState::Standby && st.reserve_bytes >= crate::vmm::reserve_need(memory_bytes) => {
+                Some(socket)
+            }
+            Ok(st) if st.state == VmmState::Standby => {
+                // Still filling, or too small for this VM: keep it for the next one.
+                *lock(&self.standby) = Some(socket);
+                None
+            }
+            _ => {
+                // Failed or gone: a new one replaces it.
+                let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
+                None
+            }
+        }
+    }
+
+    /// The standby VMM at `standby` becomes the receiving VMM of `req` (listening on `on`);
+    /// its status once it listens.
+    async fn assign_standby(
+        &self,
+        standby: &Path,
+        req: &IncomingRequest,
+        on: std::net::IpAddr,
+    ) -> Result<VmmStatus, VmmCtlError> {
+        let socket = self.vm_socket(&req.vm);
+        let order = vmmctl::AssignOrder {
+            name: req.vm.clone(),
+            guest: req.guest,
+            memory_bytes: req.memory_bytes,
+            receive_on: on,
+            socket: socket.clone(),
+        };
+        let r = vmmctl::call(standby, &VmmRequest::Assign(order)).await;
+        if r.is_err() {
+            let _ = vmmctl::call(standby, &VmmRequest::Stop).await;
+        }
+        let st = r?.status.ok_or_else(|| VmmCtlError::BadAnswer("no status".into()))?;
+        // Its log follows the VM's name, as a fresh VMM's does.
+        let log = |s: &Path| s.with_extension("log");
+        let _ = std::fs::rename(log(standby), log(&socket));
+        Ok(st)
     }
 
     async fn vm_info(&self, e: &VmEntry) -> VmInfo {
@@ -458,7 +569,7 @@ impl Agent {
                     .collect()
             })
             .unwrap_or_default();
-        let (state, pid, counter, verified, check) = match st {
+        let (state, pid, counter, verified, check, from_reserve) = match st {
             Ok(s) => {
                 let state = match s.state {
                     VmmState::Running => "running",
@@ -468,10 +579,11 @@ impl Agent {
                     VmmState::Released => "moved",
                     VmmState::Uncertain => "uncertain",
                     VmmState::Failed => "failed",
+                    VmmState::Standby => "standby",
                 };
-                (state.to_string(), s.pid, s.guest_counter, s.received_verified, s.guest_check)
+                (state.to_string(), s.pid, s.guest_counter, s.received_verified, s.guest_check, s.from_reserve)
             }
-            Err(_) => ("lost".into(), e.row.pid, 0, None, None),
+            Err(_) => ("lost".into(), e.row.pid, 0, None, None, None),
         };
         VmInfo {
             name: e.row.name.clone(),
@@ -485,6 +597,7 @@ impl Agent {
             arrived_verified: verified,
             guest_check: check,
             disks,
+            arrived_from_reserve: from_reserve,
         }
     }
 
@@ -534,7 +647,21 @@ impl Agent {
             vms: lock(&self.vms).values().filter(|e| e.row.owned).count(),
             active_storage_migrations: storage_active,
             queued_storage_migrations: storage_queued,
+            memory_reserve_bytes: self.cfg.memory_reserve_bytes,
+            memory_reserve_ready_bytes: 0,
         }
+    }
+
+    /// [`Self::host_info`] with the standby VMM's reserve as it is now.
+    async fn host_info_now(&self) -> HostInfo {
+        let mut h = self.host_info();
+        let standby = lock(&self.standby).clone();
+        if let Some(s) = standby {
+            if let Ok(st) = vmmctl::status(&s).await {
+                h.memory_reserve_ready_bytes = st.reserve_bytes;
+            }
+        }
+        h
     }
 
     fn migration_info(&self, id: &str) -> ApiResult<MigrationInfo> {
@@ -1259,7 +1386,18 @@ impl Agent {
         if lock(&self.vms).contains_key(&req.vm) {
             return Err(ApiError::conflict(format!("a VM named {:?} is already on host {}", req.vm, self.cfg.name)));
         }
-        if let Some(avail) = mem_available_bytes() {
+        // A live arrival goes into the standby VMM's reserve when it holds the VM (that memory
+        // is already taken from the host: no further check).
+        let standby = match req.kind {
+            MoveKind::Live => self.take_standby(req.memory_bytes).await,
+            MoveKind::Quick => None,
+        };
+        let keep_standby = |s: Option<PathBuf>| {
+            if let Some(s) = s {
+                lock(&self.standby).get_or_insert(s);
+            }
+        };
+        if let Some(avail) = mem_available_bytes().filter(|_| standby.is_none()) {
             if avail < req.memory_bytes.saturating_add(256 << 20) {
                 return Err(ApiError::new(
                     StatusCode::INSUFFICIENT_STORAGE,
@@ -1277,7 +1415,13 @@ impl Agent {
             MoveKind::Live => None,
             MoveKind::Quick => Some(self.quick_admissible(&req)?),
         };
-        let slot = self.limit.try_admit().map_err(|why| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", why))?;
+        let slot = match self.limit.try_admit() {
+            Ok(s) => s,
+            Err(why) => {
+                keep_standby(standby);
+                return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", why));
+            }
+        };
         let row = VmRow {
             name: req.vm.clone(),
             guest: req.guest,
@@ -1310,7 +1454,26 @@ impl Agent {
                 req.id.clone(),
             ],
         };
-        let st = match self.spawn_vmm(&req.vm, req.guest, &extra, req.memory_bytes).await {
+        let assigned = match (&standby, extra.get(1).and_then(|ip| ip.parse().ok())) {
+            (Some(sb), Some(ip)) if quick.is_none() => match self.assign_standby(sb, &req, ip).await {
+                Ok(st) => Some(st),
+                Err(e) => {
+                    warn!(error = %e, "the standby VMM refused the VM; receiving into cold memory");
+                    None
+                }
+            },
+            _ => None,
+        };
+        if standby.is_some() && assigned.is_none() {
+            // Gone or refused: a new one replaces it (a used one is replaced once its VM has
+            // arrived, so its fill does not compete with the migration).
+            self.clone().refill_standby();
+        }
+        let spawned = match assigned {
+            Some(st) => Ok(st),
+            None => self.spawn_vmm(&req.vm, req.guest, &extra, req.memory_bytes).await,
+        };
+        let st = match spawned {
             Ok(st) => st,
             Err(e) => {
                 lock(&self.vms).remove(&row.name);
@@ -1587,12 +1750,15 @@ impl Agent {
                 }
                 Err(e) => {
                     misses += 1;
-                    if misses > 20 {
+                    // About 2 s without an answer.
+                    if misses > 100 {
                         break Err(format!("lost the incoming VMM process: {e}"));
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // The VM is listed as running here once this sees it: poll often (a status call
+            // is one line on a unix socket).
+            tokio::time::sleep(Duration::from_millis(20)).await;
         };
         match outcome {
             Ok(st) => {
@@ -1621,6 +1787,7 @@ impl Agent {
         }
         lock(&self.live).remove(&id);
         drop(slot);
+        self.refill_standby();
     }
 
     // ---- VMs ----
@@ -1812,7 +1979,7 @@ fn mem_available_bytes() -> Option<u64> {
 type Ag = State<Arc<Agent>>;
 
 async fn h_host(State(a): Ag) -> Json<HostInfo> {
-    Json(a.host_info())
+    Json(a.host_info_now().await)
 }
 
 async fn h_host_patch(State(a): Ag, body: Bytes) -> ApiResult<Json<HostInfo>> {
@@ -1834,7 +2001,7 @@ async fn h_host_patch(State(a): Ag, body: Bytes) -> ApiResult<Json<HostInfo>> {
         }
         Ok(())
     })?;
-    Ok(Json(a.host_info()))
+    Ok(Json(a.host_info_now().await))
 }
 
 fn networks_of(s: &Settings) -> Vec<Network> {

@@ -12,6 +12,12 @@
 //! another directory on a thread of this process while the guest runs, and switches the VM to
 //! the copies in a pause of milliseconds. It starts its own session (`setsid`), so it outlives
 //! the agent that spawned it.
+//!
+//! A standby VMM (`--standby --reserve-bytes N`, kept by an agent with `memory_reserve_bytes`)
+//! starts with no VM: it faults in N bytes of guest memory (a `ferry_memory::reserve`) and waits
+//! until the agent assigns it an incoming live migration; the received guest's memory is then
+//! carved from that reserve, so the receive path takes no page faults. On this kind of machine
+//! first-touch faults of fresh memory cost 0.5-3.5 s per GiB and dominate a cold receive.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -23,6 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_memory::digest::PageTable;
+use ferry_memory::reserve::MemoryReserve;
 use ferry_memory::scan::{scan_slice, zero_page_hash};
 use ferry_memory::MemoryMap;
 use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, SharedDir, VmRunState};
@@ -41,7 +48,8 @@ use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory,
 
 use crate::api::GuestKind;
 use crate::vmmctl::{
-    DiskStatus, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmRequest, VmmResponse, VmmState, VmmStatus,
+    AssignOrder, DiskStatus, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmRequest, VmmResponse,
+    VmmState, VmmStatus,
 };
 use ferry_disk::Disk;
 use ferry_vmm_glue::guestdisk::DiskSpec;
@@ -78,6 +86,9 @@ pub struct VmmArgs {
     pub disk_working_set_bytes: u64,
     /// Synthetic guest: disk bytes written per second (0: flat out).
     pub disk_write_rate_bytes_per_s: u64,
+    /// A standby VMM with a reserve of this many bytes: no VM until the agent assigns one
+    /// ([`VmmRequest::Assign`]); the fields above describing the VM are unused until then.
+    pub standby_reserve_bytes: Option<u64>,
 }
 
 /// Sectors per request of the KVM guest program's disk writes (4 KiB).
@@ -227,6 +238,8 @@ struct Inner {
     quick_load_ms: Option<f64>,
     /// A quick load is reading the image: the process must not stop now.
     loading: bool,
+    /// After an incoming migration into a reserve: every region came from it.
+    from_reserve: Option<bool>,
 }
 
 impl Inner {
@@ -285,6 +298,8 @@ impl Vmm {
                 .collect(),
             disk_guest_errors: g.vm.as_ref().map(Guest::disk_errors),
             disk_check: g.disk_check.clone(),
+            reserve_bytes: 0,
+            from_reserve: g.from_reserve,
         }
     }
 }
@@ -351,6 +366,26 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
     let listener = UnixListener::bind(&args.socket).map_err(io("binding the control socket"))?;
     std::fs::set_permissions(&args.socket, std::fs::Permissions::from_mode(0o600))
         .map_err(io("restricting the control socket"))?;
+    let mut args = args;
+    let mut reserve = None;
+    let mut assigned_by = None;
+    if let Some(bytes) = args.standby_reserve_bytes {
+        match standby(&listener, &args.socket, bytes)? {
+            Some((order, r, conn)) => {
+                args.name = order.name;
+                args.guest = order.guest;
+                args.memory_bytes = order.memory_bytes;
+                args.receive_on = Some(order.receive_on);
+                args.socket = order.socket;
+                reserve = Some(r);
+                assigned_by = Some(conn);
+            }
+            None => {
+                let _ = std::fs::remove_file(&args.socket);
+                return Ok(());
+            }
+        }
+    }
     let receiving = args.receive_on.is_some() || args.quick_load.is_some();
     let inner = Inner {
         vm: None,
@@ -366,11 +401,12 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
         counter_at_exit: 0,
         quick_load_ms: None,
         loading: false,
+        from_reserve: None,
     };
     let vmm = Arc::new(Vmm { args: args.clone(), inner: Mutex::new(inner), stop: AtomicBool::new(false) });
     match (args.receive_on, &args.quick_load) {
         (_, Some(q)) => start_quick_load(&vmm, q.clone()),
-        (Some(ip), None) => start_receiver(&vmm, ip)?,
+        (Some(ip), None) => start_receiver(&vmm, ip, reserve)?,
         (None, None) => {
             let g = build_guest(&args)?;
             let mut i = vmm.lock();
@@ -378,6 +414,9 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
             i.vm = Some(g);
             i.state = VmmState::Running;
         }
+    }
+    if let Some(conn) = assigned_by {
+        answer(conn, Ok(()), vmm.status());
     }
     listener.set_nonblocking(true).map_err(io("control socket"))?;
     while !vmm.stop.load(Ordering::SeqCst) {
@@ -394,7 +433,105 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
     Ok(())
 }
 
-fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr) -> Result<(), VmmError> {
+/// A standby VMM: fault the reserve in (on a thread) and answer the agent until it assigns an
+/// incoming migration (`Some`: the order, the reserve, and the connection to answer once the
+/// receiver listens) or stops the process (`None`).
+fn standby(
+    listener: &UnixListener,
+    socket: &Path,
+    bytes: u64,
+) -> Result<Option<(AssignOrder, Arc<MemoryReserve>, UnixStream)>, VmmError> {
+    let reserve = Arc::new(MemoryReserve::new(usize::try_from(bytes).unwrap_or(usize::MAX)));
+    // At the lowest priority: the host's running VMs and migrations come first.
+    reserve.start_fill();
+    // A standby holds no VM: it ends with the agent that started it (the next agent starts its
+    // own), so its memory is never held by nobody.
+    let assigned = Arc::new(AtomicBool::new(false));
+    {
+        let (assigned, socket, parent) = (assigned.clone(), socket.to_path_buf(), nix::unistd::getppid());
+        std::thread::spawn(move || {
+            while !assigned.load(Ordering::SeqCst) {
+                if nix::unistd::getppid() != parent {
+                    let _ = std::fs::remove_file(&socket);
+                    std::process::exit(0);
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+    }
+    let status = |reserve: &MemoryReserve| VmmStatus {
+        name: String::new(),
+        guest: String::new(),
+        memory_bytes: 0,
+        pid: std::process::id(),
+        state: VmmState::Standby,
+        listen: None,
+        migration: None,
+        received_verified: None,
+        guest_check: None,
+        guest_counter: 0,
+        error: None,
+        quick_load_ms: None,
+        reserve_bytes: reserve.stats().ready_bytes,
+        from_reserve: None,
+        disks: Vec::new(),
+        disk_guest_errors: None,
+        disk_check: None,
+    };
+    loop {
+        let (s, _) = listener.accept().map_err(|source| VmmError::Io { what: "control socket".into(), source })?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let mut line = String::new();
+        if BufReader::new((&s).take(64 << 10)).read_line(&mut line).is_err() {
+            continue;
+        }
+        match serde_json::from_str::<VmmRequest>(&line) {
+            Ok(VmmRequest::Status) => answer(s, Ok(()), status(&reserve)),
+            Ok(VmmRequest::Stop) => {
+                answer(s, Ok(()), status(&reserve));
+                return Ok(None);
+            }
+            Ok(VmmRequest::Assign(order)) => {
+                let st = status(&reserve);
+                if st.reserve_bytes < bytes.min(reserve_need(order.memory_bytes)) {
+                    answer(
+                        s,
+                        Err(format!("the memory reserve is not filled yet ({} bytes ready)", st.reserve_bytes)),
+                        st,
+                    );
+                } else {
+                    assigned.store(true, Ordering::SeqCst);
+                    match std::fs::rename(socket, &order.socket) {
+                        Ok(()) => return Ok(Some((order, reserve, s))),
+                        Err(e) => {
+                            assigned.store(false, Ordering::SeqCst);
+                            let why = format!("moving the control socket to {}: {e}", order.socket.display());
+                            answer(s, Err(why), st);
+                        }
+                    }
+                }
+            }
+            Ok(_) => answer(s, Err("a standby VMM has no VM".into()), status(&reserve)),
+            Err(e) => answer(s, Err(format!("bad request: {e}")), status(&reserve)),
+        }
+    }
+}
+
+/// Reserve bytes a guest of `memory_bytes` needs at most: each region is carved on a 2 MiB
+/// boundary (three regions for a synthetic guest, 256 MiB slots for a KVM guest).
+pub fn reserve_need(memory_bytes: u64) -> u64 {
+    memory_bytes + 4 * (2 << 20)
+}
+
+fn answer(mut s: UnixStream, r: Result<(), String>, status: VmmStatus) {
+    let resp = VmmResponse { ok: r.is_ok(), error: r.err(), status: Some(status) };
+    if let Ok(mut line) = serde_json::to_vec(&resp) {
+        line.push(b'\n');
+        let _ = s.write_all(&line);
+    }
+}
+
+fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>>) -> Result<(), VmmError> {
     let a = &vmm.args;
     let hs = ServerConfig {
         psk: a.key.clone(),
@@ -408,11 +545,19 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr) -> Result<(), VmmError> {
     })?;
     // The destination refuses a guest larger than announced.
     let limit = a.memory_bytes;
-    let srv = match a.guest {
-        GuestKind::Synthetic => {
+    let srv = match (a.guest, reserve.clone()) {
+        (GuestKind::Synthetic, None) => {
             MigrationServer::new(acc, Arc::new(SyntheticFactory::new(limit, false)), TargetConfig::default())
         }
-        GuestKind::Kvm => MigrationServer::new(acc, Arc::new(KvmFactory::new(limit)), TargetConfig::default()),
+        (GuestKind::Synthetic, Some(r)) => MigrationServer::new(
+            acc,
+            Arc::new(SyntheticFactory::new(limit, false).with_reserve(r)),
+            TargetConfig::default(),
+        ),
+        (GuestKind::Kvm, None) => MigrationServer::new(acc, Arc::new(KvmFactory::new(limit)), TargetConfig::default()),
+        (GuestKind::Kvm, Some(r)) => {
+            MigrationServer::new(acc, Arc::new(KvmFactory::new(limit).with_reserve(r)), TargetConfig::default())
+        }
     };
     let addr = srv.local_addr().map_err(|e| VmmError::Io {
         what: "migration listener".into(),
@@ -429,7 +574,15 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr) -> Result<(), VmmError> {
     let v = vmm.clone();
     std::thread::spawn(move || {
         let v2 = v.clone();
-        srv.serve(Some(1), Arc::new(move |r| arrived(&v2, r)));
+        srv.serve(
+            Some(1),
+            Arc::new(move |r| {
+                // Every region carved from the reserve: the receive took no page faults.
+                let used = reserve.as_ref().map(|r| r.stats()).map(|s| s.hits > 0 && s.misses == 0);
+                v2.lock().from_reserve = used;
+                arrived(&v2, r)
+            }),
+        );
         // A session that never came: the agent stops this process.
         let mut g = v.lock();
         if g.state == VmmState::Receiving {
@@ -560,6 +713,7 @@ fn handle(vmm: &Arc<Vmm>, req: VmmRequest) -> Result<(), String> {
             g.disk_check = Some(r);
             Ok(())
         }
+        VmmRequest::Assign(_) => Err("this VMM is not a standby VMM".into()),
     }
 }
 

@@ -47,6 +47,10 @@ pub enum VmmRequest {
     /// Pause the guest, check every disk against what the guest wrote, resume it if it ran
     /// (the result is the status's `disk_check`).
     CheckDisks,
+    /// A standby VMM (started with `--standby`, its memory reserve faulted in ahead of time)
+    /// becomes the receiving VMM of one incoming live migration (answers at once; poll
+    /// [`VmmRequest::Status`] until it listens).
+    Assign(AssignOrder),
 }
 
 /// A storage live migration the agent orders.
@@ -69,6 +73,21 @@ pub struct DiskStatus {
     pub size_bytes: u64,
     /// Bytes the image occupies.
     pub allocated_bytes: u64,
+}
+
+/// What a standby VMM receives: the VM's identity and where its channels arrive.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AssignOrder {
+    /// VM name.
+    pub name: String,
+    /// `synthetic` or `kvm`.
+    pub guest: crate::api::GuestKind,
+    /// Guest memory (the destination refuses a larger guest).
+    pub memory_bytes: u64,
+    /// Listen for the migration on this IP (a free port).
+    pub receive_on: std::net::IpAddr,
+    /// The VM's control socket path: the standby VMM moves its socket there.
+    pub socket: std::path::PathBuf,
 }
 
 /// A quick migration the agent orders: pause, save the image to the shared directory, hand the
@@ -118,6 +137,8 @@ pub struct MultichannelOrder {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum VmmState {
+    /// A standby VMM: no VM yet, its memory reserve kept for the next incoming migration.
+    Standby,
     /// Waiting for an incoming migration.
     Receiving,
     /// The guest runs.
@@ -203,6 +224,14 @@ pub struct VmmStatus {
     /// wrote (`None`: not checked).
     #[serde(default)]
     pub disk_check: Option<Vec<u64>>,
+    /// Bytes of faulted-in memory the VMM's reserve holds ready (a standby VMM, or a receiving
+    /// VMM that was one).
+    #[serde(default)]
+    pub reserve_bytes: u64,
+    /// After an incoming migration: every region of the guest's memory came from the reserve
+    /// (`None`: the VMM had no reserve).
+    #[serde(default)]
+    pub from_reserve: Option<bool>,
 }
 
 /// One answer line.

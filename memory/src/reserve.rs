@@ -149,6 +149,16 @@ impl MemoryReserve {
     /// Keep the reserve filled from a background thread at the lowest priority (it wakes after
     /// each take). Idempotent.
     pub fn start_refill(&self) {
+        self.start_filler(false);
+    }
+
+    /// Fill up to the target once, from a background thread at the lowest priority, then stop:
+    /// later takes are not made up for. Idempotent (and a no-op after [`Self::start_refill`]).
+    pub fn start_fill(&self) {
+        self.start_filler(true);
+    }
+
+    fn start_filler(&self, once: bool) {
         let Ok(mut g) = self.refill.lock() else { return };
         if g.is_some() {
             return;
@@ -164,6 +174,7 @@ impl MemoryReserve {
                 while !inner.stop.load(Ordering::SeqCst) {
                     match inner.fill_step() {
                         Ok(true) => continue,
+                        Ok(false) if once => return,
                         Ok(false) => {}
                         // Out of memory for now: try again after the next take or a pause.
                         Err(_) => {}

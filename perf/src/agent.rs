@@ -5,7 +5,11 @@
 //! - `single`: the same idle synthetic guest moved through the agents (`POST /v1/moves` until the
 //!   destination agent lists the VM running) and by the library path (`live`: the engine between
 //!   two bench processes) in the same run; the overhead ratio is the agent's end-to-end time over
-//!   the library's total time. Both use `tcp` with the same channel count and a cold destination.
+//!   the library's total time. Both use `tcp` with the same channel count and the same kind of
+//!   destination memory: `reserve` (default; the destination agent's `memory_reserve_bytes`,
+//!   a standby VMM with the guest's memory faulted in before the move, against the library's
+//!   `--dst-memory reserve`) or `cold` (fresh memory on both: the receive path takes the page
+//!   faults).
 //! - `many`: N VMs moved at once under `max_live_migrations` = each given limit: the makespan (first
 //!   `POST` to the last VM running on the destination), each VM's downtime and total time, and the
 //!   most migrations either journal had open at once.
@@ -143,7 +147,7 @@ pub struct Host {
 }
 
 impl Host {
-    fn start(bins: &AgentBins, dir: &Path, name: &str, limit: u32) -> Result<Host> {
+    fn start(bins: &AgentBins, dir: &Path, name: &str, limit: u32, reserve_bytes: u64) -> Result<Host> {
         let io = |what: &'static str| move |e| BenchError::io(what, e);
         let home = dir.join(name);
         std::fs::create_dir_all(&home).map_err(io("creating the agent's directory"))?;
@@ -155,7 +159,7 @@ impl Host {
         let cfg = home.join("ferryd.toml");
         let text = format!(
             "name = \"{name}\"\nlisten = \"{listen}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nkey_file = \"{}\"\n\
-             max_live_migrations = {limit}\n",
+             max_live_migrations = {limit}\nmemory_reserve_bytes = {reserve_bytes}\n",
             api.display(),
             state.display(),
             dir.join("key").display()
@@ -210,7 +214,13 @@ impl Host {
     }
 
     fn stop(&mut self) {
-        // The VMs outlive their agent by design: stop each VMM process, then the agent.
+        // The VMs outlive their agent by design: stop the agent first (so it starts no standby
+        // VMM any more), then each VMM process.
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+            unregister_child(c.id());
+        }
         if let Ok(rd) = std::fs::read_dir(self.state.join("vms")) {
             for e in rd.flatten() {
                 if e.path().extension().is_some_and(|x| x == "sock") {
@@ -222,11 +232,6 @@ impl Host {
                     }
                 }
             }
-        }
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-            unregister_child(c.id());
         }
     }
 }
@@ -241,8 +246,9 @@ pub struct Pair {
 }
 
 impl Pair {
-    /// Start two agents with `max_live_migrations = limit`.
-    pub fn start(bins: &AgentBins, limit: u32) -> Result<Pair> {
+    /// Start two agents with `max_live_migrations = limit`; the destination with
+    /// `memory_reserve_bytes = reserve_bytes` (the source needs none).
+    pub fn start(bins: &AgentBins, limit: u32, reserve_bytes: u64) -> Result<Pair> {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ferry-bench-agent-{}-{n}", std::process::id()));
@@ -257,8 +263,8 @@ impl Pair {
             f.write_all(format!("{key}\n").as_bytes())
         };
         write_key().map_err(|e| BenchError::io("writing the key", e))?;
-        let a = Host::start(bins, &dir, "a", limit)?;
-        let b = match Host::start(bins, &dir, "b", limit) {
+        let a = Host::start(bins, &dir, "a", limit, 0)?;
+        let b = match Host::start(bins, &dir, "b", limit, reserve_bytes) {
             Ok(b) => b,
             Err(e) => {
                 let mut a = a;
@@ -268,6 +274,22 @@ impl Pair {
             }
         };
         Ok(Pair { a, b, dir })
+    }
+
+    /// Wait until B's standby VMM has `bytes` of its memory reserve faulted in (the library
+    /// path's reserve is filled before its clock starts too).
+    pub fn wait_reserve(&self, bytes: u64, timeout: Duration) -> Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let h = self.b.get("/v1/host")?;
+            if h["memory_reserve_ready_bytes"].as_u64().unwrap_or(0) >= bytes {
+                return Ok(());
+            }
+            if t0.elapsed() > timeout {
+                return Err(BenchError::Child { role: "ferryd", detail: format!("memory reserve not ready: {h}") });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `POST /v1/moves` of `vm` to B; the migration id.
@@ -352,6 +374,9 @@ pub struct AgentSingleRecord {
     pub guest_bytes: u64,
     /// Channels (tcp) of both paths.
     pub channels: u16,
+    /// Destination memory of both paths: `reserve` or `cold`.
+    #[serde(default)]
+    pub dst_memory: String,
     /// Library path: the engine's total time.
     pub library_total_ms: f64,
     /// Library path: downtime.
@@ -409,12 +434,27 @@ fn f(v: &Value) -> f64 {
     v.as_f64().unwrap_or(f64::NAN)
 }
 
-/// Move one idle synthetic guest of `guest_bytes` through the agents; (record fields of the agent
+/// Memory reserve of the agents for guests of `vm_bytes` (`reserve`: as much as one guest
+/// needs, its regions each rounded to 2 MiB; otherwise none).
+pub fn reserve_bytes(reserve: bool, vm_bytes: u64) -> u64 {
+    if reserve {
+        vm_bytes + 4 * (2 << 20)
+    } else {
+        0
+    }
+}
+
+/// Move one idle synthetic guest of `guest_bytes` through the agents (`reserve`: into the
+/// destination's memory reserve, filled before the clock starts); (record fields of the agent
 /// side): end-to-end, engine total, downtime, verified.
-pub fn agent_single(bins: &AgentBins, guest_bytes: u64, channels: u16) -> Result<(f64, f64, f64, bool)> {
-    let pair = Pair::start(bins, 2)?;
+pub fn agent_single(bins: &AgentBins, guest_bytes: u64, channels: u16, reserve: bool) -> Result<(f64, f64, f64, bool)> {
+    let reserve_bytes = reserve_bytes(reserve, guest_bytes);
+    let pair = Pair::start(bins, 2, reserve_bytes)?;
     // No working set: an idle guest, as the library path's.
     pair.a.create("big", guest_bytes, Some(0))?;
+    if reserve {
+        pair.wait_reserve(reserve_bytes, Duration::from_secs(600))?;
+    }
     let t0 = Instant::now();
     let id = pair.post_move("big", channels)?;
     let seen = pair.wait_running_on_b(&["big".to_string()], t0, Duration::from_secs(1800))?;
@@ -423,17 +463,33 @@ pub fn agent_single(bins: &AgentBins, guest_bytes: u64, channels: u16) -> Result
         return Err(BenchError::Child { role: "ferryd", detail: format!("the move did not complete: {m}") });
     }
     let on_b = pair.b.get("/v1/vms/big")?;
-    let verified = m["verified"] == true && on_b["arrived_verified"] == true && on_b["guest_check"] == "ok";
+    let verified = m["verified"] == true
+        && on_b["arrived_verified"] == true
+        && on_b["guest_check"] == "ok"
+        && (!reserve || on_b["arrived_from_reserve"] == true);
     Ok((ms(seen[0]), f(&m["total_ms"]), f(&m["downtime_ms"]), verified))
 }
 
 /// Move `vms` synthetic guests of `vm_bytes` (default working set and dirty rate) at once under
 /// `limit`.
-pub fn agent_many(bins: &AgentBins, vms: u32, vm_bytes: u64, limit: u32, channels: u16) -> Result<AgentManyRecord> {
-    let pair = Pair::start(bins, limit)?;
+/// `reserve`: the agents keep a standby reserve for one VM (the first arrival uses it; the next
+/// standby fills after that arrival, at the lowest priority).
+pub fn agent_many(
+    bins: &AgentBins,
+    vms: u32,
+    vm_bytes: u64,
+    limit: u32,
+    channels: u16,
+    reserve: bool,
+) -> Result<AgentManyRecord> {
+    let reserve_bytes = reserve_bytes(reserve, vm_bytes);
+    let pair = Pair::start(bins, limit, reserve_bytes)?;
     let names: Vec<String> = (0..vms).map(|i| format!("vm{i}")).collect();
     for n in &names {
         pair.a.create(n, vm_bytes, None)?;
+    }
+    if reserve {
+        pair.wait_reserve(reserve_bytes, Duration::from_secs(600))?;
     }
     let t0 = Instant::now();
     let mut ids = Vec::new();

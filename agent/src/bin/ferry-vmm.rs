@@ -6,7 +6,11 @@
 //!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP]
 //!           [--quick-dir DIR --quick-host NAME --quick-id ID]
 //!           [--disk PATH]... [--disk-working-set-bytes N] [--disk-write-rate-bytes-per-s N]
+//! ferry-vmm --socket S --key-file F --standby --reserve-bytes N
 //! ```
+//!
+//! `--standby`: no VM yet; the process faults in `--reserve-bytes` of guest memory and waits for
+//! the agent to assign it one incoming live migration (`ferry_agent::vmmctl::AssignOrder`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,14 +27,20 @@ struct Cli {
     #[arg(long)]
     socket: PathBuf,
     /// VM name.
-    #[arg(long)]
-    name: String,
+    #[arg(long, required_unless_present = "standby")]
+    name: Option<String>,
     /// synthetic or kvm.
-    #[arg(long)]
-    guest: GuestKind,
+    #[arg(long, required_unless_present = "standby")]
+    guest: Option<GuestKind>,
     /// Guest memory in bytes.
-    #[arg(long)]
-    memory_bytes: u64,
+    #[arg(long, required_unless_present = "standby")]
+    memory_bytes: Option<u64>,
+    /// A standby VMM: no VM until the agent assigns it an incoming migration.
+    #[arg(long, requires = "reserve_bytes", conflicts_with_all = ["name", "receive_on", "quick_dir"])]
+    standby: bool,
+    /// Standby: guest memory to fault in ahead of the migration.
+    #[arg(long, requires = "standby")]
+    reserve_bytes: Option<u64>,
     /// The key file (migration channels are authenticated with it).
     #[arg(long)]
     key_file: PathBuf,
@@ -77,9 +87,9 @@ fn main() -> ExitCode {
     };
     let args = VmmArgs {
         socket: c.socket,
-        name: c.name,
-        guest: c.guest,
-        memory_bytes: c.memory_bytes,
+        name: c.name.unwrap_or_default(),
+        guest: c.guest.unwrap_or(GuestKind::Synthetic),
+        memory_bytes: c.memory_bytes.unwrap_or(0),
         working_set_bytes: c.working_set_bytes,
         dirty_rate_bytes_per_s: c.dirty_rate_bytes_per_s,
         key,
@@ -91,6 +101,7 @@ fn main() -> ExitCode {
         disks: c.disk,
         disk_working_set_bytes: c.disk_working_set_bytes,
         disk_write_rate_bytes_per_s: c.disk_write_rate_bytes_per_s,
+        standby_reserve_bytes: c.standby.then(|| c.reserve_bytes.unwrap_or(0)),
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -348,6 +348,11 @@ struct AgentArgs {
     /// Run everything this many times (`single` alternates library and agent).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
     repeat: u32,
+    /// Destination guest memory of both paths: `reserve` (the agents' `memory_reserve_bytes`,
+    /// a standby VMM with the guest's memory faulted in before the move; the library's
+    /// `--dst-memory reserve`) or `cold` (fresh memory: the receive path takes the page faults).
+    #[arg(long, value_enum, default_value = "reserve")]
+    dst_memory: DstMemory,
     /// One JSON object per run instead of a table.
     #[arg(long)]
     json: bool,
@@ -795,6 +800,10 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
             return Err(BenchError::Usage(format!("{what} must be a multiple of 4 KiB, at least 2 MiB")));
         }
     }
+    if a.dst_memory == DstMemory::Prefault {
+        return Err(BenchError::Usage("--dst-memory: the agent bench compares reserve or cold".into()));
+    }
+    let reserve = a.dst_memory == DstMemory::Reserve;
     let single = a.part != AgentPart::Many;
     let many = a.part != AgentPart::Single;
     if single {
@@ -826,8 +835,8 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 channels: usize::from(a.channels),
                 downtime_ms: 300,
                 verify_full: false,
-                // The agent's destination VMM maps its memory cold too.
-                dst_memory: DstMemory::Cold,
+                // As the agents' destination: a reserve filled ahead, or cold memory.
+                dst_memory: a.dst_memory,
                 zstd_level: 1,
                 batch_pages: 256,
                 multichannel: false,
@@ -840,13 +849,14 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 return Err(BenchError::Child { role: "library path", detail: e.clone() });
             }
             let lib_ms = s.migration.total.as_secs_f64() * 1e3;
-            let (ag_ms, eng_ms, ag_down, ag_verified) = agent::agent_single(&bins, a.size, a.channels)?;
+            let (ag_ms, eng_ms, ag_down, ag_verified) = agent::agent_single(&bins, a.size, a.channels, reserve)?;
             let r = agent::AgentSingleRecord {
                 bench: "agent".into(),
                 part: "single".into(),
                 run,
                 guest_bytes: a.size,
                 channels: a.channels,
+                dst_memory: a.dst_memory.as_str().into(),
                 library_total_ms: lib_ms,
                 library_downtime_ms: s.migration.downtime.as_secs_f64() * 1e3,
                 agent_total_ms: ag_ms,
@@ -864,7 +874,7 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
         }
         if many {
             for &limit in &a.limits {
-                let mut r = agent::agent_many(&bins, a.vms, a.vm_size, limit, a.channels)?;
+                let mut r = agent::agent_many(&bins, a.vms, a.vm_size, limit, a.channels, reserve)?;
                 r.run = run;
                 ok &= r.verified;
                 if a.json {
@@ -877,9 +887,10 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
     if !a.json {
         if !singles.is_empty() {
             println!(
-                "One idle synthetic guest, tcp:{}: library path (engine total) vs. through two agents (POST move to \
-                 running on B); overhead = agent / library (target <= 1.05x)",
-                a.channels
+                "One idle synthetic guest, tcp:{}, destination memory {}: library path (engine total) vs. through two \
+                 agents (POST move to running on B); overhead = agent / library (target <= 1.05x)",
+                a.channels,
+                a.dst_memory.as_str()
             );
             print!("{}", agent::single_table(&singles));
         }
@@ -888,10 +899,12 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 println!();
             }
             println!(
-                "{} VMs of {} moved at once through two agents, tcp:{}, under max_live_migrations = limit",
+                "{} VMs of {} moved at once through two agents, tcp:{}, under max_live_migrations = limit \
+                 (memory reserve: {})",
                 a.vms,
                 format_size(a.vm_size),
-                a.channels
+                a.channels,
+                if reserve { "one VM" } else { "none" }
             );
             print!("{}", agent::many_table(&manys));
         }
