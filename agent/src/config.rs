@@ -83,11 +83,11 @@ struct RawConfig {
     performance_option: String,
     shared_storage: Option<PathBuf>,
     #[serde(default)]
-    memory_reserve_bytes: u64,
+    memory_reserve_bytes: i64,
 }
 
 /// Largest `memory_reserve_bytes` (1 TiB).
-const MAX_RESERVE_BYTES: u64 = 1 << 40;
+const MAX_RESERVE_BYTES: i64 = 1 << 40;
 
 fn two() -> i64 {
     2
@@ -342,10 +342,10 @@ impl Config {
                 return Err(invalid("shared_storage", format!("{} is not a directory", d.display())));
             }
         }
-        if raw.memory_reserve_bytes > MAX_RESERVE_BYTES {
+        if !(0..=MAX_RESERVE_BYTES).contains(&raw.memory_reserve_bytes) {
             return Err(invalid(
                 "memory_reserve_bytes",
-                format!("{} is more than 1 TiB ({MAX_RESERVE_BYTES})", raw.memory_reserve_bytes),
+                format!("{} is not in 0 ..= {MAX_RESERVE_BYTES} (1 TiB)", raw.memory_reserve_bytes),
             ));
         }
         Ok(Self {
@@ -362,7 +362,7 @@ impl Config {
             use_any_network_key: raw.use_any_network,
             performance_option: raw.performance_option,
             shared_storage: raw.shared_storage,
-            memory_reserve_bytes: raw.memory_reserve_bytes,
+            memory_reserve_bytes: raw.memory_reserve_bytes as u64,
         })
     }
 
@@ -490,8 +490,8 @@ mod tests {
             ("colour = \"blue\"\n", "unknown field `colour`"),
             ("shared_storage = \"relative/dir\"\n", "shared_storage: relative/dir is not an absolute path"),
             ("shared_storage = \"/nonexistent/ferry\"\n", "shared_storage: /nonexistent/ferry is not a directory"),
-            ("memory_reserve_bytes = 2199023255552\n", "memory_reserve_bytes: 2199023255552 is more than 1 TiB"),
-            ("memory_reserve_bytes = -1\n", "memory_reserve_bytes"),
+            ("memory_reserve_bytes = 2199023255552\n", "memory_reserve_bytes: 2199023255552 is not in 0 ..= "),
+            ("memory_reserve_bytes = -1\n", "memory_reserve_bytes: -1 is not in 0 ..= "),
         ];
         for (body, want) in cases {
             let (_d, t) = with_key(body);
