@@ -13,6 +13,7 @@
 //! use_any_network = false             # default: true while no network is listed
 //! shared_storage = "/srv/ferry-shared" # quick moves: a directory both hosts mount at this path
 //! memory_reserve_bytes = 4294967296   # guest memory kept faulted in for the next incoming VM (default 0: off)
+//! max_vm_memory_bytes = 68719476736   # guest memory given to VMs in all (default: what the kernel has available)
 //! [[networks]]
 //! subnet = "198.18.0.0/24"
 //! priority = 1
@@ -84,6 +85,7 @@ struct RawConfig {
     shared_storage: Option<PathBuf>,
     #[serde(default)]
     memory_reserve_bytes: i64,
+    max_vm_memory_bytes: Option<i64>,
 }
 
 /// Largest `memory_reserve_bytes` (1 TiB).
@@ -285,6 +287,9 @@ pub struct Config {
     /// (0: none; every incoming VM then maps cold memory and takes its page faults while
     /// receiving).
     pub memory_reserve_bytes: u64,
+    /// Guest memory this host gives its VMs in all (running and arriving); an incoming VM that
+    /// does not fit is refused (`no_memory`). `None`: only what the kernel has available counts.
+    pub max_vm_memory_bytes: Option<u64>,
 }
 
 impl Config {
@@ -348,6 +353,9 @@ impl Config {
                 format!("{} is not in 0 ..= {MAX_RESERVE_BYTES} (1 TiB)", raw.memory_reserve_bytes),
             ));
         }
+        if let Some(m) = raw.max_vm_memory_bytes.filter(|m| *m < 0) {
+            return Err(invalid("max_vm_memory_bytes", format!("{m} is negative")));
+        }
         Ok(Self {
             name,
             listen,
@@ -363,6 +371,7 @@ impl Config {
             performance_option: raw.performance_option,
             shared_storage: raw.shared_storage,
             memory_reserve_bytes: raw.memory_reserve_bytes as u64,
+            max_vm_memory_bytes: raw.max_vm_memory_bytes.map(|m| m as u64),
         })
     }
 
@@ -492,6 +501,7 @@ mod tests {
             ("shared_storage = \"/nonexistent/ferry\"\n", "shared_storage: /nonexistent/ferry is not a directory"),
             ("memory_reserve_bytes = 2199023255552\n", "memory_reserve_bytes: 2199023255552 is not in 0 ..= "),
             ("memory_reserve_bytes = -1\n", "memory_reserve_bytes: -1 is not in 0 ..= "),
+            ("max_vm_memory_bytes = -5\n", "max_vm_memory_bytes: -5 is negative"),
         ];
         for (body, want) in cases {
             let (_d, t) = with_key(body);

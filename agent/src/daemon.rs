@@ -1397,15 +1397,16 @@ impl Agent {
                 lock(&self.standby).get_or_insert(s);
             }
         };
-        if let Some(avail) = mem_available_bytes().filter(|_| standby.is_none()) {
-            if avail < req.memory_bytes.saturating_add(256 << 20) {
+        if let Some(give) = self.memory_can_give(standby.is_none()) {
+            if give < req.memory_bytes {
+                keep_standby(standby);
                 return Err(ApiError::new(
                     StatusCode::INSUFFICIENT_STORAGE,
                     "no_memory",
                     format!(
-                        "host {} has {} MiB available; the VM needs {} MiB",
+                        "host {} can give {} MiB; the VM needs {} MiB",
                         self.cfg.name,
-                        avail >> 20,
+                        give >> 20,
                         req.memory_bytes >> 20
                     ),
                 ));
@@ -1536,6 +1537,22 @@ impl Agent {
     }
 
     /// Could this host take `req` now? Nothing changes here (a preflight).
+    /// Guest memory this host can give one more VM: what the kernel has available (less 256 MiB
+    /// for the host; `host`: counted, false when the memory is held already, by the standby VMM)
+    /// and what is left of `max_vm_memory_bytes` after the VMs here and arriving. `None`: no
+    /// limit known.
+    fn memory_can_give(&self, host: bool) -> Option<u64> {
+        let kernel = mem_available_bytes().filter(|_| host).map(|a| a.saturating_sub(256 << 20));
+        let budget = self.cfg.max_vm_memory_bytes.map(|max| {
+            let used: u64 = lock(&self.vms).values().map(|e| e.row.memory_bytes).sum();
+            max.saturating_sub(used)
+        });
+        match (kernel, budget) {
+            (Some(k), Some(b)) => Some(k.min(b)),
+            (k, b) => k.or(b),
+        }
+    }
+
     fn destination_report(&self, req: &IncomingRequest) -> DestinationReport {
         let mut inc = Vec::new();
         let mut add = |code: &str, message: String| inc.push(Incompatibility { code: code.into(), message });
@@ -1548,7 +1565,7 @@ impl Agent {
         if lock(&self.vms).contains_key(&req.vm) {
             add("name_taken", format!("a VM named {:?} is already on host {}", req.vm, self.cfg.name));
         }
-        let give = mem_available_bytes().map(|a| a.saturating_sub(256 << 20));
+        let give = self.memory_can_give(true);
         if let Some(give) = give {
             if give < req.memory_bytes {
                 add(

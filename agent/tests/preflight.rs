@@ -121,3 +121,38 @@ fn incompatibilities_are_listed_with_a_code_and_a_reason() {
     assert_eq!(r["destination"]["kvm"], false);
     assert!(r["incompatibilities"][0]["message"].as_str().unwrap().contains("FERRY_NO_KVM"), "{r:#}");
 }
+
+#[test]
+fn a_destination_without_memory_for_the_vm_says_no_memory_and_refuses_the_move() {
+    let a = Agent::start("a", KEY, "");
+    // B gives its VMs 96 MiB in all, and already runs one of 48 MiB.
+    let b = Agent::start("b", KEY, &format!("max_vm_memory_bytes = {}\n", 96u64 << 20));
+    b.json(&["vm", "create", "--name", "there", "--memory", "48MiB", "--guest", "synthetic"]);
+    a.json(&["vm", "create", "--name", "big", "--memory", "64MiB", "--guest", "synthetic"]);
+    a.json(&["vm", "create", "--name", "small", "--memory", "32MiB", "--guest", "synthetic"]);
+    let to_b = b.listen.to_string();
+
+    let (code, r) = preflight(&a, &["big", "--to", &to_b]);
+    assert_eq!(code, Some(2), "{r:#}");
+    assert_eq!(r["compatible"], false, "{r:#}");
+    assert_eq!(codes(&r), ["no_memory"], "{r:#}");
+    let why = r["incompatibilities"][0]["message"].as_str().unwrap();
+    assert!(why.contains("host b can give 48 MiB") && why.contains("needs 64 MiB"), "{why}");
+    assert_eq!(r["destination"]["memory_available_bytes"], 48u64 << 20, "{r:#}");
+
+    // The move is refused the same way; nothing moved or changed on either host.
+    let o = a.ferry(&["--json", "move", "big", "--to", &to_b, "--wait"]);
+    assert!(!o.status.success(), "{}", String::from_utf8_lossy(&o.stdout));
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(text.contains("no_memory") || text.contains("can give 48 MiB"), "{text}");
+    assert_eq!(a.json(&["vm", "show", "big"])["state"], "running");
+    assert!(b.migrations().is_empty(), "{:#?}", b.migrations());
+    let names: Vec<String> = b.vms().iter().map(|v| v["name"].as_str().unwrap().to_string()).collect();
+    assert_eq!(names, ["there"]);
+
+    // What fits is compatible and moves.
+    let (code, r) = preflight(&a, &["small", "--to", &to_b]);
+    assert_eq!(code, Some(0), "{r:#}");
+    let out = a.json(&["move", "small", "--to", &to_b, "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}");
+}
