@@ -10,8 +10,8 @@
 //! quick VMM waits for the ownership record to name its host, loads the image, and runs the VM
 //! if the digests match. A storage move (`ferry_disk::move_storage`) copies the VM's disks to
 //! another directory on a thread of this process while the guest runs, and switches the VM to
-//! the copies in a pause of milliseconds. It starts its own session (`setsid`), so it outlives
-//! the agent that spawned it.
+//! the copies in a pause of milliseconds. It starts its own process group (`setpgid`), so it
+//! outlives the agent that spawned it.
 //!
 //! A standby VMM (`--standby --reserve-bytes N`, kept by an agent with `memory_reserve_bytes`)
 //! starts with no VM: it faults in N bytes of guest memory (a `ferry_memory::reserve`) and waits
