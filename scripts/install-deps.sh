@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install what Ferry's benches and tests need on a bare Debian 12 machine (run as root).
+# binutils: the KVM guest program is checked against its source (vmm-glue/src/kvm/guest.S).
 # Idempotent: installs only what is missing.
 set -euo pipefail
 need=()
-for pkg in iperf3 iproute2 procps; do
+for pkg in iperf3 iproute2 procps binutils; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
