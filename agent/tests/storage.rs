@@ -410,3 +410,50 @@ fn a_restarted_agent_adopts_a_storage_move_in_flight() {
     assert_eq!(out["status"], "completed", "{out}");
     assert_eq!(check_disks(&a, "r"), (vec![0], 0));
 }
+
+#[test]
+fn a_move_onto_a_full_file_system_fails_and_leaves_the_vm_on_its_files() {
+    let a = Agent::start("a", KEY, "");
+    a.json(&[
+        "vm",
+        "create",
+        "--name",
+        "f",
+        "--memory",
+        "16MiB",
+        "--guest",
+        "synthetic",
+        "--disk",
+        "root:8000001",
+        "--disk-working-set",
+        "0",
+    ]);
+    let old = disk_paths(&a, "f");
+    fill(&old[0], 5);
+    let bytes = std::fs::read(&old[0]).unwrap();
+    let dir = Scratch::new("full");
+    let mnt = dir.0.join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status();
+    if !st.is_ok_and(|s| s.success()) {
+        println!("SKIP: a_move_onto_a_full_file_system_fails: cannot mount a 1 MiB tmpfs (needs root)");
+        return;
+    }
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _u = Umount(mnt.clone());
+    let o = a.ferry(&["--json", "vm", "move-storage", "f", "--path", mnt.to_str().unwrap(), "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "the move fails: {}", String::from_utf8_lossy(&o.stdout));
+    let out: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(out["status"], "failed", "{out}");
+    assert!(out["error"].as_str().unwrap().contains("copy of disk root.img"), "{out}");
+    assert_eq!(disk_paths(&a, "f"), old, "the VM stays on its original file");
+    assert!(std::fs::read(&old[0]).unwrap() == bytes, "the original is untouched");
+    assert_eq!(std::fs::read_dir(&mnt).unwrap().count(), 0, "no partial copy left");
+    assert_eq!(a.json(&["vm", "show", "f"])["state"], "running");
+    counter_grows(&a, "f", 1000);
+}
