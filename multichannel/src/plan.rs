@@ -252,12 +252,12 @@ impl Plan {
     /// Lay out the session's channels: channel 0 is the one already open from `ch0_local` to
     /// `first` (it counts as one of its path's channels when `first` is on a path); the others
     /// go to each path's remote address at `port`, bound to the path's local address, path by
-    /// path in plan order.
+    /// path in plan order. An unspecified `ch0_local` (a wildcard-bound UDP socket: `quic`) says
+    /// nothing about the path, as `None`.
     pub fn channel_specs(&self, first: SocketAddr, ch0_local: Option<SocketAddr>, port: u16) -> Vec<ChannelSpec> {
-        let p0 = self
-            .paths
-            .iter()
-            .position(|p| p.remote == first.ip() && !matches!(ch0_local, Some(a) if a.ip() != p.local));
+        let p0 = self.paths.iter().position(|p| {
+            p.remote == first.ip() && !matches!(ch0_local, Some(a) if !a.ip().is_unspecified() && a.ip() != p.local)
+        });
         let mut out = vec![ChannelSpec { index: 0, path: p0, remote: first, local: ch0_local, device: None }];
         for (i, p) in self.paths.iter().enumerate() {
             let n = p.channels.max(1) - u16::from(p0 == Some(i));
@@ -427,6 +427,15 @@ mod tests {
         assert_eq!(per[1], (1, Some(0), "198.18.0.2:7000".into()));
         assert_eq!(per[3], (3, Some(1), "198.18.1.2:7000".into()));
         assert_eq!(specs[5].local, Some("198.18.2.1:0".parse().unwrap()));
+        // Channel 0 on a wildcard-bound socket (quic) still counts as its path's channel, as tcp's
+        // does: the session opens as many connections over either backend.
+        let specs = p.channel_specs(first, Some("0.0.0.0:40000".parse().unwrap()), 7000);
+        assert_eq!(specs.len(), 6);
+        assert_eq!(specs[0].path, Some(1));
+        // Channel 0 bound to another local address is not the path's.
+        let specs = p.channel_specs(first, Some("10.9.9.9:40000".parse().unwrap()), 7000);
+        assert_eq!(specs.len(), 7);
+        assert_eq!(specs[0].path, None);
         // A first address on no path: channel 0 is extra.
         let specs = p.channel_specs("10.1.1.1:7000".parse().unwrap(), None, 7001);
         assert_eq!(specs.len(), 7);
