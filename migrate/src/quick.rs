@@ -234,7 +234,14 @@ impl Record {
 #[derive(Debug, Clone)]
 pub struct SharedDir {
     root: PathBuf,
+    lock_wait: Duration,
 }
+
+/// How long a change of a record waits for another host's change of the same record to finish
+/// (its lock to go) before it reports [`QuickError::Locked`]. A change holds the lock for a
+/// read, a write and two syncs: milliseconds, up to a second on a loaded machine or a slow
+/// share. A lock older than this was left by a crashed holder and needs the operator.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 struct LockGuard(PathBuf);
 
@@ -294,7 +301,13 @@ fn sync_dir(p: &Path) {
 impl SharedDir {
     /// Use `root` (it must exist).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: root.into(), lock_wait: LOCK_WAIT }
+    }
+
+    /// Wait at most `wait` for a held record lock (default [`LOCK_WAIT`]).
+    pub fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     fn record_path(&self, vm: &str) -> PathBuf {
@@ -328,18 +341,30 @@ impl SharedDir {
         Ok(rec)
     }
 
+    /// Take the record's lock, waiting (with backoff) up to the lock wait while another change
+    /// holds it: the source's and the destination's steps of one handover follow each other
+    /// closely, and a try-once lock failed a move whenever the other side's sync was slow.
     fn lock(&self, vm: &str, host: &str) -> Result<LockGuard, QuickError> {
         let p = self.root.join(format!("{vm}.lock"));
-        match create_private(&p) {
-            Ok(mut f) => {
-                let _ = writeln!(f, "{host} pid {}", std::process::id());
-                Ok(LockGuard(p))
+        let give_up = Instant::now() + self.lock_wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match create_private(&p) {
+                Ok(mut f) => {
+                    let _ = writeln!(f, "{host} pid {}", std::process::id());
+                    return Ok(LockGuard(p));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let now = Instant::now();
+                    if now >= give_up {
+                        let holder = fs::read_to_string(&p).unwrap_or_default();
+                        return Err(QuickError::Locked(vm.into(), holder.trim().chars().take(100).collect()));
+                    }
+                    std::thread::sleep(pause.min(give_up - now));
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(io(format!("create {}", p.display()))(e)),
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let holder = fs::read_to_string(&p).unwrap_or_default();
-                Err(QuickError::Locked(vm.into(), holder.trim().chars().take(100).collect()))
-            }
-            Err(e) => Err(io(format!("create {}", p.display()))(e)),
         }
     }
 
@@ -878,9 +903,37 @@ mod tests {
         check_name("vm-1.a_b").unwrap();
     }
 
+    /// A change waits for a lock held only briefly (the other side's change in progress) and
+    /// succeeds once it goes; a lock held past the wait is reported with its holder.
+    #[test]
+    fn a_briefly_held_lock_is_waited_for() {
+        let d = SharedDir::new(tmpdir("lockwait")).with_lock_wait(Duration::from_secs(10));
+        d.register("vm1", "a", VmRunState::Off).unwrap();
+        let lock = d.root.join("vm1.lock");
+        fs::write(&lock, "b pid 2\n").unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let holder = std::thread::spawn(move || {
+            // Release only after the change below has started waiting.
+            rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+            fs::remove_file(lock).unwrap();
+        });
+        tx.send(()).unwrap();
+        let r = handover_off(&d, "vm1", "a", "b").unwrap();
+        assert_eq!(r.owner, "b");
+        holder.join().unwrap();
+        let d = d.with_lock_wait(Duration::from_millis(50));
+        fs::write(d.root.join("vm1.lock"), "c pid 3\n").unwrap();
+        match handover_off(&d, "vm1", "b", "a") {
+            Err(QuickError::Locked(vm, holder)) => assert_eq!((vm.as_str(), holder.as_str()), ("vm1", "c pid 3")),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        assert_eq!(d.record("vm1").unwrap().owner, "b", "nothing changed under a held lock");
+    }
+
     #[test]
     fn ownership_moves_once() {
-        let d = SharedDir::new(tmpdir("own"));
+        let d = SharedDir::new(tmpdir("own")).with_lock_wait(Duration::from_millis(200));
         let r = d.register("vm1", "a", VmRunState::Off).unwrap();
         assert!(matches!(d.register("vm1", "b", VmRunState::Off), Err(QuickError::Exists(_))));
         let r2 = handover_off(&d, "vm1", "a", "b").unwrap();
