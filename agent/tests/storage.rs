@@ -432,20 +432,14 @@ fn a_move_onto_a_full_file_system_fails_and_leaves_the_vm_on_its_files() {
     fill(&old[0], 5);
     let bytes = std::fs::read(&old[0]).unwrap();
     let dir = Scratch::new("full");
-    let mnt = dir.0.join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status();
-    if !st.is_ok_and(|s| s.success()) {
-        println!("SKIP: a_move_onto_a_full_file_system_fails: cannot mount a 1 MiB tmpfs (needs root)");
+    let Some(tmpfs) = ferry_test_support::tmpfs::SmallTmpfs::mount(
+        &dir.0,
+        "1m",
+        "a_move_onto_a_full_file_system_fails_and_leaves_the_vm_on_its_files",
+    ) else {
         return;
-    }
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    };
+    let mnt = tmpfs.path().to_path_buf();
     let o = a.ferry(&["--json", "vm", "move-storage", "f", "--path", mnt.to_str().unwrap(), "--wait"]);
     assert_eq!(o.status.code(), Some(1), "the move fails: {}", String::from_utf8_lossy(&o.stdout));
     let out: Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -525,21 +525,12 @@ mod tests {
     fn a_full_destination_leaves_nothing() {
         let src = tempfile::tempdir().unwrap();
         let dst = tempfile::tempdir().unwrap();
-        let mnt = dst.path().join("small");
-        std::fs::create_dir(&mnt).unwrap();
-        let ok =
-            std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&mnt).status();
-        if !ok.is_ok_and(|s| s.success()) {
-            println!("SKIP: cannot mount a small tmpfs (needs root / CAP_SYS_ADMIN)");
+        let Some(tmpfs) =
+            ferry_test_support::tmpfs::SmallTmpfs::mount(dst.path(), "256k", "a_full_destination_leaves_nothing")
+        else {
             return;
-        }
-        struct Umount(PathBuf);
-        impl Drop for Umount {
-            fn drop(&mut self) {
-                let _ = std::process::Command::new("umount").arg(&self.0).status();
-            }
-        }
-        let _u = Umount(mnt.clone());
+        };
+        let mnt = tmpfs.path().to_path_buf();
         let size = 30 * BLOCK_BYTES;
         let disk = source(src.path(), size);
         let mut s = DiskSender::start(disk).unwrap();

@@ -548,20 +548,12 @@ fn an_io_error_at_every_step_leaves_the_vm_on_its_files() {
 fn a_full_file_system_leaves_the_vm_on_its_files() {
     let src = tempfile::tempdir().unwrap();
     let dst = tempfile::tempdir().unwrap();
-    let mnt = dst.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let st = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status();
-    if !st.is_ok_and(|s| s.success()) {
-        println!("SKIP: cannot mount a 1 MiB tmpfs (needs root / CAP_SYS_ADMIN)");
+    let Some(tmpfs) =
+        ferry_test_support::tmpfs::SmallTmpfs::mount(dst.path(), "1m", "a_full_file_system_leaves_the_vm_on_its_files")
+    else {
         return;
-    }
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    };
+    let mnt = tmpfs.path().to_path_buf();
     let mut g = Guest::new(src.path(), &SIZES, 2 << 20, 0);
     g.resume().unwrap();
     g.wait_writes(50);

@@ -361,20 +361,14 @@ fn a_data_channel_killed_during_the_disk_copy_fails_over_and_the_disks_arrive_wh
 #[test]
 fn a_full_destination_file_system_leaves_the_vm_on_its_disks() {
     let dst = tempfile::tempdir().unwrap();
-    let mnt = dst.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"]).arg(&mnt).status();
-    if !ok.is_ok_and(|s| s.success()) {
-        println!("SKIP: a_full_destination_file_system_leaves_the_vm_on_its_disks: cannot mount a small tmpfs (needs root / CAP_SYS_ADMIN)");
+    let Some(tmpfs) = ferry_test_support::tmpfs::SmallTmpfs::mount(
+        dst.path(),
+        "1m",
+        "a_full_destination_file_system_leaves_the_vm_on_its_disks",
+    ) else {
         return;
-    }
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _u = Umount(mnt.clone());
+    };
+    let mnt = tmpfs.path().to_path_buf();
     let mut g = guest("full", 4, 8);
     let (addr, outcomes, h) = destination(Some(&mnt), TcpOptions::default());
     let chans = connect_simple(addr, 2, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();

@@ -14,6 +14,7 @@
 //! - [`sessions`]: multichannel sessions without the engine (a destination answering the
 //!   interface exchange; discovery inside a namespace).
 //! - [`testbed`]: network namespaces joined by rate-limited veth pairs (`scripts/testbed.sh`).
+//! - [`tmpfs`]: a small tmpfs mounted for one test (a destination whose file system fills up).
 //! - [`kvm_or_skip`]: `SKIP: <test>: <reason>` where /dev/kvm cannot run Ferry's guest.
 //! - [`pagemix`]: the synthetic guest's page contents (owned by `ferry-vmm-glue`, re-exported).
 //!
@@ -29,6 +30,7 @@ pub mod mitm;
 pub mod server;
 pub mod sessions;
 pub mod testbed;
+pub mod tmpfs;
 
 pub use ferry_vmm_glue::pagemix;
 
