@@ -186,6 +186,20 @@ pub enum StartError {
 }
 
 impl Agent {
+    /// A migration just journaled as queued: announce it on the event stream and track it as
+    /// live (cancelable from now on). Returns its cancel flag.
+    fn open_queued(&self, id: &str) -> Arc<Cancel> {
+        let ev = serde_json::json!({"type": "state", "id": id, "status": "queued", "detail": null,
+                                    "at": crate::store::rfc3339(now_ms())});
+        let _ = self.events.send(ev.to_string());
+        let cancel = Arc::new(Cancel::default());
+        lock(&self.live).insert(
+            id.to_string(),
+            Live { report: MigrationReport::default(), cancel: Some(cancel.clone()), abort: None },
+        );
+        cancel
+    }
+
     /// Set up state (directory, database) and adopt the VMs still running from before.
     pub async fn start(cfg: Config, vmm_exe: PathBuf) -> Result<Arc<Self>, StartError> {
         let setup = |what: &str, e: &dyn std::fmt::Display| StartError::Setup(format!("{what}: {e}"));
@@ -740,12 +754,7 @@ impl Agent {
             e.row.clone()
         };
         self.store().new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, req.kind.name())?;
-        let ev = serde_json::json!({"type": "state", "id": id, "status": "queued", "detail": null,
-                                    "at": crate::store::rfc3339(now_ms())});
-        let _ = self.events.send(ev.to_string());
-        let cancel = Arc::new(Cancel::default());
-        lock(&self.live)
-            .insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()), abort: None });
+        let cancel = self.open_queued(&id);
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %id, vm = %req.vm, direction = "outgoing");
         let multichannel = settings.multichannel().then(|| crate::vmmctl::MultichannelOrder {
@@ -806,12 +815,7 @@ impl Agent {
             self.unbusy(name);
             return Err(err.into());
         }
-        let ev = serde_json::json!({"type": "state", "id": id, "status": "queued", "detail": null,
-                                    "at": crate::store::rfc3339(now_ms())});
-        let _ = self.events.send(ev.to_string());
-        let cancel = Arc::new(Cancel::default());
-        lock(&self.live)
-            .insert(id.clone(), Live { report: MigrationReport::default(), cancel: Some(cancel.clone()), abort: None });
+        let cancel = self.open_queued(&id);
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %id, vm = %name, direction = "local");
         let id2 = id.clone();

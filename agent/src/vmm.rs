@@ -222,6 +222,17 @@ impl Guest {
     }
 }
 
+/// A migration (live, quick or storage) of this VMM ended: its report says so, with the
+/// statistics or the error.
+fn finish(m: &mut Option<MigrationReport>, status: Status, stats: Option<serde_json::Value>, error: Option<String>) {
+    if let Some(m) = m.as_mut() {
+        m.status = status.name().into();
+        m.done = true;
+        m.stats = stats;
+        m.error = error;
+    }
+}
+
 struct Inner {
     vm: Option<Guest>,
     state: VmmState,
@@ -803,12 +814,7 @@ fn start_storage_move(vmm: &Arc<Vmm>, order: StorageOrder) -> Result<(), String>
         let running = vm.source().is_running();
         g.vm = Some(vm);
         g.state = if running { VmmState::Running } else { VmmState::Paused };
-        if let Some(m) = g.migration.as_mut() {
-            m.status = status.name().into();
-            m.done = true;
-            m.stats = stats;
-            m.error = error;
-        }
+        finish(&mut g.migration, status, stats, error);
     });
     Ok(())
 }
@@ -904,12 +910,7 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
                 (status, None, Some(e.to_string()))
             }
         };
-        if let Some(m) = g.migration.as_mut() {
-            m.status = status.name().into();
-            m.done = true;
-            m.stats = stats;
-            m.error = error;
-        }
+        finish(&mut g.migration, status, stats, error);
     });
     Ok(())
 }
@@ -1014,12 +1015,7 @@ fn start_quick_save(vmm: &Arc<Vmm>, order: QuickOrder) -> Result<(), String> {
                 (Status::Failed, None, Some(format!("quick save: {e}")))
             }
         };
-        if let Some(m) = g.migration.as_mut() {
-            m.status = status.name().into();
-            m.done = true;
-            m.stats = stats;
-            m.error = error;
-        }
+        finish(&mut g.migration, status, stats, error);
     });
     Ok(())
 }

@@ -288,31 +288,10 @@ fn a_kvm_guest_moves_and_its_counter_continues() {
 
 #[test]
 fn events_stream_and_metrics_follow_a_move() {
-    use std::io::{BufRead, BufReader, Write};
     let a = Agent::start("a", KEY, "");
     let b = Agent::start("b", KEY, "");
     create(&a, "ev", "32MiB", &[]);
-    let mut s = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
-    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: ferryd\r\n\r\n").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut states = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { break };
-            if let Some(data) = line.strip_prefix("data: ") {
-                let v: Value = serde_json::from_str(data).expect("event data is JSON");
-                if v["type"] == "state" {
-                    states.push(v["status"].as_str().unwrap().to_string());
-                    if v["status"] == "completed" {
-                        break;
-                    }
-                }
-            }
-        }
-        states
-    });
-    // The subscription is in place once the answer's headers came; a moment is enough here.
-    std::thread::sleep(Duration::from_millis(200));
+    let reader = watch_states(&a);
     let out = a.json(&["move", "ev", "--to", &b.listen.to_string(), "--wait"]);
     assert_eq!(out["status"], "completed", "{out}");
     let states = reader.join().unwrap();

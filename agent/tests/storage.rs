@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -150,26 +150,7 @@ fn disks_move_byte_identical_and_sparse_while_the_vm_runs() {
     refused(&["move", "sd", "--to", "127.0.0.1:9"], "has_disks");
 
     // The event stream sees the move's states.
-    let mut s = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
-    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: ferryd\r\n\r\n").unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut states = Vec::new();
-        for line in BufReader::new(s).lines() {
-            let Ok(line) = line else { break };
-            if let Some(data) = line.strip_prefix("data: ") {
-                let v: Value = serde_json::from_str(data).expect("event data is JSON");
-                if v["type"] == "state" {
-                    states.push(v["status"].as_str().unwrap().to_string());
-                    if ["completed", "failed", "cancelled"].contains(&v["status"].as_str().unwrap()) {
-                        break;
-                    }
-                }
-            }
-        }
-        states
-    });
-    std::thread::sleep(Duration::from_millis(200));
+    let reader = watch_states(&a);
     let out = a.json(&["vm", "move-storage", "sd", "--path", dest.0.to_str().unwrap(), "--wait"]);
     assert_eq!(out["status"], "completed", "{out}\n{}", a.logs());
     let copied = out["transferred_bytes"].as_u64().unwrap();

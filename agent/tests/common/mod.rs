@@ -262,3 +262,34 @@ pub fn wait_bytes_flowing(a: &Agent, id: &str) -> Value {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Subscribe to the agent's event stream and collect the `state` events' statuses until the
+/// first terminal one (completed, failed, cancelled). Sleeps 200 ms after subscribing so the
+/// subscription is in place before the caller starts the move.
+pub fn watch_states(a: &Agent) -> std::thread::JoinHandle<Vec<String>> {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(&a.api).unwrap();
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: ferryd\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut states = Vec::new();
+        for line in BufReader::new(s).lines() {
+            let Ok(line) = line else { break };
+            if let Some(data) = line.strip_prefix("data: ") {
+                let v: Value = serde_json::from_str(data).expect("event data is JSON");
+                if v["type"] == "state" {
+                    let status = v["status"].as_str().expect("a state event has a status").to_string();
+                    let end = ["completed", "failed", "cancelled"].contains(&status.as_str());
+                    states.push(status);
+                    if end {
+                        break;
+                    }
+                }
+            }
+        }
+        states
+    });
+    // The subscription is in place once the answer's headers came; a moment is enough here.
+    std::thread::sleep(Duration::from_millis(200));
+    reader
+}
