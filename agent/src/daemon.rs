@@ -2337,3 +2337,33 @@ async fn shutdown() {
     }
     info!("stopping; the VMs keep running and the next agent adopts them");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(name: &str, size_bytes: u64) -> DiskRequest {
+        DiskRequest { name: name.into(), size_bytes }
+    }
+
+    /// Every bad disk request of `POST /v1/vms` is refused as a bad request naming what is wrong;
+    /// the edges of the size range and an odd size are taken.
+    #[test]
+    fn bad_disk_requests_are_refused_with_the_reason() {
+        let refused = |disks: &[DiskRequest], want: &str| {
+            let e = check_disks(disks).expect_err(want);
+            assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "bad_request"));
+            assert!(e.message.contains(want), "{:?} does not say {want:?}", e.message);
+        };
+        let many: Vec<DiskRequest> = (0..=MAX_DISKS).map(|i| disk(&format!("d{i}"), 1 << 20)).collect();
+        refused(&many, &format!("at most {MAX_DISKS}"));
+        refused(&[disk("", 1 << 20)], "bad disk name");
+        refused(&[disk(".hidden", 1 << 20)], "bad disk name");
+        refused(&[disk("a/b", 1 << 20)], "bad disk name");
+        refused(&[disk("root", 1 << 20), disk("root", 2 << 20)], "two disks named");
+        refused(&[disk("small", (64 << 10) - 1)], "not in 64 KiB ..= 16 TiB");
+        refused(&[disk("huge", (16 << 40) + 1)], "not in 64 KiB ..= 16 TiB");
+        check_disks(&[disk("min", 64 << 10), disk("max", 16 << 40), disk("odd", (8 << 20) + 3333)]).unwrap();
+        check_disks(&many[..MAX_DISKS]).unwrap();
+    }
+}
