@@ -14,7 +14,7 @@
 //! | `GET /v1/vms/{name}` | | [`VmInfo`] |
 //! | `POST /v1/vms/{name}/pause`, `/resume` | | [`VmInfo`] |
 //! | `DELETE /v1/vms/{name}` | | 204 |
-//! | `POST /v1/moves` | [`MoveRequest`] (`kind`: `live` or `quick`) | [`MoveAccepted`] (202) |
+//! | `POST /v1/moves` | [`MoveRequest`] (`kind`: `live` or `quick`; `include_storage`: shared-nothing) | [`MoveAccepted`] (202) |
 //! | `POST /v1/preflight` | [`PreflightRequest`] | [`PreflightReport`] |
 //! | `GET /v1/migrations` | | list of [`MigrationInfo`], newest first |
 //! | `GET /v1/migrations/{id}` | | [`MigrationInfo`] |
@@ -282,6 +282,15 @@ pub struct MoveRequest {
     /// Downtime limit (1 ..= 60000 ms, default 300).
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Live moves: the VM's disks travel with it on the migration session (shared-nothing live
+    /// migration; journal kind `shared-nothing`). Without it a VM with disks is refused
+    /// (`has_disks`): the destination has no copy of them.
+    #[serde(default)]
+    pub include_storage: bool,
+    /// With `include_storage`: keep the source's disk files after the destination runs the VM
+    /// (Hyper-V's `-RetainVhdCopiesOnSource`); by default they are removed then.
+    #[serde(default)]
+    pub retain_source_disks: bool,
 }
 
 /// The answer to a move: its migration id, at once.
@@ -313,7 +322,7 @@ pub struct MigrationInfo {
     pub vm: String,
     /// `outgoing` or `incoming`.
     pub direction: String,
-    /// `live` or `quick`.
+    /// `live`, `quick`, `shared-nothing` (a live move carrying the VM's disks) or `storage`.
     #[serde(default = "live")]
     pub kind: String,
     /// The other agent (its `listen` address, or its name for incoming).
@@ -389,6 +398,21 @@ pub struct IncomingRequest {
     /// Multichannel (`smb`): channels arrive on every NIC of the destination.
     #[serde(default)]
     pub multichannel: bool,
+    /// Shared-nothing: the disks that arrive with the VM (in the source's order); empty: none.
+    #[serde(default)]
+    pub disks: Vec<IncomingDisk>,
+}
+
+/// A disk arriving with a VM (shared-nothing).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingDisk {
+    /// File name at the source (`NAME.img`); the copy gets the same name at the destination.
+    pub name: String,
+    /// Size in bytes.
+    pub size_bytes: u64,
+    /// Bytes the source image occupies now (what the destination must have room for).
+    pub allocated_bytes: u64,
 }
 
 /// Peer answer: where the migration channels go.
@@ -445,13 +469,17 @@ pub struct PreflightRequest {
     /// Channels (1 ..= 16, default 2).
     #[serde(default)]
     pub channels: Option<u16>,
+    /// The move would carry the VM's disks (shared-nothing): can the destination take them?
+    #[serde(default)]
+    pub include_storage: bool,
 }
 
 /// One reason a move cannot run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Incompatibility {
     /// Stable code (`no_network`, `unreachable`, `key_mismatch`, `no_memory`, `no_kvm`,
-    /// `name_taken`, `no_shared_storage`, `not_shared`, `bad_name`, `refused`).
+    /// `name_taken`, `no_shared_storage`, `not_shared`, `bad_name`, `refused`, `has_disks`,
+    /// `no_disk_space`, `disk_exists`).
     pub code: String,
     /// What stands in the way, in a sentence.
     pub message: String,
@@ -474,6 +502,16 @@ pub struct DestinationReport {
     pub kvm: bool,
     /// It has shared storage (quick moves).
     pub shared_storage: bool,
+    /// Shared-nothing: the directory the VM's disks would arrive in (null: the request
+    /// carried no disks).
+    #[serde(default)]
+    pub disk_dir: Option<String>,
+    /// Shared-nothing: bytes free there (for an unprivileged writer).
+    #[serde(default)]
+    pub disk_available_bytes: u64,
+    /// Shared-nothing: bytes the VM's disks occupy at the source (what must fit).
+    #[serde(default)]
+    pub disk_needed_bytes: u64,
     /// What stands in the way there.
     pub incompatibilities: Vec<Incompatibility>,
 }
@@ -487,6 +525,9 @@ pub struct PreflightReport {
     pub to: String,
     /// Live or quick.
     pub kind: MoveKind,
+    /// The move would carry the VM's disks (shared-nothing).
+    #[serde(default)]
+    pub include_storage: bool,
     /// No incompatibility.
     pub compatible: bool,
     /// The migration network the move would take (`any network` when `use_any_network`), or

@@ -12,6 +12,7 @@
 //! performance_option = "tcp"          # tcp | compression | smb (default tcp)
 //! use_any_network = false             # default: true while no network is listed
 //! shared_storage = "/srv/ferry-shared" # quick moves: a directory both hosts mount at this path
+//! disk_dir = "/var/lib/ferry/disks"    # VM disks, one directory per VM (default: STATE_DIR/disks)
 //! memory_reserve_bytes = 4294967296   # guest memory kept faulted in for the next incoming VM (default 0: off)
 //! max_vm_memory_bytes = 68719476736   # guest memory given to VMs in all (default: what the kernel has available)
 //! [[networks]]
@@ -83,6 +84,7 @@ struct RawConfig {
     #[serde(default = "tcp")]
     performance_option: String,
     shared_storage: Option<PathBuf>,
+    disk_dir: Option<PathBuf>,
     #[serde(default)]
     memory_reserve_bytes: i64,
     max_vm_memory_bytes: Option<i64>,
@@ -283,6 +285,9 @@ pub struct Config {
     /// The directory quick moves save VMs to (the same path on every host); `None`: quick moves
     /// are refused.
     pub shared_storage: Option<PathBuf>,
+    /// Where VM disks live, one directory per VM (`disk_dir/VM/NAME.img`): created disks, and
+    /// the disks of VMs arriving by shared-nothing moves (admitted only with room for them).
+    pub disk_dir: PathBuf,
     /// Guest memory a standby VMM process keeps faulted in for the next incoming live migration
     /// (0: none; every incoming VM then maps cold memory and takes its page faults while
     /// receiving).
@@ -347,6 +352,14 @@ impl Config {
                 return Err(invalid("shared_storage", format!("{} is not a directory", d.display())));
             }
         }
+        if let Some(d) = &raw.disk_dir {
+            if !d.is_absolute() {
+                return Err(invalid("disk_dir", format!("{} is not an absolute path", d.display())));
+            }
+            if !d.is_dir() {
+                return Err(invalid("disk_dir", format!("{} is not a directory", d.display())));
+            }
+        }
         if !(0..=MAX_RESERVE_BYTES).contains(&raw.memory_reserve_bytes) {
             return Err(invalid(
                 "memory_reserve_bytes",
@@ -360,6 +373,7 @@ impl Config {
             name,
             listen,
             api_socket: raw.api_socket,
+            disk_dir: raw.disk_dir.unwrap_or_else(|| raw.state_dir.join("disks")),
             state_dir: raw.state_dir,
             key_file: raw.key_file,
             key,
@@ -499,6 +513,8 @@ mod tests {
             ("colour = \"blue\"\n", "unknown field `colour`"),
             ("shared_storage = \"relative/dir\"\n", "shared_storage: relative/dir is not an absolute path"),
             ("shared_storage = \"/nonexistent/ferry\"\n", "shared_storage: /nonexistent/ferry is not a directory"),
+            ("disk_dir = \"disks\"\n", "disk_dir: disks is not an absolute path"),
+            ("disk_dir = \"/nonexistent/ferry\"\n", "disk_dir: /nonexistent/ferry is not a directory"),
             ("memory_reserve_bytes = 2199023255552\n", "memory_reserve_bytes: 2199023255552 is not in 0 ..= "),
             ("memory_reserve_bytes = -1\n", "memory_reserve_bytes: -1 is not in 0 ..= "),
             ("max_vm_memory_bytes = -5\n", "max_vm_memory_bytes: -5 is negative"),

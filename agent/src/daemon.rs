@@ -10,6 +10,14 @@
 //! runs the engine to the destination VMM: active, switchover --> completed | failed | cancelled
 //! ```
 //!
+//! A shared-nothing move (`include_storage`, journal kind `shared-nothing`) is a live move
+//! whose VM brings its disks: the destination admits it only with room for them in its
+//! `disk_dir` (`no_disk_space` otherwise), its VMM receives them into partial copies that the
+//! engine names at `Commit` and opens them before the guest resumes; the source's files go
+//! once the destination runs the VM (unless `retain_source_disks`). Any failure before the
+//! commit leaves the VM running here on its own files, and the destination removes what
+//! arrived.
+//!
 //! A quick move (`kind: quick`) has the same queue, slot and admission; then the source VMM
 //! saves the VM to the shared directory and hands the ownership record there to the
 //! destination, whose VMM (started waiting for that record) loads and resumes it.
@@ -547,6 +555,7 @@ impl Agent {
         standby: &Path,
         req: &IncomingRequest,
         on: std::net::IpAddr,
+        receive_disks: &Option<vmmctl::ReceiveDisks>,
     ) -> Result<VmmStatus, VmmCtlError> {
         let socket = self.vm_socket(&req.vm);
         let order = vmmctl::AssignOrder {
@@ -555,6 +564,7 @@ impl Agent {
             memory_bytes: req.memory_bytes,
             receive_on: on,
             socket: socket.clone(),
+            receive_disks: receive_disks.clone(),
         };
         let r = vmmctl::call(standby, &VmmRequest::Assign(order)).await;
         if r.is_err() {
@@ -723,23 +733,19 @@ impl Agent {
         settings
             .network_allows(to.ip())
             .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_network", why))?;
-        // Its disks would not follow it: the destination has no copy of them.
-        if let Ok(e) = self.owned(&req.vm) {
-            if let Ok(st) = vmmctl::status(Path::new(&e.row.socket)).await {
-                if !st.disks.is_empty() {
-                    return Err(ApiError::new(
-                        StatusCode::UNPROCESSABLE_ENTITY,
-                        "has_disks",
-                        format!(
-                            "VM {:?} has {} disks, which a {} move does not carry to another host",
-                            req.vm,
-                            st.disks.len(),
-                            req.kind.name()
-                        ),
-                    ));
-                }
-            }
+        if req.retain_source_disks && !req.include_storage {
+            return Err(ApiError::bad("retain_source_disks needs include_storage"));
         }
+        // Its disks follow it only on a live move that includes storage: the destination has
+        // no copy of them.
+        let disk_count = match self.owned(&req.vm) {
+            Ok(e) => vmmctl::status(Path::new(&e.row.socket)).await.map(|st| st.disks.len()).unwrap_or(0),
+            Err(_) => 0,
+        };
+        if let Some(why) = disks_stay_behind(&req.vm, disk_count, req.kind, req.include_storage) {
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "has_disks", why));
+        }
+        let kind_name = move_kind_name(req.kind, disk_count > 0);
         let id = new_id();
         let row = {
             let mut vms = lock(&self.vms);
@@ -753,7 +759,12 @@ impl Agent {
             e.busy = Some(id.clone());
             e.row.clone()
         };
-        self.store().new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, req.kind.name())?;
+        if let Err(err) =
+            self.store().new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, kind_name)
+        {
+            self.unbusy(&req.vm);
+            return Err(err.into());
+        }
         let cancel = self.open_queued(&id);
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %id, vm = %req.vm, direction = "outgoing");
@@ -761,7 +772,16 @@ impl Agent {
             policy: settings.policy_string(),
             channels_per_path: channels,
         });
-        let order = MigrateOrder { id: id.clone(), to, channels, option, downtime_ms, multichannel };
+        let order = MigrateOrder {
+            id: id.clone(),
+            to,
+            channels,
+            option,
+            downtime_ms,
+            multichannel,
+            include_storage: disk_count > 0,
+            retain_source_disks: req.retain_source_disks,
+        };
         let id2 = id.clone();
         let kind = req.kind;
         tokio::spawn(async move { a.run_move(id2, row, order, kind, cancel).await }.instrument(span));
@@ -904,6 +924,7 @@ impl Agent {
             kind: MoveKind::Quick,
             probe: Some(probe),
             multichannel: false,
+            disks: Vec::new(),
         };
         let admitted = self.ask_admission(&req, peer, cancel).await;
         let _ = std::fs::remove_file(&probe_path);
@@ -992,6 +1013,14 @@ impl Agent {
         cancel: &Arc<Cancel>,
     ) -> Result<MigrationReport, (String, String)> {
         let fail = |status: &str, why: String| (status.to_string(), why);
+        // Shared-nothing: the disks as they are now (the destination needs room for them).
+        let disks = match order.include_storage {
+            false => Vec::new(),
+            true => match vmmctl::status(Path::new(&row.socket)).await {
+                Ok(st) => incoming_disks(&st.disks),
+                Err(e) => return Err(fail("failed", format!("asking the VMM for its disks: {e}"))),
+            },
+        };
         let req = IncomingRequest {
             id: id.to_string(),
             vm: row.name.clone(),
@@ -1002,6 +1031,7 @@ impl Agent {
             kind: MoveKind::Live,
             probe: None,
             multichannel: order.multichannel.is_some(),
+            disks,
         };
         let peer = order.to.to_string();
         // The destination admits under its own limit; while it is busy, ask again.
@@ -1181,12 +1211,34 @@ impl Agent {
                 self.finish_outgoing_record(id, &m);
                 self.resolve_uncertain(id, row, peer).await;
             }
-            Ok(m) => {
+            Ok(mut m) => {
+                if m.status == "failed" && !peer.is_empty() {
+                    // The engine here often sees only the broken channel; the destination knows
+                    // why it gave up (its disk full, say).
+                    if let Some(why) = self.peer_failure(id, peer).await {
+                        m.error = Some(format!("{}; destination: {why}", m.error.unwrap_or_default()));
+                    }
+                }
                 self.finish_outgoing_record(id, &m);
                 self.unbusy(&row.name);
                 lock(&self.live).remove(id);
             }
         }
+    }
+
+    /// Why the destination's side of migration `id` failed, if its agent says so within about
+    /// 2 s (it journals its side a moment after the engine there gave up).
+    async fn peer_failure(&self, id: &str, peer: &str) -> Option<String> {
+        let path = format!("/peer/v1/migrations/{id}");
+        for _ in 0..20 {
+            let v = self.peer_call_within("GET", peer, &path, None, Duration::from_secs(2)).await.ok()?;
+            let m: MigrationInfo = serde_json::from_value(v).ok()?;
+            if m.is_final() {
+                return m.error;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     /// Wait (at most about 10 s) until the destination agent lists the VM as its own, arrived
@@ -1420,6 +1472,13 @@ impl Agent {
             MoveKind::Live => None,
             MoveKind::Quick => Some(self.quick_admissible(&req)?),
         };
+        let disk_room = match self.disk_room(&req) {
+            Ok(r) => r,
+            Err(e) => {
+                keep_standby(standby);
+                return Err(e);
+            }
+        };
         let slot = match self.limit.try_admit() {
             Ok(s) => s,
             Err(why) => {
@@ -1439,7 +1498,18 @@ impl Agent {
         };
         // Reserve the name before the process starts.
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
-        let extra = match &quick {
+        let receive_disks = disk_room.as_ref().map(|r| vmmctl::ReceiveDisks {
+            dir: r.dir.clone(),
+            names: req.disks.iter().map(|d| d.name.clone()).collect(),
+        });
+        if let Some(r) = &receive_disks {
+            if let Err(e) = std::fs::create_dir_all(&r.dir) {
+                lock(&self.vms).remove(&row.name);
+                keep_standby(standby);
+                return Err(ApiError::internal(format!("creating {}: {e}", r.dir.display())));
+            }
+        }
+        let mut extra = match &quick {
             // Multichannel: channels arrive on every NIC, so listen on all of them.
             None if req.multichannel => {
                 let any: std::net::IpAddr = if self.cfg.listen.is_ipv4() {
@@ -1460,7 +1530,7 @@ impl Agent {
             ],
         };
         let assigned = match (&standby, extra.get(1).and_then(|ip| ip.parse().ok())) {
-            (Some(sb), Some(ip)) if quick.is_none() => match self.assign_standby(sb, &req, ip).await {
+            (Some(sb), Some(ip)) if quick.is_none() => match self.assign_standby(sb, &req, ip, &receive_disks).await {
                 Ok(st) => Some(st),
                 Err(e) => {
                     warn!(error = %e, "the standby VMM refused the VM; receiving into cold memory");
@@ -1474,6 +1544,12 @@ impl Agent {
             // arrived, so its fill does not compete with the migration).
             self.clone().refill_standby();
         }
+        if let Some(r) = &receive_disks {
+            extra.extend(["--receive-disk-dir".to_string(), r.dir.display().to_string()]);
+            for n in &r.names {
+                extra.extend(["--receive-disk".to_string(), n.clone()]);
+            }
+        }
         let spawned = match assigned {
             Some(st) => Ok(st),
             None => self.spawn_vmm(&req.vm, req.guest, &extra, req.memory_bytes).await,
@@ -1482,6 +1558,7 @@ impl Agent {
             Ok(st) => st,
             Err(e) => {
                 lock(&self.vms).remove(&row.name);
+                self.remove_arrived_disks(&req.vm);
                 return Err(e);
             }
         };
@@ -1495,7 +1572,7 @@ impl Agent {
             &req.source,
             "setup",
             true,
-            req.kind.name(),
+            move_kind_name(req.kind, !req.disks.is_empty()),
         )?;
         info!(migration = req.id, vm = req.vm, source = req.source, "incoming migration admitted");
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
@@ -1594,6 +1671,11 @@ impl Agent {
                 add(e.code, e.message);
             }
         }
+        let room = self.disk_room(req);
+        if let Err(e) = &room {
+            add(e.code, e.message.clone());
+        }
+        let room = room.ok().flatten();
         let (limit, active, queued) = self.limit.snapshot();
         DestinationReport {
             name: self.cfg.name.clone(),
@@ -1603,8 +1685,76 @@ impl Agent {
             memory_available_bytes: give.unwrap_or(0),
             kvm: kvm.is_ok(),
             shared_storage: self.cfg.shared_storage.is_some(),
+            disk_dir: (!req.disks.is_empty()).then(|| self.cfg.disk_dir.join(&req.vm).display().to_string()),
+            disk_available_bytes: room.as_ref().map_or(0, |r| r.available_bytes),
+            disk_needed_bytes: req.disks.iter().map(|d| d.allocated_bytes).sum(),
             incompatibilities: inc,
         }
+    }
+
+    /// Shared-nothing: may `req`'s disks arrive here? `Ok(None)`: it brings none. Refused when
+    /// a name is bad or taken in the VM's disk directory, or the file system there has less
+    /// room than the disks occupy at the source (`no_disk_space`).
+    fn disk_room(&self, req: &IncomingRequest) -> ApiResult<Option<DiskRoom>> {
+        if req.disks.is_empty() {
+            return Ok(None);
+        }
+        let refuse = |code, why: String| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, why);
+        if req.kind != MoveKind::Live {
+            return Err(ApiError::bad("only a live move carries disks"));
+        }
+        if req.disks.len() > MAX_DISKS {
+            return Err(ApiError::bad(format!("{} disks: at most {MAX_DISKS}", req.disks.len())));
+        }
+        let dir = self.cfg.disk_dir.join(&req.vm);
+        for (i, d) in req.disks.iter().enumerate() {
+            if !valid_name(&d.name) || req.disks[..i].iter().any(|o| o.name == d.name) {
+                return Err(ApiError::bad(format!("bad or repeated disk name {:?}", d.name)));
+            }
+            let p = dir.join(&d.name);
+            if std::fs::symlink_metadata(&p).is_ok() {
+                return Err(refuse(
+                    "disk_exists",
+                    format!("{} exists on host {}: a disk never replaces a file", p.display(), self.cfg.name),
+                ));
+            }
+        }
+        let need: u64 = req.disks.iter().map(|d| d.allocated_bytes).sum();
+        let available_bytes = free_bytes(&self.cfg.disk_dir)
+            .map_err(|e| ApiError::internal(format!("free space of {}: {e}", self.cfg.disk_dir.display())))?;
+        if available_bytes < need {
+            return Err(ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "no_disk_space",
+                format!(
+                    "host {} has {} KiB free in {}; the VM's disks occupy {} KiB",
+                    self.cfg.name,
+                    available_bytes >> 10,
+                    self.cfg.disk_dir.display(),
+                    need >> 10
+                ),
+            ));
+        }
+        Ok(Some(DiskRoom { dir, available_bytes }))
+    }
+
+    /// After an incoming shared-nothing move that did not end with the VM here: remove what
+    /// its VMM may have left of the partial copies (a killed VMM leaves them) and the VM's disk
+    /// directory if that leaves it empty. Files with a disk's own name are never touched: the
+    /// engine names the copies only at commit, and removes them itself if the VM then does not
+    /// resume.
+    fn remove_arrived_disks(&self, vm: &str) {
+        let dir = self.cfg.disk_dir.join(vm);
+        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        for e in rd.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with('.') && n.ends_with(".ferry-partial") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // Only if empty.
+        let _ = std::fs::remove_dir(&dir);
     }
 
     /// The option, channel count and destination of a move, checked the same way for a move and
@@ -1657,6 +1807,14 @@ impl Agent {
         if let Some(m) = &e.busy {
             add("moving", format!("VM {:?} is moving now (migration {m})", req.vm));
         }
+        let disks = vmmctl::status(Path::new(&e.row.socket)).await.map(|st| st.disks).unwrap_or_default();
+        if let Some(why) = disks_stay_behind(&req.vm, disks.len(), req.kind, req.include_storage) {
+            add("has_disks", why);
+        }
+        let carried = match (req.kind, req.include_storage) {
+            (MoveKind::Live, true) => incoming_disks(&disks),
+            _ => Vec::new(),
+        };
         let mut probe = None;
         if req.kind == MoveKind::Quick {
             match &self.cfg.shared_storage {
@@ -1688,6 +1846,7 @@ impl Agent {
             kind: req.kind,
             probe: probe.as_ref().map(|p| p.1.clone()),
             multichannel: settings.multichannel(),
+            disks: carried,
         };
         let body = serde_json::to_vec(&ask).map_err(|e| ApiError::internal(e.to_string()))?;
         let answer = self.peer_call("POST", &req.to, "/peer/v1/preflight", Some(body)).await;
@@ -1728,6 +1887,7 @@ impl Agent {
             vm: req.vm,
             to: req.to,
             kind: req.kind,
+            include_storage: req.include_storage,
             compatible: inc.is_empty(),
             network,
             option,
@@ -1803,6 +1963,7 @@ impl Agent {
                 let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
                 lock(&self.vms).remove(&row.name);
                 let _ = self.store().remove_vm(&row.name);
+                self.remove_arrived_disks(&row.name);
                 self.journal(&id, "failed", Some(&why), false);
             }
         }
@@ -1901,7 +2062,7 @@ impl Agent {
         if disks.is_empty() {
             return Ok(Vec::new());
         }
-        let dir = self.cfg.state_dir.join("disks").join(vm);
+        let dir = self.cfg.disk_dir.join(vm);
         std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("creating {}: {e}", dir.display())))?;
         let mut made = Vec::new();
         for d in disks {
@@ -1951,6 +2112,50 @@ impl Agent {
 
 /// Most disks per VM.
 const MAX_DISKS: usize = 16;
+
+/// Where the disks of an incoming shared-nothing move go, and the room there.
+struct DiskRoom {
+    dir: PathBuf,
+    available_bytes: u64,
+}
+
+/// Bytes an unprivileged writer may still write to the file system of `dir`.
+fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    std::fs::create_dir_all(dir)?;
+    let v = nix::sys::statvfs::statvfs(dir).map_err(std::io::Error::from)?;
+    Ok(v.blocks_available().saturating_mul(v.fragment_size()))
+}
+
+/// The disks of a VMM's VM as an incoming request names them.
+fn incoming_disks(disks: &[vmmctl::DiskStatus]) -> Vec<IncomingDisk> {
+    disks
+        .iter()
+        .map(|d| IncomingDisk { name: d.name.clone(), size_bytes: d.size_bytes, allocated_bytes: d.allocated_bytes })
+        .collect()
+}
+
+/// Why a move of a VM with `disks` disks would leave them behind (`None`: it would not).
+fn disks_stay_behind(vm: &str, disks: usize, kind: MoveKind, include_storage: bool) -> Option<String> {
+    match (disks, kind, include_storage) {
+        (0, _, _) | (_, MoveKind::Live, true) => None,
+        (n, MoveKind::Live, false) => Some(format!(
+            "VM {vm:?} has {n} disks, which a live move leaves behind: move it with --include-storage \
+             (include_storage) to carry them (shared-nothing)"
+        )),
+        (n, MoveKind::Quick, _) => Some(format!(
+            "VM {vm:?} has {n} disks, which a quick move does not carry (its disks are not on the shared \
+             storage): move it live with --include-storage"
+        )),
+    }
+}
+
+/// The journal's kind of a move.
+fn move_kind_name(kind: MoveKind, with_disks: bool) -> &'static str {
+    match (kind, with_disks) {
+        (MoveKind::Live, true) => "shared-nothing",
+        (k, _) => k.name(),
+    }
+}
 
 fn check_disks(disks: &[DiskRequest]) -> ApiResult<()> {
     if disks.len() > MAX_DISKS {

@@ -14,6 +14,7 @@
 //! | `ferry_migration_total_milliseconds` | histogram | (completed outgoing) |
 //! | `ferry_channel_wire_bytes_total` | counter | `channel` |
 //! | `ferry_channel_failures_total` | counter | |
+//! | `ferry_disk_bytes_moved_total` | counter | `kind` (`storage`: bytes written to the copies; `shared-nothing`: disk data sent, outgoing) |
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -30,6 +31,29 @@ struct MigrationLabels {
     direction: String,
     status: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: String,
+}
+
+/// Disk bytes a completed move carried (`None`: it moved no disk).
+fn disk_bytes_moved(m: &MigrationInfo) -> Option<u64> {
+    let stats = m.stats.as_ref()?;
+    match (m.kind.as_str(), m.direction.as_str()) {
+        ("storage", _) => stats.get("transferred_bytes")?.as_u64(),
+        ("shared-nothing", "outgoing") => {
+            let blocks: u64 = stats
+                .get("disks")?
+                .as_array()?
+                .iter()
+                .filter_map(|d| d.get("data_blocks").and_then(|b| b.as_u64()))
+                .sum();
+            Some(blocks.saturating_mul(ferry_disk::BLOCK_BYTES))
+        }
+        _ => None,
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -92,7 +116,11 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
     let storage_downtime = Histogram::new(exponential_buckets(0.125, 2.0, 16));
     let chan = Family::<ChannelLabels, Counter>::default();
     let chan_failures: Counter = Counter::default();
+    let disk_bytes = Family::<KindLabels, Counter>::default();
     for m in journal.iter().filter(|m| m.is_final()) {
+        if let Some(b) = disk_bytes_moved(m).filter(|_| m.status == "completed") {
+            disk_bytes.get_or_create(&KindLabels { kind: m.kind.clone() }).inc_by(b);
+        }
         by.get_or_create(&MigrationLabels {
             direction: m.direction.clone(),
             status: m.status.clone(),
@@ -128,6 +156,7 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
     reg.register("ferry_storage_migration_downtime_milliseconds", "Pause of completed storage moves", storage_downtime);
     reg.register("ferry_channel_wire_bytes", "Bytes on the wire per channel index (outgoing)", chan);
     reg.register("ferry_channel_failures", "Channels that failed during a migration", chan_failures);
+    reg.register("ferry_disk_bytes_moved", "Disk bytes completed moves carried, by kind", disk_bytes);
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = encode(&mut out, &reg);

@@ -48,8 +48,8 @@ use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory,
 
 use crate::api::GuestKind;
 use crate::vmmctl::{
-    AssignOrder, DiskStatus, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmRequest, VmmResponse,
-    VmmState, VmmStatus,
+    AssignOrder, DiskStatus, MigrateOrder, MigrationReport, QuickOrder, ReceiveDisks, StorageOrder, VmmRequest,
+    VmmResponse, VmmState, VmmStatus,
 };
 use ferry_disk::Disk;
 use ferry_vmm_glue::guestdisk::DiskSpec;
@@ -89,6 +89,9 @@ pub struct VmmArgs {
     /// A standby VMM with a reserve of this many bytes: no VM until the agent assigns one
     /// ([`VmmRequest::Assign`]); the fields above describing the VM are unused until then.
     pub standby_reserve_bytes: Option<u64>,
+    /// Incoming shared-nothing move: where its disks arrive (`None`: a source bringing disks
+    /// is refused).
+    pub receive_disks: Option<ReceiveDisks>,
 }
 
 /// Sectors per request of the KVM guest program's disk writes (4 KiB).
@@ -255,9 +258,10 @@ struct Inner {
 
 impl Inner {
     /// A received VM (live or quick) runs here, or why nothing runs.
-    fn arrived(&mut self, result: Result<(Guest, bool, String), String>) {
+    fn arrived(&mut self, result: Result<Received, String>) {
         match result {
-            Ok((vm, verified, check)) => {
+            Ok(Received { vm, verified, check, disks }) => {
+                self.disks = disks;
                 self.vm = Some(vm);
                 self.state = VmmState::Running;
                 self.received_verified = Some(verified);
@@ -388,6 +392,7 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
                 args.memory_bytes = order.memory_bytes;
                 args.receive_on = Some(order.receive_on);
                 args.socket = order.socket;
+                args.receive_disks = order.receive_disks;
                 reserve = Some(r);
                 assigned_by = Some(conn);
             }
@@ -556,20 +561,21 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>
     })?;
     // The destination refuses a guest larger than announced.
     let limit = a.memory_bytes;
-    let srv = match (a.guest, reserve.clone()) {
-        (GuestKind::Synthetic, None) => {
-            MigrationServer::new(acc, Arc::new(SyntheticFactory::new(limit, false)), TargetConfig::default())
-        }
-        (GuestKind::Synthetic, Some(r)) => MigrationServer::new(
-            acc,
-            Arc::new(SyntheticFactory::new(limit, false).with_reserve(r)),
-            TargetConfig::default(),
-        ),
-        (GuestKind::Kvm, None) => MigrationServer::new(acc, Arc::new(KvmFactory::new(limit)), TargetConfig::default()),
-        (GuestKind::Kvm, Some(r)) => {
-            MigrationServer::new(acc, Arc::new(KvmFactory::new(limit).with_reserve(r)), TargetConfig::default())
-        }
+    let inner = match (a.guest, reserve.clone()) {
+        (GuestKind::Synthetic, None) => Factory::Synthetic(SyntheticFactory::new(limit, false)),
+        (GuestKind::Synthetic, Some(r)) => Factory::Synthetic(SyntheticFactory::new(limit, false).with_reserve(r)),
+        (GuestKind::Kvm, None) => Factory::Kvm(KvmFactory::new(limit)),
+        (GuestKind::Kvm, Some(r)) => Factory::Kvm(KvmFactory::new(limit).with_reserve(r)),
     };
+    // Shared-nothing: the engine receives the disks into partial copies in that directory and
+    // names them at `Commit`; the VM opens them right before it resumes.
+    let cfg = TargetConfig { disk_dir: a.receive_disks.as_ref().map(|d| d.dir.clone()), ..TargetConfig::default() };
+    let factory: Arc<dyn ferry_migrate::vm::TargetFactory> = match (inner, a.receive_disks.clone()) {
+        (Factory::Synthetic(f), None) => Arc::new(f),
+        (Factory::Kvm(f), None) => Arc::new(f),
+        (inner, Some(disks)) => Arc::new(DiskArrivalFactory { inner, disks }),
+    };
+    let srv = MigrationServer::new(acc, factory, cfg);
     let addr = srv.local_addr().map_err(|e| VmmError::Io {
         what: "migration listener".into(),
         source: std::io::Error::other(e.to_string()),
@@ -611,10 +617,113 @@ fn arrived(vmm: &Vmm, r: Result<TargetOutcome, MigrateError>) {
     g.arrived(result);
 }
 
+/// A VM that arrived and runs here.
+struct Received {
+    vm: Guest,
+    verified: bool,
+    /// What the guest check found (`ok` or the problem).
+    check: String,
+    /// Its disks (the handles it writes through).
+    disks: Vec<Arc<Disk>>,
+}
+
+/// The factories of the incoming VMM.
+enum Factory {
+    Synthetic(SyntheticFactory),
+    Kvm(KvmFactory),
+}
+
+/// The destination's factory of a shared-nothing move: its VMs open their disks when they
+/// resume (after the engine named the copies at `Commit`, before the guest runs).
+struct DiskArrivalFactory {
+    inner: Factory,
+    disks: ReceiveDisks,
+}
+
+impl ferry_migrate::vm::TargetFactory for DiskArrivalFactory {
+    fn create(&self, shape: &ferry_migrate::vm::VmShape) -> Result<Box<dyn TargetVm>, ferry_migrate::vm::VmError> {
+        let vm = match &self.inner {
+            Factory::Synthetic(f) => Arriving::Other(f.create(shape)?),
+            Factory::Kvm(f) => Arriving::Kvm(Box::new(f.create_vm(shape).map_err(|e| e.to_string())?)),
+        };
+        Ok(Box::new(WithDisks { vm, disks: self.disks.clone(), opened: Vec::new() }))
+    }
+}
+
+enum Arriving {
+    /// The KVM VM gets its disks on its block device before its vCPUs run.
+    Kvm(Box<KvmVm>),
+    /// The synthetic guest keeps its disks beside it (it does not write them here: its disk
+    /// writer's state does not travel).
+    Other(Box<dyn TargetVm>),
+}
+
+/// An arriving VM whose disks come with it.
+struct WithDisks {
+    vm: Arriving,
+    disks: ReceiveDisks,
+    opened: Vec<Arc<Disk>>,
+}
+
+impl TargetVm for WithDisks {
+    fn memory(&self) -> MemoryMap {
+        match &self.vm {
+            Arriving::Kvm(v) => v.memory_map(),
+            Arriving::Other(v) => v.memory(),
+        }
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), ferry_migrate::vm::VmError> {
+        match &mut self.vm {
+            Arriving::Kvm(v) => TargetVm::restore_state(v.as_mut(), state),
+            Arriving::Other(v) => v.restore_state(state),
+        }
+    }
+
+    /// The engine committed the disks under their names: open them, then run the guest. A disk
+    /// that does not open fails the resume, and the engine then removes the copies and tells
+    /// the source to resume its own.
+    fn resume(&mut self) -> Result<(), ferry_migrate::vm::VmError> {
+        let mut opened = Vec::new();
+        for name in &self.disks.names {
+            let p = self.disks.dir.join(name);
+            opened
+                .push(Arc::new(Disk::open(&p).map_err(|e| format!("opening the arrived disk {}: {e}", p.display()))?));
+        }
+        self.opened = opened;
+        match &mut self.vm {
+            Arriving::Kvm(v) => {
+                v.attach_disks(self.opened.clone());
+                TargetVm::resume(v.as_mut())
+            }
+            Arriving::Other(v) => v.resume(),
+        }
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
+
 /// A received VM (committed, its state restored): check it and run it. `resume`: the VM's
 /// vCPUs were not started yet (a quick load defers that until the image digest was taken).
-fn run_received(vm: Box<dyn TargetVm>, verified: bool, resume: bool) -> Result<(Guest, bool, String), String> {
+fn run_received(vm: Box<dyn TargetVm>, verified: bool, resume: bool) -> Result<Received, String> {
     let any: Box<dyn std::any::Any> = vm.into_any();
+    let (any, disks) = match any.downcast::<WithDisks>() {
+        Ok(w) => {
+            let w = *w;
+            let inner: Box<dyn std::any::Any> = match w.vm {
+                Arriving::Kvm(k) => k,
+                Arriving::Other(v) => v.into_any(),
+            };
+            (inner, Some(w.opened))
+        }
+        Err(a) => (a, None),
+    };
+    let received = |vm: Guest, check: String| {
+        let disks = disks.clone().unwrap_or_else(|| vm.disks());
+        Received { vm, verified, check, disks }
+    };
     let any = match any.downcast::<SyntheticTarget>() {
         Ok(t) => {
             let mut vm = t.into_vm().map_err(|e| e.to_string())?;
@@ -625,7 +734,7 @@ fn run_received(vm: Box<dyn TargetVm>, verified: bool, resume: bool) -> Result<(
                 Err(e) => e.to_string(),
             };
             vm.resume().map_err(|e| e.to_string())?;
-            return Ok((Guest::Synthetic(vm), verified, check));
+            return Ok(received(Guest::Synthetic(vm), check));
         }
         Err(a) => a,
     };
@@ -638,7 +747,7 @@ fn run_received(vm: Box<dyn TargetVm>, verified: bool, resume: bool) -> Result<(
                 None => "ok".to_string(),
                 Some(w) => format!("vCPU stopped: {w}"),
             };
-            Ok((Guest::Kvm(k), verified, check))
+            Ok(received(Guest::Kvm(k), check))
         }
         Err(_) => Err("the received VM is of an unknown kind".into()),
     }
@@ -846,6 +955,15 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
     if g.state != VmmState::Running && g.state != VmmState::Paused {
         return Err(format!("the VM is {:?}, not running here", g.state));
     }
+    // Shared-nothing: the disks travel on the session. Without it a VM with disks does not
+    // move (its disks would stay behind, and the destination has no copy of them).
+    let disks = match (order.include_storage, g.disks.is_empty()) {
+        (true, _) => g.disks.clone(),
+        (false, true) => Vec::new(),
+        (false, false) => {
+            return Err(format!("the VM has {} disks and the order does not include storage", g.disks.len()))
+        }
+    };
     let mut vm = g.vm.take().ok_or("no VM here")?;
     let cancel = CancelToken::new();
     g.cancel = Some(Canceller::Live(cancel.clone()));
@@ -856,7 +974,8 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
     std::thread::spawn(move || {
         let cfg = MigrationConfig {
             converge: ConvergeConfig { downtime_limit: Duration::from_millis(order.downtime_ms), ..Default::default() },
-            cancel,
+            cancel: cancel.clone(),
+            retain_source_disks: order.retain_source_disks,
             ..Default::default()
         };
         let progress = |p: &ferry_migrate::stats::Progress| {
@@ -880,7 +999,8 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
                 chans
             }),
         }
-        .and_then(|chans| migrate(vm.source(), chans, &cfg, &progress));
+        .map(|chans| hold_disk_copy_for_tests(chans, !disks.is_empty(), &cancel))
+        .and_then(|chans| migrate(&mut Carrying { vm: vm.source(), disks: disks.clone() }, chans, &cfg, &progress));
         hold_outcome_for_tests();
         let mut g = v.lock();
         g.cancel = None;
@@ -913,6 +1033,128 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
         finish(&mut g.migration, status, stats, error);
     });
     Ok(())
+}
+
+/// The VM as the engine sees it on an outgoing live move: its disks are the ones the agent
+/// ordered to carry (every disk with `include_storage`, none otherwise), whatever the guest
+/// kind reports itself.
+struct Carrying<'a> {
+    vm: &'a mut dyn SourceVm,
+    disks: Vec<Arc<Disk>>,
+}
+
+impl SourceVm for Carrying<'_> {
+    fn shape(&self) -> ferry_migrate::vm::VmShape {
+        self.vm.shape()
+    }
+    fn memory(&self) -> MemoryMap {
+        self.vm.memory()
+    }
+    fn start_dirty_log(&mut self) -> Result<(), ferry_migrate::vm::VmError> {
+        self.vm.start_dirty_log()
+    }
+    fn take_dirty(&mut self) -> Result<ferry_migrate::vm::DirtyBitmap, ferry_migrate::vm::VmError> {
+        self.vm.take_dirty()
+    }
+    fn return_dirty(&mut self, pages: &ferry_migrate::vm::DirtyBitmap) {
+        self.vm.return_dirty(pages)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.vm.stop_dirty_log()
+    }
+    fn pause(&mut self) -> Result<(), ferry_migrate::vm::VmError> {
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), ferry_migrate::vm::VmError> {
+        self.vm.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.vm.is_running()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, ferry_migrate::vm::VmError> {
+        self.vm.save_state()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.vm.set_throttle(percent)
+    }
+    fn disks(&self) -> Vec<Arc<Disk>> {
+        self.disks.clone()
+    }
+}
+
+/// Test hook, for the agent's shared-nothing fault tests only: with
+/// `FERRY_VMM_TEST_HOLD_DISK_COPY_UNTIL=PATH` in its environment, a source VMM moving disks
+/// sends the first two `DiskBlocks` messages of the session (the destination's partial copies
+/// exist and hold data) and holds every further one until `PATH` exists, the migration is
+/// cancelled, or 120 s passed, so a test can cancel, kill or fill the destination at a known
+/// point of the disk copy. Production never sets it; nothing else reads it.
+fn hold_disk_copy_for_tests(
+    mut chans: Vec<ferry_transport::Channel>,
+    disks: bool,
+    cancel: &CancelToken,
+) -> Vec<ferry_transport::Channel> {
+    let Some(path) = std::env::var_os("FERRY_VMM_TEST_HOLD_DISK_COPY_UNTIL").filter(|_| disks) else { return chans };
+    let hold = Arc::new((PathBuf::from(path), cancel.clone(), std::sync::atomic::AtomicU64::new(0)));
+    chans
+        .drain(..)
+        .map(|ferry_transport::Channel { tx, rx, info, killer }| ferry_transport::Channel {
+            tx: Box::new(HoldDiskBlocks { inner: tx, hold: hold.clone() }),
+            rx,
+            info,
+            killer,
+        })
+        .collect()
+}
+
+type Hold = (PathBuf, CancelToken, std::sync::atomic::AtomicU64);
+
+/// See [`hold_disk_copy_for_tests`].
+struct HoldDiskBlocks {
+    inner: Box<dyn ferry_transport::ChannelTx>,
+    hold: Arc<Hold>,
+}
+
+impl ferry_transport::ChannelTx for HoldDiskBlocks {
+    fn send_batch(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[ferry_transport::wire::PageRun],
+        src: &dyn ferry_memory::MemorySource,
+    ) -> ferry_transport::error::Result<ferry_transport::SentBatch> {
+        self.inner.send_batch(id, round, flags, runs, src)
+    }
+    fn send_batch_mapped(
+        &mut self,
+        id: u64,
+        round: u32,
+        flags: u8,
+        runs: &[ferry_transport::wire::PageRun],
+        data_map: &[u8],
+        src: &dyn ferry_memory::MemorySource,
+    ) -> ferry_transport::error::Result<ferry_transport::SentBatch> {
+        self.inner.send_batch_mapped(id, round, flags, runs, data_map, src)
+    }
+    fn send_control(&mut self, msg: &[u8]) -> ferry_transport::error::Result<()> {
+        let (path, cancel, sent) = &*self.hold;
+        if ferry_migrate::protocol::is_disk_blocks(msg) && sent.fetch_add(1, Ordering::SeqCst) >= 2 {
+            let t0 = Instant::now();
+            while !path.exists() && !cancel.is_cancelled() && t0.elapsed() < Duration::from_secs(120) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.inner.send_control(msg)
+    }
+    fn send_ack(&mut self, ack: ferry_transport::wire::Ack) -> ferry_transport::error::Result<()> {
+        self.inner.send_ack(ack)
+    }
+    fn send_abort(&mut self, code: u16, reason: &str) -> ferry_transport::error::Result<()> {
+        self.inner.send_abort(code, reason)
+    }
+    fn close(&mut self) -> ferry_transport::error::Result<()> {
+        self.inner.close()
+    }
 }
 
 /// The image digest of a guest's memory (`ferry_memory::digest`, the one live migration

@@ -88,6 +88,20 @@ pub struct AssignOrder {
     pub receive_on: std::net::IpAddr,
     /// The VM's control socket path: the standby VMM moves its socket there.
     pub socket: std::path::PathBuf,
+    /// Shared-nothing: where the VM's disks arrive.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_disks: Option<ReceiveDisks>,
+}
+
+/// Where the disks of an incoming shared-nothing move go: partial copies in `dir` (hidden
+/// names) that the engine names at `Commit`; the VMM opens `dir/NAME` for each of `names`, in
+/// the source's order, right before the VM resumes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReceiveDisks {
+    /// The VM's disk directory on this host.
+    pub dir: std::path::PathBuf,
+    /// The disks' file names, in the source's order.
+    pub names: Vec<String>,
 }
 
 /// A quick migration the agent orders: pause, save the image to the shared directory, hand the
@@ -121,6 +135,13 @@ pub struct MigrateOrder {
     /// the hosts share under this policy; `None`: `channels` connections to `to`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multichannel: Option<MultichannelOrder>,
+    /// Shared-nothing: the VM's disks travel on the session (without it a VMM whose VM has
+    /// disks refuses the migration: they would stay behind).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub include_storage: bool,
+    /// Shared-nothing: keep the disk files here after the destination runs the VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retain_source_disks: bool,
 }
 
 /// How a multichannel session pairs NICs.
@@ -310,6 +331,8 @@ mod tests {
             option: "tcp".into(),
             downtime_ms: 300,
             multichannel: None,
+            include_storage: false,
+            retain_source_disks: false,
         });
         let s = serde_json::to_string(&r).unwrap();
         assert_eq!(s, r#"{"op":"migrate","id":"m1","to":"127.0.0.1:9","channels":2,"option":"tcp","downtime_ms":300}"#);

@@ -8,7 +8,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ fn disk_paths(a: &Agent, vm: &str) -> Vec<PathBuf> {
 }
 
 fn allocated(p: &Path) -> u64 {
-    std::fs::metadata(p).unwrap().blocks() * 512
+    ferry_disk::image::allocated_bytes(&std::fs::File::open(p).unwrap()).unwrap()
 }
 
 /// Write data the guest does not write (it has no disk writer): random runs, a run of zeros

@@ -6,6 +6,7 @@
 //!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP]
 //!           [--quick-dir DIR --quick-host NAME --quick-id ID]
 //!           [--disk PATH]... [--disk-working-set-bytes N] [--disk-write-rate-bytes-per-s N]
+//!           [--receive-disk-dir DIR --receive-disk NAME...]
 //! ferry-vmm --socket S --key-file F --standby --reserve-bytes N
 //! ```
 //!
@@ -72,6 +73,12 @@ struct Cli {
     /// Synthetic guest: disk bytes written per second (0: flat out).
     #[arg(long, default_value_t = 0)]
     disk_write_rate_bytes_per_s: u64,
+    /// Receiving a shared-nothing move: the directory its disks arrive in (with `--receive-on`).
+    #[arg(long, requires_all = ["receive_on", "receive_disk"])]
+    receive_disk_dir: Option<PathBuf>,
+    /// Receiving a shared-nothing move: a disk's file name, in the source's order (repeat).
+    #[arg(long, requires = "receive_disk_dir")]
+    receive_disk: Vec<String>,
 }
 
 fn main() -> ExitCode {
@@ -106,6 +113,7 @@ fn main() -> ExitCode {
         disk_working_set_bytes: c.disk_working_set_bytes,
         disk_write_rate_bytes_per_s: c.disk_write_rate_bytes_per_s,
         standby_reserve_bytes: c.standby.then(|| c.reserve_bytes.unwrap_or(0)),
+        receive_disks: c.receive_disk_dir.map(|dir| ferry_agent::vmmctl::ReceiveDisks { dir, names: c.receive_disk }),
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,14 +12,16 @@
 //!                                  [--disk-working-set SIZE] [--disk-write-rate SIZE]
 //! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
 //! ferry [--api SOCKET] [--json] vm move-storage NAME --path DIR [--wait]
-//! ferry [--api SOCKET] [--json] move NAME --to ADDR [--option tcp|zstd|zstd-always] [--channels N]
-//!                                  [--downtime-ms N] [--wait]
+//! ferry [--api SOCKET] [--json] move NAME --to ADDR [--quick] [--option tcp|zstd|zstd-always] [--channels N]
+//!                                  [--downtime-ms N] [--include-storage [--retain-source-disks]] [--wait]
 //! ferry [--api SOCKET] [--json] preflight NAME --to ADDR [--quick] [--option ...] [--channels N]
+//!                                  [--include-storage]
 //! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
 //! ```
 //!
 //! With `--json` every command prints JSON (`move --wait`: one object with `status`,
-//! `verified`, `total_ms`, `downtime_ms`; `vm move-storage --wait`: one object with `status`,
+//! `verified`, `total_ms`, `downtime_ms`, `kind`, `disks` (shared-nothing: per disk `verified`,
+//! `source_removed`, ...); `vm move-storage --wait`: one object with `status`,
 //! `total_ms`, `downtime_ms`, `transferred_bytes`, `disks`; `migrations`: an array whose items have `id`, `vm`,
 //! `direction`, `status`, `started_at`, `finished_at`). On a terminal `move --wait` shows a
 //! progress bar. Exit codes: 0 success, 1 the migration failed or was cancelled, 2 the request
@@ -66,7 +68,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VmCmd,
     },
-    /// Move a VM to another host (live).
+    /// Move a VM to another host (live; --include-storage carries its disks; --quick through
+    /// shared storage).
     Move(MoveArgs),
     /// Could a move of VM to HOST run now, and how? (Nothing moves.) Exit 0: compatible;
     /// 2: not, with every reason.
@@ -214,6 +217,10 @@ struct Route {
     /// Channels.
     #[arg(long)]
     channels: Option<u16>,
+    /// Carry the VM's disks on the migration session (shared-nothing live migration): the
+    /// destination receives copies, and the files here go once it runs the VM.
+    #[arg(long, conflicts_with = "quick")]
+    include_storage: bool,
 }
 
 impl Route {
@@ -233,6 +240,10 @@ struct MoveArgs {
     /// Downtime limit in milliseconds.
     #[arg(long)]
     downtime_ms: Option<u64>,
+    /// With --include-storage: keep the disk files here after the move (by default they are
+    /// removed once the destination runs the VM).
+    #[arg(long, requires = "include_storage")]
+    retain_source_disks: bool,
     /// Wait until the move ended and print its outcome.
     #[arg(long)]
     wait: bool,
@@ -403,6 +414,7 @@ async fn run(c: Cli) -> Result<(), Fail> {
                 kind: r.kind(),
                 option: r.option.map(|o| o.to_string()),
                 channels: r.channels,
+                include_storage: r.include_storage,
                 vm: r.vm,
                 to: r.to,
             };
@@ -433,6 +445,13 @@ async fn run(c: Cli) -> Result<(), Fail> {
                         d.kvm,
                         d.shared_storage
                     );
+                    if let Some(dir) = &d.disk_dir {
+                        out += &format!(
+                            "\n  disks arrive in {dir}: {} KiB free, the disks occupy {} KiB",
+                            d.disk_available_bytes >> 10,
+                            d.disk_needed_bytes >> 10
+                        );
+                    }
                 }
                 if r.would_queue {
                     out += "\n  it would wait for a slot of the host-wide limit";
@@ -480,6 +499,8 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         option: m.route.option.map(|o| o.to_string()),
         channels: m.route.channels,
         downtime_ms: m.downtime_ms,
+        include_storage: m.route.include_storage,
+        retain_source_disks: m.retain_source_disks,
     };
     let body = serde_json::to_value(&req).map_err(|e| Fail::Refused(e.to_string()))?;
     let acc = api.call("POST", "/v1/moves", Some(body)).await?;
@@ -524,6 +545,8 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         "downtime_ms": m_info.downtime_ms,
         "transferred_bytes": m_info.transferred_bytes,
         "error": m_info.error,
+        "kind": m_info.kind,
+        "disks": m_info.stats.as_ref().and_then(|s| s.get("disks")).cloned().unwrap_or_else(|| json!([])),
     });
     print(j, &out, |_| match m_info.status.as_str() {
         "completed" => format!(

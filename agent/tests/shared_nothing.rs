@@ -1,0 +1,417 @@
+//! Shared-nothing live migration through two `ferryd`: `ferry move VM --to B --include-storage`
+//! carries the VM's disks on the migration session. They arrive byte-identical and sparse,
+//! named only at the commit; the source's files go (or stay with `--retain-source-disks`);
+//! the journals say `shared-nothing`. Without `--include-storage` a VM with disks is refused
+//! (`has_disks`) and nothing changes. Faults during the disk copy (a cancel, the destination's
+//! VMM or agent killed with `kill -9`, its disk directory full) leave the VM running on its
+//! source with every sector as its guest wrote it, the reason journaled, and nothing at the
+//! destination that passes as a disk. The KVM guest's own disk checks stay clean across a move
+//! (SKIP where /dev/kvm is not usable).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// Disk sizes that are not a multiple of the 64 KiB block, nor of 4 KiB.
+const SIZES: [u64; 2] = [(5 << 20) + 12_345, (3 << 20) + 777];
+
+fn allocated(p: &Path) -> u64 {
+    ferry_disk::image::allocated_bytes(&std::fs::File::open(p).unwrap()).unwrap()
+}
+
+/// Ask a VM's VMM process directly (its control socket), as the agent does.
+fn vmm_call(a: &Agent, vm: &str, req: &str) -> Value {
+    let mut s = std::os::unix::net::UnixStream::connect(a.state_dir().join("vms").join(format!("{vm}.sock"))).unwrap();
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{req}: {v}");
+    v["status"].clone()
+}
+
+/// Pause the guest, check every disk against what it wrote, resume it: bad sectors per disk,
+/// and the disk errors the guest saw.
+fn check_disks(a: &Agent, vm: &str) -> (Vec<u64>, u64) {
+    let st = vmm_call(a, vm, r#"{"op":"check_disks"}"#);
+    let bad = st["disk_check"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    (bad, st["disk_guest_errors"].as_u64().unwrap())
+}
+
+fn disk_paths(a: &Agent, vm: &str) -> Vec<PathBuf> {
+    let v = a.json(&["vm", "show", vm]);
+    v["disks"].as_array().unwrap().iter().map(|d| PathBuf::from(d["path"].as_str().unwrap())).collect()
+}
+
+fn counter_grows(a: &Agent, vm: &str, by: u64) {
+    let c0 = a.json(&["vm", "show", vm])["guest_counter"].as_u64().unwrap();
+    let t0 = Instant::now();
+    while a.json(&["vm", "show", vm])["guest_counter"].as_u64().unwrap() < c0 + by {
+        assert!(t0.elapsed() < Duration::from_secs(60), "{vm} does not run on {}", a.name);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Wait until the VM's disks occupy at least `bytes` in all (its guest writes them).
+fn wait_allocated(a: &Agent, vm: &str, bytes: u64) {
+    let t0 = Instant::now();
+    loop {
+        let v = a.json(&["vm", "show", vm]);
+        let sum: u64 = v["disks"].as_array().unwrap().iter().map(|d| d["allocated_bytes"].as_u64().unwrap()).sum();
+        if sum >= bytes {
+            return;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the guest does not write its disks: {v:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A synthetic VM with the two disks of [`SIZES`], its guest writing 1 MiB of each at 8 MiB/s.
+fn create_writer(a: &Agent, vm: &str) {
+    a.json(&[
+        "vm",
+        "create",
+        "--name",
+        vm,
+        "--memory",
+        "32MiB",
+        "--guest",
+        "synthetic",
+        "--working-set",
+        "4MiB",
+        "--disk",
+        &format!("root:{}", SIZES[0]),
+        "--disk",
+        &format!("data:{}", SIZES[1]),
+        "--disk-working-set",
+        "1MiB",
+        "--disk-write-rate",
+        "8MiB",
+    ]);
+    // Most of both working sets written: more than the two disk messages a held copy lets by.
+    wait_allocated(a, vm, 3 << 19);
+}
+
+/// Names in `dir` (none if it is not there).
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+fn codes(report: &Value) -> Vec<String> {
+    report["incompatibilities"].as_array().unwrap().iter().map(|i| i["code"].as_str().unwrap().to_string()).collect()
+}
+
+fn metrics(a: &Agent) -> String {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let ep = ferry_agent::client::Endpoint::Unix(a.api.clone());
+    let (st, body) =
+        rt.block_on(ferry_agent::client::request(&ep, "GET", "/metrics", None, &[], Duration::from_secs(10))).unwrap();
+    assert_eq!(st, 200);
+    String::from_utf8(body).unwrap()
+}
+
+#[test]
+fn a_vm_moves_with_its_disks_byte_identical_and_sparse_and_back() {
+    let a = Agent::start("a", KEY, "");
+    let b = Agent::start("b", KEY, "");
+    let (to_b, to_a) = (b.listen.to_string(), a.listen.to_string());
+    create_writer(&a, "sn");
+
+    // Without --include-storage its disks would stay behind: refused, nothing changes.
+    let o = a.ferry(&["move", "sn", "--to", &to_b, "--wait"]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stdout));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("has_disks") && err.contains("--include-storage"), "{err}");
+    assert!(a.migrations().is_empty() && b.migrations().is_empty() && b.vms().is_empty());
+    assert_eq!(a.json(&["vm", "show", "sn"])["state"], "running");
+    // Preflight says the same, and with --include-storage whether B has room.
+    let o = a.ferry(&["--json", "preflight", "sn", "--to", &to_b]);
+    assert_eq!(o.status.code(), Some(2));
+    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(codes(&p), vec!["has_disks"], "{p:#}");
+    let p = a.json(&["preflight", "sn", "--to", &to_b, "--include-storage"]);
+    assert_eq!(p["compatible"], true, "{p:#}");
+    let d = &p["destination"];
+    let need = d["disk_needed_bytes"].as_u64().unwrap();
+    assert!(need >= 3 << 19 && d["disk_available_bytes"].as_u64().unwrap() >= need, "{p:#}");
+    assert_eq!(PathBuf::from(d["disk_dir"].as_str().unwrap()), b.state_dir().join("disks").join("sn"));
+
+    // A -> B while the guest writes, the source's files kept.
+    let src = disk_paths(&a, "sn");
+    let out = a.json(&["move", "sn", "--to", &to_b, "--include-storage", "--retain-source-disks", "--wait"]);
+    assert_eq!(out["status"], "completed", "{out:#}\n{}", a.logs());
+    assert_eq!((out["verified"].as_bool(), out["kind"].as_str()), (Some(true), Some("shared-nothing")), "{out:#}");
+    let disks = out["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 2, "{out:#}");
+    for d in disks {
+        assert_eq!((d["verified"].as_bool(), d["source_removed"].as_bool()), (Some(true), Some(false)), "{out:#}");
+        assert!(d["data_blocks"].as_u64().unwrap() > 0, "{out:#}");
+    }
+    assert!(a.vms().is_empty(), "the VM left A");
+    let on_b = b.json(&["vm", "show", "sn"]);
+    assert_eq!(on_b["state"], "running", "{on_b:#}");
+    let dst = disk_paths(&b, "sn");
+    let b_dir = b.state_dir().join("disks").join("sn");
+    assert_eq!(dst, vec![b_dir.join("root.img"), b_dir.join("data.img")], "{on_b:#}");
+    assert_eq!(listing(&b_dir), vec!["data.img", "root.img"], "no partial copy left");
+    for (i, (s, d)) in src.iter().zip(&dst).enumerate() {
+        // The source's copy is final (its guest paused at the switch) and the synthetic guest
+        // does not write its disks at B: the bytes must be the same.
+        let (x, y) = (std::fs::read(s).unwrap(), std::fs::read(d).unwrap());
+        assert_eq!(y.len() as u64, SIZES[i]);
+        assert!(x == y, "disk {i} differs at B");
+        // Holes stay holes: only the 64 KiB blocks of the guest's 1 MiB working set hold data.
+        assert!(allocated(d) <= 1 << 20, "disk {i} is not sparse at B: {} bytes allocated", allocated(d));
+        assert_eq!(on_b["disks"][i]["size_bytes"], SIZES[i]);
+    }
+    let ma = &a.migrations()[0];
+    assert_eq!((ma["kind"].as_str(), ma["direction"].as_str()), (Some("shared-nothing"), Some("outgoing")), "{ma:#}");
+    assert_eq!(ma["stats"]["disks"].as_array().unwrap().len(), 2, "{ma:#}");
+    let mb = &b.migrations()[0];
+    assert_eq!((mb["kind"].as_str(), mb["status"].as_str()), (Some("shared-nothing"), Some("completed")), "{mb:#}");
+    let text = metrics(&a);
+    let line = text.lines().find(|l| l.starts_with("ferry_disk_bytes_moved_total{kind=\"shared-nothing\"}"));
+    let moved: u64 = line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0);
+    assert!(moved >= 3 << 19, "disk bytes moved: {line:?}\n{text}");
+
+    // Back to A: refused while A still has the retained copies (a disk never replaces a file).
+    let o = b.ferry(&["--json", "move", "sn", "--to", &to_a, "--include-storage", "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["error"].as_str().unwrap().contains("disk_exists"), "{r:#}");
+    assert_eq!(b.json(&["vm", "show", "sn"])["state"], "running");
+    assert!(a.vms().is_empty());
+    // Without them it moves, and B's files go.
+    for s in &src {
+        std::fs::remove_file(s).unwrap();
+    }
+    let snapshot: Vec<Vec<u8>> = dst.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let out = b.json(&["move", "sn", "--to", &to_a, "--include-storage", "--wait"]);
+    assert_eq!(out["status"], "completed", "{out:#}\n{}", b.logs());
+    assert!(out["disks"].as_array().unwrap().iter().all(|d| d["source_removed"] == true), "{out:#}");
+    assert!(dst.iter().all(|p| !p.exists()), "B's files are removed after the move");
+    let back = disk_paths(&a, "sn");
+    assert_eq!(back, src, "the disks arrive in A's disk directory under their names");
+    for (i, p) in back.iter().enumerate() {
+        assert!(std::fs::read(p).unwrap() == snapshot[i], "disk {i} differs after the second move");
+    }
+    assert_eq!(a.json(&["vm", "show", "sn"])["state"], "running");
+    counter_grows(&a, "sn", 1000);
+}
+
+#[test]
+fn a_kvm_guest_moves_with_its_disks_and_its_disk_checks_stay_clean() {
+    if !ferry_test_support::kvm_or_skip("a_kvm_guest_moves_with_its_disks_and_its_disk_checks_stay_clean") {
+        return;
+    }
+    let a = Agent::start("a", KEY, "");
+    let b = Agent::start("b", KEY, "");
+    // 256 KiB of request slots on disk 0 (64 slots of 4 KiB, each checked by the guest when it
+    // rewrites it); disk 1 the guest leaves as it is (all zeros).
+    a.json(&[
+        "vm",
+        "create",
+        "--name",
+        "kd",
+        "--memory",
+        "64MiB",
+        "--guest",
+        "kvm",
+        "--working-set",
+        "4MiB",
+        "--disk",
+        "root:5000000",
+        "--disk",
+        &format!("data:{}", (7 << 20) + 7),
+        "--disk-working-set",
+        "256KiB",
+    ]);
+    let src = disk_paths(&a, "kd");
+    counter_grows(&a, "kd", 100);
+    let out =
+        a.json(&["move", "kd", "--to", &b.listen.to_string(), "--include-storage", "--retain-source-disks", "--wait"]);
+    assert_eq!(out["status"], "completed", "{out:#}\n{}", a.logs());
+    assert!(out["disks"].as_array().unwrap().iter().all(|d| d["verified"] == true), "{out:#}");
+    let on_b = b.json(&["vm", "show", "kd"]);
+    assert_eq!((on_b["state"].as_str(), on_b["guest_check"].as_str()), (Some("running"), Some("ok")), "{on_b:#}");
+    counter_grows(&b, "kd", 200); // every slot read back and checked at least twice at B
+    let (bad, errors) = check_disks(&b, "kd");
+    assert_eq!(errors, 0, "the KVM guest found wrong disk words or failed requests at B");
+    assert_eq!(bad, vec![0, 0], "the files at B hold what the KVM guest wrote");
+    let dst = disk_paths(&b, "kd");
+    assert_eq!(dst.len(), 2);
+    assert!(std::fs::read(&dst[1]).unwrap() == std::fs::read(&src[1]).unwrap(), "disk 1 differs at B");
+    assert_eq!(allocated(&dst[1]), 0, "disk 1 stays a hole at B");
+    assert!(allocated(&dst[0]) <= 1 << 20, "disk 0 is not sparse at B");
+}
+
+/// Two agents, A's VMM holding the disk copy after its first two messages until `go` exists
+/// (or the move is cancelled), and a synthetic VM writing two disks on A.
+struct Held {
+    a: Agent,
+    b: Agent,
+    go: PathBuf,
+    _release: Scratch,
+    src: Vec<PathBuf>,
+    /// Where the VM's disks arrive at B.
+    b_dir: PathBuf,
+}
+
+const VM: &str = "held";
+
+impl Held {
+    fn new(b_extra: &str, b_disk_dir: Option<&Path>) -> Self {
+        let release = Scratch::new("release");
+        let go = release.0.join("go");
+        let env = vec![("FERRY_VMM_TEST_HOLD_DISK_COPY_UNTIL".to_string(), go.display().to_string())];
+        let a = Agent::start_with_env(None, "a", KEY, "", free_addr(), env);
+        let b = Agent::start("b", KEY, b_extra);
+        create_writer(&a, VM);
+        let src = disk_paths(&a, VM);
+        let b_dir = b_disk_dir.map_or_else(|| b.state_dir().join("disks"), Path::to_path_buf).join(VM);
+        Self { a, b, go, _release: release, src, b_dir }
+    }
+
+    /// Start the move and wait until the destination's partial copies exist (the copy runs,
+    /// then holds).
+    fn start_move(&self) -> String {
+        let id = self.a.json(&["move", VM, "--to", &self.b.listen.to_string(), "--include-storage"])["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let t0 = Instant::now();
+        while !self.b_dir.join(".root.img.ferry-partial").exists() {
+            assert!(t0.elapsed() < Duration::from_secs(60), "no partial copy at B: {}", self.a.logs());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Let the first messages land (the rest are held).
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(self.a.json(&["migration", &id])["finished_at"].is_null(), "the copy did not hold");
+        id
+    }
+
+    fn release(&self) {
+        std::fs::write(&self.go, b"").unwrap();
+    }
+
+    /// The move ended without moving the VM: it runs on A on its own files, every sector as
+    /// its guest wrote it, the journal says why; at B no VM and nothing named like a disk.
+    fn check_stayed(&self, id: &str, status: &str) -> Value {
+        let (a, b) = (&self.a, &self.b);
+        let t0 = Instant::now();
+        let m = loop {
+            let m = a.json(&["migration", id]);
+            if !m["finished_at"].is_null() {
+                break m;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(120), "{id} does not end: {m:#}\n{}", a.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(m["status"], status, "{m:#}\n{}", a.logs());
+        assert_eq!(m["kind"], "shared-nothing");
+        assert!(!m["error"].as_str().unwrap_or("").is_empty(), "the journal says why: {m:#}");
+        let v = a.json(&["vm", "show", VM]);
+        assert_eq!(v["state"], "running", "{v:#}");
+        assert_eq!(disk_paths(a, VM), self.src, "the VM stays on its own files");
+        counter_grows(a, VM, 1000);
+        assert_eq!(check_disks(a, VM), (vec![0, 0], 0), "every sector on A as the guest wrote it");
+        let mb = b.wait_all_final(1, Duration::from_secs(60));
+        assert_eq!(mb[0]["status"], "failed", "{mb:#?}");
+        assert!(b.vms().is_empty(), "no VM at B: {:#?}", b.vms());
+        assert!(listing(&self.b_dir).is_empty(), "nothing left at B: {:?}", listing(&self.b_dir));
+        m
+    }
+}
+
+#[test]
+fn a_cancel_during_the_disk_copy_leaves_the_vm_on_its_disks() {
+    let h = Held::new("", None);
+    let id = h.start_move();
+    h.a.json(&["cancel", &id]);
+    let m = h.check_stayed(&id, "cancelled");
+    assert!(m["error"].as_str().unwrap().contains("cancel"), "{m:#}");
+    // Nothing stuck: the next move carries the disks.
+    h.release();
+    let out = h.a.json(&["move", VM, "--to", &h.b.listen.to_string(), "--include-storage", "--wait"]);
+    assert_eq!(out["status"], "completed", "{out:#}\n{}", h.a.logs());
+    assert!(h.src.iter().all(|p| !p.exists()), "the source's files go after the move");
+    assert_eq!(h.b.json(&["vm", "show", VM])["disks"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn the_destination_vmm_killed_during_the_disk_copy_leaves_the_vm_on_its_disks() {
+    let h = Held::new("", None);
+    let id = h.start_move();
+    let pid = vmm_status(&h.b.state_dir(), VM).expect("the incoming VMM answers")["pid"].as_u64().unwrap();
+    assert!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap().success());
+    wait_gone(pid, Duration::from_secs(10));
+    h.release();
+    h.check_stayed(&id, "failed");
+}
+
+#[test]
+fn the_destination_agent_killed_during_the_disk_copy_leaves_the_vm_on_its_disks() {
+    let mut h = Held::new("", None);
+    let id = h.start_move();
+    h.b.kill();
+    // The source agent finds the destination's agent gone and cancels before commit (that ends
+    // the hold); the restarted destination agent cleans up what arrived.
+    let t0 = Instant::now();
+    while h.a.json(&["migration", &id])["finished_at"].is_null() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the source never gave up: {}", h.a.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    h.b.restart();
+    let m = h.check_stayed(&id, "failed");
+    assert!(m["error"].as_str().unwrap().contains("destination agent"), "{m:#}");
+    h.release();
+}
+
+#[test]
+fn a_full_destination_disk_directory_fails_the_move_and_leaves_the_vm_on_its_disks() {
+    let scratch = Scratch::new("b-disks");
+    let Some(tmpfs) = ferry_test_support::tmpfs::SmallTmpfs::mount(
+        &scratch.0,
+        "8m",
+        "a_full_destination_disk_directory_fails_the_move_and_leaves_the_vm_on_its_disks",
+    ) else {
+        return;
+    };
+    let mnt = tmpfs.path().to_path_buf();
+    let h = Held::new(&format!("disk_dir = \"{}\"\n", mnt.display()), Some(&mnt));
+    let id = h.start_move();
+    // Fill B's disk directory, then let the copy go on.
+    let filler = mnt.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    let chunk = vec![0xa5u8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    drop(f);
+    h.release();
+    let m = h.check_stayed(&id, "failed");
+    let why = m["error"].as_str().unwrap();
+    assert!(why.contains("No space left"), "the destination's reason is journaled: {m:#}");
+    assert_eq!(listing(&mnt), vec!["filler"], "only the filler is left at B");
+    // Preflight and the move itself now say B has no room for the disks.
+    let o = h.a.ferry(&["--json", "preflight", VM, "--to", &h.b.listen.to_string(), "--include-storage"]);
+    assert_eq!(o.status.code(), Some(2));
+    let p: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(codes(&p).contains(&"no_disk_space".to_string()), "{p:#}");
+    let o = h.a.ferry(&["--json", "move", VM, "--to", &h.b.listen.to_string(), "--include-storage", "--wait"]);
+    assert_eq!(o.status.code(), Some(1));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(r["error"].as_str().unwrap().contains("no_disk_space"), "{r:#}");
+    assert_eq!(h.a.json(&["vm", "show", VM])["state"], "running");
+    assert!(h.b.vms().is_empty());
+    drop(h);
+    drop(tmpfs);
+}
