@@ -1,6 +1,7 @@
 //! `performance_option = "smb"`: two agents in two namespaces joined by two veth NICs
 //! (`scripts/testbed.sh`); a move opens channels on both NICs (the interface exchange on
-//! channel 0 pairs them under the migration networks) and moves bytes over each.
+//! channel 0 pairs them under the migration networks) and moves bytes over each; a VM with a
+//! disk moves the same way with `--include-storage` (shared-nothing).
 
 mod common;
 
@@ -46,6 +47,37 @@ fn an_smb_move_uses_both_nics_and_reports_its_channels() {
     let on_b = b.json(&["vm", "show", "mc"]);
     assert_eq!((on_b["state"].as_str(), on_b["guest_check"].as_str()), (Some("running"), Some("ok")), "{on_b}");
     let _ = b.wait_all_final(1, Duration::from_secs(60));
+
+    // Shared-nothing over smb: the disk blocks ride the same channels on both NICs.
+    a.json(&[
+        "vm",
+        "create",
+        "--name",
+        "mcd",
+        "--memory",
+        "32MiB",
+        "--guest",
+        "synthetic",
+        "--disk",
+        &format!("root:{}", (4 << 20) + 999),
+        "--disk-working-set",
+        "2MiB",
+        "--disk-write-rate",
+        "16MiB",
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    let out = a.json(&["move", "mcd", "--to", &b_addr.to_string(), "--wait", "--channels", "1", "--include-storage"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!((out["kind"].as_str(), out["verified"].as_bool()), (Some("shared-nothing"), Some(true)), "{out}");
+    assert!(out["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["verified"] == true && d["data_blocks"].as_u64() > Some(0)));
+    let m = a.json(&["migration", out["id"].as_str().unwrap()]);
+    assert_eq!(m["stats"]["multichannel"]["paths"].as_array().unwrap().len(), 2, "{m:#}");
+    let on_b = b.json(&["vm", "show", "mcd"]);
+    assert_eq!(on_b["disks"].as_array().unwrap().len(), 1, "{on_b}");
     drop(a);
     drop(b);
     drop(tb);
