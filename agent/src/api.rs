@@ -96,6 +96,10 @@ pub struct HostInfo {
     pub networks: Vec<String>,
     /// Any network may carry migrations.
     pub use_any_network: bool,
+    /// Protection of outgoing live moves: `aead`, `integrity` or `off` (the last two only over
+    /// networks marked trusted on both hosts; elsewhere `aead`).
+    #[serde(default = "aead")]
+    pub encryption: String,
     /// The shared directory of quick moves, if any.
     #[serde(default)]
     pub shared_storage: Option<String>,
@@ -135,6 +139,9 @@ pub struct HostPatch {
     /// Any network may carry migrations.
     #[serde(default)]
     pub use_any_network: Option<bool>,
+    /// `aead`, `integrity` or `off` (the last two need a network marked trusted).
+    #[serde(default)]
+    pub encryption: Option<String>,
 }
 
 /// A migration network (`GET`/`POST /v1/host/networks`).
@@ -282,6 +289,11 @@ pub struct MoveRequest {
     /// Downtime limit (1 ..= 60000 ms, default 300).
     #[serde(default)]
     pub downtime_ms: Option<u64>,
+    /// Frame protection: `aead`, `integrity` or `off` (default: the host's `encryption`
+    /// setting). `integrity` and `off` asked here are refused unless the network is marked
+    /// trusted on both hosts (live moves only).
+    #[serde(default)]
+    pub encryption: Option<String>,
     /// Live moves: the VM's disks travel with it on the migration session (shared-nothing live
     /// migration; journal kind `shared-nothing`). Without it a VM with disks is refused
     /// (`has_disks`): the destination has no copy of them.
@@ -355,6 +367,10 @@ pub struct MigrationInfo {
     pub expected_downtime_ms: f64,
     /// Payload bandwidth now.
     pub bandwidth_bytes_per_s: f64,
+    /// How its frames are protected (`aead`, `integrity`, `off`; null for quick and storage
+    /// moves, which send no frames).
+    #[serde(default)]
+    pub encryption: Option<String>,
     /// Engine statistics once it ended.
     pub stats: Option<serde_json::Value>,
     /// Every state change.
@@ -363,6 +379,10 @@ pub struct MigrationInfo {
 
 fn live() -> String {
     "live".into()
+}
+
+fn aead() -> String {
+    "aead".into()
 }
 
 impl MigrationInfo {
@@ -398,6 +418,14 @@ pub struct IncomingRequest {
     /// Multichannel (`smb`): channels arrive on every NIC of the destination.
     #[serde(default)]
     pub multichannel: bool,
+    /// The frame protection the source proposes (`None`: `aead`). The destination accepts
+    /// `integrity` and `off` only on a network it marks trusted.
+    #[serde(default)]
+    pub encryption: Option<String>,
+    /// The move itself asked for `encryption`: a destination that does not accept it refuses
+    /// the move (`untrusted_network`). Otherwise (the source host's setting) it answers `aead`.
+    #[serde(default)]
+    pub encryption_asked: bool,
     /// Shared-nothing: the disks that arrive with the VM (in the source's order); empty: none.
     #[serde(default)]
     pub disks: Vec<IncomingDisk>,
@@ -423,6 +451,10 @@ pub struct IncomingAccepted {
     /// The destination host's name (quick moves name it in the ownership record).
     #[serde(default)]
     pub host: String,
+    /// The protection its migration server accepts for this move (the one the source
+    /// proposed, or `aead`; `None`: `aead`). Channels asking another are refused in the handshake.
+    #[serde(default)]
+    pub encryption: Option<String>,
 }
 
 /// Peer answer: does this host own the VM?
@@ -469,6 +501,9 @@ pub struct PreflightRequest {
     /// Channels (1 ..= 16, default 2).
     #[serde(default)]
     pub channels: Option<u16>,
+    /// Frame protection the move would ask for (default: the host's setting).
+    #[serde(default)]
+    pub encryption: Option<String>,
     /// The move would carry the VM's disks (shared-nothing): can the destination take them?
     #[serde(default)]
     pub include_storage: bool,
@@ -479,7 +514,7 @@ pub struct PreflightRequest {
 pub struct Incompatibility {
     /// Stable code (`no_network`, `unreachable`, `key_mismatch`, `no_memory`, `no_kvm`,
     /// `name_taken`, `no_shared_storage`, `not_shared`, `bad_name`, `refused`, `has_disks`,
-    /// `no_disk_space`, `disk_exists`).
+    /// `no_disk_space`, `disk_exists`, `untrusted_network`).
     pub code: String,
     /// What stands in the way, in a sentence.
     pub message: String,
@@ -502,6 +537,9 @@ pub struct DestinationReport {
     pub kvm: bool,
     /// It has shared storage (quick moves).
     pub shared_storage: bool,
+    /// The protection it would accept for the move (live moves; `None`: `aead`).
+    #[serde(default)]
+    pub encryption: Option<String>,
     /// Shared-nothing: the directory the VM's disks would arrive in (null: the request
     /// carried no disks).
     #[serde(default)]
@@ -537,6 +575,11 @@ pub struct PreflightReport {
     pub option: String,
     /// The channels it would open (live moves).
     pub channels: u16,
+    /// The frame protection it would use (live moves; null for quick moves, which send no
+    /// frames), as both hosts agree on it.
+    pub encryption: Option<String>,
+    /// Why that protection (the setting or request, and the trusted networks it needs).
+    pub encryption_reason: String,
     /// The move would wait for a slot here or there (not an incompatibility).
     pub would_queue: bool,
     /// What the destination said (null if it could not be asked).

@@ -15,15 +15,26 @@
 //! disk_dir = "/var/lib/ferry/disks"    # VM disks, one directory per VM (default: STATE_DIR/disks)
 //! memory_reserve_bytes = 4294967296   # guest memory kept faulted in for the next incoming VM (default 0: off)
 //! max_vm_memory_bytes = 68719476736   # guest memory given to VMs in all (default: what the kernel has available)
+//! encryption = "aead"                 # aead | integrity | off (default aead; see below)
 //! [[networks]]
 //! subnet = "198.18.0.0/24"
 //! priority = 1
+//! trusted = false                     # integrity/off may be used here (default false)
 //! ```
+//!
+//! `encryption` is how the frames of outgoing live moves are protected
+//! ([`ferry_transport::Encryption`]). `aead` (AES-256-GCM, the default) everywhere;
+//! `integrity` (authenticated, not encrypted) and `off` (a header CRC only) apply only where the
+//! path is trusted on both sides: the destination's address is on a network this host marks
+//! `trusted`, and the destination's own address the same there ([`Settings::protection_for`],
+//! [`Settings::accepts`]); everywhere else the move uses `aead`. A config asking for `integrity`
+//! or `off` without any trusted network is refused at start.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ferry_transport::handshake::Psk;
+use ferry_transport::Encryption;
 use serde::{Deserialize, Serialize};
 
 /// A configuration that cannot be used: which key, and why.
@@ -64,6 +75,43 @@ pub struct NetworkEntry {
     /// Lower is preferred (default 0).
     #[serde(default)]
     pub priority: u32,
+    /// The operator trusts this network: moves over it may use `integrity` or `off` (default
+    /// false: `aead` only).
+    #[serde(default)]
+    pub trusted: bool,
+}
+
+/// An [`Encryption`] as its name in JSON (`"aead"`, `"integrity"`, `"off"`).
+pub mod encryption_name {
+    use ferry_transport::Encryption;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialize as the name.
+    pub fn serialize<S: Serializer>(m: &Encryption, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(m.as_str())
+    }
+
+    /// Parse the name.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Encryption, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parse a mode given by a person (config, API), naming the key when it is not one.
+pub fn parse_encryption(key: &str, v: &str) -> Result<Encryption, ConfigError> {
+    v.parse().map_err(|e: ferry_transport::crypto::UnknownEncryption| invalid(key, e.to_string()))
+}
+
+/// The protection a move uses, and why (what preflight and the journal report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Protection {
+    /// The mode.
+    pub mode: Encryption,
+    /// Why this mode, in a sentence.
+    pub why: String,
+    /// The move asked for it itself (not the host's setting): the destination must accept it
+    /// or refuse the move, never fall back to `aead`.
+    pub asked: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +136,7 @@ struct RawConfig {
     #[serde(default)]
     memory_reserve_bytes: i64,
     max_vm_memory_bytes: Option<i64>,
+    encryption: Option<String>,
 }
 
 /// Largest `memory_reserve_bytes` (1 TiB).
@@ -173,6 +222,10 @@ pub struct Settings {
     pub use_any_network: Option<bool>,
     /// Migration networks (kept sorted by priority).
     pub networks: Vec<NetworkEntry>,
+    /// Protection of outgoing live moves' frames (`integrity` and `off` only over trusted
+    /// networks; settings kept before this key existed read as `aead`).
+    #[serde(default, with = "encryption_name")]
+    pub encryption: Encryption,
 }
 
 impl Settings {
@@ -193,7 +246,83 @@ impl Settings {
         if self.networks.is_empty() && self.use_any_network == Some(false) {
             return Err(invalid("use_any_network", "is false but no network is listed: no move could ever leave"));
         }
-        Ok(())
+        check_encryption(self.encryption, &self.networks)
+    }
+
+    /// The trusted network `ip` is on, if any.
+    pub fn trusted_network(&self, ip: IpAddr) -> Option<Subnet> {
+        self.networks
+            .iter()
+            .filter(|n| n.trusted)
+            .filter_map(|n| Subnet::parse(&n.subnet).ok())
+            .find(|s| s.contains(ip))
+    }
+
+    /// Where a move's channels may go, is every network trusted? `multichannel`: channels
+    /// open on every network both hosts share, so every listed network must be trusted and
+    /// no other allowed; otherwise the network of `ip` (the one address channels go to).
+    /// `Ok`: the trusted network(s); `Err`: why not.
+    pub fn trusted_path(&self, ip: IpAddr, multichannel: bool) -> Result<String, String> {
+        if multichannel {
+            if self.any_network() {
+                return Err("multichannel moves may take any network here (use_any_network)".into());
+            }
+            return match self.networks.iter().find(|n| !n.trusted) {
+                Some(n) => Err(format!("multichannel moves take every listed network and {} is not trusted", n.subnet)),
+                None => Ok(self.networks.iter().map(|n| n.subnet.as_str()).collect::<Vec<_>>().join(", ")),
+            };
+        }
+        self.trusted_network(ip)
+            .map(|s| s.to_string())
+            .ok_or_else(|| format!("{ip} is on no migration network marked trusted"))
+    }
+
+    /// Source side: the protection of a move to `to`. `asked`: the move's own `encryption`
+    /// (`None`: this host's setting). A mode other than `aead` needs a trusted path here
+    /// ([`Self::trusted_path`]); the move's own request over an untrusted path is an error (the
+    /// move is refused), the host's setting falls back to `aead` there. The destination
+    /// decides its side ([`Self::accepts`]).
+    pub fn protection_for(
+        &self,
+        asked: Option<Encryption>,
+        to: IpAddr,
+        multichannel: bool,
+        host: &str,
+    ) -> Result<Protection, String> {
+        let by_move = asked.is_some();
+        let mode = asked.unwrap_or(self.encryption);
+        let source = if by_move { "asked by the move" } else { "the host's encryption setting" };
+        if mode == Encryption::Aead {
+            return Ok(Protection { mode, why: format!("aead: {source}"), asked: by_move });
+        }
+        match self.trusted_path(to, multichannel) {
+            Ok(nets) => Ok(Protection {
+                mode,
+                why: format!("{mode}: {source}; {nets} trusted on host {host} (the destination must trust its side)"),
+                asked: by_move,
+            }),
+            Err(why) if by_move => Err(format!(
+                "the move asks for encryption {mode}, but on host {host} {why}: integrity and off are only for \
+                 networks the operator marks trusted (network add --trusted)"
+            )),
+            Err(why) => Ok(Protection {
+                mode: Encryption::Aead,
+                why: format!("aead: the host's encryption setting is {mode}, but on host {host} {why}"),
+                asked: false,
+            }),
+        }
+    }
+
+    /// Destination side: may channels of a move protected with `mode` arrive on `local` (the
+    /// address the source reached; `multichannel`: any of this host's networks)? `Err` says why
+    /// not. `aead` is always accepted.
+    pub fn accepts(&self, mode: Encryption, local: IpAddr, multichannel: bool, host: &str) -> Result<(), String> {
+        if mode == Encryption::Aead {
+            return Ok(());
+        }
+        self.trusted_path(local, multichannel).map(|_| ()).map_err(|why| {
+            format!("the source asks for encryption {mode}, but on host {host} {why}: only aead is accepted")
+        })
     }
 
     /// Any network allowed: as set, or true while no network is listed.
@@ -248,6 +377,20 @@ impl Settings {
     }
 }
 
+/// `integrity` and `off` need a network the operator marks trusted.
+fn check_encryption(mode: Encryption, networks: &[NetworkEntry]) -> Result<(), ConfigError> {
+    if mode != Encryption::Aead && !networks.iter().any(|n| n.trusted) {
+        return Err(invalid(
+            "encryption",
+            format!(
+                "is {mode} but no migration network is marked trusted: integrity and off are only for networks \
+                 the operator marks trusted (networks[].trusted = true)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn check_option(o: &str) -> Result<(), ConfigError> {
     match o {
         "tcp" | "compression" | "smb" => Ok(()),
@@ -276,6 +419,10 @@ pub struct Config {
     pub max_storage_migrations: usize,
     /// Migration networks, by priority.
     pub networks: Vec<(Subnet, u32)>,
+    /// Of them, the ones marked trusted.
+    pub trusted_networks: Vec<Subnet>,
+    /// Protection of outgoing live moves (`integrity`/`off` only over trusted networks).
+    pub encryption: Encryption,
     /// Any network may carry migrations.
     pub use_any_network: bool,
     /// `use_any_network` as the file says (`None`: not given).
@@ -334,10 +481,19 @@ impl Config {
         let max_live_migrations = limit("max_live_migrations", raw.max_live_migrations)?;
         let max_storage_migrations = limit("max_storage_migrations", raw.max_storage_migrations)?;
         let mut networks = Vec::new();
+        let mut trusted_networks = Vec::new();
         for (i, n) in raw.networks.iter().enumerate() {
             let s = Subnet::parse(&n.subnet).map_err(|r| invalid(&format!("networks[{i}].subnet"), r))?;
             networks.push((s, n.priority));
+            if n.trusted {
+                trusted_networks.push(s);
+            }
         }
+        let encryption = match &raw.encryption {
+            Some(v) => parse_encryption("encryption", v)?,
+            None => Encryption::Aead,
+        };
+        check_encryption(encryption, &raw.networks)?;
         networks.sort_by_key(|n| n.1);
         let use_any_network = raw.use_any_network.unwrap_or(networks.is_empty());
         if networks.is_empty() && !use_any_network {
@@ -380,6 +536,8 @@ impl Config {
             max_live_migrations,
             max_storage_migrations,
             networks,
+            trusted_networks,
+            encryption,
             use_any_network,
             use_any_network_key: raw.use_any_network,
             performance_option: raw.performance_option,
@@ -395,7 +553,16 @@ impl Config {
             max_live_migrations: self.max_live_migrations,
             performance_option: self.performance_option.clone(),
             use_any_network: self.use_any_network_key,
-            networks: self.networks.iter().map(|(s, p)| NetworkEntry { subnet: s.to_string(), priority: *p }).collect(),
+            networks: self
+                .networks
+                .iter()
+                .map(|(s, p)| NetworkEntry {
+                    subnet: s.to_string(),
+                    priority: *p,
+                    trusted: self.trusted_networks.contains(s),
+                })
+                .collect(),
+            encryption: self.encryption,
         }
     }
 
@@ -492,10 +659,10 @@ mod tests {
         s.check().unwrap();
         assert!(!s.any_network() && s.network_allows("198.18.0.9".parse().unwrap()).is_ok());
         assert!(s.network_allows("198.19.0.9".parse().unwrap()).unwrap_err().contains("198.18.0.0/24"));
-        s.networks.push(NetworkEntry { subnet: "198.18.0.0/24".into(), priority: 2 });
+        s.networks.push(NetworkEntry { subnet: "198.18.0.0/24".into(), priority: 2, trusted: false });
         assert!(s.check().unwrap_err().to_string().contains("listed twice"));
         s.networks.pop();
-        s.networks.push(NetworkEntry { subnet: "198.19.0.0/33".into(), priority: 2 });
+        s.networks.push(NetworkEntry { subnet: "198.19.0.0/33".into(), priority: 2, trusted: false });
         assert!(s.check().unwrap_err().to_string().starts_with("networks[1].subnet: prefix \"33\""));
         s.networks.clear();
         assert!(s.any_network(), "no network listed and use_any_network not given: any");
@@ -518,6 +685,12 @@ mod tests {
             ("memory_reserve_bytes = 2199023255552\n", "memory_reserve_bytes: 2199023255552 is not in 0 ..= "),
             ("memory_reserve_bytes = -1\n", "memory_reserve_bytes: -1 is not in 0 ..= "),
             ("max_vm_memory_bytes = -5\n", "max_vm_memory_bytes: -5 is negative"),
+            ("encryption = \"rot13\"\n", "encryption: unknown encryption mode \"rot13\""),
+            ("encryption = \"off\"\n", "encryption: is off but no migration network is marked trusted"),
+            (
+                "encryption = \"integrity\"\n[[networks]]\nsubnet = \"198.18.0.0/24\"\n",
+                "encryption: is integrity but no migration network is marked trusted",
+            ),
         ];
         for (body, want) in cases {
             let (_d, t) = with_key(body);
@@ -528,5 +701,50 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("listen: \"nowhere\" is not an address"), "{e}");
+    }
+
+    #[test]
+    fn integrity_and_off_only_where_both_sides_trust_the_network() {
+        let (_d, t) = with_key("");
+        assert_eq!(Config::parse(&t).unwrap().settings().encryption, Encryption::Aead, "default");
+        let (_d, t) = with_key(
+            "encryption = \"off\"\n[[networks]]\nsubnet = \"198.18.0.0/24\"\ntrusted = true\n\
+             [[networks]]\nsubnet = \"198.18.1.0/24\"\npriority = 1\n",
+        );
+        let s = Config::parse(&t).unwrap().settings();
+        s.check().unwrap();
+        assert_eq!(s.encryption, Encryption::Off);
+        let (trusted, untrusted): (IpAddr, IpAddr) = ("198.18.0.2".parse().unwrap(), "198.18.1.2".parse().unwrap());
+        // The host's setting: off where trusted, aead elsewhere (with the reason).
+        assert_eq!(s.protection_for(None, trusted, false, "a").unwrap().mode, Encryption::Off);
+        let p = s.protection_for(None, untrusted, false, "a").unwrap();
+        assert_eq!(p.mode, Encryption::Aead);
+        assert!(p.why.contains("198.18.1.2 is on no migration network marked trusted") && !p.asked, "{p:?}");
+        // The move's own request over an untrusted network is refused, never weakened or widened.
+        let e = s.protection_for(Some(Encryption::Integrity), untrusted, false, "a").unwrap_err();
+        assert!(e.contains("asks for encryption integrity") && e.contains("198.18.1.2"), "{e}");
+        let p = s.protection_for(Some(Encryption::Integrity), trusted, false, "a").unwrap();
+        assert!(p.asked && p.mode == Encryption::Integrity, "{p:?}");
+        assert_eq!(s.protection_for(Some(Encryption::Aead), untrusted, false, "a").unwrap().mode, Encryption::Aead);
+        // Multichannel takes every network: one untrusted network is enough to refuse.
+        let e = s.protection_for(Some(Encryption::Off), trusted, true, "a").unwrap_err();
+        assert!(e.contains("198.18.1.0/24 is not trusted"), "{e}");
+        // The destination: aead always, the others only on a trusted address of its own.
+        s.accepts(Encryption::Aead, untrusted, false, "b").unwrap();
+        s.accepts(Encryption::Off, trusted, false, "b").unwrap();
+        let e = s.accepts(Encryption::Off, untrusted, false, "b").unwrap_err();
+        assert!(e.contains("only aead is accepted") && e.contains("host b"), "{e}");
+        // Settings kept before the key existed read as aead, networks as untrusted.
+        let old: Settings = serde_json::from_str(
+            r#"{"max_live_migrations":2,"performance_option":"tcp","use_any_network":null,
+                "networks":[{"subnet":"198.18.0.0/24","priority":0}]}"#,
+        )
+        .unwrap();
+        assert_eq!(old.encryption, Encryption::Aead);
+        assert!(!old.networks[0].trusted);
+        // Removing the last trusted network while the setting is off is refused.
+        let mut s2 = s.clone();
+        s2.networks.retain(|n| !n.trusted);
+        assert!(s2.check().unwrap_err().to_string().starts_with("encryption: is off"), "{s2:?}");
     }
 }

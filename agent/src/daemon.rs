@@ -50,13 +50,14 @@ use tracing::{info, warn, Instrument};
 
 use crate::api::*;
 use crate::client::{self, Endpoint};
-use crate::config::{Config, Settings, Subnet};
+use crate::config::{parse_encryption, Config, Settings, Subnet};
 use crate::limit::{Cancel, Limit, Slot};
 use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
 use crate::vmmctl::{
     self, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmCtlError, VmmRequest, VmmState, VmmStatus,
 };
+use ferry_transport::Encryption;
 
 /// Peer checks (about one a second) a live move's destination agent may miss in a row before the
 /// move is cancelled.
@@ -556,6 +557,7 @@ impl Agent {
         req: &IncomingRequest,
         on: std::net::IpAddr,
         receive_disks: &Option<vmmctl::ReceiveDisks>,
+        encryption: Encryption,
     ) -> Result<VmmStatus, VmmCtlError> {
         let socket = self.vm_socket(&req.vm);
         let order = vmmctl::AssignOrder {
@@ -565,6 +567,7 @@ impl Agent {
             receive_on: on,
             socket: socket.clone(),
             receive_disks: receive_disks.clone(),
+            encryption,
         };
         let r = vmmctl::call(standby, &VmmRequest::Assign(order)).await;
         if r.is_err() {
@@ -663,8 +666,16 @@ impl Agent {
             max_live_migrations: limit,
             max_storage_migrations: self.cfg.max_storage_migrations,
             performance_option: set.performance_option.clone(),
-            networks: set.subnets().iter().map(|(s, p)| format!("{s} priority {p}")).collect(),
+            networks: set
+                .subnets()
+                .iter()
+                .map(|(s, p)| {
+                    let trusted = set.networks.iter().any(|n| n.trusted && Subnet::parse(&n.subnet).ok() == Some(*s));
+                    format!("{s} priority {p}{}", if trusted { " trusted" } else { "" })
+                })
+                .collect(),
             use_any_network: set.any_network(),
+            encryption: set.encryption.to_string(),
             shared_storage: self.cfg.shared_storage.as_ref().map(|p| p.display().to_string()),
             active_migrations: active,
             queued_migrations: queued,
@@ -733,6 +744,21 @@ impl Agent {
         settings
             .network_allows(to.ip())
             .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "no_network", why))?;
+        let asked = parse_asked(req.encryption.as_deref())?;
+        let protection = match req.kind {
+            MoveKind::Quick if asked.is_some() => {
+                return Err(ApiError::bad(
+                    "encryption applies to live moves: a quick move sends no frames (the image goes through \
+                     the shared storage)",
+                ))
+            }
+            MoveKind::Quick => None,
+            MoveKind::Live => Some(
+                settings
+                    .protection_for(asked, to.ip(), settings.multichannel(), &self.cfg.name)
+                    .map_err(|why| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "untrusted_network", why))?,
+            ),
+        };
         if req.retain_source_disks && !req.include_storage {
             return Err(ApiError::bad("retain_source_disks needs include_storage"));
         }
@@ -759,11 +785,18 @@ impl Agent {
             e.busy = Some(id.clone());
             e.row.clone()
         };
-        if let Err(err) =
-            self.store().new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, kind_name)
-        {
+        let journaled = {
+            let store = self.store();
+            store.new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, kind_name).and_then(|()| {
+                match &protection {
+                    Some(p) => store.set_encryption(&id, p.mode.as_str()),
+                    None => Ok(()),
+                }
+            })
+        };
+        if let Err(e) = journaled {
             self.unbusy(&req.vm);
-            return Err(err.into());
+            return Err(e.into());
         }
         let cancel = self.open_queued(&id);
         let a = self.clone();
@@ -772,6 +805,10 @@ impl Agent {
             policy: settings.policy_string(),
             channels_per_path: channels,
         });
+        let (encryption, asked) = protection.as_ref().map(|p| (p.mode, p.asked)).unwrap_or_default();
+        if let Some(p) = &protection {
+            info!(parent: &span, encryption = p.mode.as_str(), why = %p.why, "frame protection");
+        }
         let order = MigrateOrder {
             id: id.clone(),
             to,
@@ -781,10 +818,11 @@ impl Agent {
             multichannel,
             include_storage: disk_count > 0,
             retain_source_disks: req.retain_source_disks,
+            encryption,
         };
         let id2 = id.clone();
         let kind = req.kind;
-        tokio::spawn(async move { a.run_move(id2, row, order, kind, cancel).await }.instrument(span));
+        tokio::spawn(async move { a.run_move(id2, row, order, kind, asked, cancel).await }.instrument(span));
         Ok(MoveAccepted { id, status: "queued".into() })
     }
 
@@ -877,6 +915,7 @@ impl Agent {
         row: VmRow,
         order: MigrateOrder,
         kind: MoveKind,
+        encryption_asked: bool,
         cancel: Arc<Cancel>,
     ) {
         info!(to = %order.to, kind = kind.name(), "move queued");
@@ -887,7 +926,7 @@ impl Agent {
         };
         self.journal(&id, "setup", None, true);
         let r = match kind {
-            MoveKind::Live => self.move_in_slot(&id, &row, order, &cancel).await,
+            MoveKind::Live => self.move_in_slot(&id, &row, order, encryption_asked, &cancel).await,
             MoveKind::Quick => self.quick_in_slot(&id, &row, &peer, &cancel).await,
         };
         self.finish_outgoing(&id, &row, &peer, r).await;
@@ -925,6 +964,8 @@ impl Agent {
             probe: Some(probe),
             multichannel: false,
             disks: Vec::new(),
+            encryption: None,
+            encryption_asked: false,
         };
         let admitted = self.ask_admission(&req, peer, cancel).await;
         let _ = std::fs::remove_file(&probe_path);
@@ -1010,6 +1051,7 @@ impl Agent {
         id: &str,
         row: &VmRow,
         mut order: MigrateOrder,
+        encryption_asked: bool,
         cancel: &Arc<Cancel>,
     ) -> Result<MigrationReport, (String, String)> {
         let fail = |status: &str, why: String| (status.to_string(), why);
@@ -1032,10 +1074,31 @@ impl Agent {
             probe: None,
             multichannel: order.multichannel.is_some(),
             disks,
+            encryption: Some(order.encryption.to_string()),
+            encryption_asked,
         };
         let peer = order.to.to_string();
         // The destination admits under its own limit; while it is busy, ask again.
         let accepted = self.ask_admission(&req, &peer, cancel).await?;
+        // It accepts what was proposed, or aead where it does not trust its side (only when
+        // the move did not ask for the mode itself); anything else is a peer not to follow.
+        let agreed = match accepted.encryption.as_deref().map(str::parse::<Encryption>).transpose() {
+            Ok(m) => m.unwrap_or(Encryption::Aead),
+            Err(e) => return Err(fail("failed", format!("destination answered a bad protection: {e}"))),
+        };
+        if agreed != order.encryption {
+            if agreed != Encryption::Aead || encryption_asked {
+                return Err(fail(
+                    "failed",
+                    format!("destination agreed to encryption {agreed}, not the {} this move uses", order.encryption),
+                ));
+            }
+            info!(proposed = order.encryption.as_str(), "the destination does not trust its side: aead");
+            order.encryption = agreed;
+            if let Err(e) = self.store().set_encryption(id, agreed.as_str()) {
+                warn!(error = %e, "journaling the protection");
+            }
+        }
         order.to = match accepted.migration_addr.parse() {
             Ok(a) => a,
             Err(_) => {
@@ -1442,6 +1505,10 @@ impl Agent {
         if lock(&self.vms).contains_key(&req.vm) {
             return Err(ApiError::conflict(format!("a VM named {:?} is already on host {}", req.vm, self.cfg.name)));
         }
+        let encryption = match req.kind {
+            MoveKind::Live => Some(self.incoming_protection(&req)?),
+            MoveKind::Quick => None,
+        };
         // A live arrival goes into the standby VMM's reserve when it holds the VM (that memory
         // is already taken from the host: no further check).
         let standby = match req.kind {
@@ -1509,6 +1576,7 @@ impl Agent {
                 return Err(ApiError::internal(format!("creating {}: {e}", r.dir.display())));
             }
         }
+        let mode = encryption.unwrap_or_default();
         let mut extra = match &quick {
             // Multichannel: channels arrive on every NIC, so listen on all of them.
             None if req.multichannel => {
@@ -1517,9 +1585,14 @@ impl Agent {
                 } else {
                     std::net::Ipv6Addr::UNSPECIFIED.into()
                 };
-                vec!["--receive-on".to_string(), any.to_string()]
+                vec!["--receive-on".to_string(), any.to_string(), "--encryption".into(), mode.to_string()]
             }
-            None => vec!["--receive-on".to_string(), self.cfg.listen.ip().to_string()],
+            None => vec![
+                "--receive-on".to_string(),
+                self.cfg.listen.ip().to_string(),
+                "--encryption".into(),
+                mode.to_string(),
+            ],
             Some(dir) => vec![
                 "--quick-dir".to_string(),
                 dir.display().to_string(),
@@ -1530,13 +1603,15 @@ impl Agent {
             ],
         };
         let assigned = match (&standby, extra.get(1).and_then(|ip| ip.parse().ok())) {
-            (Some(sb), Some(ip)) if quick.is_none() => match self.assign_standby(sb, &req, ip, &receive_disks).await {
-                Ok(st) => Some(st),
-                Err(e) => {
-                    warn!(error = %e, "the standby VMM refused the VM; receiving into cold memory");
-                    None
+            (Some(sb), Some(ip)) if quick.is_none() => {
+                match self.assign_standby(sb, &req, ip, &receive_disks, mode).await {
+                    Ok(st) => Some(st),
+                    Err(e) => {
+                        warn!(error = %e, "the standby VMM refused the VM; receiving into cold memory");
+                        None
+                    }
                 }
-            },
+            }
             _ => None,
         };
         if standby.is_some() && assigned.is_none() {
@@ -1574,7 +1649,10 @@ impl Agent {
             true,
             move_kind_name(req.kind, !req.disks.is_empty()),
         )?;
-        info!(migration = req.id, vm = req.vm, source = req.source, "incoming migration admitted");
+        if let Some(m) = encryption {
+            self.store().set_encryption(&req.id, m.as_str())?;
+        }
+        info!(migration = req.id, vm = req.vm, source = req.source, encryption = ?encryption, "incoming migration admitted");
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
         lock(&self.live).insert(req.id.clone(), Live::default());
         // Channel 0 goes to the address the source reached this agent at.
@@ -1582,7 +1660,29 @@ impl Agent {
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %req.id, vm = %req.vm, direction = "incoming");
         tokio::spawn(async move { a.watch_incoming(req.id, row, slot).await }.instrument(span));
-        Ok(IncomingAccepted { migration_addr: addr, host: self.cfg.name.clone() })
+        Ok(IncomingAccepted {
+            migration_addr: addr,
+            host: self.cfg.name.clone(),
+            encryption: encryption.map(|m| m.to_string()),
+        })
+    }
+
+    /// The protection this host's migration server accepts for a live arrival: what the
+    /// source proposes where this host trusts the network its channels arrive on (the address
+    /// the source reached; multichannel: every listed network), else `aead`, or, when the move
+    /// itself asked for the mode, a refusal (`untrusted_network`).
+    fn incoming_protection(&self, req: &IncomingRequest) -> ApiResult<Encryption> {
+        let proposed = parse_asked(req.encryption.as_deref())?.unwrap_or(Encryption::Aead);
+        match self.settings().accepts(proposed, self.cfg.listen.ip(), req.multichannel, &self.cfg.name) {
+            Ok(()) => Ok(proposed),
+            Err(why) if req.encryption_asked => {
+                Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "untrusted_network", why))
+            }
+            Err(why) => {
+                info!(migration = req.id, %why, "aead instead of the source's setting");
+                Ok(Encryption::Aead)
+            }
+        }
     }
 
     /// May this host receive a quick move? `Ok`: the shared directory, which the source's
@@ -1676,8 +1776,19 @@ impl Agent {
             add(e.code, e.message.clone());
         }
         let room = room.ok().flatten();
+        let encryption = match req.kind {
+            MoveKind::Quick => None,
+            MoveKind::Live => match self.incoming_protection(req) {
+                Ok(m) => Some(m.to_string()),
+                Err(e) => {
+                    add(e.code, e.message);
+                    None
+                }
+            },
+        };
         let (limit, active, queued) = self.limit.snapshot();
         DestinationReport {
+            encryption,
             name: self.cfg.name.clone(),
             max_live_migrations: limit,
             active_migrations: active,
@@ -1804,6 +1915,21 @@ impl Agent {
         if let Err(why) = settings.network_allows(to.ip()) {
             add("no_network", why);
         }
+        let asked = parse_asked(req.encryption.as_deref())?;
+        let protection = match req.kind {
+            MoveKind::Quick if asked.is_some() => {
+                add("bad_request", "encryption applies to live moves: a quick move sends no frames".into());
+                None
+            }
+            MoveKind::Quick => None,
+            MoveKind::Live => match settings.protection_for(asked, to.ip(), settings.multichannel(), &self.cfg.name) {
+                Ok(p) => Some(p),
+                Err(why) => {
+                    add("untrusted_network", why);
+                    None
+                }
+            },
+        };
         if let Some(m) = &e.busy {
             add("moving", format!("VM {:?} is moving now (migration {m})", req.vm));
         }
@@ -1847,6 +1973,8 @@ impl Agent {
             probe: probe.as_ref().map(|p| p.1.clone()),
             multichannel: settings.multichannel(),
             disks: carried,
+            encryption: protection.as_ref().map(|p| p.mode.to_string()),
+            encryption_asked: protection.as_ref().is_some_and(|p| p.asked),
         };
         let body = serde_json::to_vec(&ask).map_err(|e| ApiError::internal(e.to_string()))?;
         let answer = self.peer_call("POST", &req.to, "/peer/v1/preflight", Some(body)).await;
@@ -1877,6 +2005,19 @@ impl Agent {
         if let Some(d) = &destination {
             inc.extend(d.incompatibilities.iter().cloned());
         }
+        // The protection both sides agree on: the destination's answer where it gave one.
+        let (encryption, encryption_reason) = match (&protection, destination.as_ref().map(|d| &d.encryption)) {
+            (None, _) if req.kind == MoveKind::Quick => (None, "a quick move sends no frames".to_string()),
+            (None, _) => (None, "refused: see untrusted_network".to_string()),
+            (Some(p), Some(Some(d))) if *d != p.mode.as_str() => (
+                Some(d.clone()),
+                format!("{d}: the destination does not trust its side for {} (the host's setting)", p.mode),
+            ),
+            (Some(p), Some(None)) if p.mode != Encryption::Aead => {
+                (None, format!("{}: refused by the destination (see its incompatibilities)", p.mode))
+            }
+            (Some(p), _) => (Some(p.mode.to_string()), p.why.clone()),
+        };
         let (limit, active, queued) = self.limit.snapshot();
         let would_queue = active >= limit
             || queued > 0
@@ -1892,6 +2033,8 @@ impl Agent {
             network,
             option,
             channels,
+            encryption,
+            encryption_reason,
             would_queue,
             destination,
             incompatibilities: inc,
@@ -2157,6 +2300,11 @@ fn move_kind_name(kind: MoveKind, with_disks: bool) -> &'static str {
     }
 }
 
+/// A mode given in a request (`None`: not given).
+fn parse_asked(v: Option<&str>) -> ApiResult<Option<Encryption>> {
+    v.map(|v| parse_encryption("encryption", v)).transpose().map_err(|e| ApiError::bad(e.to_string()))
+}
+
 fn check_disks(disks: &[DiskRequest]) -> ApiResult<()> {
     if disks.len() > MAX_DISKS {
         return Err(ApiError::bad(format!("{} disks: at most {MAX_DISKS}", disks.len())));
@@ -2212,9 +2360,10 @@ async fn h_host_patch(State(a): Ag, body: Bytes) -> ApiResult<Json<HostInfo>> {
     let p: HostPatch = parse_json(&body)?;
     if p == HostPatch::default() {
         return Err(ApiError::bad(
-            "nothing to change: give max_live_migrations, performance_option or use_any_network",
+            "nothing to change: give max_live_migrations, performance_option, use_any_network or encryption",
         ));
     }
+    let encryption = parse_asked(p.encryption.as_deref())?;
     a.change_settings(|s| {
         if let Some(n) = p.max_live_migrations {
             s.max_live_migrations = n;
@@ -2224,6 +2373,9 @@ async fn h_host_patch(State(a): Ag, body: Bytes) -> ApiResult<Json<HostInfo>> {
         }
         if let Some(u) = p.use_any_network {
             s.use_any_network = Some(u);
+        }
+        if let Some(m) = encryption {
+            s.encryption = m;
         }
         Ok(())
     })?;
@@ -2247,7 +2399,7 @@ async fn h_network_add(State(a): Ag, body: Bytes) -> ApiResult<(StatusCode, Json
         if s.networks.iter().any(|m| Subnet::parse(&m.subnet).ok() == Some(subnet)) {
             return Err(ApiError::conflict(format!("network {subnet} is listed already")));
         }
-        s.networks.push(Network { subnet: subnet.to_string(), priority: n.priority });
+        s.networks.push(Network { subnet: subnet.to_string(), priority: n.priority, trusted: n.trusted });
         Ok(())
     })?;
     Ok((StatusCode::CREATED, Json(networks_of(&s))))

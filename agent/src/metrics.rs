@@ -9,6 +9,7 @@
 //! | `ferry_vms` | gauge | |
 //! | `ferry_storage_migrations_active`, `ferry_storage_migrations_queued`, `ferry_max_storage_migrations` | gauge | |
 //! | `ferry_migrations_total` | counter | `direction` (`outgoing`, `incoming`, `local`: storage moves), `status`, `reason` (failed ones: `unreachable`, `refused`, `busy`, `cancelled`, `verify`, `engine`, `agent_restart`, `other`) |
+//! | `ferry_migrations_by_encryption_total` | counter | `direction`, `status`, `encryption` (`aead`, `integrity`, `off`: live moves that ended) |
 //! | `ferry_storage_migration_downtime_milliseconds` | histogram | (completed storage moves) |
 //! | `ferry_migration_downtime_milliseconds` | histogram | (completed outgoing) |
 //! | `ferry_migration_total_milliseconds` | histogram | (completed outgoing) |
@@ -31,6 +32,13 @@ struct MigrationLabels {
     direction: String,
     status: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EncryptionLabels {
+    direction: String,
+    status: String,
+    encryption: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +119,7 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
     gauge(&mut reg, "ferry_storage_migrations_queued", "Storage moves waiting for a slot", now.storage_queued);
     gauge(&mut reg, "ferry_max_storage_migrations", "The storage move limit", now.storage_limit);
     let by = Family::<MigrationLabels, Counter>::default();
+    let by_encryption = Family::<EncryptionLabels, Counter>::default();
     let downtime = Histogram::new(exponential_buckets(1.0, 2.0, 16));
     let total = Histogram::new(exponential_buckets(10.0, 2.0, 16));
     let storage_downtime = Histogram::new(exponential_buckets(0.125, 2.0, 16));
@@ -127,6 +136,15 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
             reason: reason(m).into(),
         })
         .inc();
+        if let Some(e) = &m.encryption {
+            by_encryption
+                .get_or_create(&EncryptionLabels {
+                    direction: m.direction.clone(),
+                    status: m.status.clone(),
+                    encryption: e.clone(),
+                })
+                .inc();
+        }
         if m.status == "completed" && m.kind == "storage" {
             if let Some(d) = m.downtime_ms {
                 storage_downtime.observe(d);
@@ -151,6 +169,11 @@ pub fn render(now: &Now, journal: &[MigrationInfo]) -> String {
         }
     }
     reg.register("ferry_migrations", "Migrations that ended, by direction, status and reason", by);
+    reg.register(
+        "ferry_migrations_by_encryption",
+        "Live migrations that ended, by direction, status and frame protection",
+        by_encryption,
+    );
     reg.register("ferry_migration_downtime_milliseconds", "Downtime of completed outgoing migrations", downtime);
     reg.register("ferry_migration_total_milliseconds", "Total time of completed outgoing migrations", total);
     reg.register("ferry_storage_migration_downtime_milliseconds", "Pause of completed storage moves", storage_downtime);

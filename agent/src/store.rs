@@ -77,6 +77,14 @@ impl Store {
         if has_kind == 0 {
             db.execute_batch("ALTER TABLE migrations ADD COLUMN kind TEXT NOT NULL DEFAULT 'live';")?;
         }
+        // Journals written before the protection was recorded: unknown (NULL).
+        let has_encryption: i64 =
+            db.query_row("SELECT COUNT(*) FROM pragma_table_info('migrations') WHERE name = 'encryption'", [], |r| {
+                r.get(0)
+            })?;
+        if has_encryption == 0 {
+            db.execute_batch("ALTER TABLE migrations ADD COLUMN encryption TEXT;")?;
+        }
         Ok(Self { db })
     }
 
@@ -195,6 +203,12 @@ impl Store {
         Ok(())
     }
 
+    /// Record how a migration's frames are protected (`aead`, `integrity`, `off`).
+    pub fn set_encryption(&self, id: &str, mode: &str) -> Result<(), StoreError> {
+        self.db.execute("UPDATE migrations SET encryption = ?2 WHERE id = ?1", params![id, mode])?;
+        Ok(())
+    }
+
     /// Keep the engine's statistics with the migration.
     pub fn set_stats(&self, id: &str, stats: &serde_json::Value) -> Result<(), StoreError> {
         self.db.execute("UPDATE migrations SET stats = ?2 WHERE id = ?1", params![id, stats.to_string()])?;
@@ -211,7 +225,7 @@ impl Store {
         let m = self
             .db
             .query_row(
-                "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats, kind
+                "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats, kind, encryption
                  FROM migrations WHERE id = ?1",
                 params![id],
                 row_to_info,
@@ -225,7 +239,7 @@ impl Store {
     /// Every migration, newest first (at most `limit`).
     pub fn migrations(&self, limit: usize) -> Result<Vec<MigrationInfo>, StoreError> {
         let mut st = self.db.prepare(
-            "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats, kind
+            "SELECT id, vm, direction, peer, status, queued_at, started_at, finished_at, error, stats, kind, encryption
              FROM migrations ORDER BY queued_at DESC, rowid DESC LIMIT ?1",
         )?;
         let rows = st.query_map(params![limit as i64], row_to_info)?;
@@ -259,6 +273,7 @@ fn row_to_info(r: &rusqlite::Row<'_>) -> rusqlite::Result<MigrationInfo> {
         vm: r.get(1)?,
         direction: r.get(2)?,
         kind: r.get(10)?,
+        encryption: r.get(11)?,
         peer: r.get(3)?,
         status: r.get(4)?,
         queued_at: rfc3339(r.get(5)?),
@@ -299,10 +314,14 @@ mod tests {
         assert_eq!(st, ["queued", "setup", "failed"]);
         assert!(m.queued_at.ends_with('Z') && m.queued_at.contains('T'), "{}", m.queued_at);
         assert!(s.unfinished().unwrap().is_empty());
+        assert_eq!(m.encryption, None, "not recorded yet");
+        s.set_encryption("m1", "integrity").unwrap();
         // Reopened, the journal is still there.
         drop(s);
         let s = Store::open(&dir).unwrap();
-        assert_eq!(s.migrations(10).unwrap().len(), 1);
+        let all = s.migrations(10).unwrap();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].encryption.as_deref(), Some("integrity"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

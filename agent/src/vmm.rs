@@ -77,6 +77,9 @@ pub struct VmmArgs {
     pub key: Psk,
     /// Incoming: listen for the migration on this IP (a free port).
     pub receive_on: Option<IpAddr>,
+    /// Incoming: the only frame protection the migration server accepts (a source asking
+    /// another is refused in the handshake, which names both).
+    pub encryption: ferry_transport::Encryption,
     /// Incoming by quick migration: load the VM from the shared directory once its record
     /// names this host.
     pub quick_load: Option<QuickLoad>,
@@ -391,6 +394,7 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
                 args.guest = order.guest;
                 args.memory_bytes = order.memory_bytes;
                 args.receive_on = Some(order.receive_on);
+                args.encryption = order.encryption;
                 args.socket = order.socket;
                 args.receive_disks = order.receive_disks;
                 reserve = Some(r);
@@ -553,7 +557,7 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>
         psk: a.key.clone(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(10),
-        encryption: Default::default(),
+        encryption: a.encryption,
     };
     let acc = TcpAcceptor::bind(SocketAddr::new(ip, 0), TcpOptions::default(), hs).map_err(|e| VmmError::Io {
         what: format!("listening on {ip}"),
@@ -950,7 +954,8 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
     if !option.is_tcp() {
         return Err(format!("option {option} is not served by the agent yet"));
     }
-    let opts = option.tcp_options(ZSTD_LEVEL);
+    let mut opts = option.tcp_options(ZSTD_LEVEL);
+    opts.encryption = Some(order.encryption);
     let mut g = vmm.lock();
     if g.state != VmmState::Running && g.state != VmmState::Paused {
         return Err(format!("the VM is {:?}, not running here", g.state));

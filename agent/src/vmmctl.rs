@@ -88,6 +88,10 @@ pub struct AssignOrder {
     pub receive_on: std::net::IpAddr,
     /// The VM's control socket path: the standby VMM moves its socket there.
     pub socket: std::path::PathBuf,
+    /// The only frame protection its migration server accepts (decided with the source's
+    /// agent when the migration was admitted).
+    #[serde(default, with = "crate::config::encryption_name")]
+    pub encryption: ferry_transport::Encryption,
     /// Shared-nothing: where the VM's disks arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receive_disks: Option<ReceiveDisks>,
@@ -142,6 +146,9 @@ pub struct MigrateOrder {
     /// Shared-nothing: keep the disk files here after the destination runs the VM.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub retain_source_disks: bool,
+    /// Frame protection the channels ask for (the destination agreed to it at admission).
+    #[serde(default, with = "crate::config::encryption_name")]
+    pub encryption: ferry_transport::Encryption,
 }
 
 /// How a multichannel session pairs NICs.
@@ -333,9 +340,19 @@ mod tests {
             multichannel: None,
             include_storage: false,
             retain_source_disks: false,
+            encryption: ferry_transport::Encryption::Off,
         });
         let s = serde_json::to_string(&r).unwrap();
-        assert_eq!(s, r#"{"op":"migrate","id":"m1","to":"127.0.0.1:9","channels":2,"option":"tcp","downtime_ms":300}"#);
+        assert_eq!(
+            s,
+            r#"{"op":"migrate","id":"m1","to":"127.0.0.1:9","channels":2,"option":"tcp","downtime_ms":300,"encryption":"off"}"#
+        );
+        // An order without the key (an older agent) asks for aead.
+        let old = r#"{"op":"migrate","id":"m1","to":"127.0.0.1:9","channels":2,"option":"tcp","downtime_ms":300}"#;
+        match serde_json::from_str::<VmmRequest>(old).unwrap() {
+            VmmRequest::Migrate(o) => assert_eq!(o.encryption, ferry_transport::Encryption::Aead),
+            other => panic!("{other:?}"),
+        }
         assert_eq!(serde_json::from_str::<VmmRequest>(&s).unwrap(), r);
         assert_eq!(serde_json::to_string(&VmmRequest::Status).unwrap(), r#"{"op":"status"}"#);
         assert!(serde_json::from_str::<VmmRequest>(r#"{"op":"format_disk"}"#).is_err());

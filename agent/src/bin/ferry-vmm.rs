@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! ferry-vmm --socket S --name NAME --guest synthetic|kvm --memory-bytes N --key-file F
-//!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP]
+//!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP [--encryption MODE]]
 //!           [--quick-dir DIR --quick-host NAME --quick-id ID]
 //!           [--disk PATH]... [--disk-working-set-bytes N] [--disk-write-rate-bytes-per-s N]
 //!           [--receive-disk-dir DIR --receive-disk NAME...]
@@ -54,6 +54,9 @@ struct Cli {
     /// Receive the VM: listen for one migration on this IP (a free port) instead of booting.
     #[arg(long)]
     receive_on: Option<std::net::IpAddr>,
+    /// Receiving: the only frame protection accepted (aead, integrity, off).
+    #[arg(long, default_value_t = ferry_transport::Encryption::Aead)]
+    encryption: ferry_transport::Encryption,
     /// Receive the VM by quick migration: load it from this shared directory once its
     /// ownership record names `--quick-host` (with `--quick-host` and `--quick-id`).
     #[arg(long, requires_all = ["quick_host", "quick_id"])]
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
         dirty_rate_bytes_per_s: c.dirty_rate_bytes_per_s,
         key,
         receive_on: c.receive_on,
+        encryption: c.encryption,
         quick_load: match (c.quick_dir, c.quick_host, c.quick_id) {
             (Some(dir), Some(host), Some(id)) => Some(QuickLoad { dir, host, id }),
             _ => None,

@@ -4,8 +4,8 @@
 //! ```text
 //! ferry [--api SOCKET] [--json] host show
 //! ferry [--api SOCKET] [--json] host set [--max-live-migrations N] [--option tcp|compression|smb]
-//!                                  [--use-any-network true|false]
-//! ferry [--api SOCKET] [--json] network list | network add SUBNET [--priority N] |
+//!                                  [--use-any-network true|false] [--encryption aead|integrity|off]
+//! ferry [--api SOCKET] [--json] network list | network add SUBNET [--priority N] [--trusted] |
 //!                                  network remove SUBNET
 //! ferry [--api SOCKET] [--json] vm create --name NAME --memory SIZE --guest synthetic|kvm
 //!                                  [--working-set SIZE] [--dirty-rate SIZE] [--disk NAME:SIZE]...
@@ -13,14 +13,15 @@
 //! ferry [--api SOCKET] [--json] vm list | vm show|pause|resume|delete NAME
 //! ferry [--api SOCKET] [--json] vm move-storage NAME --path DIR [--wait]
 //! ferry [--api SOCKET] [--json] move NAME --to ADDR [--quick] [--option tcp|zstd|zstd-always] [--channels N]
-//!                                  [--downtime-ms N] [--include-storage [--retain-source-disks]] [--wait]
+//!                                  [--encryption aead|integrity|off] [--downtime-ms N]
+//!                                  [--include-storage [--retain-source-disks]] [--wait]
 //! ferry [--api SOCKET] [--json] preflight NAME --to ADDR [--quick] [--option ...] [--channels N]
-//!                                  [--include-storage]
+//!                                  [--include-storage] [--encryption MODE]
 //! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
 //! ```
 //!
 //! With `--json` every command prints JSON (`move --wait`: one object with `status`,
-//! `verified`, `total_ms`, `downtime_ms`, `kind`, `disks` (shared-nothing: per disk `verified`,
+//! `verified`, `total_ms`, `downtime_ms`, `kind`, `encryption`, `disks` (shared-nothing: per disk `verified`,
 //! `source_removed`, ...); `vm move-storage --wait`: one object with `status`,
 //! `total_ms`, `downtime_ms`, `transferred_bytes`, `disks`; `migrations`: an array whose items have `id`, `vm`,
 //! `direction`, `status`, `started_at`, `finished_at`). On a terminal `move --wait` shows a
@@ -107,6 +108,10 @@ enum HostCmd {
         /// Whether any network may carry migrations (true or false).
         #[arg(long, action = clap::ArgAction::Set)]
         use_any_network: Option<bool>,
+        /// Frame protection of outgoing moves: aead, integrity or off (the last two apply only
+        /// over networks marked trusted on both hosts, and need one marked trusted here).
+        #[arg(long)]
+        encryption: Option<ferry_transport::Encryption>,
     },
 }
 
@@ -121,6 +126,9 @@ enum NetworkCmd {
         /// Lower is preferred.
         #[arg(long, default_value_t = 0)]
         priority: u32,
+        /// The operator trusts this network: moves over it may use integrity or off.
+        #[arg(long)]
+        trusted: bool,
     },
     /// Remove a migration network.
     Remove {
@@ -217,6 +225,10 @@ struct Route {
     /// Channels.
     #[arg(long)]
     channels: Option<u16>,
+    /// Frame protection: aead, integrity or off (default: the host's setting; integrity and off
+    /// are refused unless the network is marked trusted on both hosts).
+    #[arg(long)]
+    encryption: Option<ferry_transport::Encryption>,
     /// Carry the VM's disks on the migration session (shared-nothing live migration): the
     /// destination receives copies, and the files here go once it runs the VM.
     #[arg(long, conflicts_with = "quick")]
@@ -312,7 +324,15 @@ fn vm_line(v: &Value) -> String {
 fn migration_line(m: &Value) -> String {
     let s = |k: &str| m.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
     let f = |k: &str| m.get(k).and_then(Value::as_f64);
-    let mut l = format!("{} {:<16} {:<8} {:<10} {}", s("id"), s("vm"), s("direction"), s("status"), s("peer"));
+    let mut l = format!(
+        "{} {:<16} {:<8} {:<10} {:<9} {}",
+        s("id"),
+        s("vm"),
+        s("direction"),
+        s("status"),
+        s("encryption"),
+        s("peer")
+    );
     if let (Some(t), Some(d)) = (f("total_ms"), f("downtime_ms")) {
         l += &format!("  total {t:.0} ms, downtime {d:.1} ms");
     }
@@ -330,8 +350,13 @@ async fn run(c: Cli) -> Result<(), Fail> {
             let v = api.call("GET", "/v1/host", None).await?;
             print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
         }
-        Cmd::Host { cmd: HostCmd::Set { max_live_migrations, option, use_any_network } } => {
-            let patch = HostPatch { max_live_migrations, performance_option: option, use_any_network };
+        Cmd::Host { cmd: HostCmd::Set { max_live_migrations, option, use_any_network, encryption } } => {
+            let patch = HostPatch {
+                max_live_migrations,
+                performance_option: option,
+                use_any_network,
+                encryption: encryption.map(|m| m.to_string()),
+            };
             let body = serde_json::to_value(&patch).map_err(|e| Fail::Refused(e.to_string()))?;
             let v = api.call("PATCH", "/v1/host", Some(body)).await?;
             print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
@@ -339,8 +364,9 @@ async fn run(c: Cli) -> Result<(), Fail> {
         Cmd::Network { cmd } => {
             let v = match cmd {
                 NetworkCmd::List => api.call("GET", "/v1/host/networks", None).await?,
-                NetworkCmd::Add { subnet, priority } => {
-                    api.call("POST", "/v1/host/networks", Some(json!({"subnet": subnet, "priority": priority}))).await?
+                NetworkCmd::Add { subnet, priority, trusted } => {
+                    let n = json!({"subnet": subnet, "priority": priority, "trusted": trusted});
+                    api.call("POST", "/v1/host/networks", Some(n)).await?
                 }
                 NetworkCmd::Remove { subnet } => {
                     api.call("DELETE", "/v1/host/networks", Some(json!({"subnet": subnet}))).await?
@@ -353,9 +379,10 @@ async fn run(c: Cli) -> Result<(), Fail> {
                         a.iter()
                             .map(|n| {
                                 format!(
-                                    "{} priority {}",
+                                    "{} priority {}{}",
                                     n["subnet"].as_str().unwrap_or("-"),
-                                    n["priority"].as_u64().unwrap_or(0)
+                                    n["priority"].as_u64().unwrap_or(0),
+                                    if n["trusted"] == true { " trusted" } else { "" }
                                 )
                             })
                             .collect()
@@ -415,6 +442,7 @@ async fn run(c: Cli) -> Result<(), Fail> {
                 option: r.option.map(|o| o.to_string()),
                 channels: r.channels,
                 include_storage: r.include_storage,
+                encryption: r.encryption.map(|m| m.to_string()),
                 vm: r.vm,
                 to: r.to,
             };
@@ -434,6 +462,7 @@ async fn run(c: Cli) -> Result<(), Fail> {
                         None => "no network pairs".into(),
                     }
                 );
+                out += &format!("\n  encryption {} ({})", r.encryption.as_deref().unwrap_or("-"), r.encryption_reason);
                 if let Some(d) = &r.destination {
                     out += &format!(
                         "\n  destination {}: {}/{} migrations active, {} queued, {} MiB to give, kvm {}, shared storage {}",
@@ -501,6 +530,7 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         downtime_ms: m.downtime_ms,
         include_storage: m.route.include_storage,
         retain_source_disks: m.retain_source_disks,
+        encryption: m.route.encryption.map(|e| e.to_string()),
     };
     let body = serde_json::to_value(&req).map_err(|e| Fail::Refused(e.to_string()))?;
     let acc = api.call("POST", "/v1/moves", Some(body)).await?;
@@ -544,18 +574,20 @@ async fn do_move(api: &Api, j: bool, m: MoveArgs) -> Result<(), Fail> {
         "total_ms": m_info.total_ms,
         "downtime_ms": m_info.downtime_ms,
         "transferred_bytes": m_info.transferred_bytes,
+        "encryption": m_info.encryption,
         "error": m_info.error,
         "kind": m_info.kind,
         "disks": m_info.stats.as_ref().and_then(|s| s.get("disks")).cloned().unwrap_or_else(|| json!([])),
     });
     print(j, &out, |_| match m_info.status.as_str() {
         "completed" => format!(
-            "moved {} to {}: total {:.0} ms, downtime {:.1} ms, verified {}",
+            "moved {} to {}: total {:.0} ms, downtime {:.1} ms, verified {}, encryption {}",
             m_info.vm,
             m.route.to,
             m_info.total_ms.unwrap_or(0.0),
             m_info.downtime_ms.unwrap_or(0.0),
-            m_info.verified
+            m_info.verified,
+            m_info.encryption.as_deref().unwrap_or("-")
         ),
         s => format!(
             "{} not moved ({s}): {}; it keeps running here",
