@@ -554,7 +554,7 @@ fn answer(mut s: UnixStream, r: Result<(), String>, status: VmmStatus) {
 fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>>) -> Result<(), VmmError> {
     let a = &vmm.args;
     let hs = ServerConfig {
-        psk: a.key.clone(),
+        creds: a.key.clone().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(10),
         encryption: a.encryption,

@@ -10,9 +10,9 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     let now = Instant::now();
     let psk = Psk::new(b"fuzzing-key-0123456789abcdefghijk".to_vec()).unwrap();
-    let mut server = ServerHandshake::new(ServerConfig { psk: psk.clone(), caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() }, [1; 32], now);
+    let mut server = ServerHandshake::new(ServerConfig { creds: psk.clone().into(), caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() }, [1; 32], now);
     let binding = ChannelBinding { session: [2; 16], channel: 0 };
-    let (mut client, _) = ClientHandshake::start(ClientConfig { psk, binding, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() }, [3; 32], now);
+    let (mut client, _) = ClientHandshake::start(ClientConfig { creds: psk.into(), binding, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() }, [3; 32], now);
     let mut rest = data;
     while rest.len() >= 3 {
         let kind = FrameKind::from_u8(rest[0]);

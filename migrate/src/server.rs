@@ -6,7 +6,8 @@
 //! authenticated by its listener, and its binding (session id, channel index) routes it, whatever
 //! transport it came on: channel 0 opens a session; the other channels of the session are
 //! admitted only while that session is open. A channel naming an unknown session, or opening a
-//! session twice, is refused in the handshake.
+//! session twice, is refused in the handshake. With host certificates every channel of a
+//! session must present the certificate its channel 0 presented.
 //!
 //! A listener nobody can hold down ([`ListenerConfig`]): an accept thread only accepts; each
 //! handshake runs on its own thread, bounded in number, under a wall-clock deadline for the
@@ -39,7 +40,8 @@ use std::time::{Duration, Instant};
 
 use ferry_transport::endpoint::{Acceptor, Connector, PendingChannel};
 use ferry_transport::error::{HandshakeError, TransportError};
-use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, Psk, SessionId};
+use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, SessionId};
+use ferry_transport::Credentials;
 use ferry_transport::{Channel, Killer};
 
 use crate::target::{receive_after, TargetConfig, TargetOutcome};
@@ -54,12 +56,12 @@ pub use ferry_transport::endpoint::Path;
 pub fn connect_one(
     path: &Path,
     connector: &dyn Connector,
-    psk: &Psk,
+    creds: impl Into<Credentials>,
     session: SessionId,
     index: u16,
 ) -> Result<Channel, MigrateError> {
     let cfg = ClientConfig {
-        psk: psk.clone(),
+        creds: creds.into(),
         binding: ChannelBinding { session, channel: index },
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
@@ -69,8 +71,13 @@ pub fn connect_one(
 }
 
 /// Open a session of channels, one per path, channel 0 first, under a fresh session id.
-pub fn connect_session(paths: &[Path], connector: &dyn Connector, psk: &Psk) -> Result<Vec<Channel>, MigrateError> {
-    connect_session_with(random_bytes(), paths, connector, psk)
+/// `creds`: a pre-shared key or host certificates ([`Credentials`]).
+pub fn connect_session(
+    paths: &[Path],
+    connector: &dyn Connector,
+    creds: impl Into<Credentials>,
+) -> Result<Vec<Channel>, MigrateError> {
+    connect_session_with(random_bytes(), paths, connector, creds)
 }
 
 /// Open a session of channels under a given session id (keep it to re-open a lost channel with
@@ -79,9 +86,10 @@ pub fn connect_session_with(
     session: SessionId,
     paths: &[Path],
     connector: &dyn Connector,
-    psk: &Psk,
+    creds: impl Into<Credentials>,
 ) -> Result<Vec<Channel>, MigrateError> {
-    paths.iter().enumerate().map(|(i, p)| connect_one(p, connector, psk, session, i as u16)).collect()
+    let creds = creds.into();
+    paths.iter().enumerate().map(|(i, p)| connect_one(p, connector, &creds, session, i as u16)).collect()
 }
 
 /// `n` channels to one address (loopback benches and tests).
@@ -89,10 +97,10 @@ pub fn connect_simple(
     addr: SocketAddr,
     n: usize,
     connector: &dyn Connector,
-    psk: &Psk,
+    creds: impl Into<Credentials>,
 ) -> Result<Vec<Channel>, MigrateError> {
     let paths: Vec<Path> = (0..n).map(|_| Path::to(addr)).collect();
-    connect_session(&paths, connector, psk)
+    connect_session(&paths, connector, creds)
 }
 
 /// Read channel 0's first message: a multichannel interface exchange is answered here (this
@@ -388,6 +396,10 @@ struct Session {
     tx: mpsc::Sender<Channel>,
     /// The receiving end, until channel 0 is set up and its receiver takes it.
     rx: Option<mpsc::Receiver<Channel>>,
+    /// With host certificates: the certificate channel 0's peer presented; every other channel
+    /// of the session must present the same (a host of the same CA cannot join another's
+    /// session).
+    peer_cert: Option<[u8; 32]>,
 }
 
 type Sessions = Mutex<HashMap<SessionId, Session>>;
@@ -622,11 +634,14 @@ impl MigrationServer {
                     }
                     (0, false) => {
                         let (tx, rx) = mpsc::channel();
-                        m.insert(b.session, Session { tx, rx: Some(rx) });
+                        m.insert(b.session, Session { tx, rx: Some(rx), peer_cert: est.peer_cert });
                         opened.set(Some(b.session));
                         Ok(())
                     }
                     (0, true) => Err("session already open".into()),
+                    (_, true) if m.get(&b.session).is_some_and(|s| s.peer_cert != est.peer_cert) => {
+                        Err("this channel's certificate is not the one channel 0 of the session presented".into())
+                    }
                     (_, true) => Ok(()),
                     (_, false) => Err("no migration session with that id".into()),
                 }

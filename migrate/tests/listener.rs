@@ -46,8 +46,12 @@ struct Running {
 
 /// A server on 127.0.0.1 with these listener limits, serving until stopped.
 fn start(limits: ListenerConfig) -> Running {
-    let hs =
-        ServerConfig { psk: psk(), caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
+    let hs = ServerConfig {
+        creds: psk().into(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let acc = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
     let srv = MigrationServer::new(acc, Arc::new(SyntheticFactory::new(1 << 30, false)), TargetConfig::default())
         .with_listener_config(limits);

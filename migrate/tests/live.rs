@@ -433,7 +433,7 @@ fn round_robin_spreads_evenly_and_survives_a_loss() {
 #[test]
 fn session_channels_join_across_listeners() {
     let hs = ServerConfig {
-        psk: Psk::new(KEY).unwrap(),
+        creds: Psk::new(KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),

@@ -23,7 +23,7 @@ const KEY: &[u8] = b"quic-live-migration-test-key-0123";
 
 fn server(max: usize) -> RunningServer {
     let hs = ServerConfig {
-        psk: Psk::new(KEY).unwrap(),
+        creds: Psk::new(KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),

@@ -50,7 +50,7 @@ struct Destination {
 
 fn destination(o: &RdmaOptions, max: usize) -> Destination {
     let hs = ServerConfig {
-        psk: Psk::new(KEY).unwrap(),
+        creds: Psk::new(KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),
@@ -71,7 +71,7 @@ fn connect_with_faults(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Chan
     let mut faults = Vec::new();
     for i in 0..n {
         let cfg = ClientConfig {
-            psk: Psk::new(KEY).unwrap(),
+            creds: Psk::new(KEY).unwrap().into(),
             binding: ChannelBinding { session, channel: i as u16 },
             caps: Caps::RDMA,
             timeout: Duration::from_secs(5),
@@ -188,7 +188,7 @@ fn rdma_shared_nothing_moves_the_disks_on_the_control_path() {
     let mut vm = ferry_vmm_glue::synthetic::SyntheticVm::new(&cfg).unwrap();
     vm.resume().unwrap();
     let hs = ServerConfig {
-        psk: Psk::new(KEY).unwrap(),
+        creds: Psk::new(KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),

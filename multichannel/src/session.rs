@@ -27,7 +27,8 @@ use std::time::Duration;
 
 use ferry_memory::NoSink;
 use ferry_transport::endpoint::{Connector, Path};
-use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, Psk, SessionId};
+use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Established, SessionId};
+use ferry_transport::Credentials;
 use ferry_transport::{Channel, Incoming};
 
 use crate::codec::ExchangeMsg;
@@ -178,24 +179,25 @@ pub fn answer_session(ch0: &mut Channel, port: u16) -> Result<Vec<Interface>> {
 /// channels failed to connect) are in `plan.unusable`: report them.
 pub fn open_session(
     first: SocketAddr,
-    psk: &Psk,
+    creds: impl Into<Credentials>,
     opts: &dyn Connector,
     policy: &NetworkPolicy,
 ) -> Result<(Vec<Channel>, Plan)> {
-    open_session_with(first, psk, opts, policy, &discover()?)
+    open_session_with(first, creds, opts, policy, &discover()?)
 }
 
 /// [`open_session`] with this host's interface list given (tests, or a caller that filtered it).
 pub fn open_session_with(
     first: SocketAddr,
-    psk: &Psk,
+    creds: impl Into<Credentials>,
     opts: &dyn Connector,
     policy: &NetworkPolicy,
     local: &[Interface],
 ) -> Result<(Vec<Channel>, Plan)> {
+    let creds: Credentials = creds.into();
     let session: SessionId = random_bytes();
     let cfg = |channel: u16| ClientConfig {
-        psk: psk.clone(),
+        creds: creds.clone(),
         binding: ChannelBinding { session, channel },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
@@ -327,6 +329,7 @@ mod tests {
             caps: Caps(0),
             binding: ChannelBinding { session: [session; 16], channel },
             encryption: Default::default(),
+            peer_cert: None,
         }
     }
 

@@ -30,7 +30,7 @@ fn local(port: u16) -> SocketAddr {
 
 fn client(session: [u8; 16], channel: u16, key: &Psk) -> ClientConfig {
     ClientConfig {
-        psk: key.clone(),
+        creds: key.clone().into(),
         binding: ChannelBinding { session, channel },
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
@@ -54,7 +54,7 @@ fn garbage_is_refused_with_a_reason() {
     // A migration message (Prepare's tag 1) where the offer should be.
     let (addr, h) = std::thread::spawn(|| {
         let cfg = ferry_transport::handshake::ServerConfig {
-            psk: psk(),
+            creds: psk().into(),
             caps: Caps::ALL,
             timeout: Duration::from_secs(5),
             encryption: Default::default(),
@@ -147,7 +147,7 @@ fn without_shared_networks_channel_zeros_route_carries_the_session() {
 #[test]
 fn a_silent_peer_times_out() {
     let cfg = ferry_transport::handshake::ServerConfig {
-        psk: psk(),
+        creds: psk().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),

@@ -106,7 +106,7 @@ fn open_session_across_namespaces() {
         let (chans, plan) =
             open_session_with(first, &psk(), &TcpOptions::default(), &NetworkPolicy::default(), &src2).unwrap();
         let cfg = |session, channel| ClientConfig {
-            psk: psk(),
+            creds: psk().into(),
             binding: ChannelBinding { session, channel },
             caps: Caps::ALL,
             timeout: std::time::Duration::from_secs(5),

@@ -593,7 +593,8 @@ fn check_moved_disks(vm: &SyntheticVm, dir: &Path) -> Vec<DiskCheck> {
 pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
     let psk = psk_from_env()?;
-    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
+    let hs =
+        ServerConfig { creds: psk.into(), caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
     // A tcp listener takes every tcp option (zstd negotiated per channel); quic listens on UDP.
     let acc: Box<dyn Acceptor> = if a.option.is_tcp() {
         Box::new(TcpAcceptor::bind(listen, TcpOptions::default(), hs)?)

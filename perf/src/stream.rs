@@ -424,7 +424,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     say("READY")?;
     let addr = read_go()?;
     let hs = ClientConfig {
-        psk,
+        creds: psk.into(),
         binding: ChannelBinding { session, channel: 0 },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
@@ -468,7 +468,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     let acc = cfg.option.bind(
         listen,
         cfg.zstd_level,
-        ServerConfig { psk, caps, timeout: HANDSHAKE_TIMEOUT, encryption: cfg.encryption },
+        ServerConfig { creds: psk.into(), caps, timeout: HANDSHAKE_TIMEOUT, encryption: cfg.encryption },
     )?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let admit = |est: &Established| {

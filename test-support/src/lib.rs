@@ -1,6 +1,7 @@
 //! ferry-test-support: what Ferry's tests (and its benchmarks, which are test tooling) share, in
 //! one place, the way rust-vmm keeps generic test helpers reused across backends.
 //!
+//! - [`certs`]: a CA and host certificates in a temporary directory (mutual TLS tests).
 //! - [`conformance`]: the suite every channel backend passes (`tcp`, `zstd`, `rdma`).
 //! - [`guest`]: synthetic guests for migration tests, and checks that two images match.
 //! - [`fault`]: the source's channels wrapped to fail on cue at a protocol step (a cut, a
@@ -21,6 +22,7 @@
 //! Product crates take this crate as a dev-dependency only; `ferry-perf` (the benchmarks, never
 //! shipped) uses it as a normal dependency for the testbed and the loopback server.
 
+pub mod certs;
 pub mod conformance;
 pub mod fault;
 pub mod flood;

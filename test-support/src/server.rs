@@ -9,8 +9,9 @@ use ferry_migrate::server::MigrationServer;
 use ferry_migrate::target::TargetConfig;
 use ferry_migrate::vm::TargetFactory;
 use ferry_migrate::MigrateError;
-use ferry_transport::handshake::{Caps, Psk, ServerConfig};
+use ferry_transport::handshake::{Caps, ServerConfig};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
+use ferry_transport::Credentials;
 
 pub use ferry_migrate::server::RunningServer;
 
@@ -19,17 +20,22 @@ pub fn spawn(srv: MigrationServer, max: Option<usize>) -> Result<RunningServer, 
     srv.spawn(max)
 }
 
-/// A server on `127.0.0.1` (a free port) with key `psk` and these TCP options, receiving into
+/// A server on `127.0.0.1` (a free port) with `creds` (a key or host certificates) and these TCP options, receiving into
 /// `factory`'s VMs, on its own thread until `max` migrations have finished. Panics if it cannot
 /// listen (a test helper).
 pub fn loopback(
-    psk: Psk,
+    creds: impl Into<Credentials>,
     tcp: TcpOptions,
     factory: Arc<dyn TargetFactory>,
     cfg: TargetConfig,
     max: Option<usize>,
 ) -> RunningServer {
-    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
+    let hs = ServerConfig {
+        creds: creds.into(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     let acc = TcpAcceptor::bind(SocketAddr::from(([127, 0, 0, 1], 0)), tcp, hs).expect("listening on loopback");
     spawn(MigrationServer::new(acc, factory, cfg), max).expect("the server's address")
 }

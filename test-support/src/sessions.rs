@@ -41,7 +41,7 @@ pub fn serve(
             crate::testbed::enter_netns(&ns).expect("entering the namespace");
         }
         let cfg = ServerConfig {
-            psk: psk(),
+            creds: psk().into(),
             caps: Caps::ALL,
             timeout: Duration::from_secs(5),
             encryption: Default::default(),

@@ -46,7 +46,12 @@ fn main() {
     let acc = RdmaAcceptor::bind(
         "127.0.0.1:0".parse().unwrap(),
         opts.clone(),
-        ServerConfig { psk: psk(), caps: Caps::RDMA, timeout: Duration::from_secs(5), encryption: Default::default() },
+        ServerConfig {
+            creds: psk().into(),
+            caps: Caps::RDMA,
+            timeout: Duration::from_secs(5),
+            encryption: Default::default(),
+        },
     )
     .expect("bind");
     let addr = acc.local_addr().unwrap();
@@ -66,7 +71,7 @@ fn main() {
             n
         });
         let cfg = ClientConfig {
-            psk: psk(),
+            creds: psk().into(),
             binding: ChannelBinding { session: [7; 16], channel: 0 },
             caps: Caps::RDMA,
             timeout: Duration::from_secs(5),

@@ -14,13 +14,13 @@
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let psk = Psk::new(random_bytes::<32>().to_vec())?;
 //! let timeout = std::time::Duration::from_secs(5);
-//! let hs = ServerConfig { psk: psk.clone(), caps: Caps::ALL, timeout, encryption: Default::default() };
+//! let hs = ServerConfig { creds: psk.clone().into(), caps: Caps::ALL, timeout, encryption: Default::default() };
 //! let acceptors: Vec<Box<dyn Acceptor>> = vec![Box::new(TcpAcceptor::bind("127.0.0.1:0".parse()?, TcpOptions::default(), hs)?)];
 //! // Source side: the options value picks the backend.
 //! let connector: &dyn Connector = &TcpOptions::zstd();
 //! let to = Path::to(acceptors[0].local_addr()?);
 //! let binding = ChannelBinding { session: random_bytes(), channel: 0 };
-//! let cfg = ClientConfig { psk, binding, caps: Caps::ALL, timeout, encryption: Default::default() };
+//! let cfg = ClientConfig { creds: psk.into(), binding, caps: Caps::ALL, timeout, encryption: Default::default() };
 //! let ch = connector.connect(&to, cfg)?;
 //! # Ok(()) }
 //! ```

@@ -81,6 +81,13 @@ pub enum HandshakeError {
         /// What the server requires.
         server: crate::crypto::Encryption,
     },
+    /// The TLS handshake failed (host certificates): the peer's certificate was refused here
+    /// (unknown CA, expired, wrong name), or ours there (the alert it sent).
+    #[error("TLS handshake failed: {0}")]
+    Tls(String),
+    /// The two ends authenticate differently (host certificates against a pre-shared key).
+    #[error("{0}")]
+    Credentials(String),
     /// Malformed handshake message.
     #[error(transparent)]
     Wire(#[from] WireError),
@@ -111,6 +118,14 @@ pub enum KeyError {
     /// Decoded, but too short or not random.
     #[error("{0} (make one with: head -c 32 /dev/urandom | base64)")]
     Weak(HandshakeError),
+    /// A certificate or private key file that cannot be used.
+    #[error("{path}: {reason}")]
+    Certificate {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Errors of a channel.

@@ -19,8 +19,11 @@
 //! Each side proves the key over a transcript that holds a nonce the *other* side just chose, so
 //! a recorded handshake replayed to either side fails. The labels differ, so one side's MAC can
 //! never be reflected as the other's. The session id and channel index are inside the MACed
-//! transcript: a channel cannot be moved into another session. A TLS or QUIC backend replaces
-//! this module with its own handshake and presents the same [`Established`].
+//! transcript: a channel cannot be moved into another session.
+//!
+//! With host certificates ([`crate::tls`]) the backend first runs a mutual TLS 1.3 handshake and
+//! this handshake then runs inside it, with the TLS session's exporter secret as its key; the
+//! `quic` backend runs it on a QUIC stream the same way.
 
 use std::time::{Duration, Instant};
 
@@ -31,6 +34,7 @@ use zeroize::Zeroizing;
 
 use crate::crypto::{ChannelKeys, Encryption, KeyInput};
 use crate::error::{HandshakeError, KeyError, WireError};
+use crate::tls::Credentials;
 use crate::wire::{encode_frame, AbortMsg, FrameKind, VERSION_MAX, VERSION_MIN};
 
 type HmacSha256 = Hmac<Sha256>;
@@ -156,6 +160,11 @@ impl Psk {
         m
     }
 
+    /// A key from a secret both ends derived (a TLS exporter): used as it is, not checked.
+    pub(crate) fn from_secret(secret: &[u8; 32]) -> Psk {
+        Psk(Zeroizing::new(secret.to_vec()))
+    }
+
     /// A key bound to `context`: HMAC-SHA256(key, `label` | `context`). The `quic` backend runs
     /// this handshake under the key bound to its TLS session's exporter secret, so the proofs
     /// hold only on that one TLS session (see `quic`'s module docs).
@@ -204,13 +213,17 @@ pub struct Established {
     pub binding: ChannelBinding,
     /// How frames after the handshake are protected (both sides asked for this mode).
     pub encryption: Encryption,
+    /// With host certificates: SHA-256 of the certificate the peer presented (the migration
+    /// server requires every channel of a session to come from channel 0's peer). `None` with a
+    /// pre-shared key.
+    pub peer_cert: Option<[u8; 32]>,
 }
 
 /// Client (source side) configuration.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// Key.
-    pub psk: Psk,
+    /// Key or host certificates.
+    pub creds: Credentials,
     /// Session and channel to join.
     pub binding: ChannelBinding,
     /// Capabilities offered.
@@ -224,8 +237,8 @@ pub struct ClientConfig {
 /// Server (destination side) configuration.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Key.
-    pub psk: Psk,
+    /// Key or host certificates.
+    pub creds: Credentials,
     /// Capabilities offered.
     pub caps: Caps,
     /// Time allowed for the whole handshake.
@@ -312,9 +325,8 @@ impl ClientHandshake {
                 }
                 let body = &payload[..CHALLENGE_BODY_LEN];
                 let mac = &payload[CHALLENGE_BODY_LEN..];
-                self.cfg
-                    .psk
-                    .mac(b"ferry/2 server", &[&self.hello, body])
+                let psk = self.cfg.creds.handshake_key()?;
+                psk.mac(b"ferry/2 server", &[&self.hello, body])
                     .verify_slice(mac)
                     .map_err(|_| HandshakeError::BadMac)?;
                 let version = body[0];
@@ -322,16 +334,17 @@ impl ClientHandshake {
                     return Err(HandshakeError::BadChoice(version));
                 }
                 let caps = Caps(u32::from_le_bytes([body[1], body[2], body[3], body[4]]));
-                let proof = self.cfg.psk.mac(b"ferry/2 client", &[&self.hello, body]).finalize().into_bytes();
+                let proof = psk.mac(b"ferry/2 client", &[&self.hello, body]).finalize().into_bytes();
                 let est = Established {
                     version,
                     caps: caps.intersect(self.cfg.caps),
                     binding: self.cfg.binding,
                     encryption: self.cfg.encryption,
+                    peer_cert: None,
                 };
                 self.keys = Some(ChannelKeys::derive(
                     &KeyInput {
-                        psk: self.cfg.psk.bytes(),
+                        psk: psk.bytes(),
                         nonce_client: &self.nonce,
                         nonce_server: &body[5..5 + NONCE_LEN],
                         session: &est.binding.session,
@@ -425,23 +438,27 @@ impl ServerHandshake {
                 body.push(version);
                 body.extend_from_slice(&caps.0.to_le_bytes());
                 body.extend_from_slice(&self.nonce);
-                let mac = self.cfg.psk.mac(b"ferry/2 server", &[payload, &body]).finalize().into_bytes();
+                let mac =
+                    self.cfg.creds.handshake_key()?.mac(b"ferry/2 server", &[payload, &body]).finalize().into_bytes();
                 let mut challenge = body.clone();
                 challenge.extend_from_slice(&mac);
-                let est = Established { version, caps, binding: ChannelBinding { session, channel }, encryption: mode };
+                let est = Established {
+                    version,
+                    caps,
+                    binding: ChannelBinding { session, channel },
+                    encryption: mode,
+                    peer_cert: None,
+                };
                 self.state = ServerState::WaitProof { hello: payload.to_vec(), body, est, nonce_c };
                 Ok(Step::Send(encode_frame(FrameKind::ServerChallenge, &challenge)))
             }
             (ServerState::WaitProof { hello, body, est, nonce_c }, FrameKind::ClientProof) => {
-                self.cfg
-                    .psk
-                    .mac(b"ferry/2 client", &[hello, body])
-                    .verify_slice(payload)
-                    .map_err(|_| HandshakeError::BadMac)?;
+                let psk = self.cfg.creds.handshake_key()?;
+                psk.mac(b"ferry/2 client", &[hello, body]).verify_slice(payload).map_err(|_| HandshakeError::BadMac)?;
                 let est = *est;
                 self.keys = Some(ChannelKeys::derive(
                     &KeyInput {
-                        psk: self.cfg.psk.bytes(),
+                        psk: psk.bytes(),
                         nonce_client: nonce_c,
                         nonce_server: &self.nonce,
                         session: &est.binding.session,
@@ -494,14 +511,14 @@ mod tests {
         let binding = ChannelBinding { session: [7; 16], channel: 3 };
         (
             ClientConfig {
-                psk: Psk::new(ck).unwrap(),
+                creds: Psk::new(ck).unwrap().into(),
                 binding,
                 caps: Caps::ALL,
                 timeout: Duration::from_secs(5),
                 encryption: Encryption::Aead,
             },
             ServerConfig {
-                psk: Psk::new(sk).unwrap(),
+                creds: Psk::new(sk).unwrap().into(),
                 caps: Caps::ZSTD,
                 timeout: Duration::from_secs(5),
                 encryption: Encryption::Aead,

@@ -16,6 +16,8 @@
 //!   authenticated channels with their session binding), a `Connector` per transport option.
 //! - [`option`]: the transport options by name (`tcp`, `zstd`, `zstd-always`, `quic`), as every command
 //!   line spells them.
+//! - [`tls`]: host certificates (mutual TLS 1.3 with rustls) as an alternative to the key: the
+//!   TLS session's exporter secret becomes the key of Ferry's handshake ([`tls::Credentials`]).
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
 //! - `quic` (cargo feature `quic`, on by default): channels as QUIC streams (quinn, TLS 1.3 with
 //!   rustls and `ring`), Ferry's handshake bound to the TLS session.
@@ -30,7 +32,7 @@
 //! let psk = Psk::new(random_bytes::<32>().to_vec())?; // the same key on both hosts
 //! let binding = ChannelBinding { session: random_bytes(), channel: 0 };
 //! let cfg = ClientConfig {
-//!     psk,
+//!     creds: psk.into(),
 //!     binding,
 //!     caps: Caps::ALL,
 //!     timeout: std::time::Duration::from_secs(5),
@@ -55,8 +57,10 @@ pub mod quic;
 pub mod rdma;
 pub mod stream;
 pub mod tcp;
+pub mod tls;
 pub mod wire;
 
 pub use channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer, ReceivedBatch, SentBatch};
 pub use crypto::{Encryption, ImageKey};
 pub use error::{HandshakeError, KeyError, RdmaError, Result, TransportError, WireError};
+pub use tls::{Credentials, TlsCredentials};

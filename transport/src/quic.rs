@@ -30,7 +30,7 @@
 //! decrypted chunk straight into the destination's guest memory at the batch's GPA.
 //!
 //! # Authentication: Ferry's handshake bound to the TLS session
-//! The peers share a pre-shared key, not certificates. The acceptor makes a self-signed certificate
+//! With a pre-shared key the peers share no certificates: the acceptor makes a self-signed certificate
 //! at bind time; the client accepts any certificate whose TLS 1.3 signature verifies (TLS alone
 //! authenticates nobody here). Then Ferry's own handshake ([`crate::handshake`]) runs on the
 //! stream under a key bound to this TLS session: `HMAC(psk, "ferry/1 quic" | exporter)`, where
@@ -42,7 +42,12 @@
 //! key joins a session, and nobody at all reads or alters a channel (TLS 1.3 seals every packet).
 //! This was chosen over pinning a certificate derived from the key: it reuses the one handshake
 //! every backend runs (versions, capabilities, session binding, admission with a reason), and a
-//! key never becomes a long-lived signing key. Certificates for hosts (mutual TLS) are not built.
+//! key never becomes a long-lived signing key.
+//!
+//! With host certificates ([`crate::tls`]) the same TLS session authenticates both hosts instead:
+//! each presents its certificate, each verifies the other's against its CA (and the source the
+//! destination's name when one is expected), and Ferry's handshake runs under the exporter
+//! secret itself (as on tcp with certificates).
 //!
 //! # Tuning (what is set and why)
 //! - Stream receive window 8 MiB and connection window 32 MiB: several 1 MiB batches in flight
@@ -96,6 +101,7 @@ use crate::error::{HandshakeError, Result, TransportError, WireError};
 use crate::handshake::{
     random_bytes, Caps, ClientConfig, ClientHandshake, Established, Psk, ServerConfig, ServerHandshake, SessionId, Step,
 };
+use crate::tls::Credentials;
 use crate::wire::{
     encode_frame, AbortMsg, Ack, BatchFixed, BatchHeader, Encoding, FrameHeader, FrameKind, PageRun, BATCH_DEST_ZEROED,
     BATCH_FIXED_LEN, HEADER_LEN, MAX_CONTROL_LEN, MAX_SMALL_LEN, PAGE_SIZE,
@@ -334,30 +340,42 @@ impl ServerCertVerifier for BoundByHandshake {
     }
 }
 
-fn client_config(o: &QuicOptions) -> Result<quinn::ClientConfig> {
-    let p = provider();
-    let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_error)?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(BoundByHandshake(p)))
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+fn client_config(o: &QuicOptions, creds: &Credentials) -> Result<quinn::ClientConfig> {
+    let tls = match creds {
+        Credentials::Tls(t) => t.client_with_alpn(ALPN).map_err(tls_error)?,
+        Credentials::Psk(_) => {
+            let p = provider();
+            let mut tls = rustls::ClientConfig::builder_with_provider(p.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(tls_error)?
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(BoundByHandshake(p)))
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![ALPN.to_vec()];
+            tls
+        }
+    };
     let mut c = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).map_err(tls_error)?));
     c.transport_config(Arc::new(o.transport_config(0)));
     Ok(c)
 }
 
-fn server_config(o: &QuicOptions) -> Result<quinn::ServerConfig> {
-    let ck = rcgen::generate_simple_self_signed(vec!["ferry".to_string()]).map_err(tls_error)?;
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(tls_error)?
-        .with_no_client_auth()
-        .with_single_cert(vec![ck.cert.der().clone()], key)
-        .map_err(tls_error)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+fn server_config(o: &QuicOptions, creds: &Credentials) -> Result<quinn::ServerConfig> {
+    let tls = match creds {
+        Credentials::Tls(t) => t.server_with_alpn(ALPN),
+        Credentials::Psk(_) => {
+            let ck = rcgen::generate_simple_self_signed(vec!["ferry".to_string()]).map_err(tls_error)?;
+            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+            let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .map_err(tls_error)?
+                .with_no_client_auth()
+                .with_single_cert(vec![ck.cert.der().clone()], key)
+                .map_err(tls_error)?;
+            tls.alpn_protocols = vec![ALPN.to_vec()];
+            tls
+        }
+    };
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls).map_err(tls_error)?));
     // A session has at most a few dozen channels.
     s.transport_config(Arc::new(o.transport_config(64)));
@@ -365,12 +383,22 @@ fn server_config(o: &QuicOptions) -> Result<quinn::ServerConfig> {
     Ok(s)
 }
 
-/// The key Ferry's handshake runs under on this connection (module docs).
-fn bound_key(psk: &Psk, conn: &Connection) -> Result<Psk> {
+/// The key Ferry's handshake runs under on this connection (module docs), and with host
+/// certificates the SHA-256 of the peer's.
+fn bound_key(creds: &Credentials, conn: &Connection) -> Result<(Credentials, Option<[u8; 32]>)> {
     let mut ekm = [0u8; 32];
     conn.export_keying_material(&mut ekm, EXPORTER_LABEL, &[])
         .map_err(|_| quic_error("TLS exporter", "unavailable"))?;
-    Ok(psk.derive(KEY_LABEL, &ekm))
+    match creds {
+        Credentials::Psk(psk) => Ok((Credentials::Psk(psk.derive(KEY_LABEL, &ekm)), None)),
+        Credentials::Tls(_) => {
+            let peer = conn
+                .peer_identity()
+                .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
+                .and_then(|c| c.first().map(crate::tls::fingerprint));
+            Ok((Credentials::Psk(Psk::from_secret(&ekm)), peer))
+        }
+    }
 }
 
 /// A connection and the endpoint it lives on, held by every channel on it (the connection closes
@@ -581,7 +609,7 @@ fn build_channel(
 }
 
 impl QuicOptions {
-    fn endpoint_for(&self, path: &Path) -> Result<Endpoint> {
+    fn endpoint_for(&self, path: &Path, creds: &Credentials) -> Result<Endpoint> {
         let local = path.local.or(self.bind).unwrap_or_else(|| match path.remote {
             SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], 0)),
             SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], 0)),
@@ -590,12 +618,12 @@ impl QuicOptions {
         let sock = self.socket(local, device)?;
         let _g = runtime().enter();
         let mut ep = Endpoint::new(EndpointConfig::default(), None, sock, Arc::new(quinn::TokioRuntime))?;
-        ep.set_default_client_config(client_config(self)?);
+        ep.set_default_client_config(client_config(self, creds)?);
         Ok(ep)
     }
 
     /// The connection a channel on `path` rides on: a new one, or the session's (shared).
-    fn connection(&self, path: &Path, session: SessionId, bridge: &Bridge) -> Result<Arc<Conn>> {
+    fn connection(&self, path: &Path, session: SessionId, creds: &Credentials, bridge: &Bridge) -> Result<Arc<Conn>> {
         let key: SharedKey = (session, path.remote, path.local.or(self.bind), path.device.clone());
         if self.share_connection {
             let mut m = self.shared.lock().unwrap_or_else(|e| e.into_inner());
@@ -606,11 +634,15 @@ impl QuicOptions {
                 }
             }
         }
-        let ep = self.endpoint_for(path)?;
+        let ep = self.endpoint_for(path, creds)?;
+        let name = match creds {
+            Credentials::Tls(t) => t.server_name().to_str().into_owned(),
+            Credentials::Psk(_) => "ferry".to_string(),
+        };
         let connecting = {
             // quinn spawns the connection's driver task here: inside the runtime.
             let _g = runtime().enter();
-            ep.connect(path.remote, "ferry").map_err(|e| quic_error("connect", e))?
+            ep.connect(path.remote, &name).map_err(|e| quic_error("connect", e))?
         };
         let deadline = Instant::now() + self.connect_timeout;
         let conn = bridge.wait(Some(deadline), connecting)?.map_err(|e| quic_error("connect", e))?;
@@ -646,24 +678,37 @@ impl QuicOptions {
         hs.caps = Caps(0);
         let bridge = Bridge::new();
         let deadline = Instant::now() + hs.timeout;
-        let conn = self.connection(path, hs.binding.session, &bridge)?;
-        let (send, recv) =
-            bridge.wait(Some(deadline), conn.conn.open_bi())?.map_err(|e| quic_error("open stream", e))?;
-        hs.psk = bound_key(&hs.psk, &conn.conn)?;
-        let mut reader = Reader::new(recv, bridge.clone());
-        let (mut m, hello) = ClientHandshake::start(hs, random_bytes(), Instant::now());
-        let mut w = Writer { send, bridge };
-        w.write(Bytes::from(hello))?;
-        loop {
-            let (k, p) = read_handshake_frame(&mut reader, m.poll_timeout())?;
-            match m.handle_frame(k, &p, Instant::now())? {
-                Step::Send(f) => w.write(Bytes::from(f))?,
-                Step::Done(est) => {
-                    let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;
-                    return Ok((conn, w, reader, (est, keys.image)));
+        let conn = self.connection(path, hs.binding.session, &hs.creds, &bridge)?;
+        let r = (|| {
+            let (send, recv) =
+                bridge.wait(Some(deadline), conn.conn.open_bi())?.map_err(|e| quic_error("open stream", e))?;
+            let (key, peer) = bound_key(&hs.creds, &conn.conn)?;
+            hs.creds = key;
+            let mut reader = Reader::new(recv, bridge.clone());
+            let (mut m, hello) = ClientHandshake::start(hs, random_bytes(), Instant::now());
+            let mut w = Writer { send, bridge };
+            w.write(Bytes::from(hello))?;
+            loop {
+                let (k, p) = read_handshake_frame(&mut reader, m.poll_timeout())?;
+                match m.handle_frame(k, &p, Instant::now())? {
+                    Step::Send(f) => w.write(Bytes::from(f))?,
+                    Step::Done(mut est) => {
+                        let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;
+                        est.peer_cert = peer;
+                        return Ok((w, reader, (est, keys.image)));
+                    }
+                    Step::Verified(_) => return Err(WireError::Unexpected(k).into()),
                 }
-                Step::Verified(_) => return Err(WireError::Unexpected(k).into()),
             }
+        })();
+        match r {
+            Ok((w, reader, est)) => Ok((conn, w, reader, est)),
+            // The peer closed the connection (a TLS alert for our certificate, say): its reason
+            // says more than the stream's error.
+            Err(e) => Err(match conn.conn.close_reason() {
+                Some(why) => quic_error("connection closed by the peer", why),
+                None => e,
+            }),
         }
     }
 }
@@ -690,8 +735,12 @@ impl QuicAcceptor {
         hs.caps = Caps(0);
         let sock = opts.socket(addr, opts.device.as_deref())?;
         let _g = runtime().enter();
-        let endpoint =
-            Endpoint::new(EndpointConfig::default(), Some(server_config(&opts)?), sock, Arc::new(quinn::TokioRuntime))?;
+        let endpoint = Endpoint::new(
+            EndpointConfig::default(),
+            Some(server_config(&opts, &hs.creds)?),
+            sock,
+            Arc::new(quinn::TokioRuntime),
+        )?;
         let (tx, rx) = mpsc::sync_channel(64);
         let stop = Arc::new(Notify::new());
         runtime().spawn(serve(endpoint.clone(), tx, hs.timeout, stop.clone()));
@@ -770,7 +819,8 @@ impl PendingChannel for QuicPending {
         let Incomer { conn, send, recv } = self.i;
         let bridge = Bridge::new();
         let mut hs = self.hs;
-        hs.psk = bound_key(&hs.psk, &conn.conn)?;
+        let (key, peer) = bound_key(&hs.creds, &conn.conn)?;
+        hs.creds = key;
         let mut reader = Reader::new(recv, bridge.clone());
         let mut w = Writer { send, bridge: bridge.clone() };
         let mut m = ServerHandshake::new(hs, random_bytes(), Instant::now());
@@ -779,7 +829,10 @@ impl PendingChannel for QuicPending {
             let (k, p) = read_handshake_frame(&mut reader, deadline)?;
             match m.handle_frame(k, &p, Instant::now())? {
                 Step::Send(f) => w.write(Bytes::from(f))?,
-                Step::Verified(est) => match admit(&est) {
+                Step::Verified(mut est) => match {
+                    est.peer_cert = peer;
+                    admit(&est)
+                } {
                     Ok(()) => {
                         w.write(Bytes::from(m.accept()?))?;
                         let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;

@@ -21,10 +21,11 @@ use crate::crypto::{ChannelKeys, Encryption};
 use crate::endpoint::{Acceptor, Admit, Connector, Path, PendingChannel};
 use crate::error::{HandshakeError, Result, TransportError};
 use crate::handshake::{
-    random_bytes, Caps, ClientConfig, ClientHandshake, Established, ServerConfig, ServerHandshake, Step,
+    random_bytes, Caps, ClientConfig, ClientHandshake, Established, Psk, ServerConfig, ServerHandshake, Step,
 };
 use crate::stream::{StreamRx, StreamTx};
-use crate::wire::{FrameHeader, FrameKind, HEADER_LEN, MAX_SMALL_LEN};
+use crate::tls::{fingerprint, Credentials, EXPORTER_LABEL};
+use crate::wire::{encode_frame, FrameHeader, FrameKind, HEADER_LEN, MAGIC, MAX_SMALL_LEN};
 
 /// Options of a TCP channel.
 #[derive(Debug, Clone)]
@@ -90,18 +91,6 @@ fn tune(s: &SockRef<'_>, o: &TcpOptions) -> std::io::Result<()> {
         s.set_tcp_user_timeout(Some(t))?;
     }
     Ok(())
-}
-
-fn read_handshake_frame(s: &mut TcpStream, deadline: Instant) -> Result<(FrameKind, Vec<u8>)> {
-    let mut hb = [0u8; HEADER_LEN];
-    read_before(s, &mut hb, deadline)?;
-    let h = FrameHeader::decode(&hb)?;
-    if h.len > MAX_SMALL_LEN {
-        return Err(crate::error::WireError::Unexpected(h.kind).into());
-    }
-    let mut p = vec![0u8; h.len as usize];
-    read_before(s, &mut p, deadline)?;
-    Ok((h.kind, p))
 }
 
 /// Fill `buf` from `s`, giving up at `deadline`: the socket's read timeout is set to the time
@@ -182,7 +171,8 @@ impl Connector for TcpOptions {
 }
 
 /// Connect to `addr` and run the client handshake; return the authenticated socket itself (for
-/// backends that carry their control path on it, such as `rdma`) with the channel's keys.
+/// backends that carry their control path on it, such as `rdma`) with the channel's keys. With
+/// host certificates the handshake runs inside mutual TLS first ([`crate::tls`]).
 pub fn connect_stream(
     addr: SocketAddr,
     opts: &TcpOptions,
@@ -204,18 +194,218 @@ pub fn connect_stream(
     if opts.zstd_level.is_none() {
         hs.caps = Caps(hs.caps.0 & !Caps::ZSTD.0);
     }
+    let deadline = Instant::now() + hs.timeout;
+    let (est, keys) = match hs.creds.clone() {
+        Credentials::Psk(_) => client_exchange(&mut RawIo { r: Pre::new(&mut s) }, hs, deadline)?,
+        Credentials::Tls(t) => {
+            let conn = rustls::ClientConnection::new(t.client(), t.server_name())
+                .map_err(|e| HandshakeError::Tls(e.to_string()))?;
+            let mut io = TlsIo { r: Pre::new(&mut s), conn: conn.into(), plain: Vec::new() };
+            io.handshake(deadline)?;
+            let (key, peer) = io.exporter()?;
+            hs.creds = Credentials::Psk(key);
+            let (mut est, keys) = client_exchange(&mut io, hs, deadline)?;
+            io.leave()?;
+            est.peer_cert = peer;
+            (est, keys)
+        }
+    };
+    s.set_read_timeout(None)?;
+    Ok((s, est, keys))
+}
+
+/// Ferry's client handshake over `io`.
+fn client_exchange(io: &mut dyn FrameIo, hs: ClientConfig, deadline: Instant) -> Result<(Established, ChannelKeys)> {
     let (mut m, hello) = ClientHandshake::start(hs, random_bytes(), Instant::now());
-    s.write_all(&hello)?;
+    let deadline = deadline.min(m.poll_timeout());
+    io.send(&hello)?;
     loop {
-        let (k, p) = read_handshake_frame(&mut s, m.poll_timeout())?;
+        let (k, p) = io.recv(deadline)?;
         match m.handle_frame(k, &p, Instant::now())? {
-            Step::Send(f) => s.write_all(&f)?,
+            Step::Send(f) => io.send(&f)?,
             Step::Done(est) => {
-                s.set_read_timeout(None)?;
                 let keys = m.take_keys().ok_or(crate::error::WireError::Unexpected(k))?;
-                return Ok((s, est, keys));
+                return Ok((est, keys));
             }
             Step::Verified(_) => return Err(crate::error::WireError::Unexpected(k).into()),
+        }
+    }
+}
+
+/// A socket's bytes, after some that were already read (`pre`).
+struct Pre<'a> {
+    s: &'a mut TcpStream,
+    pre: Vec<u8>,
+}
+
+impl<'a> Pre<'a> {
+    fn new(s: &'a mut TcpStream) -> Self {
+        Self { s, pre: Vec::new() }
+    }
+
+    fn fill(&mut self, buf: &mut [u8], deadline: Instant) -> Result<()> {
+        let n = self.pre.len().min(buf.len());
+        buf[..n].copy_from_slice(&self.pre[..n]);
+        self.pre.drain(..n);
+        if n < buf.len() {
+            read_before(self.s, &mut buf[n..], deadline)?;
+        }
+        Ok(())
+    }
+}
+
+/// Handshake frames in and out.
+trait FrameIo {
+    fn send(&mut self, frame: &[u8]) -> Result<()>;
+    fn recv(&mut self, deadline: Instant) -> Result<(FrameKind, Vec<u8>)>;
+}
+
+/// Frames straight on the socket (a pre-shared key).
+struct RawIo<'a> {
+    r: Pre<'a>,
+}
+
+impl FrameIo for RawIo<'_> {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        Ok(self.r.s.write_all(frame)?)
+    }
+
+    fn recv(&mut self, deadline: Instant) -> Result<(FrameKind, Vec<u8>)> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.r.fill(&mut hb, deadline)?;
+        let h = FrameHeader::decode(&hb)?;
+        if h.len > MAX_SMALL_LEN {
+            return Err(crate::error::WireError::Unexpected(h.kind).into());
+        }
+        let mut p = vec![0u8; h.len as usize];
+        self.r.fill(&mut p, deadline)?;
+        Ok((h.kind, p))
+    }
+}
+
+/// The largest TLS record accepted (2^14 bytes of plaintext plus what sealing adds).
+const MAX_TLS_RECORD: usize = (1 << 14) + 256;
+
+/// Frames inside a TLS session (host certificates). Records are read one at a time, by their
+/// length, so rustls never holds bytes that follow the last record of the exchange.
+struct TlsIo<'a> {
+    r: Pre<'a>,
+    conn: rustls::Connection,
+    /// Decrypted bytes not yet taken as frames.
+    plain: Vec<u8>,
+}
+
+impl TlsIo<'_> {
+    fn flush(&mut self) -> Result<()> {
+        while self.conn.wants_write() {
+            self.conn.write_tls(self.r.s)?;
+        }
+        Ok(())
+    }
+
+    fn read_record(&mut self, deadline: Instant) -> Result<()> {
+        let mut hdr = [0u8; 5];
+        self.r.fill(&mut hdr, deadline)?;
+        if hdr[..4] == MAGIC {
+            // A Ferry frame where TLS was expected: a destination with a pre-shared key
+            // refusing this one (it says so in a Reject).
+            let mut fh = [0u8; HEADER_LEN];
+            fh[..5].copy_from_slice(&hdr);
+            self.r.fill(&mut fh[5..], deadline)?;
+            let h = FrameHeader::decode(&fh)?;
+            if h.kind != FrameKind::Reject || h.len > MAX_SMALL_LEN {
+                return Err(HandshakeError::Credentials("the peer answered TLS with a Ferry frame".into()).into());
+            }
+            let mut p = vec![0u8; h.len as usize];
+            self.r.fill(&mut p, deadline)?;
+            let why = crate::wire::AbortMsg::decode(&p)?.reason;
+            return Err(HandshakeError::Rejected(why).into());
+        }
+        let len = usize::from(u16::from_be_bytes([hdr[3], hdr[4]]));
+        if len > MAX_TLS_RECORD {
+            return Err(HandshakeError::Tls(format!("a TLS record of {len} bytes")).into());
+        }
+        let mut rec = vec![0u8; 5 + len];
+        rec[..5].copy_from_slice(&hdr);
+        self.r.fill(&mut rec[5..], deadline)?;
+        let mut rd = &rec[..];
+        while !rd.is_empty() {
+            self.conn.read_tls(&mut rd)?;
+        }
+        match self.conn.process_new_packets() {
+            Ok(st) => {
+                let n = st.plaintext_bytes_to_read();
+                if n > 0 {
+                    let at = self.plain.len();
+                    self.plain.resize(at + n, 0);
+                    self.conn.reader().read_exact(&mut self.plain[at..])?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Send our alert, so the peer learns why.
+                let _ = self.flush();
+                Err(HandshakeError::Tls(e.to_string()).into())
+            }
+        }
+    }
+
+    /// Run the TLS handshake to its end.
+    fn handshake(&mut self, deadline: Instant) -> Result<()> {
+        loop {
+            self.flush()?;
+            if !self.conn.is_handshaking() {
+                return Ok(());
+            }
+            self.read_record(deadline)?;
+        }
+    }
+
+    /// The key Ferry's handshake runs under (the session's exporter secret) and the SHA-256 of
+    /// the certificate the peer presented.
+    fn exporter(&self) -> Result<(Psk, Option<[u8; 32]>)> {
+        let ekm = self
+            .conn
+            .export_keying_material([0u8; 32], EXPORTER_LABEL, None)
+            .map_err(|e| HandshakeError::Tls(format!("exporter: {e}")))?;
+        let key = Psk::from_secret(&ekm);
+        let peer = self.conn.peer_certificates().and_then(|c| c.first()).map(fingerprint);
+        Ok((key, peer))
+    }
+
+    /// Leave TLS: nothing may be left over (the channel's frames follow raw).
+    fn leave(&mut self) -> Result<()> {
+        self.flush()?;
+        if !self.plain.is_empty() || !self.r.pre.is_empty() {
+            return Err(HandshakeError::Tls("data after the handshake inside TLS".into()).into());
+        }
+        Ok(())
+    }
+}
+
+impl FrameIo for TlsIo<'_> {
+    fn send(&mut self, frame: &[u8]) -> Result<()> {
+        self.conn.writer().write_all(frame)?;
+        self.flush()
+    }
+
+    fn recv(&mut self, deadline: Instant) -> Result<(FrameKind, Vec<u8>)> {
+        loop {
+            if self.plain.len() >= HEADER_LEN {
+                let mut hb = [0u8; HEADER_LEN];
+                hb.copy_from_slice(&self.plain[..HEADER_LEN]);
+                let h = FrameHeader::decode(&hb)?;
+                if h.len > MAX_SMALL_LEN {
+                    return Err(crate::error::WireError::Unexpected(h.kind).into());
+                }
+                let end = HEADER_LEN + h.len as usize;
+                if self.plain.len() >= end {
+                    let p = self.plain[HEADER_LEN..end].to_vec();
+                    self.plain.drain(..end);
+                    return Ok((h.kind, p));
+                }
+            }
+            self.read_record(deadline)?;
         }
     }
 }
@@ -339,6 +529,9 @@ impl TcpAcceptor {
 }
 
 /// The server handshake on `s`, given up at `deadline` or after `hs.timeout`, whichever is first.
+/// With host certificates it runs inside mutual TLS ([`crate::tls`]). A client that
+/// authenticates the other way (a pre-shared key against certificates, or the reverse) is told
+/// so in a `Reject` before the connection closes.
 fn server_handshake(
     mut s: TcpStream,
     opts: &TcpOptions,
@@ -347,31 +540,82 @@ fn server_handshake(
     admit: Admit<'_>,
 ) -> Result<(TcpStream, Established, ChannelKeys)> {
     tune(&SockRef::from(&s), opts)?;
-    let mut m = ServerHandshake::new(hs.clone(), random_bytes(), Instant::now());
+    let deadline = deadline.min(Instant::now() + hs.timeout);
+    // The first bytes say which the client speaks: a Ferry hello starts with the frame magic,
+    // TLS with a handshake record (0x16).
+    let mut first = vec![0u8; 5];
+    read_before(&mut s, &mut first, deadline)?;
+    let ferry = first[..4] == MAGIC;
+    let refuse = |s: &mut TcpStream, why: &str| -> TransportError {
+        let r = encode_frame(FrameKind::Reject, &crate::wire::AbortMsg { code: 1, reason: why.to_string() }.encode());
+        let _ = s.write_all(&r);
+        HandshakeError::Credentials(why.to_string()).into()
+    };
+    let (est, keys) = match &hs.creds {
+        Credentials::Psk(_) if !ferry && first[0] == 0x16 => {
+            return Err(refuse(
+                &mut s,
+                "this destination authenticates with a pre-shared key, the source with host certificates",
+            ))
+        }
+        Credentials::Psk(_) => {
+            let mut io = RawIo { r: Pre { s: &mut s, pre: first } };
+            server_exchange(&mut io, hs.clone(), deadline, admit, None)?
+        }
+        Credentials::Tls(_) if ferry => {
+            return Err(refuse(
+                &mut s,
+                "this destination authenticates with host certificates (TLS), the source with a pre-shared key",
+            ))
+        }
+        Credentials::Tls(t) => {
+            let conn = rustls::ServerConnection::new(t.server()).map_err(|e| HandshakeError::Tls(e.to_string()))?;
+            let mut io = TlsIo { r: Pre { s: &mut s, pre: first }, conn: conn.into(), plain: Vec::new() };
+            io.handshake(deadline)?;
+            let (key, peer) = io.exporter()?;
+            let hs = ServerConfig { creds: Credentials::Psk(key), ..hs.clone() };
+            let r = server_exchange(&mut io, hs, deadline, admit, peer)?;
+            io.leave()?;
+            r
+        }
+    };
+    s.set_read_timeout(None)?;
+    Ok((s, est, keys))
+}
+
+/// Ferry's server handshake over `io`; `peer_cert` is what TLS authenticated (shown to `admit`).
+fn server_exchange(
+    io: &mut dyn FrameIo,
+    hs: ServerConfig,
+    deadline: Instant,
+    admit: Admit<'_>,
+    peer_cert: Option<[u8; 32]>,
+) -> Result<(Established, ChannelKeys)> {
+    let mut m = ServerHandshake::new(hs, random_bytes(), Instant::now());
     let deadline = deadline.min(m.poll_timeout());
     loop {
-        let (k, p) = read_handshake_frame(&mut s, deadline)?;
+        let (k, p) = io.recv(deadline)?;
         let step = match m.handle_frame(k, &p, Instant::now()) {
             Ok(step) => step,
             Err(e @ HandshakeError::ModeMismatch { .. }) => {
                 // Say why: the operator on the other side must see which modes disagree.
-                let _ = s.write_all(&m.reject(&e.to_string()));
+                let _ = io.send(&m.reject(&e.to_string()));
                 return Err(e.into());
             }
             Err(e) => return Err(e.into()),
         };
         match step {
-            Step::Send(f) => s.write_all(&f)?,
-            Step::Verified(est) => {
+            Step::Send(f) => io.send(&f)?,
+            Step::Verified(mut est) => {
+                est.peer_cert = peer_cert;
                 return match admit(&est) {
                     Ok(()) => {
-                        s.write_all(&m.accept()?)?;
-                        s.set_read_timeout(None)?;
+                        io.send(&m.accept()?)?;
                         let keys = m.take_keys().ok_or(crate::error::WireError::Unexpected(k))?;
-                        Ok((s, est, keys))
+                        Ok((est, keys))
                     }
                     Err(reason) => {
-                        let _ = s.write_all(&m.reject(&reason));
+                        let _ = io.send(&m.reject(&reason));
                         Err(HandshakeError::Rejected(reason).into())
                     }
                 };

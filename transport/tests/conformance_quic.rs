@@ -37,7 +37,7 @@ impl Quic {
 
 fn client_cfg(psk: Psk, session: [u8; 16], channel: u16) -> ClientConfig {
     ClientConfig {
-        psk,
+        creds: psk.into(),
         binding: ChannelBinding { session, channel },
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
@@ -46,7 +46,12 @@ fn client_cfg(psk: Psk, session: [u8; 16], channel: u16) -> ClientConfig {
 }
 
 fn acceptor(psk: Psk) -> QuicAcceptor {
-    let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
+    let hs = ServerConfig {
+        creds: psk.into(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
     QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap()
 }
 
@@ -190,7 +195,7 @@ fn rejected_session_gets_a_reason() {
 #[test]
 fn stranger_is_refused_and_acceptor_survives() {
     let hs = ServerConfig {
-        psk: Psk::new(TEST_KEY).unwrap(),
+        creds: Psk::new(TEST_KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_millis(300),
         encryption: Default::default(),
@@ -218,7 +223,7 @@ fn stranger_is_refused_and_acceptor_survives() {
 #[test]
 fn endpoint_traits_open_bound_channels() {
     let hs = ServerConfig {
-        psk: Psk::new(TEST_KEY).unwrap(),
+        creds: Psk::new(TEST_KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),
@@ -240,7 +245,7 @@ fn endpoint_traits_open_bound_channels() {
             }
         });
         let cfg = ClientConfig {
-            psk: Psk::new(TEST_KEY).unwrap(),
+            creds: Psk::new(TEST_KEY).unwrap().into(),
             binding,
             caps: Caps::ALL,
             timeout: Duration::from_secs(5),

@@ -69,7 +69,7 @@ fn backend(test: &str) -> Option<Rdma> {
 
 fn client_cfg(psk: Psk) -> ClientConfig {
     ClientConfig {
-        psk,
+        creds: psk.into(),
         binding: ChannelBinding { session: [5; 16], channel: 0 },
         caps: Caps::RDMA,
         timeout: Duration::from_secs(5),
@@ -79,8 +79,12 @@ fn client_cfg(psk: Psk) -> ClientConfig {
 
 impl Rdma {
     fn acceptor(&self, psk: Psk) -> RdmaAcceptor {
-        let hs =
-            ServerConfig { psk, caps: Caps::RDMA, timeout: Duration::from_secs(5), encryption: Default::default() };
+        let hs = ServerConfig {
+            creds: psk.into(),
+            caps: Caps::RDMA,
+            timeout: Duration::from_secs(5),
+            encryption: Default::default(),
+        };
         RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), self.opts.clone(), hs).unwrap()
     }
 
@@ -353,7 +357,7 @@ fn killer_unblocks_a_waiting_sender() {
 fn transports_that_do_not_match_are_refused() {
     let opts = RdmaOptions::new("no-such-device");
     let hs = ServerConfig {
-        psk: Psk::new(TEST_KEY).unwrap(),
+        creds: Psk::new(TEST_KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),

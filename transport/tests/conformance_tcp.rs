@@ -25,7 +25,7 @@ fn binding() -> ChannelBinding {
 
 fn client_cfg(psk: Psk) -> ClientConfig {
     ClientConfig {
-        psk,
+        creds: psk.into(),
         binding: binding(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
@@ -50,7 +50,7 @@ impl Tcp {
 
     fn acceptor(&self, psk: Psk) -> TcpAcceptor {
         let caps = if self.zstd { Caps::ALL } else { Caps(0) };
-        let hs = ServerConfig { psk, caps, timeout: Duration::from_secs(5), encryption: self.mode };
+        let hs = ServerConfig { creds: psk.into(), caps, timeout: Duration::from_secs(5), encryption: self.mode };
         TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), self.opts(), hs).unwrap()
     }
 }
@@ -220,7 +220,7 @@ fn rejected_session_gets_a_reason() {
 fn silent_client_times_out_and_acceptor_survives() {
     let t = Tcp { zstd: false, mode: Encryption::Aead };
     let hs = ServerConfig {
-        psk: Psk::new(TEST_KEY).unwrap(),
+        creds: Psk::new(TEST_KEY).unwrap().into(),
         caps: Caps(0),
         timeout: Duration::from_millis(300),
         encryption: Default::default(),
@@ -245,7 +245,7 @@ fn silent_client_times_out_and_acceptor_survives() {
 #[test]
 fn endpoint_traits_open_bound_channels_without_rdma() {
     let hs = ServerConfig {
-        psk: Psk::new(TEST_KEY).unwrap(),
+        creds: Psk::new(TEST_KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),
@@ -269,7 +269,7 @@ fn endpoint_traits_open_bound_channels_without_rdma() {
             }
         });
         let cfg = ClientConfig {
-            psk: Psk::new(TEST_KEY).unwrap(),
+            creds: Psk::new(TEST_KEY).unwrap().into(),
             binding,
             caps: Caps::ALL,
             timeout: Duration::from_secs(5),

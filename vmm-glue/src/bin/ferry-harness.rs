@@ -533,7 +533,12 @@ struct Server {
 
 impl Server {
     fn start(listen: SocketAddr, psk: Psk, factory: KvmFactory, max: Option<usize>) -> Result<Self> {
-        let hs = ServerConfig { psk, caps: Caps::ALL, timeout: Duration::from_secs(5), encryption: Default::default() };
+        let hs = ServerConfig {
+            creds: psk.into(),
+            caps: Caps::ALL,
+            timeout: Duration::from_secs(5),
+            encryption: Default::default(),
+        };
         let acc = TcpAcceptor::bind(listen, TcpOptions::default(), hs)
             .map_err(|e| CliError::Usage(format!("cannot listen on {listen}: {e}")))?;
         let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default()).spawn(max)?;
