@@ -38,6 +38,17 @@ pub(crate) fn psk_from_env() -> Result<Psk> {
     Psk::new(k).map_err(|e| BenchError::Usage(format!("{PSK_ENV}: {e}")))
 }
 
+/// The children's credentials: host certificates from `tls_dir` (both ends use the same
+/// directory), or the key the driver handed them.
+pub(crate) fn creds(tls_dir: Option<&std::path::Path>) -> Result<ferry_transport::Credentials> {
+    match tls_dir {
+        Some(d) => ferry_transport::TlsCredentials::from_dir(d)
+            .map(Into::into)
+            .map_err(|e| BenchError::Usage(format!("--tls-dir {}: {e}", d.display()))),
+        None => psk_from_env().map(Into::into),
+    }
+}
+
 /// Die with the driver: a child must not outlive it (it holds memory and a testbed namespace).
 pub(crate) fn die_with_parent() {
     // Best effort: without it the watchdog and Ctrl-C cleanup still kill the children.

@@ -42,7 +42,7 @@ use ferry_vmm_glue::synthetic::{read_image_page, SyntheticConfig, SyntheticFacto
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{
-    die_with_parent, drive_pair, hex, parse_result, psk_from_env, read_go, read_line, read_result, say, say_result,
+    creds, die_with_parent, drive_pair, hex, parse_result, read_go, read_line, read_result, say, say_result,
 };
 use crate::error::{BenchError, Result};
 use crate::procstat::Usage;
@@ -126,6 +126,10 @@ pub struct LiveChildArgs {
     /// Protection of every frame after the handshake (`aead`, `integrity`, `off`; both sides).
     #[arg(long, default_value = "aead")]
     pub encryption: Encryption,
+    /// Authenticate with host certificates (`ca.pem`, `cert.pem`, `key.pem` in this directory,
+    /// used by both ends) instead of the key the driver hands its children.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
     /// Channels.
     #[arg(long)]
     pub channels: usize,
@@ -257,6 +261,11 @@ impl LiveChildArgs {
             self.option.to_string(),
             "--encryption".into(),
             self.encryption.to_string(),
+        ];
+        if let Some(d) = &self.tls_dir {
+            v.extend(["--tls-dir".into(), d.display().to_string()]);
+        }
+        v.extend([
             "--channels".into(),
             self.channels.to_string(),
             "--downtime-ms".into(),
@@ -265,7 +274,7 @@ impl LiveChildArgs {
             self.zstd_level.to_string(),
             "--batch-pages".into(),
             self.batch_pages.to_string(),
-        ];
+        ]);
         if self.verify_full {
             v.push("--verify-full".into());
         }
@@ -441,7 +450,7 @@ pub fn encryption_applies(option: TransportOption, encryption: Encryption) -> bo
 /// The source process.
 pub fn src_main(a: &LiveChildArgs) -> Result<()> {
     die_with_parent();
-    let psk = psk_from_env()?;
+    let psk = creds(a.tls_dir.as_deref())?;
     let opts = connector(a.option, a.zstd_level, a.encryption)?;
     let t = Instant::now();
     let busy = a.workload == Workload::Busy;
@@ -592,7 +601,7 @@ fn check_moved_disks(vm: &SyntheticVm, dir: &Path) -> Vec<DiskCheck> {
 /// The destination process.
 pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
-    let psk = psk_from_env()?;
+    let psk = creds(a.tls_dir.as_deref())?;
     let hs =
         ServerConfig { creds: psk.into(), caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
     // A tcp listener takes every tcp option (zstd negotiated per channel); quic listens on UDP.

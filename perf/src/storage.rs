@@ -563,6 +563,7 @@ pub fn run_shared_nothing(a: &StorageArgs) -> Result<Vec<SnRecord>> {
                     dirty_rate: a.dirty_rate,
                     option: "tcp".parse().map_err(|e| BenchError::Usage(format!("{e}")))?,
                     encryption: Default::default(),
+                    tls_dir: None,
                     channels: 1,
                     downtime_ms: a.downtime_ms,
                     verify_full: false,

@@ -46,6 +46,7 @@ fn args() -> LiveChildArgs {
         dirty_rate: 1 << 20,
         option: "tcp".parse::<TransportOption>().unwrap(),
         encryption: Default::default(),
+        tls_dir: None,
         channels: 1,
         downtime_ms: 300,
         verify_full: false,

@@ -18,6 +18,7 @@
 //! ferry [--api SOCKET] [--json] preflight NAME --to ADDR [--quick] [--option ...] [--channels N]
 //!                                  [--include-storage] [--encryption MODE]
 //! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
+//! ferry tls-certs --out DIR HOST[=SAN,...]...      (a test CA and host certificates)
 //! ```
 //!
 //! With `--json` every command prints JSON (`move --wait`: one object with `status`,
@@ -90,6 +91,18 @@ enum Cmd {
     Cancel {
         /// Migration id.
         id: String,
+    },
+    /// Make a test CA and host certificates for mutual TLS (no agent needed): `OUT/ca.pem`,
+    /// `OUT/ca-key.pem` (keep it offline), and per host `OUT/HOST/{ca,cert,key}.pem` (key mode
+    /// 0600), the directory a host's `tls_dir` names. ECDSA P-256, valid until 2125.
+    TlsCerts {
+        /// Where to write them.
+        #[arg(long)]
+        out: PathBuf,
+        /// Hosts, each `NAME` or `NAME=SAN,SAN...` (DNS names or IP addresses the certificate
+        /// names; default: NAME itself).
+        #[arg(required = true)]
+        hosts: Vec<String>,
     },
 }
 
@@ -342,10 +355,46 @@ fn migration_line(m: &Value) -> String {
     l
 }
 
+/// `ferry tls-certs`: a CA and one directory per host.
+fn tls_certs(out: &std::path::Path, hosts: &[String]) -> Result<(), Fail> {
+    use ferry_transport::tls::{TestCa, Validity};
+    use std::os::unix::fs::OpenOptionsExt;
+    let bad = |e: ferry_transport::KeyError| Fail::Refused(e.to_string());
+    let ca = TestCa::new("Ferry CA").map_err(bad)?;
+    std::fs::create_dir_all(out).map_err(|e| Fail::Refused(format!("{}: {e}", out.display())))?;
+    let write = |name: &str, text: &str, mode: u32| -> Result<(), Fail> {
+        use std::io::Write;
+        let p = out.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&p)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))
+    };
+    write("ca.pem", ca.cert_pem(), 0o644)?;
+    write("ca-key.pem", &ca.key_pem(), 0o600)?;
+    for h in hosts {
+        let (name, sans) = match h.split_once('=') {
+            Some((n, s)) => (n, s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
+            None => (h.as_str(), Vec::new()),
+        };
+        if name.is_empty() || name.contains('/') || name.starts_with('.') {
+            return Err(Fail::Refused(format!("{h:?}: not a host name")));
+        }
+        ca.write_host_dir(&out.join(name), name, &sans, Validity::Long).map_err(bad)?;
+        println!("{}", out.join(name).display());
+    }
+    Ok(())
+}
+
 async fn run(c: Cli) -> Result<(), Fail> {
     let api = Api { ep: Endpoint::Unix(c.api.clone()) };
     let j = c.json;
     match c.cmd {
+        Cmd::TlsCerts { out, hosts } => tls_certs(&out, &hosts)?,
         Cmd::Host { cmd: HostCmd::Show } => {
             let v = api.call("GET", "/v1/host", None).await?;
             print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());

@@ -4,7 +4,7 @@
 //! migration-bench                      (the default job: `live` with its defaults)
 //! migration-bench live [--size 2GiB | --image FILE] [--workload idle|busy|both]
 //!                      [--options tcp,zstd,tcp:2,tcp:4] [--working-set 256MiB] [--dirty-rate 100MiB]
-//!                      [--downtime-ms 300] [--encryption aead,integrity,off] [--flood 500] [--json]
+//!                      [--downtime-ms 300] [--encryption aead,integrity,off] [--tls-dir DIR] [--flood 500] [--json]
 //! migration-bench storage [--kind local] [--disk-size 4GiB] [--allocated 50] [--disks 1]
 //!                         [--workload idle|busy|both] [--disk-rate 20MiB] [--dir DIR] [--json]
 //! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp,zstd]
@@ -389,6 +389,10 @@ struct LiveArgs {
     /// only. With `off` among them the table adds each mode's cost (time over `off`'s).
     #[arg(long, default_value = "aead", value_delimiter = ',')]
     encryption: Vec<Encryption>,
+    /// Authenticate with host certificates instead of a key: `ca.pem`, `cert.pem` and `key.pem`
+    /// in this directory, used by both ends (`ferry tls-certs` makes them).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Downtime limit in milliseconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=60_000))]
     downtime_ms: u64,
@@ -620,6 +624,11 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
         WorkloadArg::Busy => vec![live::Workload::Busy],
         WorkloadArg::Both => vec![live::Workload::Idle, live::Workload::Busy],
     };
+    if let Some(d) = &a.tls_dir {
+        // Refused here, before any child starts, with the file and the reason.
+        ferry_transport::TlsCredentials::from_dir(d)
+            .map_err(|e| BenchError::Usage(format!("--tls-dir {}: {e}", d.display())))?;
+    }
     let encryptions = dedup(&a.encryption);
     if encryptions.is_empty() {
         return Err(BenchError::Usage("--encryption is empty".into()));
@@ -650,6 +659,7 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
                             dirty_rate: a.dirty_rate,
                             option: *o,
                             encryption: enc,
+                            tls_dir: a.tls_dir.clone(),
                             channels: *n,
                             downtime_ms: a.downtime_ms,
                             verify_full: a.verify_full,
@@ -832,6 +842,7 @@ fn agent_cmd(a: AgentArgs) -> Result<bool> {
                 option: TransportOption::Tcp,
                 // The agents' default.
                 encryption: Encryption::Aead,
+                tls_dir: None,
                 channels: usize::from(a.channels),
                 downtime_ms: 300,
                 verify_full: false,
