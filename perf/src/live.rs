@@ -602,8 +602,7 @@ fn check_moved_disks(vm: &SyntheticVm, dir: &Path) -> Vec<DiskCheck> {
 pub fn dst_main(a: &LiveChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
     let psk = creds(a.tls_dir.as_deref())?;
-    let hs =
-        ServerConfig { creds: psk.into(), caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
+    let hs = ServerConfig { creds: psk, caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
     // A tcp listener takes every tcp option (zstd negotiated per channel); quic listens on UDP.
     let acc: Box<dyn Acceptor> = if a.option.is_tcp() {
         Box::new(TcpAcceptor::bind(listen, TcpOptions::default(), hs)?)

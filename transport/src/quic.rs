@@ -829,21 +829,21 @@ impl PendingChannel for QuicPending {
             let (k, p) = read_handshake_frame(&mut reader, deadline)?;
             match m.handle_frame(k, &p, Instant::now())? {
                 Step::Send(f) => w.write(Bytes::from(f))?,
-                Step::Verified(mut est) => match {
+                Step::Verified(mut est) => {
                     est.peer_cert = peer;
-                    admit(&est)
-                } {
-                    Ok(()) => {
-                        w.write(Bytes::from(m.accept()?))?;
-                        let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;
-                        break (est, keys.image);
+                    match admit(&est) {
+                        Ok(()) => {
+                            w.write(Bytes::from(m.accept()?))?;
+                            let keys = m.take_keys().ok_or(WireError::Unexpected(k))?;
+                            break (est, keys.image);
+                        }
+                        Err(reason) => {
+                            let _ = w.write(Bytes::from(m.reject(&reason)));
+                            let _ = w.send.finish();
+                            return Err(HandshakeError::Rejected(reason).into());
+                        }
                     }
-                    Err(reason) => {
-                        let _ = w.write(Bytes::from(m.reject(&reason)));
-                        let _ = w.send.finish();
-                        return Err(HandshakeError::Rejected(reason).into());
-                    }
-                },
+                }
                 Step::Done(_) => return Err(WireError::Unexpected(k).into()),
             }
         };
