@@ -92,7 +92,7 @@ impl Hand {
         let mut vm = guest(name, 1, 0, 0, 5);
         vm.pause().unwrap();
         let map = vm.memory();
-        let mut ch = connect_simple(addr, channels, &TcpOptions::default(), &psk()).expect("channels");
+        let mut ch = connect_simple(addr, channels, &TcpOptions::default(), psk()).expect("channels");
         let prepare = Msg::Prepare {
             version: MIGRATION_VERSION,
             shape: vm.shape(),
@@ -245,7 +245,7 @@ fn a_commit_whose_resume_fails_is_a_failure_and_the_source_runs() {
             b
         })
         .collect();
-    let chans = connect_simple(d.addr, 1, &TcpOptions::default(), &psk()).unwrap();
+    let chans = connect_simple(d.addr, 1, &TcpOptions::default(), psk()).unwrap();
     let e = migrate(&mut vm, chans, &MigrationConfig::default(), &|_| {}).expect_err("the resume failed");
     assert!(
         matches!(&e, MigrateError::DestinationAborted(m) if m.contains("did not resume")),

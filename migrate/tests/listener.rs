@@ -91,7 +91,7 @@ impl Running {
     /// destination holds the same memory.
     fn legit_migration(&self, name: &str) {
         let mut vm = guest(name, 32, 0, 0, SEED);
-        let chans = connect_simple(self.addr, 2, &TcpOptions::default(), &psk()).expect("legitimate channels");
+        let chans = connect_simple(self.addr, 2, &TcpOptions::default(), psk()).expect("legitimate channels");
         let cfg = MigrationConfig { verify_full: true, ..Default::default() };
         let st = migrate(&mut vm, chans, &cfg, &|_| {}).expect("the legitimate migration");
         assert_eq!(st.status, Status::Completed);
@@ -217,7 +217,7 @@ fn wrong_key_is_refused_and_the_listener_keeps_serving() {
 fn silent_channel_zero_times_out_waiting_for_prepare() {
     let limits = ListenerConfig { prepare_timeout: Duration::from_secs(1), ..Default::default() };
     let srv = start(limits);
-    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), &psk(), random_bytes(), 0).unwrap();
+    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), psk(), random_bytes(), 0).unwrap();
     let r = srv.outcomes.recv_timeout(PATIENCE).expect("an outcome for the silent session");
     assert!(matches!(r, Err(MigrateError::Timeout(_))), "{:?}", r.map(|o| o.stats));
     assert_eq!(srv.counters.snapshot().prepare_timed_out, 1);
@@ -236,7 +236,7 @@ fn stop_returns_with_idle_connections_open() {
     };
     let srv = start(limits);
     let mut idle: Vec<_> = (0..20u8).map(|i| idle_from([127, 0, 2, 1 + i], srv.addr)).collect();
-    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), &psk(), random_bytes(), 0).unwrap();
+    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), psk(), random_bytes(), 0).unwrap();
     srv.wait_for("the connections to be accepted", |s| s.accepted >= 21 && s.established >= 1);
     let counters = srv.counters.clone();
     let outcomes = srv.stop();
@@ -254,8 +254,8 @@ fn stop_returns_with_idle_connections_open() {
 fn sessions_beyond_the_limit_are_refused() {
     let limits = ListenerConfig { max_sessions: 1, prepare_timeout: Duration::from_secs(2), ..Default::default() };
     let srv = start(limits);
-    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), &psk(), random_bytes(), 0).unwrap();
-    let e = connect_one(&Path::to(srv.addr), &TcpOptions::default(), &psk(), random_bytes(), 0)
+    let _silent = connect_one(&Path::to(srv.addr), &TcpOptions::default(), psk(), random_bytes(), 0).unwrap();
+    let e = connect_one(&Path::to(srv.addr), &TcpOptions::default(), psk(), random_bytes(), 0)
         .expect_err("a second session beyond max_sessions must be refused");
     assert!(e.to_string().contains("too many migration sessions"), "unclear error: {e}");
     assert_eq!(srv.counters.snapshot().refused_sessions, 1);

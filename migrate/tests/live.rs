@@ -73,7 +73,7 @@ fn idle_guest_moves_byte_identical() {
     for (zstd, nch) in [(false, 1), (true, 2)] {
         let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
         let mut vm = guest("idle", 48, 0, 0, SEED);
-        let chans = connect_simple(addr, nch, &opts(zstd), &Psk::new(KEY).unwrap()).unwrap();
+        let chans = connect_simple(addr, nch, &opts(zstd), Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig { verify_full: true, ..Default::default() };
         let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
         assert_eq!(st.status, Status::Completed);
@@ -95,7 +95,7 @@ fn busy_guest_converges_and_continues() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("busy", 64, 16, 64, SEED);
     std::thread::sleep(Duration::from_millis(50));
-    let chans = connect_simple(addr, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
     let events = Arc::new(AtomicUsize::new(0));
     let e2 = events.clone();
@@ -137,7 +137,7 @@ fn expect_source_survives(fault: Option<(FaultPoint, FaultAction)>, misbehave: M
         reply_timeout: Duration::from_secs(10),
         ..Default::default()
     };
-    let chans = connect_simple(addr, nch, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, nch, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     let chans = inject(chans, fault, misbehave, &cfg.cancel);
     let err = match migrate(&mut vm, chans, &cfg, &|_| {}) {
         Err(e) => e,
@@ -211,7 +211,7 @@ fn destination_faults_leave_the_source_running() {
 fn refused_when_the_destination_cannot_host() {
     let (addr, outcomes, h) = server(1 << 20, TargetConfig::default(), 1);
     let mut vm = guest("big", 16, 0, 0, SEED);
-    let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 1, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     let e = migrate(&mut vm, chans, &MigrationConfig::default(), &|_| {}).unwrap_err();
     assert!(matches!(e, MigrateError::Refused(_)), "{e}");
     assert!(vm.is_running());
@@ -226,7 +226,7 @@ fn not_converging_aborts_by_policy() {
     for attempt in 0..5 {
         let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
         let mut vm = guest("hot", 64, 32, 0, SEED); // writer as fast as it can
-        let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+        let chans = connect_simple(addr, 1, &opts(false), Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig {
             converge: ConvergeConfig {
                 downtime_limit: Duration::from_micros(1),
@@ -259,7 +259,7 @@ fn not_converging_aborts_by_policy() {
 fn lost_channel_fails_over_and_completes() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("failover", 64, 8, 32, SEED);
-    let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 3, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
     let fault = Some((FaultPoint::InRound(0), FaultAction::KillChannel(1)));
     let chans = inject(chans, fault, Misbehave::None, &cfg.cancel);
@@ -278,7 +278,7 @@ fn a_stalled_channel_is_dropped_and_its_batches_resent() {
     // The stall detector drops it; the others finish the job.
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("stall", 64, 8, 32, SEED);
-    let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 3, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     let chans = inject(chans, None, Misbehave::Stall { channel: 2, after_acks: 3 }, &CancelToken::new());
     let cfg = MigrationConfig {
         verify_full: true,
@@ -307,7 +307,7 @@ fn without_the_stall_detector_a_hung_channel_aborts_cleanly() {
     let tcp = TcpOptions { user_timeout: None, ..TcpOptions::default() };
     let (addr, outcomes, h) = server_with(1 << 30, TargetConfig::default(), 1, tcp.clone());
     let mut vm = guest("stall-nodetect", 32, 4, 16, SEED);
-    let chans = connect_simple(addr, 2, &tcp, &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &tcp, Psk::new(KEY).unwrap()).unwrap();
     let chans = inject(chans, None, Misbehave::Stall { channel: 1, after_acks: 2 }, &CancelToken::new());
     let cfg = MigrationConfig {
         stall_timeout: None,
@@ -337,7 +337,7 @@ fn host_limit_of_two_runs_eight_migrations() {
                 let _slot = sched.acquire(ticket);
                 let n = active.fetch_add(1, Ordering::SeqCst) + 1;
                 max.fetch_max(n, Ordering::SeqCst);
-                let chans = connect_simple(addr, 2, &opts(i % 2 == 1), &Psk::new(KEY).unwrap()).unwrap();
+                let chans = connect_simple(addr, 2, &opts(i % 2 == 1), Psk::new(KEY).unwrap()).unwrap();
                 let r = migrate(&mut vm, chans, &MigrationConfig { verify_full: true, ..Default::default() }, &|_| {});
                 active.fetch_sub(1, Ordering::SeqCst);
                 r.map(|s| s.verified)
@@ -358,7 +358,7 @@ fn host_limit_of_two_runs_eight_migrations() {
 fn lost_commit_confirmation_never_runs_the_vm_twice() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("uncertain", 16, 2, 16, SEED);
-    let chans = connect_simple(addr, 1, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 1, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     // The destination commits and resumes, but its confirmation never reaches the source.
     let chans = inject(chans, None, Misbehave::LoseResumed, &CancelToken::new());
     let e = migrate(
@@ -414,7 +414,7 @@ fn lost_channel_rejoins_and_carries_work_again() {
 fn round_robin_spreads_evenly_and_survives_a_loss() {
     let (addr, outcomes, h) = server(1 << 30, TargetConfig::default(), 1);
     let mut vm = guest("rr", 64, 4, 16, SEED);
-    let chans = connect_simple(addr, 3, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 3, &opts(false), Psk::new(KEY).unwrap()).unwrap();
     let cfg = MigrationConfig { verify_full: true, scheduling: Scheduling::RoundRobin, ..Default::default() };
     let chans =
         inject(chans, Some((FaultPoint::InRound(0), FaultAction::KillChannel(1))), Misbehave::None, &cfg.cancel);
@@ -514,7 +514,7 @@ fn a_tampered_frame_aborts_the_migration_and_the_source_keeps_running() {
         let relay = tampering_relay(addr, conn, 1 << 20);
         let mut vm = guest("tampered", 32, 4, 32, SEED);
         let cfg = MigrationConfig { failover: false, reply_timeout: Duration::from_secs(10), ..Default::default() };
-        let chans = connect_simple(relay, 2, &opts(false), &Psk::new(KEY).unwrap()).unwrap();
+        let chans = connect_simple(relay, 2, &opts(false), Psk::new(KEY).unwrap()).unwrap();
         let err = migrate(&mut vm, chans, &cfg, &|_| {}).expect_err("a tampered stream must not complete");
         assert!(vm.is_running(), "source VM not running after {err}");
         let dst = outcomes.recv_timeout(Duration::from_secs(20)).unwrap();

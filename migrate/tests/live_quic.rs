@@ -40,7 +40,7 @@ fn busy_guest_moves_over_quic_and_verifies() {
         let s = server(1);
         let mut vm = guest("busy-quic", 64, 16, 64, SEED);
         std::thread::sleep(Duration::from_millis(50));
-        let chans = connect_simple(s.addr, nch, &opts, &Psk::new(KEY).unwrap()).unwrap();
+        let chans = connect_simple(s.addr, nch, &opts, Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig { verify_full: true, ..Default::default() };
         let st = migrate(&mut vm, chans, &cfg, &|_| {}).unwrap();
         assert_eq!(st.status, Status::Completed, "{what}");
@@ -65,7 +65,7 @@ fn a_source_without_the_key_is_refused_and_keeps_running() {
     assert!(e.to_string().contains("authentication failed"), "{e}");
     assert!(vm.is_running());
     // The listener still serves a source with the key.
-    let chans = connect_simple(s.addr, 1, &QuicOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(s.addr, 1, &QuicOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let st = migrate(&mut vm, chans, &MigrationConfig::default(), &|_| {}).unwrap();
     assert!(st.verified);
     assert!(s.outcomes.recv().unwrap().unwrap().stats.verified);
@@ -78,7 +78,7 @@ fn a_cut_channel_fails_over_to_the_others() {
         let what = format!("shared connection: {}", opts.share_connection);
         let s = server(1);
         let mut vm = guest("failover-quic", 64, 8, 32, SEED);
-        let chans = connect_simple(s.addr, 3, &opts, &Psk::new(KEY).unwrap()).unwrap();
+        let chans = connect_simple(s.addr, 3, &opts, Psk::new(KEY).unwrap()).unwrap();
         let cfg = MigrationConfig { verify_full: true, ..Default::default() };
         let fault = Some((FaultPoint::InRound(0), FaultAction::KillChannel(1)));
         let chans = inject(chans, fault, Misbehave::None, &cfg.cancel);

@@ -88,7 +88,7 @@ fn connect_with_faults(addr: SocketAddr, o: &RdmaOptions, n: usize) -> (Vec<Chan
 fn migrate_busy_guest(id: &str, addr: SocketAddr, connector: &dyn Connector, dst: &Destination) -> MigrationStats {
     // A guest that keeps writing while it moves.
     let mut vm = guest(id, 32, 4, 2, SEED);
-    let chans = connect_simple(addr, 2, connector, &Psk::new(KEY).unwrap()).expect("connect");
+    let chans = connect_simple(addr, 2, connector, Psk::new(KEY).unwrap()).expect("connect");
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
     let t = std::time::Instant::now();
     let st = migrate(&mut vm, chans, &cfg, &|_| {}).expect("migration");
@@ -198,7 +198,7 @@ fn rdma_shared_nothing_moves_the_disks_on_the_control_path() {
     let srv = MigrationServer::new(acc, Arc::new(SyntheticFactory::new(1 << 30, false)), tcfg);
     let addr = srv.local_addrs().unwrap()[0].1;
     let server = server::spawn(srv, Some(1)).unwrap();
-    let chans = connect_simple(addr, 2, &o, &Psk::new(KEY).unwrap()).expect("connect");
+    let chans = connect_simple(addr, 2, &o, Psk::new(KEY).unwrap()).expect("connect");
     let mcfg = MigrationConfig { retain_source_disks: true, ..Default::default() };
     let st = migrate(&mut vm, chans, &mcfg, &|_| {}).expect("migration");
     assert!(st.verified && st.disks.iter().all(|d| d.verified), "{st:?}");

@@ -104,7 +104,7 @@ fn move_guest(
 ) -> (ferry_migrate::stats::MigrationStats, TargetOutcome, tempfile::TempDir) {
     let dst = tempfile::tempdir().unwrap();
     let (addr, outcomes, h) = destination(Some(dst.path()), tcp.clone());
-    let chans = connect_simple(addr, channels, &tcp, &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, channels, &tcp, Psk::new(KEY).unwrap()).unwrap();
     let st = migrate(&mut g.vm, chans, cfg, &|_| {}).unwrap();
     let out = outcomes.recv().unwrap().unwrap();
     h.join().unwrap();
@@ -202,7 +202,7 @@ fn cancel_during_the_disk_copy_leaves_the_vm_on_its_disks() {
     let mut g = guest("cancel", 4, 8);
     let dst = tempfile::tempdir().unwrap();
     let (addr, outcomes, h) = destination(Some(dst.path()), TcpOptions::default());
-    let chans = connect_simple(addr, 2, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &TcpOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let cancel = CancelToken::new();
     let cfg = MigrationConfig { cancel: cancel.clone(), ..Default::default() };
     // Cancel as soon as the destination has a partial copy with blocks in it.
@@ -232,7 +232,7 @@ fn cancel_during_the_disk_copy_leaves_the_vm_on_its_disks() {
 fn a_destination_without_a_disk_directory_refuses() {
     let mut g = guest("nodir", 0, 0);
     let (addr, outcomes, h) = destination(None, TcpOptions::default());
-    let chans = connect_simple(addr, 1, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 1, &TcpOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let r = migrate(&mut g.vm, chans, &MigrationConfig::default(), &|_| {});
     assert!(matches!(&r, Err(MigrateError::Refused(why)) if why.contains("disk directory")), "{r:?}");
     assert!(settle(&outcomes, h).is_err());
@@ -245,7 +245,7 @@ fn cancel_during_memory_precopy_leaves_the_vm_on_its_disks() {
     let mut g = guest("cancel-mem", 4, 8);
     let dst = tempfile::tempdir().unwrap();
     let (addr, outcomes, h) = destination(Some(dst.path()), TcpOptions::default());
-    let chans = connect_simple(addr, 2, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &TcpOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let cancel = CancelToken::new();
     let cfg = MigrationConfig { cancel: cancel.clone(), ..Default::default() };
     let seen = AtomicBool::new(false);
@@ -277,7 +277,7 @@ fn move_with_fault(
     kill: &[usize],
 ) -> (Result<ferry_migrate::stats::MigrationStats, MigrateError>, Result<TargetOutcome, MigrateError>) {
     let (addr, outcomes, h) = destination(Some(dst), TcpOptions::default());
-    let chans = connect_simple(addr, channels, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, channels, &TcpOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let killers: Vec<_> = kill.iter().map(|&i| chans[i].killer.clone()).collect();
     let fire = {
         let killers = killers.clone();
@@ -371,7 +371,7 @@ fn a_full_destination_file_system_leaves_the_vm_on_its_disks() {
     let mnt = tmpfs.path().to_path_buf();
     let mut g = guest("full", 4, 8);
     let (addr, outcomes, h) = destination(Some(&mnt), TcpOptions::default());
-    let chans = connect_simple(addr, 2, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &TcpOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let r = migrate(&mut g.vm, chans, &MigrationConfig::default(), &|_| {});
     // The source hears the refusal, or a channel the refusing destination already closed.
     assert!(r.is_err(), "{r:?}");

@@ -90,7 +90,7 @@ fn open_session_over_loopback_and_strangers_are_refused() {
     let policy = NetworkPolicy { networks: "lo".parse::<NetworkPolicy>().unwrap().networks, ..policy };
     // 3 channels (0 to the first address, 2 on the lo path), then 3 strangers.
     let (addr, h) = serve(None, vec![peer_lo()], 3, 3);
-    let (chans, plan) = open_session(local(addr.port()), &psk(), &TcpOptions::default(), &policy).unwrap();
+    let (chans, plan) = open_session(local(addr.port()), psk(), &TcpOptions::default(), &policy).unwrap();
     assert!(plan.unusable.is_empty(), "{:?}", plan.unusable);
     assert_eq!(plan.paths.len(), 1);
     assert_eq!(chans.len(), 3);
@@ -126,7 +126,7 @@ fn open_session_over_loopback_and_strangers_are_refused() {
 fn a_policy_nobody_can_use_is_an_error_and_the_session_is_not_opened() {
     let policy: NetworkPolicy = "198.19.250.0/24".parse().unwrap();
     let (addr, h) = serve(None, vec![peer_lo()], 1, 0);
-    let e = open_session(local(addr.port()), &psk(), &TcpOptions::default(), &policy).unwrap_err();
+    let e = open_session(local(addr.port()), psk(), &TcpOptions::default(), &policy).unwrap_err();
     assert!(e.to_string().contains("198.19.250.0/24: no local address"), "{e}");
     drop(h.join().unwrap());
 }
@@ -136,7 +136,7 @@ fn without_shared_networks_channel_zeros_route_carries_the_session() {
     // Unconfigured, the peer's only interface is loopback: no path; 2 channels to the first address.
     let policy = NetworkPolicy::default().with_channels_per_path(2).unwrap();
     let (addr, h) = serve(None, vec![peer_lo()], 2, 0);
-    let (chans, plan) = open_session(local(addr.port()), &psk(), &TcpOptions::default(), &policy).unwrap();
+    let (chans, plan) = open_session(local(addr.port()), psk(), &TcpOptions::default(), &policy).unwrap();
     assert!(plan.paths.is_empty() && plan.unusable.is_empty());
     assert_eq!(chans.len(), 2);
     assert!(chans.iter().all(|c| c.info.peer == Some(local(addr.port()))));

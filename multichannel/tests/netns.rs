@@ -104,7 +104,7 @@ fn open_session_across_namespaces() {
         enter_netns(&ns).unwrap();
         let first = SocketAddr::new(ip("198.18.0.2"), addr.port());
         let (chans, plan) =
-            open_session_with(first, &psk(), &TcpOptions::default(), &NetworkPolicy::default(), &src2).unwrap();
+            open_session_with(first, psk(), &TcpOptions::default(), &NetworkPolicy::default(), &src2).unwrap();
         let cfg = |session, channel| ClientConfig {
             creds: psk().into(),
             binding: ChannelBinding { session, channel },

@@ -99,7 +99,7 @@ fn kvm_guest_with_a_disk_live_migrates_and_moves_its_storage() {
     let img_b = img.clone();
     let factory = KvmFactory::new(1 << 30).with_disks(Arc::new(move |_| Ok(vec![open_disk(&img_b)])));
     let (addr, outcomes) = server(factory);
-    let chans = connect_simple(addr, 2, &TcpOptions::default(), &Psk::new(KEY).unwrap()).unwrap();
+    let chans = connect_simple(addr, 2, &TcpOptions::default(), Psk::new(KEY).unwrap()).unwrap();
     let st = migrate(&mut vm, chans, &MigrationConfig::default(), &|_| {}).unwrap();
     assert_eq!(st.status, Status::Completed);
     drop(vm);
