@@ -162,6 +162,8 @@ for i in 0 1 2 3 4 5; do
 done
 [ -n "$GID" ] || fail "no IPv4 GID on rxe0"
 echo "rxe0 ready, GID index $GID"
+# Memory windows (type 1/2) and registration limits as the device reports them (issue 13 notes).
+/usr/bin/ibv_devinfo -v -d rxe0 2>/dev/null | grep -i -E "max_mw|max_mr\b|max_mr_size|MEM_WINDOW" | sed 's/^/devinfo: /'
 
 export FERRY_RDMA_DEVICE=rxe0 FERRY_RDMA_GID=$GID RUST_BACKTRACE=1
 echo "=== rdma conformance and fault tests"

@@ -381,3 +381,25 @@ fn transports_that_do_not_match_are_refused() {
         assert!(!ch.info.established.caps.contains(Caps::RDMA));
     });
 }
+
+/// What registering guest memory for remote writes costs on this device, per registration: the
+/// price of registering it anew at every round (issue 13: memory registered only while a round
+/// is open). Prints `RDMA_REG` lines (the soft-RoCE suite's log keeps them); asserts only that
+/// registration and deregistration work, never a time.
+#[test]
+fn registration_cost_per_round() {
+    let Some(b) = backend("registration_cost_per_round") else { return };
+    for mib in [64usize, 256] {
+        let c = rdma::registration_cost(&b.opts, mib << 20, 5).expect("registering resident memory");
+        let per_gib = |d: Duration| d.as_secs_f64() * 1e3 * 1024.0 / mib as f64;
+        eprintln!(
+            "RDMA_REG {mib} MiB: first {:.1} ms, again {:.1} ms ({:.0} ms/GiB), dereg {:.1} ms ({:.0} ms/GiB)",
+            c.first_reg.as_secs_f64() * 1e3,
+            c.again_reg.as_secs_f64() * 1e3,
+            per_gib(c.again_reg),
+            c.dereg.as_secs_f64() * 1e3,
+            per_gib(c.dereg)
+        );
+        assert_eq!(c.bytes, mib << 20);
+    }
+}

@@ -295,6 +295,49 @@ pub fn probe(opts: &RdmaOptions) -> Result<String, RdmaError> {
     ))
 }
 
+/// What registering memory for remote writes costs on a device ([`registration_cost`]).
+#[derive(Debug, Clone, Copy)]
+pub struct RegistrationCost {
+    /// Bytes registered each time.
+    pub bytes: usize,
+    /// The first registration of the (resident) memory.
+    pub first_reg: Duration,
+    /// Registrations after it, median of the repeats (what registering again at every round
+    /// would cost).
+    pub again_reg: Duration,
+    /// Deregistrations, median.
+    pub dereg: Duration,
+}
+
+/// Measure registering `bytes` of resident anonymous memory for remote writes on the device of
+/// `opts`, and deregistering it, `repeats` times (the cost a per-round registration of guest
+/// memory would pay; see README, Known limitations). Prints nothing; asserts nothing about time.
+pub fn registration_cost(opts: &RdmaOptions, bytes: usize, repeats: usize) -> Result<RegistrationCost> {
+    let dev = verbs::open(&opts.device, opts.port, opts.gid_index)?;
+    let mem = ferry_memory::AnonMemory::new(bytes, true).map_err(|_| RdmaError::Memory("cannot map memory"))?;
+    mem.prefault();
+    let addr = mem.slice().as_ptr().as_ptr() as usize;
+    let mut regs = Vec::new();
+    let mut deregs = Vec::new();
+    for _ in 0..repeats.max(2) {
+        let t = Instant::now();
+        // SAFETY: `mem` stays mapped until after the region is dropped below; nothing reads it
+        // through references, and no queue pair exists that could learn the rkey.
+        let mr = unsafe { verbs::register(&dev.pd, addr, bytes, true) }?;
+        regs.push(t.elapsed());
+        let t = Instant::now();
+        drop(mr);
+        deregs.push(t.elapsed());
+    }
+    let first_reg = regs[0];
+    let median = |v: &mut Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut again = regs[1..].to_vec();
+    Ok(RegistrationCost { bytes, first_reg, again_reg: median(&mut again), dereg: median(&mut deregs) })
+}
+
 /// An established RDMA channel with its fault injector.
 pub struct RdmaChannel {
     /// The channel.
