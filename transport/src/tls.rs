@@ -567,7 +567,7 @@ mod tests {
         std::fs::write(&key, old.key.as_bytes()).unwrap();
         std::fs::write(d.join("cert.pem"), &old.cert).unwrap();
         let e = TlsCredentials::from_dir(&d).unwrap_err().to_string();
-        assert!(e.contains("cert.pem") && e.contains("Expired"), "{e}");
+        assert!(e.contains("cert.pem") && e.contains("certificate expired"), "{e}");
         // Not PEM, and missing.
         std::fs::write(d.join("ca.pem"), "hello").unwrap();
         let e = TlsCredentials::from_dir(&d).unwrap_err().to_string();
@@ -575,6 +575,7 @@ mod tests {
         std::fs::remove_file(d.join("ca.pem")).unwrap();
         let e = TlsCredentials::from_dir(&d).unwrap_err().to_string();
         assert!(e.contains("ca.pem") && e.contains("No such file"), "{e}");
+        std::fs::write(d.join("ca.pem"), ca.cert_pem()).unwrap();
         std::fs::remove_file(&key).unwrap();
         assert!(matches!(TlsCredentials::from_dir(&d), Err(KeyError::Io { .. })));
         std::fs::remove_dir_all(&d).unwrap();
