@@ -996,7 +996,8 @@ impl Agent {
             Ok(()) if cancel.is_cancelled() => Err(fail("cancelled", "cancelled before the VM was saved".into())),
             Ok(()) => match vmmctl::call(Path::new(&row.socket), &order).await {
                 Err(e) => Err(fail("failed", format!("the VMM refused the quick migration: {e}"))),
-                Ok(_) => self.watch_outgoing(id, row, peer, None, false).await,
+                // A cancel reaches the VMM, which stops before the handover (or finds it done).
+                Ok(_) => self.watch_outgoing(id, row, peer, Some(cancel), false).await,
             },
         };
         let handed_over = matches!(&r, Ok(m) if m.status == "completed");

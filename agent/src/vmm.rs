@@ -32,7 +32,7 @@ use ferry_memory::digest::PageTable;
 use ferry_memory::reserve::MemoryReserve;
 use ferry_memory::scan::{scan_slice, zero_page_hash};
 use ferry_memory::MemoryMap;
-use ferry_migrate::quick::{quick_load_into, quick_save, QuickError, SharedDir, VmRunState};
+use ferry_migrate::quick::{quick_load_into, quick_save_cancellable, QuickError, SharedDir, VmRunState};
 use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, CancelToken, ConvergeConfig, MigrationConfig};
 use ferry_migrate::stats::Status;
@@ -1199,15 +1199,19 @@ fn read_digest(dir: &Path, vm: &str, id: &str) -> Option<u64> {
 }
 
 /// Quick migration, source side: pause, take the digest, save the image and hand the record
-/// over (`ferry_migrate::quick::quick_save`). Until the record names the destination this
-/// host owns the VM: any failure resumes it here.
+/// over (`ferry_migrate::quick::quick_save_cancellable`). Until the record names the
+/// destination this host owns the VM: any failure, or a cancel (`VmmRequest::Cancel`, checked
+/// before the pause, after the digest, between image chunks and right before the handover),
+/// removes the image and the digest and resumes it here.
 fn start_quick_save(vmm: &Arc<Vmm>, order: QuickOrder) -> Result<(), String> {
     let mut g = vmm.lock();
     if g.state != VmmState::Running && g.state != VmmState::Paused {
         return Err(format!("the VM is {:?}, not running here", g.state));
     }
     let mut vm = g.vm.take().ok_or("no VM here")?;
-    g.cancel = None;
+    // A cancel applies until the record names the destination (`quick_save_cancellable`).
+    let cancel = CancelToken::new();
+    g.cancel = Some(Canceller::Live(cancel.clone()));
     g.state = VmmState::Migrating;
     g.migration = Some(MigrationReport { id: order.id.clone(), status: "setup".into(), ..Default::default() });
     drop(g);
@@ -1222,16 +1226,22 @@ fn start_quick_save(vmm: &Arc<Vmm>, order: QuickOrder) -> Result<(), String> {
             m.status = "switchover".into();
             m.guest_bytes = guest_bytes;
         }
+        let cancelled = || if cancel.is_cancelled() { Err(QuickError::Cancelled.to_string()) } else { Ok(()) };
         let attempt = (|| -> Result<(ferry_migrate::quick::SaveReport, u64, Duration), String> {
+            cancelled()?;
             vm.source().pause().map_err(|e| format!("pausing the VM: {e}"))?;
             let paused = t0.elapsed();
             let digest = map_digest(&vm.source().memory());
+            cancelled()?;
             write_digest(&order.dir, &name, &order.id, digest)
                 .map_err(|e| format!("writing the digest to {}: {e}", order.dir.display()))?;
-            let s = quick_save(&dir, vm.source(), &order.from, &order.to).map_err(|e| e.to_string())?;
+            hold_save_for_tests();
+            let s = quick_save_cancellable(&dir, vm.source(), &order.from, &order.to, &cancel)
+                .map_err(|e| e.to_string())?;
             Ok((s, digest, paused))
         })();
         let mut g = v.lock();
+        g.cancel = None;
         let counter = vm.counter();
         let (status, stats, error) = match attempt {
             Ok((s, digest, paused)) => {
@@ -1259,7 +1269,8 @@ fn start_quick_save(vmm: &Arc<Vmm>, order: QuickOrder) -> Result<(), String> {
                 let running = vm.source().is_running();
                 g.vm = Some(vm);
                 g.state = if running { VmmState::Running } else { VmmState::Paused };
-                (Status::Failed, None, Some(format!("quick save: {e}")))
+                let status = if cancel.is_cancelled() { Status::Cancelled } else { Status::Failed };
+                (status, None, Some(format!("quick save: {e}")))
             }
         };
         finish(&mut g.migration, status, stats, error);
@@ -1361,7 +1372,18 @@ fn start_quick_load(vmm: &Arc<Vmm>, q: QuickLoad) {
 /// until `PATH` exists (at most 120 s), so a test can kill its agent at a known point after the
 /// commit. Production never sets it; nothing else reads it.
 fn hold_outcome_for_tests() {
-    let Some(path) = std::env::var_os("FERRY_VMM_TEST_HOLD_OUTCOME_UNTIL") else { return };
+    hold_for_tests("FERRY_VMM_TEST_HOLD_OUTCOME_UNTIL");
+}
+
+/// Test hook, like [`hold_outcome_for_tests`]: with `FERRY_VMM_TEST_HOLD_SAVE_UNTIL=PATH`, a
+/// source VMM's quick save waits (the VM paused, its digest written, the image not yet) until
+/// `PATH` exists, so a test can cancel it mid-save at a known point. Production never sets it.
+fn hold_save_for_tests() {
+    hold_for_tests("FERRY_VMM_TEST_HOLD_SAVE_UNTIL");
+}
+
+fn hold_for_tests(var: &str) {
+    let Some(path) = std::env::var_os(var) else { return };
     let path = PathBuf::from(path);
     let t0 = std::time::Instant::now();
     while !path.exists() && t0.elapsed() < Duration::from_secs(120) {

@@ -1,7 +1,7 @@
 //! Quick moves through two `ferryd` agents sharing a directory (`shared_storage`): the VM is
 //! saved there by its source VMM, handed over by the ownership record, loaded and resumed by
 //! the destination's VMM, and checked against the source's digest. Without shared storage a
-//! quick move is refused.
+//! quick move is refused. A quick move cancelled at any point ends whole on one host.
 
 mod common;
 
@@ -118,4 +118,108 @@ fn a_quick_move_without_shared_storage_is_refused_and_the_vm_stays() {
         assert!(leftovers(&dir).is_empty(), "{:?}", leftovers(&dir));
     }
     counter_grows(&a, "q2");
+}
+
+/// Poll migration `id` on `a` until `pred` holds for it (or it is final); returns it.
+fn wait_migration(a: &Agent, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let t0 = Instant::now();
+    loop {
+        let m = a.json(&["migration", id]);
+        if pred(&m) || m["status"] == "completed" || m["status"] == "failed" || m["status"] == "cancelled" {
+            return m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(120), "{m:#}\n{}", a.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Cancel a quick move at several points: at once (queued or being admitted), and once the
+/// source VMM is saving the image (`switchover`) of a guest big enough that the save takes a
+/// moment. Where the cancel lands is up to timing, so the assertion is on the end state: a
+/// cancelled move leaves the VM running on A (same epoch, its counter moving) and nothing on B
+/// or in the shared directory; a move the cancel came too late for (the record already named B)
+/// completed whole on B. Never anything in between.
+#[test]
+fn a_quick_move_cancelled_at_any_point_leaves_the_vm_whole_on_one_host() {
+    let dir = Scratch::new("shared");
+    let a = Agent::start("a", KEY, &shared(&dir));
+    let b = Agent::start("b", KEY, &shared(&dir));
+    a.json(&["vm", "create", "--name", "big", "--memory", "512MiB", "--guest", "synthetic", "--working-set", "64MiB"]);
+    let mut outcomes = Vec::new();
+    let mut here = (&a, &b);
+    for (attempt, at) in ["at once", "while saving", "while saving"].into_iter().enumerate() {
+        let (src, dst) = here;
+        let epoch = src.json(&["vm", "show", "big"])["epoch"].as_u64().unwrap();
+        let acc = src.json(&["move", "big", "--to", &dst.listen.to_string(), "--quick"]);
+        let id = acc["id"].as_str().unwrap().to_string();
+        if at == "while saving" {
+            wait_migration(src, &id, |m| m["status"] == "switchover");
+        }
+        // Refused (exit 2) only when the move already ended.
+        let c = src.ferry(&["--json", "cancel", &id]);
+        let m = wait_migration(src, &id, |_| false);
+        let status = m["status"].as_str().unwrap().to_string();
+        assert!(c.status.success() || status != "cancelled", "{c:?}");
+        let mb = dst.wait_all_final(0, Duration::from_secs(120));
+        let on_dst = mb.iter().find(|x| x["id"] == id.as_str());
+        match status.as_str() {
+            "cancelled" => {
+                let v = src.json(&["vm", "show", "big"]);
+                assert_eq!((v["state"].as_str(), v["epoch"].as_u64()), (Some("running"), Some(epoch)), "{v}");
+                counter_grows(src, "big");
+                assert!(dst.vms().iter().all(|v| v["name"] != "big"), "left on {}: {:#?}", dst.name, dst.vms());
+                if let Some(x) = on_dst {
+                    assert_ne!(x["status"], "completed", "{x:#}");
+                }
+            }
+            "completed" => {
+                // Too late: the record named the destination before the cancel arrived.
+                let v = dst.json(&["vm", "show", "big"]);
+                assert_eq!((v["state"].as_str(), v["epoch"].as_u64()), (Some("running"), Some(epoch + 1)), "{v}");
+                assert!(src.vms().is_empty(), "{:#?}", src.vms());
+                counter_grows(dst, "big");
+                here = (dst, src);
+            }
+            s => panic!("attempt {attempt} ({at}): a cancelled quick move ended {s}: {m:#}\n{}", src.logs()),
+        }
+        assert!(leftovers(&dir).is_empty(), "left in the shared directory: {:?}", leftovers(&dir));
+        outcomes.push(format!("{at}: {status}"));
+    }
+    println!("cancel outcomes: {outcomes:?}");
+}
+
+/// The same cancel at a known point: the source VMM's save is held (test hook
+/// `FERRY_VMM_TEST_HOLD_SAVE_UNTIL`) with the VM paused and its digest written, the move is
+/// cancelled there, then the save is let go: it must stop before the handover, resume the VM on
+/// A, and leave nothing on B or in the shared directory.
+#[test]
+fn a_quick_move_cancelled_mid_save_stays_on_a_and_leaves_nothing() {
+    let dir = Scratch::new("shared");
+    let release = Scratch::new("release");
+    let go = release.0.join("go");
+    let env = vec![("FERRY_VMM_TEST_HOLD_SAVE_UNTIL".to_string(), go.display().to_string())];
+    let a = Agent::start_with_env(None, "a", KEY, &shared(&dir), free_addr(), env);
+    let b = Agent::start("b", KEY, &shared(&dir));
+    a.json(&["vm", "create", "--name", "held", "--memory", "64MiB", "--guest", "synthetic"]);
+    let acc = a.json(&["move", "held", "--to", &b.listen.to_string(), "--quick"]);
+    let id = acc["id"].as_str().unwrap().to_string();
+    let m = wait_migration(&a, &id, |m| m["status"] == "switchover");
+    assert_eq!(m["status"], "switchover", "{m:#}");
+    // Paused by the save, not yet handed over.
+    let v = a.json(&["vm", "show", "held"]);
+    assert_ne!(v["state"], "running", "{v}");
+    let c = a.ferry(&["--json", "cancel", &id]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    std::fs::write(&go, b"").unwrap();
+    let m = wait_migration(&a, &id, |_| false);
+    assert_eq!(m["status"], "cancelled", "{m:#}\n{}", a.logs());
+    let v = a.json(&["vm", "show", "held"]);
+    assert_eq!((v["state"].as_str(), v["epoch"].as_u64()), (Some("running"), Some(1)), "{v}");
+    counter_grows(&a, "held");
+    let mb = b.wait_all_final(0, Duration::from_secs(120));
+    assert!(mb.iter().all(|x| x["status"] != "completed"), "{mb:#?}");
+    assert!(b.vms().is_empty(), "left on b: {:#?}", b.vms());
+    assert!(leftovers(&dir).is_empty(), "left in the shared directory: {:?}", leftovers(&dir));
+    // Still A's, and movable: the next quick move (not held now) ends on B.
+    quick_move_ends_on_b(&a, &b, &dir, "held");
 }

@@ -55,6 +55,7 @@ use std::time::{Duration, Instant};
 use ferry_memory::MemoryMap;
 use ferry_transport::wire::PAGE_SIZE;
 
+use crate::source::CancelToken;
 use crate::vm::{SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 
 /// Image magic.
@@ -82,6 +83,10 @@ pub enum QuickError {
         #[source]
         source: std::io::Error,
     },
+    /// The save was cancelled before the handover: the record did not change, the image is
+    /// removed, and the source (resumed if it was running) still owns the VM.
+    #[error("cancelled before the handover")]
+    Cancelled,
     /// A VM or host name that cannot be used in the shared directory.
     #[error("invalid name {0:?} (1..=64 of A-Z a-z 0-9 . _ -, not starting with '.')")]
     Name(String),
@@ -468,9 +473,10 @@ fn write_image(
     shape: &VmShape,
     state: &[u8],
     mem: &MemoryMap,
+    cancel: &CancelToken,
 ) -> Result<(u64, u64), QuickError> {
     let mut w = BufWriter::with_capacity(4 << 20, f);
-    let r = write_image_to(&mut w, shape, state, mem).map_err(|e| match e {
+    let r = write_chunks(&mut w, shape, state, mem, Some(cancel)).map_err(|e| match e {
         QuickError::Io { source, .. } => io(format!("write {}", path.display()))(source),
         e => e,
     })?;
@@ -508,6 +514,17 @@ pub fn write_image_to(
     state: &[u8],
     mem: &MemoryMap,
 ) -> Result<(u64, u64), QuickError> {
+    write_chunks(w, shape, state, mem, None)
+}
+
+/// [`write_image_to`], stopping between chunks once `cancel` is set.
+fn write_chunks(
+    w: &mut impl Write,
+    shape: &VmShape,
+    state: &[u8],
+    mem: &MemoryMap,
+    cancel: Option<&CancelToken>,
+) -> Result<(u64, u64), QuickError> {
     let werr = || io("write image");
     let head = encode_header(shape, state);
     w.write_all(&head).map_err(werr())?;
@@ -520,6 +537,9 @@ pub fn write_image_to(
         let pages_in_region = len / PAGE_SIZE as u64;
         let mut p = 0;
         while p < pages_in_region {
+            if cancel.is_some_and(CancelToken::is_cancelled) {
+                return Err(QuickError::Cancelled);
+            }
             let n = (pages_in_region - p).min(u64::from(CHUNK_PAGES));
             let gpa = gpa0 + p * PAGE_SIZE as u64;
             let host = mem
@@ -743,22 +763,41 @@ fn read_chunks(r: &mut impl Read, shape: &VmShape, mem: &MemoryMap) -> Result<u6
 /// record over. On success the caller must drop the source VM without resuming it (the target
 /// owns it now). On failure the source is resumed if it was running and still owns the VM.
 pub fn quick_save(dir: &SharedDir, vm: &mut dyn SourceVm, from: &str, to: &str) -> Result<SaveReport, QuickError> {
+    quick_save_cancellable(dir, vm, from, to, &CancelToken::new())
+}
+
+/// [`quick_save`] that stops when `cancel` is set: before the pause, after the state is
+/// saved, between image chunks and right before the handover, it ends with
+/// [`QuickError::Cancelled`] (the record unchanged, the image removed, the VM resumed if it
+/// was running). Once the record names `to`, a cancel no longer applies: the target owns the VM.
+pub fn quick_save_cancellable(
+    dir: &SharedDir,
+    vm: &mut dyn SourceVm,
+    from: &str,
+    to: &str,
+    cancel: &CancelToken,
+) -> Result<SaveReport, QuickError> {
+    let check = || if cancel.is_cancelled() { Err(QuickError::Cancelled) } else { Ok(()) };
     let shape = vm.shape();
     check_name(&shape.vm_id)?;
     check_name(from)?;
     check_name(to)?;
     let rec = dir.expect_owner(&shape.vm_id, from, VmRunState::Running)?;
     let was_running = vm.is_running();
+    check()?;
     let t0 = Instant::now();
     vm.pause().map_err(QuickError::Vm)?;
     let pause = t0.elapsed();
     let image = format!("{}.{}.img", shape.vm_id, rec.epoch + 1);
     let attempt = (|| {
         let state = vm.save_state().map_err(QuickError::Vm)?;
+        check()?;
         let mut tmp = TempFile::new(&dir.root, &image)?;
         let shown = tmp.path.clone();
-        let (bytes, stored) = write_image(&mut tmp.file, &shown, &shape, &state, &vm.memory())?;
+        let (bytes, stored) = write_image(&mut tmp.file, &shown, &shape, &state, &vm.memory(), cancel)?;
+        check()?;
         tmp.persist(&dir.root, &dir.root.join(&image))?;
+        check()?;
         let next = Record { owner: to.into(), state: VmRunState::Saved, epoch: 0, image: Some(image.clone()) };
         let record = dir.transition(&shape.vm_id, from, &rec, next)?; // commit point
         Ok((bytes, stored, state.len(), record))

@@ -1,15 +1,19 @@
 //! Quick migration's files in the shared directory, with a synthetic guest: images and records
 //! are private (mode 0600), written under unpredictable temporary names and renamed into place
 //! (nothing planted at a guessable name is followed or left behind), and a load whose VM does not
-//! resume is a failure that leaves the VM saved, owned by the loading host, ready to load again.
+//! resume is a failure that leaves the VM saved, owned by the loading host, ready to load again;
+//! a save cancelled at any of its checks leaves the record, the directory and the VM as before.
 
 use std::fs;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use ferry_migrate::quick::{quick_load, quick_save, QuickError, SharedDir, VmRunState};
-use ferry_migrate::vm::{TargetFactory, TargetVm, VmError, VmShape};
+use ferry_memory::MemoryMap;
+use ferry_migrate::quick::{quick_load, quick_save, quick_save_cancellable, QuickError, SharedDir, VmRunState};
+use ferry_migrate::source::CancelToken;
+use ferry_migrate::vm::{DirtyBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_test_support::guest::{guest, same_memory, NoResume};
+use ferry_vmm_glue::synthetic::SyntheticVm;
 use ferry_vmm_glue::synthetic::{SyntheticFactory, SyntheticTarget};
 
 fn tmpdir(name: &str) -> PathBuf {
@@ -97,4 +101,90 @@ fn a_load_that_does_not_resume_is_a_failure_and_can_be_retried() {
     same_memory(&vm, &t);
     assert_eq!(dir.record("q2").unwrap().state, VmRunState::Running);
     let _ = fs::remove_dir_all(&root);
+}
+
+/// Where [`CancelAt`] pulls the cancel switch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum At {
+    /// Before the save starts.
+    Before,
+    /// While the state is saved (the VM is paused).
+    SaveState,
+    /// When the image writer maps the memory (before its first chunk).
+    Memory,
+}
+
+/// A synthetic guest that cancels its save at a chosen point: deterministic, no timing.
+struct CancelAt {
+    vm: SyntheticVm,
+    token: CancelToken,
+    at: At,
+}
+
+impl SourceVm for CancelAt {
+    fn shape(&self) -> VmShape {
+        self.vm.shape()
+    }
+    fn memory(&self) -> MemoryMap {
+        if self.at == At::Memory {
+            self.token.cancel();
+        }
+        self.vm.memory()
+    }
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.vm.start_dirty_log()
+    }
+    fn take_dirty(&mut self) -> Result<DirtyBitmap, VmError> {
+        self.vm.take_dirty()
+    }
+    fn return_dirty(&mut self, pages: &DirtyBitmap) {
+        self.vm.return_dirty(pages)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.vm.stop_dirty_log()
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.vm.resume()
+    }
+    fn is_running(&self) -> bool {
+        self.vm.is_running()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+        if self.at == At::SaveState {
+            self.token.cancel();
+        }
+        self.vm.save_state()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.vm.set_throttle(percent)
+    }
+}
+
+#[test]
+fn a_cancelled_save_leaves_the_record_the_directory_and_the_vm_as_they_were() {
+    for (i, at) in [At::Before, At::SaveState, At::Memory].into_iter().enumerate() {
+        let root = tmpdir(&format!("cancel{i}"));
+        let dir = SharedDir::new(&root);
+        let before = dir.register("q3", "host-a", VmRunState::Running).unwrap();
+        let token = CancelToken::new();
+        if at == At::Before {
+            token.cancel();
+        }
+        let mut vm = CancelAt { vm: guest("q3", 8, 2, 0, 5), token: token.clone(), at };
+        assert!(vm.is_running());
+        match quick_save_cancellable(&dir, &mut vm, "host-a", "host-b", &token) {
+            Err(QuickError::Cancelled) => {}
+            other => panic!("{at:?}: expected Cancelled, got {:?}", other.map(|r| r.record)),
+        }
+        assert_eq!(dir.record("q3").unwrap(), before, "{at:?}: the record changed");
+        assert_eq!(names(&root), ["q3.owner"], "{at:?}: an image or temporary file was left");
+        assert!(vm.is_running(), "{at:?}: the VM was not resumed");
+        // Still the owner: the next save (not cancelled) hands it over.
+        let s = quick_save(&dir, &mut vm.vm, "host-a", "host-b").expect("save after a cancel");
+        assert_eq!((s.record.owner.as_str(), s.record.state), ("host-b", VmRunState::Saved));
+        let _ = fs::remove_dir_all(&root);
+    }
 }
