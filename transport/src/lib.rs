@@ -20,7 +20,7 @@
 //!   TLS session's exporter secret becomes the key of Ferry's handshake ([`tls::Credentials`]).
 //! - [`tcp`]: the `tcp` and `zstd` backends over one TCP stream per channel.
 //! - `quic` (cargo feature `quic`, on by default): channels as QUIC streams (quinn, TLS 1.3 with
-//!   rustls and `ring`), Ferry's handshake bound to the TLS session.
+//!   rustls and `aws-lc-rs`), Ferry's handshake bound to the TLS session.
 //! - `rdma` (cargo feature `rdma`): the RDMA verbs backend, one-sided RDMA WRITE into the
 //!   destination's registered guest memory.
 //!

@@ -1,5 +1,5 @@
 //! The `quic` backend (cargo feature `quic`, on by default): each channel is one bidirectional
-//! QUIC stream (quinn), with TLS 1.3 (rustls, `ring` provider) built in.
+//! QUIC stream (quinn), with TLS 1.3 (rustls, `aws-lc-rs` provider) built in.
 //!
 //! # Channels, streams and connections
 //! A channel is one bidirectional stream carrying the same frames as the stream backends
@@ -288,7 +288,7 @@ fn set_buffers(s: &Socket, bytes: usize) {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn tls_error(e: impl std::fmt::Display) -> TransportError {

@@ -201,12 +201,12 @@ fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
 }
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// SHA-256 of a certificate's DER: how a peer's certificate is compared across channels.
 pub(crate) fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, cert.as_ref());
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.as_ref());
     let mut f = [0u8; 32];
     f.copy_from_slice(d.as_ref());
     f
