@@ -313,7 +313,9 @@ impl Sealer {
         let Some(key) = &self.key else { return [0; TAG_LEN] };
         // AES-GCM fails only past 2^36 bytes per message; parts are at most a few MiB.
         let tag = if self.mode == Encryption::Aead {
-            key.seal_in_place_separate_tag(self.nonce(part), Aad::from(hdr), data).ok().and_then(|t| t.as_ref().try_into().ok())
+            key.seal_in_place_separate_tag(self.nonce(part), Aad::from(hdr), data)
+                .ok()
+                .and_then(|t| t.as_ref().try_into().ok())
         } else {
             self.tag_of_copy(hdr, part, data)
         };
@@ -349,7 +351,14 @@ impl Sealer {
     /// data into its own buffer and opens it straight into the guest pages); with `integrity`
     /// the tag is checked and then the bytes copied. If the tag fails, `out` may hold garbage:
     /// the caller must treat the whole frame as refused (the channel dies).
-    pub fn open_to(&mut self, hdr: &[u8; HEADER_LEN], part: u32, sealed: &[u8], tag: &[u8], out: &mut [u8]) -> Result<()> {
+    pub fn open_to(
+        &mut self,
+        hdr: &[u8; HEADER_LEN],
+        part: u32,
+        sealed: &[u8],
+        tag: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
         if sealed.len() != out.len() {
             return Err(TransportError::Unauthenticated);
         }
@@ -584,9 +593,12 @@ mod tests {
             bad_tag[0] ^= 1;
             let mut bad_hdr = hdr;
             bad_hdr[9] ^= 1;
-            for (h, part, data, t) in
-                [(&hdr, 3, &sealed, &tag), (&hdr, 2, &bad, &tag), (&hdr, 2, &sealed, &bad_tag), (&bad_hdr, 2, &sealed, &tag)]
-            {
+            for (h, part, data, t) in [
+                (&hdr, 3, &sealed, &tag),
+                (&hdr, 2, &bad, &tag),
+                (&hdr, 2, &sealed, &bad_tag),
+                (&bad_hdr, 2, &sealed, &tag),
+            ] {
                 let (_, mut rx) = pair(mode);
                 let r = rx.open_to(h, part, data, t, &mut out);
                 assert!(matches!(r, Err(TransportError::Unauthenticated)), "{mode}: part {part}");
