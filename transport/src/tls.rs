@@ -10,7 +10,7 @@
 //!
 //! ```text
 //! TCP connect
-//! TLS 1.3 handshake (rustls, ring), both sides present certificates; each verifies the
+//! TLS 1.3 handshake (rustls, aws-lc-rs), both sides present certificates; each verifies the
 //!     other's chain against its ca.pem (expiry included), the source also the destination's
 //!     name (a DNS or IP subject alternative name) when one is expected
 //! K = TLS-Exporter("EXPORTER-ferry/2 channel", no context, 32)      (RFC 8446 7.5)
