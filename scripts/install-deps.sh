@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install what Ferry's benches and tests need on a bare Debian 12 machine (run as root).
 # binutils: the KVM guest program is checked against its source (vmm-glue/src/kvm/guest.S).
+# gcc, g++, make, cmake: aws-lc-sys (the AES-GCM, HKDF and TLS crypto) compiles AWS-LC from C; under a
+# sanitizer (the fuzz targets' build) it must use its cmake build.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 need=()
-for pkg in iperf3 iproute2 procps binutils; do
+for pkg in iperf3 iproute2 procps binutils gcc g++ make cmake libc6-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then
