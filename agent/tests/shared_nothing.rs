@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,34 +19,6 @@ use serde_json::Value;
 
 /// Disk sizes that are not a multiple of the 64 KiB block, nor of 4 KiB.
 const SIZES: [u64; 2] = [(5 << 20) + 12_345, (3 << 20) + 777];
-
-fn allocated(p: &Path) -> u64 {
-    ferry_disk::image::allocated_bytes(&std::fs::File::open(p).unwrap()).unwrap()
-}
-
-/// Ask a VM's VMM process directly (its control socket), as the agent does.
-fn vmm_call(a: &Agent, vm: &str, req: &str) -> Value {
-    let mut s = std::os::unix::net::UnixStream::connect(a.state_dir().join("vms").join(format!("{vm}.sock"))).unwrap();
-    s.write_all(format!("{req}\n").as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["ok"], true, "{req}: {v}");
-    v["status"].clone()
-}
-
-/// Pause the guest, check every disk against what it wrote, resume it: bad sectors per disk,
-/// and the disk errors the guest saw.
-fn check_disks(a: &Agent, vm: &str) -> (Vec<u64>, u64) {
-    let st = vmm_call(a, vm, r#"{"op":"check_disks"}"#);
-    let bad = st["disk_check"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    (bad, st["disk_guest_errors"].as_u64().unwrap())
-}
-
-fn disk_paths(a: &Agent, vm: &str) -> Vec<PathBuf> {
-    let v = a.json(&["vm", "show", vm]);
-    v["disks"].as_array().unwrap().iter().map(|d| PathBuf::from(d["path"].as_str().unwrap())).collect()
-}
 
 fn counter_grows(a: &Agent, vm: &str, by: u64) {
     let c0 = a.json(&["vm", "show", vm])["guest_counter"].as_u64().unwrap();

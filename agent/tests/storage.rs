@@ -7,40 +7,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-/// Ask a VM's VMM process directly (its control socket), as the agent does.
-fn vmm_call(a: &Agent, vm: &str, req: &str) -> Value {
-    let mut s = std::os::unix::net::UnixStream::connect(a.state_dir().join("vms").join(format!("{vm}.sock"))).unwrap();
-    s.write_all(format!("{req}\n").as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["ok"], true, "{req}: {v}");
-    v["status"].clone()
-}
-
-/// Pause the guest, check every disk against what it wrote, resume it: bad sectors per disk.
-fn check_disks(a: &Agent, vm: &str) -> (Vec<u64>, u64) {
-    let st = vmm_call(a, vm, r#"{"op":"check_disks"}"#);
-    let bad = st["disk_check"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
-    (bad, st["disk_guest_errors"].as_u64().unwrap())
-}
-
-fn disk_paths(a: &Agent, vm: &str) -> Vec<PathBuf> {
-    let v = a.json(&["vm", "show", vm]);
-    v["disks"].as_array().unwrap().iter().map(|d| PathBuf::from(d["path"].as_str().unwrap())).collect()
-}
-
-fn allocated(p: &Path) -> u64 {
-    ferry_disk::image::allocated_bytes(&std::fs::File::open(p).unwrap()).unwrap()
-}
 
 /// Write data the guest does not write (it has no disk writer): random runs, a run of zeros
 /// written out (allocated, but a copy may leave it a hole), and the odd tail; the rest stays a

@@ -3,7 +3,7 @@
 
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -292,4 +292,32 @@ pub fn watch_states(a: &Agent) -> std::thread::JoinHandle<Vec<String>> {
     // The subscription is in place once the answer's headers came; a moment is enough here.
     std::thread::sleep(Duration::from_millis(200));
     reader
+}
+
+/// Ask a VM's VMM process directly (its control socket), as the agent does.
+pub fn vmm_call(a: &Agent, vm: &str, req: &str) -> Value {
+    let mut s = std::os::unix::net::UnixStream::connect(a.state_dir().join("vms").join(format!("{vm}.sock"))).unwrap();
+    s.write_all(format!("{req}\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{req}: {v}");
+    v["status"].clone()
+}
+
+/// Pause the guest, check every disk against what it wrote, resume it: bad sectors per disk,
+/// and the disk errors the guest saw.
+pub fn check_disks(a: &Agent, vm: &str) -> (Vec<u64>, u64) {
+    let st = vmm_call(a, vm, r#"{"op":"check_disks"}"#);
+    let bad = st["disk_check"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    (bad, st["disk_guest_errors"].as_u64().unwrap())
+}
+
+pub fn disk_paths(a: &Agent, vm: &str) -> Vec<PathBuf> {
+    let v = a.json(&["vm", "show", vm]);
+    v["disks"].as_array().unwrap().iter().map(|d| PathBuf::from(d["path"].as_str().unwrap())).collect()
+}
+
+pub fn allocated(p: &Path) -> u64 {
+    ferry_disk::image::allocated_bytes(&std::fs::File::open(p).unwrap()).unwrap()
 }
