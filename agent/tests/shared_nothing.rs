@@ -190,24 +190,7 @@ fn a_kvm_guest_moves_with_its_disks_and_its_disk_checks_stay_clean() {
     let b = Agent::start("b", KEY, "");
     // 256 KiB of request slots on disk 0 (64 slots of 4 KiB, each checked by the guest when it
     // rewrites it); disk 1 the guest leaves as it is (all zeros).
-    a.json(&[
-        "vm",
-        "create",
-        "--name",
-        "kd",
-        "--memory",
-        "64MiB",
-        "--guest",
-        "kvm",
-        "--working-set",
-        "4MiB",
-        "--disk",
-        "root:5000000",
-        "--disk",
-        &format!("data:{}", (7 << 20) + 7),
-        "--disk-working-set",
-        "256KiB",
-    ]);
+    create_kvm_vm(&a, "kd", &[&format!("data:{}", (7 << 20) + 7)]);
     let src = disk_paths(&a, "kd");
     counter_grows(&a, "kd", 100);
     let out =
@@ -354,24 +337,7 @@ fn a_kvm_guest_stays_on_its_disks_when_the_destination_vmm_dies_during_the_disk_
     // disk 1: 2 MiB of data the test wrote (the guest never touches it), so the copy holds.
     let data = std::cell::RefCell::new(Vec::new());
     let h = Held::with_guest("", None, |a, vm| {
-        a.json(&[
-            "vm",
-            "create",
-            "--name",
-            vm,
-            "--memory",
-            "64MiB",
-            "--guest",
-            "kvm",
-            "--working-set",
-            "4MiB",
-            "--disk",
-            "root:5000000",
-            "--disk",
-            &format!("data:{}", (3 << 20) + 777),
-            "--disk-working-set",
-            "256KiB",
-        ]);
+        create_kvm_vm(a, vm, &[&format!("data:{}", (3 << 20) + 777)]);
         let p = disk_paths(a, vm)[1].clone();
         let bytes: Vec<u8> = (0..2u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
         std::os::unix::fs::FileExt::write_all_at(&std::fs::File::options().write(true).open(&p).unwrap(), &bytes, 4096)

@@ -199,22 +199,7 @@ fn guests_writing_their_disks_find_every_sector_after_a_move() {
     }
     // 256 KiB of request slots: 64 slots of 4 KiB, each checked by the guest 64 passes after
     // it wrote it.
-    a.json(&[
-        "vm",
-        "create",
-        "--name",
-        "kd",
-        "--memory",
-        "64MiB",
-        "--guest",
-        "kvm",
-        "--working-set",
-        "4MiB",
-        "--disk",
-        "root:5000000",
-        "--disk-working-set",
-        "256KiB",
-    ]);
+    create_kvm_vm(&a, "kd", &[]);
     counter_grows(&a, "kd", 100);
     let dest = Scratch::new("moved-kd");
     let out = a.json(&["vm", "move-storage", "kd", "--path", dest.0.to_str().unwrap(), "--wait"]);

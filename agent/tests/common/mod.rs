@@ -321,3 +321,16 @@ pub fn disk_paths(a: &Agent, vm: &str) -> Vec<PathBuf> {
 pub fn allocated(p: &Path) -> u64 {
     ferry_disk::image::allocated_bytes(&std::fs::File::open(p).unwrap()).unwrap()
 }
+
+/// A KVM VM of 64 MiB (4 MiB working set) whose guest program uses disk `root` (5000000 bytes,
+/// not a multiple of the block) for 256 KiB of request slots, each checked as it is rewritten;
+/// `extra_disks` (`NAME:SIZE`) are attached after it and left alone by the guest.
+pub fn create_kvm_vm(a: &Agent, name: &str, extra_disks: &[&str]) -> Value {
+    let mut args = vec!["vm", "create", "--name", name, "--memory", "64MiB", "--guest", "kvm"];
+    args.extend(["--working-set", "4MiB", "--disk", "root:5000000"]);
+    for d in extra_disks {
+        args.extend(["--disk", d]);
+    }
+    args.extend(["--disk-working-set", "256KiB"]);
+    a.json(&args)
+}
