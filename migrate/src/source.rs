@@ -482,6 +482,29 @@ impl Engine<'_> {
         }
     }
 
+    /// The round barrier (every batch acknowledged; the session asks for the dirty pages or the
+    /// state next): each live channel closes the destination's one-sided write access of the
+    /// round ([`ChannelTx::end_round`]: rdma invalidates its memory windows), so between rounds
+    /// and from the final round on no page can land on any channel. A channel that cannot is
+    /// failed like any broken channel.
+    fn end_round(&self) {
+        for (i, c) in self.chans.iter().enumerate() {
+            if c.shared.dead.load(Ordering::SeqCst) {
+                continue;
+            }
+            let r = match c.tx.lock() {
+                Ok(mut t) => t.end_round(),
+                Err(_) => continue,
+            };
+            if let Err(e) = r {
+                c.shared.dead.store(true, Ordering::SeqCst);
+                c.shared.slots.notify_all();
+                (c.killer)();
+                let _ = self.ev_tx.send(Event::Failed(i as u16, format!("closing the round: {e}")));
+            }
+        }
+    }
+
     fn execute(&mut self, a: SourceAction, vm: &mut dyn SourceVm) -> Option<Outcome> {
         let s = |r: Result<(), crate::vm::VmError>| r.map_err(|e| e.to_string());
         match a {
@@ -499,6 +522,7 @@ impl Engine<'_> {
                 self.session.handle_dirty_log(r, Instant::now());
             }
             SourceAction::TakeDirty => {
+                self.end_round();
                 let r = vm.take_dirty().map_err(|e| e.to_string());
                 self.session.handle_dirty(r, Instant::now());
             }
@@ -509,6 +533,7 @@ impl Engine<'_> {
                 self.session.handle_paused(r, Instant::now());
             }
             SourceAction::SaveState => {
+                self.end_round();
                 let r = vm.save_state().map_err(|e| e.to_string());
                 let digest = self.sh.table.digest();
                 self.session.handle_state(r, digest, Instant::now());

@@ -207,16 +207,27 @@ if [ -n "$EXPERIMENT" ]; then # tuning runs (FERRY_SOFTROCE_EXPERIMENT=1), not p
     done
     echo "experiment ref: $(ref_run)"
 fi
+# Per-round memory windows: ours again, a round (windows invalidated and bound anew) every 16
+# messages (16 MiB at the default size), as often as a migration's later rounds could end.
+PR_L=""
+for r in $(seq 1 $ROUNDS); do
+    w=$(/tests/rdma_bw --size $SIZE --seconds $SECS --round-batches 16 > /tmp/bwr.txt 2>&1 && grep '^{"bench":"rdma_bw"' /tmp/bwr.txt | sed 's/.*"gbps":\([0-9.]*\).*/\1/') || { cat /tmp/bwr.txt; BRC=1; w=0; }
+    PR_L="$PR_L $w"
+done
 REF=$(echo $REFS | median)
 OURS=$(echo $OURS_L | median)
+PR=$(echo $PR_L | median)
+PR_RATIO=$(awk -v a=$PR -v b=$REF 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "0" }')
 RATIO=$(awk -v a=$OURS -v b=$REF 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "0" }')
 echo "=== soft-RoCE throughput, message size $SIZE bytes (median of $ROUNDS)"
 printf '%-22s %12s   %s\n' "what" "Gb/s" "samples"
 printf '%-22s %12s   %s\n' "ib_write_bw" "$REF" "$REFS"
 printf '%-22s %12s   %s\n' "ferry rdma (WRITE)" "$OURS" "$OURS_L"
 printf '%-22s %12s\n' "ratio" "$RATIO"
+printf '%-22s %12s   %s\n' "ferry rdma, round/16" "$PR" "$PR_L"
+printf '%-22s %12s\n' "ratio round/16" "$PR_RATIO"
 J_REFS=$(echo $REFS | tr ' ' ','); J_OURS=$(echo $OURS_L | tr ' ' ',')
-echo "SOFTROCE_JSON={\"msg_bytes\":$SIZE,\"ib_write_bw_gbps\":$REF,\"ferry_rdma_gbps\":$OURS,\"ratio\":$RATIO,\"ib_write_bw_samples\":[$J_REFS],\"ferry_rdma_samples\":[$J_OURS],\"tests_rc\":$TRC,\"bench_rc\":$BRC}"
+echo "SOFTROCE_JSON={\"msg_bytes\":$SIZE,\"ib_write_bw_gbps\":$REF,\"ferry_rdma_gbps\":$OURS,\"ratio\":$RATIO,\"ferry_rdma_round16_gbps\":$PR,\"ratio_round16\":$PR_RATIO,\"ib_write_bw_samples\":[$J_REFS],\"ferry_rdma_samples\":[$J_OURS],\"tests_rc\":$TRC,\"bench_rc\":$BRC}"
 RC=0
 [ $TRC -eq 0 ] || RC=1
 [ $BRC -eq 0 ] || RC=1

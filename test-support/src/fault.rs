@@ -161,6 +161,10 @@ impl ChannelTx for FaultTx {
         self.inner.lock().unwrap().send_abort(code, reason)
     }
 
+    fn end_round(&mut self) -> Result<()> {
+        self.inner.lock().unwrap().end_round()
+    }
+
     fn close(&mut self) -> Result<()> {
         self.inner.lock().unwrap().close()
     }

@@ -1,7 +1,11 @@
 //! Throughput of the rdma backend's RDMA WRITE path, to set beside `ib_write_bw` at the same
 //! message size (one batch = one message: `--size` bytes of data pages in one run).
 //!
-//! `FERRY_RDMA_DEVICE=rxe0 rdma_bw --size 1048576 --seconds 5 [--working-set BYTES]`
+//! `FERRY_RDMA_DEVICE=rxe0 rdma_bw --size 1048576 --seconds 5 [--working-set BYTES] [--round-batches N]`
+//!
+//! `--round-batches N` ends a round every N messages (`ChannelTx::end_round`: the destination
+//! invalidates its memory windows and binds fresh ones for the next round), so the run pays the
+//! per-round window cost as a migration with rounds of N batches would; 0 (default) is one round.
 //! Prints a table line and a JSON line. Without a device it prints SKIP and exits 0.
 
 use std::time::{Duration, Instant};
@@ -31,6 +35,7 @@ fn main() {
     // Working set: by default one message, reused (as ib_write_bw does); `--working-set` walks a
     // larger area round-robin (as a migration does), which costs more under TCG (cold TLB/cache).
     let ws = arg("--working-set", size as u64) as usize;
+    let round_batches = arg("--round-batches", 0);
     let slots = (ws / size).max(1);
     let total_pages = slots * pages;
     let src = Arc::new(AnonMemory::new(total_pages * PAGE_SIZE, true).expect("mmap"));
@@ -83,11 +88,16 @@ fn main() {
         s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &run, &smap).expect("send");
         let t = Instant::now();
         let mut n = 0u64;
+        let mut round = 0u32;
         while t.elapsed() < Duration::from_secs(seconds) {
             let slot = (n as usize + 1) % slots;
             let run = [PageRun { gpa: (slot * size) as u64, pages: pages as u32 }];
-            s.tx.send_batch(n + 1, 0, BATCH_DEST_ZEROED, &run, &smap).expect("send");
+            s.tx.send_batch(n + 1, round, BATCH_DEST_ZEROED, &run, &smap).expect("send");
             n += 1;
+            if round_batches > 0 && n.is_multiple_of(round_batches) {
+                s.tx.end_round().expect("end of round");
+                round += 1;
+            }
         }
         s.tx.close().expect("close");
         let el = t.elapsed();
@@ -102,7 +112,7 @@ fn main() {
     println!("{:<10} {:>10} {:>10} {:>12} {:>10}", "backend", "msg_bytes", "messages", "MiB/s", "Gb/s");
     println!("{:<10} {:>10} {:>10} {:>12.2} {:>10.3}", "rdma", size, n, mibs, gbps);
     println!(
-        "{{\"bench\":\"rdma_bw\",\"msg_bytes\":{size},\"working_set\":{},\"messages\":{n},\"seconds\":{:.3},\"mib_s\":{mibs:.2},\"gbps\":{gbps:.4}}}",
+        "{{\"bench\":\"rdma_bw\",\"msg_bytes\":{size},\"round_batches\":{round_batches},\"working_set\":{},\"messages\":{n},\"seconds\":{:.3},\"mib_s\":{mibs:.2},\"gbps\":{gbps:.4}}}",
         slots * size,
         el.as_secs_f64()
     );

@@ -132,6 +132,14 @@ pub trait ChannelTx: Send {
     fn send_ack(&mut self, ack: Ack) -> Result<()>;
     /// Tell the peer we give up, with a reason.
     fn send_abort(&mut self, code: u16, reason: &str) -> Result<()>;
+    /// The round barrier: every batch sent so far is acknowledged and the next round has not
+    /// begun. A backend whose peer's memory takes one-sided writes closes that access here: `rdma`
+    /// has the destination invalidate the round's memory windows and confirm before this
+    /// returns, so no write with the round's keys can land between rounds; its next
+    /// `send_batch` opens fresh windows. Nothing to do for the others (the default).
+    fn end_round(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Orderly close of the sending direction.
     fn close(&mut self) -> Result<()>;
 }

@@ -325,6 +325,156 @@ fn sealed_memory_refuses_remote_writes() {
     });
 }
 
+/// When the stale write is made.
+#[derive(Clone, Copy, Debug)]
+enum Stale {
+    /// After the round barrier (`end_round`), before the next round.
+    BetweenRounds,
+    /// After the destination sealed its memory (as at `Complete`), the round still open.
+    AfterSeal,
+}
+
+/// A source writes one-sided with the keys of the last window table it got, outside any batch,
+/// once those windows are gone: the write fails at the source with a remote access error, not a
+/// byte of it lands, the pages of the batch before are intact, the channel then fails cleanly at
+/// both ends (the source's next batch and the destination's receive end in errors; no panic, no
+/// hang), and the source stays free to abort and carry on (here: it aborts over the control
+/// stream).
+fn stale_keys_are_refused(when: Stale) {
+    let Some(b) = backend(&format!("stale_keys_are_refused_{when:?}")) else { return };
+    const PAGES: usize = 512;
+    let src = random_memory(PAGES, 6);
+    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
+    let (s, d) = b.rdma_pair();
+    let probe = s.probe;
+    let (mut s, mut d) = (s.channel, d.channel);
+    let seal = d.rx.memory_sealer().expect("rdma has a memory sealer");
+    std::thread::scope(|sc| {
+        let dmap = &dmap;
+        let (to_recv, received) = std::sync::mpsc::channel();
+        let recv = sc.spawn(move || loop {
+            let r = d.rx.recv(dmap);
+            let end = !matches!(r, Ok(Incoming::Batch(_)));
+            let _ = to_recv.send(r);
+            if end {
+                return;
+            }
+        });
+        let first = [PageRun { gpa: 0, pages: 256 }];
+        s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &first, &smap).expect("a batch of round 0");
+        let got = received.recv_timeout(Duration::from_secs(30)).expect("the first batch");
+        assert!(matches!(got, Ok(Incoming::Batch(_))), "{got:?}");
+        match when {
+            Stale::BetweenRounds => s.tx.end_round().expect("the round barrier"),
+            Stale::AfterSeal => seal(),
+        }
+        let target = (300 * PAGE_SIZE) as u64;
+        let err = probe.write_last(target, 0xA5).expect_err("a write with a dead window's key cannot land");
+        eprintln!("stale write ({when:?}): {err}");
+        match &err {
+            TransportError::Rdma(ferry_transport::RdmaError::WorkCompletion { status, .. }) => {
+                assert_eq!(*status, 10, "expected a remote access error (IBV_WC_REM_ACCESS_ERR), got {err}")
+            }
+            other => panic!("expected a work completion error, got {other}"),
+        }
+        // The channel is broken now: the next round's batch fails, bounded, without a panic.
+        let second = [PageRun { gpa: (256 * PAGE_SIZE) as u64, pages: 256 }];
+        let next = match s.tx.send_batch(1, 1, BATCH_DEST_ZEROED, &second, &smap) {
+            Ok(_) => s.tx.close().expect_err("a broken queue pair cannot deliver the next round"),
+            Err(e) => e,
+        };
+        eprintln!("source after the stale write: {next}");
+        let _ = s.tx.send_abort(9, "stale write");
+        (s.killer)();
+        recv.join().expect("receiver thread");
+        let mut page = vec![0u8; PAGE_SIZE];
+        let mut want = vec![0u8; PAGE_SIZE];
+        for i in 0..PAGES {
+            dst.read_into(i * PAGE_SIZE, &mut page);
+            if i < 256 {
+                src.read_into(i * PAGE_SIZE, &mut want);
+                assert_eq!(page, want, "page {i} of the round-0 batch");
+            } else {
+                assert!(page.iter().all(|&x| x == 0), "page {i} was written by a stale key");
+            }
+        }
+        let mut ended = false;
+        while let Ok(r) = received.try_recv() {
+            assert!(!matches!(r, Ok(Incoming::Batch(_))), "a batch was received after the stale write");
+            ended = true;
+        }
+        assert!(ended, "the destination's receive must end (error or abort)");
+    });
+}
+
+#[test]
+fn stale_keys_are_refused_between_rounds() {
+    stale_keys_are_refused(Stale::BetweenRounds);
+}
+
+#[test]
+fn stale_keys_are_refused_after_seal() {
+    stale_keys_are_refused(Stale::AfterSeal);
+}
+
+/// Rounds over one channel: each round's batch lands with fresh windows (bound when the round's
+/// first batch goes, invalidated at `end_round`), the destination ends identical to the source,
+/// and every round bound and invalidated its windows once. Prints `RDMA_MW` (per-round bind and
+/// invalidate time; the soft-RoCE log keeps it); asserts no time.
+#[test]
+fn windows_per_round() {
+    let Some(b) = backend("windows_per_round") else { return };
+    const ROUNDS: usize = 24;
+    const PAGES: usize = 64;
+    let src = random_memory(ROUNDS * PAGES, 8);
+    let dst = Arc::new(AnonMemory::new(ROUNDS * PAGES * PAGE_SIZE, true).unwrap());
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
+    let (s, d) = b.rdma_pair();
+    let (mut s, mut d) = (s.channel, d.channel);
+    let before = rdma::window_stats();
+    std::thread::scope(|sc| {
+        let dmap = &dmap;
+        let recv = sc.spawn(move || {
+            let mut n = 0;
+            loop {
+                match d.rx.recv(dmap) {
+                    Ok(Incoming::Batch(b)) => {
+                        d.tx.send_ack(b.ack()).expect("ack");
+                        n += 1;
+                    }
+                    Ok(Incoming::Closed) => return n,
+                    other => panic!("destination: {other:?}"),
+                }
+            }
+        });
+        for r in 0..ROUNDS {
+            let run = [PageRun { gpa: (r * PAGES * PAGE_SIZE) as u64, pages: PAGES as u32 }];
+            s.tx.send_batch(r as u64, r as u32, BATCH_DEST_ZEROED, &run, &smap).expect("batch");
+            s.tx.end_round().expect("round barrier");
+        }
+        s.tx.close().expect("close");
+        assert_eq!(recv.join().expect("receiver"), ROUNDS);
+    });
+    let after = rdma::window_stats();
+    let (opens, closes) = (after.opens - before.opens, after.closes - before.closes);
+    assert_eq!(opens, ROUNDS as u64, "one window bind per round");
+    assert_eq!(closes, ROUNDS as u64, "one invalidation per round");
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut want = vec![0u8; PAGE_SIZE];
+    for i in 0..ROUNDS * PAGES {
+        dst.read_into(i * PAGE_SIZE, &mut page);
+        src.read_into(i * PAGE_SIZE, &mut want);
+        assert_eq!(page, want, "page {i}");
+    }
+    let us = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n.max(1) as f64;
+    eprintln!(
+        "RDMA_MW rounds {ROUNDS}, 1 region: bind {:.0} us/round, invalidate {:.0} us/round",
+        us(after.open_time - before.open_time, opens),
+        us(after.close_time - before.close_time, closes)
+    );
+}
+
 /// The killer cuts a channel while the source is blocked on a destination that never reads:
 /// send_batch returns an error promptly.
 #[test]

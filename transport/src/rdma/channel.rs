@@ -3,16 +3,17 @@
 use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sideway::ibverbs::completion::BasicCompletionQueue;
 use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
 
 use super::verbs::{self, lock, Device, Qp, Wc, Wr};
-use super::{RemoteRegion, TAG_USER};
+use super::{RemoteRegion, TAG_CLOSE, TAG_CLOSED, TAG_OPEN, TAG_USER};
 use crate::channel::{check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::stream::StreamTx;
@@ -37,7 +38,12 @@ pub(crate) struct Shared {
 
 #[derive(Default)]
 pub(crate) struct TableState {
+    /// The destination's windows of the round open on this channel (`None`: no round open).
     pub remote: Option<Vec<RemoteRegion>>,
+    /// The last table received (kept after its round closed: fault injection writes with it).
+    pub last: Option<Vec<RemoteRegion>>,
+    /// Rounds the destination confirmed closed (`Control[TAG_CLOSED]`).
+    pub closes: u64,
     /// Announcements we may still send (receives the peer has posted for us).
     pub credits: u64,
     /// Receives the peer posted in all (credits never exceed it).
@@ -150,6 +156,8 @@ pub struct RdmaTx {
     pub(crate) msgbuf_mr: Arc<MemoryRegion>,
     pub(crate) msgbuf: AnonMemory,
     src_mrs: Vec<SrcMr>,
+    /// The round whose memory windows this channel holds, with their table.
+    open: Option<(u32, Vec<RemoteRegion>)>,
     /// Signaled work requests not yet completed: (wr_id, work requests it covers, ends a batch).
     pending: VecDeque<(u64, usize, bool)>,
     sq_used: usize,
@@ -190,6 +198,7 @@ impl RdmaTx {
             msgbuf,
             msgbuf_mr,
             src_mrs: Vec::new(),
+            open: None,
             pending: VecDeque::new(),
             sq_used: 0,
             inflight_batches: 0,
@@ -302,22 +311,26 @@ impl RdmaTx {
         res
     }
 
-    /// The destination's region table, waiting for it (the destination publishes it on its
-    /// first receive).
-    fn remote_table(&self) -> Result<Vec<RemoteRegion>> {
+    /// Wait for the reader thread to satisfy `ready` (the destination answers on the control
+    /// stream), at most `stall_timeout`.
+    fn wait_table(&self, what: &'static str, ready: impl Fn(&TableState) -> bool) -> Result<()> {
+        let since = Instant::now();
         let mut t = lock(&self.shared.table);
         loop {
-            if let Some(r) = &t.remote {
-                return Ok(r.clone());
+            if ready(&t) {
+                return Ok(());
             }
             if let Some(d) = &t.dead {
                 return Err(TransportError::Rdma(RdmaError::BadPeer(if d.is_empty() {
-                    "control channel closed before the region table arrived"
+                    "control channel closed while waiting for the destination's memory windows"
                 } else {
-                    "control channel failed before the region table arrived"
+                    "control channel failed while waiting for the destination's memory windows"
                 })));
             }
             self.check_alive()?;
+            if since.elapsed() > self.stall_timeout {
+                return Err(RdmaError::BadPeer(what).into());
+            }
             t = self
                 .shared
                 .cond
@@ -325,6 +338,40 @@ impl RdmaTx {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
+    }
+
+    /// The destination's memory windows for `round`: those held if that round is open here, else
+    /// the open round (if any) is closed and the destination asked to bind windows for `round`
+    /// (`Control[TAG_OPEN]`), waiting for their table.
+    fn windows_for(&mut self, round: u32) -> Result<Vec<RemoteRegion>> {
+        if let Some((r, t)) = &self.open {
+            if *r == round {
+                return Ok(t.clone());
+            }
+        }
+        self.end_round_inner()?;
+        let mut m = vec![TAG_OPEN];
+        m.extend_from_slice(&round.to_le_bytes());
+        lock(&self.ctl).send_control(&m)?;
+        self.wait_table("no memory windows from the destination in time", |t| t.remote.is_some())?;
+        let t = lock(&self.shared.table).remote.clone().unwrap_or_default();
+        self.open = Some((round, t.clone()));
+        Ok(t)
+    }
+
+    /// Close the open round: wait until every batch posted completed (the destination holds
+    /// them), ask the destination to invalidate the round's windows (`Control[TAG_CLOSE]`) and
+    /// wait for its confirmation.
+    fn end_round_inner(&mut self) -> Result<()> {
+        if self.open.is_none() {
+            return Ok(());
+        }
+        self.drain()?;
+        let before = lock(&self.shared.table).closes;
+        lock(&self.ctl).send_control(&[TAG_CLOSE])?;
+        self.wait_table("the destination did not confirm closing its memory windows in time", |t| t.closes > before)?;
+        self.open = None;
+        Ok(())
     }
 
     fn source_mr(&mut self, r: &Region) -> Result<u32> {
@@ -409,7 +456,7 @@ impl RdmaTx {
             return Err(TransportError::InvalidBatch("rdma channels carry batches from the connecting side only"));
         }
         self.check_alive()?;
-        let remote = self.remote_table()?;
+        let remote = self.windows_for(round)?;
         let regions = src.regions();
         if regions.is_empty() {
             return Err(RdmaError::Memory("the memory source lists no regions to register").into());
@@ -531,8 +578,13 @@ impl ChannelTx for RdmaTx {
         lock(&self.ctl).send_abort(code, reason)
     }
 
+    fn end_round(&mut self) -> Result<()> {
+        self.end_round_inner()
+    }
+
     fn close(&mut self) -> Result<()> {
         self.drain()?;
+        self.end_round_inner()?;
         lock(&self.ctl).close()
     }
 }
@@ -543,13 +595,127 @@ struct RegisteredSink {
     key: Vec<(usize, usize)>,
 }
 
-/// The sink's memory regions registered for remote writes, shared with the memory sealer
-/// ([`ChannelRx::memory_sealer`]): registered until the channel drops or the sealer runs,
-/// whichever is first; once sealed, nothing is registered again.
+/// Time and count of window binds and invalidations in this process (soft-RoCE suite reports).
+static WINDOW_OPENS: AtomicU64 = AtomicU64::new(0);
+static WINDOW_OPEN_NS: AtomicU64 = AtomicU64::new(0);
+static WINDOW_CLOSES: AtomicU64 = AtomicU64::new(0);
+static WINDOW_CLOSE_NS: AtomicU64 = AtomicU64::new(0);
+
+/// Window rounds opened and closed by destinations in this process, and their total time.
+pub(crate) fn window_counters() -> (u64, Duration, u64, Duration) {
+    (
+        WINDOW_OPENS.load(Ordering::Relaxed),
+        Duration::from_nanos(WINDOW_OPEN_NS.load(Ordering::Relaxed)),
+        WINDOW_CLOSES.load(Ordering::Relaxed),
+        Duration::from_nanos(WINDOW_CLOSE_NS.load(Ordering::Relaxed)),
+    )
+}
+
+/// The destination's guest memory on this channel: its regions, registered for local writes and
+/// window binds only (their own rkeys grant no remote access), and the type-2 memory windows of
+/// the open round, the only way the peer can write them.
 #[derive(Default)]
 pub(crate) struct SinkRegions {
     sealed: bool,
+    /// The round the source asked windows for before the sink was registered.
+    want_open: Option<u32>,
+    /// The open round's windows, one per region. (Declared before `mrs`: windows are
+    /// deallocated, and so invalidated, before their regions are deregistered.)
+    mws: Vec<verbs::Mw>,
     mrs: Vec<Arc<MemoryRegion>>,
+    /// (gpa, host address, length) per registered region.
+    base: Vec<(u64, usize, usize)>,
+}
+
+/// The destination's window control, shared by the receiving half (registration on the first
+/// receive), the control reader (`TAG_OPEN` / `TAG_CLOSE` from the source) and the memory sealer.
+pub(crate) struct Windows {
+    pub state: Mutex<SinkRegions>,
+    pub qp: Arc<Mutex<Qp>>,
+    pub pd: Arc<ProtectionDomain>,
+    /// The send CQ: on the destination only window binds complete there.
+    pub send_cq: Arc<BasicCompletionQueue>,
+    pub ctl: Arc<Mutex<StreamTx>>,
+    pub timeout: Duration,
+}
+
+impl Windows {
+    /// Bind fresh windows over every region for `round` and send their table.
+    fn open_locked(&self, st: &mut SinkRegions, round: u32) -> Result<()> {
+        let t0 = Instant::now();
+        st.mws.clear();
+        let mut mws = Vec::with_capacity(st.base.len());
+        for _ in &st.base {
+            mws.push(verbs::Mw::alloc(&self.pd)?);
+        }
+        {
+            let mut binds: Vec<(&mut verbs::Mw, &MemoryRegion, u64, u64)> = mws
+                .iter_mut()
+                .zip(&st.mrs)
+                .zip(&st.base)
+                .map(|((w, mr), &(_, host, len))| (w, &**mr, host as u64, len as u64))
+                .collect();
+            // SAFETY: each range is exactly its registered region; the rkeys go only to the
+            // authenticated peer of this channel, over its sealed control stream, and die when
+            // the windows are dropped (round closed, memory sealed, channel gone). Guest memory
+            // is written raw under ferry_memory's access contract, never read through references.
+            unsafe { Qp::bind_windows(&self.qp, &self.send_cq, &mut binds, self.timeout) }?;
+        }
+        let table: Vec<RemoteRegion> = st
+            .base
+            .iter()
+            .zip(&mws)
+            .map(|(&(gpa, host, len), w)| RemoteRegion { gpa, addr: host as u64, len: len as u64, rkey: w.rkey() })
+            .collect();
+        st.mws = mws;
+        WINDOW_OPENS.fetch_add(1, Ordering::Relaxed);
+        WINDOW_OPEN_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        let _ = round;
+        lock(&self.ctl).send_control(&super::encode_table(&table))
+    }
+
+    /// `Control[TAG_OPEN]`: the source starts writing `round`.
+    pub fn request_open(&self, round: u32) -> Result<()> {
+        let mut st = lock(&self.state);
+        if st.sealed {
+            return Err(RdmaError::BadPeer("memory windows asked for after the guest memory was sealed").into());
+        }
+        if st.base.is_empty() {
+            st.want_open = Some(round);
+            return Ok(());
+        }
+        self.close_locked(&mut st);
+        self.open_locked(&mut st, round)
+    }
+
+    /// Deallocate the open round's windows: the device refuses their rkeys from here on.
+    fn close_locked(&self, st: &mut SinkRegions) {
+        if st.mws.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        st.mws.clear();
+        WINDOW_CLOSES.fetch_add(1, Ordering::Relaxed);
+        WINDOW_CLOSE_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+
+    /// `Control[TAG_CLOSE]`: the source's writes of the round all completed; invalidate, confirm.
+    pub fn close(&self) -> Result<()> {
+        let mut st = lock(&self.state);
+        st.want_open = None;
+        self.close_locked(&mut st);
+        drop(st);
+        lock(&self.ctl).send_control(&[TAG_CLOSED])
+    }
+
+    /// The memory sealer: no window from now on, and the regions deregistered.
+    pub fn seal(&self) {
+        let mut st = lock(&self.state);
+        st.sealed = true;
+        st.want_open = None;
+        self.close_locked(&mut st);
+        st.mrs.clear();
+    }
 }
 
 /// Receiving half.
@@ -566,8 +732,8 @@ pub struct RdmaRx {
     pub(crate) recvbuf: AnonMemory,
     /// The registered sink: (host, len) per region.
     sink: Option<RegisteredSink>,
-    /// Its regions, registered for remote writes until sealed.
-    regions: Arc<Mutex<SinkRegions>>,
+    /// Its regions and memory windows.
+    windows: Arc<Windows>,
     pending: Option<Result<Incoming>>,
     ready: VecDeque<Result<Incoming>>,
     /// Receives reposted whose credit has not been returned yet.
@@ -578,9 +744,11 @@ pub struct RdmaRx {
 }
 
 impl RdmaRx {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         conn: Arc<Conn>,
         ctl: Arc<Mutex<StreamTx>>,
+        windows: Arc<Windows>,
         events: Receiver<Result<Incoming>>,
         recv_cq: Arc<BasicCompletionQueue>,
         may_receive_batches: bool,
@@ -604,7 +772,7 @@ impl RdmaRx {
             recvbuf,
             recvbuf_mr,
             sink: None,
-            regions: Arc::default(),
+            windows,
             pending: None,
             ready: VecDeque::new(),
             unreturned: 0,
@@ -653,9 +821,9 @@ impl RdmaRx {
             }
             return Ok(());
         }
-        let shared = self.regions.clone();
-        let mut held = lock(&shared);
-        if held.sealed {
+        let windows = Arc::clone(&self.windows);
+        let mut st = lock(&windows.state);
+        if st.sealed {
             // Sealed before any batch came: nothing is registered, and a batch announcement
             // finds no registered sink and is refused.
             return Ok(());
@@ -664,23 +832,25 @@ impl RdmaRx {
             return Err(RdmaError::Memory("more guest memory regions than the region table holds").into());
         }
         let mut mrs = Vec::with_capacity(regions.len());
-        let mut table = Vec::with_capacity(regions.len());
+        let mut base = Vec::with_capacity(regions.len());
         for r in regions {
             let host = r.host.as_ptr() as usize;
             // SAFETY: the region comes from the MemorySink, whose contract keeps it mapped and
             // writable while the sink is borrowed (the device writes it raw, under ferry_memory's
-            // access contract); the rkey goes only
-            // to the authenticated peer of this session and dies with this channel (the region
-            // is deregistered on drop). The device pins the pages: a later unmap cannot redirect
-            // remote writes into other memory of this process.
-            let mr = unsafe { verbs::register(&self.conn.dev.pd, host, r.len, true) }?;
-            table.push(RemoteRegion { gpa: r.gpa, addr: host as u64, len: r.len as u64, rkey: mr.rkey() });
+            // access contract). Registered without remote access: the peer writes only through
+            // the windows bound over it per round, and those are deallocated before the region
+            // (field order of SinkRegions). The device pins the pages: a later unmap cannot
+            // redirect remote writes into other memory of this process.
+            let mr = unsafe { verbs::register_for_windows(&self.conn.dev.pd, host, r.len) }?;
+            base.push((r.gpa, host, r.len));
             mrs.push(mr);
         }
-        let msg = super::encode_table(&table);
-        lock(&self.ctl).send_control(&msg)?;
-        held.mrs = mrs;
+        st.mrs = mrs;
+        st.base = base;
         self.sink = Some(RegisteredSink { key });
+        if let Some(round) = st.want_open.take() {
+            windows.open_locked(&mut st, round)?;
+        }
         Ok(())
     }
 
@@ -794,14 +964,10 @@ impl RdmaRx {
 
 impl ChannelRx for RdmaRx {
     fn memory_sealer(&self) -> Option<crate::channel::Killer> {
-        let regions = self.regions.clone();
-        Some(Arc::new(move || {
-            let mut r = lock(&regions);
-            r.sealed = true;
-            // Dropping the last reference deregisters each region: the device refuses the
-            // rkeys from here on (a remote write fails with a remote access error).
-            r.mrs.clear();
-        }))
+        let windows = Arc::clone(&self.windows);
+        // Deallocating the windows invalidates their rkeys (a remote write fails with a remote
+        // access error) and the regions are deregistered; no window is bound again.
+        Some(Arc::new(move || windows.seal()))
     }
 
     fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming> {

@@ -137,6 +137,12 @@ pub(crate) const TAG_REGIONS: u8 = 1;
 pub(crate) const TAG_QP: u8 = 2;
 /// Control tag: receive credits returned by the destination (u32 count).
 pub(crate) const TAG_CREDIT: u8 = 3;
+/// Control tag: the source asks for memory windows for a round (u32 round).
+pub(crate) const TAG_OPEN: u8 = 4;
+/// Control tag: the source's writes of the open round completed; invalidate its windows.
+pub(crate) const TAG_CLOSE: u8 = 5;
+/// Control tag: the destination invalidated the round's windows.
+pub(crate) const TAG_CLOSED: u8 = 6;
 /// Most regions in a region table.
 pub(crate) const MAX_REGIONS: usize = 4096;
 const REGION_LEN: usize = 8 + 8 + 8 + 4;
@@ -338,6 +344,26 @@ pub fn registration_cost(opts: &RdmaOptions, bytes: usize, repeats: usize) -> Re
     Ok(RegistrationCost { bytes, first_reg, again_reg: median(&mut again), dereg: median(&mut deregs) })
 }
 
+/// Memory-window rounds bound and invalidated by destinations in this process and the time they
+/// took (the per-round price of issue 13's "memory writable only while a round is open").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WindowStats {
+    /// Rounds whose windows were bound (one window per guest memory region each).
+    pub opens: u64,
+    /// Total time of those binds (allocate, post, wait for the completions).
+    pub open_time: Duration,
+    /// Rounds whose windows were invalidated (deallocated).
+    pub closes: u64,
+    /// Total time of those invalidations.
+    pub close_time: Duration,
+}
+
+/// The process-wide [`WindowStats`] so far.
+pub fn window_stats() -> WindowStats {
+    let (opens, open_time, closes, close_time) = channel::window_counters();
+    WindowStats { opens, open_time, closes, close_time }
+}
+
 /// An established RDMA channel with its fault injector.
 pub struct RdmaChannel {
     /// The channel.
@@ -345,6 +371,78 @@ pub struct RdmaChannel {
     /// Moves this side's queue pair to the error state (the control stream stays up): every
     /// outstanding and later RDMA operation fails, as on a real QP error.
     pub qp_fault: Killer,
+    /// A source that writes where it should not (tests).
+    #[doc(hidden)]
+    pub probe: WriteProbe,
+}
+
+/// Fault injection on the source side: one RDMA WRITE outside the protocol, with the rkey of the
+/// last window table the destination sent (which may belong to a closed round).
+#[doc(hidden)]
+pub struct WriteProbe {
+    conn: Arc<channel::Conn>,
+    shared: Arc<channel::Shared>,
+    send_cq: Arc<sideway::ibverbs::completion::BasicCompletionQueue>,
+    // (Fields drop in order: the region is deregistered before its memory is unmapped.)
+    mr: Arc<sideway::ibverbs::memory_region::MemoryRegion>,
+    buf: ferry_memory::AnonMemory,
+}
+
+impl WriteProbe {
+    fn new(
+        conn: Arc<channel::Conn>,
+        shared: Arc<channel::Shared>,
+        send_cq: Arc<sideway::ibverbs::completion::BasicCompletionQueue>,
+    ) -> Result<Self> {
+        let buf = ferry_memory::AnonMemory::new(crate::wire::PAGE_SIZE, true)
+            .map_err(|_| RdmaError::Memory("cannot map the probe page"))?;
+        // SAFETY: buf is a private mapping owned by this value and dropped after the region;
+        // local access only.
+        let mr = unsafe { verbs::register(&conn.dev.pd, buf.slice().as_ptr().as_ptr() as usize, buf.len(), false) }?;
+        Ok(Self { conn, shared, send_cq, mr, buf })
+    }
+
+    /// Write one page of `byte` at guest address `gpa` with the last table's rkey, outside any
+    /// batch, and wait (up to 10 s) for the completion: `Ok` if the destination's device took the
+    /// write, the work completion's error otherwise (a remote access error when the window is
+    /// gone; the queue pair is in the error state afterwards). Call only while the channel's
+    /// sending half is idle (this polls its completion queue).
+    pub fn write_last(&self, gpa: u64, byte: u8) -> Result<()> {
+        let table = verbs::lock(&self.shared.table).last.clone().ok_or(RdmaError::BadPeer("no window table yet"))?;
+        let r = table
+            .iter()
+            .find(|r| r.gpa <= gpa && gpa + crate::wire::PAGE_SIZE as u64 <= r.gpa + r.len)
+            .copied()
+            .ok_or(TransportError::BadAddress { gpa, len: crate::wire::PAGE_SIZE })?;
+        let p = self.buf.slice().as_ptr().as_ptr();
+        // SAFETY: one page inside our own mapping; no work request reads it now.
+        unsafe { p.write_bytes(byte, crate::wire::PAGE_SIZE) };
+        const PROBE: u64 = u64::MAX - 7;
+        let wr = verbs::Wr {
+            wr_id: PROBE,
+            signaled: true,
+            lkey: self.mr.lkey(),
+            addr: p as u64,
+            len: crate::wire::PAGE_SIZE as u32,
+            remote: Some((r.rkey, r.addr + (gpa - r.gpa))),
+        };
+        // SAFETY: the local page lies in `mr` and lives as long as self; the remote range is
+        // checked by the destination's device against the rkey.
+        unsafe { verbs::lock(&self.conn.qp).post_send(&[wr]) }?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut wcs = Vec::new();
+        loop {
+            wcs.clear();
+            verbs::poll(&self.send_cq, &mut wcs)?;
+            if wcs.iter().any(|w| w.wr_id == PROBE) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(RdmaError::Stalled { secs: 10.0, control_alive: true }.into());
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
 }
 
 /// A memory sink with no memory (setup reads no batches).
@@ -384,25 +482,49 @@ fn read_qp_info(rx: &mut StreamRx, sock: &TcpStream, timeout: Duration) -> Resul
 
 /// The control reader: frames from the TCP stream to the receiving half; region tables to the
 /// sending half.
-fn reader(mut rx: StreamRx, shared: Arc<channel::Shared>, out: mpsc::Sender<Result<Incoming>>) {
+fn reader(
+    mut rx: StreamRx,
+    shared: Arc<channel::Shared>,
+    windows: Arc<channel::Windows>,
+    source: bool,
+    out: mpsc::Sender<Result<Incoming>>,
+) {
     loop {
         let r = rx.recv(&NoMemory);
         let (item, stop) = match r {
             Ok(Incoming::Control(m)) => match m.first() {
                 Some(&TAG_USER) => (Ok(Incoming::Control(m[1..].to_vec())), false),
-                Some(&TAG_REGIONS) => match decode_table(&m[1..]) {
+                Some(&TAG_REGIONS) if source => match decode_table(&m[1..]) {
                     Ok(t) => {
                         let mut g = verbs::lock(&shared.table);
                         if g.remote.is_some() {
                             drop(g);
-                            (Err(RdmaError::BadPeer("second region table").into()), true)
+                            (Err(RdmaError::BadPeer("second window table while a round is open").into()), true)
                         } else {
+                            g.last = Some(t.clone());
                             g.remote = Some(t);
                             shared.cond.notify_all();
                             continue;
                         }
                     }
                     Err(e) => (Err(e.into()), true),
+                },
+                Some(&TAG_CLOSED) if source && m.len() == 1 => {
+                    let mut g = verbs::lock(&shared.table);
+                    g.remote = None;
+                    g.closes += 1;
+                    shared.cond.notify_all();
+                    continue;
+                }
+                Some(&TAG_OPEN) if !source && m.len() == 5 => {
+                    match windows.request_open(u32::from_le_bytes([m[1], m[2], m[3], m[4]])) {
+                        Ok(()) => continue,
+                        Err(e) => (Err(e), true),
+                    }
+                }
+                Some(&TAG_CLOSE) if !source && m.len() == 1 => match windows.close() {
+                    Ok(()) => continue,
+                    Err(e) => (Err(e), true),
                 },
                 Some(&TAG_CREDIT) if m.len() == 5 => {
                     let n = u32::from_le_bytes([m[1], m[2], m[3], m[4]]);
@@ -445,13 +567,18 @@ struct Parts {
     info: ChannelInfo,
     killer: Killer,
     qp_fault: Killer,
+    probe: WriteProbe,
 }
 
 impl Parts {
     fn into_channel(self) -> RdmaChannel {
         let tx: Box<dyn ChannelTx> = Box::new(self.tx);
         let rx: Box<dyn ChannelRx> = Box::new(self.rx);
-        RdmaChannel { channel: Channel { tx, rx, info: self.info, killer: self.killer }, qp_fault: self.qp_fault }
+        RdmaChannel {
+            channel: Channel { tx, rx, info: self.info, killer: self.killer },
+            qp_fault: self.qp_fault,
+            probe: self.probe,
+        }
     }
 }
 
@@ -484,9 +611,25 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
     }
     let ctl = Arc::new(Mutex::new(ctl_tx));
     let (ev_tx, ev_rx) = mpsc::channel();
+    let windows = Arc::new(channel::Windows {
+        state: Mutex::default(),
+        qp: Arc::clone(&qp),
+        pd: Arc::clone(&conn.dev.pd),
+        send_cq: Arc::clone(&cqs.send),
+        ctl: Arc::clone(&ctl),
+        timeout: opts.completion_timeout,
+    });
     // Receives are posted (RdmaRx::new) before the peer can learn our region table.
-    let rx =
-        RdmaRx::new(Arc::clone(&conn), Arc::clone(&ctl), ev_rx, cqs.recv, !source, rq_depth as usize, opts.busy_poll)?;
+    let rx = RdmaRx::new(
+        Arc::clone(&conn),
+        Arc::clone(&ctl),
+        Arc::clone(&windows),
+        ev_rx,
+        cqs.recv,
+        !source,
+        rq_depth as usize,
+        opts.busy_poll,
+    )?;
     let limits = channel::TxLimits {
         may_send_batches: source,
         max_inflight,
@@ -495,12 +638,13 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
         busy_poll: opts.busy_poll,
         post_chunk: opts.post_chunk,
     };
+    let probe = WriteProbe::new(Arc::clone(&conn), Arc::clone(&shared), Arc::clone(&cqs.send))?;
     let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, limits)?;
     {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("ferry-rdma-ctl".into())
-            .spawn(move || reader(ctl_rx, shared, ev_tx))
+            .spawn(move || reader(ctl_rx, shared, windows, source, ev_tx))
             .map_err(TransportError::Io)?;
     }
     let kill_sock = sock.try_clone()?;
@@ -515,7 +659,7 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
     let fault_qp = Arc::clone(&qp);
     let qp_fault: Killer = Arc::new(move || verbs::lock(&fault_qp).set_error());
     let info = ChannelInfo { established: est, backend: "rdma", local, peer, image_key: keys.image.clone() };
-    Ok(Parts { tx, rx, info, killer, qp_fault })
+    Ok(Parts { tx, rx, info, killer, qp_fault, probe })
 }
 
 /// Connect an RDMA channel: TCP control stream to `addr` (handshake with [`Caps::RDMA`]), then

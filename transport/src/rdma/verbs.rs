@@ -2,7 +2,10 @@
 //! through INIT/RTR/RTS, register memory, post work requests, poll completions. Every verbs
 //! failure becomes a typed [`RdmaError`]; nothing here panics on what the device or the peer says.
 
+use std::ptr::NonNull;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use rdma_mummy_sys as sys;
 
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
 use sideway::ibverbs::completion::{BasicCompletionQueue, PollCompletionQueueError};
@@ -379,3 +382,154 @@ pub(crate) unsafe fn register(
     // SAFETY: forwarded to the caller's promise.
     unsafe { pd.reg_mr(addr, len, access) }.map_err(|e| verbs("ibv_reg_mr", &e))
 }
+
+/// Register `len` bytes at `addr` for local writes and for binding memory windows: the region's
+/// own rkey grants no remote access; the peer writes only through a window bound over it
+/// ([`Mw`]), for as long as that window lives.
+///
+/// # Safety
+/// As [`register`]; and every window bound over the region must be deallocated before the region
+/// is dropped (a device refuses to deregister a region with windows bound to it).
+pub(crate) unsafe fn register_for_windows(
+    pd: &Arc<ProtectionDomain>,
+    addr: usize,
+    len: usize,
+) -> Result<Arc<MemoryRegion>, RdmaError> {
+    let access = AccessFlags::LocalWrite | AccessFlags::MemoryWindowBind;
+    // SAFETY: forwarded to the caller's promise.
+    unsafe { pd.reg_mr(addr, len, access) }.map_err(|e| verbs("ibv_reg_mr(MW_BIND)", &e))
+}
+
+/// A type-2 memory window: remote-write access to part of a region registered with
+/// [`register_for_windows`], bound through one queue pair (the peer's writes through any other
+/// queue pair are refused) and valid until the window is deallocated (dropped), when the device
+/// refuses its rkey.
+pub(crate) struct Mw {
+    mw: NonNull<sys::ibv_mw>,
+    _pd: Arc<ProtectionDomain>,
+}
+
+// SAFETY: a window handle is a pointer to a verbs object that libibverbs lets any thread use; this
+// type only reads its rkey, writes it (under `&mut self`) and deallocates it once, on drop.
+unsafe impl Send for Mw {}
+// SAFETY: as above; `&self` only reads the rkey.
+unsafe impl Sync for Mw {}
+
+impl Mw {
+    /// Allocate an unbound type-2 window in `pd`.
+    pub fn alloc(pd: &Arc<ProtectionDomain>) -> Result<Self, RdmaError> {
+        // SAFETY: `pd` is a live protection domain (the Arc keeps it, and the window keeps the
+        // Arc); the call returns a new window or null with errno set.
+        let p = unsafe { sys::ibv_alloc_mw(pd.pd().as_ptr(), sys::ibv_mw_type::IBV_MW_TYPE_2) };
+        let mw = NonNull::new(p).ok_or_else(|| RdmaError::Verbs {
+            op: "ibv_alloc_mw(type 2)",
+            detail: std::io::Error::last_os_error().to_string(),
+        })?;
+        Ok(Self { mw, _pd: Arc::clone(pd) })
+    }
+
+    /// The window's current rkey.
+    pub fn rkey(&self) -> u32 {
+        // SAFETY: the window is live until drop; the field is plain data.
+        unsafe { (*self.mw.as_ptr()).rkey }
+    }
+}
+
+impl Drop for Mw {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ibv_alloc_mw and deallocated only here, once. Deallocating
+        // invalidates a bound window: the device refuses its rkey from the return on.
+        unsafe { sys::ibv_dealloc_mw(self.mw.as_ptr()) };
+    }
+}
+
+/// The next rkey of a window (its key byte + 1), as `ibv_inc_rkey` computes it.
+fn next_rkey(rkey: u32) -> u32 {
+    (rkey & !0xff) | (rkey.wrapping_add(1) & 0xff)
+}
+
+impl Qp {
+    /// Bind `mws[i]` over `ranges[i]` (address, length) of `mr` for remote writes, each with a new
+    /// rkey, and wait (up to `timeout`) for every bind to complete on `send_cq`, which nothing
+    /// else may poll meanwhile. On success each window's rkey is the new one.
+    ///
+    /// # Safety
+    /// Every range must lie in `mr`; the peer of this queue pair may write it until the window is
+    /// dropped, so the caller hands the rkeys only to the authenticated peer and must not read the
+    /// ranges through Rust references while writes may land.
+    pub unsafe fn bind_windows(
+        qp: &Mutex<Qp>,
+        send_cq: &BasicCompletionQueue,
+        binds: &mut [(&mut Mw, &MemoryRegion, u64, u64)],
+        timeout: std::time::Duration,
+    ) -> Result<(), RdmaError> {
+        if binds.is_empty() {
+            return Ok(());
+        }
+        let n = binds.len();
+        // SAFETY: ibv_send_wr is plain data (integers, raw pointers, unions of them): all zeros
+        // is a valid value (null pointers, no scatter/gather entries).
+        let mut wrs: Vec<sys::ibv_send_wr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+        let mut rkeys = Vec::with_capacity(n);
+        for (i, (mw, mr, addr, len)) in binds.iter().enumerate() {
+            let rkey = next_rkey(mw.rkey());
+            rkeys.push(rkey);
+            let w = &mut wrs[i];
+            w.wr_id = BIND_WR_ID;
+            w.opcode = sys::ibv_wr_opcode::IBV_WR_BIND_MW;
+            w.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+            w.bind_mw_tso_union.bind_mw = sys::bind_mw_t {
+                mw: mw.mw.as_ptr(),
+                rkey,
+                bind_info: sys::ibv_mw_bind_info {
+                    // SAFETY: reading the handle of a live region.
+                    mr: unsafe { mr.mr() }.as_ptr(),
+                    addr: *addr,
+                    length: *len,
+                    mw_access_flags: sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0,
+                },
+            };
+        }
+        for i in 0..n - 1 {
+            let next: *mut sys::ibv_send_wr = &mut wrs[i + 1];
+            wrs[i].next = next;
+        }
+        let mut bad: *mut sys::ibv_send_wr = std::ptr::null_mut();
+        {
+            let g = lock(qp);
+            // SAFETY: the chain lives on this stack frame for the call (the provider copies the
+            // requests into its queue); windows, region and queue pair are live; the ranges are
+            // the caller's promise.
+            let rc = unsafe { sys::ibv_post_send(g.qp.qp().as_ptr(), wrs.as_mut_ptr(), &mut bad) };
+            if rc != 0 {
+                return Err(RdmaError::Verbs {
+                    op: "ibv_post_send(BIND_MW)",
+                    detail: std::io::Error::from_raw_os_error(rc).to_string(),
+                });
+            }
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        let mut done = 0;
+        let mut wcs = Vec::new();
+        while done < n {
+            wcs.clear();
+            poll(send_cq, &mut wcs)?;
+            done += wcs.iter().filter(|w| w.wr_id == BIND_WR_ID).count();
+            if done < n {
+                if std::time::Instant::now() > deadline {
+                    return Err(RdmaError::Verbs { op: "bind memory window", detail: "no completion in time".into() });
+                }
+                std::thread::sleep(std::time::Duration::from_micros(20));
+            }
+        }
+        for ((mw, ..), rkey) in binds.iter_mut().zip(rkeys) {
+            // SAFETY: the window is live; the bind completed, so the device now knows it by
+            // this rkey (a type-2 bind posted on a queue pair does not update the handle).
+            unsafe { (*mw.mw.as_ptr()).rkey = rkey };
+        }
+        Ok(())
+    }
+}
+
+/// The work request id of window binds (the destination's send queue carries nothing else).
+const BIND_WR_ID: u64 = u64::MAX - 1;
