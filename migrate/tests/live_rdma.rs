@@ -154,6 +154,47 @@ fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
     }
 }
 
+/// A write with round 0's memory-window key once round 0 is over (issue 13: memory writable
+/// only while a round is open): on one channel, from the first progress report of a later round,
+/// the source's queue pair writes a page with the first window table it got, outside any batch.
+/// The destination's device refuses it (the window was invalidated at round 0's barrier), the
+/// channel breaks, and with no channel left the migration aborts cleanly: the source keeps
+/// running and the destination discards its copy.
+#[test]
+fn rdma_write_with_a_closed_rounds_key_aborts_cleanly() {
+    let Some(o) = opts("rdma_write_with_a_closed_rounds_key_aborts_cleanly") else { return };
+    let dst = destination(&o, 1);
+    let mut vm = guest("rdma-stale", 32, 4, 2, SEED);
+    let cfg = ClientConfig {
+        creds: Psk::new(KEY).unwrap().into(),
+        binding: ChannelBinding { session: random_bytes(), channel: 0 },
+        caps: Caps::RDMA,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
+    let c = rdma::connect(dst.rdma, &o, cfg).expect("rdma connect");
+    let probe = Arc::new(c.probe);
+    let fired = Arc::new(std::sync::Mutex::new(None::<String>));
+    let (f2, p2) = (fired.clone(), probe.clone());
+    let mcfg = MigrationConfig { verify_full: true, ..Default::default() };
+    let r = migrate(&mut vm, vec![c.channel], &mcfg, &move |p| {
+        let mut f = f2.lock().unwrap();
+        if p.round >= 1 && f.is_none() {
+            let res = p2.write_first(0x1000, 0x5a);
+            eprintln!("stale write in round {}: {res:?}", p.round);
+            *f = Some(format!("{res:?}"));
+        }
+    });
+    let what = fired.lock().unwrap().clone().expect("no round after round 0: the stale write never fired");
+    assert!(!what.starts_with("Ok"), "a write with round 0's key landed in round 1: {what}");
+    let out = dst.server.outcomes.recv().expect("destination outcome");
+    dst.server.thread.join().expect("server thread");
+    let e = r.expect_err("the migration cannot complete on a broken channel");
+    eprintln!("clean abort: {e}");
+    assert!(vm.is_running(), "the source must keep running after an abort");
+    assert!(out.is_err(), "the destination must discard the VM");
+}
+
 #[test]
 fn rdma_shared_nothing_moves_the_disks_on_the_control_path() {
     // Disk blocks ride as control messages (two-sided SEND) on every rdma channel, beside the

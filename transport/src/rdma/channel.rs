@@ -42,6 +42,8 @@ pub(crate) struct TableState {
     pub remote: Option<Vec<RemoteRegion>>,
     /// The last table received (kept after its round closed: fault injection writes with it).
     pub last: Option<Vec<RemoteRegion>>,
+    /// The first table received (fault injection, as `last`).
+    pub first: Option<Vec<RemoteRegion>>,
     /// Rounds the destination confirmed closed (`Control[TAG_CLOSED]`).
     pub closes: u64,
     /// Announcements we may still send (receives the peer has posted for us).

@@ -16,26 +16,49 @@
 //!     |  Control[TAG_QP]: qpn, psn, gid, mtu   (both ways)             |
 //!     |<-------------------------------------------------------------->|
 //!     |      both QPs: INIT -> RTR -> RTS                              |
-//!     |  Control[TAG_REGIONS]: (gpa, addr, len, rkey) per region       |
-//!     |<---------------------------------------------------------------|  (first recv())
+//!     |                                        guest memory registered | (first recv(): local
+//!     |                                        for MW binds only       |  write + MW_BIND)
+//!     |  round R's first batch: Control[TAG_OPEN](R)                   |
+//!     |--------------------------------------------------------------->|  bind a type-2 window
+//!     |  Control[TAG_REGIONS]: (gpa, addr, len, window rkey) per region|  per region (new rkey)
+//!     |<---------------------------------------------------------------|
 //!     |  QP: RDMA WRITE data spans ... SEND(batch announcement)        |
 //!     |--------------------------------------------------------------->|  recv() -> Batch
 //!     |  TCP: BatchAck / Control[TAG_USER] / Goodbye / Abort           |
 //!     |<-------------------------------------------------------------->|
+//!     |  round barrier (end_round): drain, Control[TAG_CLOSE]          |
+//!     |--------------------------------------------------------------->|  windows deallocated
+//!     |  Control[TAG_CLOSED]                                           |  (rkeys dead)
+//!     |<---------------------------------------------------------------|
 //! ```
 //!
-//! - **Region table.** The destination registers the regions of the [`MemorySink`] it is given
-//!   on its first `recv` (all of them, once: `MemorySink::regions`) and sends their
-//!   (gpa, address, length, rkey) over the authenticated control stream; keys are valid only for
-//!   this channel (its protection domain and queue pair) and are deregistered when the channel
-//!   drops, or earlier by the receiving half's memory sealer
-//!   ([`crate::channel::ChannelRx::memory_sealer`]): the destination calls it on every channel
-//!   when `Complete` arrives, before its final check, so no page lands one-sided after that
-//!   (a write with a dead rkey fails with a remote access error) and nothing is registered
-//!   again. A later `recv` with a different sink is refused. The source's `send_batch` waits for
-//!   the table (that wait is also the backpressure before the destination starts reading).
-//!   Registering up front at accept time would need the guest memory before the channel exists;
-//!   the first receive is the moment the layer above hands it over, so that is where it happens.
+//! - **Memory windows, one round at a time (issue 13).** The destination registers the regions
+//!   of the [`MemorySink`] it is given on its first `recv` (all of them, once:
+//!   `MemorySink::regions`) for local writes and memory-window binds only: a region's own rkey
+//!   grants the peer nothing. The peer writes guest memory only through type-2 memory windows,
+//!   one per region, bound on this channel's queue pair (a window bound to one QP refuses every
+//!   other QP), with a new rkey each time. They exist only while a round is open on the channel:
+//!   the source's first `send_batch` of round R sends `Control[TAG_OPEN](R)` and waits for the
+//!   table (gpa, address, length, window rkey per region; sent over the authenticated control
+//!   stream); at the round barrier the layer above calls [`crate::channel::ChannelTx::end_round`]
+//!   (the migration source does, on every channel, once every batch of the round is
+//!   acknowledged and before it takes the dirty pages or saves the state): the source waits for
+//!   its posted work to complete, sends `Control[TAG_CLOSE]`, the destination deallocates the
+//!   windows (the device refuses their rkeys from then on) and answers `Control[TAG_CLOSED]`,
+//!   which `end_round` waits for. So between rounds, and after the final round, no window
+//!   exists: a write with an earlier round's rkey fails with a remote access error, lands
+//!   nowhere, and breaks the channel (both queue pairs go to the error state), which aborts the
+//!   migration like any lost channel. The receiving half's memory sealer
+//!   ([`crate::channel::ChannelRx::memory_sealer`]; the destination calls it on every channel
+//!   when `Complete` arrives, before its final check) deallocates any window still bound,
+//!   deregisters the regions and refuses every later `TAG_OPEN`. A later `recv` with a different
+//!   sink is refused. Windows are allocated fresh at each open (deallocating is the
+//!   invalidation: a system call that is final when it returns, where `IBV_WR_LOCAL_INV` would
+//!   need a completion); the bind is an `IBV_WR_BIND_MW` on the destination's send queue, which
+//!   carries nothing else. Binding touches no page table, unlike registering (measured on
+//!   soft-RoCE: README, Known limitations). Devices without type-2 windows cannot take rdma
+//!   channels. Registering up front at accept time would need the guest memory before the
+//!   channel exists; the first receive is the moment the layer above hands it over.
 //! - **Source memory** is registered lazily, region by region, on first use, and cached by the
 //!   region's host address and length for the life of the channel (read access only).
 //! - **A batch** is: zero detection on the source (volatile reads), one RDMA WRITE per run of
@@ -55,6 +78,10 @@
 //!   `rq_depth / 4`. A destination that stops reading stops returning credits and `send_batch`
 //!   blocks: receiver-not-ready NAKs never happen in normal operation, so the QP retries them
 //!   only a few times and a peer that sends them anyway fails the channel instead of hanging it.
+//! - **Round barrier cost.** `end_round` is a control round trip plus the deallocation; the
+//!   next round's first batch waits for a round trip plus the binds (`rdma::window_stats`
+//!   counts their time; `rdma_bw --round-batches N` measures the throughput with a round every N
+//!   batches).
 //! - **Endpoints.** [`RdmaAcceptor`] and [`RdmaOptions`] are this backend's
 //!   [`crate::endpoint::Acceptor`] and [`crate::endpoint::Connector`]: a migration server
 //!   listening on rdma beside tcp routes their channels like any other. The acceptor refuses, in
@@ -409,6 +436,17 @@ impl WriteProbe {
     /// sending half is idle (this polls its completion queue).
     pub fn write_last(&self, gpa: u64, byte: u8) -> Result<()> {
         let table = verbs::lock(&self.shared.table).last.clone().ok_or(RdmaError::BadPeer("no window table yet"))?;
+        self.write_with(&table, gpa, byte)
+    }
+
+    /// [`WriteProbe::write_last`] with the first table this channel received (its first round's
+    /// windows).
+    pub fn write_first(&self, gpa: u64, byte: u8) -> Result<()> {
+        let table = verbs::lock(&self.shared.table).first.clone().ok_or(RdmaError::BadPeer("no window table yet"))?;
+        self.write_with(&table, gpa, byte)
+    }
+
+    fn write_with(&self, table: &[RemoteRegion], gpa: u64, byte: u8) -> Result<()> {
         let r = table
             .iter()
             .find(|r| r.gpa <= gpa && gpa + crate::wire::PAGE_SIZE as u64 <= r.gpa + r.len)
@@ -502,6 +540,7 @@ fn reader(
                             (Err(RdmaError::BadPeer("second window table while a round is open").into()), true)
                         } else {
                             g.last = Some(t.clone());
+                            g.first.get_or_insert_with(|| t.clone());
                             g.remote = Some(t);
                             shared.cond.notify_all();
                             continue;
