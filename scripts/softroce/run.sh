@@ -16,6 +16,8 @@
 #   FERRY_SOFTROCE_MIN_RATIO  fail if ours/ib_write_bw is below this (default 0: report only)
 #   FERRY_SOFTROCE_NO_APT=1   do not run apt-get (everything already installed)
 #   FERRY_SOFTROCE_TESTS      test name filter passed to the conformance binary (debugging)
+#   FERRY_SOFTROCE_BASE_BW    another build's rdma_bw (e.g. main's, before a change): run in the
+#                             same rounds as ours, reported beside it (before/after ratios)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -106,6 +108,11 @@ copy_with_libs /usr/bin/ip /usr/bin/rdma /usr/bin/ib_write_bw /usr/bin/ibv_devin
 cp /etc/libibverbs.d/rxe.driver "$ird/etc/libibverbs.d/"
 cp "$conf_bin" "$ird/tests/conformance_rdma"
 cp "$bw_bin" "$ird/tests/rdma_bw"
+base_bw="${FERRY_SOFTROCE_BASE_BW:-}"
+if [ -n "$base_bw" ]; then
+    [ -x "$base_bw" ] || { echo "FERRY_SOFTROCE_BASE_BW=$base_bw is not an executable" >&2; exit 1; }
+    cp "$base_bw" "$ird/tests/rdma_bw_base"
+fi
 cp "$mig_bin" "$ird/tests/live_rdma"
 for b in "$conf_bin" "$mig_bin" "$bw_bin"; do # their libraries, at the host's paths
     ldd "$b" | grep -o '/[^ ]*' | while read -r l; do
@@ -209,8 +216,12 @@ if [ -n "$EXPERIMENT" ]; then # tuning runs (FERRY_SOFTROCE_EXPERIMENT=1), not p
 fi
 # Per-round memory windows: ours again, a round (windows invalidated and bound anew) every 16
 # messages (16 MiB at the default size), as often as a migration's later rounds could end.
-PR_L=""
+PR_L=""; BASE_L=""
 for r in $(seq 1 $ROUNDS); do
+    if [ -x /tests/rdma_bw_base ]; then
+        w=$(/tests/rdma_bw_base --size $SIZE --seconds $SECS > /tmp/bwb.txt 2>&1 && grep '^{"bench":"rdma_bw"' /tmp/bwb.txt | sed 's/.*"gbps":\([0-9.]*\).*/\1/') || { cat /tmp/bwb.txt; BRC=1; w=0; }
+        BASE_L="$BASE_L $w"
+    fi
     w=$(/tests/rdma_bw --size $SIZE --seconds $SECS --round-batches 16 > /tmp/bwr.txt 2>&1 && grep '^{"bench":"rdma_bw"' /tmp/bwr.txt | sed 's/.*"gbps":\([0-9.]*\).*/\1/') || { cat /tmp/bwr.txt; BRC=1; w=0; }
     PR_L="$PR_L $w"
 done
@@ -226,8 +237,16 @@ printf '%-22s %12s   %s\n' "ferry rdma (WRITE)" "$OURS" "$OURS_L"
 printf '%-22s %12s\n' "ratio" "$RATIO"
 printf '%-22s %12s   %s\n' "ferry rdma, round/16" "$PR" "$PR_L"
 printf '%-22s %12s\n' "ratio round/16" "$PR_RATIO"
+BASE_JSON=""
+if [ -n "$BASE_L" ]; then
+    BASE=$(echo $BASE_L | median)
+    BASE_RATIO=$(awk -v a=$BASE -v b=$REF 'BEGIN { if (b > 0) printf "%.3f", a / b; else print "0" }')
+    printf '%-22s %12s   %s\n' "base rdma_bw" "$BASE" "$BASE_L"
+    printf '%-22s %12s\n' "ratio base" "$BASE_RATIO"
+    BASE_JSON=",\"base_rdma_gbps\":$BASE,\"ratio_base\":$BASE_RATIO"
+fi
 J_REFS=$(echo $REFS | tr ' ' ','); J_OURS=$(echo $OURS_L | tr ' ' ',')
-echo "SOFTROCE_JSON={\"msg_bytes\":$SIZE,\"ib_write_bw_gbps\":$REF,\"ferry_rdma_gbps\":$OURS,\"ratio\":$RATIO,\"ferry_rdma_round16_gbps\":$PR,\"ratio_round16\":$PR_RATIO,\"ib_write_bw_samples\":[$J_REFS],\"ferry_rdma_samples\":[$J_OURS],\"tests_rc\":$TRC,\"bench_rc\":$BRC}"
+echo "SOFTROCE_JSON={\"msg_bytes\":$SIZE,\"ib_write_bw_gbps\":$REF,\"ferry_rdma_gbps\":$OURS,\"ratio\":$RATIO,\"ferry_rdma_round16_gbps\":$PR,\"ratio_round16\":$PR_RATIO,\"ib_write_bw_samples\":[$J_REFS],\"ferry_rdma_samples\":[$J_OURS],\"tests_rc\":$TRC,\"bench_rc\":$BRC$BASE_JSON}"
 RC=0
 [ $TRC -eq 0 ] || RC=1
 [ $BRC -eq 0 ] || RC=1

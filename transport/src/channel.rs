@@ -150,9 +150,9 @@ pub trait ChannelRx: Send {
     fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming>;
 
     /// A handle that, once called (from any thread), lets the peer write no more memory on its
-    /// own: `rdma` deregisters the guest memory it registered for remote writes (a later
-    /// one-sided write fails with a remote access error and lands nowhere) and registers none
-    /// again. `None` for backends whose pages all pass through [`ChannelRx::recv`], where the
+    /// own: `rdma` deallocates the memory windows of the open round and deregisters the guest
+    /// memory (a later one-sided write fails with a remote access error and lands nowhere), and
+    /// binds no window again. `None` for backends whose pages all pass through [`ChannelRx::recv`], where the
     /// sink's [`MemorySink::admit_batch`] already refuses them.
     fn memory_sealer(&self) -> Option<Killer> {
         None
