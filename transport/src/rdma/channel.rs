@@ -639,6 +639,8 @@ pub(crate) struct Windows {
     pub send_cq: Arc<BasicCompletionQueue>,
     pub ctl: Arc<Mutex<StreamTx>>,
     pub timeout: Duration,
+    /// Most binds posted at once (at most the send queue's depth).
+    pub bind_chunk: usize,
 }
 
 impl Windows {
@@ -657,11 +659,15 @@ impl Windows {
                 .zip(&st.base)
                 .map(|((w, mr), &(_, host, len))| (w, &**mr, host as u64, len as u64))
                 .collect();
-            // SAFETY: each range is exactly its registered region; the rkeys go only to the
-            // authenticated peer of this channel, over its sealed control stream, and die when
-            // the windows are dropped (round closed, memory sealed, channel gone). Guest memory
-            // is written raw under ferry_memory's access contract, never read through references.
-            unsafe { Qp::bind_windows(&self.qp, &self.send_cq, &mut binds, self.timeout) }?;
+            // In chunks, so a guest with many regions never overfills the send queue.
+            for chunk in binds.chunks_mut(self.bind_chunk.max(1)) {
+                // SAFETY: each range is exactly its registered region; the rkeys go only to the
+                // authenticated peer of this channel, over its sealed control stream, and die
+                // when the windows are dropped (round closed, memory sealed, channel gone). Guest
+                // memory is written raw under ferry_memory's access contract, never read through
+                // references.
+                unsafe { Qp::bind_windows(&self.qp, &self.send_cq, chunk, self.timeout) }?;
+            }
         }
         let table: Vec<RemoteRegion> = st
             .base

@@ -657,6 +657,7 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
         send_cq: Arc::clone(&cqs.send),
         ctl: Arc::clone(&ctl),
         timeout: opts.completion_timeout,
+        bind_chunk: (sq_depth as usize).min(32),
     });
     // Receives are posted (RdmaRx::new) before the peer can learn our region table.
     let rx = RdmaRx::new(
