@@ -183,19 +183,58 @@ pub unsafe fn populate_write(p: NonNull<u8>, len: usize) -> bool {
     }
 }
 
-/// Copy `dst.len()` bytes (a multiple of 8) from guest memory at `src` with volatile word reads.
+/// Copy `dst.len()` bytes (a multiple of 8) from guest memory at `src` with volatile reads:
+/// 32-byte vector reads where the CPU has AVX2 (the sealing send path copies every data page
+/// once with this; word by word it ran at about 8 GB/s and cost as much CPU as the encryption
+/// itself, measured 2026-12-01) when `src` is 32-byte aligned (guest pages are), 8-byte word
+/// reads otherwise and for the tail.
 ///
 /// # Safety
 /// `src` must be 8-byte aligned and valid for reads of `dst.len()` bytes.
 #[inline]
 pub unsafe fn copy_from_guest(dst: &mut [u8], src: NonNull<u8>) {
     debug_assert!(dst.len().is_multiple_of(8));
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if dst.len() >= 128 && (src.as_ptr() as usize).is_multiple_of(32) && std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 was detected; the caller's promise for `src`, passed on.
+        done = unsafe { copy_from_guest_avx2(dst, src.as_ptr()) };
+    }
     let s = src.as_ptr() as *const u64;
-    for (i, chunk) in dst.chunks_exact_mut(8).enumerate() {
+    for i in done / 8..dst.len() / 8 {
         // SAFETY: i * 8 + 8 <= dst.len(), inside the range the caller vouched for.
         let v = unsafe { s.add(i).read_volatile() };
-        chunk.copy_from_slice(&v.to_ne_bytes());
+        dst[i * 8..i * 8 + 8].copy_from_slice(&v.to_ne_bytes());
     }
+}
+
+/// The AVX2 body of [`copy_from_guest`]: copies whole 128-byte blocks, returns how many bytes.
+///
+/// # Safety
+/// The CPU must support AVX2; `src` 32-byte aligned and valid for reads of `dst.len()` bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_from_guest_avx2(dst: &mut [u8], src: *const u8) -> usize {
+    use std::arch::x86_64::*;
+    let n = dst.len() / 128 * 128;
+    let d = dst.as_mut_ptr();
+    let mut off = 0;
+    while off < n {
+        // SAFETY: off + 128 <= n <= dst.len(): inside the source range the caller vouched for
+        // (volatile 32-byte reads, aligned as `src` is) and inside `dst` (unaligned stores).
+        unsafe {
+            let s = src.add(off) as *const __m256i;
+            let (a, b, c, e) =
+                (s.read_volatile(), s.add(1).read_volatile(), s.add(2).read_volatile(), s.add(3).read_volatile());
+            let o = d.add(off) as *mut __m256i;
+            _mm256_storeu_si256(o, a);
+            _mm256_storeu_si256(o.add(1), b);
+            _mm256_storeu_si256(o.add(2), c);
+            _mm256_storeu_si256(o.add(3), e);
+        }
+        off += 128;
+    }
+    n
 }
 
 #[cfg(test)]
@@ -220,6 +259,21 @@ mod tests {
         assert!(!s.is_zero_page(), "two pages are not one page");
         let _ = s.populate_write(); // may be refused by old kernels; contents stay either way
         assert_eq!(p1.read_u8(4), 2, "populating keeps contents");
+    }
+
+    #[test]
+    fn copy_from_guest_copies_every_length_and_alignment() {
+        let m = AnonMemory::new(2 * PAGE_SIZE, false).unwrap();
+        let s = m.slice();
+        let pattern: Vec<u8> = (0..2 * PAGE_SIZE).map(|i| (i * 31 % 253) as u8).collect();
+        s.write_from(0, &pattern);
+        // Aligned (vector body and word tail), 8-aligned only (word path), short (< one block).
+        for (off, len) in [(0, 2 * PAGE_SIZE), (0, 4096 + 8 * 13), (64, 1000), (8, 4096), (32, 120), (40, 8), (0, 0)] {
+            let mut dst = vec![0xEEu8; len];
+            // SAFETY: off + len <= 2 pages of the mapping, off is 8-byte aligned.
+            unsafe { copy_from_guest(&mut dst, s.subslice(off, len.max(1)).unwrap().ptr) };
+            assert_eq!(dst, pattern[off..off + len], "offset {off}, {len} bytes");
+        }
     }
 
     #[test]

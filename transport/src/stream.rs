@@ -34,6 +34,12 @@ use ferry_memory::{MemorySink, MemorySource};
 /// Most iovecs passed to one writev/readv (Linux IOV_MAX).
 const IOV_MAX: usize = 1024;
 
+/// A sealed batch's data section is read (and opened) this many bytes at a time, or one segment
+/// if that is longer: small enough that the ciphertext is still in cache when it is opened
+/// (reading a whole 1 MiB batch first made the open run at half its speed, measured
+/// 2026-12-01).
+const OPEN_CHUNK: usize = 128 << 10;
+
 /// Compress only if it saves at least 1/8 of the data.
 fn worth_compressing(raw: usize, compressed: usize) -> bool {
     compressed <= raw - raw / 8
@@ -620,23 +626,38 @@ impl StreamRx {
                 } else {
                     // Sealed: the data section is read into our own buffer and each segment
                     // opened out of place into its guest pages, so every guest page is written
-                    // once, by the open, and nothing unauthenticated is read into it.
-                    self.staging.resize(h.data_len as usize, 0);
-                    read_exact(&mut self.sock, &mut self.staging)?;
-                    let mut off = 0;
-                    for (k, &(ri, first, n)) in data_segments(h).iter().enumerate() {
-                        let len = n as usize * PAGE_SIZE;
-                        // SAFETY: the segment's pages lie inside run `ri`, which the sink vouched
-                        // for (first + n <= pages); this receiver is the only writer of a batch's
-                        // pages while it receives them (the destination's guest is not running
-                        // and the round barrier keeps other channels off these pages), so a
-                        // slice over them for the open is not observed by anyone else.
-                        let seg = unsafe {
-                            std::slice::from_raw_parts_mut(bases[ri].as_ptr().add(first as usize * PAGE_SIZE), len)
-                        };
-                        let sealed = self.staging.get(off..off + len).ok_or(TransportError::Unauthenticated)?;
-                        self.open.open_to(fh, 2 + k as u32, sealed, &tags[k * t..(k + 1) * t], seg)?;
-                        off += len;
+                    // once, by the open, and nothing unauthenticated is read into it. The
+                    // section is read a few segments at a time (at least OPEN_CHUNK bytes, or
+                    // what is left), so the ciphertext is still in cache when it is opened.
+                    let segs = data_segments(h);
+                    let mut k = 0;
+                    while k < segs.len() {
+                        let mut end = k;
+                        let mut chunk = 0;
+                        while end < segs.len() && (chunk < OPEN_CHUNK || end == k) {
+                            chunk += segs[end].2 as usize * PAGE_SIZE;
+                            end += 1;
+                        }
+                        self.staging.resize(chunk, 0);
+                        read_exact(&mut self.sock, &mut self.staging)?;
+                        let mut off = 0;
+                        for (j, &(ri, first, n)) in segs[k..end].iter().enumerate() {
+                            let len = n as usize * PAGE_SIZE;
+                            // SAFETY: the segment's pages lie inside run `ri`, which the sink
+                            // vouched for (first + n <= pages); this receiver is the only writer
+                            // of a batch's pages while it receives them (the destination's guest
+                            // is not running and the round barrier keeps other channels off these
+                            // pages), so a slice over them for the open is not observed by anyone
+                            // else.
+                            let seg = unsafe {
+                                std::slice::from_raw_parts_mut(bases[ri].as_ptr().add(first as usize * PAGE_SIZE), len)
+                            };
+                            let sealed = &self.staging[off..off + len];
+                            let i = k + j;
+                            self.open.open_to(fh, 2 + i as u32, sealed, &tags[i * t..(i + 1) * t], seg)?;
+                            off += len;
+                        }
+                        k = end;
                     }
                 }
             }
