@@ -551,6 +551,60 @@ pub fn tampered_frames(b: &dyn Backend) {
     assert_eq!(dst.read_byte(PAGE_SIZE), 0);
     assert_eq!(dst.read_byte(2 * PAGE_SIZE + 7), 0x5a);
     raw.close();
+    // A batch whose data section is read and opened in several pieces (a 40-page segment longer
+    // than one piece, then 56 one-page segments between zero pages): altered in its last piece,
+    // or in the tag of a segment in the middle, it is refused; unaltered, every page arrives.
+    const BIG: usize = 152;
+    let big_dst = Arc::new(AnonMemory::new(BIG * PAGE_SIZE, true).unwrap());
+    let big_map = big_dst.map_at(0x40_0000).unwrap();
+    let is_data = |p: usize| p < 40 || p % 2 == 0;
+    let mut bitmap = vec![0u8; BIG.div_ceil(8)];
+    let mut data = Vec::new();
+    for p in (0..BIG).filter(|&p| is_data(p)) {
+        bitmap[p / 8] |= 1 << (p % 8);
+        data.extend((0..PAGE_SIZE).map(|i| (p * 7 + i / 64) as u8 | 1));
+    }
+    let big = encode_batch_frame(
+        &BatchHeader {
+            id: 2,
+            round: 0,
+            encoding: Encoding::Raw,
+            flags: 0,
+            runs: vec![PageRun { gpa: 0x40_0000, pages: BIG as u32 }],
+            data_map: bitmap,
+            data_len: data.len() as u32,
+        },
+        &data,
+    );
+    let fixed_and_runs = HEADER_LEN + 24 + 16 + 12 + BIG.div_ceil(8) + 16;
+    for (what, at) in [("big batch, last piece", usize::MAX), ("big batch, a middle tag", fixed_and_runs + 16 * 30 + 3)]
+    {
+        let Some((mut raw, mut d)) = sealing_pair(b, what) else { return };
+        let s = raw.seal(&big).unwrap();
+        let at = if at == usize::MAX { s.len() - 5 } else { at };
+        raw.write_wire(&flip(&s, at)).unwrap();
+        let e = d.rx.recv(&big_map).expect_err(what);
+        assert!(unauth(&e), "{what}: {e}");
+        raw.close();
+    }
+    let Some((mut raw, mut d)) = sealing_pair(b, "big batch") else { return };
+    let s = raw.seal(&big).unwrap();
+    raw.write_wire(&s).unwrap();
+    match d.rx.recv(&big_map).expect("intact big batch") {
+        Incoming::Batch(rb) => assert_eq!((rb.pages, rb.data_pages), (BIG as u32, 96)),
+        other => panic!("{}: intact big batch: {other:?}", b.name()),
+    }
+    let (mut got, mut off) = (vec![0u8; PAGE_SIZE], 0);
+    for p in 0..BIG {
+        big_dst.read_into(p * PAGE_SIZE, &mut got);
+        if is_data(p) {
+            assert!(got == data[off..off + PAGE_SIZE], "{}: big batch page {p} differs", b.name());
+            off += PAGE_SIZE;
+        } else {
+            assert!(got.iter().all(|&v| v == 0), "{}: big batch zero page {p} not zero", b.name());
+        }
+    }
+    raw.close();
 }
 
 fn sealing_pair(b: &dyn Backend, what: &str) -> Option<(Box<dyn RawPeer>, Channel)> {

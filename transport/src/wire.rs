@@ -57,8 +57,12 @@
 //! A batch's data segments are its data pages grouped as they lie in memory: within each run,
 //! every maximal stretch of consecutive data pages is one segment ([`data_segments`]); a zstd
 //! batch has one segment, its compressed data. The receiver opens the fixed part and then the
-//! runs and bitmap before it touches memory, reads each raw segment straight into the guest
-//! pages it belongs to and opens it there, in place.
+//! runs and bitmap before it touches memory (the batch's round is checked against the receiver's
+//! before any page is written), then reads the data section a few segments at a time (about
+//! 128 KiB) into a buffer of its own and opens each raw segment out of place, straight into the
+//! guest pages it belongs to: a guest page is written once, by the open. A failed tag fails the
+//! batch, the channel and the migration, before commit: whatever the open wrote into pages that
+//! the destination does not own yet is discarded with them.
 //!
 //! # Sequence on one channel
 //!
