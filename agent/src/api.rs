@@ -122,6 +122,12 @@ pub struct HostInfo {
     /// Of it, faulted in and ready now.
     #[serde(default)]
     pub memory_reserve_ready_bytes: u64,
+    /// How this host proves who it is to peers: `psk` (key_file) or `tls` (tls_dir).
+    #[serde(default)]
+    pub credentials: String,
+    /// Where they come from (`key file PATH`, `host certificates in DIR`).
+    #[serde(default)]
+    pub credentials_source: String,
 }
 
 /// A change of host settings at run time (every field optional; all or nothing changes). The
@@ -580,6 +586,9 @@ pub struct PreflightReport {
     pub encryption: Option<String>,
     /// Why that protection (the setting or request, and the trusted networks it needs).
     pub encryption_reason: String,
+    /// How the hosts authenticate each other (`psk: ...` or `tls: ...`, and what is checked).
+    #[serde(default)]
+    pub credentials: String,
     /// The move would wait for a slot here or there (not an incompatibility).
     pub would_queue: bool,
     /// What the destination said (null if it could not be asked).

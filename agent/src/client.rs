@@ -15,13 +15,23 @@ pub enum Endpoint {
     Unix(PathBuf),
     /// A TCP address (a peer agent).
     Tcp(String),
+    /// A TCP address spoken to over TLS (a peer agent with host certificates): the client
+    /// configuration (this host's certificate, the CA, the name the peer must carry).
+    Tls {
+        /// The address.
+        addr: String,
+        /// The client configuration.
+        config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+        /// The server name sent (SNI).
+        name: tokio_rustls::rustls::pki_types::ServerName<'static>,
+    },
 }
 
 impl std::fmt::Display for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Endpoint::Unix(p) => write!(f, "{}", p.display()),
-            Endpoint::Tcp(a) => f.write_str(a),
+            Endpoint::Tcp(a) | Endpoint::Tls { addr: a, .. } => f.write_str(a),
         }
     }
 }
@@ -37,6 +47,14 @@ pub enum ClientError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The TLS handshake failed (certificates refused on either side).
+    #[error("{} {endpoint}: {message}", TLS_FAILED)]
+    Tls {
+        /// Where.
+        endpoint: String,
+        /// Why (names the certificate problem).
+        message: String,
     },
     /// The HTTP exchange failed.
     #[error("talking to {endpoint}: {message}")]
@@ -55,6 +73,9 @@ pub enum ClientError {
         after: Duration,
     },
 }
+
+/// How a [`ClientError::Tls`] starts (callers tell certificate refusals by it).
+pub const TLS_FAILED: &str = "TLS failed with";
 
 /// Largest answer body read.
 const MAX_BODY_BYTES: usize = 16 << 20;
@@ -93,6 +114,24 @@ async fn request_inner(
             let _ = s.set_nodelay(true);
             exchange(TokioIo::new(s), &endpoint, a, method, path, body, headers).await
         }
+        Endpoint::Tls { addr, config, name } => {
+            let s = tokio::net::TcpStream::connect(addr.as_str()).await.map_err(connect)?;
+            let _ = s.set_nodelay(true);
+            let tls = |e: &dyn std::error::Error| ClientError::Tls {
+                endpoint: endpoint.clone(),
+                message: crate::peer::tls_reason(e),
+            };
+            let s =
+                tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), s).await.map_err(|e| tls(&e))?;
+            // In TLS 1.3 the server judges the client's certificate after the client finished:
+            // a refusal arrives as an alert on the first read, so it is told as a TLS failure.
+            exchange(TokioIo::new(s), &endpoint, addr, method, path, body, headers).await.map_err(|e| match e {
+                ClientError::Http { endpoint, message } if message.contains("alert") => {
+                    ClientError::Tls { endpoint, message }
+                }
+                e => e,
+            })
+        }
     }
 }
 
@@ -108,7 +147,10 @@ async fn exchange<T>(
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let http = |e: &dyn std::fmt::Display| ClientError::Http { endpoint: endpoint.to_string(), message: e.to_string() };
+    let http = |e: &dyn std::error::Error| ClientError::Http {
+        endpoint: endpoint.to_string(),
+        message: crate::peer::tls_reason(e),
+    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| http(&e))?;
     tokio::spawn(conn);
     let mut b = hyper::Request::builder().method(method).uri(path).header("host", host);

@@ -7,6 +7,7 @@
 //! api_socket = "/run/ferry/ferryd.sock"
 //! state_dir = "/var/lib/ferry"
 //! key_file = "/etc/ferry/key"         # the same key on every host: 32+ random bytes, hex or base64, mode 0600
+//! # tls_dir = "/etc/ferry/tls"        # instead of key_file: host certificates (ca.pem, cert.pem, key.pem 0600[, crl.pem])
 //! max_live_migrations = 2             # outgoing and incoming together (default 2)
 //! max_storage_migrations = 2          # storage moves (ferry vm move-storage) at once (default 2)
 //! performance_option = "tcp"          # tcp | compression | smb (default tcp)
@@ -29,11 +30,21 @@
 //! `trusted`, and the destination's own address the same there ([`Settings::protection_for`],
 //! [`Settings::accepts`]); everywhere else the move uses `aead`. A config asking for `integrity`
 //! or `off` without any trusted network is refused at start.
+//!
+//! Exactly one of `key_file` and `tls_dir` says how hosts prove who they are
+//! ([`HostCredentials`]). With `key_file` peer requests are signed with the key
+//! ([`crate::peer`]) and migration channels authenticated by it; with `tls_dir` the peer API
+//! runs over mutual TLS with the host certificates (a peer whose certificate does not chain to
+//! `ca.pem` is refused in the TLS handshake, both ways) and the migration channels use the same
+//! certificates ([`ferry_transport::tls`]). The source checks that the destination's
+//! certificate names the host it was asked to move to (the host part of the move's `to`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use ferry_transport::handshake::Psk;
+use ferry_transport::tls::TlsCredentials;
+use ferry_transport::Credentials;
 use ferry_transport::Encryption;
 use serde::{Deserialize, Serialize};
 
@@ -121,7 +132,8 @@ struct RawConfig {
     listen: String,
     api_socket: PathBuf,
     state_dir: PathBuf,
-    key_file: PathBuf,
+    key_file: Option<PathBuf>,
+    tls_dir: Option<PathBuf>,
     #[serde(default = "two")]
     max_live_migrations: i64,
     #[serde(default = "two")]
@@ -398,6 +410,85 @@ fn check_option(o: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// How a host proves who it is to its peers: config key `key_file` or `tls_dir`.
+#[derive(Debug, Clone)]
+pub enum HostCredentials {
+    /// The same key on every host.
+    Key {
+        /// The key file.
+        file: PathBuf,
+        /// The key (at least 32 random bytes; zeroed when dropped).
+        key: Psk,
+    },
+    /// Host certificates signed by a CA every host trusts.
+    Tls {
+        /// The directory (`ca.pem`, `cert.pem`, `key.pem`).
+        dir: PathBuf,
+        /// The loaded certificates (checked: key matches, chained to the CA, valid now).
+        creds: TlsCredentials,
+    },
+}
+
+impl HostCredentials {
+    /// Load exactly one of `key_file` and `tls_dir`; `Err` names the key.
+    pub fn load(key_file: Option<&Path>, tls_dir: Option<&Path>) -> Result<Self, ConfigError> {
+        match (key_file, tls_dir) {
+            (Some(_), Some(_)) => Err(invalid(
+                "key_file",
+                "and tls_dir are both given: a host proves who it is by one of them (remove one)",
+            )),
+            (None, None) => Err(invalid(
+                "key_file",
+                "missing: give key_file (a key shared by the hosts) or tls_dir (host certificates)",
+            )),
+            (Some(file), None) => {
+                let key = Psk::from_file(file).map_err(|e| invalid("key_file", e.to_string()))?;
+                Ok(Self::Key { file: file.to_path_buf(), key })
+            }
+            (None, Some(dir)) => {
+                if !dir.is_dir() {
+                    return Err(invalid("tls_dir", format!("{} is not a readable directory", dir.display())));
+                }
+                let creds = TlsCredentials::from_dir(dir).map_err(|e| invalid("tls_dir", e.to_string()))?;
+                Ok(Self::Tls { dir: dir.to_path_buf(), creds })
+            }
+        }
+    }
+
+    /// `psk` or `tls`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Key { .. } => "psk",
+            Self::Tls { .. } => "tls",
+        }
+    }
+
+    /// What a person reads: `key file PATH` or `host certificates in DIR`.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Key { file, .. } => format!("key file {}", file.display()),
+            Self::Tls { dir, .. } => format!("host certificates in {}", dir.display()),
+        }
+    }
+
+    /// The arguments that give a VMM process the same credentials (`--key-file F` or
+    /// `--tls-dir D`).
+    pub fn vmm_args(&self) -> [std::ffi::OsString; 2] {
+        match self {
+            Self::Key { file, .. } => ["--key-file".into(), file.into()],
+            Self::Tls { dir, .. } => ["--tls-dir".into(), dir.into()],
+        }
+    }
+
+    /// The transport's credentials.
+    pub fn transport(&self) -> Credentials {
+        match self {
+            Self::Key { key, .. } => Credentials::Psk(key.clone()),
+            Self::Tls { creds, .. } => Credentials::Tls(creds.clone()),
+        }
+    }
+}
+
 /// A usable configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -409,10 +500,8 @@ pub struct Config {
     pub api_socket: PathBuf,
     /// Where the journal, VM sockets and VMM logs live.
     pub state_dir: PathBuf,
-    /// The key file.
-    pub key_file: PathBuf,
-    /// The key (at least 32 random bytes; zeroed when dropped).
-    pub key: Psk,
+    /// How this host proves who it is: the key file or the host certificates.
+    pub credentials: HostCredentials,
     /// Live migrations at once, outgoing and incoming together.
     pub max_live_migrations: usize,
     /// Storage migrations at once.
@@ -470,7 +559,7 @@ impl Config {
         if raw.state_dir.as_os_str().is_empty() {
             return Err(invalid("state_dir", "is empty"));
         }
-        let key = Psk::from_file(&raw.key_file).map_err(|e| invalid("key_file", e.to_string()))?;
+        let credentials = HostCredentials::load(raw.key_file.as_deref(), raw.tls_dir.as_deref())?;
         let limit = |k: &str, v: i64| -> Result<usize, ConfigError> {
             if (1..=64).contains(&v) {
                 Ok(v as usize)
@@ -531,8 +620,7 @@ impl Config {
             api_socket: raw.api_socket,
             disk_dir: raw.disk_dir.unwrap_or_else(|| raw.state_dir.join("disks")),
             state_dir: raw.state_dir,
-            key_file: raw.key_file,
-            key,
+            credentials,
             max_live_migrations,
             max_storage_migrations,
             networks,
@@ -638,7 +726,10 @@ mod tests {
         assert_eq!(c.max_storage_migrations, 2);
         assert_eq!(c.default_transport(), "tcp");
         assert!(c.use_any_network, "no network listed: any allowed");
-        assert_eq!(c.key.bytes(), (0..32u8).collect::<Vec<u8>>());
+        match &c.credentials {
+            HostCredentials::Key { key, .. } => assert_eq!(key.bytes(), (0..32u8).collect::<Vec<u8>>()),
+            HostCredentials::Tls { .. } => panic!("key_file gives a key"),
+        }
     }
 
     #[test]

@@ -49,8 +49,8 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn, Instrument};
 
 use crate::api::*;
-use crate::client::{self, Endpoint};
-use crate::config::{parse_encryption, Config, Settings, Subnet};
+use crate::client::{self, Endpoint, TLS_FAILED};
+use crate::config::{parse_encryption, Config, HostCredentials, Settings, Subnet};
 use crate::limit::{Cancel, Limit, Slot};
 use crate::peer;
 use crate::store::{now_ms, Store, VmRow};
@@ -437,7 +437,7 @@ impl Agent {
         .await
     }
 
-    /// Start a VMM process (`ferry-vmm --socket S --key-file K ARGS`, output appended to `log`)
+    /// Start a VMM process (`ferry-vmm --socket S --key-file K|--tls-dir D ARGS`, output appended to `log`)
     /// and wait until its status is `ready`.
     async fn spawn_process(
         &self,
@@ -455,8 +455,7 @@ impl Agent {
         let mut cmd = tokio::process::Command::new(&self.vmm_exe);
         cmd.arg("--socket")
             .arg(socket)
-            .arg("--key-file")
-            .arg(&self.cfg.key_file)
+            .args(self.cfg.credentials.vmm_args())
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(logf)
@@ -684,6 +683,8 @@ impl Agent {
             queued_storage_migrations: storage_queued,
             memory_reserve_bytes: self.cfg.memory_reserve_bytes,
             memory_reserve_ready_bytes: 0,
+            credentials: self.cfg.credentials.kind().into(),
+            credentials_source: self.cfg.credentials.describe(),
         }
     }
 
@@ -819,6 +820,7 @@ impl Agent {
             include_storage: disk_count > 0,
             retain_source_disks: req.retain_source_disks,
             encryption,
+            peer_name: Some(to.ip().to_string()),
         };
         let id2 = id.clone();
         let kind = req.kind;
@@ -1461,6 +1463,18 @@ impl Agent {
         self.migration_info(id)
     }
 
+    /// How this host proves itself to the peer at `to`, in a sentence (preflight).
+    fn credentials_for(&self, to: &str) -> String {
+        match &self.cfg.credentials {
+            HostCredentials::Key { file, .. } => format!("psk: the key in {}", file.display()),
+            HostCredentials::Tls { dir, .. } => format!(
+                "tls: host certificates in {}; the destination's certificate must chain to its ca.pem and name {}",
+                dir.display(),
+                to.rsplit_once(':').map_or(to, |(h, _)| h)
+            ),
+        }
+    }
+
     /// A signed request to a peer agent. `Err((http status, sentence))`.
     async fn peer_call(
         &self,
@@ -1481,12 +1495,21 @@ impl Agent {
         body: Option<Vec<u8>>,
         within: Duration,
     ) -> Result<serde_json::Value, (Option<u16>, String)> {
-        let b = body.clone().unwrap_or_default();
-        let auth = peer::sign(self.cfg.key.bytes(), now_ms(), method, path, &b);
-        let ep = Endpoint::Tcp(peer.to_string());
-        let (status, out) = client::request(&ep, method, path, body, &[(peer::AUTH_HEADER, auth)], within)
-            .await
-            .map_err(|e| (None, e.to_string()))?;
+        let (ep, headers) = match &self.cfg.credentials {
+            HostCredentials::Key { key, .. } => {
+                let b = body.as_deref().unwrap_or_default();
+                let auth = peer::sign(key.bytes(), now_ms(), method, path, b);
+                (Endpoint::Tcp(peer.to_string()), vec![(peer::AUTH_HEADER, auth)])
+            }
+            // The peer's certificate must name the host called (the address's host part).
+            HostCredentials::Tls { creds, .. } => {
+                let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+                let creds = creds.expect_peer(host).map_err(|e| (None, format!("{TLS_FAILED} {peer}: {e}")))?;
+                (Endpoint::Tls { addr: peer.to_string(), config: creds.client(), name: creds.server_name() }, vec![])
+            }
+        };
+        let (status, out) =
+            client::request(&ep, method, path, body, &headers, within).await.map_err(|e| (None, e.to_string()))?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&out).map_err(|e| (Some(status), format!("bad answer: {e}")));
         }
@@ -1994,6 +2017,10 @@ impl Agent {
                 add("key_mismatch", format!("destination {} refused our signature: {why}", req.to));
                 None
             }
+            Err((None, why)) if why.starts_with(TLS_FAILED) => {
+                add("certificate_refused", why);
+                None
+            }
             Err((None, why)) => {
                 add("unreachable", format!("destination {}: {why}", req.to));
                 None
@@ -2025,6 +2052,7 @@ impl Agent {
             || destination
                 .as_ref()
                 .is_some_and(|d| d.active_migrations >= d.max_live_migrations || d.queued_migrations > 0);
+        let credentials = self.credentials_for(&req.to);
         Ok(PreflightReport {
             vm: req.vm,
             to: req.to,
@@ -2036,6 +2064,7 @@ impl Agent {
             channels,
             encryption,
             encryption_reason,
+            credentials,
             would_queue,
             destination,
             incompatibilities: inc,
@@ -2547,8 +2576,13 @@ async fn h_fallback(uri: Uri) -> ApiError {
 }
 
 fn check_peer(a: &Agent, headers: &HeaderMap, method: &Method, uri: &Uri, body: &[u8]) -> ApiResult<()> {
+    let key = match &a.cfg.credentials {
+        HostCredentials::Key { key, .. } => key,
+        // The connection was served only after the peer's certificate was verified.
+        HostCredentials::Tls { .. } => return Ok(()),
+    };
     let h = headers.get(peer::AUTH_HEADER).and_then(|v| v.to_str().ok());
-    peer::verify(a.cfg.key.bytes(), h, now_ms(), method.as_str(), uri.path(), body).map_err(|why| {
+    peer::verify(key.bytes(), h, now_ms(), method.as_str(), uri.path(), body).map_err(|why| {
         warn!("refused a peer request: {why}");
         ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", why)
     })
@@ -2676,10 +2710,27 @@ pub async fn serve(a: Arc<Agent>) -> Result<(), StartError> {
         .map_err(|e| setup("restricting api_socket".into(), &e))?;
     let tcp =
         tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| setup(format!("listen {}", cfg.listen), &e))?;
-    info!(name = cfg.name, listen = %cfg.listen, api = %cfg.api_socket.display(), "ferryd ready");
+    info!(
+        name = cfg.name,
+        listen = %cfg.listen,
+        api = %cfg.api_socket.display(),
+        credentials = %cfg.credentials.describe(),
+        "ferryd ready"
+    );
     let local = axum::serve(uds, local_router(a.clone())).with_graceful_shutdown(shutdown());
-    let peer = axum::serve(tcp, peer_router(a.clone())).with_graceful_shutdown(shutdown());
-    let r = tokio::try_join!(async { local.await }, async { peer.await });
+    let peer = async {
+        match &cfg.credentials {
+            HostCredentials::Key { .. } => {
+                axum::serve(tcp, peer_router(a.clone())).with_graceful_shutdown(shutdown()).await
+            }
+            HostCredentials::Tls { creds, .. } => {
+                axum::serve(peer::TlsListener::new(tcp, creds.server()), peer_router(a.clone()))
+                    .with_graceful_shutdown(shutdown())
+                    .await
+            }
+        }
+    };
+    let r = tokio::try_join!(async { local.await }, peer);
     let _ = std::fs::remove_file(&cfg.api_socket);
     r.map(|_| ()).map_err(|e| setup("serving".into(), &e))
 }

@@ -2,6 +2,12 @@
 //! `x-ferry-auth: <unix ms>:<hex HMAC-SHA256(key, "ferry-peer-v1\n" ms "\n" method "\n" path "\n" body)>`.
 //! The receiver refuses a wrong signature and a time more than 60 s off its own clock; the key
 //! itself never crosses the wire.
+//!
+//! With host certificates (`tls_dir`) the peer API runs over mutual TLS instead ([`TlsListener`]
+//! on the server side, [`crate::client::Endpoint::Tls`] on the client side): a connection is
+//! served only once its client presented a certificate chained to this host's CA, and a caller
+//! accepts only a server whose certificate chains to its CA and names the host it called. The
+//! requests then carry no signature (TLS authenticated both ends and protects every byte).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -56,6 +62,103 @@ pub fn verify(
     mac(key, ts, method, path, body)
         .verify_slice(&tag)
         .map_err(|_| "signature does not match: the peer holds a different key".to_string())
+}
+
+/// How long a peer has for its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The peer API's listener with host certificates: TCP connections go through the TLS
+/// handshake (client certificate required) in their own tasks, so a slow or refused peer holds
+/// up nobody; only established sessions reach the HTTP server. Refused handshakes are logged
+/// with the peer's address and the reason.
+pub struct TlsListener {
+    local: std::net::SocketAddr,
+    ready: tokio::sync::mpsc::Receiver<(TlsStream, std::net::SocketAddr)>,
+}
+
+/// A peer connection after its TLS handshake.
+pub type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+impl TlsListener {
+    /// Serve TLS on `tcp` with `config` (the host's server configuration).
+    pub fn new(tcp: tokio::net::TcpListener, config: std::sync::Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
+        let local = tcp.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+        let (tx, ready) = tokio::sync::mpsc::channel(64);
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        tokio::spawn(async move {
+            loop {
+                let (sock, addr) = match tcp.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!("peer API accept: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = sock.set_nodelay(true);
+                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
+                        Ok(Ok(s)) => {
+                            let _ = ready.send((s, addr)).await;
+                        }
+                        Ok(Err(e)) => tracing::warn!("refused a peer connection from {addr}: TLS: {}", tls_reason(&e)),
+                        Err(_) => tracing::warn!(
+                            "refused a peer connection from {addr}: no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}"
+                        ),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Self { local, ready }
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(c) => c,
+            // The accepting task ended: nothing more will arrive.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+/// A TLS failure as a sentence: what rustls said, and what it means for host certificates.
+pub fn tls_reason(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text = format!("{text}: {t}");
+        }
+        src = s.source();
+    }
+    let hint = if text.contains("UnknownIssuer") || text.contains("UnknownCA") || text.contains("BadSignature") {
+        " (the two hosts' certificates are not from the same CA: each host's tls_dir/ca.pem must have signed the other's cert.pem)"
+    } else if text.contains("Revoked") {
+        " (the certificate is revoked: it is listed in the CA's crl.pem)"
+    } else if text.contains("NotValidForName") || text.contains("not valid for name") {
+        " (the peer's certificate does not name the host it was called by)"
+    } else if text.contains("Expired") || text.contains("NotValidYet") {
+        " (a certificate is outside its validity period)"
+    } else if text.contains("CertificateRequired") || text.contains("NoCertificatesPresented") {
+        " (the peer presented no certificate: does it use a key_file instead of tls_dir?)"
+    } else {
+        ""
+    };
+    format!("{text}{hint}")
 }
 
 #[cfg(test)]

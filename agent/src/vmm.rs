@@ -39,10 +39,11 @@ use ferry_migrate::stats::Status;
 use ferry_migrate::target::{TargetConfig, TargetOutcome};
 use ferry_migrate::vm::{SourceVm, TargetVm};
 use ferry_migrate::MigrateError;
-use ferry_transport::handshake::{Caps, Psk, ServerConfig};
+use ferry_transport::handshake::{Caps, ServerConfig};
 use ferry_transport::option::{TransportOption, UnknownOption};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::wire::PAGE_SIZE;
+use ferry_transport::Credentials;
 use ferry_vmm_glue::kvm::{GuestConfig, KvmFactory, KvmVm};
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticConfig, SyntheticFactory, SyntheticTarget, SyntheticVm};
 
@@ -73,8 +74,9 @@ pub struct VmmArgs {
     pub working_set_bytes: u64,
     /// Synthetic guest: how fast it rewrites it (0: as fast as it can).
     pub dirty_rate_bytes_per_s: u64,
-    /// The migration key (channels are authenticated with it).
-    pub key: Psk,
+    /// The migration credentials (channels are authenticated with them): the key or the host
+    /// certificates.
+    pub creds: Credentials,
     /// Incoming: listen for the migration on this IP (a free port).
     pub receive_on: Option<IpAddr>,
     /// Incoming: the only frame protection the migration server accepts (a source asking
@@ -554,7 +556,7 @@ fn answer(mut s: UnixStream, r: Result<(), String>, status: VmmStatus) {
 fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>>) -> Result<(), VmmError> {
     let a = &vmm.args;
     let hs = ServerConfig {
-        creds: a.key.clone().into(),
+        creds: a.creds.clone(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(10),
         encryption: a.encryption,
@@ -995,17 +997,22 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
                 m.bandwidth_bytes_per_s = p.bandwidth_bytes_per_s;
             }
         };
-        let key = v.args.key.clone();
+        let key = match (&v.args.creds, &order.peer_name) {
+            (Credentials::Tls(t), Some(name)) => t.expect_peer(name).map(Credentials::Tls),
+            (c, _) => Ok(c.clone()),
+        };
         let mut plan_json = None;
-        let r = match &order.multichannel {
-            None => connect_simple(order.to, usize::from(order.channels.max(1)), &opts, &key),
-            Some(mc) => open_multichannel(order.to, mc, &opts, &key).map(|(chans, plan)| {
-                plan_json = Some(plan);
-                chans
-            }),
-        }
-        .map(|chans| hold_disk_copy_for_tests(chans, !disks.is_empty(), &cancel))
-        .and_then(|chans| migrate(&mut Carrying { vm: vm.source(), disks: disks.clone() }, chans, &cfg, &progress));
+        let opened =
+            key.map_err(|e| MigrateError::Connect(0, e.to_string())).and_then(|key| match &order.multichannel {
+                None => connect_simple(order.to, usize::from(order.channels.max(1)), &opts, &key),
+                Some(mc) => open_multichannel(order.to, mc, &opts, &key).map(|(chans, plan)| {
+                    plan_json = Some(plan);
+                    chans
+                }),
+            });
+        let r = opened
+            .map(|chans| hold_disk_copy_for_tests(chans, !disks.is_empty(), &cancel))
+            .and_then(|chans| migrate(&mut Carrying { vm: vm.source(), disks: disks.clone() }, chans, &cfg, &progress));
         hold_outcome_for_tests();
         let mut g = v.lock();
         g.cancel = None;
@@ -1399,7 +1406,7 @@ fn open_multichannel(
     first: SocketAddr,
     mc: &crate::vmmctl::MultichannelOrder,
     opts: &TcpOptions,
-    key: &Psk,
+    key: &Credentials,
 ) -> Result<(Vec<ferry_transport::Channel>, serde_json::Value), MigrateError> {
     let policy: ferry_multichannel::NetworkPolicy = mc
         .policy

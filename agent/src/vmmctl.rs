@@ -149,6 +149,10 @@ pub struct MigrateOrder {
     /// Frame protection the channels ask for (the destination agreed to it at admission).
     #[serde(default, with = "crate::config::encryption_name")]
     pub encryption: ferry_transport::Encryption,
+    /// With host certificates: the name (DNS or IP) the destination's certificate must carry,
+    /// the host the move was asked to go to (`None`: any host of the CA; unused with a key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_name: Option<String>,
 }
 
 /// How a multichannel session pairs NICs.
@@ -338,6 +342,7 @@ mod tests {
             option: "tcp".into(),
             downtime_ms: 300,
             multichannel: None,
+            peer_name: None,
             include_storage: false,
             retain_source_disks: false,
             encryption: ferry_transport::Encryption::Off,

@@ -5,7 +5,6 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -234,23 +233,8 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         ("max_live_migrations = 0\n", "max_live_migrations: 0 is not in 1 ..= 64"),
         ("[[networks]]\nsubnet = \"198.18.0.0/40\"\n", "networks[0].subnet"),
     ] {
-        let dir = Scratch::new("badcfg");
-        let key = dir.0.join("key");
-        std::fs::write(&key, KEY).unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let cfg = dir.0.join("c.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "name = \"x\"\nlisten = \"127.0.0.1:1\"\napi_socket = \"{0}/s\"\nstate_dir = \"{0}\"\nkey_file = \"{1}\"\n{extra}",
-                dir.0.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let o = Command::new(FERRYD).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
-        assert_eq!(o.status.code(), Some(2), "{extra}");
-        assert!(stderr(&o).contains(want), "{extra}: {}", stderr(&o));
+        let err = refused_config(Creds::Key(KEY), extra);
+        assert!(err.contains(want), "{extra}: {err}");
     }
 }
 

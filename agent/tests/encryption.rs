@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -143,23 +142,8 @@ fn integrity_or_off_without_a_trusted_network_is_refused_at_start_and_at_run_tim
         ),
         ("encryption = \"none\"\n", "encryption: unknown encryption mode \"none\""),
     ] {
-        let dir = Scratch::new("enccfg");
-        let key = dir.0.join("key");
-        std::fs::write(&key, KEY).unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        let cfg = dir.0.join("c.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "name = \"x\"\nlisten = \"127.0.0.1:1\"\napi_socket = \"{0}/s\"\nstate_dir = \"{0}\"\nkey_file = \"{1}\"\n{extra}",
-                dir.0.display(),
-                key.display()
-            ),
-        )
-        .unwrap();
-        let o = Command::new(FERRYD).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
-        assert_eq!(o.status.code(), Some(2), "{extra}");
-        assert!(stderr(&o).contains(want), "{extra}: {}", stderr(&o));
+        let err = refused_config(Creds::Key(KEY), extra);
+        assert!(err.contains(want), "{extra}: {err}");
     }
     // At run time the same rule holds, and a refused change changes nothing.
     let a = Agent::start("a", KEY, UNTRUSTED);

@@ -282,18 +282,20 @@ impl TlsCredentials {
         self.peer_name.as_ref().map(|n| n.to_str().into_owned())
     }
 
-    /// The rustls client configuration (TLS 1.3, this host's certificate, the CA verifier).
-    pub(crate) fn client(&self) -> Arc<rustls::ClientConfig> {
+    /// The rustls client configuration (TLS 1.3, this host's certificate, the CA verifier, the
+    /// expected name if any): for other TLS clients of the host, like the agents' peer API.
+    pub fn client(&self) -> Arc<rustls::ClientConfig> {
         self.client.clone()
     }
 
-    /// The rustls server configuration (TLS 1.3, client certificates required).
-    pub(crate) fn server(&self) -> Arc<rustls::ServerConfig> {
+    /// The rustls server configuration (TLS 1.3, client certificates required, chained to the
+    /// CA): for other TLS servers of the host, like the agents' peer API.
+    pub fn server(&self) -> Arc<rustls::ServerConfig> {
         self.loaded.server.clone()
     }
 
     /// The server name to send (the expected one, or a placeholder the verifier ignores).
-    pub(crate) fn server_name(&self) -> ServerName<'static> {
+    pub fn server_name(&self) -> ServerName<'static> {
         self.peer_name.clone().unwrap_or_else(|| ServerName::try_from("ferry").expect("a valid DNS name"))
     }
 

@@ -2,7 +2,7 @@
 //! (`ferry_agent::vmm`). Started by the agent, not by hand:
 //!
 //! ```text
-//! ferry-vmm --socket S --name NAME --guest synthetic|kvm --memory-bytes N --key-file F
+//! ferry-vmm --socket S --name NAME --guest synthetic|kvm --memory-bytes N (--key-file F | --tls-dir D)
 //!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP [--encryption MODE]]
 //!           [--quick-dir DIR --quick-host NAME --quick-id ID]
 //!           [--disk PATH]... [--disk-working-set-bytes N] [--disk-write-rate-bytes-per-s N]
@@ -20,6 +20,7 @@ use clap::Parser;
 use ferry_agent::api::GuestKind;
 use ferry_agent::vmm::{run, QuickLoad, VmmArgs};
 use ferry_transport::handshake::Psk;
+use ferry_transport::{Credentials, TlsCredentials};
 
 #[derive(Debug, Parser)]
 #[command(name = "ferry-vmm", version, about = "One VM in its own process, supervised by ferryd")]
@@ -43,8 +44,11 @@ struct Cli {
     #[arg(long, requires = "standby")]
     reserve_bytes: Option<u64>,
     /// The key file (migration channels are authenticated with it).
+    #[arg(long, required_unless_present = "tls_dir", conflicts_with = "tls_dir")]
+    key_file: Option<PathBuf>,
+    /// Instead of a key: the host certificates (ca.pem, cert.pem, key.pem) channels use.
     #[arg(long)]
-    key_file: PathBuf,
+    tls_dir: Option<PathBuf>,
     /// Working set the guest rewrites.
     #[arg(long, default_value_t = 0)]
     working_set_bytes: u64,
@@ -92,7 +96,12 @@ fn main() -> ExitCode {
     // session of its own moved a cold 2 GiB guest 1.3-7.7x slower than the library path in the
     // same run (1.0x and 0.7x in its agent's session).
     let _ = nix::unistd::setpgid(nix::unistd::Pid::from_raw(0), nix::unistd::Pid::from_raw(0));
-    let key = match Psk::from_file(&c.key_file) {
+    let creds: Result<Credentials, _> = match (&c.key_file, &c.tls_dir) {
+        (Some(f), _) => Psk::from_file(f).map(Credentials::from),
+        (None, Some(d)) => TlsCredentials::from_dir(d).map(Credentials::from),
+        (None, None) => unreachable!("clap requires --key-file or --tls-dir"),
+    };
+    let creds = match creds {
         Ok(p) => p,
         Err(e) => {
             eprintln!("ferry-vmm: {e}");
@@ -106,7 +115,7 @@ fn main() -> ExitCode {
         memory_bytes: c.memory_bytes.unwrap_or(0),
         working_set_bytes: c.working_set_bytes,
         dirty_rate_bytes_per_s: c.dirty_rate_bytes_per_s,
-        key,
+        creds,
         receive_on: c.receive_on,
         encryption: c.encryption,
         quick_load: match (c.quick_dir, c.quick_host, c.quick_id) {

@@ -512,6 +512,9 @@ async fn run(c: Cli) -> Result<(), Fail> {
                     }
                 );
                 out += &format!("\n  encryption {} ({})", r.encryption.as_deref().unwrap_or("-"), r.encryption_reason);
+                if !r.credentials.is_empty() {
+                    out += &format!("\n  credentials {}", r.credentials);
+                }
                 if let Some(d) = &r.destination {
                     out += &format!(
                         "\n  destination {}: {}/{} migrations active, {} queued, {} MiB to give, kvm {}, shared storage {}",

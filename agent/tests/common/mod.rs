@@ -46,6 +46,59 @@ impl Drop for Scratch {
     }
 }
 
+/// How a test agent proves who it is.
+pub enum Creds<'a> {
+    /// A key file (written into the agent's directory) holding this key.
+    Key(&'a str),
+    /// Host certificates in this directory (`tls_dir`).
+    TlsDir(&'a Path),
+    /// These config lines as they are (both keys, neither, a bad path...).
+    Lines(&'a str),
+}
+
+impl Creds<'_> {
+    /// The config lines, writing the key file into `dir` if there is one.
+    pub fn lines(&self, dir: &Path) -> String {
+        match self {
+            Creds::Key(key) => {
+                let key_file = dir.join("key");
+                std::fs::write(&key_file, format!("{key}\n")).unwrap();
+                std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+                format!("key_file = \"{}\"\n", key_file.display())
+            }
+            Creds::TlsDir(d) => format!("tls_dir = \"{}\"\n", d.display()),
+            Creds::Lines(l) => l.to_string(),
+        }
+    }
+}
+
+/// A `ferryd` config: name, listen, the API socket and state under `dir`, `creds`, `extra`.
+fn config_text(name: &str, listen: &str, dir: &Path, creds: &str, extra: &str) -> String {
+    format!(
+        "name = \"{name}\"\nlisten = \"{listen}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\n{creds}{extra}",
+        dir.join("ferryd.sock").display(),
+        dir.join("state").display(),
+    )
+}
+
+/// Start `ferryd` on a config with `creds` and `extra` that it must refuse: asserts it exits 2
+/// at once, and returns what it wrote on stderr.
+pub fn refused_config(creds: Creds<'_>, extra: &str) -> String {
+    let dir = Scratch::new("badcfg");
+    let cfg = dir.0.join("c.toml");
+    std::fs::write(&cfg, config_text("x", "127.0.0.1:1", &dir.0, &creds.lines(&dir.0), extra)).unwrap();
+    let o = Command::new(FERRYD).args(["--config", cfg.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(o.status.code(), Some(2), "ferryd took {extra:?}: {err}");
+    err
+}
+
+/// `ferry tls-certs --out DIR HOSTS...`: a fresh CA and a directory per host (`DIR/HOST`).
+pub fn tls_certs(out: &Path, hosts: &[&str]) {
+    let o = Command::new(FERRY).arg("tls-certs").arg("--out").arg(out).args(hosts).output().unwrap();
+    assert!(o.status.success(), "ferry tls-certs: {}", String::from_utf8_lossy(&o.stderr));
+}
+
 /// One `ferryd`.
 pub struct Agent {
     pub name: String,
@@ -80,19 +133,27 @@ impl Agent {
         listen: SocketAddr,
         env: Vec<(String, String)>,
     ) -> Self {
+        Self::start_as(netns, name, Creds::Key(key), extra, listen, env)
+    }
+
+    /// Start an agent proving itself with host certificates (`tls_dir`) instead of a key.
+    pub fn start_tls(name: &str, tls_dir: &Path, extra: &str) -> Self {
+        Self::start_as(None, name, Creds::TlsDir(tls_dir), extra, free_addr(), Vec::new())
+    }
+
+    /// Write a config with credentials `creds` (and `extra` keys) and start the agent.
+    pub fn start_as(
+        netns: Option<String>,
+        name: &str,
+        creds: Creds<'_>,
+        extra: &str,
+        listen: SocketAddr,
+        env: Vec<(String, String)>,
+    ) -> Self {
         let dir = Scratch::new(name);
-        let key_file = dir.0.join("key");
-        std::fs::write(&key_file, format!("{key}\n")).unwrap();
-        std::fs::set_permissions(&key_file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
         let api = dir.0.join("ferryd.sock");
         let config = dir.0.join("ferryd.toml");
-        let text = format!(
-            "name = \"{name}\"\nlisten = \"{listen}\"\napi_socket = \"{}\"\nstate_dir = \"{}\"\nkey_file = \"{}\"\n{extra}",
-            api.display(),
-            dir.0.join("state").display(),
-            key_file.display()
-        );
-        std::fs::write(&config, text).unwrap();
+        std::fs::write(&config, config_text(name, &listen.to_string(), &dir.0, &creds.lines(&dir.0), extra)).unwrap();
         let mut a = Self { name: name.into(), dir, config, api, listen, child: None, netns, env };
         a.restart();
         a

@@ -1,0 +1,163 @@
+//! Host certificates through the agents (issue 13): `tls_dir` instead of `key_file`. Two agents
+//! with certificates from one CA move a VM verified (peer API over mutual TLS, the VMMs'
+//! migration channels on the same certificates); an agent with a certificate from another CA, or
+//! one that does not name the host it is called by, is refused at preflight and at the move with
+//! a reason naming the certificate, and nothing changes on either host; a config with both or
+//! neither of `key_file`/`tls_dir`, or a tls_dir that is missing or unusable, is refused at start
+//! naming the key.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn create(a: &Agent, name: &str) {
+    a.json(&["vm", "create", "--name", name, "--memory", "32MiB", "--guest", "synthetic", "--working-set", "4MiB"]);
+}
+
+/// The command line of process `pid`, as one string.
+fn cmdline(pid: u64) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline")).map(|b| String::from_utf8_lossy(&b).replace('\0', " ")).unwrap()
+}
+
+/// The VM's VMM runs with `--tls-dir DIR` (and no key file).
+fn vmm_uses(a: &Agent, vm: &str, dir: &Path) {
+    let v = a.json(&["vm", "show", vm]);
+    let line = cmdline(v["pid"].as_u64().unwrap());
+    assert!(line.contains(&format!("--tls-dir {}", dir.display())), "{line}");
+    assert!(!line.contains("--key-file"), "{line}");
+}
+
+/// `ferry preflight VM --to TO` on `a` that finds the move not compatible (exit 2): the report.
+fn not_compatible(a: &Agent, vm: &str, to: &Agent) -> Value {
+    let o = a.ferry(&["--json", "preflight", vm, "--to", &to.listen.to_string()]);
+    assert_eq!(o.status.code(), Some(2), "{}", String::from_utf8_lossy(&o.stderr));
+    let pf: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(pf["compatible"], false, "{pf:#}");
+    pf
+}
+
+/// `vm` still runs on `a`, owned, at epoch 1, and `other` saw nothing of it.
+fn nothing_changed(a: &Agent, other: &Agent, vm: &str) {
+    let v = a.json(&["vm", "show", vm]);
+    assert_eq!(v["state"], "running", "{v:#}");
+    assert_eq!(v["epoch"], 1, "{v:#}");
+    assert!(other.vms().is_empty(), "{:?}", other.vms());
+    assert!(other.migrations().is_empty(), "{:?}", other.migrations());
+}
+
+#[test]
+fn two_agents_with_certificates_from_one_ca_move_a_vm_verified() {
+    let certs = Scratch::new("certs");
+    tls_certs(&certs.0, &["a=127.0.0.1", "b=127.0.0.1"]);
+    let a = Agent::start_tls("a", &certs.0.join("a"), "");
+    let b = Agent::start_tls("b", &certs.0.join("b"), "");
+    let h = a.json(&["host", "show"]);
+    assert_eq!(h["credentials"], "tls", "{h:#}");
+    assert_eq!(h["credentials_source"], format!("host certificates in {}", certs.0.join("a").display()), "{h:#}");
+    create(&a, "web");
+    vmm_uses(&a, "web", &certs.0.join("a"));
+
+    let to = b.listen.to_string();
+    let pf = a.json(&["preflight", "web", "--to", &to]);
+    assert_eq!(pf["compatible"], true, "{pf:#}");
+    assert_eq!(pf["destination"]["name"], "b", "{pf:#}");
+    let c = pf["credentials"].as_str().unwrap();
+    assert!(c.starts_with("tls: host certificates in") && c.contains("name 127.0.0.1"), "{pf:#}");
+
+    let out = a.json(&["move", "web", "--to", &to, "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!(out["verified"], true, "{out}");
+    let v = b.json(&["vm", "show", "web"]);
+    assert_eq!(v["state"], "running", "{v:#}");
+    assert_eq!(v["guest_check"], "ok", "{v:#}");
+    vmm_uses(&b, "web", &certs.0.join("b"));
+    assert!(a.vms().iter().all(|v| v["name"] != "web" || v["owned"] == false), "{:?}", a.vms());
+    // And back, the other way round.
+    let out = b.json(&["move", "web", "--to", &a.listen.to_string(), "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}");
+    assert_eq!(out["verified"], true, "{out}");
+    assert_eq!(a.json(&["vm", "show", "web"])["epoch"], 3);
+}
+
+#[test]
+fn a_host_of_another_ca_or_misnamed_is_refused_at_preflight_and_move_and_nothing_changes() {
+    let ours = Scratch::new("certs");
+    tls_certs(&ours.0, &["a=127.0.0.1", "misnamed=misnamed.example"]);
+    let theirs = Scratch::new("certs-other");
+    tls_certs(&theirs.0, &["c=127.0.0.1"]);
+    let a = Agent::start_tls("a", &ours.0.join("a"), "");
+    let c = Agent::start_tls("c", &theirs.0.join("c"), "");
+    let m = Agent::start_tls("misnamed", &ours.0.join("misnamed"), "");
+    create(&a, "db");
+
+    let refused = |to: &Agent, want: &str| {
+        let pf = not_compatible(&a, "db", to);
+        let inc = &pf["incompatibilities"][0];
+        assert_eq!(inc["code"], "certificate_refused", "{pf:#}");
+        assert!(inc["message"].as_str().unwrap().contains(want), "{pf:#}");
+        assert!(pf["destination"].is_null(), "{pf:#}");
+        let o = a.ferry(&["--json", "move", "db", "--to", &to.listen.to_string(), "--wait"]);
+        assert_eq!(o.status.code(), Some(1));
+        let out: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(out["error"].as_str().unwrap().contains(want), "{out}");
+        nothing_changed(&a, to, "db");
+    };
+    // Another CA: a does not accept c's certificate.
+    refused(&c, "not from the same CA");
+    // One CA, but the certificate names another host than the one called.
+    refused(&m, "does not name the host");
+    // The other way: c calling a is refused by c's own check, and a refuses c's certificate
+    // in the handshake (logged with the reason).
+    create(&c, "theirs");
+    let pf = not_compatible(&c, "theirs", &a);
+    assert_eq!(pf["incompatibilities"][0]["code"], "certificate_refused", "{pf:#}");
+    let mut logged = false;
+    for _ in 0..100 {
+        logged = a.logs().contains("refused a peer connection");
+        if logged {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(logged, "{}", a.logs());
+    // A peer with the key instead of certificates cannot talk to a TLS agent either.
+    let k = Agent::start("k", KEY, "");
+    create(&k, "old");
+    let pf = not_compatible(&k, "old", &a);
+    assert_eq!(pf["incompatibilities"][0]["code"], "unreachable", "{pf:#}");
+    assert_eq!(a.vms().len(), 1);
+    assert_eq!(a.json(&["vm", "show", "db"])["state"], "running");
+}
+
+#[test]
+fn a_config_with_both_neither_or_an_unusable_tls_dir_is_refused_at_start_naming_the_key() {
+    let certs = Scratch::new("certs");
+    tls_certs(&certs.0, &["a=127.0.0.1"]);
+    let good = certs.0.join("a");
+    let both = format!("key_file = \"/etc/ferry/key\"\ntls_dir = \"{}\"\n", good.display());
+    let err = refused_config(Creds::Lines(&both), "");
+    assert!(err.contains("key_file: and tls_dir are both given"), "{err}");
+    let err = refused_config(Creds::Lines(""), "");
+    assert!(err.contains("key_file: missing: give key_file") && err.contains("or tls_dir"), "{err}");
+    let err = refused_config(Creds::TlsDir(&certs.0.join("nowhere")), "");
+    assert!(err.contains("tls_dir:") && err.contains("nowhere is not a readable directory"), "{err}");
+    // The private key readable by others.
+    std::fs::set_permissions(good.join("key.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let err = refused_config(Creds::TlsDir(&good), "");
+    assert!(err.contains("tls_dir:") && err.contains("key.pem has mode 0644"), "{err}");
+    std::fs::set_permissions(good.join("key.pem"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    // A file missing.
+    std::fs::remove_file(good.join("ca.pem")).unwrap();
+    let err = refused_config(Creds::TlsDir(&good), "");
+    assert!(err.contains("tls_dir:") && err.contains("ca.pem"), "{err}");
+    // Another host's key.
+    std::fs::copy(certs.0.join("ca.pem"), good.join("ca.pem")).unwrap();
+    tls_certs(&certs.0.join("again"), &["x"]);
+    std::fs::copy(certs.0.join("again/x/key.pem"), good.join("key.pem")).unwrap();
+    let err = refused_config(Creds::TlsDir(&good), "");
+    assert!(err.contains("tls_dir:") && err.contains("is not the key of"), "{err}");
+}
