@@ -4,7 +4,8 @@
 //! destination with the wrong name, and a source with a key against a destination with
 //! certificates (and the reverse) are each refused with the reason, the source's guest keeps
 //! running with its memory intact, and the same listener then completes a legitimate migration;
-//! a channel presenting another host's certificate cannot join a session.
+//! a channel presenting another host's certificate cannot join a session; a certificate the
+//! CA's revocation list (`crl.pem`) names is refused both ways, naming revocation.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -153,4 +154,35 @@ fn a_channel_with_another_hosts_certificate_cannot_join_a_session() {
     let t = into_synthetic(s.outcomes.recv().unwrap().unwrap());
     same_memory(&vm, &t);
     s.thread.join().unwrap();
+}
+
+#[test]
+fn a_revoked_certificate_is_refused_both_ways_naming_revocation() {
+    let certs = Certs::new("revoked");
+    certs.revoke_in(&["src", "dst"]);
+    let good: Credentials = certs.host("src").expect_peer("dst").unwrap().into();
+    let tcp = TcpOptions::default();
+    // A destination holding the list refuses a revoked source; the source keeps running, and
+    // a legitimate source still moves its guest.
+    let s = tcp_server(certs.host("dst"), 1);
+    let mut vm = guest("tls-revoked", 16, 4, 32, SEED);
+    let revoked: Credentials = certs.host("revoked").expect_peer("dst").unwrap().into();
+    let e = connect_simple(s.addr, 2, &tcp, &revoked).unwrap_err().to_string();
+    assert!(e.contains("CertificateRevoked"), "{e}");
+    assert!(vm.is_running(), "the source stopped");
+    migrate_ok(&s, &mut vm, &tcp, 2, &good);
+    s.thread.join().unwrap();
+    // A source holding the list refuses a revoked destination (named `dst`, of the CA).
+    let s = tcp_server(certs.host("revoked"), 1);
+    let vm = guest("tls-revoked-dst", 8, 0, 0, SEED);
+    let e = connect_simple(s.addr, 1, &tcp, &good).unwrap_err().to_string();
+    assert!(e.contains("Revoked"), "{e}");
+    assert!(vm.is_running(), "the source stopped");
+    s.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    s.thread.join().unwrap();
+    // A crl.pem that is no revocation list is refused when the credentials load.
+    std::fs::write(certs.dir("dst").join("crl.pem"), "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
+        .unwrap();
+    let e = ferry_transport::TlsCredentials::from_dir(&certs.dir("dst")).unwrap_err().to_string();
+    assert!(e.contains("crl.pem"), "{e}");
 }

@@ -9,10 +9,13 @@ use ferry_transport::tls::{TestCa, TlsCredentials, TlsFiles, Validity};
 /// - `src`, `dst`: hosts of the CA (`dst` names `dst`, `localhost` and `127.0.0.1`);
 /// - `expired`: a host of the CA whose certificate expired in 2021;
 /// - `rogue`: a host of another CA (it trusts that CA, not ours), named `dst`;
-/// - `stranger`: a host that trusts our CA but holds a certificate of the other one.
+/// - `stranger`: a host that trusts our CA but holds a certificate of the other one;
+/// - `revoked`: a host of the CA named `dst` too, whose certificate [`Certs::revoke_in`] lists.
 pub struct Certs {
     /// The tree's root; each host is a directory below it.
     pub root: PathBuf,
+    ca: TestCa,
+    revoked_serial: Vec<u8>,
 }
 
 impl Certs {
@@ -34,7 +37,17 @@ impl Certs {
             .write_host_dir(&root.join("stranger"), "src", &sans(&["src", "127.0.0.1"]), Validity::Long)
             .expect("stranger");
         std::fs::write(root.join("stranger").join("ca.pem"), ca.cert_pem()).expect("stranger's ca.pem");
-        Self { root }
+        let revoked = ca.issue("revoked", &sans(&["revoked", "dst", "127.0.0.1"]), Validity::Long).expect("revoked");
+        revoked.write_to(&root.join("revoked")).expect("revoked");
+        Self { root, ca, revoked_serial: revoked.serial.clone() }
+    }
+
+    /// Give each of `holders` a `crl.pem` (signed by the CA) that lists `revoked`'s certificate.
+    pub fn revoke_in(&self, holders: &[&str]) {
+        let crl = self.ca.revoke(std::slice::from_ref(&self.revoked_serial), 1).expect("a revocation list");
+        for h in holders {
+            std::fs::write(self.dir(h).join("crl.pem"), &crl).expect("crl.pem");
+        }
     }
 
     /// Where host `name`'s files are.

@@ -40,7 +40,18 @@
 //! `quic` uses the same certificates for its own TLS (module `quic`), with K taken from the QUIC
 //! connection's exporter. `rdma` runs this on its TCP control stream.
 //!
-//! [`TestCa`] makes a CA and host certificates (`ferry tls-certs` writes them to directories).
+//! # Revocation
+//!
+//! An optional `crl.pem` in the directory (one or more certificate revocation lists, PEM,
+//! signed by the CA) is checked on both sides: a peer whose certificate (or an intermediate of
+//! its chain) is listed is refused in the TLS handshake with `CertificateRevoked` (the server,
+//! rustls's `WebPkiClientVerifier::with_crls`) or `Revoked` (the client, webpki's revocation
+//! check in [`CaVerifier`]). Certificates a list does not cover are accepted (the CA's lists are
+//! the source of truth: a host need not hold lists of other issuers), and an expired list still
+//! counts (a stale list revokes at least what it lists).
+//!
+//! [`TestCa`] makes a CA and host certificates (`ferry tls-certs` writes them to directories),
+//! and revocation lists ([`TestCa::revoke`]).
 
 use std::fmt;
 use std::io::Read;
@@ -50,7 +61,7 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use zeroize::Zeroizing;
@@ -130,12 +141,20 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This host's private key (PKCS#8, SEC1 or PKCS#1 PEM; mode 0600 or stricter).
     pub key: PathBuf,
+    /// Revocation lists signed by the CA (`None`: none checked).
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
     /// `ca.pem`, `cert.pem` and `key.pem` in `dir`.
     pub fn in_dir(dir: &Path) -> Self {
-        Self { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") }
+        let crl = dir.join("crl.pem");
+        Self {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            crl: crl.exists().then_some(crl),
+        }
     }
 }
 
@@ -144,6 +163,7 @@ struct Loaded {
     roots: Arc<RootCertStore>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    crls: Vec<CertificateRevocationListDer<'static>>,
     server: Arc<rustls::ServerConfig>,
 }
 
@@ -200,6 +220,21 @@ fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
     Ok(certs)
 }
 
+fn crls_in(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, KeyError> {
+    let text = read_limited(path, false)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(path, format!("not PEM revocation lists: {e}")))?;
+    if crls.is_empty() {
+        return Err(cert_error(path, "holds no revocation list (-----BEGIN X509 CRL-----)"));
+    }
+    for c in &crls {
+        webpki::OwnedCertRevocationList::from_der(c.as_ref())
+            .map_err(|e| cert_error(path, format!("not a usable revocation list: {e}")))?;
+    }
+    Ok(crls)
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -238,6 +273,10 @@ impl TlsCredentials {
         let key_text = read_limited(&files.key, true)?;
         let key = PrivateKeyDer::from_pem_slice(&key_text)
             .map_err(|e| cert_error(&files.key, format!("no private key in PEM: {e}")))?;
+        let crls = match &files.crl {
+            Some(p) => crls_in(p)?,
+            None => Vec::new(),
+        };
         let provider = provider();
         let mut roots = RootCertStore::empty();
         for c in ca {
@@ -261,8 +300,11 @@ impl TlsCredentials {
             )
             .map_err(|e| cert_error(&files.cert, format!("not usable with {}: {e}", files.ca.display())))?;
         }
-        let server = server_config(&provider, &roots, &chain, &key).map_err(|e| cert_error(&files.cert, e))?;
-        let loaded = Arc::new(Loaded { provider, roots, chain, key, server });
+        let server = server_config(&provider, &roots, &chain, &key, &crls).map_err(|e| match &files.crl {
+            Some(crl) => cert_error(crl, e),
+            None => cert_error(&files.cert, e),
+        })?;
+        let loaded = Arc::new(Loaded { provider, roots, chain, key, crls, server });
         let client = client_config(&loaded, None).map_err(|e| cert_error(&files.cert, e))?;
         Ok(Self { loaded, peer_name: None, client })
     }
@@ -321,8 +363,11 @@ fn server_config(
     roots: &Arc<RootCertStore>,
     chain: &[CertificateDer<'static>],
     key: &PrivateKeyDer<'static>,
+    crls: &[CertificateRevocationListDer<'static>],
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.iter().cloned())
+        .allow_unknown_revocation_status()
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))?;
     let mut s = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -336,7 +381,13 @@ fn server_config(
 }
 
 fn client_config(l: &Loaded, name: Option<ServerName<'static>>) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let v = CaVerifier { roots: l.roots.clone(), provider: l.provider.clone(), name };
+    let crls = l
+        .crls
+        .iter()
+        .map(|c| webpki::OwnedCertRevocationList::from_der(c.as_ref()).map(webpki::CertRevocationList::from))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| rustls::Error::General(format!("revocation list: {e}")))?;
+    let v = CaVerifier { roots: l.roots.clone(), provider: l.provider.clone(), name, crls };
     let mut c = rustls::ClientConfig::builder_with_provider(l.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -347,13 +398,54 @@ fn client_config(l: &Loaded, name: Option<ServerName<'static>>) -> Result<Arc<ru
 }
 
 /// Verifies a destination's certificate: its chain to the CA (validity and key usage included,
-/// rustls's webpki code), and its name when one is expected. The name rustls passes (what the
-/// client sent) is not used: without an expected name any host of the CA is accepted.
+/// rustls's webpki code), that no revocation list of the host lists it, and its name when one is
+/// expected. The name rustls passes (what the client sent) is not used: without an expected name
+/// any host of the CA is accepted.
 #[derive(Debug)]
 struct CaVerifier {
     roots: Arc<RootCertStore>,
     provider: Arc<CryptoProvider>,
     name: Option<ServerName<'static>>,
+    crls: Vec<webpki::CertRevocationList<'static>>,
+}
+
+impl CaVerifier {
+    /// The chain again, now with the revocation lists (webpki; the first check gave rustls's
+    /// own errors for everything else).
+    fn check_revocation(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), rustls::Error> {
+        if self.crls.is_empty() {
+            return Ok(());
+        }
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        let revocation = webpki::RevocationOptionsBuilder::new(&crls)
+            .map_err(|_| rustls::Error::General("no revocation list".into()))?
+            .with_depth(webpki::RevocationCheckDepth::Chain)
+            .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+            .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+            .build();
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| rustls::Error::General(format!("certificate: {e}")))?;
+        match ee.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.roots.roots,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            Some(revocation),
+            None,
+        ) {
+            Ok(_) => Ok(()),
+            Err(webpki::Error::CertRevoked) => {
+                Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked))
+            }
+            Err(e) => Err(rustls::Error::General(format!("revocation check: {e}"))),
+        }
+    }
 }
 
 impl ServerCertVerifier for CaVerifier {
@@ -373,6 +465,7 @@ impl ServerCertVerifier for CaVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
+        self.check_revocation(end_entity, intermediates, now)?;
         if let Some(n) = &self.name {
             rustls::client::verify_server_name(&cert, n)?;
         }
@@ -418,6 +511,8 @@ pub struct HostPem {
     pub cert: String,
     /// The host's private key (`key.pem`, PKCS#8).
     pub key: Zeroizing<String>,
+    /// The certificate's serial number (what a revocation list names).
+    pub serial: Vec<u8>,
 }
 
 fn pem(label: &str, der: &[u8]) -> String {
@@ -474,10 +569,14 @@ impl TestCa {
     /// alternative names (`name` itself when empty).
     pub fn issue(&self, name: &str, names: &[String], validity: Validity) -> Result<HostPem, KeyError> {
         let key = rcgen::KeyPair::generate().map_err(gen_error)?;
+        // Positive (top bit clear) and never zero.
+        let mut serial: [u8; 16] = crate::handshake::random_bytes();
+        serial[0] = (serial[0] & 0x7f) | 0x01;
         let sans = if names.is_empty() { vec![name.to_string()] } else { names.to_vec() };
         let mut p = rcgen::CertificateParams::new(sans).map_err(gen_error)?;
         p.distinguished_name.push(rcgen::DnType::CommonName, name);
         p.is_ca = rcgen::IsCa::ExplicitNoCa;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
         p.extended_key_usages =
             vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
@@ -490,7 +589,32 @@ impl TestCa {
             ca: self.cert_pem.clone(),
             cert: pem("CERTIFICATE", cert.der()),
             key: Zeroizing::new(pem("PRIVATE KEY", &key.serialize_der())),
+            serial: serial.to_vec(),
         })
+    }
+
+    /// A revocation list (PEM, `crl.pem`) signed by this CA that lists the certificates with
+    /// these serial numbers ([`HostPem::serial`]); `number` is the list's own number (a later
+    /// list has a larger one).
+    pub fn revoke(&self, serials: &[Vec<u8>], number: u64) -> Result<String, KeyError> {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            next_update: rcgen::date_time_ymd(2125, 1, 1),
+            crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(s),
+                    revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(gen_error)?;
+        Ok(pem("X509 CRL", crl.der()))
     }
 
     /// Issue a certificate for `name` and write `ca.pem`, `cert.pem` and `key.pem` (mode 0600)
