@@ -7,30 +7,23 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_migrate::server::{connect_simple, MigrationServer, RunningServer};
+use ferry_migrate::server::{connect_simple, RunningServer};
 use ferry_migrate::source::{migrate, MigrationConfig};
 use ferry_migrate::stats::Status;
-use ferry_migrate::target::TargetConfig;
 use ferry_migrate::vm::SourceVm;
 use ferry_test_support::fault::{inject, FaultAction, FaultPoint, Misbehave};
 use ferry_test_support::guest::{guest, into_synthetic, same_memory};
-use ferry_transport::handshake::{Caps, Psk, ServerConfig};
-use ferry_transport::quic::{QuicAcceptor, QuicOptions};
+use ferry_test_support::server;
+use ferry_transport::handshake::Psk;
+use ferry_transport::quic::QuicOptions;
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticFactory};
 
 const SEED: u64 = 11;
 const KEY: &[u8] = b"quic-live-migration-test-key-0123";
 
 fn server(max: usize) -> RunningServer {
-    let hs = ServerConfig {
-        creds: Psk::new(KEY).unwrap().into(),
-        caps: Caps::ALL,
-        timeout: Duration::from_secs(5),
-        encryption: Default::default(),
-    };
-    let acc = QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap();
     let factory = Arc::new(SyntheticFactory::new(1 << 30, false));
-    MigrationServer::new(acc, factory, TargetConfig::default()).spawn(Some(max)).unwrap()
+    server::quic_loopback(Psk::new(KEY).unwrap(), factory, Some(max))
 }
 
 #[test]

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_migrate::server::{connect_one, connect_simple, MigrationServer, Path, RunningServer};
+use ferry_migrate::server::{connect_one, connect_simple, Path, RunningServer};
 use ferry_migrate::source::{migrate, MigrationConfig};
 use ferry_migrate::stats::Status;
 use ferry_migrate::target::TargetConfig;
@@ -19,8 +19,8 @@ use ferry_test_support::certs::Certs;
 use ferry_test_support::guest::{guest, into_synthetic, same_memory};
 use ferry_test_support::server;
 use ferry_transport::endpoint::Connector;
-use ferry_transport::handshake::{random_bytes, Caps, Psk, ServerConfig};
-use ferry_transport::quic::{QuicAcceptor, QuicOptions};
+use ferry_transport::handshake::{random_bytes, Psk};
+use ferry_transport::quic::QuicOptions;
 use ferry_transport::tcp::TcpOptions;
 use ferry_transport::Credentials;
 use ferry_vmm_glue::synthetic::{check_stamps, SyntheticFactory, SyntheticVm};
@@ -34,15 +34,8 @@ fn tcp_server(creds: impl Into<Credentials>, max: usize) -> RunningServer {
 }
 
 fn quic_server(creds: impl Into<Credentials>, max: usize) -> RunningServer {
-    let hs = ServerConfig {
-        creds: creds.into(),
-        caps: Caps::ALL,
-        timeout: Duration::from_secs(5),
-        encryption: Default::default(),
-    };
-    let acc = QuicAcceptor::bind("127.0.0.1:0".parse().unwrap(), QuicOptions::default(), hs).unwrap();
     let factory = Arc::new(SyntheticFactory::new(1 << 30, false));
-    MigrationServer::new(acc, factory, TargetConfig::default()).spawn(Some(max)).unwrap()
+    server::quic_loopback(creds, factory, Some(max))
 }
 
 /// Migrate `vm` to `s` over `nch` channels of `opts` and check both images match.

@@ -41,9 +41,7 @@ use ferry_transport::{Channel, Encryption, Incoming};
 use ferry_vmm_glue::pagemix::{expected_page, fill_page, Mix, PageKind};
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{
-    die_with_parent, drive_pair, hex, psk_from_env, read_go, read_line, read_result, say, say_result, unhex,
-};
+use crate::driver::{die_with_parent, drive_pair, hex, read_go, read_line, read_result, say, say_result, unhex};
 use crate::error::{BenchError, Result};
 use crate::procstat::Usage;
 use crate::testbed::{Side, Testbed};
@@ -73,6 +71,10 @@ pub struct ChildArgs {
     /// Protection of the frames (`aead`, `integrity`, `off`).
     #[arg(long, default_value = "aead")]
     pub encryption: Encryption,
+    /// Authenticate with host certificates in this directory (both ends) instead of the key the
+    /// driver hands its children.
+    #[arg(long)]
+    pub tls_dir: Option<std::path::PathBuf>,
     /// Pages per batch.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_BATCH_PAGES)))]
     pub batch_pages: u32,
@@ -85,7 +87,7 @@ pub struct ChildArgs {
 }
 
 /// One stream run.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct StreamConfig {
     /// Bytes of guest memory (a multiple of the page size).
     pub size: u64,
@@ -99,6 +101,8 @@ pub struct StreamConfig {
     pub zstd_level: i32,
     /// Protection of the frames (quic: `aead` only, its TLS).
     pub encryption: Encryption,
+    /// Host certificates both ends authenticate with (`None`: the key the driver hands them).
+    pub tls_dir: Option<std::path::PathBuf>,
     /// Pages per batch (1..=1024).
     pub batch_pages: u32,
     /// Most batches sent and not yet acknowledged.
@@ -133,7 +137,7 @@ impl StreamConfig {
     }
 
     fn child_args(&self, session: &SessionId) -> Vec<String> {
-        vec![
+        let mut v = vec![
             "--size".into(),
             self.size.to_string(),
             "--mix".into(),
@@ -152,7 +156,11 @@ impl StreamConfig {
             self.window.to_string(),
             "--session".into(),
             hex(session),
-        ]
+        ];
+        if let Some(d) = &self.tls_dir {
+            v.extend(["--tls-dir".into(), d.display().to_string()]);
+        }
+        v
     }
 
     fn pages(&self) -> u64 {
@@ -169,6 +177,7 @@ impl ChildArgs {
             option: self.option,
             zstd_level: self.zstd_level,
             encryption: self.encryption,
+            tls_dir: self.tls_dir.clone(),
             batch_pages: self.batch_pages,
             window: self.window,
         };
@@ -412,7 +421,7 @@ fn send_all(ch: Channel, map: &MemoryMap, cfg: &StreamConfig) -> Result<(SendTot
 /// The source process (`migration-bench stream-src`).
 pub fn src_main(a: &ChildArgs) -> Result<()> {
     die_with_parent();
-    let psk = psk_from_env()?;
+    let creds = crate::driver::creds(a.tls_dir.as_deref())?;
     let (cfg, session) = a.config()?;
     let mem = Arc::new(AnonMemory::new(cfg.size as usize, false)?);
     // Like a running guest's memory: every page resident, zero pages included.
@@ -424,7 +433,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
     say("READY")?;
     let addr = read_go()?;
     let hs = ClientConfig {
-        creds: psk.into(),
+        creds,
         binding: ChannelBinding { session, channel: 0 },
         caps: Caps::ALL,
         timeout: HANDSHAKE_TIMEOUT,
@@ -458,7 +467,7 @@ pub fn src_main(a: &ChildArgs) -> Result<()> {
 /// The destination process (`migration-bench stream-dst`).
 pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     die_with_parent();
-    let psk = psk_from_env()?;
+    let creds = crate::driver::creds(a.tls_dir.as_deref())?;
     let (cfg, session) = a.config()?;
     let mem = Arc::new(AnonMemory::new(cfg.size as usize, false)?);
     // Fault the sink in now (huge pages where THP allows), so receiving costs no page faults.
@@ -468,7 +477,7 @@ pub fn dst_main(a: &ChildArgs, listen: SocketAddr) -> Result<()> {
     let acc = cfg.option.bind(
         listen,
         cfg.zstd_level,
-        ServerConfig { creds: psk.into(), caps, timeout: HANDSHAKE_TIMEOUT, encryption: cfg.encryption },
+        ServerConfig { creds, caps, timeout: HANDSHAKE_TIMEOUT, encryption: cfg.encryption },
     )?;
     say(&format!("LISTENING {}", acc.local_addr()?))?;
     let admit = |est: &Established| {

@@ -285,6 +285,12 @@ fn live_migrates_a_raw_image_and_the_destination_holds_the_file() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `migration-bench live` of a 16 MiB guest with host certificates from `dir`, over `options`.
+fn live_with_certs(dir: &std::path::Path, options: &str, extra: &[&str]) -> Output {
+    let base = ["live", "--size", "16MiB", "--working-set", "4MiB", "--options", options, "--tls-dir"];
+    bench(&[&base[..], &[dir.to_str().unwrap()], extra].concat())
+}
+
 /// `--tls-dir`: both processes authenticate with host certificates (mutual TLS) over tcp,
 /// several tcp channels and quic, and verify; a directory whose key others may read is refused
 /// before anything runs, naming the file.
@@ -292,22 +298,7 @@ fn live_migrates_a_raw_image_and_the_destination_holds_the_file() {
 fn host_certificates_authenticate_the_runs() {
     let certs = ferry_test_support::certs::Certs::new("bench");
     let dir = certs.dir("dst");
-    let o = bench(&[
-        "live",
-        "--size",
-        "16MiB",
-        "--working-set",
-        "4MiB",
-        "--workload",
-        "idle",
-        "--options",
-        "tcp,tcp:2,quic",
-        "--tls-dir",
-        dir.to_str().unwrap(),
-        "--json",
-        "--reference-seconds",
-        "1",
-    ]);
+    let o = live_with_certs(&dir, "tcp,tcp:2,quic", &["--workload", "idle", "--json", "--reference-seconds", "1"]);
     assert!(o.status.success(), "exit {:?}: {}", o.status, String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8(o.stdout).expect("utf-8");
     let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
@@ -317,17 +308,7 @@ fn host_certificates_authenticate_the_runs() {
     }
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(dir.join("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let o = bench(&[
-        "live",
-        "--size",
-        "16MiB",
-        "--working-set",
-        "4MiB",
-        "--options",
-        "tcp",
-        "--tls-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let o = live_with_certs(&dir, "tcp", &[]);
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("key.pem") && err.contains("0644") && !err.contains("panicked"), "{err}");

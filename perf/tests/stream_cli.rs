@@ -145,3 +145,36 @@ fn bad_input_is_a_clear_error_not_a_panic() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("FERRY_BENCH_PSK"), "{}", stderr(&o));
 }
+
+/// `--tls-dir`: both processes authenticate with host certificates (mutual TLS) over tcp, zstd
+/// and quic, and verify every page; with a `crl.pem` that revokes the directory's own
+/// certificate the destination refuses the source (so the children really use the
+/// certificates), and a directory whose key others may read is refused before anything runs.
+#[test]
+fn host_certificates_authenticate_the_stream() {
+    let certs = ferry_test_support::certs::Certs::new("stream-bench");
+    let run = |dir: &std::path::Path, extra: &[&str]| {
+        let base = ["stream", "--size", "8MiB", "--reference-seconds", "1", "--tls-dir"];
+        bench(&[&base[..], &[dir.to_str().unwrap()], extra].concat())
+    };
+    let dir = certs.dir("dst");
+    let o = run(&dir, &["--option", "tcp,zstd,quic", "--json"]);
+    assert!(o.status.success(), "exit {:?}: {}", o.status, stderr(&o));
+    let text = String::from_utf8(o.stdout).expect("utf-8");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON object per line")).collect();
+    let options: Vec<&str> = lines.iter().filter_map(|v| v["option"].as_str()).collect();
+    assert_eq!(options, ["tcp", "zstd", "quic"], "{text}");
+    for v in &lines {
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["bytes"].as_u64(), Some(8 << 20), "{v}");
+    }
+    certs.revoke_in(&["revoked"]);
+    let o = run(&certs.dir("revoked"), &["--option", "tcp"]);
+    assert!(!o.status.success(), "a revoked certificate streamed");
+    assert!(stderr(&o).contains("Revoked") && !stderr(&o).contains("panicked"), "{}", stderr(&o));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir.join("key.pem"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(&dir, &["--option", "tcp"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("key.pem") && stderr(&o).contains("0644"), "{}", stderr(&o));
+}

@@ -209,25 +209,24 @@ fn read_limited(path: &Path, private: bool) -> Result<Zeroizing<Vec<u8>>, KeyErr
     Ok(text)
 }
 
-fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+/// The PEM items of one kind in `path` (`what` for messages, `label` the PEM label); at least one.
+fn pem_in<T: PemObject>(path: &Path, what: &str, label: &str) -> Result<Vec<T>, KeyError> {
     let text = read_limited(path, false)?;
-    let certs = CertificateDer::pem_slice_iter(&text)
+    let items = T::pem_slice_iter(&text)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_error(path, format!("not PEM certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(cert_error(path, "holds no certificate (-----BEGIN CERTIFICATE-----)"));
+        .map_err(|e| cert_error(path, format!("not PEM {what}: {e}")))?;
+    if items.is_empty() {
+        return Err(cert_error(path, format!("holds no {what} (-----BEGIN {label}-----)")));
     }
-    Ok(certs)
+    Ok(items)
+}
+
+fn certs_in(path: &Path) -> Result<Vec<CertificateDer<'static>>, KeyError> {
+    pem_in(path, "certificates", "CERTIFICATE")
 }
 
 fn crls_in(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, KeyError> {
-    let text = read_limited(path, false)?;
-    let crls = CertificateRevocationListDer::pem_slice_iter(&text)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_error(path, format!("not PEM revocation lists: {e}")))?;
-    if crls.is_empty() {
-        return Err(cert_error(path, "holds no revocation list (-----BEGIN X509 CRL-----)"));
-    }
+    let crls: Vec<CertificateRevocationListDer<'static>> = pem_in(path, "revocation lists", "X509 CRL")?;
     for c in &crls {
         webpki::OwnedCertRevocationList::from_der(c.as_ref())
             .map_err(|e| cert_error(path, format!("not a usable revocation list: {e}")))?;

@@ -8,7 +8,7 @@
 //! migration-bench storage [--kind local] [--disk-size 4GiB] [--allocated 50] [--disks 1]
 //!                         [--workload idle|busy|both] [--disk-rate 20MiB] [--dir DIR] [--json]
 //! migration-bench stream [--size 1GiB] [--mix zero=40,text=30,random=30] [--option tcp,zstd]
-//!                        [--zstd-level 1] [--encryption aead,off] [--link-rate 1gbit] [--json]
+//!                        [--zstd-level 1] [--encryption aead,off] [--tls-dir DIR] [--link-rate 1gbit] [--json]
 //! migration-bench agent [--part single|many|both] [--size 2GiB] [--vms 8] [--vm-size 512MiB]
 //!                       [--limits 1,2,4] [--channels 2] [--repeat 1] [--json]
 //! ```
@@ -96,6 +96,10 @@ struct StreamArgs {
     /// quic-streams; comma-separated).
     #[arg(long, default_value = "tcp,zstd", value_delimiter = ',')]
     option: Vec<TransportOption>,
+    /// Authenticate with host certificates instead of a key: `ca.pem`, `cert.pem` and `key.pem`
+    /// in this directory, used by both ends (`ferry tls-certs` makes them).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// Protection of the frames, one run per mode to compare (comma-separated): `aead` (the
     /// default), `integrity`, `off`. quic runs `aead` only (TLS 1.3).
     #[arg(long, default_value = "aead", value_delimiter = ',')]
@@ -190,6 +194,15 @@ fn storage_cmd(a: &StorageArgs) -> Result<bool> {
     Ok(records.iter().all(|r| r.verified))
 }
 
+/// `--tls-dir` refused here, before any child starts, with the file and the reason.
+fn check_tls_dir(dir: Option<&std::path::Path>) -> Result<()> {
+    if let Some(d) = dir {
+        ferry_transport::TlsCredentials::from_dir(d)
+            .map_err(|e| BenchError::Usage(format!("--tls-dir {}: {e}", d.display())))?;
+    }
+    Ok(())
+}
+
 fn stream_cmd(a: StreamArgs) -> Result<bool> {
     let mut options: Vec<TransportOption> = Vec::new();
     for o in &a.option {
@@ -211,10 +224,12 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
         option: options[0],
         zstd_level: a.zstd_level,
         encryption: Encryption::Aead,
+        tls_dir: a.tls_dir.clone(),
         batch_pages: a.batch_pages,
         window: a.window,
     };
     base.validate()?;
+    check_tls_dir(a.tls_dir.as_deref())?;
     if let [e] = encryptions[..] {
         if let Some(o) = options.iter().find(|o| !live::encryption_applies(**o, e)) {
             return Err(BenchError::Usage(format!(
@@ -249,7 +264,7 @@ fn stream_cmd(a: StreamArgs) -> Result<bool> {
                 }
                 continue;
             }
-            let cfg = StreamConfig { option: opt, encryption: enc, ..base };
+            let cfg = StreamConfig { option: opt, encryption: enc, ..base.clone() };
             let (s, d) = stream::run(&exe, &cfg, place, timeout)?;
             let throughput = if s.seconds > 0.0 { a.size as f64 / s.seconds } else { 0.0 };
             let reference_bytes_per_s = reference.as_ref().map(|r| r.bytes_per_s);
@@ -624,11 +639,7 @@ fn live_cmd(mut a: LiveArgs) -> Result<bool> {
         WorkloadArg::Busy => vec![live::Workload::Busy],
         WorkloadArg::Both => vec![live::Workload::Idle, live::Workload::Busy],
     };
-    if let Some(d) = &a.tls_dir {
-        // Refused here, before any child starts, with the file and the reason.
-        ferry_transport::TlsCredentials::from_dir(d)
-            .map_err(|e| BenchError::Usage(format!("--tls-dir {}: {e}", d.display())))?;
-    }
+    check_tls_dir(a.tls_dir.as_deref())?;
     let encryptions = dedup(&a.encryption);
     if encryptions.is_empty() {
         return Err(BenchError::Usage("--encryption is empty".into()));
