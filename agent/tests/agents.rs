@@ -245,29 +245,7 @@ fn a_kvm_guest_moves_and_its_counter_continues() {
     }
     let a = Agent::start("a", KEY, "");
     let b = Agent::start("b", KEY, "");
-    let v = a.json(&["vm", "create", "--name", "k1", "--memory", "64MiB", "--guest", "kvm", "--working-set", "8MiB"]);
-    assert_eq!(v["guest"], "kvm");
-    let t0 = Instant::now();
-    let c0 = loop {
-        let c = a.json(&["vm", "show", "k1"])["guest_counter"].as_u64().unwrap();
-        if c >= 2 {
-            break c;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(30), "the KVM guest makes no progress");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let out = a.json(&["move", "k1", "--to", &b.listen.to_string(), "--wait"]);
-    assert_eq!(out["status"], "completed", "{out}");
-    assert_eq!(out["verified"], true, "{out}");
-    let on_b = b.json(&["vm", "show", "k1"]);
-    assert_eq!(on_b["guest_check"], "ok", "{on_b}");
-    let c1 = on_b["guest_counter"].as_u64().unwrap();
-    assert!(c1 >= c0, "the counter went back: {c0} on A, {c1} on B");
-    let t0 = Instant::now();
-    while b.json(&["vm", "show", "k1"])["guest_counter"].as_u64().unwrap() <= c1 {
-        assert!(t0.elapsed() < Duration::from_secs(30), "the guest does not run on B");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    move_kvm_guest(&a, &b, "k1");
 }
 
 #[test]

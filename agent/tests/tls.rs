@@ -1,5 +1,6 @@
 //! Host certificates through the agents (issue 13): `tls_dir` instead of `key_file`. Two agents
-//! with certificates from one CA move a VM verified (peer API over mutual TLS, the VMMs'
+//! with certificates from one CA move a VM verified (a synthetic guest, and a KVM guest where
+//! /dev/kvm is usable) (peer API over mutual TLS, the VMMs'
 //! migration channels on the same certificates); an agent with a certificate from another CA, or
 //! one that does not name the host it is called by, is refused at preflight and at the move with
 //! a reason naming the certificate, and nothing changes on either host; a config with both or
@@ -81,6 +82,19 @@ fn two_agents_with_certificates_from_one_ca_move_a_vm_verified() {
     assert_eq!(out["status"], "completed", "{out}");
     assert_eq!(out["verified"], true, "{out}");
     assert_eq!(a.json(&["vm", "show", "web"])["epoch"], 3);
+}
+
+#[test]
+fn a_kvm_guest_moves_between_agents_with_certificates() {
+    if !ferry_test_support::kvm_or_skip("a_kvm_guest_moves_between_agents_with_certificates") {
+        return;
+    }
+    let certs = Scratch::new("certs");
+    tls_certs(&certs.0, &["a=127.0.0.1", "b=127.0.0.1"]);
+    let a = Agent::start_tls("a", &certs.0.join("a"), "");
+    let b = Agent::start_tls("b", &certs.0.join("b"), "");
+    move_kvm_guest(&a, &b, "k1");
+    vmm_uses(&b, "k1", &certs.0.join("b"));
 }
 
 #[test]

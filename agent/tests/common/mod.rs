@@ -395,3 +395,32 @@ pub fn create_kvm_vm(a: &Agent, name: &str, extra_disks: &[&str]) -> Value {
     args.extend(["--disk-working-set", "256KiB"]);
     a.json(&args)
 }
+
+/// Create a KVM guest `name` (64 MiB, no disk) on `a`, let it run, move it to `b` and check: the
+/// move completed verified, the guest check is ok on `b`, its counter did not go back and keeps
+/// counting there.
+pub fn move_kvm_guest(a: &Agent, b: &Agent, name: &str) {
+    let v = a.json(&["vm", "create", "--name", name, "--memory", "64MiB", "--guest", "kvm", "--working-set", "8MiB"]);
+    assert_eq!(v["guest"], "kvm");
+    let t0 = Instant::now();
+    let c0 = loop {
+        let c = a.json(&["vm", "show", name])["guest_counter"].as_u64().unwrap();
+        if c >= 2 {
+            break c;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the KVM guest makes no progress");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let out = a.json(&["move", name, "--to", &b.listen.to_string(), "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}");
+    assert_eq!(out["verified"], true, "{out}");
+    let on_b = b.json(&["vm", "show", name]);
+    assert_eq!(on_b["guest_check"], "ok", "{on_b}");
+    let c1 = on_b["guest_counter"].as_u64().unwrap();
+    assert!(c1 >= c0, "the counter went back: {c0} on A, {c1} on B");
+    let t0 = Instant::now();
+    while b.json(&["vm", "show", name])["guest_counter"].as_u64().unwrap() <= c1 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the guest does not run on B");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
