@@ -251,12 +251,28 @@ impl Agent {
     }
 
     fn journal(&self, id: &str, status: &str, detail: Option<&str>, started: bool) {
+        self.journal_with(id, status, detail, started, |_| Ok(()));
+    }
+
+    /// [`Self::journal`], with `also`'s writes in the same commit.
+    fn journal_with(
+        &self,
+        id: &str,
+        status: &str,
+        detail: Option<&str>,
+        started: bool,
+        also: impl FnOnce(&Store) -> Result<(), crate::store::StoreError>,
+    ) {
         info!(migration = id, status, detail, "migration state");
         let ev = serde_json::json!({"type": "state", "id": id, "status": status, "detail": detail,
                                     "at": crate::store::rfc3339(now_ms())});
         // Nobody listening is fine.
         let _ = self.events.send(ev.to_string());
-        if let Err(e) = self.store().set_status(id, status, detail, started) {
+        let written = self.store().atomically(|store| {
+            also(store)?;
+            store.set_status(id, status, detail, started)
+        });
+        if let Err(e) = written {
             warn!(migration = id, "journal: {e}");
         }
     }
@@ -786,15 +802,13 @@ impl Agent {
             e.busy = Some(id.clone());
             e.row.clone()
         };
-        let journaled = {
-            let store = self.store();
-            store.new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, kind_name).and_then(|()| {
-                match &protection {
-                    Some(p) => store.set_encryption(&id, p.mode.as_str()),
-                    None => Ok(()),
-                }
-            })
-        };
+        let journaled = self.store().atomically(|store| {
+            store.new_migration_of_kind(&id, &req.vm, "outgoing", &req.to, "queued", false, kind_name)?;
+            match &protection {
+                Some(p) => store.set_encryption(&id, p.mode.as_str()),
+                None => Ok(()),
+            }
+        });
         if let Err(e) = journaled {
             self.unbusy(&req.vm);
             return Err(e.into());
@@ -926,10 +940,18 @@ impl Agent {
             self.end_move(&id, &row.name, "cancelled", Some("cancelled while queued"));
             return;
         };
-        self.journal(&id, "setup", None, true);
+        // The journal's `setup` is written (a disk sync) while the destination admits a live
+        // move; both are done before the VMM is ordered, and before any later journal entry.
+        let setup = {
+            let (a, id) = (self.clone(), id.clone());
+            tokio::task::spawn_blocking(move || a.journal(&id, "setup", None, true))
+        };
         let r = match kind {
-            MoveKind::Live => self.move_in_slot(&id, &row, order, encryption_asked, &cancel).await,
-            MoveKind::Quick => self.quick_in_slot(&id, &row, &peer, &cancel).await,
+            MoveKind::Live => self.move_in_slot(&id, &row, order, encryption_asked, &cancel, setup).await,
+            MoveKind::Quick => {
+                let _ = setup.await;
+                self.quick_in_slot(&id, &row, &peer, &cancel).await
+            }
         };
         self.finish_outgoing(&id, &row, &peer, r).await;
         drop(slot);
@@ -1056,33 +1078,38 @@ impl Agent {
         mut order: MigrateOrder,
         encryption_asked: bool,
         cancel: &Arc<Cancel>,
+        setup: tokio::task::JoinHandle<()>,
     ) -> Result<MigrationReport, (String, String)> {
         let fail = |status: &str, why: String| (status.to_string(), why);
-        // Shared-nothing: the disks as they are now (the destination needs room for them).
-        let disks = match order.include_storage {
-            false => Vec::new(),
-            true => match vmmctl::status(Path::new(&row.socket)).await {
-                Ok(st) => incoming_disks(&st.disks),
-                Err(e) => return Err(fail("failed", format!("asking the VMM for its disks: {e}"))),
-            },
-        };
-        let req = IncomingRequest {
-            id: id.to_string(),
-            vm: row.name.clone(),
-            guest: row.guest,
-            memory_bytes: row.memory_bytes,
-            epoch: row.epoch,
-            source: self.cfg.name.clone(),
-            kind: MoveKind::Live,
-            probe: None,
-            multichannel: order.multichannel.is_some(),
-            disks,
-            encryption: Some(order.encryption.to_string()),
-            encryption_asked,
-        };
         let peer = order.to.to_string();
-        // The destination admits under its own limit; while it is busy, ask again.
-        let accepted = self.ask_admission(&req, &peer, cancel).await?;
+        let admission = async {
+            // Shared-nothing: the disks as they are now (the destination needs room for them).
+            let disks = match order.include_storage {
+                false => Vec::new(),
+                true => match vmmctl::status(Path::new(&row.socket)).await {
+                    Ok(st) => incoming_disks(&st.disks),
+                    Err(e) => return Err(fail("failed", format!("asking the VMM for its disks: {e}"))),
+                },
+            };
+            let req = IncomingRequest {
+                id: id.to_string(),
+                vm: row.name.clone(),
+                guest: row.guest,
+                memory_bytes: row.memory_bytes,
+                epoch: row.epoch,
+                source: self.cfg.name.clone(),
+                kind: MoveKind::Live,
+                probe: None,
+                multichannel: order.multichannel.is_some(),
+                disks,
+                encryption: Some(order.encryption.to_string()),
+                encryption_asked,
+            };
+            // The destination admits under its own limit; while it is busy, ask again.
+            self.ask_admission(&req, &peer, cancel).await
+        };
+        let (_, accepted) = tokio::join!(setup, admission);
+        let accepted = accepted?;
         // It accepts what was proposed, or aead where it does not trust its side (only when
         // the move did not ask for the mode itself); anything else is a peer not to follow.
         let agreed = match accepted.encryption.as_deref().map(str::parse::<Encryption>).transpose() {
@@ -1115,7 +1142,9 @@ impl Agent {
         self.watch_outgoing(id, row, &peer, Some(cancel), true).await
     }
 
-    /// Poll the source VMM until its migration ended; journal each state change.
+    /// Watch the source VMM until its migration ended; journal each state change. The VMM
+    /// answers at each change of the migration's status (so its end is seen at once), and
+    /// otherwise every 100 ms with its progress.
     ///
     /// With `watch_peer` (live moves) it also asks the destination agent about once a second
     /// whether it still expects the VM: a destination whose agent is gone (killed, restarted
@@ -1136,12 +1165,13 @@ impl Agent {
         let mut misses = 0;
         let mut peer_misses = 0;
         let mut peer_lost: Option<String> = None;
-        let mut polls: u64 = 0;
+        let mut peer_checked = Instant::now();
+        let mut seen: Option<VmmStatus> = None;
         loop {
-            polls += 1;
-            match vmmctl::status(&socket).await {
+            match vmmctl::wait_change(&socket, seen.as_ref(), Duration::from_millis(100)).await {
                 Ok(st) => {
                     misses = 0;
+                    seen = Some(st.clone());
                     let Some(m) = st.migration.filter(|m| m.id == id) else {
                         return Err(("failed".into(), "the VMM does not know this migration".into()));
                     };
@@ -1178,9 +1208,12 @@ impl Agent {
                     if misses > 20 {
                         return Err(("failed".into(), format!("lost the VMM process: {e}")));
                     }
+                    seen = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-            if watch_peer && peer_lost.is_none() && polls.is_multiple_of(10) {
+            if watch_peer && peer_lost.is_none() && peer_checked.elapsed() >= Duration::from_secs(1) {
+                peer_checked = Instant::now();
                 match self.peer_expects(id, &row.name, peer).await {
                     Ok(()) => peer_misses = 0,
                     Err(why) => {
@@ -1205,7 +1238,6 @@ impl Agent {
                     }
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -1663,19 +1695,23 @@ impl Agent {
         };
         let mut row = row;
         row.pid = st.pid;
-        self.store().put_vm(&row)?;
-        self.store().new_migration_of_kind(
-            &req.id,
-            &req.vm,
-            "incoming",
-            &req.source,
-            "setup",
-            true,
-            move_kind_name(req.kind, !req.disks.is_empty()),
-        )?;
-        if let Some(m) = encryption {
-            self.store().set_encryption(&req.id, m.as_str())?;
-        }
+        // One commit: the VM's row and its journal entry land together.
+        self.store().atomically(|store| {
+            store.put_vm(&row)?;
+            store.new_migration_of_kind(
+                &req.id,
+                &req.vm,
+                "incoming",
+                &req.source,
+                "setup",
+                true,
+                move_kind_name(req.kind, !req.disks.is_empty()),
+            )?;
+            match encryption {
+                Some(m) => store.set_encryption(&req.id, m.as_str()),
+                None => Ok(()),
+            }
+        })?;
         info!(migration = req.id, vm = req.vm, source = req.source, encryption = ?encryption, "incoming migration admitted");
         lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(req.id.clone()) });
         lock(&self.live).insert(req.id.clone(), Live::default());
@@ -2085,8 +2121,11 @@ impl Agent {
     async fn watch_incoming(self: Arc<Self>, id: String, mut row: VmRow, slot: Slot) {
         let socket = PathBuf::from(&row.socket);
         let mut misses = 0;
+        let mut seen: Option<VmmStatus> = None;
         let outcome = loop {
-            match vmmctl::status(&socket).await {
+            // The VMM answers at its next change (or after the timeout, to look at an abort
+            // from the source): the VM is listed here as soon as it runs, with no poll interval.
+            match vmmctl::wait_change(&socket, seen.as_ref(), Duration::from_millis(200)).await {
                 Ok(st) => {
                     misses = 0;
                     match st.state {
@@ -2095,6 +2134,7 @@ impl Agent {
                             if let Some(why) = abort {
                                 break Err(format!("the source gave up before the handover: {why}"));
                             }
+                            seen = Some(st);
                         }
                         VmmState::Failed => {
                             break Err(st.error.unwrap_or_else(|| "the incoming migration failed".into()))
@@ -2108,29 +2148,32 @@ impl Agent {
                     if misses > 100 {
                         break Err(format!("lost the incoming VMM process: {e}"));
                     }
+                    seen = None;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            // The VM is listed as running here once this sees it: poll often (a status call
-            // is one line on a unix socket).
-            tokio::time::sleep(Duration::from_millis(20)).await;
         };
         match outcome {
             Ok(st) => {
                 row.owned = true;
                 row.pid = st.pid;
-                if let Err(e) = self.store().put_vm(&row) {
-                    warn!("journal: {e}");
-                }
                 let v = serde_json::json!({"verified": st.received_verified.unwrap_or(false), "guest_check": st.guest_check,
                                            "load_ms": st.quick_load_ms});
-                let _ = self.store().set_stats(&id, &v);
                 let detail = format!(
                     "verified {}, guest check {}",
                     st.received_verified.unwrap_or(false),
                     st.guest_check.as_deref().unwrap_or("-")
                 );
-                self.journal(&id, "completed", Some(&detail), false);
+                // The VM is this host's from here: its row and the journal's end in one commit.
+                self.journal_with(&id, "completed", Some(&detail), false, |store| {
+                    store.put_vm(&row)?;
+                    store.set_stats(&id, &v)
+                });
+                let name = row.name.clone();
                 lock(&self.vms).insert(row.name.clone(), VmEntry { row, busy: None });
+                // Listed here now: tell the event stream's readers at once.
+                let ev = serde_json::json!({"type": "vm", "vm": name, "state": "running", "id": id});
+                let _ = self.events.send(ev.to_string());
             }
             Err(why) => {
                 let _ = vmmctl::call(&socket, &VmmRequest::Stop).await;
@@ -2541,7 +2584,11 @@ async fn h_events(
         loop {
             match rx.recv().await {
                 Ok(text) => {
-                    let kind = if text.starts_with("{\"type\":\"progress\"") { "progress" } else { "state" };
+                    // The event's name is its `type` (its keys are not in a fixed order).
+                    let kind = serde_json::from_str::<serde_json::Value>(&text)
+                        .ok()
+                        .and_then(|v| v["type"].as_str().map(String::from))
+                        .unwrap_or_else(|| "state".into());
                     return Some((Ok(Event::default().event(kind).data(text)), rx));
                 }
                 // A slow reader misses some events; it keeps the stream.

@@ -88,6 +88,22 @@ impl Store {
         Ok(Self { db })
     }
 
+    /// Run `f` as one transaction: every write of it lands, or none (one commit, so one sync
+    /// of the journal on disk instead of one per statement). Nests.
+    pub fn atomically<T>(&self, f: impl FnOnce(&Self) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        self.db.execute_batch("SAVEPOINT ferry_atomically")?;
+        match f(self) {
+            Ok(v) => {
+                self.db.execute_batch("RELEASE ferry_atomically")?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK TO ferry_atomically; RELEASE ferry_atomically");
+                Err(e)
+            }
+        }
+    }
+
     /// The host settings changed at run time, if they ever were.
     pub fn settings(&self) -> Result<Option<crate::config::Settings>, StoreError> {
         let v: Option<String> =
@@ -175,32 +191,36 @@ impl Store {
         kind: &str,
     ) -> Result<(), StoreError> {
         let t = now_ms();
-        self.db.execute(
-            "INSERT INTO migrations (id, vm, direction, peer, status, queued_at, started_at, kind)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![id, vm, direction, peer, status, t, started.then_some(t), kind],
-        )?;
-        self.db.execute("INSERT INTO migration_events (id, status, at) VALUES (?1, ?2, ?3)", params![id, status, t])?;
-        Ok(())
+        self.atomically(|s| {
+            s.db.execute(
+                "INSERT INTO migrations (id, vm, direction, peer, status, queued_at, started_at, kind)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![id, vm, direction, peer, status, t, started.then_some(t), kind],
+            )?;
+            s.db.execute("INSERT INTO migration_events (id, status, at) VALUES (?1, ?2, ?3)", params![id, status, t])?;
+            Ok(())
+        })
     }
 
     /// A state change. `started` marks the moment it got its slot; final statuses set the end.
     pub fn set_status(&self, id: &str, status: &str, detail: Option<&str>, started: bool) -> Result<(), StoreError> {
         let t = now_ms();
         let fin = matches!(status, "completed" | "failed" | "cancelled");
-        self.db.execute(
-            "UPDATE migrations SET status = ?2,
-                 started_at = CASE WHEN ?3 THEN ?4 ELSE started_at END,
-                 finished_at = CASE WHEN ?5 THEN ?4 ELSE finished_at END,
-                 error = COALESCE(?6, error)
-             WHERE id = ?1",
-            params![id, status, started, t, fin, if fin && status != "completed" { detail } else { None }],
-        )?;
-        self.db.execute(
-            "INSERT INTO migration_events (id, status, at, detail) VALUES (?1, ?2, ?3, ?4)",
-            params![id, status, t, detail],
-        )?;
-        Ok(())
+        self.atomically(|s| {
+            s.db.execute(
+                "UPDATE migrations SET status = ?2,
+                     started_at = CASE WHEN ?3 THEN ?4 ELSE started_at END,
+                     finished_at = CASE WHEN ?5 THEN ?4 ELSE finished_at END,
+                     error = COALESCE(?6, error)
+                 WHERE id = ?1",
+                params![id, status, started, t, fin, if fin && status != "completed" { detail } else { None }],
+            )?;
+            s.db.execute(
+                "INSERT INTO migration_events (id, status, at, detail) VALUES (?1, ?2, ?3, ?4)",
+                params![id, status, t, detail],
+            )?;
+            Ok(())
+        })
     }
 
     /// Record how a migration's frames are protected (`aead`, `integrity`, `off`).
@@ -314,14 +334,31 @@ mod tests {
         assert_eq!(st, ["queued", "setup", "failed"]);
         assert!(m.queued_at.ends_with('Z') && m.queued_at.contains('T'), "{}", m.queued_at);
         assert!(s.unfinished().unwrap().is_empty());
+        // A transaction that fails leaves nothing of itself; one that succeeds keeps all.
+        let r = s.atomically(|s| {
+            s.new_migration("m2", "vm2", "incoming", "a", "setup", true)?;
+            s.set_encryption("m2", "aead")?;
+            s.db.execute("INSERT INTO no_such_table VALUES (1)", [])?;
+            Ok(())
+        });
+        assert!(r.is_err());
+        assert!(s.migration("m2").unwrap().is_none(), "rolled back");
+        s.atomically(|s| {
+            s.new_migration("m3", "vm3", "incoming", "a", "setup", true)?;
+            s.set_encryption("m3", "aead")
+        })
+        .unwrap();
+        assert_eq!(s.migration("m3").unwrap().unwrap().encryption.as_deref(), Some("aead"));
+        s.set_status("m3", "completed", None, false).unwrap();
         assert_eq!(m.encryption, None, "not recorded yet");
         s.set_encryption("m1", "integrity").unwrap();
         // Reopened, the journal is still there.
         drop(s);
         let s = Store::open(&dir).unwrap();
         let all = s.migrations(10).unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].encryption.as_deref(), Some("integrity"));
+        assert_eq!(all.len(), 2);
+        let m1 = all.iter().find(|m| m.id == "m1").unwrap();
+        assert_eq!(m1.encryption.as_deref(), Some("integrity"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -25,7 +25,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_memory::digest::PageTable;
@@ -259,9 +259,20 @@ struct Inner {
     loading: bool,
     /// After an incoming migration into a reserve: every region came from it.
     from_reserve: Option<bool>,
+    /// Changes of what the agent watches (see [`Inner::watched`]) since the process started,
+    /// from 1 (an older VMM reports 0: it cannot be waited on).
+    changes: u64,
 }
 
+/// What the agent's watch of a VMM waits for a change of: where the VM is, whether it
+/// listens, and the migration's status and end ([`VmmRequest::Wait`]).
+type Watched = (VmmState, bool, Option<(String, bool)>, bool);
+
 impl Inner {
+    fn watched(&self) -> Watched {
+        (self.state, self.listen.is_some(), self.migration.as_ref().map(|m| (m.status.clone(), m.done)), self.loading)
+    }
+
     /// A received VM (live or quick) runs here, or why nothing runs.
     fn arrived(&mut self, result: Result<Received, String>) {
         match result {
@@ -283,12 +294,62 @@ impl Inner {
 struct Vmm {
     args: VmmArgs,
     inner: Mutex<Inner>,
+    /// Notified when a lock holder changed what the agent watches.
+    changed: Condvar,
     stop: AtomicBool,
 }
 
+/// The VMM's state, locked; when it is released having changed what the agent watches, the
+/// change is counted and every [`VmmRequest::Wait`] wakes up at once.
+struct VmmGuard<'a> {
+    g: MutexGuard<'a, Inner>,
+    before: Watched,
+    changed: &'a Condvar,
+}
+
+impl std::ops::Deref for VmmGuard<'_> {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.g
+    }
+}
+
+impl std::ops::DerefMut for VmmGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Inner {
+        &mut self.g
+    }
+}
+
+impl Drop for VmmGuard<'_> {
+    fn drop(&mut self) {
+        if self.g.watched() != self.before {
+            self.g.changes += 1;
+            self.changed.notify_all();
+        }
+    }
+}
+
 impl Vmm {
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(args: VmmArgs, inner: Inner) -> Self {
+        Self { args, inner: Mutex::new(inner), changed: Condvar::new(), stop: AtomicBool::new(false) }
+    }
+
+    fn lock(&self) -> VmmGuard<'_> {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        VmmGuard { before: g.watched(), g, changed: &self.changed }
+    }
+
+    /// Block until what the agent watches changed after the `after`th change, or `timeout`.
+    fn wait_change(&self, after: u64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        while g.changes <= after {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            g = self.changed.wait_timeout(g, left).unwrap_or_else(|e| e.into_inner()).0;
+        }
     }
 
     fn status(&self) -> VmmStatus {
@@ -320,6 +381,7 @@ impl Vmm {
             disk_check: g.disk_check.clone(),
             reserve_bytes: 0,
             from_reserve: g.from_reserve,
+            changes: g.changes,
         }
     }
 }
@@ -424,8 +486,9 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
         quick_load_ms: None,
         loading: false,
         from_reserve: None,
+        changes: 1,
     };
-    let vmm = Arc::new(Vmm { args: args.clone(), inner: Mutex::new(inner), stop: AtomicBool::new(false) });
+    let vmm = Arc::new(Vmm::new(args.clone(), inner));
     match (args.receive_on, &args.quick_load) {
         (_, Some(q)) => start_quick_load(&vmm, q.clone()),
         (Some(ip), None) => start_receiver(&vmm, ip, reserve)?,
@@ -444,15 +507,29 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
     while !vmm.stop.load(Ordering::SeqCst) {
         match listener.accept() {
             Ok((s, _)) => {
+                // Served blocking (the listener's non-blocking mode is not inherited).
+                let _ = s.set_nonblocking(false);
                 let v = vmm.clone();
                 std::thread::spawn(move || serve_one(&v, s));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            // Sleep until a connection comes (an answer is not delayed by a fixed tick), and
+            // look at the stop flag at least every 100 ms.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => wait_readable(&listener, 100),
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
+}
+
+/// Block until `l` has a connection to accept, or `ms` milliseconds passed.
+fn wait_readable(l: &UnixListener, ms: u16) {
+    use nix::poll::{poll, PollFd, PollFlags};
+    use std::os::fd::AsFd;
+    let mut fds = [PollFd::new(l.as_fd(), PollFlags::POLLIN)];
+    if poll(&mut fds, ms).is_err() {
+        std::thread::sleep(Duration::from_millis(u64::from(ms)));
+    }
 }
 
 /// A standby VMM: fault the reserve in (on a thread) and answer the agent until it assigns an
@@ -496,6 +573,7 @@ fn standby(
         quick_load_ms: None,
         reserve_bytes: reserve.stats().ready_bytes,
         from_reserve: None,
+        changes: 0,
         disks: Vec::new(),
         disk_guest_errors: None,
         disk_check: None,
@@ -783,6 +861,10 @@ fn serve_one(vmm: &Arc<Vmm>, s: UnixStream) {
 fn handle(vmm: &Arc<Vmm>, req: VmmRequest) -> Result<(), String> {
     match req {
         VmmRequest::Status => Ok(()),
+        VmmRequest::Wait(w) => {
+            vmm.wait_change(w.after, Duration::from_millis(w.timeout_ms.min(crate::vmmctl::MAX_WAIT_MS)));
+            Ok(())
+        }
         VmmRequest::Pause | VmmRequest::Resume => {
             let mut g = vmm.lock();
             let pause = req == VmmRequest::Pause;

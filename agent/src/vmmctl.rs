@@ -8,7 +8,8 @@
 //! ```text
 //! ferryd                         ferry-vmm (source)                 ferry-vmm (target)
 //!   | {"op":"migrate",...} -------> |  engine: channels to `to` -------> | MigrationServer (1 session)
-//!   | {"op":"status"}  (polled) --> |  progress / outcome               |
+//!   | {"op":"wait",...} ----------> |  answers at the next change       |
+//!   |   (or after timeout_ms)       |  (progress / outcome)             |
 //!   | {"op":"stop"} once released > |  exits                            | runs the VM after commit
 //! ```
 
@@ -28,6 +29,11 @@ const MAX_LINE_BYTES: usize = 1 << 20;
 pub enum VmmRequest {
     /// Where the VM and its migration are.
     Status,
+    /// The status once what the agent watches (the VM's state, whether it listens, the
+    /// migration's status and end) changed after the `after`th change (the status's
+    /// `changes`), or after `timeout_ms` (at most [`MAX_WAIT_MS`]): the agent learns of a
+    /// migration's end at once instead of at its next poll.
+    Wait(WaitOrder),
     /// Stop the guest.
     Pause,
     /// Let the guest run again.
@@ -51,6 +57,18 @@ pub enum VmmRequest {
     /// becomes the receiving VMM of one incoming live migration (answers at once; poll
     /// [`VmmRequest::Status`] until it listens).
     Assign(AssignOrder),
+}
+
+/// Longest a [`VmmRequest::Wait`] waits.
+pub const MAX_WAIT_MS: u64 = 5_000;
+
+/// See [`VmmRequest::Wait`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WaitOrder {
+    /// Answer once the VMM counted more changes than this.
+    pub after: u64,
+    /// Answer after this long in any case.
+    pub timeout_ms: u64,
 }
 
 /// A storage live migration the agent orders.
@@ -264,6 +282,10 @@ pub struct VmmStatus {
     /// (`None`: the VMM had no reserve).
     #[serde(default)]
     pub from_reserve: Option<bool>,
+    /// Changes of what [`VmmRequest::Wait`] waits for, counted from 1; 0: a VMM (or a
+    /// standby VMM) that does not answer `wait`: poll it.
+    #[serde(default)]
+    pub changes: u64,
 }
 
 /// One answer line.
@@ -327,6 +349,26 @@ pub async fn status(socket: &Path) -> Result<VmmStatus, VmmCtlError> {
     call(socket, &VmmRequest::Status).await?.status.ok_or_else(|| VmmCtlError::BadAnswer("no status".into()))
 }
 
+/// The status once it changed after `seen` (its `changes`), or after `timeout`: a
+/// [`VmmRequest::Wait`]. A VMM that cannot be waited on (`seen.changes` is 0: it predates
+/// `wait`) is asked for its status after `timeout` instead.
+pub async fn wait_change(socket: &Path, seen: Option<&VmmStatus>, timeout: Duration) -> Result<VmmStatus, VmmCtlError> {
+    match seen {
+        Some(st) if st.changes > 0 => {
+            let timeout_ms = (timeout.as_millis() as u64).min(MAX_WAIT_MS);
+            call(socket, &VmmRequest::Wait(WaitOrder { after: st.changes, timeout_ms }))
+                .await?
+                .status
+                .ok_or_else(|| VmmCtlError::BadAnswer("no status".into()))
+        }
+        Some(_) => {
+            tokio::time::sleep(timeout).await;
+            status(socket).await
+        }
+        None => status(socket).await,
+    }
+}
+
 use tokio::io::AsyncReadExt as _;
 
 #[cfg(test)]
@@ -360,6 +402,10 @@ mod tests {
         }
         assert_eq!(serde_json::from_str::<VmmRequest>(&s).unwrap(), r);
         assert_eq!(serde_json::to_string(&VmmRequest::Status).unwrap(), r#"{"op":"status"}"#);
+        assert_eq!(
+            serde_json::to_string(&VmmRequest::Wait(WaitOrder { after: 3, timeout_ms: 100 })).unwrap(),
+            r#"{"op":"wait","after":3,"timeout_ms":100}"#
+        );
         assert!(serde_json::from_str::<VmmRequest>(r#"{"op":"format_disk"}"#).is_err());
     }
 }

@@ -125,6 +125,90 @@ fn dechunk(mut s: &str) -> Option<String> {
     }
 }
 
+/// An agent's event stream (`GET /v1/events`, server-sent events), read as it comes.
+pub struct Events {
+    s: UnixStream,
+    /// Bytes read, not yet dechunked.
+    raw: Vec<u8>,
+    /// Dechunked text, not yet split into events.
+    text: String,
+}
+
+impl Events {
+    /// Subscribe (the agent sends events from when it answered the request on).
+    pub fn open(api: &Path) -> Result<Events> {
+        let io = |what: &str| {
+            let what = format!("{what} {}", api.display());
+            move |e| BenchError::io(what, e)
+        };
+        let mut s = UnixStream::connect(api).map_err(io("connecting to"))?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("configuring"))?;
+        write!(s, "GET /v1/events HTTP/1.1\r\nHost: ferryd\r\nAccept: text/event-stream\r\n\r\n")
+            .map_err(io("writing to"))?;
+        let mut raw = Vec::new();
+        let mut b = [0u8; 4096];
+        let end = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            let n = s.read(&mut b).map_err(io("reading the event stream of"))?;
+            if n == 0 {
+                return Err(BenchError::Parse { what: "event stream", detail: "closed before its header".into() });
+            }
+            raw.extend_from_slice(&b[..n]);
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        if !head.starts_with("http/1.1 200") || !head.contains("transfer-encoding: chunked") {
+            return Err(BenchError::Parse { what: "event stream", detail: head });
+        }
+        raw.drain(..end + 4);
+        Ok(Events { s, raw, text: String::new() })
+    }
+
+    /// The next event's data (JSON), or `None` when none came within `timeout`.
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<Value>> {
+        let t0 = Instant::now();
+        loop {
+            // Whole chunks into text.
+            while let Some(i) = self.raw.windows(2).position(|w| w == b"\r\n") {
+                let len =
+                    std::str::from_utf8(&self.raw[..i]).ok().and_then(|l| usize::from_str_radix(l.trim(), 16).ok());
+                let Some(len) = len else {
+                    return Err(BenchError::Parse { what: "event stream", detail: "bad chunk size".into() });
+                };
+                if self.raw.len() < i + 2 + len + 2 {
+                    break;
+                }
+                self.text.push_str(&String::from_utf8_lossy(&self.raw[i + 2..i + 2 + len]));
+                self.raw.drain(..i + 2 + len + 2);
+            }
+            // Whole events out of the text.
+            while let Some(i) = self.text.find("\n\n") {
+                let ev: String = self.text.drain(..i + 2).collect();
+                if let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data:")) {
+                    if let Ok(v) = serde_json::from_str(data.trim()) {
+                        return Ok(Some(v));
+                    }
+                }
+            }
+            let left = timeout.saturating_sub(t0.elapsed());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            self.s
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .map_err(|e| BenchError::io("configuring the event stream", e))?;
+            let mut b = [0u8; 4096];
+            match self.s.read(&mut b) {
+                Ok(0) => return Err(BenchError::Parse { what: "event stream", detail: "closed".into() }),
+                Ok(n) => self.raw.extend_from_slice(&b[..n]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => return Err(BenchError::io("reading the event stream", e)),
+            }
+        }
+    }
+}
+
 /// A 2xx answer, or the agent's error as a bench error.
 fn ok(api: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
     let (st, v) = http(api, method, path, body)?;
@@ -304,30 +388,55 @@ impl Pair {
             .ok_or_else(|| BenchError::Child { role: "ferryd", detail: format!("a move without an id: {v}") })
     }
 
-    /// Wait until B lists each of `vms` running (polling every 10 ms); when each was first seen.
-    pub fn wait_running_on_b(&self, vms: &[String], t0: Instant, timeout: Duration) -> Result<Vec<Duration>> {
+    /// Wait until B lists each of `vms` running; for each, the time since `t0` when B's answer
+    /// listing it running came. `events` is B's event stream, opened before the moves were
+    /// posted: B tells it at once when an arrived VM runs (`{"type":"vm","state":"running"}`),
+    /// and each such event is checked with `GET /v1/vms/NAME` (the time is taken after that
+    /// answer). The bench does not poll while the moves run (a poll every few milliseconds
+    /// takes CPU from the migrations on a small machine); once a second without events it
+    /// looks at B's list (in case an event was missed) and at A's journal (a failed move never
+    /// arrives).
+    pub fn wait_running_on_b(
+        &self,
+        events: &mut Events,
+        vms: &[String],
+        t0: Instant,
+        timeout: Duration,
+    ) -> Result<Vec<Duration>> {
         let mut seen: Vec<Option<Duration>> = vec![None; vms.len()];
+        let running_on_b = |n: &str| -> Result<bool> {
+            let (st, v) = http(&self.b.api, "GET", &format!("/v1/vms/{n}"), None)?;
+            Ok(st == 200 && v["state"] == "running")
+        };
         while seen.iter().any(Option::is_none) {
-            let list = self.b.get("/v1/vms")?;
-            let at = t0.elapsed();
-            for (i, n) in vms.iter().enumerate() {
-                let running = list
-                    .as_array()
-                    .is_some_and(|l| l.iter().any(|v| v["name"] == n.as_str() && v["state"] == "running"));
-                if running && seen[i].is_none() {
-                    seen[i] = Some(at);
+            match events.next(Duration::from_secs(1))? {
+                Some(ev) => {
+                    let vm = ev["vm"].as_str().unwrap_or("");
+                    if ev["type"] == "vm" && ev["state"] == "running" {
+                        if let Some(i) = vms.iter().position(|n| n == vm).filter(|&i| seen[i].is_none()) {
+                            if running_on_b(vm)? {
+                                seen[i] = Some(t0.elapsed());
+                            }
+                        }
+                    }
+                }
+                None => {
+                    for (i, n) in vms.iter().enumerate() {
+                        if seen[i].is_none() && running_on_b(n)? {
+                            seen[i] = Some(t0.elapsed());
+                        }
+                    }
+                    // A move that failed never arrives: say why instead of waiting.
+                    for m in self.a.get("/v1/migrations")?.as_array().into_iter().flatten() {
+                        if ["failed", "cancelled"].contains(&m["status"].as_str().unwrap_or("")) {
+                            return Err(BenchError::Child { role: "ferryd", detail: format!("a move ended {m}") });
+                        }
+                    }
                 }
             }
-            // A move that failed never arrives: say why instead of waiting.
-            for m in self.a.get("/v1/migrations")?.as_array().into_iter().flatten() {
-                if ["failed", "cancelled"].contains(&m["status"].as_str().unwrap_or("")) {
-                    return Err(BenchError::Child { role: "ferryd", detail: format!("a move ended {m}") });
-                }
-            }
-            if at > timeout {
+            if t0.elapsed() > timeout {
                 return Err(BenchError::Child { role: "ferryd", detail: format!("moves not done in {timeout:?}") });
             }
-            std::thread::sleep(Duration::from_millis(10));
         }
         Ok(seen.into_iter().flatten().collect())
     }
@@ -455,9 +564,10 @@ pub fn agent_single(bins: &AgentBins, guest_bytes: u64, channels: u16, reserve: 
     if reserve {
         pair.wait_reserve(reserve_bytes, Duration::from_secs(600))?;
     }
+    let mut events = Events::open(&pair.b.api)?;
     let t0 = Instant::now();
     let id = pair.post_move("big", channels)?;
-    let seen = pair.wait_running_on_b(&["big".to_string()], t0, Duration::from_secs(1800))?;
+    let seen = pair.wait_running_on_b(&mut events, &["big".to_string()], t0, Duration::from_secs(1800))?;
     let m = pair.final_migration(&id, Duration::from_secs(120))?;
     if m["status"] != "completed" {
         return Err(BenchError::Child { role: "ferryd", detail: format!("the move did not complete: {m}") });
@@ -491,12 +601,13 @@ pub fn agent_many(
     if reserve {
         pair.wait_reserve(reserve_bytes, Duration::from_secs(600))?;
     }
+    let mut events = Events::open(&pair.b.api)?;
     let t0 = Instant::now();
     let mut ids = Vec::new();
     for n in &names {
         ids.push(pair.post_move(n, channels)?);
     }
-    let seen = pair.wait_running_on_b(&names, t0, Duration::from_secs(3600))?;
+    let seen = pair.wait_running_on_b(&mut events, &names, t0, Duration::from_secs(3600))?;
     let makespan = seen.iter().copied().max().unwrap_or_default();
     let mut downtime_ms = Vec::new();
     let mut total_ms = Vec::new();
