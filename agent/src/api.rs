@@ -128,6 +128,11 @@ pub struct HostInfo {
     /// Where they come from (`key file PATH`, `host certificates in DIR`).
     #[serde(default)]
     pub credentials_source: String,
+    /// Disk space promised to the incoming shared-nothing moves admitted and not ended: what
+    /// each still has to write of its disks (counted against the free space when the next
+    /// one is admitted).
+    #[serde(default)]
+    pub disk_reserved_bytes: u64,
 }
 
 /// A change of host settings at run time (every field optional; all or nothing changes). The

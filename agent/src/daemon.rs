@@ -168,6 +168,46 @@ pub struct Agent {
     standby: Mutex<Option<PathBuf>>,
     /// A standby VMM is being started.
     standby_starting: std::sync::atomic::AtomicBool,
+    /// Disk space promised to incoming shared-nothing moves, by migration id (see
+    /// [`Agent::disk_room`]).
+    disk_promised: Arc<Mutex<HashMap<String, DiskPromise>>>,
+}
+
+/// Disk space an admitted incoming shared-nothing move was promised: `need` bytes (its disks'
+/// allocated bytes at the source) in `dir` (its VM's directory, holding only its copies).
+#[derive(Debug, Clone)]
+struct DiskPromise {
+    dir: PathBuf,
+    need: u64,
+}
+
+impl DiskPromise {
+    /// What it still has to write: the promise less what its copies occupy already (that is
+    /// no longer free, so counting it again would count it twice).
+    fn outstanding(&self) -> u64 {
+        self.need.saturating_sub(allocated_in(&self.dir))
+    }
+}
+
+/// Bytes the files in `dir` occupy on disk.
+fn allocated_in(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.blocks() * 512).sum()
+}
+
+/// A promise of disk space, held for as long as its incoming move runs: dropping it (the
+/// move ended: completed, failed or cancelled, or it was not admitted after all) gives the
+/// space back.
+struct DiskClaim {
+    promised: Arc<Mutex<HashMap<String, DiskPromise>>>,
+    id: String,
+}
+
+impl Drop for DiskClaim {
+    fn drop(&mut self) {
+        lock(&self.promised).remove(&self.id);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -239,6 +279,7 @@ impl Agent {
             events: tokio::sync::broadcast::channel(1024).0,
             standby: Mutex::new(None),
             standby_starting: Default::default(),
+            disk_promised: Default::default(),
         });
         agent.adopt().await.map_err(|e| setup("adopting VMs", &e.message))?;
         agent.stop_old_standbys().await;
@@ -410,9 +451,16 @@ impl Agent {
                 lock(&self.vms).insert(row.name.clone(), VmEntry { row: row.clone(), busy: Some(id.clone()) });
                 lock(&self.live).insert(id.clone(), Live::default());
                 let slot = self.limit.force();
+                // Its disk space stays promised until it ends (the journal kept how much).
+                let need = self.store().disk_reserved_of(&id).unwrap_or(0);
+                let claim = (need > 0).then(|| {
+                    let dir = self.cfg.disk_dir.join(&row.name);
+                    lock(&self.disk_promised).insert(id.clone(), DiskPromise { dir, need });
+                    DiskClaim { promised: self.disk_promised.clone(), id: id.clone() }
+                });
                 let a = self.clone();
                 let span = tracing::info_span!("migration", id = %id, vm = %row.name, direction = "incoming");
-                tokio::spawn(async move { a.watch_incoming(id, row, slot).await }.instrument(span));
+                tokio::spawn(async move { a.watch_incoming(id, row, slot, claim).await }.instrument(span));
             }
         }
     }
@@ -520,6 +568,15 @@ impl Agent {
         }
     }
 
+    /// The networks a receiving VMM checks each channel against: with `integrity` or `off`,
+    /// the ones this host trusts (a channel elsewhere is refused); with `aead`, none.
+    fn trusted_for(&self, mode: Encryption) -> Vec<String> {
+        if mode == Encryption::Aead {
+            return Vec::new();
+        }
+        self.settings().networks.iter().filter(|n| n.trusted).map(|n| n.subnet.clone()).collect()
+    }
+
     /// With `memory_reserve_bytes`, start a standby VMM (in the background) unless one is kept.
     fn refill_standby(self: Arc<Self>) {
         use std::sync::atomic::Ordering;
@@ -583,6 +640,7 @@ impl Agent {
             socket: socket.clone(),
             receive_disks: receive_disks.clone(),
             encryption,
+            trusted_networks: self.trusted_for(encryption),
         };
         let r = vmmctl::call(standby, &VmmRequest::Assign(order)).await;
         if r.is_err() {
@@ -701,6 +759,7 @@ impl Agent {
             memory_reserve_ready_bytes: 0,
             credentials: self.cfg.credentials.kind().into(),
             credentials_source: self.cfg.credentials.describe(),
+            disk_reserved_bytes: lock(&self.disk_promised).values().map(DiskPromise::outstanding).sum(),
         }
     }
 
@@ -1595,7 +1654,7 @@ impl Agent {
             MoveKind::Live => None,
             MoveKind::Quick => Some(self.quick_admissible(&req)?),
         };
-        let disk_room = match self.disk_room(&req) {
+        let disk_room = match self.disk_room(&req, true) {
             Ok(r) => r,
             Err(e) => {
                 keep_standby(standby);
@@ -1633,6 +1692,10 @@ impl Agent {
             }
         }
         let mode = encryption.unwrap_or_default();
+        let trusted: Vec<String> = match &quick {
+            None => self.trusted_for(mode).into_iter().flat_map(|s| ["--trusted-network".to_string(), s]).collect(),
+            Some(_) => Vec::new(),
+        };
         let mut extra = match &quick {
             // Multichannel: channels arrive on every NIC, so listen on all of them.
             None if req.multichannel => {
@@ -1675,6 +1738,7 @@ impl Agent {
             // arrived, so its fill does not compete with the migration).
             self.clone().refill_standby();
         }
+        extra.extend(trusted);
         if let Some(r) = &receive_disks {
             extra.extend(["--receive-disk-dir".to_string(), r.dir.display().to_string()]);
             for n in &r.names {
@@ -1707,6 +1771,9 @@ impl Agent {
                 true,
                 move_kind_name(req.kind, !req.disks.is_empty()),
             )?;
+            if disk_room.is_some() {
+                store.set_disk_reserved(&req.id, req.disks.iter().map(|d| d.allocated_bytes).sum())?;
+            }
             match encryption {
                 Some(m) => store.set_encryption(&req.id, m.as_str()),
                 None => Ok(()),
@@ -1719,7 +1786,8 @@ impl Agent {
         let addr = st.listen.map(|a| SocketAddr::new(self.cfg.listen.ip(), a.port()).to_string()).unwrap_or_default();
         let a = self.clone();
         let span = tracing::info_span!("migration", id = %req.id, vm = %req.vm, direction = "incoming");
-        tokio::spawn(async move { a.watch_incoming(req.id, row, slot).await }.instrument(span));
+        let claim = disk_room.and_then(|r| r.claim);
+        tokio::spawn(async move { a.watch_incoming(req.id, row, slot, claim).await }.instrument(span));
         Ok(IncomingAccepted {
             migration_addr: addr,
             host: self.cfg.name.clone(),
@@ -1831,7 +1899,7 @@ impl Agent {
                 add(e.code, e.message);
             }
         }
-        let room = self.disk_room(req);
+        let room = self.disk_room(req, false);
         if let Err(e) = &room {
             add(e.code, e.message.clone());
         }
@@ -1866,7 +1934,12 @@ impl Agent {
     /// Shared-nothing: may `req`'s disks arrive here? `Ok(None)`: it brings none. Refused when
     /// a name is bad or taken in the VM's disk directory, or the file system there has less
     /// room than the disks occupy at the source (`no_disk_space`).
-    fn disk_room(&self, req: &IncomingRequest) -> ApiResult<Option<DiskRoom>> {
+    /// Room for the disks of an incoming shared-nothing move in `disk_dir`: the free space
+    /// less what the moves admitted before still have to write. With `claim` (admission) the
+    /// room is promised to this move at once, under the same lock, so two moves admitted at
+    /// the same time cannot both count the same free bytes; the promise lasts until the move
+    /// ends (and is journaled, so a restarted agent keeps it for an arrival it adopts).
+    fn disk_room(&self, req: &IncomingRequest, claim: bool) -> ApiResult<Option<DiskRoom>> {
         if req.disks.is_empty() {
             return Ok(None);
         }
@@ -1891,14 +1964,24 @@ impl Agent {
             }
         }
         let need: u64 = req.disks.iter().map(|d| d.allocated_bytes).sum();
-        let available_bytes = free_bytes(&self.cfg.disk_dir)
+        let mut promised = lock(&self.disk_promised);
+        let free = free_bytes(&self.cfg.disk_dir)
             .map_err(|e| ApiError::internal(format!("free space of {}: {e}", self.cfg.disk_dir.display())))?;
+        let others: Vec<&DiskPromise> = promised.iter().filter(|(id, _)| **id != req.id).map(|(_, p)| p).collect();
+        let reserved: u64 = others.iter().map(|p| p.outstanding()).sum();
+        let available_bytes = free.saturating_sub(reserved);
         if available_bytes < need {
+            let of_others = match others.len() {
+                0 => String::new(),
+                n => {
+                    format!(" ({} KiB of it promised to {n} incoming move(s) still copying)", reserved.min(free) >> 10)
+                }
+            };
             return Err(ApiError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
                 "no_disk_space",
                 format!(
-                    "host {} has {} KiB free in {}; the VM's disks occupy {} KiB",
+                    "host {} has {} KiB free in {}{of_others}; the VM's disks occupy {} KiB",
                     self.cfg.name,
                     available_bytes >> 10,
                     self.cfg.disk_dir.display(),
@@ -1906,7 +1989,11 @@ impl Agent {
                 ),
             ));
         }
-        Ok(Some(DiskRoom { dir, available_bytes }))
+        let claim = claim.then(|| {
+            promised.insert(req.id.clone(), DiskPromise { dir: dir.clone(), need });
+            DiskClaim { promised: self.disk_promised.clone(), id: req.id.clone() }
+        });
+        Ok(Some(DiskRoom { dir, available_bytes, claim }))
     }
 
     /// After an incoming shared-nothing move that did not end with the VM here: remove what
@@ -2118,7 +2205,8 @@ impl Agent {
         }
     }
 
-    async fn watch_incoming(self: Arc<Self>, id: String, mut row: VmRow, slot: Slot) {
+    /// Watch an arrival to its end; `claim` (its disk space) is given back then.
+    async fn watch_incoming(self: Arc<Self>, id: String, mut row: VmRow, slot: Slot, claim: Option<DiskClaim>) {
         let socket = PathBuf::from(&row.socket);
         let mut misses = 0;
         let mut seen: Option<VmmStatus> = None;
@@ -2184,6 +2272,7 @@ impl Agent {
             }
         }
         lock(&self.live).remove(&id);
+        drop(claim);
         drop(slot);
         self.refill_standby();
     }
@@ -2333,6 +2422,8 @@ const MAX_DISKS: usize = 16;
 struct DiskRoom {
     dir: PathBuf,
     available_bytes: u64,
+    /// At admission: the space promised to the move.
+    claim: Option<DiskClaim>,
 }
 
 /// Bytes an unprivileged writer may still write to the file system of `dir`.

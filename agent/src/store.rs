@@ -85,6 +85,15 @@ impl Store {
         if has_encryption == 0 {
             db.execute_batch("ALTER TABLE migrations ADD COLUMN encryption TEXT;")?;
         }
+        // Journals written before incoming moves promised disk space: none.
+        let has_disk: i64 = db.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('migrations') WHERE name = 'disk_reserved_bytes'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_disk == 0 {
+            db.execute_batch("ALTER TABLE migrations ADD COLUMN disk_reserved_bytes INTEGER;")?;
+        }
         Ok(Self { db })
     }
 
@@ -229,6 +238,22 @@ impl Store {
         Ok(())
     }
 
+    /// Record the disk space an incoming shared-nothing move was promised at admission (kept
+    /// across a restart of the agent while the move is in flight).
+    pub fn set_disk_reserved(&self, id: &str, bytes: u64) -> Result<(), StoreError> {
+        self.db.execute("UPDATE migrations SET disk_reserved_bytes = ?2 WHERE id = ?1", params![id, bytes as i64])?;
+        Ok(())
+    }
+
+    /// The disk space migration `id` was promised (0: none, or not journaled).
+    pub fn disk_reserved_of(&self, id: &str) -> Result<u64, StoreError> {
+        let v: Option<Option<i64>> = self
+            .db
+            .query_row("SELECT disk_reserved_bytes FROM migrations WHERE id = ?1", params![id], |r| r.get(0))
+            .optional()?;
+        Ok(v.flatten().unwrap_or(0).max(0) as u64)
+    }
+
     /// Keep the engine's statistics with the migration.
     pub fn set_stats(&self, id: &str, stats: &serde_json::Value) -> Result<(), StoreError> {
         self.db.execute("UPDATE migrations SET stats = ?2 WHERE id = ?1", params![id, stats.to_string()])?;
@@ -349,6 +374,10 @@ mod tests {
         })
         .unwrap();
         assert_eq!(s.migration("m3").unwrap().unwrap().encryption.as_deref(), Some("aead"));
+        assert_eq!(s.disk_reserved_of("m3").unwrap(), 0);
+        s.set_disk_reserved("m3", 5 << 20).unwrap();
+        assert_eq!(s.disk_reserved_of("m3").unwrap(), 5 << 20);
+        assert_eq!(s.disk_reserved_of("nope").unwrap(), 0);
         s.set_status("m3", "completed", None, false).unwrap();
         assert_eq!(m.encryption, None, "not recorded yet");
         s.set_encryption("m1", "integrity").unwrap();

@@ -97,6 +97,12 @@ pub struct VmmArgs {
     /// Incoming shared-nothing move: where its disks arrive (`None`: a source bringing disks
     /// is refused).
     pub receive_disks: Option<ReceiveDisks>,
+    /// Incoming with frames not encrypted (`integrity`, `off`): the networks this host trusts.
+    /// Every channel must come from an address on one of them and arrive at one, else it is
+    /// refused in its handshake (the source is told why: a multichannel source drops that
+    /// path and moves on the others, a refused channel 0 fails the move before anything was
+    /// sent). Empty: no check (`aead`).
+    pub trusted_networks: Vec<crate::config::Subnet>,
 }
 
 /// Sectors per request of the KVM guest program's disk writes (4 KiB).
@@ -461,6 +467,8 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
                 args.encryption = order.encryption;
                 args.socket = order.socket;
                 args.receive_disks = order.receive_disks;
+                args.trusted_networks =
+                    order.trusted_networks.iter().filter_map(|s| crate::config::Subnet::parse(s).ok()).collect();
                 reserve = Some(r);
                 assigned_by = Some(conn);
             }
@@ -470,6 +478,10 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
             }
         }
     }
+    // The control socket as this process bound it (a standby's moved, same file): at exit it
+    // removes the path only if that is still its socket. A new VMM of the same VM name (the
+    // agent starts one as soon as this one was told to stop) may have bound the path already.
+    let own_socket = socket_id(&args.socket);
     let receiving = args.receive_on.is_some() || args.quick_load.is_some();
     let inner = Inner {
         vm: None,
@@ -518,8 +530,16 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
             Err(_) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
-    let _ = std::fs::remove_file(&args.socket);
+    if own_socket.is_some() && socket_id(&args.socket) == own_socket {
+        let _ = std::fs::remove_file(&args.socket);
+    }
     Ok(())
+}
+
+/// Device and inode of the file at `p`.
+fn socket_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// Block until `l` has a connection to accept, or `ms` milliseconds passed.
@@ -659,7 +679,10 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>
         (Factory::Kvm(f), None) => Arc::new(f),
         (inner, Some(disks)) => Arc::new(DiskArrivalFactory { inner, disks }),
     };
-    let srv = MigrationServer::new(acc, factory, cfg);
+    let mut srv = MigrationServer::new(acc, factory, cfg);
+    if !a.trusted_networks.is_empty() {
+        srv = srv.with_channel_check(trusted_channels_only(a.trusted_networks.clone()));
+    }
     let addr = srv.local_addr().map_err(|e| VmmError::Io {
         what: "migration listener".into(),
         source: std::io::Error::other(e.to_string()),
@@ -692,6 +715,32 @@ fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>
         }
     });
     Ok(())
+}
+
+/// A channel whose frames are not encrypted is admitted only if it comes from an address on
+/// one of `trusted` and arrives at one: the agent's admission looked at the address the
+/// source reached only, while a multichannel source opens channels on every NIC it pairs.
+fn trusted_channels_only(trusted: Vec<crate::config::Subnet>) -> ferry_migrate::server::ChannelCheck {
+    Arc::new(move |ends: &ferry_migrate::server::ChannelEnds, est: &ferry_transport::handshake::Established| {
+        if est.encryption == ferry_transport::Encryption::Aead {
+            return Ok(());
+        }
+        for (what, addr) in [("source", ends.peer), ("destination", ends.local)] {
+            let ok = addr.is_some_and(|a| trusted.iter().any(|s| s.contains(a.ip())));
+            if !ok {
+                let at = addr.map_or("an unknown address".to_string(), |a| a.ip().to_string());
+                let nets: Vec<String> = trusted.iter().map(ToString::to_string).collect();
+                return Err(format!(
+                    "channel {} refused: its {what} address {at} is not on a network the destination trusts \
+                     ({}), and the session's frames are not encrypted ({})",
+                    est.binding.channel,
+                    nets.join(", "),
+                    est.encryption
+                ));
+            }
+        }
+        Ok(())
+    })
 }
 
 /// The incoming migration ended: run the committed VM, or record why nothing runs here.

@@ -113,6 +113,10 @@ pub struct AssignOrder {
     /// Shared-nothing: where the VM's disks arrive.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub receive_disks: Option<ReceiveDisks>,
+    /// With `integrity` or `off`: the networks this host trusts; every channel must come from
+    /// and arrive at addresses on them (see `ferry-vmm --trusted-network`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_networks: Vec<String>,
 }
 
 /// Where the disks of an incoming shared-nothing move go: partial copies in `dir` (hidden

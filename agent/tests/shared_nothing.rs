@@ -412,3 +412,142 @@ fn a_full_destination_disk_directory_fails_the_move_and_leaves_the_vm_on_its_dis
     drop(h);
     drop(tmpfs);
 }
+
+/// Bytes `vm`'s disks occupy on `a`.
+fn vm_allocated(a: &Agent, vm: &str) -> u64 {
+    a.json(&["vm", "show", vm])["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["allocated_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+fn disk_reserved(b: &Agent) -> u64 {
+    b.json(&["host", "show"])["disk_reserved_bytes"].as_u64().expect("host show gives disk_reserved_bytes")
+}
+
+/// Start a shared-nothing move of `vm` from `a` to `b` and wait until its copy holds (the
+/// partial copies at `b_dir` exist and the first messages landed).
+fn start_held_move(a: &Agent, b: &Agent, vm: &str, b_dir: &Path) -> String {
+    let id =
+        a.json(&["move", vm, "--to", &b.listen.to_string(), "--include-storage"])["id"].as_str().unwrap().to_string();
+    let t0 = Instant::now();
+    while !b_dir.join(".root.img.ferry-partial").exists() {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no partial copy at B: {}", a.logs());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(a.json(&["migration", &id])["finished_at"].is_null(), "the copy did not hold");
+    id
+}
+
+/// The second of two shared-nothing moves to one host whose disks do not both fit its disk
+/// directory: the first was promised its room when it was admitted, so the second is refused
+/// (`no_disk_space`) while the first still copies, even though the free space alone would
+/// have let it in. The promise survives a restart of the destination agent (journaled), is
+/// given back when the move is cancelled, and when it completes; the first completes.
+#[test]
+fn the_second_of_two_concurrent_moves_that_do_not_both_fit_is_refused_while_the_first_completes() {
+    let release = Scratch::new("release");
+    let go = release.0.join("go");
+    let env = vec![("FERRY_VMM_TEST_HOLD_DISK_COPY_UNTIL".to_string(), go.display().to_string())];
+    let a = Agent::start_with_env(None, "a", KEY, "", free_addr(), env);
+    for vm in ["one", "two"] {
+        create_writer(&a, vm);
+        // Both working sets (1 MiB of each disk) written: the sizes stay put from here.
+        wait_allocated(&a, vm, 2 << 20);
+    }
+    let (need1, need2) = (vm_allocated(&a, "one"), vm_allocated(&a, "two"));
+    // Room for the first and 5/8 of the second: with the first copy held after at most two
+    // 512 KiB messages, the free space alone would still take the second.
+    let size_kib = (need1 + need2 * 5 / 8).div_ceil(4096) * 4;
+    let scratch = Scratch::new("b-disks");
+    let name = "the_second_of_two_concurrent_moves_that_do_not_both_fit_is_refused_while_the_first_completes";
+    let Some(tmpfs) = ferry_test_support::tmpfs::SmallTmpfs::mount(&scratch.0, &format!("{size_kib}k"), name) else {
+        return;
+    };
+    let mnt = tmpfs.path().to_path_buf();
+    let mut b = Agent::start("b", KEY, &format!("disk_dir = \"{}\"\n", mnt.display()));
+    let to_b = b.listen.to_string();
+    assert_eq!(disk_reserved(&b), 0);
+
+    let refused = |b: &Agent| {
+        let free = ferry_agent_free_bytes(&mnt);
+        assert!(free >= need2, "the free space alone ({free}) would take the second move ({need2})");
+        let o = a.ferry(&["--json", "move", "two", "--to", &to_b, "--include-storage", "--wait"]);
+        assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+        let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let why = r["error"].as_str().unwrap();
+        assert!(why.contains("no_disk_space") && why.contains("promised"), "{r:#}");
+        assert_eq!(a.json(&["vm", "show", "two"])["state"], "running");
+        assert!(b.vms().iter().all(|v| v["name"] != "two"), "{:#?}", b.vms());
+        assert!(listing(&mnt.join("two")).is_empty(), "nothing of the second at B");
+    };
+
+    // The first move holds in its disk copy: its room is promised, the second is refused.
+    let id1 = start_held_move(&a, &b, "one", &mnt.join("one"));
+    let promised = disk_reserved(&b);
+    assert!(promised > 0 && promised <= need1, "promised {promised} of {need1}");
+    refused(&b);
+    // A restarted destination agent keeps the promise of the arrival it adopts.
+    b.kill();
+    b.restart();
+    assert!(disk_reserved(&b) > 0, "the promise is gone after a restart");
+    refused(&b);
+
+    // Cancelled: the promise goes with the move.
+    a.json(&["cancel", &id1]);
+    let t0 = Instant::now();
+    while a.json(&["migration", &id1])["finished_at"].is_null() || disk_reserved(&b) > 0 {
+        assert!(t0.elapsed() < Duration::from_secs(60), "the cancel did not give the room back: {}", b.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(a.json(&["migration", &id1])["status"], "cancelled");
+
+    // Again, and this time the first completes: the second is refused meanwhile.
+    let id1 = start_held_move(&a, &b, "one", &mnt.join("one"));
+    refused(&b);
+    std::fs::write(&go, b"").unwrap();
+    let t0 = Instant::now();
+    let m = loop {
+        let m = a.json(&["migration", &id1]);
+        if !m["finished_at"].is_null() {
+            break m;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "the first move does not end: {}", a.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(m["status"], "completed", "{m:#}\n{}", a.logs());
+    // B lists the VM once its agent took it over (a moment after the source's engine returned).
+    let t0 = Instant::now();
+    while !b.vms().iter().any(|v| v["name"] == "one") {
+        assert!(t0.elapsed() < Duration::from_secs(30), "B does not list the VM: {}", b.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let one = b.json(&["vm", "show", "one"]);
+    assert_eq!(one["state"], "running");
+    assert_eq!(one["disks"].as_array().unwrap().len(), 2);
+    // Its promise is given back: with its disks gone again, all of the room is the second's.
+    b.json(&["vm", "delete", "one"]);
+    for f in listing(&mnt.join("one")) {
+        std::fs::remove_file(mnt.join("one").join(f)).unwrap();
+    }
+    assert_eq!(disk_reserved(&b), 0, "the completed move still holds a promise");
+    // The stopped VMM lets go of the unlinked files as it exits.
+    let t0 = Instant::now();
+    while ferry_agent_free_bytes(&mnt) < need2 {
+        assert!(t0.elapsed() < Duration::from_secs(30), "the deleted disks still take the room");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = a.json(&["move", "two", "--to", &to_b, "--include-storage", "--wait"]);
+    assert_eq!(out["status"], "completed", "{out:#}\n{}", b.logs());
+    drop(b);
+    drop(tmpfs);
+}
+
+/// Bytes an unprivileged writer may still write to the file system of `dir`.
+fn ferry_agent_free_bytes(dir: &Path) -> u64 {
+    let v = nix::sys::statvfs::statvfs(dir).unwrap();
+    v.blocks_available() * v.fragment_size()
+}

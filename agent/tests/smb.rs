@@ -82,3 +82,70 @@ fn an_smb_move_uses_both_nics_and_reports_its_channels() {
     drop(b);
     drop(tb);
 }
+
+/// With frames not encrypted (`integrity`), a destination checks every channel of a
+/// multichannel session, not only the address the source reached: B trusts only the first
+/// network (and lists only it, so it admits the move with `integrity`), A pairs both NICs, and
+/// the channel arriving on the second network is refused in its handshake with the reason. The
+/// source drops that path (`stats.multichannel.unusable` says why) and the move runs on the
+/// trusted NIC only; once B trusts the second network too, a move uses both NICs.
+#[test]
+fn an_unencrypted_smb_channel_on_a_network_the_destination_does_not_trust_is_refused() {
+    let Some(tb) =
+        testbed_or_skip("an_unencrypted_smb_channel_on_a_network_the_destination_does_not_trust_is_refused", 2)
+    else {
+        return;
+    };
+    let a_cfg = "performance_option = \"smb\"\nencryption = \"integrity\"\n\
+                 [[networks]]\nsubnet = \"198.18.0.0/24\"\npriority = 1\ntrusted = true\n\
+                 [[networks]]\nsubnet = \"198.18.1.0/24\"\npriority = 2\ntrusted = true\n";
+    let b_cfg = "performance_option = \"smb\"\nencryption = \"integrity\"\n\
+                 [[networks]]\nsubnet = \"198.18.0.0/24\"\npriority = 1\ntrusted = true\n";
+    let a_addr = std::net::SocketAddr::new(Testbed::addr(Side::Src, 0).into(), 7700);
+    let b_addr = std::net::SocketAddr::new(Testbed::addr(Side::Dst, 0).into(), 7700);
+    let a = Agent::start_in(Some(tb.netns(Side::Src)), "a", KEY, a_cfg, a_addr);
+    let b = Agent::start_in(Some(tb.netns(Side::Dst)), "b", KEY, b_cfg, b_addr);
+    // Remote NIC address of each channel the engine ran, with its bytes.
+    let used = |m: &serde_json::Value| -> BTreeMap<String, u64> {
+        let st = &m["stats"];
+        let mut per_nic = BTreeMap::new();
+        for c in st["multichannel"]["channels"].as_array().unwrap_or_else(|| panic!("no channels: {m:#}")) {
+            let i = c["index"].as_u64().unwrap() as usize;
+            let remote: std::net::SocketAddr = c["remote"].as_str().unwrap().parse().unwrap();
+            *per_nic.entry(remote.ip().to_string()).or_default() += st["channels"][i]["wire_bytes"].as_u64().unwrap();
+        }
+        per_nic
+    };
+    let (first, second) = (Testbed::addr(Side::Dst, 0).to_string(), Testbed::addr(Side::Dst, 1).to_string());
+    for vm in ["mc", "mc2"] {
+        a.json(&["vm", "create", "--name", vm, "--memory", "64MiB", "--guest", "synthetic"]);
+    }
+    let out = a.json(&["move", "mc", "--to", &b_addr.to_string(), "--wait", "--channels", "1"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    let m = a.json(&["migration", out["id"].as_str().unwrap()]);
+    assert_eq!(m["encryption"], "integrity", "{m:#}");
+    let unusable = m["stats"]["multichannel"]["unusable"].to_string();
+    assert!(
+        unusable.contains("not on a network the destination trusts") && unusable.contains("198.18.1."),
+        "the refused path and its reason: {:#}\n{}",
+        m["stats"]["multichannel"],
+        b.logs()
+    );
+    let per_nic = used(&m);
+    assert_eq!(per_nic.keys().cloned().collect::<Vec<_>>(), vec![first.clone()], "only the trusted NIC: {m:#}");
+    assert_eq!(b.json(&["vm", "show", "mc"])["state"], "running");
+    // B trusts the second network too: a move uses both NICs, with integrity.
+    b.json(&["network", "add", "198.18.1.0/24", "--priority", "2", "--trusted"]);
+    let out = a.json(&["move", "mc2", "--to", &b_addr.to_string(), "--wait", "--channels", "1"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    let m = a.json(&["migration", out["id"].as_str().unwrap()]);
+    assert_eq!(m["encryption"], "integrity", "{m:#}");
+    assert_eq!(m["stats"]["multichannel"]["unusable"].as_array().map(Vec::len), Some(0), "{m:#}");
+    let per_nic = used(&m);
+    for nic in [&first, &second] {
+        assert!(per_nic.get(nic).is_some_and(|b| *b > 1 << 20), "NIC {nic} carried too little: {per_nic:?}");
+    }
+    drop(a);
+    drop(b);
+    drop(tb);
+}

@@ -417,7 +417,22 @@ pub struct MigrationServer {
     stop: Arc<AtomicBool>,
     limits: ListenerConfig,
     counters: Arc<ListenerCounters>,
+    check: Option<ChannelCheck>,
 }
+
+/// Where a channel arrives: the address it comes from and the local address it reached
+/// (`None` where the transport does not say).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelEnds {
+    /// The source's address.
+    pub peer: Option<SocketAddr>,
+    /// This host's address the channel reached.
+    pub local: Option<SocketAddr>,
+}
+
+/// A check of every channel, made in its handshake once the peer is authenticated and before
+/// the channel is admitted: `Err` refuses that channel, and the source is told the reason.
+pub type ChannelCheck = Arc<dyn Fn(&ChannelEnds, &Established) -> Result<(), String> + Send + Sync>;
 
 /// Counters and outcome callback of one [`MigrationServer::serve`] call.
 struct Serving {
@@ -455,7 +470,14 @@ impl MigrationServer {
             stop: Arc::new(AtomicBool::new(false)),
             limits: ListenerConfig::default(),
             counters: Default::default(),
+            check: None,
         }
+    }
+
+    /// Check every channel with `check` before admitting it (see [`ChannelCheck`]).
+    pub fn with_channel_check(mut self, check: ChannelCheck) -> Self {
+        self.check = Some(check);
+        self
     }
 
     /// Use these listener limits instead of [`ListenerConfig::default`].
@@ -603,6 +625,7 @@ impl MigrationServer {
         serving: &'s Serving,
     ) {
         let peer = p.peer_addr();
+        let ends = ChannelEnds { peer, local: p.local_addr() };
         let Ok(close) = p.closer() else {
             ListenerCounters::bump(&self.counters.failed);
             return;
@@ -625,6 +648,12 @@ impl MigrationServer {
             let opened = Cell::new(None);
             let admit = |est: &Established| -> Result<(), String> {
                 let b = est.binding;
+                if let Some(check) = &self.check {
+                    if let Err(why) = check(&ends, est) {
+                        self.counters.log_refusal(&format!("refused channel {} of a session: {why}", b.channel));
+                        return Err(why);
+                    }
+                }
                 let mut m = lock(sessions);
                 match (b.channel, m.contains_key(&b.session)) {
                     (0, false) if m.len() >= self.limits.max_sessions.max(1) => {

@@ -486,11 +486,16 @@ pub struct AgentSingleRecord {
     /// Destination memory of both paths: `reserve` or `cold`.
     #[serde(default)]
     pub dst_memory: String,
-    /// Library path: the engine's total time.
+    /// Library path: the engine's total time (`migrate` called until it returned: the
+    /// channels were connected before, and it returns once the destination resumed the VM).
+    /// The agents' clock below covers strictly more (admission, connecting the channels, the
+    /// destination agent taking the VM over and listing it), so the ratio is what an operator
+    /// pays for the agents over calling the engine directly.
     pub library_total_ms: f64,
     /// Library path: downtime.
     pub library_downtime_ms: f64,
-    /// Through the agents: `POST /v1/moves` until the destination agent lists the VM running.
+    /// Through the agents: `POST /v1/moves` until the destination agent lists the VM running
+    /// (its `GET /v1/vms/NAME` answer after B's event stream said so).
     pub agent_total_ms: f64,
     /// Through the agents: the engine's total time (from the source journal).
     pub agent_engine_total_ms: f64,

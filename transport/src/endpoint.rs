@@ -79,6 +79,11 @@ pub trait PendingChannel: Send {
     /// Where it comes from (`None` if the socket no longer knows).
     fn peer_addr(&self) -> Option<SocketAddr>;
 
+    /// The local address it reached (`None` where the transport does not say).
+    fn local_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
     /// A handle that closes the connection from any thread: a handshake in progress on it fails
     /// at once (deadlines, eviction, shutdown).
     fn closer(&self) -> Result<Killer>;

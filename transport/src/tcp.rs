@@ -656,6 +656,10 @@ impl PendingChannel for TcpPending {
         self.sock.peer_addr().ok()
     }
 
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.sock.local_addr().ok()
+    }
+
     fn closer(&self) -> Result<Killer> {
         TcpPending::closer(self)
     }

@@ -86,6 +86,14 @@ struct Cli {
     /// Receiving a shared-nothing move: a disk's file name, in the source's order (repeat).
     #[arg(long, requires = "receive_disk_dir")]
     receive_disk: Vec<String>,
+    /// Receiving with `--encryption integrity|off`: a network this host trusts (repeat). Every
+    /// channel must come from and arrive at addresses on these networks, or it is refused.
+    #[arg(long, requires = "receive_on", value_parser = parse_subnet)]
+    trusted_network: Vec<ferry_agent::config::Subnet>,
+}
+
+fn parse_subnet(s: &str) -> Result<ferry_agent::config::Subnet, String> {
+    ferry_agent::config::Subnet::parse(s)
 }
 
 fn main() -> ExitCode {
@@ -127,6 +135,7 @@ fn main() -> ExitCode {
         disk_write_rate_bytes_per_s: c.disk_write_rate_bytes_per_s,
         standby_reserve_bytes: c.standby.then(|| c.reserve_bytes.unwrap_or(0)),
         receive_disks: c.receive_disk_dir.map(|dir| ferry_agent::vmmctl::ReceiveDisks { dir, names: c.receive_disk }),
+        trusted_networks: c.trusted_network,
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
