@@ -1020,6 +1020,25 @@ impl Agent {
     /// shared directory), the source VMM saves the VM there and hands the ownership record
     /// over. Before that handover this host owns the VM; any failure resumes it here and tells
     /// the destination to give up. `Ok` is the VMM's final report.
+    /// What the destination is asked to admit for `row`: one plain move of `kind` (no probe,
+    /// one channel, no disks, the destination's default protection); callers set the rest.
+    fn incoming_request(&self, id: &str, row: &VmRow, kind: MoveKind) -> IncomingRequest {
+        IncomingRequest {
+            id: id.to_string(),
+            vm: row.name.clone(),
+            guest: row.guest,
+            memory_bytes: row.memory_bytes,
+            epoch: row.epoch,
+            source: self.cfg.name.clone(),
+            kind,
+            probe: None,
+            multichannel: false,
+            disks: Vec::new(),
+            encryption: None,
+            encryption_asked: false,
+        }
+    }
+
     async fn quick_in_slot(
         self: &Arc<Self>,
         id: &str,
@@ -1036,20 +1055,7 @@ impl Agent {
         let probe_path = dir.join(&probe);
         std::fs::write(&probe_path, self.cfg.name.as_bytes())
             .map_err(|e| fail("failed", format!("cannot write to shared storage {}: {e}", dir.display())))?;
-        let req = IncomingRequest {
-            id: id.to_string(),
-            vm: row.name.clone(),
-            guest: row.guest,
-            memory_bytes: row.memory_bytes,
-            epoch: row.epoch,
-            source: self.cfg.name.clone(),
-            kind: MoveKind::Quick,
-            probe: Some(probe),
-            multichannel: false,
-            disks: Vec::new(),
-            encryption: None,
-            encryption_asked: false,
-        };
+        let req = IncomingRequest { probe: Some(probe), ..self.incoming_request(id, row, MoveKind::Quick) };
         let admitted = self.ask_admission(&req, peer, cancel).await;
         let _ = std::fs::remove_file(&probe_path);
         let accepted = admitted?;
@@ -1151,18 +1157,11 @@ impl Agent {
                 },
             };
             let req = IncomingRequest {
-                id: id.to_string(),
-                vm: row.name.clone(),
-                guest: row.guest,
-                memory_bytes: row.memory_bytes,
-                epoch: row.epoch,
-                source: self.cfg.name.clone(),
-                kind: MoveKind::Live,
-                probe: None,
                 multichannel: order.multichannel.is_some(),
                 disks,
                 encryption: Some(order.encryption.to_string()),
                 encryption_asked,
+                ..self.incoming_request(id, row, MoveKind::Live)
             };
             // The destination admits under its own limit; while it is busy, ask again.
             self.ask_admission(&req, &peer, cancel).await
