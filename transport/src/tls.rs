@@ -46,7 +46,7 @@
 //! signed by the CA) is checked on both sides: a peer whose certificate (or an intermediate of
 //! its chain) is listed is refused in the TLS handshake with `CertificateRevoked` (the server,
 //! rustls's `WebPkiClientVerifier::with_crls`) or `Revoked` (the client, webpki's revocation
-//! check in [`CaVerifier`]). Certificates a list does not cover are accepted (the CA's lists are
+//! check in `CaVerifier`). Certificates a list does not cover are accepted (the CA's lists are
 //! the source of truth: a host need not hold lists of other issuers), and an expired list still
 //! counts (a stale list revokes at least what it lists).
 //!
