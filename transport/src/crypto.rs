@@ -37,7 +37,10 @@
 //! How a page batch is split into parts is in [`crate::wire`].
 
 use std::fmt;
+use std::ptr::NonNull;
 use std::str::FromStr;
+
+use ferry_memory::volatile::copy_from_guest;
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use aws_lc_rs::hkdf;
@@ -244,6 +247,39 @@ pub struct Sealer {
     seq: u64,
     /// `integrity`: where a part is copied to be encrypted for its tag.
     scratch: Vec<u8>,
+    /// `aead`: the same key as an aws-lc AEAD context, for sealing guest pages straight from
+    /// guest memory ([`Sealer::seal_from_guest`]).
+    guest: Option<GuestSealKey>,
+}
+
+/// An AES-256-GCM context of aws-lc used through its C interface, for the one call that reads
+/// guest memory: `LessSafeKey` takes the plaintext as `&[u8]`, and a slice may not cover memory
+/// the running guest writes at the same time; the C call takes a raw pointer. Freed (and its key
+/// schedule with it) when dropped.
+struct GuestSealKey(NonNull<aws_lc_sys::EVP_AEAD_CTX>);
+
+// SAFETY: the context is owned by one Sealer, used through `&mut self` only, and aws-lc's AEAD
+// contexts hold no thread-local state.
+unsafe impl Send for GuestSealKey {}
+
+impl GuestSealKey {
+    fn new(secret: &[u8; 32]) -> Self {
+        // SAFETY: EVP_aead_aes_256_gcm returns a static descriptor; the key pointer is valid for
+        // 32 bytes, the length AES-256-GCM takes; the tag length is the default (16). aws-lc
+        // copies the key into the context it allocates.
+        let ctx = unsafe {
+            aws_lc_sys::EVP_AEAD_CTX_new(aws_lc_sys::EVP_aead_aes_256_gcm(), secret.as_ptr(), secret.len(), TAG_LEN)
+        };
+        // Null only when allocation fails, which Rust treats as fatal everywhere else too.
+        Self(NonNull::new(ctx).expect("aws-lc allocates an AES-256-GCM context"))
+    }
+}
+
+impl Drop for GuestSealKey {
+    fn drop(&mut self) {
+        // SAFETY: the context came from EVP_AEAD_CTX_new and is freed once, here.
+        unsafe { aws_lc_sys::EVP_AEAD_CTX_free(self.0.as_ptr()) };
+    }
 }
 
 impl fmt::Debug for Sealer {
@@ -262,12 +298,13 @@ impl Sealer {
             // A 32-byte key is what AES-256-GCM takes: this cannot fail.
             LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).expect("AES-256 takes a 32-byte key"))
         });
-        Self { mode, key, seq: 0, scratch: Vec::new() }
+        let guest = (mode == Encryption::Aead).then(|| GuestSealKey::new(secret));
+        Self { mode, key, seq: 0, scratch: Vec::new(), guest }
     }
 
     /// A sealer that does nothing (`off`).
     pub fn off() -> Self {
-        Self { mode: Encryption::Off, key: None, seq: 0, scratch: Vec::new() }
+        Self { mode: Encryption::Off, key: None, seq: 0, scratch: Vec::new(), guest: None }
     }
 
     /// `integrity`: the AES-GCM tag of `data` (header as associated data), sealed out of place
@@ -300,11 +337,15 @@ impl Sealer {
         self.mode == Encryption::Aead
     }
 
-    fn nonce(&self, part: u32) -> Nonce {
+    fn nonce_bytes(&self, part: u32) -> [u8; 12] {
         let mut n = [0u8; 12];
         n[..8].copy_from_slice(&self.seq.to_le_bytes());
         n[8..].copy_from_slice(&part.to_le_bytes());
-        Nonce::assume_unique_for_key(n)
+        n
+    }
+
+    fn nonce(&self, part: u32) -> Nonce {
+        Nonce::assume_unique_for_key(self.nonce_bytes(part))
     }
 
     /// Seal part `part` of the current frame in place (encrypted with `aead`, untouched with
@@ -320,6 +361,60 @@ impl Sealer {
             self.tag_of_copy(hdr, part, data)
         };
         tag.expect("a part is far below AES-GCM's message limit")
+    }
+
+    /// Seal part `part` of the current frame from guest memory: `out.len()` bytes at `src` are
+    /// encrypted into `out` (`aead`, one pass that reads the guest pages once, instead of a copy
+    /// and an in-place seal), or copied into `out` and tagged there (`integrity`, whose tag must
+    /// cover exactly the bytes sent, so it seals its own copy; `off`: copied). Returns the tag.
+    ///
+    /// A page the guest writes during the call is sealed as whatever mix of old and new bytes
+    /// was read: AES-GCM authenticates the ciphertext it produced, so the receiver gets exactly
+    /// that mix, and the dirty log sends the page again.
+    ///
+    /// # Safety
+    /// `src` must be valid for reads of `out.len()` bytes for the whole call (guest memory that
+    /// the guest may write meanwhile is fine: it is only read, through a raw pointer), and must
+    /// not overlap `out`.
+    pub unsafe fn seal_from_guest(
+        &mut self,
+        hdr: &[u8; HEADER_LEN],
+        part: u32,
+        src: NonNull<u8>,
+        out: &mut [u8],
+    ) -> [u8; TAG_LEN] {
+        let Some(ctx) = self.guest.as_ref().filter(|_| self.mode == Encryption::Aead) else {
+            // SAFETY: the caller's contract (src readable for out.len() bytes).
+            unsafe { copy_from_guest(out, src) };
+            return self.seal(hdr, part, out);
+        };
+        let nonce = self.nonce_bytes(part);
+        let mut tag = [0u8; TAG_LEN];
+        let mut tag_len = 0usize;
+        // SAFETY: the context is live (owned by self); `out` is valid for out.len() bytes of
+        // writes and `src` for as many reads (the caller's contract), and they do not overlap;
+        // the tag buffer holds TAG_LEN bytes and max_out_tag_len says so; nonce and associated
+        // data are valid for the lengths passed; no extra input.
+        let ok = unsafe {
+            aws_lc_sys::EVP_AEAD_CTX_seal_scatter(
+                ctx.0.as_ptr(),
+                out.as_mut_ptr(),
+                tag.as_mut_ptr(),
+                &mut tag_len,
+                TAG_LEN,
+                nonce.as_ptr(),
+                nonce.len(),
+                src.as_ptr(),
+                out.len(),
+                std::ptr::null(),
+                0,
+                hdr.as_ptr(),
+                hdr.len(),
+            )
+        };
+        // AES-GCM fails only past 2^36 bytes per message; parts are at most a few MiB.
+        assert!(ok == 1 && tag_len == TAG_LEN, "a part is far below AES-GCM's message limit");
+        tag
     }
 
     /// Open part `part` of the current frame in place (decrypted with `aead`) against `tag`.
@@ -605,6 +700,41 @@ mod tests {
             }
             let (_, mut rx) = pair(mode);
             assert!(rx.open_to(&hdr, 2, &sealed, &tag, &mut out[..4000]).is_err(), "{mode}: short output");
+        }
+    }
+
+    #[test]
+    fn sealing_from_guest_memory_equals_sealing_a_copy_in_place() {
+        for mode in [Encryption::Aead, Encryption::Integrity, Encryption::Off] {
+            let hdr = crate::wire::FrameHeader::new(FrameKind::PageBatch, 3 * 4096 + TAG_LEN).encode();
+            let guest: Vec<u8> = (0..3 * 4096u32).map(|i| (i * 13 % 253) as u8).collect();
+            // Two frames, so the sequence number takes part too.
+            let (mut a, _) = pair(mode);
+            let (mut b, _) = pair(mode);
+            for frame in 0..2u32 {
+                let mut in_place = guest.clone();
+                let tag_a = a.seal(&hdr, 2 + frame, &mut in_place);
+                let mut out = vec![0xAAu8; guest.len()];
+                // SAFETY: `guest` is a live buffer of out.len() bytes that does not overlap `out`.
+                let tag_b = unsafe { b.seal_from_guest(&hdr, 2 + frame, NonNull::from(&guest[0]), &mut out) };
+                assert_eq!(out, in_place, "{mode}: frame {frame}");
+                assert_eq!(tag_a, tag_b, "{mode}: frame {frame}");
+                if mode == Encryption::Aead {
+                    assert_ne!(out, guest, "aead encrypts");
+                } else {
+                    assert_eq!(out, guest, "{mode} sends the bytes as they are");
+                }
+                a.next_frame();
+                b.next_frame();
+            }
+            // And the receiver opens what seal_from_guest made.
+            let (mut tx, mut rx) = pair(mode);
+            let mut out = vec![0u8; guest.len()];
+            // SAFETY: as above.
+            let tag = unsafe { tx.seal_from_guest(&hdr, 2, NonNull::from(&guest[0]), &mut out) };
+            let mut opened = vec![0u8; guest.len()];
+            rx.open_to(&hdr, 2, &out, &tag, &mut opened).unwrap();
+            assert_eq!(opened, guest, "{mode}");
         }
     }
 
