@@ -487,20 +487,30 @@ impl Engine<'_> {
     /// round ([`ChannelTx::end_round`]: rdma invalidates its memory windows), so between rounds
     /// and from the final round on no page can land on any channel. A channel that cannot is
     /// failed like any broken channel.
+    ///
+    /// The close is asked on every channel first and then waited for on each, so the barrier
+    /// costs one control round trip however many channels there are. A dead channel is skipped:
+    /// its killer already cut it, and the destination seals a channel's memory when it ends.
     fn end_round(&self) {
-        for (i, c) in self.chans.iter().enumerate() {
-            if c.shared.dead.load(Ordering::SeqCst) {
-                continue;
-            }
-            let r = match c.tx.lock() {
-                Ok(mut t) => t.end_round(),
-                Err(_) => continue,
-            };
-            if let Err(e) = r {
-                c.shared.dead.store(true, Ordering::SeqCst);
-                c.shared.slots.notify_all();
-                (c.killer)();
-                let _ = self.ev_tx.send(Event::Failed(i as u16, format!("closing the round: {e}")));
+        let fail = |i: usize, c: &Chan, e: ferry_transport::TransportError| {
+            c.shared.dead.store(true, Ordering::SeqCst);
+            c.shared.slots.notify_all();
+            (c.killer)();
+            let _ = self.ev_tx.send(Event::Failed(i as u16, format!("closing the round: {e}")));
+        };
+        for phase in [false, true] {
+            for (i, c) in self.chans.iter().enumerate() {
+                if c.shared.dead.load(Ordering::SeqCst) {
+                    continue;
+                }
+                let r = match c.tx.lock() {
+                    Ok(mut t) if phase => t.end_round(),
+                    Ok(mut t) => t.begin_end_round(),
+                    Err(_) => continue,
+                };
+                if let Err(e) = r {
+                    fail(i, c, e);
+                }
             }
         }
     }

@@ -22,9 +22,12 @@
 //!   receivers write one page at once (which could leave the later hash of an earlier write).
 //!   A source that breaks this is authenticated and could send any content anyway.
 //! - rdma writes memory one-sided, outside any announced batch: a session with an rdma channel
-//!   always re-reads every page at the check. (Its memory stays registered for remote writes
-//!   until the channels close after the migration: sealing it with the queue pair at
-//!   `Complete` is not done yet.)
+//!   always re-reads every page at the check. Before that check every channel's memory sealer
+//!   runs: each queue pair goes to the error state (its responder drops every packet), the
+//!   round's memory windows are deallocated and the guest memory deregistered, so no one-sided
+//!   write lands from the check on (and none between rounds: the source closes a round's
+//!   windows on every channel, and waits for the destination's confirmation, before it takes
+//!   the dirty pages or saves the state).
 //!
 //! # Disks (shared-nothing)
 //!
@@ -458,8 +461,9 @@ impl Driver<'_> {
             }
             TargetAction::CloseChannel(c) => kill(&self.killers, Some(c)),
             TargetAction::Verify { full } => {
-                // Complete came: no one-sided write may land from now on (rdma deregisters the
-                // memory it registered for them), so the check below reads what will run.
+                // Complete came: no one-sided write may land from now on (rdma moves each queue
+                // pair to the error state, deallocates its windows and deregisters the memory),
+                // so the check below reads what will run.
                 for seal in &self.sealers {
                     seal();
                 }

@@ -8,20 +8,21 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use ferry_memory::MemoryMap;
 use ferry_migrate::server::{connect_simple, MigrationServer};
 use ferry_migrate::source::{migrate, MigrationConfig};
 use ferry_migrate::stats::{MigrationStats, Status};
 use ferry_migrate::target::TargetConfig;
-use ferry_migrate::vm::SourceVm;
+use ferry_migrate::vm::{DirtyBitmap, SourceVm, TargetFactory, TargetVm, VmError, VmShape};
 use ferry_transport::endpoint::Connector;
 use ferry_transport::handshake::{random_bytes, Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
 use ferry_transport::rdma::{self, RdmaAcceptor, RdmaOptions};
 use ferry_transport::tcp::{TcpAcceptor, TcpOptions};
 use ferry_transport::{Channel, Killer};
-use ferry_vmm_glue::synthetic::SyntheticFactory;
+use ferry_vmm_glue::synthetic::{SyntheticFactory, SyntheticVm};
 
 use ferry_test_support::guest::{guest, into_synthetic, same_memory};
 use ferry_test_support::server::{self, RunningServer};
@@ -30,14 +31,19 @@ use ferry_test_support::server::{self, RunningServer};
 const SEED: u64 = 11;
 const KEY: &[u8] = b"rdma-live-migration-key-0123456789";
 
-fn opts(test: &str) -> Option<RdmaOptions> {
+/// One device test at a time: one of them reads the process-wide window counters
+/// ([`rdma::window_stats`]), which every migration's channels move.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn opts(test: &str) -> Option<(RdmaOptions, MutexGuard<'static, ()>)> {
     if let Some(r) = rdma::skip_reason() {
         let _ = writeln!(std::io::stderr(), "SKIP: rdma migration {test}: {r}");
         return None;
     }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut o = RdmaOptions::from_env()?;
     o.completion_timeout = Duration::from_secs(5);
-    Some(o)
+    Some((o, serial))
 }
 
 /// The destination service as a host runs it: one `MigrationServer` listening on rdma and on
@@ -111,7 +117,7 @@ fn migrate_busy_guest(id: &str, addr: SocketAddr, connector: &dyn Connector, dst
 
 #[test]
 fn rdma_live_migration_is_byte_identical() {
-    let Some(o) = opts("rdma_live_migration_is_byte_identical") else { return };
+    let Some((o, _serial)) = opts("rdma_live_migration_is_byte_identical") else { return };
     // One server, two transports: an rdma migration and then a tcp one, both through it.
     let dst = destination(&o, 2);
     let st = migrate_busy_guest("rdma-busy", dst.rdma, &o, &dst);
@@ -123,7 +129,7 @@ fn rdma_live_migration_is_byte_identical() {
 
 #[test]
 fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
-    let Some(o) = opts("rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly") else { return };
+    let Some((o, _serial)) = opts("rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly") else { return };
     let dst = destination(&o, 1);
     let mut vm = guest("rdma-fault", 32, 0, 0, SEED);
     let (chans, faults) = connect_with_faults(dst.rdma, &o, 2);
@@ -162,7 +168,7 @@ fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
 /// running and the destination discards its copy.
 #[test]
 fn rdma_write_with_a_closed_rounds_key_aborts_cleanly() {
-    let Some(o) = opts("rdma_write_with_a_closed_rounds_key_aborts_cleanly") else { return };
+    let Some((o, _serial)) = opts("rdma_write_with_a_closed_rounds_key_aborts_cleanly") else { return };
     let dst = destination(&o, 1);
     let mut vm = guest("rdma-stale", 32, 4, 2, SEED);
     let cfg = ClientConfig {
@@ -199,7 +205,7 @@ fn rdma_write_with_a_closed_rounds_key_aborts_cleanly() {
 fn rdma_shared_nothing_moves_the_disks_on_the_control_path() {
     // Disk blocks ride as control messages (two-sided SEND) on every rdma channel, beside the
     // one-sided page writes; the disks arrive byte-identical, named only at the commit.
-    let Some(o) = opts("rdma_shared_nothing_moves_the_disks_on_the_control_path") else { return };
+    let Some((o, _serial)) = opts("rdma_shared_nothing_moves_the_disks_on_the_control_path") else { return };
     let dir = tempfile::tempdir().unwrap();
     let (src, dstd) = (dir.path().join("src"), dir.path().join("dst"));
     std::fs::create_dir_all(&src).unwrap();
@@ -251,4 +257,165 @@ fn rdma_shared_nothing_moves_the_disks_on_the_control_path() {
     }
     same_memory(&vm, &into_synthetic(out));
     server.thread.join().unwrap();
+}
+
+/// The synthetic guest, reading the destination's (same process) window counters each time the
+/// source moves past a round barrier: when it takes the dirty pages and when it saves the state.
+struct BarrierWatch {
+    vm: SyntheticVm,
+    /// `bound_now` at each of those moments.
+    seen: Arc<Mutex<Vec<u64>>>,
+}
+
+impl BarrierWatch {
+    fn look(&self) {
+        self.seen.lock().unwrap().push(rdma::window_stats().bound_now);
+    }
+}
+
+impl SourceVm for BarrierWatch {
+    fn shape(&self) -> VmShape {
+        self.vm.shape()
+    }
+    fn memory(&self) -> MemoryMap {
+        SourceVm::memory(&self.vm)
+    }
+    fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.vm.start_dirty_log()
+    }
+    fn take_dirty(&mut self) -> Result<DirtyBitmap, VmError> {
+        self.look();
+        self.vm.take_dirty()
+    }
+    fn return_dirty(&mut self, pages: &DirtyBitmap) {
+        self.vm.return_dirty(pages)
+    }
+    fn stop_dirty_log(&mut self) {
+        self.vm.stop_dirty_log()
+    }
+    fn pause(&mut self) -> Result<(), VmError> {
+        self.vm.pause()
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        SourceVm::resume(&mut self.vm)
+    }
+    fn is_running(&self) -> bool {
+        self.vm.is_running()
+    }
+    fn save_state(&mut self) -> Result<Vec<u8>, VmError> {
+        self.look();
+        self.vm.save_state()
+    }
+    fn set_throttle(&mut self, percent: u8) {
+        self.vm.set_throttle(percent)
+    }
+}
+
+/// Runs `hook` when the destination loads the state: after `Complete`, after the final check
+/// (the destination restores only a verified image), before the commit.
+struct AtRestore {
+    inner: SyntheticFactory,
+    hook: Arc<dyn Fn() + Send + Sync>,
+}
+
+struct AtRestoreVm {
+    vm: Box<dyn TargetVm>,
+    hook: Arc<dyn Fn() + Send + Sync>,
+}
+
+impl TargetFactory for AtRestore {
+    fn create(&self, shape: &VmShape) -> Result<Box<dyn TargetVm>, VmError> {
+        Ok(Box::new(AtRestoreVm { vm: self.inner.create(shape)?, hook: self.hook.clone() }))
+    }
+}
+
+impl TargetVm for AtRestoreVm {
+    fn memory(&self) -> MemoryMap {
+        self.vm.memory()
+    }
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmError> {
+        (self.hook)();
+        self.vm.restore_state(state)
+    }
+    fn resume(&mut self) -> Result<(), VmError> {
+        self.vm.resume()
+    }
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self.vm.into_any()
+    }
+}
+
+/// Issue 13's order, end to end on two rdma channels of a busy guest: every time the source
+/// moves past a round barrier (takes the dirty pages, saves the state) no memory window of the
+/// destination is bound on any channel; at `Complete` the destination seals every channel
+/// before its final check (each queue pair moved to the error state, none refused it), so when
+/// it loads the state no window exists and a one-sided write of the source's channel 1 with its
+/// last round's key, issued then, fails at the source; the migration still completes, verified,
+/// and the destination's memory is byte-identical to the source's (the write landed nowhere).
+#[test]
+fn rdma_rounds_close_before_the_source_moves_on_and_complete_seals_every_queue_pair() {
+    let Some((o, _serial)) = opts("rdma_rounds_close_before_the_source_moves_on_and_complete_seals_every_queue_pair")
+    else {
+        return;
+    };
+    let hs = ServerConfig {
+        creds: Psk::new(KEY).unwrap().into(),
+        caps: Caps::ALL,
+        timeout: Duration::from_secs(5),
+        encryption: Default::default(),
+    };
+    let acc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs).unwrap();
+    // What the destination saw when it loaded the state, and the write's outcome then.
+    let at_restore: Arc<Mutex<Option<(rdma::WindowStats, String)>>> = Arc::default();
+    let probe: Arc<Mutex<Option<rdma::WriteProbe>>> = Arc::default();
+    let (ar, pr) = (at_restore.clone(), probe.clone());
+    let hook: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+        let stats = rdma::window_stats();
+        let res = match pr.lock().unwrap().as_ref() {
+            Some(p) => format!("{:?}", p.write_last(0x1000, 0x5a)),
+            None => "no probe".into(),
+        };
+        eprintln!("at restore: {stats:?}, write with channel 1's last key: {res}");
+        *ar.lock().unwrap() = Some((stats, res));
+    });
+    let factory = AtRestore { inner: SyntheticFactory::new(1 << 30, false), hook };
+    let srv = MigrationServer::new(acc, Arc::new(factory), TargetConfig::default());
+    let addr = srv.local_addrs().unwrap()[0].1;
+    let server = server::spawn(srv, Some(1)).unwrap();
+    let session = random_bytes();
+    let mut chans = Vec::new();
+    for i in 0..2u16 {
+        let cfg = ClientConfig {
+            creds: Psk::new(KEY).unwrap().into(),
+            binding: ChannelBinding { session, channel: i },
+            caps: Caps::RDMA,
+            timeout: Duration::from_secs(5),
+            encryption: Default::default(),
+        };
+        let c = rdma::connect(addr, &o, cfg).expect("rdma connect");
+        chans.push(c.channel);
+        if i == 1 {
+            *probe.lock().unwrap() = Some(c.probe);
+        }
+    }
+    let before = rdma::window_stats();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut vm = BarrierWatch { vm: guest("rdma-order", 32, 4, 2, SEED), seen: seen.clone() };
+    let cfg = MigrationConfig { verify_full: true, ..Default::default() };
+    let st = migrate(&mut vm, chans, &cfg, &|_| {}).expect("migration");
+    eprintln!("migration: {:?}, {} rounds, channels {:?}", st.status, st.rounds, st.channels);
+    assert_eq!(st.status, Status::Completed);
+    assert!(st.verified);
+    let out = server.outcomes.recv().expect("destination outcome").expect("destination received the VM");
+    server.thread.join().expect("server thread");
+    let seen = seen.lock().unwrap().clone();
+    eprintln!("windows bound when the source moved past each barrier: {seen:?}");
+    assert!(seen.len() >= 2, "the source took the dirty pages and saved the state: {seen:?}");
+    assert!(seen.iter().all(|&n| n == 0), "a window was bound when the source's round ended: {seen:?}");
+    let (stats, write) = at_restore.lock().unwrap().clone().expect("the destination restored the state");
+    assert_eq!(stats.bound_now, 0, "a window outlived Complete");
+    assert!(stats.seals - before.seals >= 2, "both channels sealed before the restore: {stats:?}");
+    assert_eq!(stats.seal_qp_failures, before.seal_qp_failures, "a queue pair refused the error state");
+    assert!(write.starts_with("Err"), "a write after Complete was taken: {write}");
+    same_memory(&vm.vm, &into_synthetic(out));
 }

@@ -136,8 +136,17 @@ pub trait ChannelTx: Send {
     /// begun. A backend whose peer's memory takes one-sided writes closes that access here: `rdma`
     /// has the destination invalidate the round's memory windows and confirm before this
     /// returns, so no write with the round's keys can land between rounds; its next
-    /// `send_batch` opens fresh windows. Nothing to do for the others (the default).
+    /// `send_batch` opens fresh windows. A caller must not start the next round (take the dirty
+    /// pages, save the state) before this returned on every channel. Nothing to do for the
+    /// others (the default).
     fn end_round(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// The first half of [`ChannelTx::end_round`]: ask the peer to close the round's access
+    /// without waiting for its confirmation, which the following `end_round` waits for. A caller
+    /// with several channels asks on all of them first and then waits on each, so the barrier
+    /// costs one round trip instead of one per channel. Optional: `end_round` alone does both.
+    fn begin_end_round(&mut self) -> Result<()> {
         Ok(())
     }
     /// Orderly close of the sending direction.
@@ -150,9 +159,10 @@ pub trait ChannelRx: Send {
     fn recv(&mut self, sink: &dyn MemorySink) -> Result<Incoming>;
 
     /// A handle that, once called (from any thread), lets the peer write no more memory on its
-    /// own: `rdma` deallocates the memory windows of the open round and deregisters the guest
-    /// memory (a later one-sided write fails with a remote access error and lands nowhere), and
-    /// binds no window again. `None` for backends whose pages all pass through [`ChannelRx::recv`], where the
+    /// own: `rdma` moves the channel's queue pair to the error state (it takes no packet from
+    /// then on), deallocates the memory windows of the open round and deregisters the guest
+    /// memory (a later one-sided write fails at the peer and lands nowhere), binds no window
+    /// again and tells the peer, whose next batch fails. `None` for backends whose pages all pass through [`ChannelRx::recv`], where the
     /// sink's [`MemorySink::admit_batch`] already refuses them.
     fn memory_sealer(&self) -> Option<Killer> {
         None

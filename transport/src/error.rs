@@ -225,6 +225,11 @@ pub enum RdmaError {
     /// The memory given to the channel cannot be used with RDMA.
     #[error("memory: {0}")]
     Memory(&'static str),
+    /// The destination sealed its guest memory (it does at `Complete`, before its final check,
+    /// or when the channel ended): its queue pair is in the error state and it takes no page on
+    /// this channel any more.
+    #[error("the destination sealed its guest memory (Complete or channel end): its queue pair is in the error state and no page is accepted")]
+    Sealed,
 }
 
 /// Result of the transport layer.

@@ -8,22 +8,27 @@
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferry_memory::AnonMemory;
+use ferry_memory::{AnonMemory, MemoryMap};
 use ferry_test_support::conformance::{self, Backend, RawPeer, TEST_KEY};
 use ferry_test_support::pagemix::{fill_page, PageKind};
 use ferry_transport::endpoint::{Acceptor, Connector, Path};
 use ferry_transport::handshake::{Caps, ChannelBinding, ClientConfig, Psk, ServerConfig};
-use ferry_transport::rdma::{self, RdmaAcceptor, RdmaChannel, RdmaOptions};
+use ferry_transport::rdma::{self, QpState, RdmaAcceptor, RdmaChannel, RdmaOptions};
 use ferry_transport::wire::{PageRun, BATCH_DEST_ZEROED, PAGE_SIZE};
-use ferry_transport::{Channel, Incoming, TransportError};
+use ferry_transport::{Channel, Incoming, RdmaError, TransportError};
 
 struct Rdma {
     opts: RdmaOptions,
     _watchdog: Watchdog,
+    /// One device test at a time: some read the process-wide window counters
+    /// ([`rdma::window_stats`]), which every other test's channels move too.
+    _serial: MutexGuard<'static, ()>,
 }
+
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Ends the test process if one test hangs, so that a hang is a visible failure.
 struct Watchdog(Arc<AtomicBool>);
@@ -58,13 +63,14 @@ fn backend(test: &str) -> Option<Rdma> {
         ferry_test_support::skip(&format!("rdma {test}"), &r);
         return None;
     }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let mut opts = RdmaOptions::from_env().expect("FERRY_RDMA_DEVICE");
     opts.completion_timeout = Duration::from_secs(5);
     match rdma::probe(&opts) {
         Ok(d) => eprintln!("rdma {test}: {d}"),
         Err(e) => panic!("FERRY_RDMA_DEVICE={} is set but unusable: {e}", opts.device),
     }
-    Some(Rdma { opts, _watchdog: Watchdog::start(test.to_string(), Duration::from_secs(90)) })
+    Some(Rdma { opts, _watchdog: Watchdog::start(test.to_string(), Duration::from_secs(90)), _serial: serial })
 }
 
 fn client_cfg(psk: Psk) -> ClientConfig {
@@ -188,6 +194,42 @@ fn random_memory(pages: usize, seed: u64) -> Arc<AnonMemory> {
     m
 }
 
+/// What the fault tests start from: `pages` random pages on the source, as many zero pages on
+/// the destination, a map of each at guest address 0, and an rdma channel pair between them.
+struct Transfer {
+    src: Arc<AnonMemory>,
+    dst: Arc<AnonMemory>,
+    smap: MemoryMap,
+    dmap: MemoryMap,
+    /// The source's (connecting) end.
+    s: RdmaChannel,
+    /// The destination's (accepting) end.
+    d: RdmaChannel,
+}
+
+fn transfer(b: &Rdma, pages: usize, seed: u64) -> Transfer {
+    let src = random_memory(pages, seed);
+    let dst = Arc::new(AnonMemory::new(pages * PAGE_SIZE, true).unwrap());
+    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
+    let (s, d) = b.rdma_pair();
+    Transfer { src, dst, smap, dmap, s, d }
+}
+
+/// The destination's first `landed` pages equal the source's; every later page is still zero.
+fn assert_only_first_landed(src: &AnonMemory, dst: &AnonMemory, landed: usize, why: &str) {
+    let mut page = vec![0u8; PAGE_SIZE];
+    let mut want = vec![0u8; PAGE_SIZE];
+    for i in 0..dst.len() / PAGE_SIZE {
+        dst.read_into(i * PAGE_SIZE, &mut page);
+        if i < landed {
+            src.read_into(i * PAGE_SIZE, &mut want);
+            assert_eq!(page, want, "page {i} of the batch that landed");
+        } else {
+            assert!(page.iter().all(|&x| x == 0), "page {i} was written {why}");
+        }
+    }
+}
+
 /// Which queue pair the fault hits.
 #[derive(Clone, Copy, Debug)]
 enum Side {
@@ -201,10 +243,7 @@ enum Side {
 fn qp_error_mid_transfer(side: Side) {
     let Some(b) = backend(&format!("qp_error_mid_transfer_{side:?}")) else { return };
     const PAGES: usize = 8192;
-    let src = random_memory(PAGES, 3);
-    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
-    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
-    let (s, d) = b.rdma_pair();
+    let Transfer { smap, dmap, s, d, .. } = transfer(&b, PAGES, 3);
     let fault = match side {
         Side::Source => s.qp_fault.clone(),
         Side::Destination => d.qp_fault.clone(),
@@ -268,17 +307,16 @@ fn qp_error_on_destination_mid_transfer() {
     qp_error_mid_transfer(Side::Destination);
 }
 
-/// The destination seals its memory (as it does at `Complete`): a batch sent before lands, a
-/// one-sided write after fails at the source with a transport error, and the destination's
-/// memory of that batch stays as it was (zero); no panic, no hang.
+/// The destination seals its memory (as it does at `Complete`, before its final check): a batch
+/// sent before lands; the destination's queue pair is then in the error state as its device
+/// reports it; the source's next batch fails with a transport error and not a byte of it lands;
+/// no panic, no hang.
 #[test]
 fn sealed_memory_refuses_remote_writes() {
     let Some(b) = backend("sealed_memory_refuses_remote_writes") else { return };
     const PAGES: usize = 512;
-    let src = random_memory(PAGES, 5);
-    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
-    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
-    let (s, d) = b.rdma_pair();
+    let Transfer { src, dst, smap, dmap, s, d } = transfer(&b, PAGES, 5);
+    let dst_qp = d.qp_state.clone();
     let (mut s, mut d) = (s.channel, d.channel);
     let seal = d.rx.memory_sealer().expect("rdma has a memory sealer");
     std::thread::scope(|sc| {
@@ -296,7 +334,9 @@ fn sealed_memory_refuses_remote_writes() {
         s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &first, &smap).expect("a batch before the seal");
         let got = received.recv_timeout(Duration::from_secs(30)).expect("the first batch");
         assert!(matches!(got, Ok(Incoming::Batch(_))), "{got:?}");
+        assert_eq!(dst_qp.query().expect("ibv_query_qp"), QpState::ReadyToSend);
         seal();
+        assert_eq!(dst_qp.query().expect("ibv_query_qp"), QpState::Error, "the seal moves the queue pair to ERR");
         let second = [PageRun { gpa: (256 * PAGE_SIZE) as u64, pages: 256 }];
         let err = match s.tx.send_batch(1, 0, BATCH_DEST_ZEROED, &second, &smap) {
             Ok(_) => s.tx.close().expect_err("a write into sealed memory cannot complete"),
@@ -308,17 +348,7 @@ fn sealed_memory_refuses_remote_writes() {
         (s.killer)();
         let _ = recv.join();
         // The first batch landed; not one byte of the second did.
-        let mut page = vec![0u8; PAGE_SIZE];
-        let mut want = vec![0u8; PAGE_SIZE];
-        for i in 0..PAGES {
-            dst.read_into(i * PAGE_SIZE, &mut page);
-            if i < 256 {
-                src.read_into(i * PAGE_SIZE, &mut want);
-                assert_eq!(page, want, "page {i} of the batch before the seal");
-            } else {
-                assert!(page.iter().all(|&x| x == 0), "page {i} was written after the seal");
-            }
-        }
+        assert_only_first_landed(&src, &dst, 256, "after the seal");
         while let Ok(r) = received.try_recv() {
             assert!(!matches!(r, Ok(Incoming::Batch(_))), "a batch was received after the seal");
         }
@@ -335,18 +365,24 @@ enum Stale {
 }
 
 /// A source writes one-sided with the keys of the last window table it got, outside any batch,
-/// once those windows are gone: the write fails at the source with a remote access error, not a
-/// byte of it lands, the pages of the batch before are intact, the channel then fails cleanly at
-/// both ends (the source's next batch and the destination's receive end in errors; no panic, no
-/// hang), and the source stays free to abort and carry on (here: it aborts over the control
-/// stream).
+/// once those windows are gone, issued the moment `end_round` (or the seal) returned: the write
+/// fails at the source, not a byte of it lands, the pages of the batch before are intact, the
+/// channel then fails cleanly at both ends (the source's next batch and the destination's
+/// receive end in errors; no panic, no hang), and the source stays free to abort and carry on
+/// (here: it aborts over the control stream).
+///
+/// Between rounds the destination's queue pair is up and its device refuses the dead window's
+/// rkey: a remote access error. When `end_round` returns no window of the channel is bound on
+/// the destination (issue 13: the round's windows are deallocated before the source's round
+/// ends). After the seal (as at `Complete`) the destination's queue pair is in the error state
+/// (asked of the device) and drops the write, which fails at the source when its retries run
+/// out; the source's next batch is refused up front: the destination told it its memory is
+/// sealed.
 fn stale_keys_are_refused(when: Stale) {
     let Some(b) = backend(&format!("stale_keys_are_refused_{when:?}")) else { return };
     const PAGES: usize = 512;
-    let src = random_memory(PAGES, 6);
-    let dst = Arc::new(AnonMemory::new(PAGES * PAGE_SIZE, true).unwrap());
-    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
-    let (s, d) = b.rdma_pair();
+    let Transfer { src, dst, smap, dmap, s, d } = transfer(&b, PAGES, 6);
+    let dst_qp = d.qp_state.clone();
     let probe = s.probe;
     let (mut s, mut d) = (s.channel, d.channel);
     let seal = d.rx.memory_sealer().expect("rdma has a memory sealer");
@@ -365,18 +401,33 @@ fn stale_keys_are_refused(when: Stale) {
         s.tx.send_batch(0, 0, BATCH_DEST_ZEROED, &first, &smap).expect("a batch of round 0");
         let got = received.recv_timeout(Duration::from_secs(30)).expect("the first batch");
         assert!(matches!(got, Ok(Incoming::Batch(_))), "{got:?}");
+        assert_eq!(rdma::window_stats().bound_now, 1, "round 0's windows are bound while it is open");
         match when {
-            Stale::BetweenRounds => s.tx.end_round().expect("the round barrier"),
-            Stale::AfterSeal => seal(),
+            Stale::BetweenRounds => {
+                s.tx.end_round().expect("the round barrier");
+                assert_eq!(rdma::window_stats().bound_now, 0, "a window outlived end_round");
+                assert_eq!(dst_qp.query().expect("ibv_query_qp"), QpState::ReadyToSend);
+            }
+            Stale::AfterSeal => {
+                seal();
+                assert_eq!(rdma::window_stats().bound_now, 0, "a window outlived the seal");
+                assert_eq!(dst_qp.query().expect("ibv_query_qp"), QpState::Error, "the seal moves the QP to ERR");
+            }
         }
         let target = (300 * PAGE_SIZE) as u64;
         let err = probe.write_last(target, 0xA5).expect_err("a write with a dead window's key cannot land");
         eprintln!("stale write ({when:?}): {err}");
-        match &err {
-            TransportError::Rdma(ferry_transport::RdmaError::WorkCompletion { status, .. }) => {
+        match (when, &err) {
+            (Stale::BetweenRounds, TransportError::Rdma(RdmaError::WorkCompletion { status, .. })) => {
                 assert_eq!(*status, 10, "expected a remote access error (IBV_WC_REM_ACCESS_ERR), got {err}")
             }
-            other => panic!("expected a work completion error, got {other}"),
+            // A queue pair in the error state answers nothing: the source's retries run out
+            // (IBV_WC_RETRY_EXC_ERR), or soft-RoCE keeps quiet and the probe's wait ends.
+            (Stale::AfterSeal, TransportError::Rdma(RdmaError::WorkCompletion { status, .. })) => {
+                assert_eq!(*status, 12, "expected the transport retries to run out, got {err}")
+            }
+            (Stale::AfterSeal, TransportError::Rdma(RdmaError::Stalled { .. })) => {}
+            (_, other) => panic!("expected a work completion error, got {other}"),
         }
         // The channel is broken now: the next round's batch fails, bounded, without a panic.
         let second = [PageRun { gpa: (256 * PAGE_SIZE) as u64, pages: 256 }];
@@ -385,20 +436,13 @@ fn stale_keys_are_refused(when: Stale) {
             Err(e) => e,
         };
         eprintln!("source after the stale write: {next}");
+        if let Stale::AfterSeal = when {
+            assert!(matches!(next, TransportError::Rdma(RdmaError::Sealed)), "expected the seal's error, got {next}");
+        }
         let _ = s.tx.send_abort(9, "stale write");
         (s.killer)();
         recv.join().expect("receiver thread");
-        let mut page = vec![0u8; PAGE_SIZE];
-        let mut want = vec![0u8; PAGE_SIZE];
-        for i in 0..PAGES {
-            dst.read_into(i * PAGE_SIZE, &mut page);
-            if i < 256 {
-                src.read_into(i * PAGE_SIZE, &mut want);
-                assert_eq!(page, want, "page {i} of the round-0 batch");
-            } else {
-                assert!(page.iter().all(|&x| x == 0), "page {i} was written by a stale key");
-            }
-        }
+        assert_only_first_landed(&src, &dst, 256, "by a stale key");
         let mut ended = false;
         while let Ok(r) = received.try_recv() {
             assert!(!matches!(r, Ok(Incoming::Batch(_))), "a batch was received after the stale write");
@@ -419,20 +463,19 @@ fn stale_keys_are_refused_after_seal() {
 }
 
 /// Rounds over one channel: each round's batch lands with fresh windows (bound when the round's
-/// first batch goes, invalidated at `end_round`), the destination ends identical to the source,
-/// and every round bound and invalidated its windows once. Prints `RDMA_MW` (per-round bind and
-/// invalidate time; the soft-RoCE log keeps it); asserts no time.
+/// first batch goes, invalidated at `end_round`: bound while the round is open, none left when
+/// `end_round` returns), the destination ends identical to the source, and every round bound
+/// and invalidated its windows once. Prints `RDMA_MW` (per-round bind, invalidate and whole
+/// barrier time; the soft-RoCE log keeps it); asserts no time.
 #[test]
 fn windows_per_round() {
     let Some(b) = backend("windows_per_round") else { return };
     const ROUNDS: usize = 24;
     const PAGES: usize = 64;
-    let src = random_memory(ROUNDS * PAGES, 8);
-    let dst = Arc::new(AnonMemory::new(ROUNDS * PAGES * PAGE_SIZE, true).unwrap());
-    let (smap, dmap) = (src.map_at(0).unwrap(), dst.map_at(0).unwrap());
-    let (s, d) = b.rdma_pair();
+    let Transfer { src, dst, smap, dmap, s, d } = transfer(&b, ROUNDS * PAGES, 8);
     let (mut s, mut d) = (s.channel, d.channel);
     let before = rdma::window_stats();
+    let barrier = Mutex::new(Duration::ZERO);
     std::thread::scope(|sc| {
         let dmap = &dmap;
         let recv = sc.spawn(move || {
@@ -451,7 +494,11 @@ fn windows_per_round() {
         for r in 0..ROUNDS {
             let run = [PageRun { gpa: (r * PAGES * PAGE_SIZE) as u64, pages: PAGES as u32 }];
             s.tx.send_batch(r as u64, r as u32, BATCH_DEST_ZEROED, &run, &smap).expect("batch");
+            assert_eq!(rdma::window_stats().bound_now, 1, "round {r}: its windows are bound");
+            let t = std::time::Instant::now();
             s.tx.end_round().expect("round barrier");
+            *barrier.lock().unwrap() += t.elapsed();
+            assert_eq!(rdma::window_stats().bound_now, 0, "round {r}: a window outlived end_round");
         }
         s.tx.close().expect("close");
         assert_eq!(recv.join().expect("receiver"), ROUNDS);
@@ -469,9 +516,10 @@ fn windows_per_round() {
     }
     let us = |d: Duration, n: u64| d.as_secs_f64() * 1e6 / n.max(1) as f64;
     eprintln!(
-        "RDMA_MW rounds {ROUNDS}, 1 region: bind {:.0} us/round, invalidate {:.0} us/round",
+        "RDMA_MW rounds {ROUNDS}, 1 region: bind {:.0} us/round, invalidate {:.0} us/round, end_round (close asked, windows deallocated, confirmed) {:.0} us/round",
         us(after.open_time - before.open_time, opens),
-        us(after.close_time - before.close_time, closes)
+        us(after.close_time - before.close_time, closes),
+        us(barrier.into_inner().unwrap(), ROUNDS as u64)
     );
 }
 

@@ -13,7 +13,7 @@ use sideway::ibverbs::memory_region::MemoryRegion;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
 
 use super::verbs::{self, lock, Device, Qp, Wc, Wr};
-use super::{RemoteRegion, TAG_CLOSE, TAG_CLOSED, TAG_OPEN, TAG_USER};
+use super::{RemoteRegion, TAG_CLOSE, TAG_CLOSED, TAG_OPEN, TAG_SEALED, TAG_USER};
 use crate::channel::{check_send_request, ChannelRx, ChannelTx, Incoming, ReceivedBatch, SentBatch};
 use crate::error::{RdmaError, Result, TransportError, WireError};
 use crate::stream::StreamTx;
@@ -46,6 +46,9 @@ pub(crate) struct TableState {
     pub first: Option<Vec<RemoteRegion>>,
     /// Rounds the destination confirmed closed (`Control[TAG_CLOSED]`).
     pub closes: u64,
+    /// The destination sealed its guest memory (`Control[TAG_SEALED]`, sent at `Complete`): it
+    /// takes no page on this channel any more, so no batch is sent.
+    pub sealed: bool,
     /// Announcements we may still send (receives the peer has posted for us).
     pub credits: u64,
     /// Receives the peer posted in all (credits never exceed it).
@@ -160,6 +163,9 @@ pub struct RdmaTx {
     src_mrs: Vec<SrcMr>,
     /// The round whose memory windows this channel holds, with their table.
     open: Option<(u32, Vec<RemoteRegion>)>,
+    /// `Control[TAG_CLOSE]` sent and its confirmation not yet seen: the destination's count of
+    /// closed rounds before it.
+    closing: Option<u64>,
     /// Signaled work requests not yet completed: (wr_id, work requests it covers, ends a batch).
     pending: VecDeque<(u64, usize, bool)>,
     sq_used: usize,
@@ -201,6 +207,7 @@ impl RdmaTx {
             msgbuf_mr,
             src_mrs: Vec::new(),
             open: None,
+            closing: None,
             pending: VecDeque::new(),
             sq_used: 0,
             inflight_batches: 0,
@@ -214,6 +221,14 @@ impl RdmaTx {
     fn check_alive(&self) -> Result<()> {
         if self.shared.killed.load(Ordering::SeqCst) {
             return Err(TransportError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Refuse to write once the destination said it sealed its memory.
+    fn check_not_sealed(&self) -> Result<()> {
+        if lock(&self.shared.table).sealed {
+            return Err(RdmaError::Sealed.into());
         }
         Ok(())
     }
@@ -352,27 +367,39 @@ impl RdmaTx {
             }
         }
         self.end_round_inner()?;
+        self.check_not_sealed()?;
         let mut m = vec![TAG_OPEN];
         m.extend_from_slice(&round.to_le_bytes());
         lock(&self.ctl).send_control(&m)?;
-        self.wait_table("no memory windows from the destination in time", |t| t.remote.is_some())?;
+        self.wait_table("no memory windows from the destination in time", |t| t.remote.is_some() || t.sealed)?;
+        self.check_not_sealed()?;
         let t = lock(&self.shared.table).remote.clone().unwrap_or_default();
         self.open = Some((round, t.clone()));
         Ok(t)
     }
 
-    /// Close the open round: wait until every batch posted completed (the destination holds
-    /// them), ask the destination to invalidate the round's windows (`Control[TAG_CLOSE]`) and
-    /// wait for its confirmation.
-    fn end_round_inner(&mut self) -> Result<()> {
-        if self.open.is_none() {
+    /// Start closing the open round: wait until every batch posted completed (the destination
+    /// holds them) and ask the destination to invalidate the round's windows
+    /// (`Control[TAG_CLOSE]`), without waiting for its answer.
+    fn begin_close(&mut self) -> Result<()> {
+        if self.open.is_none() || self.closing.is_some() {
             return Ok(());
         }
         self.drain()?;
         let before = lock(&self.shared.table).closes;
         lock(&self.ctl).send_control(&[TAG_CLOSE])?;
-        self.wait_table("the destination did not confirm closing its memory windows in time", |t| t.closes > before)?;
+        self.closing = Some(before);
         self.open = None;
+        Ok(())
+    }
+
+    /// Close the open round ([`RdmaTx::begin_close`]) and wait for the destination's
+    /// confirmation that its windows are deallocated (`Control[TAG_CLOSED]`).
+    fn end_round_inner(&mut self) -> Result<()> {
+        self.begin_close()?;
+        let Some(before) = self.closing else { return Ok(()) };
+        self.wait_table("the destination did not confirm closing its memory windows in time", |t| t.closes > before)?;
+        self.closing = None;
         Ok(())
     }
 
@@ -458,6 +485,7 @@ impl RdmaTx {
             return Err(TransportError::InvalidBatch("rdma channels carry batches from the connecting side only"));
         }
         self.check_alive()?;
+        self.check_not_sealed()?;
         let remote = self.windows_for(round)?;
         let regions = src.regions();
         if regions.is_empty() {
@@ -580,6 +608,10 @@ impl ChannelTx for RdmaTx {
         lock(&self.ctl).send_abort(code, reason)
     }
 
+    fn begin_end_round(&mut self) -> Result<()> {
+        self.begin_close()
+    }
+
     fn end_round(&mut self) -> Result<()> {
         self.end_round_inner()
     }
@@ -602,15 +634,24 @@ static WINDOW_OPENS: AtomicU64 = AtomicU64::new(0);
 static WINDOW_OPEN_NS: AtomicU64 = AtomicU64::new(0);
 static WINDOW_CLOSES: AtomicU64 = AtomicU64::new(0);
 static WINDOW_CLOSE_NS: AtomicU64 = AtomicU64::new(0);
+/// Window sets bound now (rounds open on some channel of a destination in this process).
+static WINDOWS_BOUND: AtomicU64 = AtomicU64::new(0);
+/// Memory seals (guest memory closed for good on a channel, its queue pair moved to the error
+/// state), and those whose queue pair refused the error state.
+static SEALS: AtomicU64 = AtomicU64::new(0);
+static SEAL_QP_FAILURES: AtomicU64 = AtomicU64::new(0);
 
 /// Window rounds opened and closed by destinations in this process, and their total time.
-pub(crate) fn window_counters() -> (u64, Duration, u64, Duration) {
-    (
-        WINDOW_OPENS.load(Ordering::Relaxed),
-        Duration::from_nanos(WINDOW_OPEN_NS.load(Ordering::Relaxed)),
-        WINDOW_CLOSES.load(Ordering::Relaxed),
-        Duration::from_nanos(WINDOW_CLOSE_NS.load(Ordering::Relaxed)),
-    )
+pub(crate) fn window_counters() -> super::WindowStats {
+    super::WindowStats {
+        opens: WINDOW_OPENS.load(Ordering::Relaxed),
+        open_time: Duration::from_nanos(WINDOW_OPEN_NS.load(Ordering::Relaxed)),
+        closes: WINDOW_CLOSES.load(Ordering::Relaxed),
+        close_time: Duration::from_nanos(WINDOW_CLOSE_NS.load(Ordering::Relaxed)),
+        bound_now: WINDOWS_BOUND.load(Ordering::SeqCst),
+        seals: SEALS.load(Ordering::SeqCst),
+        seal_qp_failures: SEAL_QP_FAILURES.load(Ordering::SeqCst),
+    }
 }
 
 /// The destination's guest memory on this channel: its regions, registered for local writes and
@@ -629,10 +670,24 @@ pub(crate) struct SinkRegions {
     base: Vec<(u64, usize, usize)>,
 }
 
+impl Drop for SinkRegions {
+    fn drop(&mut self) {
+        // The windows go with the channel (fields drop in order after this).
+        if !self.mws.is_empty() {
+            WINDOWS_BOUND.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 /// The destination's window control, shared by the receiving half (registration on the first
 /// receive), the control reader (`TAG_OPEN` / `TAG_CLOSE` from the source) and the memory sealer.
 pub(crate) struct Windows {
     pub state: Mutex<SinkRegions>,
+    /// Set once the memory is sealed (`state.sealed`), readable without the lock: the receiving
+    /// half then takes the flushed receives of the queue pair in the error state as the end.
+    pub sealed: AtomicBool,
+    /// This is the destination's side of the channel (the source has no windows to seal).
+    pub destination: bool,
     pub qp: Arc<Mutex<Qp>>,
     pub pd: Arc<ProtectionDomain>,
     /// The send CQ: on the destination only window binds complete there.
@@ -647,7 +702,7 @@ impl Windows {
     /// Bind fresh windows over every region for `round` and send their table.
     fn open_locked(&self, st: &mut SinkRegions, round: u32) -> Result<()> {
         let t0 = Instant::now();
-        st.mws.clear();
+        self.close_locked(st);
         let mut mws = Vec::with_capacity(st.base.len());
         for _ in &st.base {
             mws.push(verbs::Mw::alloc(&self.pd)?);
@@ -676,6 +731,9 @@ impl Windows {
             .map(|(&(gpa, host, len), w)| RemoteRegion { gpa, addr: host as u64, len: len as u64, rkey: w.rkey() })
             .collect();
         st.mws = mws;
+        if !st.mws.is_empty() {
+            WINDOWS_BOUND.fetch_add(1, Ordering::SeqCst);
+        }
         WINDOW_OPENS.fetch_add(1, Ordering::Relaxed);
         WINDOW_OPEN_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         let _ = round;
@@ -703,6 +761,7 @@ impl Windows {
         }
         let t0 = Instant::now();
         st.mws.clear();
+        WINDOWS_BOUND.fetch_sub(1, Ordering::SeqCst);
         WINDOW_CLOSES.fetch_add(1, Ordering::Relaxed);
         WINDOW_CLOSE_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
@@ -716,13 +775,33 @@ impl Windows {
         lock(&self.ctl).send_control(&[TAG_CLOSED])
     }
 
-    /// The memory sealer: no window from now on, and the regions deregistered.
+    /// The memory sealer (the destination calls it at `Complete`, before its final check, and
+    /// when the channel ends): the queue pair goes to the error state (its responder drops every
+    /// packet from now on), the windows are deallocated, the regions deregistered, no window is
+    /// bound again, and the source is told (`Control[TAG_SEALED]`, so its next batch fails with
+    /// [`RdmaError::Sealed`] instead of writing into a queue pair that drops it). Idempotent.
     pub fn seal(&self) {
+        if !self.destination {
+            return;
+        }
         let mut st = lock(&self.state);
+        if st.sealed {
+            return;
+        }
         st.sealed = true;
+        self.sealed.store(true, Ordering::SeqCst);
         st.want_open = None;
+        // First the queue pair: from its return no packet of the peer is taken, so nothing can
+        // land while the windows and regions go.
+        if lock(&self.qp).to_error().is_err() {
+            SEAL_QP_FAILURES.fetch_add(1, Ordering::SeqCst);
+        }
         self.close_locked(&mut st);
         st.mrs.clear();
+        SEALS.fetch_add(1, Ordering::SeqCst);
+        drop(st);
+        // The control stream may be gone already (a channel that ended): nothing to tell then.
+        let _ = lock(&self.ctl).send_control(&[TAG_SEALED]);
     }
 }
 
@@ -945,8 +1024,13 @@ impl RdmaRx {
             self.ready.push_back(r.map(Incoming::Batch));
         }
         self.wcs = wcs;
-        if let Err(e) = polled {
-            self.ready.push_back(Err(e.into()));
+        match polled {
+            // Sealed: the queue pair is in the error state on purpose and flushes the receives
+            // still posted; they carry nothing (any announcement after the seal is refused).
+            Err(RdmaError::WorkCompletion { status: verbs::WC_WR_FLUSH_ERR, .. })
+                if self.windows.sealed.load(Ordering::SeqCst) => {}
+            Err(e) => self.ready.push_back(Err(e.into())),
+            Ok(()) => {}
         }
     }
 
@@ -958,6 +1042,10 @@ impl RdmaRx {
         // SAFETY: the receive into this slot completed, the device no longer writes it; n is at
         // most the slot size.
         unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), self.msg.as_mut_ptr(), n) };
+        if self.windows.sealed.load(Ordering::SeqCst) {
+            // No receive is posted again on a sealed channel (its queue pair is in the error state).
+            return Ok(());
+        }
         self.post_slot(wc.wr_id)?;
         self.unreturned += 1;
         if self.unreturned as usize >= (self.rq_depth / 4).max(1) {
@@ -973,8 +1061,9 @@ impl RdmaRx {
 impl ChannelRx for RdmaRx {
     fn memory_sealer(&self) -> Option<crate::channel::Killer> {
         let windows = Arc::clone(&self.windows);
-        // Deallocating the windows invalidates their rkeys (a remote write fails with a remote
-        // access error) and the regions are deregistered; no window is bound again.
+        // The queue pair goes to the error state (its responder takes no packet any more), the
+        // windows are deallocated (their rkeys dead), the regions deregistered; no window is
+        // bound again (`Windows::seal`).
         Some(Arc::new(move || windows.seal()))
     }
 

@@ -30,6 +30,14 @@
 //!     |--------------------------------------------------------------->|  windows deallocated
 //!     |  Control[TAG_CLOSED]                                           |  (rkeys dead)
 //!     |<---------------------------------------------------------------|
+//!     |  (end_round returns; only now the source takes the dirty pages |
+//!     |   or saves the state: the next round opens fresh windows)      |
+//!     |  ... Complete (channel 0, TCP)                                 |
+//!     |--------------------------------------------------------------->|  memory sealer, every
+//!     |                                                                |  channel: QP -> ERR,
+//!     |  Control[TAG_SEALED]                                           |  windows deallocated,
+//!     |<---------------------------------------------------------------|  regions deregistered;
+//!     |                                                                |  then the final check
 //! ```
 //!
 //! - **Memory windows, one round at a time (issue 13).** The destination registers the regions
@@ -45,14 +53,27 @@
 //!   acknowledged and before it takes the dirty pages or saves the state): the source waits for
 //!   its posted work to complete, sends `Control[TAG_CLOSE]`, the destination deallocates the
 //!   windows (the device refuses their rkeys from then on) and answers `Control[TAG_CLOSED]`,
-//!   which `end_round` waits for. So between rounds, and after the final round, no window
-//!   exists: a write with an earlier round's rkey fails with a remote access error, lands
-//!   nowhere, and breaks the channel (both queue pairs go to the error state), which aborts the
-//!   migration like any lost channel. The receiving half's memory sealer
+//!   which `end_round` waits for. The migration source takes the dirty pages or saves the state
+//!   only once `end_round` returned on every live channel (it asks all of them first,
+//!   [`crate::channel::ChannelTx::begin_end_round`], then waits on each: one round trip per
+//!   barrier), so when the source's round ends no window of it exists on the destination. Between
+//!   the round's last acknowledgement and that confirmation the source does nothing. So between
+//!   rounds, and after the final round, no window exists: a write with an earlier round's rkey
+//!   fails with a remote access error, lands nowhere, and breaks the channel (both queue pairs
+//!   go to the error state), which aborts the migration like any lost channel.
+//! - **Sealed at `Complete` (issue 13).** The receiving half's memory sealer
 //!   ([`crate::channel::ChannelRx::memory_sealer`]; the destination calls it on every channel
-//!   when `Complete` arrives, before its final check) deallocates any window still bound,
-//!   deregisters the regions and refuses every later `TAG_OPEN`. A later `recv` with a different
-//!   sink is refused. Windows are allocated fresh at each open (deallocating is the
+//!   when `Complete` arrives, before its final check) moves the channel's queue pair to the
+//!   error state (`ibv_modify_qp` to `IBV_QPS_ERR`: its responder drops every packet, whatever
+//!   rkey it names), deallocates any window still bound, deregisters the regions, refuses every
+//!   later `TAG_OPEN` and tells the source (`Control[TAG_SEALED]`): the source's next
+//!   `send_batch` fails with [`RdmaError::Sealed`], and a one-sided write issued anyway fails at
+//!   the source when its retries run out (or stalls until `completion_timeout`). The receiving
+//!   half takes the receives the error state flushes as the end, not as an error. A
+//!   destination's channel that ends (Goodbye, error, killer) is sealed the same way, so no
+//!   window outlives its control stream. [`window_stats`] counts windows bound now and seals;
+//!   [`RdmaChannel::qp_state`] asks the device for a queue pair's state. A later `recv` with a
+//!   different sink is refused. Windows are allocated fresh at each open (deallocating is the
 //!   invalidation: a system call that is final when it returns, where `IBV_WR_LOCAL_INV` would
 //!   need a completion); the bind is an `IBV_WR_BIND_MW` on the destination's send queue, which
 //!   carries nothing else. Binding touches no page table, unlike registering (measured on
@@ -78,10 +99,11 @@
 //!   `rq_depth / 4`. A destination that stops reading stops returning credits and `send_batch`
 //!   blocks: receiver-not-ready NAKs never happen in normal operation, so the QP retries them
 //!   only a few times and a peer that sends them anyway fails the channel instead of hanging it.
-//! - **Round barrier cost.** `end_round` is a control round trip plus the deallocation; the
-//!   next round's first batch waits for a round trip plus the binds (`rdma::window_stats`
-//!   counts their time; `rdma_bw --round-batches N` measures the throughput with a round every N
-//!   batches).
+//! - **Round barrier cost.** `end_round` is a control round trip plus the deallocation (on all
+//!   channels at once in a migration); the next round's first batch waits for a round trip plus
+//!   the binds (`rdma::window_stats` counts their time; `conformance_rdma` `windows_per_round`
+//!   prints them with the whole `end_round`; `rdma_bw --round-batches N` measures the
+//!   throughput with a round every N batches).
 //! - **Endpoints.** [`RdmaAcceptor`] and [`RdmaOptions`] are this backend's
 //!   [`crate::endpoint::Acceptor`] and [`crate::endpoint::Connector`]: a migration server
 //!   listening on rdma beside tcp routes their channels like any other. The acceptor refuses, in
@@ -145,6 +167,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use channel::{RdmaRx, RdmaTx};
+pub use verbs::QpState;
 
 use crate::channel::{Channel, ChannelInfo, ChannelRx, ChannelTx, Incoming, Killer};
 use crate::crypto::ChannelKeys;
@@ -170,6 +193,8 @@ pub(crate) const TAG_OPEN: u8 = 4;
 pub(crate) const TAG_CLOSE: u8 = 5;
 /// Control tag: the destination invalidated the round's windows.
 pub(crate) const TAG_CLOSED: u8 = 6;
+/// Control tag: the destination sealed its guest memory (queue pair in the error state).
+pub(crate) const TAG_SEALED: u8 = 7;
 /// Most regions in a region table.
 pub(crate) const MAX_REGIONS: usize = 4096;
 const REGION_LEN: usize = 8 + 8 + 8 + 4;
@@ -383,12 +408,19 @@ pub struct WindowStats {
     pub closes: u64,
     /// Total time of those invalidations.
     pub close_time: Duration,
+    /// Window sets bound right now (one per channel with a round open): 0 whenever no round is
+    /// open on any channel of a destination in this process.
+    pub bound_now: u64,
+    /// Channels whose destination memory was sealed (queue pair moved to the error state,
+    /// windows deallocated, regions deregistered): at `Complete` and when a channel ends.
+    pub seals: u64,
+    /// Seals whose queue pair refused the error state (its windows and regions went anyway).
+    pub seal_qp_failures: u64,
 }
 
 /// The process-wide [`WindowStats`] so far.
 pub fn window_stats() -> WindowStats {
-    let (opens, open_time, closes, close_time) = channel::window_counters();
-    WindowStats { opens, open_time, closes, close_time }
+    channel::window_counters()
 }
 
 /// An established RDMA channel with its fault injector.
@@ -401,6 +433,20 @@ pub struct RdmaChannel {
     /// A source that writes where it should not (tests).
     #[doc(hidden)]
     pub probe: WriteProbe,
+    /// Asks the device for this side's queue pair state (tests: `Error` after a seal).
+    pub qp_state: QpStateQuery,
+}
+
+/// Asks the device for the state of one channel's queue pair (`ibv_query_qp`); usable from any
+/// thread while the channel's halves live (and after: the queue pair lives as long as this).
+#[derive(Clone)]
+pub struct QpStateQuery(Arc<dyn Fn() -> std::result::Result<QpState, RdmaError> + Send + Sync>);
+
+impl QpStateQuery {
+    /// The queue pair's state now.
+    pub fn query(&self) -> std::result::Result<QpState, RdmaError> {
+        (self.0)()
+    }
 }
 
 /// Fault injection on the source side: one RDMA WRITE outside the protocol, with the rkey of the
@@ -555,6 +601,12 @@ fn reader(
                     shared.cond.notify_all();
                     continue;
                 }
+                Some(&TAG_SEALED) if source && m.len() == 1 => {
+                    let mut g = verbs::lock(&shared.table);
+                    g.sealed = true;
+                    shared.cond.notify_all();
+                    continue;
+                }
                 Some(&TAG_OPEN) if !source && m.len() == 5 => {
                     match windows.request_open(u32::from_le_bytes([m[1], m[2], m[3], m[4]])) {
                         Ok(()) => continue,
@@ -585,6 +637,9 @@ fn reader(
             Err(e) => (Err(e), true),
         };
         if stop {
+            // The destination's channel ends (Goodbye, error, killed): its memory is sealed
+            // before the end is handed over, so no window of it outlives the control stream.
+            windows.seal();
             shared.set_dead(match &item {
                 Ok(_) => String::new(),
                 Err(e) => e.to_string(),
@@ -607,6 +662,7 @@ struct Parts {
     killer: Killer,
     qp_fault: Killer,
     probe: WriteProbe,
+    qp_state: QpStateQuery,
 }
 
 impl Parts {
@@ -617,6 +673,7 @@ impl Parts {
             channel: Channel { tx, rx, info: self.info, killer: self.killer },
             qp_fault: self.qp_fault,
             probe: self.probe,
+            qp_state: self.qp_state,
         }
     }
 }
@@ -652,6 +709,8 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
     let (ev_tx, ev_rx) = mpsc::channel();
     let windows = Arc::new(channel::Windows {
         state: Mutex::default(),
+        sealed: std::sync::atomic::AtomicBool::new(false),
+        destination: !source,
         qp: Arc::clone(&qp),
         pd: Arc::clone(&conn.dev.pd),
         send_cq: Arc::clone(&cqs.send),
@@ -680,6 +739,7 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
     };
     let probe = WriteProbe::new(Arc::clone(&conn), Arc::clone(&shared), Arc::clone(&cqs.send))?;
     let tx = RdmaTx::new(Arc::clone(&conn), ctl, Arc::clone(&shared), cqs.send, limits)?;
+    let kill_windows = Arc::clone(&windows);
     {
         let shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -694,12 +754,16 @@ fn build(sock: TcpStream, est: Established, keys: ChannelKeys, opts: &RdmaOption
         kill_shared.killed.store(true, std::sync::atomic::Ordering::SeqCst);
         let _ = kill_sock.shutdown(std::net::Shutdown::Both);
         verbs::lock(&kill_qp).set_error();
+        // A destination's windows and regions go with the channel (a no-op on the source).
+        kill_windows.seal();
         kill_shared.set_dead("killed".into());
     });
+    let state_qp = Arc::clone(&qp);
+    let qp_state = QpStateQuery(Arc::new(move || verbs::lock(&state_qp).query_state()));
     let fault_qp = Arc::clone(&qp);
     let qp_fault: Killer = Arc::new(move || verbs::lock(&fault_qp).set_error());
     let info = ChannelInfo { established: est, backend: "rdma", local, peer, image_key: keys.image.clone() };
-    Ok(Parts { tx, rx, info, killer, qp_fault, probe })
+    Ok(Parts { tx, rx, info, killer, qp_fault, probe, qp_state })
 }
 
 /// Connect an RDMA channel: TCP control stream to `addr` (handshake with [`Caps::RDMA`]), then

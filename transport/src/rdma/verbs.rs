@@ -169,6 +169,27 @@ fn mtu_of(v: u32) -> Mtu {
     }
 }
 
+/// The state of a queue pair ([`crate::rdma::QpStateQuery`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QpState {
+    /// `IBV_QPS_RESET`.
+    Reset,
+    /// `IBV_QPS_INIT`.
+    Init,
+    /// `IBV_QPS_RTR`.
+    ReadyToReceive,
+    /// `IBV_QPS_RTS`.
+    ReadyToSend,
+    /// `IBV_QPS_SQD`.
+    SendQueueDrain,
+    /// `IBV_QPS_SQE`.
+    SendQueueError,
+    /// `IBV_QPS_ERR`: every work request is flushed, every incoming packet dropped.
+    Error,
+    /// A value the library does not know.
+    Unknown,
+}
+
 /// A reliable-connected queue pair with its own send and receive completion queues.
 pub(crate) struct Qp {
     pub qp: BasicQueuePair,
@@ -249,9 +270,56 @@ impl Qp {
     /// Move the queue pair to the error state: outstanding and later work requests complete
     /// with a flush error. Used to cut a channel and to inject faults.
     pub fn set_error(&mut self) {
-        let mut attr = QueuePairAttribute::new();
-        attr.setup_state(QueuePairState::Error);
-        let _ = self.qp.modify(&attr);
+        let _ = self.to_error();
+    }
+
+    /// [`Qp::set_error`], saying whether the device took it (`ibv_modify_qp` to `IBV_QPS_ERR`).
+    /// In the error state the queue pair's responder drops every incoming packet: no RDMA WRITE
+    /// lands through it any more, whatever rkey it names, and a window bound through it is dead.
+    pub fn to_error(&mut self) -> Result<(), RdmaError> {
+        // SAFETY: ibv_qp_attr is plain data (integers and structs of them): all zeros is valid.
+        let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
+        attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
+        let mask = sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as std::os::raw::c_int;
+        // SAFETY: the queue pair is live while self is (we hold it mutably); `attr` lives on this
+        // frame for the call, and the mask names only the state it sets.
+        let rc = unsafe { sys::ibv_modify_qp(self.qp.qp().as_ptr(), &mut attr, mask) };
+        if rc != 0 {
+            return Err(RdmaError::Verbs {
+                op: "ibv_modify_qp(ERR)",
+                detail: std::io::Error::from_raw_os_error(rc).to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The queue pair's state as the device reports it now (`ibv_query_qp`, not the state
+    /// libibverbs cached at the last modify).
+    pub fn query_state(&self) -> Result<QpState, RdmaError> {
+        // SAFETY: both structures are plain data (integers, structs of them, raw pointers): all
+        // zeros is a valid value.
+        let (mut attr, mut init): (sys::ibv_qp_attr, sys::ibv_qp_init_attr) =
+            unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+        let mask = sys::ibv_qp_attr_mask::IBV_QP_STATE.0 as std::os::raw::c_int;
+        // SAFETY: the queue pair is live while self is; both out-structures live on this frame.
+        let rc = unsafe { sys::ibv_query_qp(self.qp.qp().as_ptr(), &mut attr, mask, &mut init) };
+        if rc != 0 {
+            return Err(RdmaError::Verbs {
+                op: "ibv_query_qp",
+                detail: std::io::Error::from_raw_os_error(rc).to_string(),
+            });
+        }
+        use sys::ibv_qp_state as st;
+        Ok(match attr.qp_state {
+            st::IBV_QPS_RESET => QpState::Reset,
+            st::IBV_QPS_INIT => QpState::Init,
+            st::IBV_QPS_RTR => QpState::ReadyToReceive,
+            st::IBV_QPS_RTS => QpState::ReadyToSend,
+            st::IBV_QPS_SQD => QpState::SendQueueDrain,
+            st::IBV_QPS_SQE => QpState::SendQueueError,
+            st::IBV_QPS_ERR => QpState::Error,
+            _ => QpState::Unknown,
+        })
     }
 
     /// Post one receive of `len` bytes at `addr` (registered with `lkey`).
@@ -309,6 +377,9 @@ pub(crate) struct Wc {
     pub wr_id: u64,
     pub byte_len: u32,
 }
+
+/// `IBV_WC_WR_FLUSH_ERR`: a work request flushed because its queue pair is in the error state.
+pub(crate) const WC_WR_FLUSH_ERR: u32 = 5;
 
 fn status_name(s: u32) -> &'static str {
     const NAMES: [&str; 23] = [
