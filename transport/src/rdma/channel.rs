@@ -793,7 +793,7 @@ impl Windows {
         st.want_open = None;
         // First the queue pair: from its return no packet of the peer is taken, so nothing can
         // land while the windows and regions go.
-        if lock(&self.qp).to_error().is_err() {
+        if lock(&self.qp).enter_error_state().is_err() {
             SEAL_QP_FAILURES.fetch_add(1, Ordering::SeqCst);
         }
         self.close_locked(&mut st);

@@ -270,13 +270,13 @@ impl Qp {
     /// Move the queue pair to the error state: outstanding and later work requests complete
     /// with a flush error. Used to cut a channel and to inject faults.
     pub fn set_error(&mut self) {
-        let _ = self.to_error();
+        let _ = self.enter_error_state();
     }
 
     /// [`Qp::set_error`], saying whether the device took it (`ibv_modify_qp` to `IBV_QPS_ERR`).
     /// In the error state the queue pair's responder drops every incoming packet: no RDMA WRITE
     /// lands through it any more, whatever rkey it names, and a window bound through it is dead.
-    pub fn to_error(&mut self) -> Result<(), RdmaError> {
+    pub fn enter_error_state(&mut self) -> Result<(), RdmaError> {
         // SAFETY: ibv_qp_attr is plain data (integers and structs of them): all zeros is valid.
         let mut attr: sys::ibv_qp_attr = unsafe { std::mem::zeroed() };
         attr.qp_state = sys::ibv_qp_state::IBV_QPS_ERR;
