@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{Path as UrlPath, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, State};
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -57,6 +57,7 @@ use crate::store::{now_ms, Store, VmRow};
 use crate::vmmctl::{
     self, MigrateOrder, MigrationReport, QuickOrder, StorageOrder, VmmCtlError, VmmRequest, VmmState, VmmStatus,
 };
+use ferry_transport::tls::TlsCredentials;
 use ferry_transport::Encryption;
 
 /// Peer checks (about one a second) a live move's destination agent may miss in a row before the
@@ -171,6 +172,9 @@ pub struct Agent {
     /// Disk space promised to incoming shared-nothing moves, by migration id (see
     /// [`Agent::disk_room`]).
     disk_promised: Arc<Mutex<HashMap<String, DiskPromise>>>,
+    /// With host certificates: the credentials as last read (read again when their files
+    /// change, see [`Agent::tls_now`]).
+    tls: Option<Mutex<TlsCredentials>>,
 }
 
 /// Disk space an admitted incoming shared-nothing move was promised: `need` bytes (its disks'
@@ -267,6 +271,10 @@ impl Agent {
         };
         let limit = Limit::new(settings.max_live_migrations);
         let storage_limit = Limit::new(cfg.max_storage_migrations);
+        let tls = match &cfg.credentials {
+            HostCredentials::Tls { creds, .. } => Some(Mutex::new(creds.clone())),
+            HostCredentials::Key { .. } => None,
+        };
         let agent = Arc::new(Self {
             cfg,
             settings: Mutex::new(settings),
@@ -280,11 +288,33 @@ impl Agent {
             standby: Mutex::new(None),
             standby_starting: Default::default(),
             disk_promised: Default::default(),
+            tls,
         });
         agent.adopt().await.map_err(|e| setup("adopting VMs", &e.message))?;
         agent.stop_old_standbys().await;
         agent.clone().refill_standby();
         Ok(agent)
+    }
+
+    /// With host certificates: the credentials as they are on disk now. Their files are
+    /// checked (modification time, inode, length) for each new peer connection, in both
+    /// directions: a new `crl.pem` or a renewed certificate counts without a restart. Files
+    /// that changed but cannot be used are logged, and the credentials read before stay.
+    fn tls_now(&self) -> Option<TlsCredentials> {
+        let cell = self.tls.as_ref()?;
+        let mut held = lock(cell);
+        if held.changed_on_disk() {
+            match held.refreshed() {
+                Ok(fresh) => {
+                    info!(tls_dir = %self.cfg.credentials.describe(), "host certificates read again (changed on disk)");
+                    *held = fresh;
+                }
+                Err(e) => {
+                    warn!(error = %e, "host certificates changed on disk but cannot be used; keeping those read before")
+                }
+            }
+        }
+        Some(held.clone())
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -641,6 +671,7 @@ impl Agent {
             receive_disks: receive_disks.clone(),
             encryption,
             trusted_networks: self.trusted_for(encryption),
+            peer_name: self.tls.as_ref().map(|_| req.source.clone()),
         };
         let r = vmmctl::call(standby, &VmmRequest::Assign(order)).await;
         if r.is_err() {
@@ -1594,6 +1625,7 @@ impl Agent {
             // The peer's certificate must name the host called (the address's host part).
             HostCredentials::Tls { creds, .. } => {
                 let host = peer.rsplit_once(':').map_or(peer, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+                let creds = self.tls_now().unwrap_or_else(|| creds.clone());
                 let creds = creds.expect_peer(host).map_err(|e| (None, format!("{TLS_FAILED} {peer}: {e}")))?;
                 (Endpoint::Tls { addr: peer.to_string(), config: creds.client(), name: creds.server_name() }, vec![])
             }
@@ -1738,6 +1770,10 @@ impl Agent {
             self.clone().refill_standby();
         }
         extra.extend(trusted);
+        // With certificates the VMM's channels must come from the host admitted here.
+        if quick.is_none() && self.tls.is_some() {
+            extra.extend(["--expect-peer".to_string(), req.source.clone()]);
+        }
         if let Some(r) = &receive_disks {
             extra.extend(["--receive-disk-dir".to_string(), r.dir.display().to_string()]);
             for n in &r.names {
@@ -2141,6 +2177,10 @@ impl Agent {
             }
             Err((None, why)) if why.starts_with(TLS_FAILED) => {
                 add("certificate_refused", why);
+                None
+            }
+            Err((Some(403), why)) if why.ends_with("(certificate_refused)") => {
+                add("certificate_refused", format!("destination {} refused this host: {why}", req.to));
                 None
             }
             Err((None, why)) => {
@@ -2712,11 +2752,40 @@ async fn h_fallback(uri: Uri) -> ApiError {
     ApiError::not_found(format!("no such resource: {}", uri.path()))
 }
 
-fn check_peer(a: &Agent, headers: &HeaderMap, method: &Method, uri: &Uri, body: &[u8]) -> ApiResult<()> {
+/// Check a peer request: with the key its signature; with host certificates that the
+/// caller's certificate (verified in the TLS handshake: CA, validity, revocation) names `from`,
+/// the host the request claims to come from (the source of the move it is about). `from` is
+/// `None` only where the request names no host (then any host of the CA may ask).
+fn check_peer(
+    a: &Agent,
+    caller: &peer::Caller,
+    from: Option<&str>,
+    headers: &HeaderMap,
+    method: &Method,
+    uri: &Uri,
+    body: &[u8],
+) -> ApiResult<()> {
     let key = match &a.cfg.credentials {
         HostCredentials::Key { key, .. } => key,
-        // The connection was served only after the peer's certificate was verified.
-        HostCredentials::Tls { .. } => return Ok(()),
+        HostCredentials::Tls { .. } => {
+            let (Some(cert), Some(from)) = (caller.certificate.as_ref(), from) else {
+                return match caller.certificate {
+                    Some(_) => Ok(()),
+                    None => Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "certificate_refused",
+                        "the caller presented no certificate",
+                    )),
+                };
+            };
+            return ferry_transport::tls::certificate_names(cert, from).map_err(|why| {
+                let why = format!(
+                    "the caller's certificate does not name host {from:?}, the host the request comes from: {why}"
+                );
+                warn!(peer = %caller.addr, "refused a peer request: {why}");
+                ApiError::new(StatusCode::FORBIDDEN, "certificate_refused", why)
+            });
+        }
     };
     let h = headers.get(peer::AUTH_HEADER).and_then(|v| v.to_str().ok());
     peer::verify(key.bytes(), h, now_ms(), method.as_str(), uri.path(), body).map_err(|why| {
@@ -2725,27 +2794,41 @@ fn check_peer(a: &Agent, headers: &HeaderMap, method: &Method, uri: &Uri, body: 
     })
 }
 
+/// The host a migration recorded here is with (an incoming one's source), as a name a
+/// certificate holds (an address without its port).
+fn migration_peer(a: &Agent, id: &str) -> Option<String> {
+    let m = a.store().migration(id).ok().flatten()?;
+    let p = m.peer;
+    Some(match p.parse::<SocketAddr>() {
+        Ok(sa) => sa.ip().to_string(),
+        Err(_) => p,
+    })
+}
+
 async fn h_peer_incoming(
     State(a): Ag,
+    ConnectInfo(caller): ConnectInfo<peer::Caller>,
     headers: HeaderMap,
     method: Method,
     uri: Uri,
     body: Bytes,
 ) -> ApiResult<Json<IncomingAccepted>> {
-    check_peer(&a, &headers, &method, &uri, &body)?;
+    check_peer(&a, &caller, None, &headers, &method, &uri, &body)?;
     let req: IncomingRequest = parse_json(&body)?;
+    check_peer(&a, &caller, Some(&req.source), &headers, &method, &uri, &body)?;
     Ok(Json(a.admit(req).await?))
 }
 
 async fn h_peer_abort(
     State(a): Ag,
+    ConnectInfo(caller): ConnectInfo<peer::Caller>,
     headers: HeaderMap,
     method: Method,
     uri: Uri,
     UrlPath(id): UrlPath<String>,
     body: Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    check_peer(&a, &headers, &method, &uri, &body)?;
+    check_peer(&a, &caller, migration_peer(&a, &id).as_deref(), &headers, &method, &uri, &body)?;
     let req: IncomingAbort = parse_json(&body)?;
     a.abort_incoming(&id, req.reason)?;
     Ok(Json(serde_json::json!({})))
@@ -2753,12 +2836,13 @@ async fn h_peer_abort(
 
 async fn h_peer_migration(
     State(a): Ag,
+    ConnectInfo(caller): ConnectInfo<peer::Caller>,
     headers: HeaderMap,
     method: Method,
     uri: Uri,
     UrlPath(id): UrlPath<String>,
 ) -> ApiResult<Json<MigrationInfo>> {
-    check_peer(&a, &headers, &method, &uri, b"")?;
+    check_peer(&a, &caller, migration_peer(&a, &id).as_deref(), &headers, &method, &uri, b"")?;
     Ok(Json(a.migration_info(&id)?))
 }
 
@@ -2769,26 +2853,40 @@ async fn h_preflight(State(a): Ag, body: Bytes) -> ApiResult<Json<PreflightRepor
 
 async fn h_peer_preflight(
     State(a): Ag,
+    ConnectInfo(caller): ConnectInfo<peer::Caller>,
     headers: HeaderMap,
     method: Method,
     uri: Uri,
     body: Bytes,
 ) -> ApiResult<Json<DestinationReport>> {
-    check_peer(&a, &headers, &method, &uri, &body)?;
+    check_peer(&a, &caller, None, &headers, &method, &uri, &body)?;
     let req: IncomingRequest = parse_json(&body)?;
+    check_peer(&a, &caller, Some(&req.source), &headers, &method, &uri, &body)?;
     Ok(Json(a.destination_report(&req)))
 }
 
 async fn h_peer_vm(
     State(a): Ag,
+    ConnectInfo(caller): ConnectInfo<peer::Caller>,
     headers: HeaderMap,
     method: Method,
     uri: Uri,
     UrlPath(name): UrlPath<String>,
 ) -> ApiResult<Json<PeerVm>> {
-    check_peer(&a, &headers, &method, &uri, b"")?;
+    check_peer(&a, &caller, None, &headers, &method, &uri, b"")?;
     let e =
         lock(&a.vms).get(&name).cloned().ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} here")))?;
+    // With certificates a VM is shown to the host it arrived from only.
+    if a.tls.is_some() {
+        let Some(from) = e.row.arrived_with.as_deref().and_then(|id| migration_peer(&a, id)) else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "certificate_refused",
+                format!("VM {name:?} did not arrive here: it is shown to the host it arrived from only"),
+            ));
+        };
+        check_peer(&a, &caller, Some(&from), &headers, &method, &uri, b"")?;
+    }
     let stats = e.row.arrived_with.as_ref().and_then(|id| a.store().migration(id).ok().flatten()).and_then(|m| m.stats);
     let verified = stats.as_ref().and_then(|s| s.get("verified")).and_then(|v| v.as_bool());
     let load_ms = stats.as_ref().and_then(|s| s.get("load_ms")).and_then(|v| v.as_f64());
@@ -2858,10 +2956,16 @@ pub async fn serve(a: Arc<Agent>) -> Result<(), StartError> {
     let peer = async {
         match &cfg.credentials {
             HostCredentials::Key { .. } => {
-                axum::serve(tcp, peer_router(a.clone())).with_graceful_shutdown(shutdown()).await
+                let app = peer_router(a.clone()).into_make_service_with_connect_info::<peer::Caller>();
+                axum::serve(tcp, app).with_graceful_shutdown(shutdown()).await
             }
             HostCredentials::Tls { creds, .. } => {
-                axum::serve(peer::TlsListener::new(tcp, creds.server()), peer_router(a.clone()))
+                let fallback = creds.clone();
+                let agent = a.clone();
+                // Each connection is served with the certificates as they are on disk then.
+                let config = move || agent.tls_now().unwrap_or_else(|| fallback.clone()).server();
+                let app = peer_router(a.clone()).into_make_service_with_connect_info::<peer::Caller>();
+                axum::serve(peer::TlsListener::new(tcp, std::sync::Arc::new(config)), app)
                     .with_graceful_shutdown(shutdown())
                     .await
             }

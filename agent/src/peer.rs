@@ -5,9 +5,12 @@
 //!
 //! With host certificates (`tls_dir`) the peer API runs over mutual TLS instead ([`TlsListener`]
 //! on the server side, [`crate::client::Endpoint::Tls`] on the client side): a connection is
-//! served only once its client presented a certificate chained to this host's CA, and a caller
-//! accepts only a server whose certificate chains to its CA and names the host it called. The
-//! requests then carry no signature (TLS authenticated both ends and protects every byte).
+//! served only once its client presented a certificate chained to this host's CA and not
+//! revoked, each request only if that certificate names the host the request claims to come
+//! from (the source of the move it is about, [`Caller`]), and a caller accepts only a server
+//! whose certificate chains to its CA and names the host it called. The requests then carry no
+//! signature (TLS authenticated both ends and protects every byte). The certificates are read
+//! again when their files change (checked at each new connection).
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -67,6 +70,31 @@ pub fn verify(
 /// How long a peer has for its TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Who made a peer request: the connection's address and, with host certificates, the
+/// certificate its TLS handshake verified (the handlers check that it names the host the
+/// request claims to come from).
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The peer's address.
+    pub addr: std::net::SocketAddr,
+    /// Its certificate (`None` on the key's plain HTTP listener).
+    pub certificate: Option<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Caller {
+    fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self { addr: *s.remote_addr(), certificate: None }
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Caller {
+    fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        let certificate =
+            s.io().get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
+        Self { addr: *s.remote_addr(), certificate }
+    }
+}
+
 /// The peer API's listener with host certificates: TCP connections go through the TLS
 /// handshake (client certificate required) in their own tasks, so a slow or refused peer holds
 /// up nobody; only established sessions reach the HTTP server. Refused handshakes are logged
@@ -79,12 +107,15 @@ pub struct TlsListener {
 /// A peer connection after its TLS handshake.
 pub type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
+/// The server configuration for the next connection (the host's certificates as they are then).
+pub type ConfigSource = std::sync::Arc<dyn Fn() -> std::sync::Arc<tokio_rustls::rustls::ServerConfig> + Send + Sync>;
+
 impl TlsListener {
-    /// Serve TLS on `tcp` with `config` (the host's server configuration).
-    pub fn new(tcp: tokio::net::TcpListener, config: std::sync::Arc<tokio_rustls::rustls::ServerConfig>) -> Self {
+    /// Serve TLS on `tcp`, each connection with the configuration `config` gives at its accept
+    /// (so a changed revocation list or certificate counts from the next connection on).
+    pub fn new(tcp: tokio::net::TcpListener, config: ConfigSource) -> Self {
         let local = tcp.local_addr().unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
         let (tx, ready) = tokio::sync::mpsc::channel(64);
-        let acceptor = tokio_rustls::TlsAcceptor::from(config);
         tokio::spawn(async move {
             loop {
                 let (sock, addr) = match tcp.accept().await {
@@ -96,7 +127,7 @@ impl TlsListener {
                     }
                 };
                 let _ = sock.set_nodelay(true);
-                let (acceptor, ready) = (acceptor.clone(), tx.clone());
+                let (acceptor, ready) = (tokio_rustls::TlsAcceptor::from(config()), tx.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(s)) => {

@@ -103,6 +103,9 @@ pub struct VmmArgs {
     /// path and moves on the others, a refused channel 0 fails the move before anything was
     /// sent). Empty: no check (`aead`).
     pub trusted_networks: Vec<crate::config::Subnet>,
+    /// Incoming with host certificates: the name the source's certificate must carry on every
+    /// channel (its host name; `None`: any host of the CA).
+    pub expect_peer: Option<String>,
 }
 
 /// Sectors per request of the KVM guest program's disk writes (4 KiB).
@@ -469,6 +472,7 @@ pub fn run(args: VmmArgs) -> Result<(), VmmError> {
                 args.receive_disks = order.receive_disks;
                 args.trusted_networks =
                     order.trusted_networks.iter().filter_map(|s| crate::config::Subnet::parse(s).ok()).collect();
+                args.expect_peer = order.peer_name;
                 reserve = Some(r);
                 assigned_by = Some(conn);
             }
@@ -653,12 +657,26 @@ fn answer(mut s: UnixStream, r: Result<(), String>, status: VmmStatus) {
 
 fn start_receiver(vmm: &Arc<Vmm>, ip: IpAddr, reserve: Option<Arc<MemoryReserve>>) -> Result<(), VmmError> {
     let a = &vmm.args;
-    let hs = ServerConfig {
-        creds: a.creds.clone(),
-        caps: Caps::ALL,
-        timeout: Duration::from_secs(10),
-        encryption: a.encryption,
+    // Certificates are read again if they changed since the VMM started (a new revocation
+    // list, a renewed certificate), and the source must be the host the agent admitted.
+    let creds = match &a.creds {
+        Credentials::Tls(t) => {
+            let t = t.refreshed().unwrap_or_else(|e| {
+                tracing::warn!("host certificates changed but cannot be read again ({e}); using those read before");
+                t.clone()
+            });
+            let t = match &a.expect_peer {
+                Some(n) => t.expect_client(n).map_err(|e| VmmError::Io {
+                    what: "expecting the source's certificate".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+                None => t,
+            };
+            Credentials::Tls(t)
+        }
+        c => c.clone(),
     };
+    let hs = ServerConfig { creds, caps: Caps::ALL, timeout: Duration::from_secs(10), encryption: a.encryption };
     let acc = TcpAcceptor::bind(SocketAddr::new(ip, 0), TcpOptions::default(), hs).map_err(|e| VmmError::Io {
         what: format!("listening on {ip}"),
         source: std::io::Error::other(e.to_string()),
@@ -1129,7 +1147,13 @@ fn start_migration(vmm: &Arc<Vmm>, order: MigrateOrder) -> Result<(), String> {
             }
         };
         let key = match (&v.args.creds, &order.peer_name) {
-            (Credentials::Tls(t), Some(name)) => t.expect_peer(name).map(Credentials::Tls),
+            (Credentials::Tls(t), Some(name)) => {
+                let t = t.refreshed().unwrap_or_else(|e| {
+                    tracing::warn!("host certificates changed but cannot be read again ({e}); using those read before");
+                    t.clone()
+                });
+                t.expect_peer(name).map(Credentials::Tls)
+            }
             (c, _) => Ok(c.clone()),
         };
         let mut plan_json = None;

@@ -117,6 +117,10 @@ pub struct AssignOrder {
     /// and arrive at addresses on them (see `ferry-vmm --trusted-network`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_networks: Vec<String>,
+    /// With host certificates: the name the source's certificate must carry (see
+    /// `ferry-vmm --expect-peer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_name: Option<String>,
 }
 
 /// Where the disks of an incoming shared-nothing move go: partial copies in `dir` (hidden

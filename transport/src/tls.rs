@@ -62,6 +62,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, RootCertStore, SignatureScheme};
 use zeroize::Zeroizing;
@@ -164,7 +165,43 @@ struct Loaded {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     crls: Vec<CertificateRevocationListDer<'static>>,
-    server: Arc<rustls::ServerConfig>,
+    /// Where they were read from, and how ([`TlsCredentials::refreshed`] reads them again).
+    origin: Origin,
+    /// The files as they were when read.
+    stamp: Stamp,
+}
+
+/// Where credentials were loaded from.
+#[derive(Clone, Debug)]
+struct Origin {
+    files: TlsFiles,
+    /// Loaded from a directory: `crl.pem` counts once it appears there.
+    dir: Option<PathBuf>,
+    check_own: bool,
+}
+
+impl Origin {
+    fn files(&self) -> TlsFiles {
+        match &self.dir {
+            Some(d) => TlsFiles::in_dir(d),
+            None => self.files.clone(),
+        }
+    }
+}
+
+/// What identifies a version of each file: modification time, inode and length (`None`: absent).
+type Stamp = Vec<Option<(std::time::SystemTime, u64, u64)>>;
+
+fn stamp(files: &TlsFiles, dir: Option<&Path>) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    let crl = dir.map(|d| d.join("crl.pem")).or_else(|| files.crl.clone());
+    [Some(files.ca.clone()), Some(files.cert.clone()), Some(files.key.clone()), crl]
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(p?).ok()?;
+            Some((m.modified().ok()?, m.ino(), m.len()))
+        })
+        .collect()
 }
 
 /// A host's certificates, loaded and checked ([`TlsCredentials::load`]). Cheap to clone.
@@ -173,12 +210,18 @@ pub struct TlsCredentials {
     loaded: Arc<Loaded>,
     /// The name the destination's certificate must carry (`None`: any host of the CA).
     peer_name: Option<ServerName<'static>>,
+    /// The name a client's certificate must carry (`None`: any host of the CA).
+    client_name: Option<ServerName<'static>>,
     client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
 }
 
 impl fmt::Debug for TlsCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TlsCredentials").field("peer_name", &self.peer_name).finish_non_exhaustive()
+        f.debug_struct("TlsCredentials")
+            .field("peer_name", &self.peer_name)
+            .field("client_name", &self.client_name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -247,9 +290,11 @@ pub(crate) fn fingerprint(cert: &CertificateDer<'_>) -> [u8; 32] {
 }
 
 impl TlsCredentials {
-    /// Load `ca.pem`, `cert.pem` and `key.pem` from `dir` ([`TlsCredentials::load`]).
+    /// Load `ca.pem`, `cert.pem` and `key.pem` (and `crl.pem` if there) from `dir`
+    /// ([`TlsCredentials::load`]); [`TlsCredentials::refreshed`] also sees a `crl.pem` that
+    /// appears later.
     pub fn from_dir(dir: &Path) -> Result<Self, KeyError> {
-        Self::load(&TlsFiles::in_dir(dir))
+        Self::load_from(Origin { files: TlsFiles::in_dir(dir), dir: Some(dir.to_path_buf()), check_own: true })
     }
 
     /// Load and check a host's files: each must be readable and hold PEM of the right kind, the
@@ -257,16 +302,47 @@ impl TlsCredentials {
     /// certificate's, and the certificate must chain to the CA and be valid now (an expired
     /// certificate is refused here, before any peer refuses it).
     pub fn load(files: &TlsFiles) -> Result<Self, KeyError> {
-        Self::load_with(files, true)
+        Self::load_from(Origin { files: files.clone(), dir: None, check_own: true })
     }
 
     /// [`TlsCredentials::load`] without checking this host's own certificate against its CA
     /// and the clock (tests that present an expired or foreign certificate to a peer).
     pub fn load_unchecked(files: &TlsFiles) -> Result<Self, KeyError> {
-        Self::load_with(files, false)
+        Self::load_from(Origin { files: files.clone(), dir: None, check_own: false })
     }
 
-    fn load_with(files: &TlsFiles, check_own: bool) -> Result<Self, KeyError> {
+    /// The same credentials read again if any of their files changed since they were read
+    /// (modification time, inode or length of `ca.pem`, `cert.pem`, `key.pem`, `crl.pem`; a
+    /// `crl.pem` that appeared or went counts), else a copy. The expected peer and client
+    /// names stay. A running host calls this for each new connection or migration, so a new
+    /// revocation list or a renewed certificate counts without a restart. `Err`: the files as
+    /// they are now are not usable (the caller keeps what it has and says so).
+    pub fn refreshed(&self) -> Result<Self, KeyError> {
+        let origin = &self.loaded.origin;
+        let files = origin.files();
+        if stamp(&files, origin.dir.as_deref()) == self.loaded.stamp {
+            return Ok(self.clone());
+        }
+        let mut fresh = Self::load_from(Origin { files, ..origin.clone() })?;
+        if let Some(n) = &self.peer_name {
+            fresh = fresh.expect_peer(&n.to_str())?;
+        }
+        if let Some(n) = &self.client_name {
+            fresh = fresh.expect_client(&n.to_str())?;
+        }
+        Ok(fresh)
+    }
+
+    /// Whether [`TlsCredentials::refreshed`] would read the files again.
+    pub fn changed_on_disk(&self) -> bool {
+        let origin = &self.loaded.origin;
+        stamp(&origin.files(), origin.dir.as_deref()) != self.loaded.stamp
+    }
+
+    fn load_from(origin: Origin) -> Result<Self, KeyError> {
+        // Taken before reading: a change while reading shows as a change next time.
+        let stamped = stamp(&origin.files, origin.dir.as_deref());
+        let (files, check_own) = (&origin.files, origin.check_own);
         let ca = certs_in(&files.ca)?;
         let chain = certs_in(&files.cert)?;
         let key_text = read_limited(&files.key, true)?;
@@ -303,9 +379,29 @@ impl TlsCredentials {
             Some(crl) => cert_error(crl, e),
             None => cert_error(&files.cert, e),
         })?;
-        let loaded = Arc::new(Loaded { provider, roots, chain, key, crls, server });
+        let loaded = Arc::new(Loaded { provider, roots, chain, key, crls, origin: origin.clone(), stamp: stamped });
         let client = client_config(&loaded, None).map_err(|e| cert_error(&files.cert, e))?;
-        Ok(Self { loaded, peer_name: None, client })
+        Ok(Self { loaded, peer_name: None, client_name: None, client, server })
+    }
+
+    /// The same credentials, requiring each client's certificate to name `name` (a DNS name or
+    /// an IP address in its subject alternative names), checked in the TLS handshake after its
+    /// chain and revocation: a destination gives this the source's host name, so that another
+    /// host of the same CA cannot open its channels. Without it any host of the CA is accepted
+    /// as client.
+    pub fn expect_client(&self, name: &str) -> Result<Self, KeyError> {
+        let bad = |e: String| KeyError::Certificate { path: "(client name)".into(), reason: e };
+        let n = ServerName::try_from(name.to_string()).map_err(|e| bad(format!("{name:?}: {e}")))?;
+        let l = &self.loaded;
+        let inner = client_verifier(&l.provider, &l.roots, &l.crls).map_err(|e| bad(e.to_string()))?;
+        let v = Arc::new(NamedClientVerifier { inner, name: n.clone() });
+        let server = server_with_verifier(&l.provider, v, &l.chain, &l.key).map_err(|e| bad(e.to_string()))?;
+        Ok(Self { client_name: Some(n), server, ..self.clone() })
+    }
+
+    /// The name expected of clients, if any.
+    pub fn client_name(&self) -> Option<String> {
+        self.client_name.as_ref().map(|n| n.to_str().into_owned())
     }
 
     /// The same credentials, requiring the destination's certificate to name `name` (a DNS name
@@ -315,7 +411,7 @@ impl TlsCredentials {
         let bad = |e: String| KeyError::Certificate { path: "(peer name)".into(), reason: e };
         let n = ServerName::try_from(name.to_string()).map_err(|e| bad(format!("{name:?}: {e}")))?;
         let client = client_config(&self.loaded, Some(n.clone())).map_err(|e| bad(e.to_string()))?;
-        Ok(Self { loaded: self.loaded.clone(), peer_name: Some(n), client })
+        Ok(Self { peer_name: Some(n), client, ..self.clone() })
     }
 
     /// The name expected of the destination, if any.
@@ -330,9 +426,15 @@ impl TlsCredentials {
     }
 
     /// The rustls server configuration (TLS 1.3, client certificates required, chained to the
-    /// CA): for other TLS servers of the host, like the agents' peer API.
+    /// CA, naming the expected client if any): for other TLS servers of the host, like the
+    /// agents' peer API.
     pub fn server(&self) -> Arc<rustls::ServerConfig> {
-        self.loaded.server.clone()
+        self.server.clone()
+    }
+
+    /// This host's own certificate (DER).
+    pub fn own_certificate(&self) -> &CertificateDer<'static> {
+        &self.loaded.chain[0]
     }
 
     /// The server name to send (the expected one, or a placeholder the verifier ignores).
@@ -351,10 +453,22 @@ impl TlsCredentials {
     /// A rustls server configuration with `alpn`, for QUIC.
     #[cfg(feature = "quic")]
     pub(crate) fn server_with_alpn(&self, alpn: &[u8]) -> rustls::ServerConfig {
-        let mut s = (*self.loaded.server).clone();
+        let mut s = (*self.server).clone();
         s.alpn_protocols = vec![alpn.to_vec()];
         s
     }
+}
+
+fn client_verifier(
+    provider: &Arc<CryptoProvider>,
+    roots: &Arc<RootCertStore>,
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
+    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        .with_crls(crls.iter().cloned())
+        .allow_unknown_revocation_status()
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))
 }
 
 fn server_config(
@@ -364,11 +478,15 @@ fn server_config(
     key: &PrivateKeyDer<'static>,
     crls: &[CertificateRevocationListDer<'static>],
 ) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
-        .with_crls(crls.iter().cloned())
-        .allow_unknown_revocation_status()
-        .build()
-        .map_err(|e| rustls::Error::General(e.to_string()))?;
+    server_with_verifier(provider, client_verifier(provider, roots, crls)?, chain, key)
+}
+
+fn server_with_verifier(
+    provider: &Arc<CryptoProvider>,
+    verifier: Arc<dyn ClientCertVerifier>,
+    chain: &[CertificateDer<'static>],
+    key: &PrivateKeyDer<'static>,
+) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
     let mut s = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -379,13 +497,115 @@ fn server_config(
     Ok(Arc::new(s))
 }
 
-fn client_config(l: &Loaded, name: Option<ServerName<'static>>) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
-    let crls = l
-        .crls
-        .iter()
+fn client_crls(
+    crls: &[CertificateRevocationListDer<'static>],
+) -> Result<Vec<webpki::CertRevocationList<'static>>, rustls::Error> {
+    crls.iter()
         .map(|c| webpki::OwnedCertRevocationList::from_der(c.as_ref()).map(webpki::CertRevocationList::from))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| rustls::Error::General(format!("revocation list: {e}")))?;
+        .map_err(|e| rustls::Error::General(format!("revocation list: {e}")))
+}
+
+/// The client verifier of a server that expects one client: rustls's own (chain, expiry,
+/// revocation), then the name.
+#[derive(Debug)]
+struct NamedClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ClientCertVerifier for NamedClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let ok = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_name(&cert, &self.name)?;
+        Ok(ok)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// Whether `cert` (DER) names host `name` (a DNS name or IP address among its subject
+/// alternative names, the check a client makes of a server): `Err` says which names it holds.
+pub fn certificate_names(cert: &CertificateDer<'_>, name: &str) -> Result<(), String> {
+    let holds = || {
+        let names = names_in(cert);
+        if names.is_empty() {
+            "no names".to_string()
+        } else {
+            names.join(", ")
+        }
+    };
+    let n = ServerName::try_from(name.to_string())
+        .map_err(|_| format!("{name:?} is not a host name or address a certificate can hold"))?;
+    let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| format!("unreadable: {e}"))?;
+    rustls::client::verify_server_name(&parsed, &n)
+        .map_err(|_| format!("it names {} (subject alternative names), not {name:?}", holds()))
+}
+
+/// The DNS names and IP addresses among a certificate's subject alternative names.
+pub fn names_in(cert: &CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, c)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = c.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|g| match g {
+            GeneralName::DNSName(d) => Some(d.to_string()),
+            GeneralName::IPAddress(b) => match b.len() {
+                4 => <[u8; 4]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                16 => <[u8; 16]>::try_from(*b).ok().map(|a| std::net::IpAddr::from(a).to_string()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn client_config(l: &Loaded, name: Option<ServerName<'static>>) -> Result<Arc<rustls::ClientConfig>, rustls::Error> {
+    let crls = client_crls(&l.crls)?;
     let v = CaVerifier { roots: l.roots.clone(), provider: l.provider.clone(), name, crls };
     let mut c = rustls::ClientConfig::builder_with_provider(l.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -554,6 +774,29 @@ impl TestCa {
         Ok(Self { issuer: rcgen::Issuer::new(p, key), cert_pem })
     }
 
+    /// The CA of `ca.pem` and `ca-key.pem` (PEM text, as [`TestCa::cert_pem`] and
+    /// [`TestCa::key_pem`] wrote them): to issue more certificates or revocation lists.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, KeyError> {
+        let bad = |what: &str, e: String| KeyError::Certificate { path: what.into(), reason: e };
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+            .map_err(|e| bad("ca.pem", format!("no certificate in PEM: {e}")))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| bad("ca-key.pem", format!("no private key in PEM: {e}")))?;
+        let key = rcgen::KeyPair::try_from(&key).map_err(|e| bad("ca-key.pem", e.to_string()))?;
+        let issuer = rcgen::Issuer::from_ca_cert_der(&cert, key).map_err(|e| bad("ca.pem", e.to_string()))?;
+        // The key must be the certificate's: a list signed by another key revokes nothing.
+        let spki = x509_parser::parse_x509_certificate(cert.as_ref())
+            .map_err(|e| bad("ca.pem", e.to_string()))?
+            .1
+            .public_key()
+            .raw
+            .to_vec();
+        if rcgen::PublicKeyData::subject_public_key_info(issuer.key()) != spki {
+            return Err(bad("ca-key.pem", "is not the key of ca.pem".into()));
+        }
+        Ok(Self { issuer, cert_pem: pem("CERTIFICATE", cert.as_ref()) })
+    }
+
     /// The CA certificate (PEM).
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
@@ -596,16 +839,29 @@ impl TestCa {
     /// these serial numbers ([`HostPem::serial`]); `number` is the list's own number (a later
     /// list has a larger one).
     pub fn revoke(&self, serials: &[Vec<u8>], number: u64) -> Result<String, KeyError> {
+        let when = rcgen::date_time_ymd(2025, 1, 1);
+        let entries: Vec<Revoked> = serials.iter().map(|s| Revoked { serial: s.clone(), when }).collect();
+        self.revocation_list(&entries, number, when)
+    }
+
+    /// A revocation list (PEM) signed by this CA listing `entries`, numbered `number`, issued
+    /// at `now` (valid until 2125).
+    pub fn revocation_list(
+        &self,
+        entries: &[Revoked],
+        number: u64,
+        now: time::OffsetDateTime,
+    ) -> Result<String, KeyError> {
         let params = rcgen::CertificateRevocationListParams {
-            this_update: rcgen::date_time_ymd(2025, 1, 1),
+            this_update: now,
             next_update: rcgen::date_time_ymd(2125, 1, 1),
             crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
             issuing_distribution_point: None,
-            revoked_certs: serials
+            revoked_certs: entries
                 .iter()
-                .map(|s| rcgen::RevokedCertParams {
-                    serial_number: rcgen::SerialNumber::from_slice(s),
-                    revocation_time: rcgen::date_time_ymd(2025, 1, 1),
+                .map(|r| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from_slice(&r.serial),
+                    revocation_time: r.when,
                     reason_code: Some(rcgen::RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
@@ -622,6 +878,44 @@ impl TestCa {
         let h = self.issue(name, names, validity)?;
         h.write_to(dir)
     }
+}
+
+/// One certificate a revocation list names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Its serial number (big-endian bytes, no leading zero).
+    pub serial: Vec<u8>,
+    /// When it was revoked.
+    pub when: time::OffsetDateTime,
+}
+
+/// The serial number of the first certificate in `pem` (a host's `cert.pem`), without leading
+/// zero bytes.
+pub fn serial_of(pem_text: &str) -> Result<Vec<u8>, String> {
+    let der = CertificateDer::from_pem_slice(pem_text.as_bytes()).map_err(|e| format!("no certificate in PEM: {e}"))?;
+    let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| e.to_string())?;
+    Ok(trim_serial(c.raw_serial()))
+}
+
+fn trim_serial(s: &[u8]) -> Vec<u8> {
+    let start = s.iter().position(|b| *b != 0).unwrap_or(s.len().saturating_sub(1));
+    s[start..].to_vec()
+}
+
+/// What a revocation list (PEM, one list) holds: its number and the certificates it names.
+pub fn read_revocation_list(pem_text: &str) -> Result<(u64, Vec<Revoked>), String> {
+    let der = CertificateRevocationListDer::from_pem_slice(pem_text.as_bytes())
+        .map_err(|e| format!("no revocation list in PEM: {e}"))?;
+    let (_, crl) = x509_parser::parse_x509_crl(der.as_ref()).map_err(|e| e.to_string())?;
+    let number = crl
+        .crl_number()
+        .map(|n| n.to_bytes_be().iter().fold(0u64, |a, b| a.wrapping_shl(8) | u64::from(*b)))
+        .unwrap_or(0);
+    let entries = crl
+        .iter_revoked_certificates()
+        .map(|r| Revoked { serial: trim_serial(r.raw_serial()), when: r.revocation_date.to_datetime() })
+        .collect();
+    Ok((number, entries))
 }
 
 impl HostPem {

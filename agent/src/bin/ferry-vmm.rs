@@ -6,7 +6,7 @@
 //!           [--working-set-bytes N] [--dirty-rate-bytes-per-s N] [--receive-on IP [--encryption MODE]]
 //!           [--quick-dir DIR --quick-host NAME --quick-id ID]
 //!           [--disk PATH]... [--disk-working-set-bytes N] [--disk-write-rate-bytes-per-s N]
-//!           [--receive-disk-dir DIR --receive-disk NAME...]
+//!           [--receive-disk-dir DIR --receive-disk NAME...] [--expect-peer NAME]
 //! ferry-vmm --socket S --key-file F --standby --reserve-bytes N
 //! ```
 //!
@@ -90,6 +90,10 @@ struct Cli {
     /// channel must come from and arrive at addresses on these networks, or it is refused.
     #[arg(long, requires = "receive_on", value_parser = parse_subnet)]
     trusted_network: Vec<ferry_agent::config::Subnet>,
+    /// Receiving with `--tls-dir`: the name (DNS name or IP address) the source's certificate
+    /// must carry on every channel; another host of the CA is refused in the TLS handshake.
+    #[arg(long, requires_all = ["receive_on", "tls_dir"])]
+    expect_peer: Option<String>,
 }
 
 fn parse_subnet(s: &str) -> Result<ferry_agent::config::Subnet, String> {
@@ -136,6 +140,7 @@ fn main() -> ExitCode {
         standby_reserve_bytes: c.standby.then(|| c.reserve_bytes.unwrap_or(0)),
         receive_disks: c.receive_disk_dir.map(|dir| ferry_agent::vmmctl::ReceiveDisks { dir, names: c.receive_disk }),
         trusted_networks: c.trusted_network,
+        expect_peer: c.expect_peer,
     };
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

@@ -18,7 +18,8 @@
 //! ferry [--api SOCKET] [--json] preflight NAME --to ADDR [--quick] [--option ...] [--channels N]
 //!                                  [--include-storage] [--encryption MODE]
 //! ferry [--api SOCKET] [--json] migrations [--watch] | migration ID | cancel ID
-//! ferry tls-certs --out DIR HOST[=SAN,...]...      (a test CA and host certificates)
+//! ferry tls-certs --out DIR [--revoke HOST]... [HOST[=SAN,...]]...
+//!                                  (a CA and host certificates; revocation lists)
 //! ```
 //!
 //! With `--json` every command prints JSON (`move --wait`: one object with `status`,
@@ -92,16 +93,30 @@ enum Cmd {
         /// Migration id.
         id: String,
     },
-    /// Make a test CA and host certificates for mutual TLS (no agent needed): `OUT/ca.pem`,
-    /// `OUT/ca-key.pem` (keep it offline), and per host `OUT/HOST/{ca,cert,key}.pem` (key mode
-    /// 0600), the directory a host's `tls_dir` names. ECDSA P-256, valid until 2125.
+    /// Make a CA and host certificates for mutual TLS, and revoke them (no agent needed).
+    ///
+    /// `OUT/ca.pem`, `OUT/ca-key.pem` (keep it offline), and per host `OUT/HOST/{ca,cert,key}.pem`
+    /// (key mode 0600), the directory a host's `tls_dir` names. ECDSA P-256, valid until 2125.
+    /// Each certificate names its host (NAME, the agent's `name`) and the given SANs. When OUT
+    /// already holds a CA (`ca.pem` and `ca-key.pem`) it is used again: a host given again gets a
+    /// new certificate (renewal; running agents read it at their next connection).
+    ///
+    /// `--revoke HOST`: add the certificate in `OUT/HOST/cert.pem` to the CA's revocation list
+    /// `OUT/crl.pem` (created, or a new list with a higher number keeping what the old listed),
+    /// signed by the CA, and copy it as `crl.pem` into every host directory in OUT. Copy it to
+    /// each host's `tls_dir` elsewhere: running agents read it at their next connection and
+    /// refuse the revoked host both as caller and as callee. Revoke and give the host again to
+    /// replace a compromised key.
     TlsCerts {
         /// Where to write them.
         #[arg(long)]
         out: PathBuf,
+        /// Revoke this host's current certificate (repeat for more).
+        #[arg(long, value_name = "HOST")]
+        revoke: Vec<String>,
         /// Hosts, each `NAME` or `NAME=SAN,SAN...` (DNS names or IP addresses the certificate
-        /// names; default: NAME itself).
-        #[arg(required = true)]
+        /// names besides NAME).
+        #[arg(required_unless_present = "revoke")]
         hosts: Vec<String>,
     },
 }
@@ -355,37 +370,124 @@ fn migration_line(m: &Value) -> String {
     l
 }
 
-/// `ferry tls-certs`: a CA and one directory per host.
-fn tls_certs(out: &std::path::Path, hosts: &[String]) -> Result<(), Fail> {
-    use ferry_transport::tls::{TestCa, Validity};
+/// Write `text` to `path` (mode `mode`) through a temporary file renamed over it, so that an
+/// agent reading it meanwhile sees the old file or the new one, never a part.
+fn write_whole(path: &std::path::Path, text: &str, mode: u32) -> Result<(), Fail> {
+    use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            Fail::Refused(format!("{}: {e}", path.display()))
+        })
+}
+
+/// `ferry tls-certs`: a CA (new, or the one in `out`), revocations, and one directory per host.
+fn tls_certs(out: &std::path::Path, revoke: &[String], hosts: &[String]) -> Result<(), Fail> {
+    use ferry_transport::tls::{TestCa, Validity};
     let bad = |e: ferry_transport::KeyError| Fail::Refused(e.to_string());
-    let ca = TestCa::new("Ferry CA").map_err(bad)?;
-    std::fs::create_dir_all(out).map_err(|e| Fail::Refused(format!("{}: {e}", out.display())))?;
-    let write = |name: &str, text: &str, mode: u32| -> Result<(), Fail> {
-        use std::io::Write;
-        let p = out.join(name);
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&p)
-            .and_then(|mut f| f.write_all(text.as_bytes()))
-            .map_err(|e| Fail::Refused(format!("{}: {e}", p.display())))
+    let read =
+        |p: std::path::PathBuf| std::fs::read_to_string(&p).map_err(|e| Fail::Refused(format!("{}: {e}", p.display())));
+    let host_name = |h: &str| -> Result<(), Fail> {
+        if h.is_empty() || h.contains('/') || h.starts_with('.') {
+            return Err(Fail::Refused(format!("{h:?}: not a host name")));
+        }
+        Ok(())
     };
-    write("ca.pem", ca.cert_pem(), 0o644)?;
-    write("ca-key.pem", &ca.key_pem(), 0o600)?;
+    let (ca_pem, ca_key) = (out.join("ca.pem"), out.join("ca-key.pem"));
+    let ca = if ca_pem.exists() || ca_key.exists() {
+        let ca = TestCa::from_pem(&read(ca_pem.clone())?, &read(ca_key.clone())?)
+            .map_err(|e| Fail::Refused(format!("the CA in {}: {e}", out.display())))?;
+        eprintln!("using the CA in {} ({})", out.display(), ca_pem.display());
+        ca
+    } else {
+        if !revoke.is_empty() {
+            return Err(Fail::Refused(format!(
+                "--revoke: {} holds no CA (ca.pem and ca-key.pem): give the directory the certificates were made in",
+                out.display()
+            )));
+        }
+        let ca = TestCa::new("Ferry CA").map_err(bad)?;
+        std::fs::create_dir_all(out).map_err(|e| Fail::Refused(format!("{}: {e}", out.display())))?;
+        write_whole(&ca_pem, ca.cert_pem(), 0o644)?;
+        write_whole(&ca_key, &ca.key_pem(), 0o600)?;
+        ca
+    };
+    if !revoke.is_empty() {
+        let crl_path = out.join("crl.pem");
+        let (number, mut entries) = match std::fs::read_to_string(&crl_path) {
+            Ok(text) => ferry_transport::tls::read_revocation_list(&text)
+                .map_err(|e| Fail::Refused(format!("{}: {e}", crl_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (0, Vec::new()),
+            Err(e) => return Err(Fail::Refused(format!("{}: {e}", crl_path.display()))),
+        };
+        let now = time::OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        for h in revoke {
+            host_name(h)?;
+            let cert = out.join(h).join("cert.pem");
+            let serial = ferry_transport::tls::serial_of(&read(cert.clone())?)
+                .map_err(|e| Fail::Refused(format!("{}: {e}", cert.display())))?;
+            if entries.iter().any(|r| r.serial == serial) {
+                eprintln!("{h}: its certificate is listed already");
+                continue;
+            }
+            entries.push(ferry_transport::tls::Revoked { serial, when: now });
+        }
+        let crl = ca.revocation_list(&entries, number + 1, now).map_err(bad)?;
+        write_whole(&crl_path, &crl, 0o644)?;
+        println!("{}", crl_path.display());
+        // Every host directory of this CA gets the new list.
+        let dirs = std::fs::read_dir(out).map_err(|e| Fail::Refused(format!("{}: {e}", out.display())))?;
+        for d in dirs.flatten() {
+            let p = d.path();
+            if p.is_dir() && p.join("cert.pem").is_file() {
+                write_whole(&p.join("crl.pem"), &crl, 0o644)?;
+                println!("{}", p.join("crl.pem").display());
+            }
+        }
+        eprintln!(
+            "revocation list {} (number {}) lists {} certificate(s); copy it as crl.pem into the tls_dir of \
+             hosts set up from elsewhere: running agents read it at their next connection",
+            crl_path.display(),
+            number + 1,
+            entries.len()
+        );
+    }
     for h in hosts {
-        let (name, sans) = match h.split_once('=') {
+        let (name, mut sans) = match h.split_once('=') {
             Some((n, s)) => (n, s.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect()),
             None => (h.as_str(), Vec::new()),
         };
-        if name.is_empty() || name.contains('/') || name.starts_with('.') {
-            return Err(Fail::Refused(format!("{h:?}: not a host name")));
+        host_name(name)?;
+        // The certificate names its host: peers check that a request from host NAME comes
+        // with a certificate naming NAME.
+        if !sans.iter().any(|s| s == name) {
+            sans.insert(0, name.to_string());
         }
-        ca.write_host_dir(&out.join(name), name, &sans, Validity::Long).map_err(bad)?;
-        println!("{}", out.join(name).display());
+        let dir = out.join(name);
+        let pem = ca.issue(name, &sans, Validity::Long).map_err(bad)?;
+        std::fs::create_dir_all(&dir).map_err(|e| Fail::Refused(format!("{}: {e}", dir.display())))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        // The key first, the certificate last: an agent reading in between sees a key that is
+        // not its certificate's, refuses that state and keeps what it had until the next look.
+        write_whole(&dir.join("ca.pem"), &pem.ca, 0o644)?;
+        write_whole(&dir.join("key.pem"), &pem.key, 0o600)?;
+        write_whole(&dir.join("cert.pem"), &pem.cert, 0o644)?;
+        if out.join("crl.pem").is_file() {
+            write_whole(&dir.join("crl.pem"), &read(out.join("crl.pem"))?, 0o644)?;
+        }
+        println!("{}", dir.display());
     }
     Ok(())
 }
@@ -394,7 +496,7 @@ async fn run(c: Cli) -> Result<(), Fail> {
     let api = Api { ep: Endpoint::Unix(c.api.clone()) };
     let j = c.json;
     match c.cmd {
-        Cmd::TlsCerts { out, hosts } => tls_certs(&out, &hosts)?,
+        Cmd::TlsCerts { out, revoke, hosts } => tls_certs(&out, &revoke, &hosts)?,
         Cmd::Host { cmd: HostCmd::Show } => {
             let v = api.call("GET", "/v1/host", None).await?;
             print(j, &v, |v| serde_json::to_string_pretty(v).unwrap_or_default());
