@@ -1,7 +1,9 @@
 //! `performance_option = "smb"`: two agents in two namespaces joined by two veth NICs
 //! (`scripts/testbed.sh`); a move opens channels on both NICs (the interface exchange on
 //! channel 0 pairs them under the migration networks) and moves bytes over each; a VM with a
-//! disk moves the same way with `--include-storage` (shared-nothing).
+//! disk moves the same way with `--include-storage` (shared-nothing). The same with host
+//! certificates (`tls_dir`) instead of the key: every channel on both NICs authenticated by
+//! the hosts' certificates, the destination requiring the source's name.
 
 mod common;
 
@@ -10,6 +12,62 @@ use std::time::Duration;
 
 use common::*;
 use ferry_test_support::testbed::{testbed_or_skip, Side, Testbed};
+
+/// Bytes each destination NIC carried in migration `id` (from the engine's per-channel
+/// statistics), after checking the plan has two paths and tcp channels.
+fn bytes_per_nic(a: &Agent, id: &str) -> BTreeMap<String, u64> {
+    let m = a.json(&["migration", id]);
+    let st = &m["stats"];
+    let planned = st["multichannel"]["channels"].as_array().unwrap_or_else(|| panic!("no channels: {m:#}"));
+    let mut per_nic: BTreeMap<String, u64> = BTreeMap::new();
+    for c in planned {
+        assert_eq!(c["transport"], "tcp", "no RDMA device here: {c}");
+        let i = c["index"].as_u64().unwrap() as usize;
+        let remote: std::net::SocketAddr = c["remote"].as_str().unwrap().parse().unwrap();
+        let bytes = st["channels"][i]["wire_bytes"].as_u64().unwrap_or_else(|| panic!("channel {i}: {st:#}"));
+        *per_nic.entry(remote.ip().to_string()).or_default() += bytes;
+    }
+    assert_eq!(st["multichannel"]["paths"].as_array().unwrap().len(), 2, "{st:#}");
+    per_nic
+}
+
+#[test]
+fn an_smb_move_with_host_certificates_uses_both_nics() {
+    let Some(tb) = testbed_or_skip("an_smb_move_with_host_certificates_uses_both_nics", 2) else {
+        return;
+    };
+    let certs = Scratch::new("certs");
+    let (a0, a1) = (Testbed::addr(Side::Src, 0).to_string(), Testbed::addr(Side::Src, 1).to_string());
+    let (b0, b1) = (Testbed::addr(Side::Dst, 0).to_string(), Testbed::addr(Side::Dst, 1).to_string());
+    tls_certs(&certs.0, &[&format!("a={a0},{a1}"), &format!("b={b0},{b1}")]);
+    let cfg = "performance_option = \"smb\"\n[[networks]]\nsubnet = \"198.18.0.0/24\"\npriority = 1\n\
+               [[networks]]\nsubnet = \"198.18.1.0/24\"\npriority = 2\n";
+    let a_addr = std::net::SocketAddr::new(Testbed::addr(Side::Src, 0).into(), 7700);
+    let b_addr = std::net::SocketAddr::new(Testbed::addr(Side::Dst, 0).into(), 7700);
+    let tls = |n: &str| certs.0.join(n);
+    let a = Agent::start_as(Some(tb.netns(Side::Src)), "a", Creds::TlsDir(&tls("a")), cfg, a_addr, Vec::new());
+    let b = Agent::start_as(Some(tb.netns(Side::Dst)), "b", Creds::TlsDir(&tls("b")), cfg, b_addr, Vec::new());
+    assert_eq!(a.json(&["host", "show"])["credentials"], "tls");
+    a.json(&["vm", "create", "--name", "mc", "--memory", "64MiB", "--guest", "synthetic"]);
+    let pf = a.json(&["preflight", "mc", "--to", &b_addr.to_string()]);
+    assert_eq!(pf["compatible"], true, "{pf:#}");
+    assert!(pf["credentials"].as_str().unwrap().starts_with("tls:"), "{pf:#}");
+    let out = a.json(&["move", "mc", "--to", &b_addr.to_string(), "--wait", "--channels", "1"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!(out["verified"], true, "{out}");
+    let per_nic = bytes_per_nic(&a, out["id"].as_str().unwrap());
+    for nic in [&b0, &b1] {
+        assert!(per_nic.get(nic).is_some_and(|b| *b > 1 << 20), "NIC {nic} carried too little: {per_nic:?}");
+    }
+    let on_b = b.json(&["vm", "show", "mc"]);
+    assert_eq!((on_b["state"].as_str(), on_b["guest_check"].as_str()), (Some("running"), Some("ok")), "{on_b}");
+    // b's VMM took the channels with host certificates, requiring a's name.
+    let line = std::fs::read(format!("/proc/{}/cmdline", on_b["pid"].as_u64().unwrap()))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap();
+    assert!(line.contains("--tls-dir") && line.contains("--expect-peer a"), "{line}");
+    let _ = b.wait_all_final(1, Duration::from_secs(60));
+}
 
 #[test]
 fn an_smb_move_uses_both_nics_and_reports_its_channels() {

@@ -5,7 +5,11 @@
 //! one that does not name the host it is called by, is refused at preflight and at the move with
 //! a reason naming the certificate, and nothing changes on either host; a config with both or
 //! neither of `key_file`/`tls_dir`, or a tls_dir that is missing or unusable, is refused at start
-//! naming the key.
+//! naming the key. The called agent checks its caller too: a host of the same CA whose
+//! certificate does not name the host it claims to be is refused (`certificate_refused` with
+//! the name). `ferry tls-certs --revoke` while both agents run: the next preflight and move to
+//! the revoked host (and from it) are refused as revoked and nothing changes; a renewed
+//! certificate for that host is picked up without a restart and the move then completes.
 
 mod common;
 
@@ -174,4 +178,120 @@ fn a_config_with_both_neither_or_an_unusable_tls_dir_is_refused_at_start_naming_
     std::fs::copy(certs.0.join("again/x/key.pem"), good.join("key.pem")).unwrap();
     let err = refused_config(Creds::TlsDir(&good), "");
     assert!(err.contains("tls_dir:") && err.contains("is not the key of"), "{err}");
+}
+
+/// `ferry tls-certs --out OUT ARGS...`: stdout and stderr, expecting success.
+fn tls_certs_cli(out: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new(FERRY).arg("tls-certs").arg("--out").arg(out).args(args).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success(), "ferry tls-certs {args:?}: {text}");
+    text
+}
+
+/// Preflight and move from `a` to `to` are refused with `certificate_refused` naming `want`
+/// in the preflight and in the move's error; nothing changed on either host.
+fn refused_with(a: &Agent, vm: &str, to: &Agent, want: &str) {
+    let pf = not_compatible(a, vm, to);
+    let inc = &pf["incompatibilities"][0];
+    assert_eq!(inc["code"], "certificate_refused", "{pf:#}");
+    assert!(inc["message"].as_str().unwrap().contains(want), "{pf:#}");
+    let o = a.ferry(&["--json", "move", vm, "--to", &to.listen.to_string(), "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    let out: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(out["error"].as_str().unwrap().contains(want), "{out}");
+    nothing_changed(a, to, vm);
+}
+
+#[test]
+fn the_called_agent_refuses_a_caller_whose_certificate_names_another_host() {
+    let certs = Scratch::new("certs");
+    // One CA; `mallory`'s certificate names mallory and the same address as a's.
+    tls_certs(&certs.0, &["a=127.0.0.1", "b=127.0.0.1", "mallory=127.0.0.1"]);
+    // An agent that calls itself `a` but holds mallory's certificate.
+    let m = Agent::start_tls("a", &certs.0.join("mallory"), "");
+    let b = Agent::start_tls("b", &certs.0.join("b"), "");
+    create(&m, "db");
+    // Its own check of b passes (b's certificate names the address it calls); b refuses it.
+    refused_with(&m, "db", &b, "does not name host \"a\"");
+    let pf = not_compatible(&m, "db", &b);
+    let msg = pf["incompatibilities"][0]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("it names mallory, 127.0.0.1"), "{msg}");
+    assert!(b.logs().contains("refused a peer request"), "{}", b.logs());
+    // The real a, with its own certificate, moves the same kind of VM to b.
+    let a = Agent::start_tls("a", &certs.0.join("a"), "");
+    create(&a, "web");
+    let out = a.json(&["move", "web", "--to", &b.listen.to_string(), "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!(out["verified"], true, "{out}");
+    // b's VMM received with the source's name required on its channels.
+    let v = b.json(&["vm", "show", "web"]);
+    let line = cmdline(v["pid"].as_u64().unwrap());
+    assert!(line.contains("--expect-peer a"), "{line}");
+}
+
+#[test]
+fn a_host_revoked_while_agents_run_is_refused_both_ways_and_a_renewed_certificate_is_picked_up() {
+    let certs = Scratch::new("certs");
+    tls_certs(&certs.0, &["a=127.0.0.1", "b=127.0.0.1"]);
+    let a = Agent::start_tls("a", &certs.0.join("a"), "");
+    let b = Agent::start_tls("b", &certs.0.join("b"), "");
+    create(&a, "web");
+    let pf = a.json(&["preflight", "web", "--to", &b.listen.to_string()]);
+    assert_eq!(pf["compatible"], true, "{pf:#}");
+
+    // Revoke b while both run: the list lands in every host directory (a's and b's tls_dir).
+    let said = tls_certs_cli(&certs.0, &["--revoke", "b"]);
+    assert!(said.contains("lists 1 certificate") && said.contains("number 1"), "{said}");
+    for h in ["a", "b"] {
+        assert!(certs.0.join(h).join("crl.pem").is_file(), "{said}");
+    }
+    // a's next preflight and move to b: refused as revoked, by a's own check of b.
+    refused_with(&a, "web", &b, "revoked");
+    assert!(a.logs().contains("host certificates read again"), "{}", a.logs());
+    // b calling a: a refuses b's certificate in the handshake.
+    create(&b, "theirs");
+    let pf = not_compatible(&b, "theirs", &a);
+    assert_eq!(pf["incompatibilities"][0]["code"], "certificate_refused", "{pf:#}");
+    assert!(pf["incompatibilities"][0]["message"].as_str().unwrap().contains("Revoked"), "{pf:#}");
+    assert_eq!(a.vms().len(), 1, "{:?}", a.vms());
+    assert_eq!(b.vms().len(), 1, "{:?}", b.vms());
+    // Revoking again keeps the list's entries; the same host is not listed twice.
+    let said = tls_certs_cli(&certs.0, &["--revoke", "b"]);
+    assert!(said.contains("listed already") && said.contains("lists 1 certificate"), "{said}");
+
+    // A new certificate for b from the same CA (renewal): both agents pick it up at their next
+    // connection, no restart; the move completes.
+    let said = tls_certs_cli(&certs.0, &["b=127.0.0.1"]);
+    assert!(said.contains("using the CA in"), "{said}");
+    let out = a.json(&["move", "web", "--to", &b.listen.to_string(), "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!(out["verified"], true, "{out}");
+    assert_eq!(b.json(&["vm", "show", "web"])["state"], "running");
+}
+
+#[test]
+fn tls_certs_revoke_refuses_bad_input_cleanly() {
+    let certs = Scratch::new("certs");
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(FERRY).arg("tls-certs").arg("--out").arg(&certs.0).args(args).output().unwrap();
+        (o.status.code(), String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    // No CA there yet.
+    let (code, err) = run(&["--revoke", "b"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("holds no CA"), "{err}");
+    tls_certs(&certs.0, &["a=127.0.0.1"]);
+    // A host that has no certificate there.
+    let (code, err) = run(&["--revoke", "nobody"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("nobody/cert.pem"), "{err}");
+    assert!(!certs.0.join("crl.pem").exists());
+    // A CA key that is not the CA's.
+    let other = Scratch::new("other");
+    tls_certs(&other.0, &["x"]);
+    std::fs::copy(other.0.join("ca-key.pem"), certs.0.join("ca-key.pem")).unwrap();
+    let (code, err) = run(&["--revoke", "a"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is not the key of ca.pem"), "{err}");
+    assert!(!certs.0.join("crl.pem").exists());
 }

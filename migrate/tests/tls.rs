@@ -4,8 +4,11 @@
 //! destination with the wrong name, and a source with a key against a destination with
 //! certificates (and the reverse) are each refused with the reason, the source's guest keeps
 //! running with its memory intact, and the same listener then completes a legitimate migration;
-//! a channel presenting another host's certificate cannot join a session; a certificate the
-//! CA's revocation list (`crl.pem`) names is refused both ways, naming revocation.
+//! a channel presenting another host's certificate cannot join a session; a destination that
+//! expects the source's name refuses a host of the same CA with another name, over tcp and
+//! quic; a certificate the CA's revocation list (`crl.pem`) names is refused both ways over
+//! tcp and quic, naming revocation; credentials read again after the list changes refuse a
+//! host they accepted before.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -150,32 +153,94 @@ fn a_channel_with_another_hosts_certificate_cannot_join_a_session() {
 }
 
 #[test]
+fn a_destination_expecting_the_source_refuses_another_host_of_the_ca_over_tcp_and_quic() {
+    let certs = Certs::new("named-client");
+    let dst = certs.host("dst").expect_client("src").unwrap();
+    assert_eq!(dst.client_name().as_deref(), Some("src"));
+    let good: Credentials = certs.host("src").expect_peer("dst").unwrap().into();
+    // `revoked` (not revoked here) is a valid host of the same CA, named revoked/dst/127.0.0.1.
+    let other: Credentials = certs.host("revoked").expect_peer("dst").unwrap().into();
+    for quic in [false, true] {
+        let s = if quic { quic_server(&dst, 1) } else { tcp_server(&dst, 1) };
+        let opts: Box<dyn Connector> =
+            if quic { Box::new(QuicOptions::default()) } else { Box::new(TcpOptions::default()) };
+        let mut vm = guest("tls-named", 16, 4, 32, SEED);
+        let e = connect_simple(s.addr, 2, &*opts, &other).unwrap_err().to_string();
+        // quinn passes the destination's reason on; over tcp the source sees the TLS alert.
+        let says = if quic { "certificate not valid for name \"src\"" } else { "BadCertificate" };
+        assert!(e.contains(says), "quic {quic}: {e}");
+        assert!(vm.is_running(), "quic {quic}: the source stopped");
+        // The expected source still moves its guest through the same listener.
+        migrate_ok(&s, &mut vm, &*opts, 2, &good);
+        s.thread.join().unwrap();
+    }
+    // A name no certificate can hold is refused when asked for.
+    assert!(certs.host("dst").expect_client("not a name!").is_err());
+}
+
+#[test]
 fn a_revoked_certificate_is_refused_both_ways_naming_revocation() {
     let certs = Certs::new("revoked");
     certs.revoke_in(&["src", "dst"]);
     let good: Credentials = certs.host("src").expect_peer("dst").unwrap().into();
-    let tcp = TcpOptions::default();
-    // A destination holding the list refuses a revoked source; the source keeps running, and
-    // a legitimate source still moves its guest.
-    let s = tcp_server(certs.host("dst"), 1);
-    let mut vm = guest("tls-revoked", 16, 4, 32, SEED);
     let revoked: Credentials = certs.host("revoked").expect_peer("dst").unwrap().into();
-    let e = connect_simple(s.addr, 2, &tcp, &revoked).unwrap_err().to_string();
-    assert!(e.contains("CertificateRevoked"), "{e}");
-    assert!(vm.is_running(), "the source stopped");
-    migrate_ok(&s, &mut vm, &tcp, 2, &good);
-    s.thread.join().unwrap();
-    // A source holding the list refuses a revoked destination (named `dst`, of the CA).
-    let s = tcp_server(certs.host("revoked"), 1);
-    let vm = guest("tls-revoked-dst", 8, 0, 0, SEED);
-    let e = connect_simple(s.addr, 1, &tcp, &good).unwrap_err().to_string();
-    assert!(e.contains("Revoked"), "{e}");
-    assert!(vm.is_running(), "the source stopped");
-    s.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    s.thread.join().unwrap();
+    for quic in [false, true] {
+        let opts: Box<dyn Connector> =
+            if quic { Box::new(QuicOptions::default()) } else { Box::new(TcpOptions::default()) };
+        let server = |c: ferry_transport::TlsCredentials| if quic { quic_server(c, 1) } else { tcp_server(c, 1) };
+        // A destination holding the list refuses a revoked source; the source keeps running,
+        // and a legitimate source still moves its guest.
+        let s = server(certs.host("dst"));
+        let mut vm = guest("tls-revoked", 16, 4, 32, SEED);
+        let e = connect_simple(s.addr, 2, &*opts, &revoked).unwrap_err().to_string();
+        let says = if quic { "invalid peer certificate: Revoked" } else { "CertificateRevoked" };
+        assert!(e.contains(says), "quic {quic}: {e}");
+        assert!(vm.is_running(), "quic {quic}: the source stopped");
+        migrate_ok(&s, &mut vm, &*opts, 2, &good);
+        s.thread.join().unwrap();
+        // A source holding the list refuses a revoked destination (named `dst`, of the CA).
+        let s = server(certs.host("revoked"));
+        let vm = guest("tls-revoked-dst", 8, 0, 0, SEED);
+        let e = connect_simple(s.addr, 1, &*opts, &good).unwrap_err().to_string();
+        assert!(e.contains("Revoked"), "quic {quic}: {e}");
+        assert!(vm.is_running(), "quic {quic}: the source stopped");
+        s.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        s.thread.join().unwrap();
+    }
     // A crl.pem that is no revocation list is refused when the credentials load.
     std::fs::write(certs.dir("dst").join("crl.pem"), "-----BEGIN X509 CRL-----\nAAAA\n-----END X509 CRL-----\n")
         .unwrap();
     let e = ferry_transport::TlsCredentials::from_dir(&certs.dir("dst")).unwrap_err().to_string();
+    assert!(e.contains("crl.pem"), "{e}");
+}
+
+#[test]
+fn credentials_read_again_after_a_new_revocation_list_refuse_a_host_they_accepted() {
+    let certs = Certs::new("refresh");
+    let dst = ferry_transport::TlsCredentials::from_dir(&certs.dir("dst")).unwrap();
+    assert!(!dst.changed_on_disk());
+    let revoked: Credentials = certs.host("revoked").expect_peer("dst").unwrap().into();
+    let tcp = TcpOptions::default();
+    // Before the list: `revoked` is a host of the CA like any other.
+    let s = tcp_server(dst.clone(), 1);
+    let mut vm = guest("tls-refresh", 16, 4, 32, SEED);
+    migrate_ok(&s, &mut vm, &tcp, 1, &revoked);
+    s.thread.join().unwrap();
+    // The list appears in dst's directory: the loaded credentials see the change, and read
+    // again they refuse it (as a running VMM does at its next migration).
+    certs.revoke_in(&["dst"]);
+    assert!(dst.changed_on_disk());
+    let fresh = dst.refreshed().unwrap();
+    assert!(!fresh.changed_on_disk());
+    let s = tcp_server(fresh, 1);
+    let vm = guest("tls-refresh-2", 8, 0, 0, SEED);
+    let e = connect_simple(s.addr, 1, &tcp, &revoked).unwrap_err().to_string();
+    assert!(e.contains("CertificateRevoked"), "{e}");
+    assert!(vm.is_running(), "the source stopped");
+    s.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    s.thread.join().unwrap();
+    // A list that cannot be used: refreshing fails (the caller keeps what it had).
+    std::fs::write(certs.dir("dst").join("crl.pem"), "not a list").unwrap();
+    let e = dst.refreshed().unwrap_err().to_string();
     assert!(e.contains("crl.pem"), "{e}");
 }
