@@ -37,7 +37,11 @@
 //! runs over mutual TLS with the host certificates (a peer whose certificate does not chain to
 //! `ca.pem` is refused in the TLS handshake, both ways) and the migration channels use the same
 //! certificates ([`ferry_transport::tls`]). The source checks that the destination's
-//! certificate names the host it was asked to move to (the host part of the move's `to`).
+//! certificate names the host it was asked to move to (the host part of the move's `to`); the
+//! destination checks that the source's certificate names the host the request comes from
+//! (the source's `name`), on the peer API and on the migration channels. The files are read
+//! again when they change (checked at each new connection), so a new `crl.pem` or a renewed
+//! certificate counts without a restart.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};

@@ -273,7 +273,8 @@ fn a_host_revoked_while_agents_run_is_refused_both_ways_and_a_renewed_certificat
 fn tls_certs_revoke_refuses_bad_input_cleanly() {
     let certs = Scratch::new("certs");
     let run = |args: &[&str]| {
-        let o = std::process::Command::new(FERRY).arg("tls-certs").arg("--out").arg(&certs.0).args(args).output().unwrap();
+        let o =
+            std::process::Command::new(FERRY).arg("tls-certs").arg("--out").arg(&certs.0).args(args).output().unwrap();
         (o.status.code(), String::from_utf8_lossy(&o.stderr).to_string())
     };
     // No CA there yet.

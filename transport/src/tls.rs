@@ -33,9 +33,13 @@
 //! reads past the last record of the exchange into the raw frames that follow. No session
 //! tickets are issued (a ticket after the handshake would land in the raw stream).
 //!
-//! The destination accepts any client whose certificate chains to its CA; the migration server
+//! The destination accepts any client whose certificate chains to its CA, or with
+//! [`TlsCredentials::expect_client`] only one naming the expected source; the migration server
 //! also requires every channel of a session to present the certificate channel 0 presented
 //! ([`crate::handshake::Established::peer_cert`]). The image key is channel 0's, as with a key.
+//!
+//! [`TlsCredentials::refreshed`] reads the files again when they changed on disk (a new
+//! revocation list, a renewed certificate), for hosts that run long.
 //!
 //! `quic` uses the same certificates for its own TLS (module `quic`), with K taken from the QUIC
 //! connection's exporter. `rdma` runs this on its TCP control stream.
@@ -51,7 +55,8 @@
 //! counts (a stale list revokes at least what it lists).
 //!
 //! [`TestCa`] makes a CA and host certificates (`ferry tls-certs` writes them to directories),
-//! and revocation lists ([`TestCa::revoke`]).
+//! and revocation lists ([`TestCa::revoke`], [`TestCa::revocation_list`]; `ferry tls-certs
+//! --revoke`); [`read_revocation_list`] and [`serial_of`] read what a list and a certificate hold.
 
 use std::fmt;
 use std::io::Read;
