@@ -961,6 +961,35 @@ mod tests {
     }
 
     #[test]
+    fn a_ca_read_back_from_pem_signs_lists_that_read_back() {
+        let ca = TestCa::new("test ca").unwrap();
+        let again = TestCa::from_pem(ca.cert_pem(), &ca.key_pem()).unwrap();
+        let h = ca.issue("host-a", &["host-a".into(), "127.0.0.1".into()], Validity::Long).unwrap();
+        assert_eq!(serial_of(&h.cert).unwrap(), h.serial);
+        let der = CertificateDer::from_pem_slice(h.cert.as_bytes()).unwrap();
+        assert_eq!(names_in(&der), ["host-a", "127.0.0.1"]);
+        assert!(certificate_names(&der, "host-a").is_ok());
+        let e = certificate_names(&der, "host-b").unwrap_err();
+        assert!(e.contains("it names host-a, 127.0.0.1") && e.contains("\"host-b\""), "{e}");
+        // A list signed by the CA read back from its files: number and entries survive.
+        let when = time::OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let list = again.revocation_list(&[Revoked { serial: h.serial.clone(), when }], 7, when).unwrap();
+        let (number, entries) = read_revocation_list(&list).unwrap();
+        assert_eq!(number, 7);
+        assert_eq!(entries, [Revoked { serial: h.serial.clone(), when }]);
+        // A host directory holding the list loads (the list is one rustls and webpki accept).
+        let d = dir("list");
+        ca.write_host_dir(&d, "host-b", &["host-b".into()], Validity::Long).unwrap();
+        std::fs::write(d.join("crl.pem"), &list).unwrap();
+        assert!(TlsCredentials::from_dir(&d).is_ok());
+        // Another CA's key does not pass for this CA's.
+        let other = TestCa::new("other").unwrap();
+        let e = TestCa::from_pem(ca.cert_pem(), &other.key_pem()).err().unwrap().to_string();
+        assert!(e.contains("is not the key of ca.pem"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
     fn load_checks_every_file() {
         use std::os::unix::fs::PermissionsExt;
         let ca = TestCa::new("test ca").unwrap();
