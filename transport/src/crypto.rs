@@ -27,12 +27,14 @@
 //!   header as associated data), computed by sealing it out of place into a scratch buffer that
 //!   is then thrown away: the same key, nonce and tag size, and AES-GCM's fast path (GHASH over
 //!   the part as associated data alone, the GMAC way, measured 2-3x slower than sealing here).
+//!   The receiver computes the same over its copy and compares the tags in constant time.
+//! - `off`: frames as in protocol version 1, no tag (trusted networks only).
 //!
 //! AES-256-GCM and HKDF come from aws-lc-rs: its AES-GCM code uses AVX-512 where the CPU has
-//! it (about 1.25x ring's AVX2 code on this project's machines, measured 2026-12-01), and it
-//! opens out of place ([`Sealer::open_to`]), which lets the receiver write each guest page once. The receiver computes
-//!   the same over its copy and compares the tags in constant time.
-//! - `off`: frames as in protocol version 1, no tag (trusted networks only).
+//! it (about 1.25x ring's AVX2 code on this project's machines, measured 2026-12-01), it opens
+//! out of place ([`Sealer::open_to`], the `integrity` receive path), and its C interface seals
+//! out of place from a raw pointer ([`Sealer::seal_from_guest`]: the `aead` send path encrypts
+//! guest pages without copying them first).
 //!
 //! How a page batch is split into parts is in [`crate::wire`].
 

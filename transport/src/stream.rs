@@ -13,13 +13,17 @@
 //! copy followed by an in-place seal, the copy being 0.13 CPU-s of a 1.28 GB migration); with
 //! `integrity` the pages are copied (volatile) and tagged there (the tag must cover exactly the
 //! bytes sent); zstd compresses first, then seals. Header, tags and staging go in one `writev`.
-//! Receiving, the batch header is opened before any memory is touched; the data section is read
-//! into a buffer of the channel about 128 KiB at a time (whole segments), and each raw segment
-//! opened (decrypted) out of place straight into the guest pages it belongs to while it is still
-//! in cache, so each guest page is written once (reading the ciphertext into the guest pages and
-//! opening it there wrote them twice: 1.2-1.35x slower, measured; reading a whole 1 MiB batch
-//! before opening it made the open CPU 1.4x, measured 2026-12-01). A failed tag fails the
-//! receive with [`TransportError::Unauthenticated`].
+//! Receiving, the batch header is opened before any memory is touched (its round admitted by
+//! the sink); the data section is then taken about 128 KiB (whole segments) at a time. With
+//! `aead` the kernel reads the ciphertext straight into the guest pages it belongs to and each
+//! segment is opened (decrypted) in place while it is in cache: the kernel's copy writes cold
+//! memory without reading it first, where AES code writing cold guest pages reads each line
+//! before writing it (opening out of place from our buffer into the guest cost 0.1 CPU-s more
+//! per 1.28 GB, measured 2026-12-01; reading a whole 1 MiB batch before opening it made the
+//! open CPU 1.4x). A failed tag fails the batch and the channel: the migration aborts before
+//! commit, and the destination memory it wrote (not yet the guest's) is discarded with it.
+//! With `integrity` the data is read into our buffer, its tag checked, then copied in. A failed
+//! tag fails the receive with [`TransportError::Unauthenticated`].
 
 use std::io::{self, Read};
 use std::net::TcpStream;
@@ -654,27 +658,50 @@ impl StreamRx {
                             chunk += segs[end].2 as usize * PAGE_SIZE;
                             end += 1;
                         }
-                        // Grown, never shrunk (no zeroing of a buffer the read overwrites).
-                        if self.staging.len() < chunk {
-                            self.staging.resize(chunk, 0);
-                        }
-                        read_exact(&mut self.sock, &mut self.staging[..chunk])?;
-                        let mut off = 0;
-                        for (j, &(ri, first, n)) in segs[k..end].iter().enumerate() {
-                            let len = n as usize * PAGE_SIZE;
-                            // SAFETY: the segment's pages lie inside run `ri`, which the sink
-                            // vouched for (first + n <= pages); this receiver is the only writer
-                            // of a batch's pages while it receives them (the destination's guest
-                            // is not running and the round barrier keeps other channels off these
-                            // pages), so a slice over them for the open is not observed by anyone
-                            // else.
-                            let seg = unsafe {
-                                std::slice::from_raw_parts_mut(bases[ri].as_ptr().add(first as usize * PAGE_SIZE), len)
-                            };
-                            let sealed = &self.staging[off..off + len];
-                            let i = k + j;
-                            self.open.open_to(fh, 2 + i as u32, sealed, &tags[i * t..(i + 1) * t], seg)?;
-                            off += len;
+                        // SAFETY (for both slices below): the segment's pages lie inside run
+                        // `ri`, which the sink vouched for (first + n <= pages); this receiver is
+                        // the only writer of a batch's pages while it receives them (the
+                        // destination's guest is not running and the round barrier keeps other
+                        // channels off these pages), so a slice over them is not observed by
+                        // anyone else.
+                        let seg_of = |&(ri, first, n): &(usize, u32, u32)| unsafe {
+                            std::slice::from_raw_parts_mut(
+                                bases[ri].as_ptr().add(first as usize * PAGE_SIZE),
+                                n as usize * PAGE_SIZE,
+                            )
+                        };
+                        if self.open.encrypts() {
+                            // aead: the kernel reads the chunk's ciphertext straight into its
+                            // guest pages (its copy writes cold memory without reading it
+                            // first) and each segment is opened in place while in cache.
+                            // Opening out of place from our buffer made the AES code write the
+                            // cold guest pages itself, reading every line before writing it:
+                            // 0.1 CPU-s more per 1.28 GB (measured 2026-12-01, perf).
+                            let mut v: Vec<libc::iovec> = segs[k..end]
+                                .iter()
+                                .map(|s| iov(seg_of(s).as_mut_ptr(), s.2 as usize * PAGE_SIZE))
+                                .collect();
+                            readv_all(self.sock.as_raw_fd(), &mut v)?;
+                            for (j, s) in segs[k..end].iter().enumerate() {
+                                let i = k + j;
+                                self.open.open(fh, 2 + i as u32, seg_of(s), &tags[i * t..(i + 1) * t])?;
+                            }
+                        } else {
+                            // integrity: the tag is checked over our copy before any guest page
+                            // is written, then the bytes copied in.
+                            // Grown, never shrunk (no zeroing of a buffer the read overwrites).
+                            if self.staging.len() < chunk {
+                                self.staging.resize(chunk, 0);
+                            }
+                            read_exact(&mut self.sock, &mut self.staging[..chunk])?;
+                            let mut off = 0;
+                            for (j, s) in segs[k..end].iter().enumerate() {
+                                let len = s.2 as usize * PAGE_SIZE;
+                                let sealed = &self.staging[off..off + len];
+                                let i = k + j;
+                                self.open.open_to(fh, 2 + i as u32, sealed, &tags[i * t..(i + 1) * t], seg_of(s))?;
+                                off += len;
+                            }
                         }
                         k = end;
                     }
