@@ -658,17 +658,19 @@ impl StreamRx {
                             chunk += segs[end].2 as usize * PAGE_SIZE;
                             end += 1;
                         }
-                        // SAFETY (for both slices below): the segment's pages lie inside run
-                        // `ri`, which the sink vouched for (first + n <= pages); this receiver is
-                        // the only writer of a batch's pages while it receives them (the
-                        // destination's guest is not running and the round barrier keeps other
-                        // channels off these pages), so a slice over them is not observed by
-                        // anyone else.
-                        let seg_of = |&(ri, first, n): &(usize, u32, u32)| unsafe {
-                            std::slice::from_raw_parts_mut(
-                                bases[ri].as_ptr().add(first as usize * PAGE_SIZE),
-                                n as usize * PAGE_SIZE,
-                            )
+                        let seg_of = |&(ri, first, n): &(usize, u32, u32)| {
+                            // SAFETY: the segment's pages lie inside run `ri`, which the sink
+                            // vouched for (first + n <= pages); this receiver is the only writer
+                            // of a batch's pages while it receives them (the destination's guest
+                            // is not running and the round barrier keeps other channels off these
+                            // pages), so a slice over them is not observed by anyone else; each
+                            // slice is used and dropped before the next one is made.
+                            unsafe {
+                                std::slice::from_raw_parts_mut(
+                                    bases[ri].as_ptr().add(first as usize * PAGE_SIZE),
+                                    n as usize * PAGE_SIZE,
+                                )
+                            }
                         };
                         if self.open.encrypts() {
                             // aead: the kernel reads the chunk's ciphertext straight into its
