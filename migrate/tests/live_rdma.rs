@@ -54,15 +54,24 @@ struct Destination {
     server: RunningServer,
 }
 
-fn destination(o: &RdmaOptions, max: usize) -> Destination {
-    let hs = ServerConfig {
+/// The destinations' handshake: the test key, every capability, the default encryption.
+fn handshake() -> ServerConfig {
+    ServerConfig {
         creds: Psk::new(KEY).unwrap().into(),
         caps: Caps::ALL,
         timeout: Duration::from_secs(5),
         encryption: Default::default(),
-    };
-    let rdma = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs.clone()).unwrap();
-    let tcp = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), hs).unwrap();
+    }
+}
+
+/// An rdma listener on loopback with [`handshake`].
+fn rdma_acceptor(o: &RdmaOptions) -> RdmaAcceptor {
+    RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), handshake()).unwrap()
+}
+
+fn destination(o: &RdmaOptions, max: usize) -> Destination {
+    let rdma = rdma_acceptor(o);
+    let tcp = TcpAcceptor::bind("127.0.0.1:0".parse().unwrap(), TcpOptions::default(), handshake()).unwrap();
     let srv = MigrationServer::new(rdma, Arc::new(SyntheticFactory::new(1 << 30, false)), TargetConfig::default())
         .with_acceptor(tcp);
     let addrs = srv.local_addrs().unwrap();
@@ -234,13 +243,7 @@ fn rdma_shared_nothing_moves_the_disks_on_the_control_path() {
     };
     let mut vm = ferry_vmm_glue::synthetic::SyntheticVm::new(&cfg).unwrap();
     vm.resume().unwrap();
-    let hs = ServerConfig {
-        creds: Psk::new(KEY).unwrap().into(),
-        caps: Caps::ALL,
-        timeout: Duration::from_secs(5),
-        encryption: Default::default(),
-    };
-    let acc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs).unwrap();
+    let acc = rdma_acceptor(&o);
     let tcfg = TargetConfig { disk_dir: Some(dstd.clone()), ..Default::default() };
     let srv = MigrationServer::new(acc, Arc::new(SyntheticFactory::new(1 << 30, false)), tcfg);
     let addr = srv.local_addrs().unwrap()[0].1;
@@ -358,13 +361,7 @@ fn rdma_rounds_close_before_the_source_moves_on_and_complete_seals_every_queue_p
     else {
         return;
     };
-    let hs = ServerConfig {
-        creds: Psk::new(KEY).unwrap().into(),
-        caps: Caps::ALL,
-        timeout: Duration::from_secs(5),
-        encryption: Default::default(),
-    };
-    let acc = RdmaAcceptor::bind("127.0.0.1:0".parse().unwrap(), o.clone(), hs).unwrap();
+    let acc = rdma_acceptor(&o);
     // What the destination saw when it loaded the state, and the write's outcome then.
     let at_restore: Arc<Mutex<Option<(rdma::WindowStats, String)>>> = Arc::default();
     let probe: Arc<Mutex<Option<rdma::WriteProbe>>> = Arc::default();
