@@ -369,9 +369,10 @@ impl StreamTx {
         let try_zstd = raw_len > 0 && self.chooser.as_mut().is_none_or(CompressChooser::compress_next);
         let compressing = self.compressor.is_some() && try_zstd;
         if sealed || compressing {
-            // Sealing needs the pages in our own buffer (never seal over live guest memory), and
-            // so does the compressor. The compressor takes them all at once; sealing alone
-            // copies each span right before it seals it, while the copy is in cache.
+            // Sealing sends from our own buffer (the bytes sent are the bytes sealed), and the
+            // compressor needs the pages there too. The compressor takes them all at once;
+            // sealing alone fills each span as it seals it (aead: encrypted from the guest pages,
+            // integrity: copied then tagged; `Sealer::seal_from_guest`).
             // Grown, never shrunk: a shorter batch after a longer one must not pay for zeroing
             // (every byte of staging[..raw_len] is written below before it is sent).
             if self.staging.len() < raw_len {
