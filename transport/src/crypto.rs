@@ -222,7 +222,10 @@ impl ChannelKeys {
 
     /// The sealing state of the sending direction.
     pub fn sealer(&self) -> Sealer {
-        Sealer::new(self.mode, &self.send)
+        let mut s = Sealer::new(self.mode, &self.send);
+        // Only the sending direction seals guest pages: openers do not make the context.
+        s.guest = (self.mode == Encryption::Aead).then(|| GuestSealKey::new(&self.send));
+        s
     }
 
     /// The opening state of the receiving direction.
@@ -249,8 +252,9 @@ pub struct Sealer {
     seq: u64,
     /// `integrity`: where a part is copied to be encrypted for its tag.
     scratch: Vec<u8>,
-    /// `aead`: the same key as an aws-lc AEAD context, for sealing guest pages straight from
-    /// guest memory ([`Sealer::seal_from_guest`]).
+    /// `aead`, sending direction: the same key as an aws-lc AEAD context, for sealing guest
+    /// pages straight from guest memory ([`Sealer::seal_from_guest`]; without it, that copies
+    /// and seals in place).
     guest: Option<GuestSealKey>,
 }
 
@@ -300,8 +304,7 @@ impl Sealer {
             // A 32-byte key is what AES-256-GCM takes: this cannot fail.
             LessSafeKey::new(UnboundKey::new(&AES_256_GCM, secret).expect("AES-256 takes a 32-byte key"))
         });
-        let guest = (mode == Encryption::Aead).then(|| GuestSealKey::new(secret));
-        Self { mode, key, seq: 0, scratch: Vec::new(), guest }
+        Self { mode, key, seq: 0, scratch: Vec::new(), guest: None }
     }
 
     /// A sealer that does nothing (`off`).
