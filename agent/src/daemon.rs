@@ -2753,9 +2753,11 @@ async fn h_fallback(uri: Uri) -> ApiError {
 }
 
 /// Check a peer request: with the key its signature; with host certificates that the
-/// caller's certificate (verified in the TLS handshake: CA, validity, revocation) names `from`,
-/// the host the request claims to come from (the source of the move it is about). `from` is
-/// `None` only where the request names no host (then any host of the CA may ask).
+/// caller's certificate is accepted by the host's credentials as they are now (CA, validity,
+/// revocation: checked in the TLS handshake and again here, since a kept-open connection can
+/// outlive a revocation) and names `from`, the host the request claims to come from (the source
+/// of the move it is about). `from` is `None` only where the request names no host (then any
+/// host of the CA may ask).
 fn check_peer(
     a: &Agent,
     caller: &peer::Caller,
@@ -2768,16 +2770,24 @@ fn check_peer(
     let key = match &a.cfg.credentials {
         HostCredentials::Key { key, .. } => key,
         HostCredentials::Tls { .. } => {
-            let (Some(cert), Some(from)) = (caller.certificate.as_ref(), from) else {
-                return match caller.certificate {
-                    Some(_) => Ok(()),
-                    None => Err(ApiError::new(
-                        StatusCode::FORBIDDEN,
-                        "certificate_refused",
-                        "the caller presented no certificate",
-                    )),
-                };
+            let Some(cert) = caller.certificate() else {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "certificate_refused",
+                    "the caller presented no certificate",
+                ));
             };
+            // The handshake checked the certificate when the connection opened; a connection
+            // kept open may outlive that (a revocation list or CA renewed since). Checked again
+            // against the credentials as they are on disk now, per request.
+            if let Some(creds) = a.tls_now() {
+                creds.verify_client(&caller.chain).map_err(|why| {
+                    let why = format!("the caller's certificate is not accepted now: {why}");
+                    warn!(peer = %caller.addr, "refused a peer request: {why}");
+                    ApiError::new(StatusCode::FORBIDDEN, "certificate_refused", why)
+                })?;
+            }
+            let Some(from) = from else { return Ok(()) };
             return ferry_transport::tls::certificate_names(cert, from).map_err(|why| {
                 let why = format!(
                     "the caller's certificate does not name host {from:?}, the host the request comes from: {why}"

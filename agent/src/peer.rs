@@ -77,21 +77,28 @@ const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 pub struct Caller {
     /// The peer's address.
     pub addr: std::net::SocketAddr,
-    /// Its certificate (`None` on the key's plain HTTP listener).
-    pub certificate: Option<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+    /// Its certificate chain, its own certificate first (empty on the key's plain HTTP
+    /// listener).
+    pub chain: Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl Caller {
+    /// Its own certificate, if it presented one.
+    pub fn certificate(&self) -> Option<&tokio_rustls::rustls::pki_types::CertificateDer<'static>> {
+        self.chain.first()
+    }
 }
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>> for Caller {
     fn connect_info(s: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self { addr: *s.remote_addr(), certificate: None }
+        Self { addr: *s.remote_addr(), chain: Vec::new() }
     }
 }
 
 impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for Caller {
     fn connect_info(s: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        let certificate =
-            s.io().get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.clone().into_owned());
-        Self { addr: *s.remote_addr(), certificate }
+        let chain = s.io().get_ref().1.peer_certificates().unwrap_or_default();
+        Self { addr: *s.remote_addr(), chain: chain.iter().map(|c| c.clone().into_owned()).collect() }
     }
 }
 

@@ -9,7 +9,9 @@
 //! certificate does not name the host it claims to be is refused (`certificate_refused` with
 //! the name). `ferry tls-certs --revoke` while both agents run: the next preflight and move to
 //! the revoked host (and from it) are refused as revoked and nothing changes; a renewed
-//! certificate for that host is picked up without a restart and the move then completes.
+//! certificate for that host is picked up without a restart and the move then completes. A
+//! caller revoked after opening its connection is refused at its next request on that same
+//! connection. A quick move runs with certificates too, and a revoked host cannot quick-move back.
 
 mod common;
 
@@ -295,4 +297,95 @@ fn tls_certs_revoke_refuses_bad_input_cleanly() {
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("is not the key of ca.pem"), "{err}");
     assert!(!certs.0.join("crl.pem").exists());
+}
+
+/// A GET on an open HTTP/1.1 connection (kept alive): the status and the body.
+fn get_on(conn: &mut (impl std::io::Read + std::io::Write), path: &str) -> (u16, String) {
+    write!(conn, "GET {path} HTTP/1.1\r\nhost: ferry\r\n\r\n").unwrap();
+    conn.flush().unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            conn.read(&mut byte).unwrap(),
+            1,
+            "connection closed in the head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .expect("a content-length");
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body).unwrap();
+    (status, String::from_utf8(body).unwrap())
+}
+
+/// A caller that keeps its peer connection open across a revocation: its next request on that
+/// same connection is refused (`certificate_refused`, revoked), not served on the strength of the
+/// handshake it made before.
+#[test]
+fn a_request_on_a_connection_opened_before_the_callers_revocation_is_refused() {
+    use tokio_rustls::rustls;
+    let certs = Scratch::new("certs");
+    tls_certs(&certs.0, &["a=127.0.0.1", "b=127.0.0.1"]);
+    let b = Agent::start_tls("b", &certs.0.join("b"), "");
+    // a's side of a peer connection, made by hand to keep it open.
+    let creds = ferry_transport::tls::TlsCredentials::from_dir(&certs.0.join("a")).unwrap();
+    let tls = rustls::ClientConnection::new(creds.client(), creds.server_name()).unwrap();
+    let tcp = std::net::TcpStream::connect(b.listen).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut conn = rustls::StreamOwned::new(tls, tcp);
+    // Accepted: the request is served (no such VM).
+    let (status, body) = get_on(&mut conn, "/peer/v1/vms/none");
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("not_found"), "{body}");
+
+    tls_certs_cli(&certs.0, &["--revoke", "a"]);
+    // The same connection, the same request: refused now, with the reason.
+    let (status, body) = get_on(&mut conn, "/peer/v1/vms/none");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("certificate_refused") && body.contains("Revoked"), "{body}");
+    assert!(b.logs().contains("the caller's certificate is not accepted now"), "{}", b.logs());
+}
+
+/// A quick move between agents with host certificates: the peer API's admission and hand-over
+/// run over mutual TLS, the destination's VMM loads the image with the host's certificates, and
+/// the VM runs on b verified. Once b is revoked, its quick move back is refused by a with the
+/// reason, and the VM keeps running on b with nothing left in the shared directory.
+#[test]
+fn a_quick_move_with_certificates_completes_and_a_revoked_host_cannot_quick_move_back() {
+    let certs = Scratch::new("certs");
+    let shared = Scratch::new("shared");
+    tls_certs(&certs.0, &["a=127.0.0.1", "b=127.0.0.1"]);
+    let extra = format!("shared_storage = \"{}\"\n", shared.0.display());
+    let a = Agent::start_tls("a", &certs.0.join("a"), &extra);
+    let b = Agent::start_tls("b", &certs.0.join("b"), &extra);
+    create(&a, "web");
+    let out = a.json(&["move", "web", "--to", &b.listen.to_string(), "--quick", "--wait"]);
+    assert_eq!(out["status"], "completed", "{out}\n{}\n{}", a.logs(), b.logs());
+    assert_eq!(out["verified"], true, "{out}");
+    let on_b = b.json(&["vm", "show", "web"]);
+    assert_eq!((on_b["state"].as_str(), on_b["epoch"].as_u64()), (Some("running"), Some(2)), "{on_b}");
+    assert_eq!(on_b["arrived_verified"], true, "{on_b}");
+    assert_eq!(on_b["guest_check"], "ok", "{on_b}");
+    assert!(a.vms().is_empty(), "{:?}", a.vms());
+    assert_eq!(a.migrations()[0]["kind"], "quick");
+    vmm_uses(&b, "web", &certs.0.join("b"));
+    let left = || std::fs::read_dir(&shared.0).unwrap().count();
+    assert_eq!(left(), 0, "the shared directory is empty after the move");
+
+    tls_certs_cli(&certs.0, &["--revoke", "b"]);
+    let o = b.ferry(&["--json", "move", "web", "--to", &a.listen.to_string(), "--quick", "--wait"]);
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stdout));
+    let out: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(out["error"].as_str().unwrap().contains("Revoked"), "{out}");
+    let on_b = b.json(&["vm", "show", "web"]);
+    assert_eq!((on_b["state"].as_str(), on_b["epoch"].as_u64()), (Some("running"), Some(2)), "{on_b}");
+    assert!(a.vms().is_empty(), "{:?}", a.vms());
+    assert_eq!(left(), 0, "nothing written to the shared directory by a refused move");
 }

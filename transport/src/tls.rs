@@ -404,6 +404,23 @@ impl TlsCredentials {
         Ok(Self { client_name: Some(n), server, ..self.clone() })
     }
 
+    /// Check a client's certificate (`chain[0]`, with any intermediates after it) as a TLS
+    /// handshake with these credentials would now: chained to the CA, valid at this time, not on
+    /// the revocation list (and naming the expected client, if one is set). A server that keeps
+    /// connections open calls this per request, so a certificate revoked after its connection's
+    /// handshake stops counting at the next request, not at the next connection.
+    pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
+        let (cert, intermediates) = chain.split_first().ok_or("no certificate")?;
+        let l = &self.loaded;
+        let v = client_verifier(&l.provider, &l.roots, &l.crls).map_err(|e| e.to_string())?;
+        v.verify_client_cert(cert, intermediates, UnixTime::now()).map_err(|e| e.to_string())?;
+        if let Some(n) = &self.client_name {
+            let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| e.to_string())?;
+            rustls::client::verify_server_name(&parsed, n).map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
     /// The name expected of clients, if any.
     pub fn client_name(&self) -> Option<String> {
         self.client_name.as_ref().map(|n| n.to_str().into_owned())
@@ -1031,6 +1048,40 @@ mod tests {
         std::fs::write(d.join("ca.pem"), ca.cert_pem()).unwrap();
         std::fs::remove_file(&key).unwrap();
         assert!(matches!(TlsCredentials::from_dir(&d), Err(KeyError::Io { .. })));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// `verify_client` judges a caller's certificate as a handshake would now: the host's own CA
+    /// and validity, the revocation list read at the last refresh, and the expected client name.
+    #[test]
+    fn verify_client_follows_the_current_revocation_list_and_expected_name() {
+        let ca = TestCa::new("test ca").unwrap();
+        let d = dir("verify");
+        ca.write_host_dir(&d, "host-b", &["host-b".into()], Validity::Long).unwrap();
+        let caller = ca.issue("host-a", &["host-a".into()], Validity::Long).unwrap();
+        let chain = [CertificateDer::from_pem_slice(caller.cert.as_bytes()).unwrap()];
+        let t = TlsCredentials::from_dir(&d).unwrap();
+        t.verify_client(&chain).unwrap();
+        let e = t.verify_client(&[]).unwrap_err();
+        assert!(e.contains("no certificate"), "{e}");
+        // Expecting another client name.
+        let e = t.expect_client("host-c").unwrap().verify_client(&chain).unwrap_err();
+        assert!(e.contains("not valid for name \"host-c\""), "{e}");
+        t.expect_client("host-a").unwrap().verify_client(&chain).unwrap();
+        // Another CA's certificate, and an expired one.
+        let stranger = TestCa::new("another ca").unwrap().issue("host-a", &["host-a".into()], Validity::Long).unwrap();
+        let e = t.verify_client(&[CertificateDer::from_pem_slice(stranger.cert.as_bytes()).unwrap()]).unwrap_err();
+        assert!(e.contains("UnknownIssuer"), "{e}");
+        let old = ca.issue("host-a", &["host-a".into()], Validity::Expired).unwrap();
+        let e = t.verify_client(&[CertificateDer::from_pem_slice(old.cert.as_bytes()).unwrap()]).unwrap_err();
+        assert!(e.contains("expired"), "{e}");
+        // Revoked on disk: the credentials held say so once refreshed.
+        let when = time::OffsetDateTime::now_utc();
+        let list = ca.revocation_list(&[Revoked { serial: caller.serial.clone(), when }], 1, when).unwrap();
+        std::fs::write(d.join("crl.pem"), &list).unwrap();
+        let fresh = t.refreshed().unwrap();
+        let e = fresh.verify_client(&chain).unwrap_err();
+        assert!(e.contains("Revoked"), "{e}");
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
