@@ -140,7 +140,8 @@ fn rdma_live_migration_is_byte_identical() {
 fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
     let Some((o, _serial)) = opts("rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly") else { return };
     let dst = destination(&o, 1);
-    let mut vm = guest("rdma-fault", 32, 0, 0, SEED);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let mut vm = BarrierWatch { vm: guest("rdma-fault", 32, 0, 0, SEED), seen: seen.clone() };
     let (chans, faults) = connect_with_faults(dst.rdma, &o, 2);
     let fired = Arc::new(AtomicBool::new(false));
     let f2 = fired.clone();
@@ -159,11 +160,17 @@ fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
         Ok(st) => {
             eprintln!("failed over: {:?}, channels {:?}", st.status, st.channels);
             assert!(st.verified);
-            same_memory(&vm, &into_synthetic(out.expect("destination outcome")));
+            // The channel the source gave up was sealed at the destination (its `ChannelDrop`)
+            // before the source moved past any barrier: no window of it was still bound then.
+            let seen = seen.lock().unwrap().clone();
+            eprintln!("windows bound when the source moved past each barrier: {seen:?}");
+            assert!(!seen.is_empty(), "the source took the dirty pages: {seen:?}");
+            assert!(seen.iter().all(|&n| n == 0), "a window of a round was bound past its barrier: {seen:?}");
+            same_memory(&vm.vm, &into_synthetic(out.expect("destination outcome")));
         }
         Err(e) => {
             eprintln!("clean abort: {e}");
-            assert!(vm.is_running(), "the source must keep running after an abort");
+            assert!(vm.vm.is_running(), "the source must keep running after an abort");
             assert!(out.is_err(), "the destination must discard the VM");
         }
     }
