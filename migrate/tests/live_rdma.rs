@@ -148,7 +148,10 @@ fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
     let fault = faults[1].clone();
     let cfg = MigrationConfig { verify_full: true, ..Default::default() };
     let r = migrate(&mut vm, chans, &cfg, &move |p| {
-        if !f2.swap(true, Ordering::SeqCst) {
+        // Mid-way through round 0, once both channels carry batches (the destination then has
+        // windows bound on channel 1).
+        let midway = p.status == Status::Active && p.round == 0 && p.remaining_bytes <= p.guest_bytes * 3 / 4;
+        if midway && !f2.swap(true, Ordering::SeqCst) {
             eprintln!("forcing channel 1's queue pair into the error state at {p:?}");
             fault();
         }
@@ -160,6 +163,7 @@ fn rdma_qp_error_mid_migration_fails_over_or_aborts_cleanly() {
         Ok(st) => {
             eprintln!("failed over: {:?}, channels {:?}", st.status, st.channels);
             assert!(st.verified);
+            assert!(st.channels[1].failed && st.channels[1].batches > 0, "channel 1 carried batches, then failed");
             // The channel the source gave up was sealed at the destination (its `ChannelDrop`)
             // before the source moved past any barrier: no window of it was still bound then.
             let seen = seen.lock().unwrap().clone();

@@ -758,8 +758,9 @@ impl SourceSession {
         if self.is_over() || (ch as usize) >= self.channels {
             return;
         }
-        let Some(o) = self.outstanding.remove(&id) else { return }; // stale or repeated
-                                                                    // Not reported yet (the ack overtook the sender's report): count it uncompressed.
+        // Stale or repeated: ignored.
+        let Some(o) = self.outstanding.remove(&id) else { return };
+        // Not reported yet (the ack overtook the sender's report): count it uncompressed.
         self.meters[ch as usize].ack(now, o.data_bytes, o.wire_bytes.unwrap_or(o.data_bytes));
         self.acked_pages += o.pages;
         self.last_ack = now;
