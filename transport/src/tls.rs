@@ -412,13 +412,13 @@ impl TlsCredentials {
     pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
         let (cert, intermediates) = chain.split_first().ok_or("no certificate")?;
         let l = &self.loaded;
-        let v = client_verifier(&l.provider, &l.roots, &l.crls).map_err(|e| e.to_string())?;
-        v.verify_client_cert(cert, intermediates, UnixTime::now()).map_err(|e| e.to_string())?;
-        if let Some(n) = &self.client_name {
-            let parsed = rustls::server::ParsedCertificate::try_from(cert).map_err(|e| e.to_string())?;
-            rustls::client::verify_server_name(&parsed, n).map_err(|e| e.to_string())?;
-        }
-        Ok(())
+        let inner = client_verifier(&l.provider, &l.roots, &l.crls).map_err(|e| e.to_string())?;
+        // The server's own verifier (see `expect_client`), so both judge alike.
+        let v: Arc<dyn ClientCertVerifier> = match &self.client_name {
+            Some(name) => Arc::new(NamedClientVerifier { inner, name: name.clone() }),
+            None => inner,
+        };
+        v.verify_client_cert(cert, intermediates, UnixTime::now()).map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// The name expected of clients, if any.
