@@ -170,6 +170,9 @@ struct Loaded {
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     crls: Vec<CertificateRevocationListDer<'static>>,
+    /// The client verifier of `roots` and `crls` (chain, validity, revocation), built once: the
+    /// server configurations wrap it, [`TlsCredentials::verify_client`] calls it.
+    clients: Arc<dyn ClientCertVerifier>,
     /// Where they were read from, and how ([`TlsCredentials::refreshed`] reads them again).
     origin: Origin,
     /// The files as they were when read.
@@ -380,11 +383,14 @@ impl TlsCredentials {
             )
             .map_err(|e| cert_error(&files.cert, format!("not usable with {}: {e}", files.ca.display())))?;
         }
-        let server = server_config(&provider, &roots, &chain, &key, &crls).map_err(|e| match &files.crl {
+        let unusable = |e: rustls::Error| match &files.crl {
             Some(crl) => cert_error(crl, e),
             None => cert_error(&files.cert, e),
-        })?;
-        let loaded = Arc::new(Loaded { provider, roots, chain, key, crls, origin: origin.clone(), stamp: stamped });
+        };
+        let clients = client_verifier(&provider, &roots, &crls).map_err(unusable)?;
+        let server = server_with_verifier(&provider, clients.clone(), &chain, &key).map_err(unusable)?;
+        let loaded =
+            Arc::new(Loaded { provider, roots, chain, key, crls, clients, origin: origin.clone(), stamp: stamped });
         let client = client_config(&loaded, None).map_err(|e| cert_error(&files.cert, e))?;
         Ok(Self { loaded, peer_name: None, client_name: None, client, server })
     }
@@ -398,8 +404,7 @@ impl TlsCredentials {
         let bad = |e: String| KeyError::Certificate { path: "(client name)".into(), reason: e };
         let n = ServerName::try_from(name.to_string()).map_err(|e| bad(format!("{name:?}: {e}")))?;
         let l = &self.loaded;
-        let inner = client_verifier(&l.provider, &l.roots, &l.crls).map_err(|e| bad(e.to_string()))?;
-        let v = Arc::new(NamedClientVerifier { inner, name: n.clone() });
+        let v = Arc::new(NamedClientVerifier { inner: l.clients.clone(), name: n.clone() });
         let server = server_with_verifier(&l.provider, v, &l.chain, &l.key).map_err(|e| bad(e.to_string()))?;
         Ok(Self { client_name: Some(n), server, ..self.clone() })
     }
@@ -411,8 +416,7 @@ impl TlsCredentials {
     /// handshake stops counting at the next request, not at the next connection.
     pub fn verify_client(&self, chain: &[CertificateDer<'_>]) -> Result<(), String> {
         let (cert, intermediates) = chain.split_first().ok_or("no certificate")?;
-        let l = &self.loaded;
-        let inner = client_verifier(&l.provider, &l.roots, &l.crls).map_err(|e| e.to_string())?;
+        let inner = self.loaded.clients.clone();
         // The server's own verifier (see `expect_client`), so both judge alike.
         let v: Arc<dyn ClientCertVerifier> = match &self.client_name {
             Some(name) => Arc::new(NamedClientVerifier { inner, name: name.clone() }),
@@ -491,16 +495,6 @@ fn client_verifier(
         .allow_unknown_revocation_status()
         .build()
         .map_err(|e| rustls::Error::General(e.to_string()))
-}
-
-fn server_config(
-    provider: &Arc<CryptoProvider>,
-    roots: &Arc<RootCertStore>,
-    chain: &[CertificateDer<'static>],
-    key: &PrivateKeyDer<'static>,
-    crls: &[CertificateRevocationListDer<'static>],
-) -> Result<Arc<rustls::ServerConfig>, rustls::Error> {
-    server_with_verifier(provider, client_verifier(provider, roots, crls)?, chain, key)
 }
 
 fn server_with_verifier(
